@@ -1,0 +1,1 @@
+"""deploy: cluster descriptions, the local launcher (deploy.local), service registry, test helpers."""

@@ -1,0 +1,1 @@
+"""haiplatform: HAI-Platform (job API and database, scheduler, node agents, the ``hai`` CLI)."""

@@ -1,0 +1,347 @@
+"""Request / response over :mod:`network.transport`: msgpack headers, raw payloads.
+
+A request is one frame whose header is ``msgpack({"m": method, "i": id, "a": args})`` and
+whose payload is raw bytes (file chunks, tensors); the response is one frame with
+``{"i": id, "r": result}`` or ``{"i": id, "e": {"kind", "msg", "data"}}`` and its own payload.
+
+Server side, a handler is ``fn(args: dict, payload: memoryview, ctx: CallContext)`` and returns
+a result (anything msgpack can encode) or ``Reply(result, payload_buffers)``. A handler may
+register a ``payload_into(args, nbytes)`` hook that returns the buffer the request payload should
+land in (a storage server receives a chunk straight into its write buffer).
+
+Client side, :class:`RpcClient` keeps one connection and serialises calls on it; use several
+clients (or :class:`RpcPool`) for concurrency. A call that fails in transport closes the
+connection; the next call reconnects. Whether to retry is the caller's decision (only the
+caller knows whether the request was idempotent).
+
+Every server answers ``rpc.ping`` (name, pid, uptime) and ``rpc.methods``, so a launcher can
+check health without knowing the service.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import NoSuchMethod, PeerClosed, ProtocolError, RemoteError, RpcError, TransportError
+from .transport import Connection, Listener, TrafficClass, TransportTimeout, connect
+
+__all__ = ["RpcServer", "RpcClient", "RpcPool", "Reply", "CallContext", "ping"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict, memoryview, "CallContext"], Any]
+
+
+@dataclass
+class Reply:
+    """A handler's answer with a payload (or a client's received answer)."""
+
+    result: Any = None
+    payload: list | memoryview = field(default_factory=list)
+
+
+@dataclass
+class CallContext:
+    """What a handler knows of its caller."""
+
+    peer: str
+    method: str
+    server: RpcServer
+
+
+@dataclass
+class _Method:
+    fn: Handler
+    payload_into: Callable[[dict, int], Any] | None
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class RpcServer:
+    """A threaded RPC server: one thread accepts, one thread serves each connection.
+
+    [Note: thread per connection] Our services have few long-lived clients (storage servers,
+    agents, a handful of client processes), the handlers block on disk and on other servers
+    (a chain forward), and msgpack + the GIL dominate small calls anyway. A thread per
+    connection keeps handlers plain blocking code; concurrency across clients comes for free.
+    """
+
+    def __init__(self, host: str, port: int = 0, *, name: str = "rpc",
+                 traffic_class: TrafficClass = TrafficClass.OTHER, io_timeout: float | None = 300.0,
+                 idle_timeout: float | None = None) -> None:
+        self.name = name
+        self._listener = Listener(host, port, traffic_class=traffic_class, timeout=0.2)
+        self.host, self.port = self._listener.address
+        self.io_timeout = io_timeout
+        self.idle_timeout = idle_timeout
+        self._methods: dict[str, _Method] = {}
+        self._stopping = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._conns: set[Connection] = set()
+        self._lock = threading.Lock()
+        self._accept_thread: threading.Thread | None = None
+        self.started_at = time.time()
+        self.register("rpc.ping", self._ping)
+        self.register("rpc.methods", lambda a, p, c: sorted(self._methods))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def _ping(self, args: dict, payload: memoryview, ctx: CallContext) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "uptime": time.time() - self.started_at}
+
+    def register(self, method: str, fn: Handler, *, payload_into: Callable[[dict, int], Any] | None = None) -> None:
+        """Register ``fn`` for ``method`` (replacing any earlier one)."""
+        self._methods[method] = _Method(fn, payload_into)
+
+    def method(self, name: str, *, payload_into: Callable[[dict, int], Any] | None = None):
+        """Decorator form of :meth:`register`."""
+
+        def deco(fn: Handler) -> Handler:
+            self.register(name, fn, payload_into=payload_into)
+            return fn
+
+        return deco
+
+    def start(self) -> RpcServer:
+        """Start accepting in a background thread; returns self."""
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
+        self._accept_thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every connection and wait (bounded) for the serving threads."""
+        self._stopping.set()
+        self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+            threads = list(self._threads)
+        for c in conns:
+            c.close()
+        deadline = time.monotonic() + timeout
+        if self._accept_thread is not None:
+            self._accept_thread.join(max(0.0, deadline - time.monotonic()))
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> RpcServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn = self._listener.accept()
+            except TransportTimeout:
+                continue
+            except TransportError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            conn.timeout = self.io_timeout
+            t = threading.Thread(target=self._serve, args=(conn,), name=f"{self.name}-{conn.peer}", daemon=True)
+            with self._lock:
+                self._conns.add(conn)
+                self._threads.add(t)
+            t.start()
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    header, plen = conn.recv_header(timeout=self.idle_timeout)
+                except (PeerClosed, TransportTimeout):
+                    return
+                self._handle(conn, header, plen)
+        except TransportError as exc:
+            if not self._stopping.is_set():
+                log.debug("%s: connection %s ended: %s", self.name, conn.peer, exc)
+        except Exception:  # pragma: no cover - a bug in the server loop itself
+            log.exception("%s: connection %s failed", self.name, conn.peer)
+        finally:
+            conn.close()
+            with self._lock:
+                self._conns.discard(conn)
+                self._threads.discard(threading.current_thread())
+
+    def _handle(self, conn: Connection, header: bytes, plen: int) -> None:
+        try:
+            req = _unpack(header)
+            method, call_id, args = req["m"], req["i"], req.get("a") or {}
+        except Exception as exc:
+            conn.skip_payload(plen)
+            raise ProtocolError(f"{self.name}: malformed request header from {conn.peer}: {exc}") from exc
+        entry = self._methods.get(method)
+        payload: Any = memoryview(b"")
+        if entry is None:
+            conn.skip_payload(plen)
+            self._send_error(conn, call_id, "NoSuchMethod", f"{self.name} has no method {method!r}")
+            return
+        if plen:
+            buf = entry.payload_into(args, plen) if entry.payload_into else None
+            if buf is None:
+                buf = bytearray(plen)
+            conn.recv_payload_into(buf, plen)
+            payload = memoryview(buf).cast("B")[:plen] if not isinstance(buf, memoryview) else buf[:plen]
+        ctx = CallContext(conn.peer, method, self)
+        try:
+            out = entry.fn(args, payload, ctx)
+        except Exception as exc:
+            if not isinstance(exc, RpcError | KeyError | ValueError | FileNotFoundError | PermissionError):
+                log.exception("%s: %s failed", self.name, method)
+            data = getattr(exc, "rpc_data", None)
+            self._send_error(conn, call_id, type(exc).__name__, str(exc) or type(exc).__name__, data)
+            return
+        if isinstance(out, Reply):
+            result, bufs = out.result, out.payload
+            if isinstance(bufs, memoryview | bytes | bytearray):
+                bufs = [bufs]
+        else:
+            result, bufs = out, []
+        conn.send(_pack({"i": call_id, "r": result}), *bufs)
+
+    def _send_error(self, conn: Connection, call_id: int, kind: str, msg: str, data: dict | None = None) -> None:
+        conn.send(_pack({"i": call_id, "e": {"kind": kind, "msg": msg, "data": data or {}}}))
+
+
+class RpcClient:
+    """A client for one server. Thread-safe: calls on one client are serialised."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = 30.0, connect_timeout: float = 10.0,
+                 traffic_class: TrafficClass = TrafficClass.OTHER, source: str | None = None) -> None:
+        self.host, self.port = host, port
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.traffic_class = traffic_class
+        self.source = source
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _connection(self) -> Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.host, self.port, timeout=self.connect_timeout,
+                                 traffic_class=self.traffic_class, source=self.source, io_timeout=self.timeout)
+        return self._conn
+
+    def call(self, method: str, args: dict | None = None, payload=(), *, timeout: float | None = None,
+             into=None) -> Reply:
+        """Call ``method`` and wait for its reply.
+
+        ``payload`` is a buffer or a list of buffers sent after the header. ``into``, when given,
+        is a writable buffer the reply payload is received into (no allocation); otherwise the
+        reply payload is a fresh memoryview. Raises :class:`RemoteError` when the handler raised,
+        :class:`NoSuchMethod`, or a :class:`TransportError` when the call could not complete.
+        """
+        if isinstance(payload, bytes | bytearray | memoryview) or hasattr(payload, "__array_interface__"):
+            payload = [payload]
+        t = self.timeout if timeout is None else timeout
+        with self._lock:
+            conn = self._connection()
+            call_id = next(self._ids)
+            try:
+                conn.send(_pack({"m": method, "i": call_id, "a": args or {}}), *payload, timeout=t)
+                header, plen = conn.recv_header(timeout=t)
+                resp = _unpack(header)
+                if resp.get("i") != call_id:
+                    raise ProtocolError(f"{self.address}: reply to call {resp.get('i')} while waiting for {call_id}")
+                if into is not None and plen:
+                    conn.recv_payload_into(into, plen, timeout=t)
+                    body: memoryview = memoryview(into).cast("B")[:plen] if not isinstance(into, memoryview) \
+                        else into[:plen]
+                elif plen:
+                    buf = bytearray(plen)
+                    conn.recv_payload_into(buf, plen, timeout=t)
+                    body = memoryview(buf)
+                else:
+                    body = memoryview(b"")
+            except BaseException:
+                conn.close()
+                raise
+        err = resp.get("e")
+        if err is not None:
+            if err.get("kind") == "NoSuchMethod":
+                raise NoSuchMethod(err.get("msg", method), self.address)
+            raise RemoteError(f"{self.address} {method}: {err.get('kind')}: {err.get('msg')}", self.address,
+                              kind=err.get("kind", "Exception"), data=err.get("data"))
+        return Reply(resp.get("r"), body)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> RpcClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RpcPool:
+    """Up to ``size`` connections to one server, for concurrent calls from several threads."""
+
+    def __init__(self, host: str, port: int, size: int = 4, **kwargs) -> None:
+        if size < 1:
+            raise ValueError("RpcPool size must be >= 1")
+        self.host, self.port = host, port
+        self._kwargs = kwargs
+        self._free: list[RpcClient] = []
+        self._sem = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._all: list[RpcClient] = []
+
+    def call(self, method: str, args: dict | None = None, payload=(), **kw) -> Reply:
+        timeout = kw.get("timeout") or self._kwargs.get("timeout", 30.0)
+        if not self._sem.acquire(timeout=timeout):
+            raise RpcError(f"{self.host}:{self.port}: no free connection within {timeout} s")
+        try:
+            with self._lock:
+                client = self._free.pop() if self._free else None
+                if client is None:
+                    client = RpcClient(self.host, self.port, **self._kwargs)
+                    self._all.append(client)
+            try:
+                return client.call(method, args, payload, **kw)
+            finally:
+                with self._lock:
+                    self._free.append(client)
+        finally:
+            self._sem.release()
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._all:
+                c.close()
+            self._all.clear()
+            self._free.clear()
+
+
+def ping(host: str, port: int, timeout: float = 2.0) -> dict:
+    """Call ``rpc.ping`` once on a fresh connection (a health check)."""
+    with RpcClient(host, port, timeout=timeout, connect_timeout=timeout) as c:
+        return c.call("rpc.ping").result

@@ -1,0 +1,490 @@
+"""Framed messages over TCP, with timeouts, zero-copy sends and receives into caller buffers.
+
+A frame is a 16-byte prefix, a header and a payload::
+
+    +--------+-------------+--------------+----------------+------------------+
+    | magic  | header_len  | payload_len  | header bytes   | payload bytes    |
+    | u32    | u32         | u64          | (small, opaque)| (bulk, raw)      |
+    +--------+-------------+--------------+----------------+------------------+
+
+The header is small (a msgpack map for :mod:`network.rpc`, a struct for hfreduce); the payload is
+bulk data. Sending gathers the prefix, header and every payload buffer into one ``sendmsg`` call
+(no concatenation, no copy in Python). Receiving reads small frames with one ``recv`` into an
+internal buffer and receives a large payload straight into the caller's buffer with
+``recv_into`` on a memoryview.
+
+Every blocking call takes a timeout that bounds the whole operation (not each syscall): a peer
+that dies mid-message raises :class:`PeerClosed` at once, a peer that stops sending raises
+:class:`TransportTimeout` when the time is up. Nothing here blocks forever unless the caller
+passes ``timeout=None`` explicitly.
+
+Each socket carries one of the paper's four traffic classes, set as ``SO_PRIORITY`` (Linux
+queueing discipline band) and ``IP_TOS`` (DSCP, for switches), so tc or the fabric can isolate
+allreduce, NCCL, storage and everything else from one another.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from .errors import ConnectError, PeerClosed, ProtocolError, TransportError, TransportTimeout
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "TrafficClass",
+    "Connection",
+    "Listener",
+    "Message",
+    "connect",
+    "listen",
+    "as_bytes",
+]
+
+MAGIC = 0x46465431  # "FFT1"
+_PREFIX = struct.Struct("!IIQ")
+PREFIX_SIZE = _PREFIX.size
+MAX_HEADER = 16 << 20
+DEFAULT_TIMEOUT = 60.0
+_RBUF_SIZE = 256 << 10
+# Socket buffers: loopback and 200 Gbps links both want more than the 200 KiB default for
+# throughput; the kernel caps these at net.core.{r,w}mem_max.
+_SOCK_BUF = 4 << 20
+
+
+class TrafficClass(enum.Enum):
+    """The four traffic classes of Fire-Flyer's network (paper §VI-A), one per connection.
+
+    ``priority`` is the Linux ``SO_PRIORITY`` (0..6 need no privilege) and ``dscp`` the DiffServ
+    code point written into ``IP_TOS`` (``tos = dscp << 2``).
+    """
+
+    HFREDUCE = (4, 34)  # AF41: gradient allreduce, latency- and bandwidth-critical
+    NCCL = (3, 26)  # AF31: GPU collectives (pipeline and expert parallel)
+    STORAGE = (2, 18)  # AF21: fs3 chunk traffic
+    OTHER = (0, 0)  # control, RPC, everything else
+
+    @property
+    def priority(self) -> int:
+        return self.value[0]
+
+    @property
+    def dscp(self) -> int:
+        return self.value[1]
+
+    @property
+    def tos(self) -> int:
+        return self.value[1] << 2
+
+
+def _apply_traffic_class(sock: socket.socket, tc: TrafficClass) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, tc.priority)
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tc.tos)
+    elif sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tc.tos)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # A dead host (not just a dead process) is noticed by keepalive within ~20 s even when no
+    # operation is pending; pending operations have their own timeouts.
+    for opt, val in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 2)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+        except OSError:  # pragma: no cover - capped by the kernel, never fatal
+            pass
+
+
+def as_bytes(buf) -> memoryview:
+    """A flat, writable-if-possible byte view of ``buf`` (bytes, bytearray, memoryview, numpy array).
+
+    Raises ``TypeError`` for objects without the buffer protocol and ``ValueError`` for
+    non-contiguous buffers (copying silently would hide a performance bug).
+    """
+    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    if not mv.c_contiguous:
+        raise ValueError("buffer is not C-contiguous; pass a contiguous array")
+    return mv.cast("B")
+
+
+@dataclass
+class Message:
+    """A received frame: its header bytes and its payload (a memoryview of a fresh bytearray)."""
+
+    header: bytes
+    payload: memoryview
+
+
+class _Deadline:
+    __slots__ = ("end",)
+
+    def __init__(self, timeout: float | None) -> None:
+        self.end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        if self.end is None:
+            return None
+        return self.end - time.monotonic()
+
+
+class Connection:
+    """One framed TCP connection. Not thread-safe for concurrent sends (or concurrent receives);
+    one sender thread and one receiver thread may use it at the same time."""
+
+    def __init__(self, sock: socket.socket, peer: str, *, timeout: float | None = DEFAULT_TIMEOUT,
+                 traffic_class: TrafficClass = TrafficClass.OTHER) -> None:
+        self._sock = sock
+        self.peer = peer
+        self.timeout = timeout
+        self.traffic_class = traffic_class
+        self._rbuf = bytearray(_RBUF_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = 0
+        self._rend = 0
+        self._closed = False
+        _tune(sock)
+        _apply_traffic_class(sock, traffic_class)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        return self._sock.getsockname()[:2]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def set_traffic_class(self, tc: TrafficClass) -> None:
+        _apply_traffic_class(self._sock, tc)
+        self.traffic_class = tc
+
+    def socket_priority(self) -> int:
+        """The SO_PRIORITY the kernel holds for this socket (read back, for checks)."""
+        return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY)
+
+    def socket_tos(self) -> int:
+        """The IP_TOS byte the kernel holds for this socket (read back, for checks)."""
+        return self._sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Connection {self.peer} {self.traffic_class.name} {state}>"
+
+    def _settimeout(self, dl: _Deadline, what: str) -> None:
+        rem = dl.remaining()
+        if rem is not None and rem <= 0:
+            raise TransportTimeout(f"{what} {self.peer}: timed out", self.peer)
+        self._sock.settimeout(rem)
+
+    def _wrap(self, exc: BaseException, what: str, dl: _Deadline | None = None) -> TransportError:
+        if isinstance(exc, TransportError):
+            return exc
+        if isinstance(exc, TimeoutError | socket.timeout):
+            return TransportTimeout(f"{what} {self.peer}: timed out (peer stuck or link down)", self.peer)
+        if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN,
+                                                      errno.ESHUTDOWN, errno.EBADF):
+            return PeerClosed(f"{what} {self.peer}: connection lost ({exc.strerror})", self.peer)
+        return TransportError(f"{what} {self.peer}: {exc}", self.peer)
+
+    # -- sending ----------------------------------------------------------------------------
+    def send(self, header: bytes = b"", *payload, timeout: float | None | type(...) = ...) -> int:
+        """Send one frame: ``header`` and the concatenation of the ``payload`` buffers.
+
+        The buffers are handed to ``sendmsg`` as they are (scatter/gather, no copy). Returns the
+        number of payload bytes sent.
+        """
+        if self._closed:
+            raise PeerClosed(f"send to {self.peer}: connection is closed", self.peer)
+        if len(header) > MAX_HEADER:
+            raise ProtocolError(f"send to {self.peer}: header of {len(header)} bytes exceeds {MAX_HEADER}")
+        views = [as_bytes(p) for p in payload]
+        nbytes = sum(v.nbytes for v in views)
+        parts = [_PREFIX.pack(MAGIC, len(header), nbytes)]
+        if header:
+            parts.append(header)
+        parts.extend(v for v in views if v.nbytes)
+        self._sendmsg_all(parts, _Deadline(self.timeout if timeout is ... else timeout))
+        return nbytes
+
+    def _sendmsg_all(self, parts: list, dl: _Deadline) -> None:
+        sock = self._sock
+        try:
+            # Fast path: one syscall moves everything when the socket buffer has room.
+            self._settimeout(dl, "send to")
+            n = sock.sendmsg(parts)
+            total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+            if n == total:
+                return
+            views = [memoryview(p) if isinstance(p, bytes) else p for p in parts]
+            while True:
+                while n:
+                    first = views[0].nbytes
+                    if n >= first:
+                        n -= first
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+                if not views:
+                    return
+                self._settimeout(dl, "send to")
+                n = sock.sendmsg(views[:512])
+        except BaseException as exc:  # noqa: BLE001 - rewrapped
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise self._wrap(exc, "send to") from exc
+
+    # -- receiving --------------------------------------------------------------------------
+    def _fill(self, need: int, dl: _Deadline, what: str) -> None:
+        """Make at least ``need`` bytes available in the internal buffer."""
+        if self._rend - self._rstart >= need:
+            return
+        if self._rstart and (self._rstart + need > len(self._rbuf)):
+            # compact
+            n = self._rend - self._rstart
+            self._rbuf[:n] = self._rbuf[self._rstart:self._rend]
+            self._rstart, self._rend = 0, n
+        if need > len(self._rbuf):
+            grow = bytearray(need)
+            grow[: self._rend - self._rstart] = self._rbuf[self._rstart:self._rend]
+            self._rend -= self._rstart
+            self._rstart = 0
+            self._rbuf = grow
+            self._rview = memoryview(self._rbuf)
+        while self._rend - self._rstart < need:
+            self._settimeout(dl, what)
+            got = self._sock.recv_into(self._rview[self._rend:])
+            if got == 0:
+                partial = self._rend - self._rstart
+                raise PeerClosed(
+                    f"{what} {self.peer}: peer closed the connection"
+                    + (f" in the middle of a frame ({partial} bytes of it received)" if partial else ""),
+                    self.peer,
+                )
+            self._rend += got
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._rview[self._rstart:self._rstart + n])
+        self._rstart += n
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+        return out
+
+    def recv_header(self, timeout: float | None | type(...) = ...) -> tuple[bytes, int]:
+        """Receive the next frame's header; returns ``(header, payload_len)``.
+
+        The payload must then be consumed with :meth:`recv_payload_into` (or :meth:`skip_payload`).
+        """
+        dl = _Deadline(self.timeout if timeout is ... else timeout)
+        try:
+            self._fill(PREFIX_SIZE, dl, "receive from")
+            magic, hlen, plen = _PREFIX.unpack_from(self._rbuf, self._rstart)
+            if magic != MAGIC:
+                raise ProtocolError(f"receive from {self.peer}: bad frame magic {magic:#x} "
+                                    "(not a fireflyer transport peer?)", self.peer)
+            if hlen > MAX_HEADER:
+                raise ProtocolError(f"receive from {self.peer}: header length {hlen} exceeds {MAX_HEADER}",
+                                    self.peer)
+            self._fill(PREFIX_SIZE + hlen, dl, "receive from")
+            self._rstart += PREFIX_SIZE
+            header = self._take(hlen)
+            return header, plen
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise self._wrap(exc, "receive from") from exc
+
+    def recv_payload_into(self, buf, nbytes: int, timeout: float | None | type(...) = ...) -> None:
+        """Receive ``nbytes`` of payload straight into ``buf`` (a writable buffer of at least that size)."""
+        dl = _Deadline(self.timeout if timeout is ... else timeout)
+        view = as_bytes(buf)
+        if view.readonly:
+            raise TypeError("recv_payload_into needs a writable buffer")
+        if view.nbytes < nbytes:
+            self.skip_payload(nbytes, timeout)
+            raise ProtocolError(f"receive from {self.peer}: payload of {nbytes} bytes does not fit a "
+                                f"{view.nbytes}-byte buffer (mismatched sizes between peers?)", self.peer)
+        try:
+            have = min(self._rend - self._rstart, nbytes)
+            if have:
+                view[:have] = self._rview[self._rstart:self._rstart + have]
+                self._rstart += have
+                if self._rstart == self._rend:
+                    self._rstart = self._rend = 0
+            pos = have
+            sock = self._sock
+            while pos < nbytes:
+                self._settimeout(dl, "receive from")
+                got = sock.recv_into(view[pos:nbytes])
+                if got == 0:
+                    raise PeerClosed(f"receive from {self.peer}: peer closed the connection in the middle "
+                                     f"of a payload ({pos} of {nbytes} bytes received)", self.peer)
+                pos += got
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise self._wrap(exc, "receive from") from exc
+
+    def skip_payload(self, nbytes: int, timeout: float | None | type(...) = ...) -> None:
+        """Read and discard ``nbytes`` of payload (keeps the stream in sync after a refused frame)."""
+        scratch = bytearray(min(nbytes, 1 << 20) or 1)
+        left = nbytes
+        while left:
+            n = min(left, len(scratch))
+            self.recv_payload_into(scratch, n, timeout)
+            left -= n
+
+    def recv_into(self, buf, timeout: float | None | type(...) = ...) -> tuple[bytes, int]:
+        """Receive one frame, its payload straight into ``buf``; returns ``(header, payload_len)``."""
+        dl = _Deadline(self.timeout if timeout is ... else timeout)
+        header, plen = self.recv_header(dl.remaining() if dl.end is not None else None)
+        self.recv_payload_into(buf, plen, dl.remaining() if dl.end is not None else None)
+        return header, plen
+
+    def recv(self, timeout: float | None | type(...) = ..., max_payload: int = 1 << 34) -> Message:
+        """Receive one frame into fresh memory."""
+        dl = _Deadline(self.timeout if timeout is ... else timeout)
+        header, plen = self.recv_header(dl.remaining() if dl.end is not None else None)
+        if plen > max_payload:
+            raise ProtocolError(f"receive from {self.peer}: payload of {plen} bytes exceeds the "
+                                f"{max_payload}-byte limit", self.peer)
+        payload = bytearray(plen)
+        if plen:
+            self.recv_payload_into(payload, plen, dl.remaining() if dl.end is not None else None)
+        return Message(header, memoryview(payload))
+
+
+class Listener:
+    """A listening TCP socket; :meth:`accept` returns framed :class:`Connection` objects."""
+
+    def __init__(self, host: str, port: int = 0, *, traffic_class: TrafficClass = TrafficClass.OTHER,
+                 backlog: int = 512, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUF)
+            sock.bind((host, port))
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        self._sock = sock
+        self.traffic_class = traffic_class
+        self.timeout = timeout
+        self.host, self.port = sock.getsockname()[:2]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self, timeout: float | None | type(...) = ...) -> Connection:
+        t = self.timeout if timeout is ... else timeout
+        self._sock.settimeout(t)
+        try:
+            sock, addr = self._sock.accept()
+        except TimeoutError as exc:
+            raise TransportTimeout(f"accept on {self.host}:{self.port}: no connection within {t} s") from exc
+        except OSError as exc:
+            raise ConnectError(f"accept on {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        sock.setblocking(True)
+        return Connection(sock, f"{addr[0]}:{addr[1]}", timeout=self.timeout, traffic_class=self.traffic_class)
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def listen(host: str, port: int = 0, *, traffic_class: TrafficClass = TrafficClass.OTHER,
+           backlog: int = 512, timeout: float | None = DEFAULT_TIMEOUT) -> Listener:
+    """Listen on ``host:port`` (port 0 picks a free one; see ``Listener.port``)."""
+    return Listener(host, port, traffic_class=traffic_class, backlog=backlog, timeout=timeout)
+
+
+_RETRYABLE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.EAGAIN, errno.ENETUNREACH, errno.EHOSTUNREACH)
+
+
+def connect(host: str, port: int, *, timeout: float = 10.0, traffic_class: TrafficClass = TrafficClass.OTHER,
+            source: str | None = None, retry: bool = True,
+            io_timeout: float | None = DEFAULT_TIMEOUT) -> Connection:
+    """Connect to ``host:port`` within ``timeout`` seconds.
+
+    ``source`` binds the local address first (each emulated node speaks from its own loopback
+    address). With ``retry`` a refused connection is retried until the timeout, which covers a
+    peer that is still starting. ``io_timeout`` becomes the connection's default per-operation
+    timeout.
+    """
+    dl = _Deadline(timeout)
+    delay = 0.005
+    last: OSError | None = None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        rem = dl.remaining()
+        if rem is not None and rem <= 0:
+            why = f"{last.strerror or last}" if last else "timed out"
+            raise ConnectError(f"cannot connect to {host}:{port} within {timeout} s: {why}", f"{host}:{port}")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if source:
+                sock.bind((source, 0))
+            sock.settimeout(rem)
+            sock.connect((host, port))
+            sock.setblocking(True)
+            return Connection(sock, f"{host}:{port}", timeout=io_timeout, traffic_class=traffic_class)
+        except TimeoutError as exc:
+            sock.close()
+            last = exc
+        except OSError as exc:
+            sock.close()
+            last = exc
+            if not retry or exc.errno not in _RETRYABLE:
+                raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}",
+                                   f"{host}:{port}") from exc
+            rem = dl.remaining()
+            time.sleep(min(delay, max(rem or 0, 0)))
+            delay = min(delay * 2, 0.2)

@@ -1,0 +1,68 @@
+"""Shared fixtures: the local launcher, a throwaway PostgreSQL, leak checks."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_CLUSTER = ROOT / "deploy" / "clusters" / "local.toml"
+
+
+@pytest.fixture
+def launch_cluster(tmp_path):
+    """Factory: ``launch_cluster(services=[...], cluster_file=...)`` starts a local cluster on free
+    ports in a temporary run dir; every cluster it started is stopped at teardown, pass or fail."""
+    from deploy.local import LocalCluster
+
+    started: list[LocalCluster] = []
+
+    def launch(cluster_file: str | os.PathLike = LOCAL_CLUSTER, services=None, **kw) -> LocalCluster:
+        run_dir = tmp_path / f"run{len(started)}"
+        lc = LocalCluster(cluster_file, run_dir, ports="auto", services=services, **kw)
+        started.append(lc)
+        return lc.up()
+
+    yield launch
+    for lc in reversed(started):
+        lc.down()
+
+
+@pytest.fixture(scope="session")
+def pg_server_url():
+    """URL of a PostgreSQL server: $FIREFLYER_PG_URL (CI starts one), else a throwaway one started
+    here, else the test is skipped with the reason."""
+    url = os.environ.get("FIREFLYER_PG_URL")
+    if url:
+        yield url
+        return
+    from deploy.pgtest import PostgresUnavailable, ThrowawayPostgres
+
+    try:
+        pg = ThrowawayPostgres()
+        pg.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL: {exc}")
+    try:
+        yield pg.url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server_url):
+    """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
+    sa = pytest.importorskip("sqlalchemy")
+    pytest.importorskip("psycopg")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    base = pg_server_url.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
