@@ -184,11 +184,11 @@ class Cluster:
             raise self._err("leaf", "at least one [[leaf]] is required")
         for i, lf in enumerate(leaves):
             where = f"leaf[{i}]"
-            self._unknown(lf, where, {"name", "zone"})
             name = self._field(lf, where, "name", str, check=_NAME.match, expect="a name")
             if name in self.leaves:
                 raise self._err(f"{where}.name", f"duplicate leaf name {name!r}")
             where = f"leaf[{i}] ({name})"
+            self._unknown(lf, where, {"name", "zone"})
             zone = self._field(lf, where, "zone", str)
             if zone not in self.zones:
                 raise self._err(f"{where}.zone", f"unknown zone {zone!r} (expected one of: "
@@ -203,12 +203,12 @@ class Cluster:
         addresses: dict[str, str] = {}
         for i, nd in enumerate(nodes):
             where = f"node[{i}]"
-            self._unknown(nd, where, {"name", "address", "leaf", "gpus", "cpus", "memory_gib", "labels"})
             name = self._field(nd, where, "name", str, check=_NAME.match,
                                expect="a name of letters, digits, '.', '_' or '-'")
             if name in self.nodes:
                 raise self._err(f"{where}.name", f"duplicate node name {name!r}")
             where = f"node[{i}] ({name})"
+            self._unknown(nd, where, {"name", "address", "leaf", "gpus", "cpus", "memory_gib", "labels"})
             addr = self._field(nd, where, "address", str, check=_valid_address,
                                expect="an IPv4/IPv6 address or a host name")
             if addr in addresses:

@@ -54,6 +54,8 @@ _RBUF_SIZE = 256 << 10
 # Socket buffers: loopback and 200 Gbps links both want more than the 200 KiB default for
 # throughput; the kernel caps these at net.core.{r,w}mem_max.
 _SOCK_BUF = 4 << 20
+_TIMEVAL = struct.Struct("@ll")
+_TIMEVAL_ZERO = _TIMEVAL.pack(0, 0)
 
 
 class TrafficClass(enum.Enum):
@@ -82,11 +84,13 @@ class TrafficClass(enum.Enum):
 
 
 def _apply_traffic_class(sock: socket.socket, tc: TrafficClass) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, tc.priority)
+    # IP_TOS first: on Linux, setting IP_TOS also rewrites the socket priority from the TOS bits,
+    # so SO_PRIORITY must come after it to stick.
     if sock.family == socket.AF_INET:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tc.tos)
     elif sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tc.tos)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, tc.priority)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -153,6 +157,8 @@ class Connection:
         self._rstart = 0
         self._rend = 0
         self._closed = False
+        self._armed: dict[int, bytes] = {}
+        sock.setblocking(True)
         _tune(sock)
         _apply_traffic_class(sock, traffic_class)
 
@@ -204,16 +210,30 @@ class Connection:
         state = "closed" if self._closed else "open"
         return f"<Connection {self.peer} {self.traffic_class.name} {state}>"
 
-    def _settimeout(self, dl: _Deadline, what: str) -> None:
+    def _arm(self, dl: _Deadline, what: str, opt: int) -> None:
+        """Set the kernel's per-call timeout (SO_RCVTIMEO / SO_SNDTIMEO) to what is left of ``dl``.
+
+        [Note: blocking sockets with kernel timeouts] Python's own socket timeouts make every
+        call a poll() plus a non-blocking recv, so a large payload costs many syscalls. With a
+        blocking socket and SO_RCVTIMEO, ``recv_into(..., MSG_WAITALL)`` lands a whole payload
+        in one syscall and still returns (EAGAIN, or a short count) when the time is up.
+        """
         rem = dl.remaining()
-        if rem is not None and rem <= 0:
-            raise TransportTimeout(f"{what} {self.peer}: timed out", self.peer)
-        self._sock.settimeout(rem)
+        if rem is None:
+            tv = _TIMEVAL_ZERO
+        else:
+            if rem <= 0:
+                raise TransportTimeout(f"{what} {self.peer}: timed out", self.peer)
+            sec = int(rem)
+            tv = _TIMEVAL.pack(sec, max(1, int((rem - sec) * 1e6)))
+        if self._armed.get(opt) != tv:
+            self._sock.setsockopt(socket.SOL_SOCKET, opt, tv)
+            self._armed[opt] = tv
 
     def _wrap(self, exc: BaseException, what: str, dl: _Deadline | None = None) -> TransportError:
         if isinstance(exc, TransportError):
             return exc
-        if isinstance(exc, TimeoutError | socket.timeout):
+        if isinstance(exc, TimeoutError | socket.timeout | BlockingIOError):
             return TransportTimeout(f"{what} {self.peer}: timed out (peer stuck or link down)", self.peer)
         if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN,
                                                       errno.ESHUTDOWN, errno.EBADF):
@@ -244,7 +264,7 @@ class Connection:
         sock = self._sock
         try:
             # Fast path: one syscall moves everything when the socket buffer has room.
-            self._settimeout(dl, "send to")
+            self._arm(dl, "send to", socket.SO_SNDTIMEO)
             n = sock.sendmsg(parts)
             total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
             if n == total:
@@ -261,7 +281,7 @@ class Connection:
                         n = 0
                 if not views:
                     return
-                self._settimeout(dl, "send to")
+                self._arm(dl, "send to", socket.SO_SNDTIMEO)
                 n = sock.sendmsg(views[:512])
         except BaseException as exc:  # noqa: BLE001 - rewrapped
             if isinstance(exc, KeyboardInterrupt):
@@ -286,7 +306,7 @@ class Connection:
             self._rbuf = grow
             self._rview = memoryview(self._rbuf)
         while self._rend - self._rstart < need:
-            self._settimeout(dl, what)
+            self._arm(dl, what, socket.SO_RCVTIMEO)
             got = self._sock.recv_into(self._rview[self._rend:])
             if got == 0:
                 partial = self._rend - self._rstart
@@ -348,8 +368,8 @@ class Connection:
             pos = have
             sock = self._sock
             while pos < nbytes:
-                self._settimeout(dl, "receive from")
-                got = sock.recv_into(view[pos:nbytes])
+                self._arm(dl, "receive from", socket.SO_RCVTIMEO)
+                got = sock.recv_into(view[pos:nbytes], nbytes - pos, socket.MSG_WAITALL)
                 if got == 0:
                     raise PeerClosed(f"receive from {self.peer}: peer closed the connection in the middle "
                                      f"of a payload ({pos} of {nbytes} bytes received)", self.peer)

@@ -1,0 +1,166 @@
+"""deploy.local: start, health, stop, failures, and no process left behind in any case."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.local import LocalCluster, ServiceFailed, _alive
+from network import ping
+from network.topology import dump_cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL = ROOT / "deploy" / "clusters" / "local.toml"
+
+
+def _procs_mentioning(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z" and int(d.name) != os.getpid():
+            out.append(int(d.name))
+    return out
+
+
+def test_up_healthy_down_leaves_nothing(tmp_path):
+    run = tmp_path / "run"
+    lc = LocalCluster(LOCAL, run, ports="auto")
+    with lc:
+        infos = lc.status()
+        assert len(infos) == 4 and all(i.state == "healthy" for i in infos)
+        for i in infos:
+            assert ping(i.address, i.port)["name"] == f"probe@{i.node}"
+            assert i.address == lc.cluster.node(i.node).address  # each node on its own address
+        assert (run / "cluster.toml").exists() and (run / "logs" / "network.probe@n0.log").exists()
+        assert json.loads((run / "state.json").read_text())["state"] == "up"
+        pids = [i.pid for i in infos]
+        assert len(_procs_mentioning(str(run))) == 4
+    assert not any(_alive(p) for p in pids)
+    assert _procs_mentioning(str(run)) == []
+    assert json.loads((run / "state.json").read_text())["state"] == "down"
+
+
+def test_ports_auto_lets_two_clusters_coexist(tmp_path):
+    with LocalCluster(LOCAL, tmp_path / "a", ports="auto") as a, LocalCluster(LOCAL, tmp_path / "b", ports="auto") as b:
+        pa = {i.port for i in a.status()}
+        pb = {i.port for i in b.status()}
+        assert pa.isdisjoint(pb)
+        assert all(i.state == "healthy" for i in a.status() + b.status())
+
+
+def test_failing_service_reports_log_and_cleans_up(tmp_path):
+    src = (LOCAL.read_text() + '\n[[service]]\nmodule = "deploy.no_such_module"\nnodes = ["n1"]\nport = 0\n')
+    f = tmp_path / "c.toml"
+    f.write_text(src)
+    lc = LocalCluster(f, tmp_path / "run", ports="auto")
+    with pytest.raises(ServiceFailed, match=r"(?s)deploy.no_such_module@n1 exited with code 1 .*No module named"):
+        lc.up()
+    assert _procs_mentioning(str(tmp_path / "run")) == []
+
+
+def test_unhealthy_service_times_out(tmp_path):
+    # a service that runs but never answers its health check
+    mod = tmp_path / "sleepy.py"
+    mod.write_text("import time\ntime.sleep(120)\n")
+    src = LOCAL.read_text() + '\n[[service]]\nmodule = "sleepy"\nnodes = ["n2"]\nport = 0\n'
+    f = tmp_path / "c.toml"
+    f.write_text(src)
+    lc = LocalCluster(f, tmp_path / "run", ports="auto", health_timeout=1.5, env={"PYTHONPATH": str(tmp_path)})
+    with pytest.raises(ServiceFailed, match=r"sleepy@n2 did not pass its health check"):
+        lc.up()
+    assert _procs_mentioning(str(tmp_path / "run")) == []
+
+
+def test_kill_and_restart_one_service(launch_cluster):
+    lc = launch_cluster(services=["network.probe"])
+    old = lc.info["network.probe@n1"].pid
+    lc.kill("network.probe", "n1")
+    assert not _alive(old)
+    assert lc.info["network.probe@n1"].state == "exited(-9)"
+    info = lc.start("network.probe", "n1")
+    assert info.pid != old and info.state == "healthy"
+
+
+_LAUNCHER = textwrap.dedent("""
+    import sys, time
+    from deploy.local import LocalCluster
+    lc = LocalCluster(sys.argv[1], sys.argv[2], ports="auto").up()
+    print(" ".join(str(i.pid) for i in lc.status()), flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_launcher_death_takes_services_with_it(tmp_path, sig):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(LOCAL), str(run)], stdout=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    try:
+        pids = [int(x) for x in p.stdout.readline().split()]
+        assert len(pids) == 4 and all(_alive(x) for x in pids)
+        os.kill(p.pid, sig)
+        p.wait(30)
+        deadline = time.monotonic() + 15
+        while any(_alive(x) for x in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(x) for x in pids), "orphaned services after the launcher died"
+    finally:
+        p.kill()
+        p.wait()
+        for pid in _procs_mentioning(str(run)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_cli_up_status_down(tmp_path):
+    run = tmp_path / "run"
+    f = tmp_path / "c.toml"
+    f.write_text(LOCAL.read_text())
+    hai = [sys.executable, "-m", "haiplatform.cli"]
+    env = {**os.environ, "COLUMNS": "200"}
+    r = subprocess.run(hai + ["cluster", "up", "--cluster", str(f), "--run-dir", str(run), "--ports", "auto",
+                              "--json"], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    try:
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert st["state"] == "up" and [s["state"] for s in st["services"]] == ["healthy"] * 4
+        # a second `up` is refused with a clear message
+        r2 = subprocess.run(hai + ["cluster", "up", "--cluster", str(f), "--run-dir", str(run)],
+                            capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        assert r2.returncode == 1 and "already up" in r2.stderr
+        r3 = subprocess.run(hai + ["cluster", "status", "--cluster", str(f), "--run-dir", str(run)],
+                            capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        assert r3.returncode == 0 and r3.stdout.count("healthy") == 4
+    finally:
+        r4 = subprocess.run(hai + ["cluster", "down", "--cluster", str(f), "--run-dir", str(run)],
+                            capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert r4.returncode == 0 and "stopped" in r4.stdout
+    pids = [s["pid"] for s in st["services"]]
+    assert not any(_alive(x) for x in pids)
+    assert _procs_mentioning(str(run)) == []
+    r5 = subprocess.run(hai + ["cluster", "status", "--cluster", str(f), "--run-dir", str(run), "--json"],
+                        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert json.loads(r5.stdout)["state"] == "down"
+
+
+def test_cli_bad_cluster_file(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text(dump_cluster({"cluster": {"name": "x"}, "zone": [{"name": "z"}], "leaf": [{"name": "l", "zone": "q"}],
+                               "node": []}))
+    r = subprocess.run([sys.executable, "-m", "haiplatform.cli", "cluster", "up", "--cluster", str(f)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1
+    assert f"{f}: leaf[0] (l).zone: unknown zone 'q'" in r.stderr

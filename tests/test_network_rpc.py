@@ -1,0 +1,144 @@
+"""network.rpc: calls with payloads, remote errors, concurrency, dead servers, reconnects."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from network import NoSuchMethod, RemoteError, Reply, RpcClient, RpcPool, RpcServer, TransportError, ping
+
+
+@pytest.fixture
+def server():
+    srv = RpcServer("127.0.0.3", 0, name="test")
+    store: dict[str, bytes] = {}
+
+    @srv.method("echo")
+    def echo(args, payload, ctx):
+        return Reply({"args": args, "n": payload.nbytes, "peer": ctx.peer}, [payload])
+
+    @srv.method("put")
+    def put(args, payload, ctx):
+        store[args["key"]] = bytes(payload)
+        return {"crc": zlib.crc32(payload)}
+
+    @srv.method("get")
+    def get(args, payload, ctx):
+        if args["key"] not in store:
+            raise KeyError(f"no key {args['key']!r}")
+        return Reply({"n": len(store[args["key"]])}, store[args["key"]])
+
+    @srv.method("slow")
+    def slow(args, payload, ctx):
+        time.sleep(args["s"])
+        return "done"
+
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_call_with_payload_roundtrip(server):
+    with RpcClient(*server.address, source="127.0.0.2") as c:
+        data = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8)
+        r = c.call("echo", {"x": [1, 2, {"y": "z"}]}, data)
+        assert r.result["args"] == {"x": [1, 2, {"y": "z"}]}
+        assert r.result["n"] == data.nbytes
+        assert r.result["peer"].startswith("127.0.0.2:")
+        assert zlib.crc32(r.payload) == zlib.crc32(data)
+        # receive the reply payload into a caller buffer
+        out = np.empty(data.nbytes, np.uint8)
+        r = c.call("echo", {}, data, into=out)
+        np.testing.assert_array_equal(out, data)
+
+
+def test_remote_error_and_no_such_method(server):
+    with RpcClient(*server.address) as c:
+        with pytest.raises(RemoteError, match="KeyError") as ei:
+            c.call("get", {"key": "missing"})
+        assert ei.value.kind == "KeyError"
+        with pytest.raises(NoSuchMethod, match="no method 'nope'"):
+            c.call("nope", {}, b"payload is skipped")
+        # the connection is still usable after both
+        assert c.call("put", {"key": "k"}, b"abc").result == {"crc": zlib.crc32(b"abc")}
+        assert bytes(c.call("get", {"key": "k"}).payload) == b"abc"
+
+
+def test_builtin_ping_and_methods(server):
+    info = ping(*server.address)
+    assert info["name"] == "test" and info["pid"] > 0
+    with RpcClient(*server.address) as c:
+        assert {"echo", "put", "get", "rpc.ping"} <= set(c.call("rpc.methods").result)
+
+
+def test_concurrent_clients(server):
+    errors = []
+
+    def worker(i):
+        try:
+            with RpcClient(*server.address) as c:
+                for j in range(50):
+                    payload = bytes([i]) * (j * 100)
+                    r = c.call("echo", {"i": i, "j": j}, payload)
+                    assert bytes(r.payload) == payload and r.result["args"] == {"i": i, "j": j}
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+
+
+def test_pool_bounds_concurrency(server):
+    pool = RpcPool(*server.address, size=2, timeout=10)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(pool.call("slow", {"s": 0.1}).result)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == ["done"] * 6
+    assert len(pool._all) <= 2
+    pool.close()
+
+
+def test_call_timeout_then_reconnect(server):
+    with RpcClient(*server.address, timeout=0.3) as c:
+        with pytest.raises(TransportError, match="timed out"):
+            c.call("slow", {"s": 1.0})
+        # the broken connection was dropped; a new call reconnects
+        assert c.call("slow", {"s": 0.0}, timeout=5).result == "done"
+
+
+def test_server_gone_gives_error_not_hang():
+    srv = RpcServer("127.0.0.3", 0).start()
+    c = RpcClient(*srv.address, timeout=5, connect_timeout=0.5)
+    assert c.call("rpc.ping").result["name"] == "rpc"
+    srv.stop()
+    t0 = time.monotonic()
+    with pytest.raises(TransportError):
+        c.call("rpc.ping")
+    assert time.monotonic() - t0 < 5
+    c.close()
+
+
+def test_payload_into_hook():
+    srv = RpcServer("127.0.0.3", 0)
+    target = bytearray(1 << 20)
+    srv.register("write", lambda a, p, c: {"same": p.obj is target, "n": p.nbytes},
+                 payload_into=lambda args, n: memoryview(target)[:n])
+    srv.start()
+    try:
+        with RpcClient(*srv.address) as c:
+            r = c.call("write", {}, b"q" * 1000)
+        assert r.result == {"same": True, "n": 1000}
+        assert target[:1000] == b"q" * 1000
+    finally:
+        srv.stop()
