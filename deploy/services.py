@@ -41,3 +41,6 @@ def kind_of(module: str) -> ServiceKind:
 
 
 register(ServiceKind("network.probe", health="rpc", argv=("serve",), order=10))
+# fs3: the cluster manager before the storage servers that heartbeat it.
+register(ServiceKind("fs3.mgmtd", health="rpc", order=20))
+register(ServiceKind("fs3.storage", health="rpc", order=30))
