@@ -1,0 +1,372 @@
+"""The chunk client: batch reads and writes of chunks by (chain, chunk id).
+
+A file layer sits on top: a file is a sequence of chunks striped over chains, chunk ``i`` of
+inode ``n`` being ``file_chunk_id(n, i)`` on chain ``chains[i % stripe]`` of the file's layout,
+so the client computes chunk -> chain -> target locally from the routing table (no metadata
+service on the data path, as in 3FS).
+
+- **Writes** go to the head of the chain (the first serving target) with the chain version the
+  client holds and an idempotency key (client id, channel, sequence number). A retryable error
+  (stale routing, a dead successor, a target that is not the head any more) makes the client
+  refresh its routing table and retry *the same* key until its deadline, so a write is applied
+  once even when an acknowledgement was lost.
+- **Reads** go to one serving replica, chosen per batch on the node with the fewest reads
+  already assigned (3FS's default). An error from that replica (dead, corrupt copy, not
+  serving) moves the read to another replica; a pending chunk ("not committed") is retried
+  after a short wait unless ``relaxed`` reads are allowed.
+- **Flow control**: at most ``max_inflight`` requests are in flight at once (3FS's
+  request-to-send bound), and a read batch to one server carries at most ``max_batch_bytes``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from network import RemoteError, RpcPool, TrafficClass, TransportError, load_cluster
+
+from ..errors import (
+    ChunkCorrupt,
+    ChunkNotCommitted,
+    ChunkNotFound,
+    ClientError,
+    NoServingReplica,
+    RetryableError,
+    from_remote,
+)
+from ..routing import Routing
+
+__all__ = ["ChunkClient", "ReadIO", "WriteIO", "WriteResult", "file_chunk_id"]
+
+log = logging.getLogger(__name__)
+
+
+def file_chunk_id(inode: int, index: int) -> int:
+    """The chunk id of chunk ``index`` of file ``inode`` (40-bit inode, 24-bit index)."""
+    if not 0 <= inode < 1 << 40 or not 0 <= index < 1 << 24:
+        raise ValueError(f"file_chunk_id: inode {inode} must be < 2**40 and index {index} < 2**24")
+    return inode << 24 | index
+
+
+@dataclass
+class WriteIO:
+    chain: int
+    chunk: int
+    data: bytes | bytearray | memoryview
+    offset: int = 0
+
+
+@dataclass
+class ReadIO:
+    chain: int
+    chunk: int
+    offset: int = 0
+    length: int = -1          # -1: to the end of the chunk
+    into: bytearray | memoryview | None = None
+
+
+@dataclass
+class WriteResult:
+    version: int
+    crc: int
+
+
+@dataclass
+class _Pending:
+    io: ReadIO
+    index: int
+    excluded: set = field(default_factory=set)
+
+
+class ChunkClient:
+    """Reads and writes chunks; thread-safe."""
+
+    def __init__(self, mgmtd: tuple[str, int], *, max_inflight: int = 8, timeout: float = 30.0,
+                 source: str | None = None, client_id: str | None = None, io_timeout: float = 30.0) -> None:
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+        self.mgmtd_addr = mgmtd
+        self.max_inflight = max_inflight
+        self.timeout = timeout
+        self.io_timeout = io_timeout
+        self.source = source
+        self.client_id = client_id or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
+                              traffic_class=TrafficClass.STORAGE, source=source)
+        self._routing = Routing(version=0)
+        self._rlock = threading.Lock()
+        self._pools: dict[tuple[str, int], RpcPool] = {}
+        self._plock = threading.Lock()
+        self._channels: queue.SimpleQueue = queue.SimpleQueue()
+        self._nchan = itertools.count(1)
+        self._seqs: dict[int, int] = {}
+        self._slots = threading.BoundedSemaphore(max_inflight)
+        self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="fs3-chunks")
+        self.stats = {"retries": 0, "routing_refreshes": 0, "replica_failovers": 0}
+
+    @classmethod
+    def from_cluster(cls, cluster, node: str | None = None, **kw) -> ChunkClient:
+        """A client for the cluster description (a path or a loaded ``Cluster``); with ``node``, it
+        speaks from that node's address."""
+        c = load_cluster(cluster) if isinstance(cluster, str | os.PathLike) else cluster
+        try:
+            mg = c.endpoint("fs3.mgmtd")
+        except KeyError as exc:
+            raise ClientError(str(exc)) from None
+        return cls(mg, source=c.node(node).address if node else None, **kw)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for p in list(self._pools.values()):
+            p.close()
+        self._mgmtd.close()
+
+    def __enter__(self) -> ChunkClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- routing ----------------------------------------------------------------------------------
+    @property
+    def routing(self) -> Routing:
+        if self._routing.version == 0:
+            self.refresh_routing()
+        return self._routing
+
+    def refresh_routing(self) -> Routing:
+        """Fetch the routing table from mgmtd when it changed."""
+        with self._rlock:
+            try:
+                d = self._mgmtd.call("mgmtd.routing", {"have": self._routing.version}).result
+            except (TransportError, RemoteError) as exc:
+                if self._routing.version == 0:
+                    raise ClientError(f"cannot fetch the routing table from mgmtd at "
+                                      f"{self.mgmtd_addr[0]}:{self.mgmtd_addr[1]}: {exc}") from exc
+                log.warning("routing refresh failed (keeping v%d): %s", self._routing.version, exc)
+                return self._routing
+            self.stats["routing_refreshes"] += 1
+            if not d.get("unchanged"):
+                self._routing = Routing.from_dict(d)
+            return self._routing
+
+    def chains(self) -> list[int]:
+        return self.routing.chain_ids()
+
+    @property
+    def chunk_size(self) -> int:
+        return self.routing.chunk_size
+
+    def _server(self, r: Routing, target: int) -> RpcPool:
+        key = r.endpoint(target)
+        p = self._pools.get(key)
+        if p is None:
+            with self._plock:
+                p = self._pools.get(key)
+                if p is None:
+                    p = self._pools[key] = RpcPool(*key, size=self.max_inflight, timeout=self.io_timeout,
+                                                   connect_timeout=3.0, traffic_class=TrafficClass.STORAGE,
+                                                   source=self.source)
+        return p
+
+    def _chain(self, r: Routing, chain: int) -> dict:
+        c = r.chains.get(chain)
+        if c is None:
+            r = self.refresh_routing()
+            c = r.chains.get(chain)
+            if c is None:
+                raise ClientError(f"no chain {chain} in the routing table (chains: {r.chain_ids()[:8]}...)")
+        return c
+
+    # -- writes ------------------------------------------------------------------------------------
+    def _take_channel(self) -> int:
+        try:
+            return self._channels.get_nowait()
+        except queue.Empty:
+            return next(self._nchan)
+
+    def write(self, chain: int, chunk: int, data, offset: int = 0) -> WriteResult:
+        """Write ``data`` at ``offset`` of a chunk (offset 0: the chunk becomes exactly ``data``)."""
+        self._check_range(chunk, offset, len(data))
+        ch = self._take_channel()
+        try:
+            seq = self._seqs.get(ch, 0) + 1
+            self._seqs[ch] = seq
+            args = {"chunk": chunk, "off": offset, "full": offset == 0, "op": "write",
+                    "client": self.client_id, "channel": ch, "seq": seq}
+            res = self._update(chain, args, [data] if len(data) else [])
+            return WriteResult(res["version"], res["crc"])
+        finally:
+            self._channels.put(ch)
+
+    def remove(self, chain: int, chunk: int) -> bool:
+        """Remove a chunk from every replica of its chain; False when it did not exist."""
+        ch = self._take_channel()
+        try:
+            seq = self._seqs.get(ch, 0) + 1
+            self._seqs[ch] = seq
+            args = {"chunk": chunk, "op": "remove", "client": self.client_id, "channel": ch, "seq": seq}
+            return bool(self._update(chain, args, []).get("removed"))
+        finally:
+            self._channels.put(ch)
+
+    def _check_range(self, chunk: int, offset: int, n: int) -> None:
+        if not 0 <= chunk < 1 << 64:
+            raise ValueError(f"chunk id {chunk} is not a 64-bit unsigned integer")
+        cs = self.chunk_size
+        if offset < 0 or offset + n > cs:
+            raise ValueError(f"bytes [{offset}, {offset + n}) do not fit in a chunk of {cs} bytes")
+
+    def _update(self, chain: int, args: dict, payload: list) -> dict:
+        deadline = time.monotonic() + self.timeout
+        delay = 0.02
+        last: Exception | None = None
+        with self._slots:
+            while True:
+                r = self.routing
+                c = self._chain(r, chain)
+                ws = r.write_set(chain)
+                if ws:
+                    try:
+                        return self._server(r, ws[0][0]).call(
+                            "storage.write", dict(args, chain=chain, cver=c["version"]), payload).result
+                    except RemoteError as exc:
+                        err = from_remote(exc)
+                        if not isinstance(err, RetryableError):
+                            raise err from None
+                        last = err
+                    except TransportError as exc:
+                        last = exc
+                else:
+                    last = NoServingReplica(f"chain {chain} v{c['version']} has no serving target")
+                if time.monotonic() + delay > deadline:
+                    raise ClientError(f"write of chunk {chain}/{args['chunk']:016x} gave up after "
+                                      f"{self.timeout} s: {last}") from last
+                self.stats["retries"] += 1
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+                self.refresh_routing()
+
+    def batch_write(self, ios: list[WriteIO]) -> list[WriteResult]:
+        """Write many chunks, ``max_inflight`` at a time; raises the first error (after all finish)."""
+        futs = [self._pool.submit(self.write, io.chain, io.chunk, io.data, io.offset) for io in ios]
+        out, first = [], None
+        for f in futs:
+            try:
+                out.append(f.result())
+            except Exception as exc:  # noqa: BLE001 - re-raised below
+                first = first or exc
+                out.append(None)
+        if first is not None:
+            raise first
+        return out
+
+    # -- reads -------------------------------------------------------------------------------------
+    def read(self, chain: int, chunk: int, offset: int = 0, length: int = -1, into=None, *,
+             relaxed: bool = False) -> memoryview:
+        """Read a chunk (or a range of it); returns a view of ``into`` when given."""
+        return self.batch_read([ReadIO(chain, chunk, offset, length, into)], relaxed=relaxed)[0]
+
+    def batch_read(self, ios: list[ReadIO], *, relaxed: bool = False) -> list[memoryview]:
+        """Read many chunks: grouped per replica node into batches, ``max_inflight`` at a time."""
+        results: list = [None] * len(ios)
+        deadline = time.monotonic() + self.timeout
+        todo = [_Pending(io, i) for i, io in enumerate(ios)]
+        delay = 0.02
+        last: dict[int, Exception] = {}
+        while todo:
+            r = self.routing
+            groups: dict[str, list[tuple[_Pending, int]]] = {}
+            load: dict[str, int] = {}
+            retry: list[_Pending] = []
+            for p in todo:
+                self._chain(r, p.io.chain)
+                cands = [t for t in r.serving(p.io.chain) if t not in p.excluded]
+                if not cands:
+                    retry.append(p)
+                    last.setdefault(p.index, NoServingReplica(f"chain {p.io.chain}: no serving replica left "
+                                                              f"to try"))
+                    continue
+                t = min(cands, key=lambda t: (load.get(r.node_of(t), 0), (t + p.io.chunk) % 7))
+                node = r.node_of(t)
+                load[node] = load.get(node, 0) + 1
+                groups.setdefault(node, []).append((p, t))
+            batches = []
+            per = max(1, self.routing.chunk_size and (self._max_batch() // r.chunk_size))
+            for _node, items in groups.items():
+                for k in range(0, len(items), per):
+                    batches.append(items[k:k + per])
+            futs = [self._pool.submit(self._read_batch, r, b, relaxed) for b in batches]
+            for f in futs:
+                for p, t, res in f.result():
+                    if isinstance(res, memoryview):
+                        results[p.index] = res
+                        continue
+                    if isinstance(res, ChunkNotFound):
+                        raise res
+                    last[p.index] = res
+                    if not isinstance(res, ChunkNotCommitted):
+                        p.excluded.add(t)
+                        self.stats["replica_failovers"] += 1
+                    retry.append(p)
+            if not retry:
+                break
+            if time.monotonic() + delay > deadline:
+                p = retry[0]
+                raise ClientError(f"read of chunk {p.io.chain}/{p.io.chunk:016x} gave up after {self.timeout} s: "
+                                  f"{last.get(p.index)}") from last.get(p.index)
+            # every replica failed for some item: refresh and start over with all of them
+            # (except copies known to be corrupt)
+            refresh = False
+            for p in retry:
+                if not [t for t in r.serving(p.io.chain) if t not in p.excluded]:
+                    refresh = True
+                    p.excluded = {t for t in p.excluded if isinstance(last.get(p.index), ChunkCorrupt)}
+            if refresh or any(isinstance(last.get(p.index), ChunkNotCommitted | TransportError) for p in retry):
+                self.stats["retries"] += 1
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+                self.refresh_routing()
+            todo = retry
+        return results
+
+    def _max_batch(self) -> int:
+        return 4 << 20
+
+    def _read_batch(self, r: Routing, batch: list[tuple[_Pending, int]], relaxed: bool) -> list:
+        t0 = batch[0][1]
+        items = [[p.io.chain, r.chains[p.io.chain]["version"], p.io.chunk, p.io.offset, p.io.length]
+                 for p, _t in batch]
+        into = batch[0][0].io.into if len(batch) == 1 else None
+        try:
+            with self._slots:
+                rep = self._server(r, t0).call("storage.read", {"items": items, "relaxed": relaxed}, into=into)
+        except RemoteError as exc:
+            err = from_remote(exc)
+            return [(p, t, err) for p, t in batch]
+        except TransportError as exc:
+            return [(p, t, exc) for p, t in batch]
+        out = []
+        pos = 0
+        body = rep.payload
+        for (p, t), res in zip(batch, rep.result["items"], strict=True):
+            if "err" in res:
+                exc = from_remote(RemoteError(res["msg"], kind=res["err"], data=res.get("data")))
+                out.append((p, t, exc))
+                continue
+            n = res["n"]
+            view = body[pos:pos + n]
+            pos += n
+            if p.io.into is not None and into is None:
+                dst = memoryview(p.io.into).cast("B")
+                dst[:n] = view
+                view = dst[:n]
+            out.append((p, t, view))
+        return out

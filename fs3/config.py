@@ -1,0 +1,100 @@
+"""The ``[fs3]`` section of the cluster description, validated, and where each node keeps its data.
+
+    [fs3]
+    replication = 3              # replicas per chain (targets on distinct nodes)
+    chunk_size = 1048576         # bytes, a power of two
+    targets_per_node = 3         # storage targets per storage node
+    heartbeat_interval = 1.0     # seconds between storage heartbeats (and routing polls)
+    failure_timeout = 10.0       # a node silent this long is declared offline
+    mgmtd_db = ""                # SQLAlchemy URL; "" = sqlite file in mgmtd's data dir
+    data_dir = ""                # base data directory (default: $FIREFLYER_RUN_DIR_CLUSTER/data)
+    fsync = false                # fsync chunk files before rename (power-loss durability)
+
+Data directories: ``<base>/<node>/`` where base is ``$FIREFLYER_RUN_DIR_CLUSTER/data`` when the
+local launcher started the service, else ``--data-dir``, else ``data_dir`` above, else
+``~/.local/state/fireflyer/fs3``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Fs3ConfigError
+
+__all__ = ["Fs3Config", "node_data_dir"]
+
+_KEYS = {"replication", "chunk_size", "targets_per_node", "heartbeat_interval", "failure_timeout",
+         "mgmtd_db", "data_dir", "fsync", "max_batch_bytes"}
+
+
+@dataclass(frozen=True)
+class Fs3Config:
+    replication: int = 3
+    chunk_size: int = 1 << 20
+    targets_per_node: int = 3
+    heartbeat_interval: float = 1.0
+    failure_timeout: float = 10.0
+    mgmtd_db: str = ""
+    data_dir: str = ""
+    fsync: bool = False
+    max_batch_bytes: int = 4 << 20
+
+    @classmethod
+    def from_section(cls, sec: dict, source: str = "[fs3]") -> Fs3Config:
+        unknown = set(sec) - _KEYS
+        if unknown:
+            raise Fs3ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))} "
+                                 f"(known: {', '.join(sorted(_KEYS))})")
+        kw = {}
+        for name, typ in (("replication", int), ("chunk_size", int), ("targets_per_node", int),
+                          ("heartbeat_interval", float), ("failure_timeout", float), ("mgmtd_db", str),
+                          ("data_dir", str), ("fsync", bool), ("max_batch_bytes", int)):
+            if name not in sec:
+                continue
+            v = sec[name]
+            if typ is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+                raise Fs3ConfigError(f"{source}.{name}: expected {typ.__name__}, got {type(v).__name__} {v!r}")
+            kw[name] = v
+        cfg = cls(**kw)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "[fs3]") -> None:
+        if self.replication < 1:
+            raise Fs3ConfigError(f"{source}.replication: expected >= 1, got {self.replication}")
+        cs = self.chunk_size
+        if cs < 4096 or cs & (cs - 1):
+            raise Fs3ConfigError(f"{source}.chunk_size: expected a power of two >= 4096, got {cs}")
+        if self.targets_per_node < 1:
+            raise Fs3ConfigError(f"{source}.targets_per_node: expected >= 1, got {self.targets_per_node}")
+        if self.heartbeat_interval <= 0:
+            raise Fs3ConfigError(f"{source}.heartbeat_interval: expected > 0, got {self.heartbeat_interval}")
+        if self.failure_timeout <= self.heartbeat_interval:
+            raise Fs3ConfigError(f"{source}.failure_timeout: expected more than heartbeat_interval "
+                                 f"({self.heartbeat_interval}), got {self.failure_timeout}")
+        if self.max_batch_bytes < self.chunk_size:
+            raise Fs3ConfigError(f"{source}.max_batch_bytes: expected >= chunk_size ({self.chunk_size})")
+
+    @classmethod
+    def from_cluster(cls, cluster) -> Fs3Config:
+        return cls.from_section(cluster.section("fs3"), f"{cluster.source}: [fs3]")
+
+
+def node_data_dir(cfg: Fs3Config, node: str, override: str | None = None) -> Path:
+    """This node's data directory (created): see the module docstring for the precedence."""
+    run = os.environ.get("FIREFLYER_RUN_DIR_CLUSTER")
+    if run:
+        base = Path(run) / "data"
+    elif override:
+        base = Path(override)
+    elif cfg.data_dir:
+        base = Path(cfg.data_dir)
+    else:
+        base = Path(os.path.expanduser("~/.local/state/fireflyer/fs3"))
+    d = base / node
+    d.mkdir(parents=True, exist_ok=True)
+    return d

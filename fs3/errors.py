@@ -1,0 +1,124 @@
+"""The exceptions of the fs3 package, grouped by theme.
+
+    Fs3Error
+    ├── Fs3ConfigError          the [fs3] section or a command-line option is invalid
+    ├── ChainTableError         a chain table cannot be built (too few nodes, uneven targets)
+    ├── MgmtdError              the cluster manager refused a request or cannot be reached
+    ├── StorageError            a storage server refused or failed a chunk operation
+    │   ├── RetryableError      the request may succeed later against a newer routing table
+    │   │   ├── StaleRouting        the request's chain version differs from the server's
+    │   │   ├── NotServing          the target is not in a state that accepts this request
+    │   │   ├── ChunkNotCommitted   the chunk has a pending version (a write is in flight)
+    │   │   ├── ChunkCorrupt        the replica's copy failed its CRC32C check (never returned)
+    │   │   ├── ChunkBusy           the per-chunk lock was not obtained within the timeout
+    │   │   └── ForwardFailed       the successor in the chain did not acknowledge
+    │   ├── ChunkNotFound       no such chunk on the chain
+    │   ├── StaleRequest        a retry older than the last request seen on its channel
+    │   └── ChunkVersionConflict a successor holds a newer committed version than the update
+    └── ClientError             the chunk client gave up (deadline passed, bad arguments)
+        └── NoServingReplica    no replica of a chain can serve the request now
+
+Errors raised in a storage server travel to the client as ``network.RemoteError`` whose
+``kind`` is the class name; :func:`from_remote` turns them back into these classes.
+"""
+
+from __future__ import annotations
+
+
+class Fs3Error(Exception):
+    """Base class of every error raised by the fs3 package."""
+
+    #: extra fields sent to the remote caller (``network.rpc`` reads ``rpc_data``)
+    rpc_data: dict | None = None
+
+
+class Fs3ConfigError(Fs3Error, ValueError):
+    """The [fs3] section of the cluster description or an option is invalid (the message names it)."""
+
+
+class ChainTableError(Fs3Error, ValueError):
+    """A chain table cannot be generated from the given nodes, targets and replication factor."""
+
+
+class MgmtdError(Fs3Error):
+    """The cluster manager refused a request or could not be reached."""
+
+
+class StorageError(Fs3Error):
+    """A storage server refused or failed a chunk operation."""
+
+    def __init__(self, message: str, **data) -> None:
+        super().__init__(message)
+        self.rpc_data = data or None
+
+
+class RetryableError(StorageError):
+    """The request may succeed if retried (after refreshing the routing table)."""
+
+
+class StaleRouting(RetryableError):
+    """The request's chain version is not the server's; refresh the routing table and retry."""
+
+
+class NotServing(RetryableError):
+    """The target is not serving (or not in the chain); pick another replica or refresh routing."""
+
+
+class ChunkNotCommitted(RetryableError):
+    """The chunk has a pending (uncommitted) version; retry, or ask for a relaxed read."""
+
+
+class ChunkCorrupt(RetryableError):
+    """The replica's copy of the chunk failed its CRC32C check; it was not returned and was reported."""
+
+
+class ChunkBusy(RetryableError):
+    """The per-chunk lock could not be taken within the timeout."""
+
+
+class ForwardFailed(RetryableError):
+    """The successor in the chain did not acknowledge the update (it died or the chain changed)."""
+
+
+class ChunkNotFound(StorageError, KeyError):
+    """The chunk does not exist on that chain."""
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return Exception.__str__(self)
+
+
+class StaleRequest(StorageError):
+    """A request whose sequence number is older than the last one seen on its (client, channel)."""
+
+
+class ChunkVersionConflict(StorageError):
+    """A successor holds a committed version newer than the update's (``data['committed']``)."""
+
+
+class ClientError(Fs3Error):
+    """The chunk client gave up on a request."""
+
+
+class NoServingReplica(ClientError):
+    """No replica of the chain can serve the request (the chain is offline or all copies failed)."""
+
+
+_REMOTE = {c.__name__: c for c in (StaleRouting, NotServing, ChunkNotCommitted, ChunkCorrupt, ChunkBusy,
+                                   ForwardFailed, ChunkNotFound, StaleRequest, ChunkVersionConflict,
+                                   StorageError, MgmtdError, Fs3ConfigError)}
+
+
+def from_remote(exc: Exception) -> Exception:
+    """Map a ``network.RemoteError`` raised by an fs3 server back to the fs3 class it names."""
+    kind = getattr(exc, "kind", None)
+    cls = _REMOTE.get(kind or "")
+    if cls is None:
+        return exc
+    msg = str(exc)
+    data = getattr(exc, "data", None) or {}
+    if issubclass(cls, StorageError):
+        out = cls(msg, **data)
+    else:
+        out = cls(msg)
+    out.__cause__ = exc
+    return out

@@ -1,0 +1,148 @@
+"""Target states, the chain state machine (pure functions) and the routing table clients read.
+
+Public states of a target in a chain (what mgmtd publishes, 3FS's names):
+
+============  =====================================  =========================
+state         meaning                                 reads / writes
+============  =====================================  =========================
+serving       up to date, in the chain                reads and writes
+syncing       receiving a resync from its predecessor writes only (at the tail)
+waiting       alive, needs a resync, queued           neither
+lastsrv       the last serving replica, now down      neither (its return restores the chain)
+offline       down (or restarted, not yet resynced)   neither
+============  =====================================  =========================
+
+The transition rules are in :func:`next_chain` and tabulated in ``docs/fs3.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["SERVING", "SYNCING", "WAITING", "LASTSRV", "OFFLINE", "STATES", "TargetInput", "next_chain",
+           "Routing"]
+
+SERVING, SYNCING, WAITING, LASTSRV, OFFLINE = "serving", "syncing", "waiting", "lastsrv", "offline"
+STATES = (SERVING, LASTSRV, SYNCING, WAITING, OFFLINE)  # also the order inside a chain
+_RANK = {s: i for i, s in enumerate(STATES)}
+
+
+@dataclass(frozen=True)
+class TargetInput:
+    """What mgmtd knows of a target when it re-evaluates its chain."""
+
+    alive: bool            # its node heartbeats within the failure timeout and reports it online
+    restarted: bool = False  # its node came back with a new incarnation (process restarted)
+    synced: bool = False   # its predecessor reported a complete resync at the current chain version
+
+
+def next_chain(members: list[tuple[int, str]], inputs: dict[int, TargetInput]) -> list[tuple[int, str]]:
+    """One evaluation of a chain: ``members`` is ``[(target, state), ...]`` head first.
+
+    Returns the new member list (same targets, new states, reordered serving -> lastsrv ->
+    syncing -> waiting -> offline, stable inside a state). The caller bumps the chain version
+    when the result differs from ``members``.
+    """
+    st = dict(members)
+    order = [t for t, _ in members]
+
+    def up(t: int) -> bool:
+        i = inputs.get(t)
+        return bool(i and i.alive and not i.restarted)
+
+    # 1. serving targets that died or restarted
+    serving_alive = [t for t in order if st[t] == SERVING and up(t)]
+    lastsrv_exists = any(s == LASTSRV for s in st.values())
+    for t in order:
+        if st[t] != SERVING or up(t):
+            continue
+        inp = inputs.get(t) or TargetInput(False)
+        if serving_alive:
+            st[t] = OFFLINE  # (restarted: it comes back below through waiting and a resync)
+        elif inp.restarted and inp.alive:
+            # the only serving replica restarted before anyone noticed: its disk holds every
+            # committed write (nothing was acknowledged without it), so it keeps serving
+            serving_alive.append(t)
+        elif not lastsrv_exists:
+            st[t] = LASTSRV  # the last copy of the newest data: wait for it
+            lastsrv_exists = True
+        else:
+            st[t] = OFFLINE
+    # 2. the last serving replica returns: it serves again, the others will resync from it
+    for t in order:
+        if st[t] == LASTSRV and (inputs.get(t) or TargetInput(False)).alive:
+            st[t] = SERVING
+            serving_alive.append(t)
+    # 3. syncing / waiting / offline targets
+    for t in order:
+        inp = inputs.get(t) or TargetInput(False)
+        s = st[t]
+        if s == SYNCING:
+            if not inp.alive:
+                st[t] = OFFLINE
+            elif inp.restarted:
+                st[t] = WAITING
+            elif inp.synced and serving_alive:
+                st[t] = SERVING
+        elif s == WAITING and not inp.alive:
+            st[t] = OFFLINE
+        elif s == OFFLINE and inp.alive:
+            st[t] = WAITING
+    # 4. at most one syncing target per chain, and only when someone serves to sync from
+    if any(st[t] == SERVING for t in order) and not any(st[t] == SYNCING for t in order):
+        for t in order:
+            if st[t] == WAITING:
+                st[t] = SYNCING
+                break
+    new_order = sorted(order, key=lambda t: _RANK[st[t]])
+    return [(t, st[t]) for t in new_order]
+
+
+@dataclass
+class Routing:
+    """The routing table as clients and storage servers hold it (built from mgmtd's dict)."""
+
+    version: int = 0
+    chunk_size: int = 1 << 20
+    replication: int = 3
+    nodes: dict = field(default_factory=dict)      # name -> {"address", "port", "alive"}
+    targets: dict = field(default_factory=dict)    # target id -> node name
+    chains: dict = field(default_factory=dict)     # chain id -> {"version", "members": [(t, state)]}
+    balance: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Routing:
+        return cls(version=d["version"], chunk_size=d["chunk_size"], replication=d["replication"],
+                   nodes=d["nodes"], targets={int(k): v for k, v in d["targets"].items()},
+                   chains={int(k): {"version": v["version"], "members": [tuple(m) for m in v["members"]]}
+                           for k, v in d["chains"].items()},
+                   balance=d.get("balance", 1.0))
+
+    def chain_ids(self) -> list[int]:
+        return sorted(self.chains)
+
+    def write_set(self, chain: int) -> list[tuple[int, str]]:
+        """Targets that take writes, head first: serving then syncing."""
+        return [(t, s) for t, s in self.chains[chain]["members"] if s in (SERVING, SYNCING)]
+
+    def serving(self, chain: int) -> list[int]:
+        return [t for t, s in self.chains[chain]["members"] if s == SERVING]
+
+    def state_of(self, chain: int, target: int) -> str | None:
+        for t, s in self.chains[chain]["members"]:
+            if t == target:
+                return s
+        return None
+
+    def node_of(self, target: int) -> str:
+        return self.targets[target]
+
+    def endpoint(self, target: int) -> tuple[str, int]:
+        n = self.nodes[self.targets[target]]
+        return n["address"], n["port"]
+
+    def target_on(self, chain: int, node: str) -> int | None:
+        for t, _ in self.chains[chain]["members"]:
+            if self.targets.get(t) == node:
+                return t
+        return None

@@ -1,0 +1,542 @@
+"""fs3.storage: a storage server. ``python -m fs3.storage --cluster FILE --node NAME``.
+
+It serves the targets that the routing table places on its node, each a :class:`ChunkStore`
+in ``<data dir>/<node>/targets/<target id>``. It heartbeats mgmtd, keeps the routing table
+fresh, runs the CRAQ write path and the resync of a returning successor.
+
+RPC methods (traffic class STORAGE):
+
+- ``storage.write {chain, cver, chunk, off, full, op, client, channel, seq[, ver, fwd]}`` + payload:
+  a write (or ``op="remove"``) entering at the head or forwarded by a predecessor;
+- ``storage.read {items: [[chain, cver, chunk, off, len], ...], relaxed}`` -> per-item results and
+  the bytes of every item back to back;
+- ``storage.sync_meta``, ``storage.sync_write``, ``storage.sync_remove``: the resync protocol;
+- ``storage.list {chain}``, ``storage.stats``: admin.
+
+[Note: the write path] The head takes the per-chunk lock, assigns version u = max(committed,
+pending) + 1, builds the new content (read-modify-write for a partial write), stores it as
+*pending* and forwards the whole chunk to its successor with u. Every hop checks the chain
+version, locks, stores pending and forwards; the tail stores u directly as *committed* and
+acknowledges with its CRC32C; each predecessor compares the CRC with its own, commits (a
+rename) and acknowledges in turn. The client's ack therefore means every replica of the
+chain version committed u. A failed forward leaves the pending version in place and fails the
+request with a retryable error; the client refreshes its routing and retries with the same
+(client, channel, seq), which the replicas that already committed answer from their cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+from network import RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
+from network.service import parse_service_args, service_parser, wait_for_shutdown
+
+from .chunkstore import HEADER_SIZE, ChunkStore
+from .config import Fs3Config, node_data_dir
+from .errors import (
+    ChunkBusy,
+    ChunkCorrupt,
+    ChunkNotCommitted,
+    ChunkNotFound,
+    ChunkVersionConflict,
+    ForwardFailed,
+    Fs3ConfigError,
+    NotServing,
+    StaleRequest,
+    StaleRouting,
+    StorageError,
+    from_remote,
+)
+from .routing import SERVING, SYNCING, Routing
+
+__all__ = ["StorageServer", "main"]
+
+log = logging.getLogger(__name__)
+_tls = threading.local()
+
+
+class _QuietFs3Errors(logging.Filter):
+    """network.rpc logs a traceback for handler exceptions it does not know; ours are expected
+    answers (stale routing, not committed...) that travel to the client, not server bugs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, StorageError)
+
+
+logging.getLogger("network.rpc").addFilter(_QuietFs3Errors())
+
+
+class _ChunkLocks:
+    """One lock per (target, chain, chunk), created on demand and dropped when unused."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[tuple, list] = {}  # key -> [lock, users]
+
+    @contextmanager
+    def hold(self, key: tuple, timeout: float):
+        with self._guard:
+            ent = self._locks.get(key)
+            if ent is None:
+                ent = self._locks[key] = [threading.Lock(), 0]
+            ent[1] += 1
+        try:
+            if not ent[0].acquire(timeout=timeout):
+                raise ChunkBusy(f"chunk {key[1]}/{key[2]:016x} on target {key[0]} stayed locked for {timeout} s")
+            try:
+                yield
+            finally:
+                ent[0].release()
+        finally:
+            with self._guard:
+                ent[1] -= 1
+                if ent[1] == 0:
+                    self._locks.pop(key, None)
+
+
+class StorageServer:
+    def __init__(self, cfg: Fs3Config, node: str, address: str, port: int, mgmtd: tuple[str, int],
+                 data_dir, *, lock_timeout: float = 30.0, io_timeout: float = 60.0) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.address = address
+        self.data_dir = data_dir
+        self.mgmtd_addr = mgmtd
+        self.lock_timeout = lock_timeout
+        self.io_timeout = io_timeout
+        self.incarnation = uuid.uuid4().hex
+        self.routing = Routing(chunk_size=cfg.chunk_size, replication=cfg.replication)
+        self._rlock = threading.Lock()
+        self._last_refresh = 0.0
+        self.stores: dict[int, ChunkStore] = {}
+        self._stores_lock = threading.Lock()
+        self.locks = _ChunkLocks()
+        self._dedup: dict[tuple, tuple[int, dict]] = {}
+        self._pools: dict[tuple[str, int], RpcPool] = {}
+        self._pools_lock = threading.Lock()
+        self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
+                             traffic_class=TrafficClass.STORAGE, source=address)
+        self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "resyncs": 0, "resynced_chunks": 0}
+        self._resyncing: set[tuple[int, int, int]] = set()
+        self._stop = threading.Event()
+        self.server = RpcServer(address, port, name=f"fs3.storage@{node}", traffic_class=TrafficClass.STORAGE)
+        s = self.server
+        s.register("storage.write", self.h_write, payload_into=self._payload_buffer)
+        s.register("storage.read", self.h_read)
+        s.register("storage.sync_meta", self.h_sync_meta)
+        s.register("storage.sync_write", self.h_sync_write, payload_into=self._payload_buffer)
+        s.register("storage.sync_remove", self.h_sync_remove)
+        s.register("storage.list", self.h_list)
+        s.register("storage.stats", self.h_stats)
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.server.start()
+        self.port = self.server.port
+        for fn, name in ((self._heartbeat_loop, "heartbeat"),):
+            t = threading.Thread(target=fn, name=f"storage-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.stop()
+        for t in self._threads:
+            t.join(5)
+        for p in list(self._pools.values()):
+            p.close()
+        self.mgmtd.close()
+
+    def _payload_buffer(self, args: dict, nbytes: int):
+        # [Note: receive into a reused buffer] The payload lands in a per-thread buffer: the
+        # handler runs in this same thread and finishes with it (stored, forwarded) before the
+        # next request on the connection arrives, so reuse is safe and saves an allocation
+        # (and its page faults) per chunk.
+        if nbytes > self.cfg.chunk_size:
+            return None  # let rpc allocate; the handler rejects it with a clear error
+        buf = getattr(_tls, "wbuf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = _tls.wbuf = bytearray(self.cfg.chunk_size)
+        return memoryview(buf)[:nbytes]
+
+    # -- routing --------------------------------------------------------------------------------
+    def _store(self, tid: int) -> ChunkStore:
+        st = self.stores.get(tid)
+        if st is None:
+            with self._stores_lock:
+                st = self.stores.get(tid)
+                if st is None:
+                    st = ChunkStore(self.data_dir / "targets" / str(tid), tid, self.cfg.chunk_size,
+                                    fsync=self.cfg.fsync)
+                    self.stores[tid] = st
+        return st
+
+    def _set_routing(self, d: dict) -> None:
+        r = Routing.from_dict(d)
+        with self._rlock:
+            if r.version < self.routing.version:
+                return
+            self.routing = r
+        for t, n in r.targets.items():
+            if n == self.node:
+                self._store(t)
+        self._maybe_resync()
+
+    def refresh_routing(self, force: bool = False) -> Routing:
+        if not force and time.monotonic() - self._last_refresh < 0.02:
+            return self.routing
+        try:
+            d = self.mgmtd.call("mgmtd.routing", {"have": self.routing.version}).result
+        except (TransportError, RemoteError) as exc:
+            log.warning("routing refresh failed: %s", exc)
+            return self.routing
+        self._last_refresh = time.monotonic()
+        if not d.get("unchanged"):
+            self._set_routing(d)
+        return self.routing
+
+    def _heartbeat_once(self) -> None:
+        targets = {str(t): "online" for t in self.stores}
+        out = self.mgmtd.call("mgmtd.heartbeat", {
+            "node": self.node, "address": self.address, "port": self.port, "incarnation": self.incarnation,
+            "targets": targets, "with_routing": self.routing.version == 0}).result
+        if "routing" in out:
+            self._set_routing(out["routing"])
+        elif out["routing_version"] != self.routing.version:
+            self.refresh_routing(force=True)
+        else:
+            self._maybe_resync()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._heartbeat_once()
+            except (TransportError, RemoteError) as exc:
+                log.warning("heartbeat to mgmtd %s:%d failed: %s", *self.mgmtd_addr, exc)
+            except Exception:  # pragma: no cover
+                log.exception("heartbeat failed")
+            self._stop.wait(self.cfg.heartbeat_interval)
+
+    def _check_chain(self, chain: int, cver: int, want: tuple[str, ...]) -> tuple[Routing, int, str]:
+        """Validate the request's chain version against ours; returns (routing, my target, my state)."""
+        r = self.routing
+        c = r.chains.get(chain)
+        if c is None or cver > c["version"]:
+            r = self.refresh_routing(force=True)
+            c = r.chains.get(chain)
+        if c is None:
+            raise NotServing(f"{self.node}: no chain {chain} in routing v{r.version}", current=0)
+        if cver != c["version"]:
+            raise StaleRouting(f"{self.node}: chain {chain} is at version {c['version']}, request has {cver}",
+                               current=c["version"])
+        tid = r.target_on(chain, self.node)
+        state = r.state_of(chain, tid) if tid is not None else None
+        if tid is None or state not in want:
+            raise NotServing(f"{self.node}: target {tid} of chain {chain} is {state}, not {'/'.join(want)}",
+                             current=c["version"])
+        return r, tid, state
+
+    def _pool(self, node: str, r: Routing) -> RpcPool:
+        n = r.nodes[node]
+        key = (n["address"], n["port"])
+        p = self._pools.get(key)
+        if p is None:
+            with self._pools_lock:
+                p = self._pools.get(key)
+                if p is None:
+                    p = self._pools[key] = RpcPool(*key, size=16, timeout=self.io_timeout, connect_timeout=3.0,
+                                                   traffic_class=TrafficClass.STORAGE, source=self.address)
+        return p
+
+    # -- the write path ---------------------------------------------------------------------------
+    def h_write(self, args: dict, payload: memoryview, ctx) -> dict:
+        chain, cver, chunk = int(args["chain"]), int(args["cver"]), int(args["chunk"])
+        fwd = bool(args.get("fwd"))
+        op = args.get("op", "write")
+        if op not in ("write", "remove"):
+            raise ValueError(f"storage.write: unknown op {op!r} (write, remove)")
+        off = int(args.get("off", 0))
+        if off < 0 or off + len(payload) > self.cfg.chunk_size:
+            raise ValueError(f"storage.write: bytes [{off}, {off + len(payload)}) do not fit a chunk of "
+                             f"{self.cfg.chunk_size} bytes")
+        r, tid, state = self._check_chain(chain, cver, (SERVING, SYNCING))
+        ws = r.write_set(chain)
+        pos = [t for t, _ in ws].index(tid)
+        if pos == 0 and fwd:
+            raise NotServing(f"{self.node}: forwarded write reached the head of chain {chain} v{cver}")
+        if pos > 0 and not fwd:
+            raise NotServing(f"{self.node}: target {tid} is not the head of chain {chain} v{cver}; "
+                             f"send writes to {ws[0][0]}", current=cver)
+        store = self._store(tid)
+        key = (tid, str(args.get("client", "")), int(args.get("channel", 0)))
+        seq = int(args.get("seq", 0))
+        with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+            cached = self._dedup.get(key) if key[1] else None
+            if cached is not None:
+                if cached[0] == seq:
+                    return cached[1]
+                if seq < cached[0]:
+                    raise StaleRequest(f"{self.node}: request {seq} on channel {key[2]} of client {key[1]} is "
+                                       f"older than {cached[0]}")
+            self.stats["writes"] += 1
+            if op == "remove":
+                result = self._remove_chain(r, ws, pos, args, chain, chunk, store)
+            else:
+                result = self._write_chain(r, ws, pos, args, chain, cver, chunk, off, payload, store, state)
+            if key[1]:
+                self._dedup[key] = (seq, result)
+            return result
+
+    def _write_chain(self, r, ws, pos, args, chain, cver, chunk, off, payload, store, state) -> dict:
+        m = store.get(chain, chunk)
+        if pos == 0:
+            ver = max(m.committed, m.pending) + 1 if m else 1
+            if args.get("full", True) or not (m and m.committed):
+                if off:
+                    content = bytearray(off + len(payload))
+                    content[off:] = payload
+                else:
+                    content = payload
+            else:
+                old, _ = store.read(chain, chunk)
+                content = bytearray(max(len(old), off + len(payload)))
+                content[:len(old)] = old
+                content[off:off + len(payload)] = payload
+        else:
+            ver = int(args["ver"])
+            content = payload
+            # a syncing target takes whatever its predecessor sends (it is being overwritten anyway)
+            if m and m.committed >= ver and state != SYNCING:
+                if m.committed == ver and m.crc == args.get("crc"):
+                    return {"version": ver, "crc": m.crc}  # already applied (a retried forward)
+                raise ChunkVersionConflict(f"{self.node}: chunk {chain}/{chunk:016x} is committed at "
+                                           f"v{m.committed} >= update v{ver}", committed=m.committed)
+        tail = pos == len(ws) - 1
+        for attempt in range(3):
+            if tail:
+                crc = store.put(chain, chunk, ver, cver, content, pending=False)
+                return {"version": ver, "crc": crc}
+            crc = store.put(chain, chunk, ver, cver, content, pending=True)
+            succ = ws[pos + 1][0]
+            fargs = {"chain": chain, "cver": cver, "chunk": chunk, "off": 0, "full": True, "op": "write",
+                     "client": args.get("client", ""), "channel": args.get("channel", 0),
+                     "seq": args.get("seq", 0), "ver": ver, "crc": crc, "fwd": True}
+            try:
+                rep = self._pool(r.node_of(succ), r).call("storage.write", fargs, [content]).result
+            except RemoteError as exc:
+                err = from_remote(exc)
+                if isinstance(err, ChunkVersionConflict) and pos == 0 and attempt < 2:
+                    ver = int(err.rpc_data.get("committed", ver)) + 1
+                    continue
+                if isinstance(err, StorageError):
+                    raise ForwardFailed(f"{self.node}: successor {succ} refused chunk {chain}/{chunk:016x}: "
+                                        f"{err}", current=cver) from None
+                raise
+            except TransportError as exc:
+                raise ForwardFailed(f"{self.node}: successor target {succ} ({r.node_of(succ)}) did not "
+                                    f"acknowledge chunk {chain}/{chunk:016x}: {exc}", current=cver) from None
+            if rep.get("crc") != crc:
+                raise ForwardFailed(f"{self.node}: successor {succ} stored chunk {chain}/{chunk:016x} with CRC "
+                                    f"{rep.get('crc')}, expected {crc}", current=cver)
+            store.commit(chain, chunk, ver)
+            return {"version": ver, "crc": crc}
+        raise ChunkVersionConflict(f"{self.node}: chunk {chain}/{chunk:016x}: version conflict persisted")
+
+    def _remove_chain(self, r, ws, pos, args, chain, chunk, store) -> dict:
+        if pos < len(ws) - 1:
+            succ = ws[pos + 1][0]
+            fargs = dict(args, fwd=True)
+            try:
+                self._pool(r.node_of(succ), r).call("storage.write", fargs)
+            except RemoteError as exc:
+                raise ForwardFailed(f"{self.node}: successor {succ} refused removal: {from_remote(exc)}") from None
+            except TransportError as exc:
+                raise ForwardFailed(f"{self.node}: successor {succ} did not acknowledge removal: {exc}") from None
+        existed = store.remove(chain, chunk)
+        return {"removed": existed}
+
+    # -- reads ------------------------------------------------------------------------------------
+    def _rbufs(self, n: int) -> list[bytearray]:
+        bufs = getattr(_tls, "rbufs", None)
+        if bufs is None:
+            bufs = _tls.rbufs = []
+        while len(bufs) < n:
+            bufs.append(bytearray(HEADER_SIZE + self.cfg.chunk_size))
+        return bufs
+
+    def h_read(self, args: dict, payload, ctx) -> Reply:
+        items = args.get("items") or []
+        relaxed = bool(args.get("relaxed"))
+        bufs = self._rbufs(len(items))
+        results, out = [], []
+        for i, it in enumerate(items):
+            chain, cver, chunk, off, length = (int(x) for x in it)
+            try:
+                _r, tid, _s = self._check_chain(chain, cver, (SERVING,))
+                store = self._store(tid)
+                m = store.get(chain, chunk)
+                if m is None:
+                    raise ChunkNotFound(f"{self.node}: no chunk {chain}/{chunk:016x} on target {tid}")
+                pend = False
+                if m.pending:
+                    if not relaxed:
+                        raise ChunkNotCommitted(f"{self.node}: chunk {chain}/{chunk:016x} has pending "
+                                                f"v{m.pending} (committed v{m.committed})", target=tid)
+                    pend = True
+                try:
+                    data, ver = store.read(chain, chunk, pending=pend, buf=bufs[i])
+                except ChunkCorrupt as exc:
+                    self._report_corrupt(tid, chain, chunk, str(exc))
+                    raise
+                self.stats["reads"] += 1
+                end = len(data) if length < 0 else min(len(data), off + length)
+                piece = data[min(off, end):end]
+                out.append(piece)
+                results.append({"n": len(piece), "v": ver, "t": tid})
+            except StorageError as exc:
+                results.append({"err": type(exc).__name__, "msg": str(exc), "data": exc.rpc_data or {}})
+        return Reply({"items": results}, out)
+
+    def _report_corrupt(self, tid: int, chain: int, chunk: int, detail: str) -> None:
+        self.stats["corrupt"] += 1
+        log.error("corrupt chunk: %s", detail)
+
+        def send() -> None:
+            try:
+                self.mgmtd.call("mgmtd.report_fault", {"node": self.node, "target": tid, "chain": chain,
+                                                        "chunk": f"{chunk:016x}", "kind": "ChunkCorrupt",
+                                                        "detail": detail})
+            except (TransportError, RemoteError) as exc:
+                log.warning("could not report the fault to mgmtd: %s", exc)
+
+        threading.Thread(target=send, name="report-fault", daemon=True).start()
+
+    # -- resync ---------------------------------------------------------------------------------------
+    def _maybe_resync(self) -> None:
+        r = self.routing
+        for cid, c in r.chains.items():
+            members = c["members"]
+            for i, (t, s) in enumerate(members):
+                if s != SYNCING or i == 0:
+                    continue
+                pred, ps = members[i - 1]
+                if ps == SERVING and r.targets.get(pred) == self.node:
+                    job = (cid, t, c["version"])
+                    if job not in self._resyncing:
+                        self._resyncing.add(job)
+                        threading.Thread(target=self._resync, args=(r, cid, pred, t, c["version"]),
+                                         name=f"resync-{cid}-{t}", daemon=True).start()
+
+    def _resync(self, r: Routing, chain: int, mine: int, succ: int, cver: int) -> None:
+        """Copy to the syncing successor what differs, remove what it has and we do not, report done."""
+        job = (chain, succ, cver)
+        try:
+            pool = self._pool(r.node_of(succ), r)
+            remote = pool.call("storage.sync_meta", {"chain": chain, "cver": cver, "target": succ}).result
+            rmap = {int(x[0]): x for x in remote}
+            store = self._store(mine)
+            copied = removed = 0
+            for _c, chunk, m in store.list(chain):
+                rm = rmap.pop(chunk, None)
+                if not m.committed:
+                    continue
+                if rm is not None and rm[1] == m.committed and rm[3] == m.crc and not rm[2]:
+                    continue
+                with self.locks.hold((mine, chain, chunk), self.lock_timeout):
+                    if store.get(chain, chunk) is None:
+                        continue
+                    try:
+                        data, ver = store.read(chain, chunk)
+                    except ChunkCorrupt as exc:
+                        self._report_corrupt(mine, chain, chunk, str(exc))
+                        raise
+                    pool.call("storage.sync_write", {"chain": chain, "cver": cver, "chunk": chunk, "ver": ver,
+                                                     "target": succ}, [data])
+                    copied += 1
+            gone = []
+            for chunk in rmap:
+                with self.locks.hold((mine, chain, chunk), self.lock_timeout):
+                    if store.get(chain, chunk) is None:
+                        gone.append(chunk)
+            if gone:
+                pool.call("storage.sync_remove", {"chain": chain, "cver": cver, "chunks": gone})
+                removed = len(gone)
+            self.mgmtd.call("mgmtd.sync_done", {"chain": chain, "target": succ, "chain_version": cver})
+            self.stats["resyncs"] += 1
+            self.stats["resynced_chunks"] += copied
+            log.info("resync of target %s (chain %d v%d) done: %d copied, %d removed", succ, chain, cver,
+                     copied, removed)
+            self.refresh_routing(force=True)
+        except (TransportError, RemoteError, StorageError) as exc:
+            log.warning("resync of target %s (chain %d v%d) failed, will retry: %s", succ, chain, cver, exc)
+            time.sleep(min(1.0, self.cfg.heartbeat_interval))
+        finally:
+            self._resyncing.discard(job)
+
+    def h_sync_meta(self, args: dict, payload, ctx) -> list:
+        chain, cver = int(args["chain"]), int(args["cver"])
+        _r, tid, _s = self._check_chain(chain, cver, (SYNCING,))
+        return [m.as_list(k) for _c, k, m in self._store(tid).list(chain)]
+
+    def h_sync_write(self, args: dict, payload: memoryview, ctx) -> dict:
+        chain, cver, chunk, ver = int(args["chain"]), int(args["cver"]), int(args["chunk"]), int(args["ver"])
+        _r, tid, _s = self._check_chain(chain, cver, (SYNCING,))
+        store = self._store(tid)
+        with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+            crc = store.put(chain, chunk, ver, cver, payload, pending=False)
+        return {"crc": crc}
+
+    def h_sync_remove(self, args: dict, payload, ctx) -> dict:
+        chain, cver = int(args["chain"]), int(args["cver"])
+        _r, tid, _s = self._check_chain(chain, cver, (SYNCING,))
+        store = self._store(tid)
+        n = 0
+        for chunk in args.get("chunks") or []:
+            with self.locks.hold((tid, chain, int(chunk)), self.lock_timeout):
+                n += store.remove(chain, int(chunk))
+        return {"removed": n}
+
+    # -- admin ------------------------------------------------------------------------------------------
+    def h_list(self, args: dict, payload, ctx) -> list:
+        chain = args.get("chain")
+        out = []
+        for tid, st in sorted(self.stores.items()):
+            for c, k, m in st.list(None if chain is None else int(chain)):
+                out.append({"target": tid, "chain": c, "chunk": k, "committed": m.committed, "pending": m.pending,
+                            "length": m.length, "crc": m.crc})
+        return out
+
+    def h_stats(self, args: dict, payload, ctx) -> dict:
+        return {"node": self.node, "incarnation": self.incarnation, "routing_version": self.routing.version,
+                **self.stats,
+                "targets": {str(t): {"chunks": len(s.meta), "bytes": sum(m.length for m in s.meta.values())}
+                            for t, s in self.stores.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = service_parser("fs3.storage", "an fs3 storage server (CRAQ chain replication)")
+    ap.add_argument("--data-dir", default=None, help="base data directory (see docs/fs3.md)")
+    args, cluster, node = parse_service_args(ap, argv)
+    try:
+        cfg = Fs3Config.from_cluster(cluster)
+        mg = cluster.endpoint("fs3.mgmtd")
+    except (Fs3ConfigError, KeyError) as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    svc = cluster.service("fs3.storage")
+    port = svc.port if svc else 0
+    data = node_data_dir(cfg, node.name, args.data_dir)
+    srv = StorageServer(cfg, node.name, node.address, port, mg, data)
+    srv.start()
+    log.info("fs3.storage on %s:%d, data %s, mgmtd %s:%d", node.address, srv.port, data, *mg)
+    wait_for_shutdown()
+    srv.stop()
+
+
+if __name__ == "__main__":
+    main()
