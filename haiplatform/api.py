@@ -1,0 +1,751 @@
+"""The HAI-Platform API server: a FastAPI app over the scheduler database (``python -m haiplatform.api``).
+
+Users (token auth, ``Authorization: Bearer TOKEN``):
+
+======  =============================  ==========================================================
+POST    /v1/jobs                       submit a job (201)
+GET     /v1/jobs                       list jobs (own and group-shared; ``?all=true`` for admins)
+GET     /v1/jobs/{id}                  one job: the latest attempt of the chain ``id`` belongs to
+POST    /v1/jobs/{id}/stop             stop (or cancel while queued)
+POST    /v1/jobs/{id}/suspend          suspend: the ranks are signalled and stopped, and the chain
+                                       continues in a new queued attempt that keeps its place
+GET     /v1/jobs/{id}/logs             a rank's output (``rank``, ``offset``, ``follow=true``)
+GET     /v1/nodes, /v1/whoami          the cluster's nodes; who the token belongs to
+======  =============================  ==========================================================
+
+Admins: ``POST /v1/nodes/{n}/drain|undrain``, ``GET|POST /v1/users``, ``GET|PUT|DELETE /v1/quotas``.
+Agents and the scheduler authenticate with the cluster secret: ``/v1/agent/*``, ``/v1/internal/*``.
+
+Errors are ``{"error": KIND, "message": TEXT}`` with 401, 403, 404, 409 or 422.
+
+[Note: events, not polling] Two notification channels live in this process. ``sched`` is bumped
+after every commit the scheduler must react to (a submission, a rank's end, a node change, a
+stop request); the scheduler long-polls ``/v1/internal/wait`` on it. ``agents`` is bumped when
+the scheduler reports new decisions (``/v1/internal/notify``) or a master port is known; agents
+long-poll ``/v1/agent/sync`` on it. A bump always follows the commit, and a waiter passes the
+last sequence number it saw, so no wake-up is lost; the tick (and the long-poll timeout) only
+bound the damage of a lost connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from network.topology import Cluster
+
+from .config import HaiConfig
+from .db import (
+    PRIORITIES,
+    Database,
+    Event,
+    Group,
+    Job,
+    JobStatus,
+    NodeRow,
+    Quota,
+    Rank,
+    RankStatus,
+    StopCode,
+    User,
+    event_row,
+    hash_token,
+    migrate,
+)
+from .errors import ApiError, AuthError, Conflict, Forbidden, NotFound
+
+__all__ = ["create_app", "JobSpec", "Notifier", "main"]
+
+log = logging.getLogger(__name__)
+
+JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
+USER_NAME = r"^[a-z_][a-z0-9_.-]{0,63}$"
+
+
+# -- notification channels ------------------------------------------------------------------------
+
+class Notifier:
+    """A sequence number that async waiters can block on; bumped from any thread."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self._lock = threading.Lock()
+        self._waiters: set[asyncio.Future] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def bump(self) -> int:
+        with self._lock:
+            self.seq += 1
+            waiters, self._waiters = self._waiters, set()
+            seq = self.seq
+        for fut in waiters:
+            loop = fut.get_loop()
+            loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
+        return seq
+
+    async def wait(self, seen: int, timeout: float) -> int:
+        """Return the sequence number as soon as it differs from ``seen`` (or after ``timeout``)."""
+        with self._lock:
+            if self.seq != seen:
+                return self.seq
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiters.discard(fut)
+        return self.seq
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+class JobSpec(BaseModel):
+    """What a user submits (``hai python ...`` and ``hai run job.yaml`` build one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=JOB_NAME, description="a name for the job (letters, digits, _.@-)")
+    command: list[str] = Field(min_length=1, description="argv of each rank's process")
+    nodes: int = Field(1, ge=1, le=10000, description="whole nodes")
+    procs_per_node: int = Field(0, ge=0, le=256, description="processes per node; 0: the node's GPUs (or 1)")
+    priority: int | str = Field("normal", validate_default=True, description="a level name or its number (0..50)")
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str = ""
+    shared_in_group: bool = False
+
+    @field_validator("command")
+    @classmethod
+    def _cmd(cls, v: list[str]) -> list[str]:
+        if not v[0].strip():
+            raise ValueError("command[0] must name a program")
+        return v
+
+    @field_validator("priority")
+    @classmethod
+    def _prio(cls, v: int | str) -> int:
+        if isinstance(v, str):
+            if v.lower() in PRIORITIES:
+                return PRIORITIES[v.lower()]
+            if v.lstrip("-").isdigit():
+                v = int(v)
+            else:
+                raise ValueError(f"unknown priority {v!r}; use one of {', '.join(PRIORITIES)} or 0..50")
+        if not 0 <= v <= 50:
+            raise ValueError(f"priority {v} is out of range 0..50")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not k or "=" in k or not (k[0].isalpha() or k[0] == "_"):
+                raise ValueError(f"bad environment variable name {k!r}")
+        return v
+
+
+class UserSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=USER_NAME)
+    role: str = Field("user", pattern="^(user|admin)$")
+    group: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class QuotaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subject: str = Field(pattern=r"^(user|group):[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$",
+                         description="user:NAME or group:NAME")
+    max_nodes: int = Field(ge=0)
+    priority: int | None = Field(None, ge=0, le=50)
+
+
+class DrainSpec(BaseModel):
+    reason: str = ""
+
+
+class RegisterSpec(BaseModel):
+    node: str
+    epoch: str
+    address: str = ""
+    cpus: int = 0
+    memory_gib: float = 0.0
+    gpus: int = 0
+    facts: dict[str, Any] = Field(default_factory=dict)
+
+
+class RankReport(BaseModel):
+    job_id: int
+    rank: int
+    status: str
+    exit_code: int | None = None
+    pid: int | None = None
+    message: str = ""
+    whole_life_state: int | None = None
+
+
+class ReportSpec(BaseModel):
+    node: str
+    epoch: str
+    ranks: list[RankReport] = Field(default_factory=list)
+    master_ports: dict[int, int] = Field(default_factory=dict)
+
+
+# -- principals -----------------------------------------------------------------------------------
+
+class Principal(BaseModel):
+    name: str
+    role: str           # admin | user | service
+    group: str | None = None
+
+    @property
+    def admin(self) -> bool:
+        return self.role in ("admin", "service")
+
+
+def principal(request: Request) -> Principal:
+    """Who sent the request (401 without a valid token)."""
+    return request.app.state.authenticate(request)
+
+
+def admin(p: Annotated[Principal, Depends(principal)]) -> Principal:
+    if not p.admin:
+        raise Forbidden(f"user {p.name} is not an admin")
+    return p
+
+
+def service(p: Annotated[Principal, Depends(principal)]) -> Principal:
+    if p.role != "service":
+        raise Forbidden("only agents and the scheduler (the cluster secret) may call this")
+    return p
+
+
+User_ = Annotated[Principal, Depends(principal)]
+Admin_ = Annotated[Principal, Depends(admin)]
+Service_ = Annotated[Principal, Depends(service)]
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+def _job_json(j: Job, ranks: list[Rank] | None = None, attempts: list[Job] | None = None) -> dict:
+    done = j.status in JobStatus.DONE and j.status != JobStatus.SUSPENDED
+    chain = ("finished" if done else "running" if j.status in JobStatus.ACTIVE
+             else "waiting_init" if j.restart_count == 0 else "suspended")
+    out = {"id": j.id, "chain_id": j.chain_id, "first_id": j.first_id, "restart_count": j.restart_count,
+           "name": j.name, "user": j.user, "group": j.group, "shared_in_group": j.shared_in_group,
+           "command": j.command, "env": j.env, "workdir": j.workdir, "nodes": j.nodes,
+           "procs_per_node": j.procs_per_node, "priority": j.priority, "status": j.status,
+           "chain_status": chain, "reason": j.reason, "stop_code": j.stop_code,
+           "stop": StopCode.describe(j.stop_code), "assigned_nodes": j.assigned_nodes,
+           "master_port": j.master_port, "exit_code": j.exit_code, "whole_life_state": j.whole_life_state,
+           "created_at": j.created_at, "scheduled_at": j.scheduled_at, "started_at": j.started_at,
+           "finished_at": j.finished_at}
+    if ranks is not None:
+        out["ranks"] = [{"rank": r.rank, "node": r.node, "local_rank": r.local_rank, "status": r.status,
+                         "exit_code": r.exit_code, "pid": r.pid, "message": r.message} for r in ranks]
+    if attempts is not None:
+        out["attempts"] = [{"id": a.id, "status": a.status, "stop": StopCode.describe(a.stop_code),
+                            "exit_code": a.exit_code} for a in attempts]
+    return out
+
+
+def _node_json(n: NodeRow, held: dict[str, int], now: float) -> dict:
+    return {"name": n.name, "address": n.address, "zone": n.zone, "leaf": n.leaf, "gpus": n.gpus,
+            "cpus": n.cpus, "memory_gib": n.memory_gib, "state": n.state, "drained": n.drained,
+            "drain_reason": n.drain_reason, "job": held.get(n.name), "heartbeat_age": round(now - n.last_seen, 2),
+            "facts": n.facts}
+
+
+def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
+    """The FastAPI app for ``cluster`` (the database must already be migrated)."""
+    app = FastAPI(title="HAI-Platform API", version="1", description="Submit, follow and control jobs on a "
+                  "fireflyer cluster; admin nodes, users and quotas.")
+    sched_events = Notifier()
+    agent_events = Notifier()
+    app.state.sched_events = sched_events
+    app.state.agent_events = agent_events
+    secret = cfg.secret()
+    token_cache: dict[str, tuple[float, Principal | None]] = {}
+    epochs: dict[str, str] = {}       # node -> the epoch of its live agent
+    last_beat: dict[str, float] = {}  # node -> when its last_seen was written
+    agent_rpc: dict[str, Any] = {}
+    rpc_lock = threading.Lock()
+
+    # -- errors ---------------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": type(exc).__name__, "message": str(exc)}, status_code=exc.status or 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        probs = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            probs.append(f"{where or 'body'}: {e.get('msg')}")
+        return JSONResponse({"error": "InvalidRequest", "message": "; ".join(probs), "problems": exc.errors()
+                             and [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]},
+                            status_code=422)
+
+    # -- auth -----------------------------------------------------------------------------------
+    def authenticate(request: Request) -> Principal:
+        h = request.headers.get("authorization", "")
+        if not h.lower().startswith("bearer ") or not h[7:].strip():
+            raise AuthError("missing token: send 'Authorization: Bearer TOKEN' (hai reads $HAI_TOKEN)")
+        tok = h[7:].strip()
+        if secrets.compare_digest(tok, secret):
+            return Principal(name="cluster", role="service")
+        now = time.monotonic()
+        hit = token_cache.get(tok)
+        if hit is None or now - hit[0] > 2.0:  # [Note: a revoked token works for at most 2 s more]
+            with db.read() as s:
+                u = s.scalars(select(User).where(User.token_hash == hash_token(tok), User.active.is_(True))).first()
+                p = Principal(name=u.name, role=u.role, group=u.group) if u else None
+            hit = (now, p)
+            token_cache[tok] = hit
+        if hit[1] is None:
+            raise AuthError("invalid token: no active user has it")
+        return hit[1]
+
+    app.state.authenticate = authenticate
+
+    def _may_see(p: Principal, j: Job) -> bool:
+        return p.admin or j.user == p.name or (j.shared_in_group and j.group is not None and j.group == p.group)
+
+    def _chain_latest(s, job_id: int, p: Principal) -> Job:
+        j = s.get(Job, job_id)
+        if j is None:
+            raise NotFound(f"no job {job_id}")
+        if not _may_see(p, j):
+            raise Forbidden(f"job {job_id} belongs to {j.user} and is not shared with you")
+        latest = s.scalars(select(Job).where(Job.chain_id == j.chain_id).order_by(Job.id.desc()).limit(1)).first()
+        return latest or j
+
+    # -- health ---------------------------------------------------------------------------------
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict:
+        return {"ok": True, "cluster": cluster.name}
+
+    # -- jobs -----------------------------------------------------------------------------------
+    @app.post("/v1/jobs", status_code=201)
+    def submit(spec: JobSpec, p: User_) -> dict:
+        if p.role == "service":
+            raise Forbidden("the cluster secret cannot submit jobs; use a user's token")
+        with db.write() as s:
+            live = s.scalar(select(func.count()).select_from(Job).where(
+                Job.user == p.name, Job.status.in_(JobStatus.LIVE)))
+            if live >= cfg.max_unfinished_per_user:
+                raise Conflict(f"user {p.name} already has {live} unfinished jobs "
+                               f"(limit {cfg.max_unfinished_per_user})")
+            j = Job(name=spec.name, user=p.name, group=p.group, shared_in_group=spec.shared_in_group,
+                    command=list(spec.command), env=dict(spec.env), workdir=spec.workdir, nodes=spec.nodes,
+                    procs_per_node=spec.procs_per_node, priority=spec.priority, status=JobStatus.QUEUED,
+                    created_at=time.time(), assigned_nodes=[])
+            s.add(j)
+            s.flush()
+            j.chain_id = j.first_id = j.id
+            event_row(s, "submitted", f"{p.name} submitted {spec.name} ({spec.nodes} nodes)", job_id=j.id)
+            out = _job_json(j)
+        sched_events.bump()
+        return out
+
+    @app.get("/v1/jobs")
+    def list_jobs(p: User_, all: bool = False, status: str | None = None,
+                  limit: Annotated[int, Query(ge=1, le=10000)] = 100) -> list[dict]:
+        if all and not p.admin:
+            raise Forbidden("only admins may list every user's jobs (?all=true)")
+        with db.read() as s:
+            q = select(Job).order_by(Job.id.desc()).limit(limit)
+            if not all:
+                cond = Job.user == p.name
+                if p.group:
+                    cond = cond | ((Job.group == p.group) & Job.shared_in_group.is_(True))
+                q = q.where(cond)
+            if status:
+                q = q.where(Job.status == status)
+            return [_job_json(j) for j in s.scalars(q)]
+
+    @app.get("/v1/jobs/{job_id}")
+    def get_job(job_id: int, p: User_) -> dict:
+        with db.read() as s:
+            j = _chain_latest(s, job_id, p)
+            ranks = list(s.scalars(select(Rank).where(Rank.job_id == j.id).order_by(Rank.rank)))
+            attempts = list(s.scalars(select(Job).where(Job.chain_id == j.chain_id).order_by(Job.id)))
+            return _job_json(j, ranks, attempts)
+
+    def _request_stop(job_id: int, p: Principal, code: int, verb: str) -> dict:
+        with db.write() as s:
+            j = _chain_latest(s, job_id, p)
+            if j.status in JobStatus.DONE:
+                raise Conflict(f"job {job_id} has already ended ({j.status}); nothing to {verb}")
+            if code & StopCode.INTERRUPT and j.status != JobStatus.RUNNING:
+                raise Conflict(f"job {job_id} is {j.status}; only a running job can be suspended")
+            if j.stop_requested:
+                raise Conflict(f"job {job_id} is already being stopped")
+            j.stop_requested = code
+            event_row(s, f"{verb}_requested", f"{p.name} asked to {verb} it", job_id=j.id)
+            out = _job_json(j)
+        sched_events.bump()
+        return out
+
+    @app.post("/v1/jobs/{job_id}/stop", status_code=202)
+    def stop_job(job_id: int, p: User_) -> dict:
+        return _request_stop(job_id, p, StopCode.MANUAL_STOP, "stop")
+
+    @app.post("/v1/jobs/{job_id}/suspend", status_code=202)
+    def suspend_job(job_id: int, p: User_) -> dict:
+        return _request_stop(job_id, p, StopCode.INTERRUPT, "suspend")
+
+    def _agent_client(node: str):
+        from network.rpc import RpcPool
+
+        with rpc_lock:
+            c = agent_rpc.get(node)
+            if c is None:
+                addr, port = cluster.endpoint("haiplatform.agent", node)
+                c = agent_rpc[node] = RpcPool(addr, port, size=4, timeout=10.0, connect_timeout=3.0)
+            return c
+
+    def _read_chunk(node: str, job_id: int, rank: int, offset: int) -> tuple[bytes, bool]:
+        from network.errors import NetworkError
+
+        try:
+            rep = _agent_client(node).call("logs.read", {"secret": secret, "job_id": job_id, "rank": rank,
+                                                          "offset": offset, "max": 256 * 1024})
+        except NetworkError as exc:
+            raise ApiError(f"cannot read the log of job {job_id} rank {rank} from the agent on {node}: {exc}",
+                           502) from exc
+        return bytes(rep.payload), bool(rep.result.get("eof"))
+
+    @app.get("/v1/jobs/{job_id}/logs")
+    def job_logs(job_id: int, p: User_, rank: Annotated[int, Query(ge=0)] = 0,
+                 offset: Annotated[int, Query(ge=0)] = 0, follow: bool = False):
+        with db.read() as s:
+            j = _chain_latest(s, job_id, p)
+            r = s.scalars(select(Rank).where(Rank.job_id == j.id, Rank.rank == rank)).first()
+            jid = j.id
+            if r is None:
+                if j.status == JobStatus.QUEUED and not follow:
+                    return PlainTextResponse("")
+                if j.status not in (JobStatus.QUEUED,):
+                    raise NotFound(f"job {job_id} has no rank {rank} (it has "
+                                   f"{s.scalar(select(func.count()).select_from(Rank).where(Rank.job_id == j.id))})")
+            node = r.node if r else None
+        if not follow:
+            data, _ = _read_chunk(node, jid, rank, offset)
+            return PlainTextResponse(data.decode(errors="replace"))
+
+        def stream() -> Iterator[bytes]:
+            nonlocal node, jid
+            pos = offset
+            idle = ended_checks = 0
+            deadline = time.monotonic() + 7 * 24 * 3600
+            while node is None:  # queued: wait until the rank exists
+                time.sleep(0.2)
+                with db.read() as s:
+                    jj = _chain_latest(s, job_id, p)
+                    rr = s.scalars(select(Rank).where(Rank.job_id == jj.id, Rank.rank == rank)).first()
+                    if rr is not None:
+                        node, jid = rr.node, jj.id
+                    elif jj.status in JobStatus.DONE:
+                        return
+            while time.monotonic() < deadline:
+                try:
+                    data, eof = _read_chunk(node, jid, rank, pos)
+                except ApiError as exc:
+                    with db.read() as s:
+                        rr = s.scalars(select(Rank).where(Rank.job_id == jid, Rank.rank == rank)).first()
+                        if rr is None or rr.status in RankStatus.DONE:
+                            yield f"\n[hai: log ends: {exc}]\n".encode()
+                            return
+                    time.sleep(0.5)
+                    continue
+                if data:
+                    pos += len(data)
+                    yield data
+                    idle = 0
+                    continue
+                if eof:
+                    return
+                idle += 1
+                if idle % 10 == 0:  # the agent may never have started it (stopped first, node lost)
+                    with db.read() as s:
+                        rr = s.scalars(select(Rank).where(Rank.job_id == jid, Rank.rank == rank)).first()
+                        if rr is None or rr.status in RankStatus.DONE:
+                            ended_checks += 1
+                    if ended_checks >= 2:
+                        return
+                time.sleep(0.1)
+
+        return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+    # -- nodes, users, quotas -------------------------------------------------------------------
+    def _held(s) -> dict[str, int]:
+        held = {}
+        for j in s.scalars(select(Job).where(Job.status.in_(JobStatus.ACTIVE))):
+            for n in j.assigned_nodes:
+                held[n] = j.id
+        return held
+
+    @app.get("/v1/nodes")
+    def nodes(p: User_) -> list[dict]:
+        with db.read() as s:
+            held = _held(s)
+            now = time.time()
+            return [_node_json(n, held, now) for n in s.scalars(select(NodeRow).order_by(NodeRow.name))]
+
+    def _drain(name: str, drained: bool, reason: str, p: Principal) -> dict:
+        with db.write() as s:
+            n = s.get(NodeRow, name)
+            if n is None:
+                raise NotFound(f"no node {name!r} has registered (known: "
+                               f"{', '.join(s.scalars(select(NodeRow.name))) or 'none'})")
+            n.drained, n.drain_reason = drained, reason if drained else ""
+            event_row(s, "drained" if drained else "undrained", f"by {p.name}: {reason}", node=name)
+            out = _node_json(n, _held(s), time.time())
+        sched_events.bump()
+        return out
+
+    @app.post("/v1/nodes/{name}/drain")
+    def drain(name: str, p: Admin_, body: DrainSpec | None = None) -> dict:
+        return _drain(name, True, body.reason if body else "", p)
+
+    @app.post("/v1/nodes/{name}/undrain")
+    def undrain(name: str, p: Admin_) -> dict:
+        return _drain(name, False, "", p)
+
+    @app.get("/v1/whoami")
+    def whoami(p: User_) -> dict:
+        return {"name": p.name, "role": p.role, "group": p.group}
+
+    @app.get("/v1/users")
+    def users(p: Admin_) -> list[dict]:
+        with db.read() as s:
+            return [{"name": u.name, "role": u.role, "group": u.group, "active": u.active}
+                    for u in s.scalars(select(User).order_by(User.name))]
+
+    @app.post("/v1/users", status_code=201)
+    def add_user(spec: UserSpec, p: Admin_) -> dict:
+        tok = secrets.token_urlsafe(24)
+        try:
+            with db.write() as s:
+                if s.scalars(select(User).where(User.name == spec.name)).first():
+                    raise Conflict(f"user {spec.name!r} already exists")
+                if spec.group and s.get(Group, spec.group) is None:
+                    s.add(Group(name=spec.group))
+                s.add(User(name=spec.name, role=spec.role, group=spec.group, token_hash=hash_token(tok)))
+                event_row(s, "user_added", f"{p.name} added {spec.name} ({spec.role})")
+        except IntegrityError as exc:
+            raise Conflict(f"user {spec.name!r} already exists") from exc
+        return {"name": spec.name, "role": spec.role, "group": spec.group, "token": tok}
+
+    @app.get("/v1/quotas")
+    def quotas(p: User_) -> list[dict]:
+        with db.read() as s:
+            return [{"subject": q.subject, "priority": q.priority, "max_nodes": q.max_nodes}
+                    for q in s.scalars(select(Quota).order_by(Quota.subject, Quota.priority))]
+
+    @app.put("/v1/quotas")
+    def set_quota(spec: QuotaSpec, p: Admin_) -> dict:
+        with db.write() as s:
+            q = s.scalars(select(Quota).where(Quota.subject == spec.subject, (
+                Quota.priority.is_(None) if spec.priority is None else Quota.priority == spec.priority))).first()
+            if q is None:
+                s.add(Quota(subject=spec.subject, priority=spec.priority, max_nodes=spec.max_nodes))
+            else:
+                q.max_nodes = spec.max_nodes
+            event_row(s, "quota_set", f"{p.name}: {spec.subject} priority {spec.priority} -> {spec.max_nodes}")
+        sched_events.bump()
+        return spec.model_dump()
+
+    @app.delete("/v1/quotas")
+    def delete_quota(p: Admin_, subject: str, priority: int | None = None) -> dict:
+        with db.write() as s:
+            q = s.scalars(select(Quota).where(Quota.subject == subject, (
+                Quota.priority.is_(None) if priority is None else Quota.priority == priority))).first()
+            if q is None:
+                raise NotFound(f"no quota for {subject} at priority {priority}")
+            s.delete(q)
+        sched_events.bump()
+        return {"deleted": subject, "priority": priority}
+
+    @app.get("/v1/events")
+    def events(p: Admin_, job_id: int | None = None, limit: Annotated[int, Query(ge=1, le=10000)] = 100
+               ) -> list[dict]:
+        with db.read() as s:
+            q = select(Event).order_by(Event.id.desc()).limit(limit)
+            if job_id is not None:
+                q = q.where(Event.job_id == job_id)
+            return [{"ts": e.ts, "kind": e.kind, "job_id": e.job_id, "node": e.node, "message": e.message}
+                    for e in s.scalars(q)]
+
+    # -- agents ---------------------------------------------------------------------------------
+    @app.post("/v1/agent/register")
+    def register(spec: RegisterSpec, p: Service_) -> dict:
+        try:
+            cn = cluster.node(spec.node)
+        except KeyError as exc:
+            raise NotFound(f"node {spec.node!r} is not in the cluster description {cluster.source}") from exc
+        now = time.time()
+        with db.write() as s:
+            n = s.get(NodeRow, spec.node)
+            if n is None:
+                n = NodeRow(name=spec.node, registered_at=now)
+                s.add(n)
+            restarted = bool(n.agent_epoch) and n.agent_epoch != spec.epoch
+            n.address, n.zone, n.leaf = cn.address, cn.zone, cn.leaf
+            n.gpus, n.cpus, n.memory_gib = spec.gpus, spec.cpus, spec.memory_gib
+            n.facts, n.agent_epoch, n.last_seen = spec.facts, spec.epoch, now
+            was = n.state
+            n.state = "up"
+            if restarted:  # its old processes are gone: whatever ran there is lost
+                s.execute(update(Rank).where(Rank.node == spec.node, Rank.status.in_(
+                    (RankStatus.CREATED, RankStatus.RUNNING))).values(
+                    status=RankStatus.LOST, finished_at=now, message="the node's agent restarted"))
+            event_row(s, "node_registered", f"agent epoch {spec.epoch}" + (" (restarted)" if restarted else "")
+                      + ("" if was == "up" else f", was {was}"), node=spec.node)
+        epochs[spec.node] = spec.epoch
+        last_beat[spec.node] = time.monotonic()
+        sched_events.bump()
+        return {"ok": True, "seq": agent_events.seq}
+
+    def _beat(node: str, epoch: str) -> None:
+        if epochs.get(node) not in (None, epoch):
+            raise Conflict(f"agent epoch {epoch} of {node} is stale; register again")
+        now = time.monotonic()
+        if now - last_beat.get(node, 0.0) < cfg.heartbeat_interval / 2:
+            return
+        last_beat[node] = now
+        with db.write() as s:
+            n = s.get(NodeRow, node)
+            if n is None:
+                raise NotFound(f"node {node} has not registered")
+            n.last_seen = time.time()
+            back = n.state != "up"
+            if back:
+                n.state = "up"
+                event_row(s, "node_back", "heartbeats resumed", node=node)
+        if back:
+            sched_events.bump()
+
+    def _work(node: str) -> list[dict]:
+        with db.read() as s:
+            rows = s.execute(select(Rank, Job).join(Job, Job.id == Rank.job_id).where(
+                Rank.node == node, Rank.status.in_((RankStatus.CREATED, RankStatus.RUNNING)))).all()
+            out = []
+            for r, j in rows:
+                nnodes = len(j.assigned_nodes)
+                if nnodes > 1 and not j.master_port and j.assigned_nodes[0] != node:
+                    continue  # wait for the master node's agent to pick the port
+                out.append({"job_id": j.id, "rank": r.rank, "local_rank": r.local_rank, "status": r.status,
+                            "desired": r.desired, "command": j.command, "env": j.env, "workdir": j.workdir,
+                            "name": j.name, "user": j.user, "chain_id": j.chain_id,
+                            "restart_count": j.restart_count, "whole_life_state": j.whole_life_state,
+                            "nodes": j.assigned_nodes, "master_addr": cluster.node(j.assigned_nodes[0]).address,
+                            "master_port": j.master_port, "ppn": j.procs_per_node})
+            return out
+
+    @app.get("/v1/agent/sync")
+    async def sync(p: Service_, node: str, epoch: str, seq: int = -1,
+                   timeout: Annotated[float, Query(ge=0, le=60)] = 2.0) -> dict:
+        await run_in_threadpool(_beat, node, epoch)
+        cur = await agent_events.wait(seq, timeout)
+        await run_in_threadpool(_beat, node, epoch)
+        work = await run_in_threadpool(_work, node)
+        return {"seq": cur, "ranks": work}
+
+    @app.post("/v1/agent/report")
+    def report(spec: ReportSpec, p: Service_) -> dict:
+        now = time.time()
+        ended = False
+        with db.write() as s:
+            for jid, port in spec.master_ports.items():
+                s.execute(update(Job).where(Job.id == jid, Job.master_port == 0).values(master_port=port))
+            for rr in spec.ranks:
+                r = s.scalars(select(Rank).where(Rank.job_id == rr.job_id, Rank.rank == rr.rank)).first()
+                if r is None or r.node != spec.node or r.status in RankStatus.DONE:
+                    continue
+                if rr.status == RankStatus.RUNNING and r.status == RankStatus.CREATED:
+                    r.status, r.pid, r.started_at = RankStatus.RUNNING, rr.pid, now
+                elif rr.status in RankStatus.DONE:
+                    r.status, r.exit_code, r.finished_at = rr.status, rr.exit_code, now
+                    r.message = rr.message[:500]
+                    if rr.pid:
+                        r.pid = rr.pid
+                    ended = True
+                if rr.whole_life_state is not None:
+                    s.execute(update(Job).where(Job.id == rr.job_id).values(whole_life_state=rr.whole_life_state))
+        if spec.master_ports:
+            agent_events.bump()
+        if spec.ranks:
+            sched_events.bump()
+        return {"ok": True, "ended": ended}
+
+    # -- the scheduler --------------------------------------------------------------------------
+    @app.get("/v1/internal/wait")
+    async def internal_wait(p: Service_, seq: int = -1, timeout: Annotated[float, Query(ge=0, le=60)] = 1.0
+                            ) -> dict:
+        return {"seq": await sched_events.wait(seq, timeout)}
+
+    @app.post("/v1/internal/notify")
+    def internal_notify(p: Service_) -> dict:
+        return {"seq": agent_events.bump()}
+
+    return app
+
+
+def bootstrap(cfg: HaiConfig, db: Database) -> None:
+    """Create the admin user (token from the config or STATE_DIR/admin.token) when it is missing."""
+    tok = cfg.admin()
+    with db.write() as s:
+        u = s.scalars(select(User).where(User.name == cfg.admin_user)).first()
+        if u is None:
+            s.add(User(name=cfg.admin_user, role="admin", token_hash=hash_token(tok)))
+            event_row(s, "user_added", f"bootstrap admin {cfg.admin_user}")
+        elif u.token_hash != hash_token(tok):
+            u.token_hash = hash_token(tok)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from network.service import parse_service_args, service_parser
+
+    from .config import load_config
+    from .errors import HaiError
+
+    ap = service_parser("haiplatform.api", "the HAI-Platform API server")
+    args, cluster, node = parse_service_args(ap, argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(cluster)
+        url = cfg.resolved_db_url()
+        migrate(url)
+        db = Database(url)
+        bootstrap(cfg, db)
+    except HaiError as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    svc = cluster.service("haiplatform.api")
+    port = svc.port if svc else 0
+    app = create_app(cluster, cfg, db)
+    log.info("API on http://%s:%s (db %s, state %s)", node.address, port, db.safe_url, cfg.state_dir)
+    # uvicorn handles SIGTERM / SIGINT itself (graceful shutdown)
+    uvicorn.run(app, host=node.address, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=3)
+    db.dispose()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The scheduler database: SQLAlchemy 2 models, engines, sessions and Alembic migrations.
+
+Tables (one concept each, see docs/haiplatform.md):
+
+- ``users``, ``groups``: who may submit, their role (``admin`` | ``user``) and group; a user's
+  token is stored as its SHA-256 only.
+- ``quotas``: at most ``max_nodes`` nodes running for a subject (``user:NAME`` or ``group:NAME``)
+  at one priority (or at any priority when ``priority`` is NULL).
+- ``nodes``: what each agent registered (facts), its health and whether an admin drained it.
+- ``jobs``: one row per *attempt*. A resumed job is a new row with the same ``chain_id`` and
+  ``first_id`` (the id of the chain's first attempt) and ``restart_count + 1``; the queue orders
+  by ``first_id``, so a resumed job keeps its place.
+- ``ranks``: one row per process of an attempt (rank, node, status, exit code).
+- ``events``: an append-only log of what happened (submitted, started, node lost...).
+
+SQLite (WAL) is the default; PostgreSQL by URL. [Note: SQLite writers] SQLite upgrades a
+read transaction to a write lazily, and a stale reader that tries to write gets SQLITE_BUSY at
+once, whatever the busy timeout. Every session that may write therefore starts with
+``BEGIN IMMEDIATE`` (it takes the write lock up front and waits its turn); read-only sessions
+use a second engine with a plain ``BEGIN``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from .errors import DatabaseError
+
+__all__ = ["Base", "User", "Group", "Quota", "NodeRow", "Job", "Rank", "Event", "Database", "hash_token",
+           "migrate", "HEAD_REVISION", "JobStatus", "RankStatus", "StopCode", "PRIORITIES"]
+
+HEAD_REVISION = "0001"
+
+
+class JobStatus:
+    """An attempt's status (``jobs.status``)."""
+
+    QUEUED = "queued"          # waiting for nodes
+    SCHEDULED = "scheduled"    # nodes assigned, ranks starting
+    RUNNING = "running"        # every rank has started
+    STOPPING = "stopping"      # a stop or suspend was decided; ranks are being killed
+    SUCCEEDED = "succeeded"    # every rank exited 0
+    FAILED = "failed"          # a rank failed, or its node was lost
+    STOPPED = "stopped"        # stopped by its user or an admin while it ran
+    CANCELED = "canceled"      # stopped while still queued
+    SUSPENDED = "suspended"    # suspended; the chain continues in a new queued attempt
+
+    LIVE = (QUEUED, SCHEDULED, RUNNING, STOPPING)
+    ACTIVE = (SCHEDULED, RUNNING, STOPPING)  # holding nodes
+    DONE = (SUCCEEDED, FAILED, STOPPED, CANCELED, SUSPENDED)
+
+
+class RankStatus:
+    """One process's status (``ranks.status``); it only moves forward."""
+
+    CREATED = "created"        # decided; the agent has not started it yet
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"    # exit code 0
+    FAILED = "failed"          # non-zero exit code, or it could not start
+    KILLED = "killed"          # killed on a stop / suspend
+    LOST = "lost"              # its node was lost (or its agent restarted)
+
+    DONE = (SUCCEEDED, FAILED, KILLED, LOST)
+
+
+class StopCode:
+    """Why an attempt ended (bit flags, as in the reference's ``stop_code``)."""
+
+    NONE = 0
+    STOP = 1
+    INTERRUPT = 16        # suspended: the chain is re-queued
+    FAILED = 128          # a rank exited non-zero
+    INIT_FAILED = 256     # a rank could not be started
+    NODE_LOST = 512       # a node of the job stopped heartbeating
+    MANUAL_STOP = 1024    # a user or an admin stopped it
+
+    NAMES = {1: "stop", 16: "interrupt", 128: "failed", 256: "init_failed", 512: "node_lost", 1024: "manual_stop"}
+
+    @classmethod
+    def describe(cls, code: int) -> str:
+        return ",".join(n for b, n in cls.NAMES.items() if code & b) or "-"
+
+
+#: Priority levels (as in the reference); higher runs first.
+PRIORITIES = {"extreme_high": 50, "very_high": 40, "high": 30, "above_normal": 20, "normal": 10,
+              "under_normal": 8, "below_normal": 5, "low": 0}
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Group(Base):
+    __tablename__ = "groups"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="user")  # admin | user
+    group: Mapped[str | None] = mapped_column(ForeignKey("groups.name"), nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Quota(Base):
+    __tablename__ = "quotas"
+    __table_args__ = (UniqueConstraint("subject", "priority", name="uq_quota_subject_priority"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(80))            # user:NAME | group:NAME
+    priority: Mapped[int | None] = mapped_column(Integer, nullable=True)  # NULL: any priority
+    max_nodes: Mapped[int] = mapped_column(Integer)
+
+
+class NodeRow(Base):
+    __tablename__ = "nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(64))
+    zone: Mapped[str] = mapped_column(String(64), default="")
+    leaf: Mapped[str] = mapped_column(String(64), default="")
+    gpus: Mapped[int] = mapped_column(Integer, default=0)
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    memory_gib: Mapped[float] = mapped_column(Float, default=0.0)
+    state: Mapped[str] = mapped_column(String(16), default="up")  # up | lost
+    drained: Mapped[bool] = mapped_column(Boolean, default=False)
+    drain_reason: Mapped[str] = mapped_column(String(200), default="")
+    last_seen: Mapped[float] = mapped_column(Float, default=0.0)
+    agent_epoch: Mapped[str] = mapped_column(String(40), default="")  # changes when the agent restarts
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    registered_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    chain_id: Mapped[int] = mapped_column(Integer, default=0, index=True)
+    first_id: Mapped[int] = mapped_column(Integer, default=0)
+    restart_count: Mapped[int] = mapped_column(Integer, default=0)
+    name: Mapped[str] = mapped_column(String(128))
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    group: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    shared_in_group: Mapped[bool] = mapped_column(Boolean, default=False)
+    command: Mapped[list[Any]] = mapped_column(JSON)
+    env: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    workdir: Mapped[str] = mapped_column(String(1000), default="")
+    nodes: Mapped[int] = mapped_column(Integer)
+    procs_per_node: Mapped[int] = mapped_column(Integer, default=0)  # 0: the node's GPUs (or 1)
+    priority: Mapped[int] = mapped_column(Integer, default=10)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    reason: Mapped[str] = mapped_column(String(200), default="")   # why it waits / why it ended
+    stop_code: Mapped[int] = mapped_column(Integer, default=0)
+    stop_requested: Mapped[int] = mapped_column(Integer, default=0)  # StopCode bits asked for
+    assigned_nodes: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    master_port: Mapped[int] = mapped_column(Integer, default=0)
+    whole_life_state: Mapped[int] = mapped_column(Integer, default=0)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    scheduled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Rank(Base):
+    __tablename__ = "ranks"
+    __table_args__ = (UniqueConstraint("job_id", "rank", name="uq_rank_job_rank"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    node: Mapped[str] = mapped_column(String(64), index=True)
+    local_rank: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=RankStatus.CREATED)
+    desired: Mapped[str] = mapped_column(String(16), default="run")  # run | stop | suspend
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    message: Mapped[str] = mapped_column(String(500), default="")
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, default=time.time)
+    kind: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    node: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    message: Mapped[str] = mapped_column(String(1000), default="")
+
+
+# -- engines and sessions -------------------------------------------------------------------------
+
+def _sqlite_engine(url: str, immediate: bool) -> Engine:
+    eng = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(eng, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see the module note)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(eng, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return eng
+
+
+class Database:
+    """Engines and session factories for one database URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = _sqlite_engine(url, immediate=True)
+            self.ro_engine = _sqlite_engine(url, immediate=False)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self.ro_engine = self.engine
+        self._rw = sessionmaker(self.engine, expire_on_commit=False)
+        self._ro = sessionmaker(self.ro_engine, expire_on_commit=False)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session in one write transaction: committed on success, rolled back on error."""
+        with self._rw() as s, s.begin():
+            yield s
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session in one read transaction (a consistent snapshot)."""
+        with self._ro() as s, s.begin():
+            yield s
+
+    def revision(self) -> str | None:
+        """The schema's Alembic revision, or None when the database is empty."""
+        try:
+            with self.ro_engine.connect() as c:
+                if not inspect(c).has_table("alembic_version"):
+                    return None
+                return c.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except OperationalError as exc:
+            raise DatabaseError(f"cannot open the database {self.safe_url}: {exc.orig}") from exc
+
+    def check_head(self) -> None:
+        rev = self.revision()
+        if rev != HEAD_REVISION:
+            raise DatabaseError(f"database {self.safe_url} is at revision {rev!r}, expected {HEAD_REVISION!r}; "
+                                "start the API server (it migrates) or run 'hai admin db upgrade'")
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        if self.ro_engine is not self.engine:
+            self.ro_engine.dispose()
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` to ``revision`` with the migrations shipped in the package."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["configure_logger"] = False
+    try:
+        command.upgrade(cfg, revision)
+    except OperationalError as exc:
+        raise DatabaseError(f"cannot migrate the database: {exc.orig}") from exc
+
+
+def sqlite_url(path: str | os.PathLike) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def event_row(s: Session, kind: str, message: str = "", job_id: int | None = None, node: str | None = None) -> None:
+    s.add(Event(kind=kind, message=message[:1000], job_id=job_id, node=node, ts=time.time()))
+
+
+def get_user_by_token(s: Session, token: str) -> User | None:
+    return s.scalars(select(User).where(User.token_hash == hash_token(token), User.active.is_(True))).first()

@@ -1,0 +1,355 @@
+"""The scheduling policy: a pure function from one snapshot to a list of decisions.
+
+No I/O, no clock, no randomness: :func:`decide` reads a :class:`Snapshot` (the live jobs with
+their ranks, the nodes, the quotas and ``now``) and returns :class:`Decision` objects that the
+scheduler loop writes to the database in one transaction. The live loop, the tests and any
+simulator run this same code.
+
+One scheduling cycle is a pipeline of named phases, as in the Kubernetes scheduling framework:
+
+==================  =====================================================================
+phase               what it does
+==================  =====================================================================
+``node_health``     nodes whose agent missed heartbeats for ``heartbeat_timeout`` -> lost
+``reconcile``       running attempts: mark running, stop on a failed / lost rank or a
+                    stop / suspend request, finish when every rank has ended (a suspended
+                    attempt is re-queued as the next attempt of its chain)
+``queue_sort``      queued attempts by priority (high first), then ``first_id`` (the chain's
+                    first submission, so a resumed job keeps its place)
+``quota filter``    per user / group and priority: skip what would exceed its quota
+``node filter``     ready nodes: up, not drained, not held by another attempt
+``score``           topology: fill one leaf, else one zone, else the fewest zones
+``reserve / bind``  take the nodes, lay out the ranks (``StartJob``)
+==================  =====================================================================
+
+[Note: strict order, no backfill] As in the reference's FIFO, the queue is served in order:
+when the head attempt does not fit the free nodes, nothing behind it starts (they would take
+nodes the head waits for and could starve it forever). Quota-blocked attempts are skipped, not
+blocking: their owner's quota, not the cluster, holds them back.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .db import JobStatus, RankStatus, StopCode
+
+__all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyConfig", "Decision", "MarkNode",
+           "MarkRunning", "StartJob", "StopJob", "CancelJob", "FinishJob", "SetReason", "MarkRanksLost",
+           "decide", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout"]
+
+
+# -- the snapshot ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    zone: str = ""
+    leaf: str = ""
+    gpus: int = 0
+    state: str = "up"          # up | lost
+    drained: bool = False
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True)
+class RankView:
+    rank: int
+    node: str
+    status: str = RankStatus.CREATED
+    desired: str = "run"
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: int
+    user: str
+    nodes: int
+    priority: int = 10
+    status: str = JobStatus.QUEUED
+    first_id: int = 0          # 0: the job is its own chain's first attempt
+    group: str | None = None
+    procs_per_node: int = 0
+    stop_requested: int = 0
+    stop_code: int = 0
+    assigned_nodes: tuple[str, ...] = ()
+    ranks: tuple[RankView, ...] = ()
+    reason: str = ""
+
+    @property
+    def rank_key(self) -> int:
+        return self.first_id or self.id
+
+
+@dataclass(frozen=True)
+class QuotaView:
+    subject: str               # user:NAME | group:NAME
+    max_nodes: int
+    priority: int | None = None  # None: counts every priority
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    jobs: tuple[JobView, ...] = ()      # live attempts (queued, scheduled, running, stopping)
+    nodes: tuple[NodeView, ...] = ()
+    quotas: tuple[QuotaView, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    heartbeat_timeout: float = 10.0
+
+
+# -- the decisions --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decision:
+    pass
+
+
+@dataclass(frozen=True)
+class MarkNode(Decision):
+    node: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class MarkRanksLost(Decision):
+    job_id: int
+    node: str
+
+
+@dataclass(frozen=True)
+class MarkRunning(Decision):
+    job_id: int
+
+
+@dataclass(frozen=True)
+class StartJob(Decision):
+    job_id: int
+    nodes: tuple[str, ...]
+    ranks: tuple[tuple[int, str, int], ...]   # (rank, node, local_rank)
+
+
+@dataclass(frozen=True)
+class StopJob(Decision):
+    job_id: int
+    code: int
+    desired: str = "stop"       # stop | suspend (the agent signals a suspend first)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CancelJob(Decision):
+    job_id: int
+    reason: str = "canceled while queued"
+
+
+@dataclass(frozen=True)
+class FinishJob(Decision):
+    job_id: int
+    status: str
+    stop_code: int
+    exit_code: int | None
+    reason: str = ""
+    requeue: bool = False       # a suspended attempt: insert the chain's next attempt
+
+
+@dataclass(frozen=True)
+class SetReason(Decision):
+    job_id: int
+    reason: str
+
+
+# -- phases ---------------------------------------------------------------------------------------
+
+def node_health(snap: Snapshot, cfg: PolicyConfig) -> list[Decision]:
+    """Nodes that stopped heartbeating are lost (an agent's registration brings them back)."""
+    out: list[Decision] = []
+    for n in snap.nodes:
+        if n.state == "up" and snap.now - n.last_seen > cfg.heartbeat_timeout:
+            out.append(MarkNode(n.name, "lost", f"no heartbeat for {snap.now - n.last_seen:.1f} s "
+                                               f"(timeout {cfg.heartbeat_timeout:g} s)"))
+    return out
+
+
+def _final_status(job: JobView, ranks: Iterable[RankView]) -> tuple[str, int | None]:
+    ranks = list(ranks)
+    codes = [r.exit_code for r in ranks if r.exit_code not in (None, 0)]
+    exit_code = codes[0] if codes else (0 if ranks and all(r.exit_code == 0 for r in ranks) else None)
+    code = job.stop_code
+    if code & StopCode.INTERRUPT:
+        return JobStatus.SUSPENDED, exit_code
+    if code & (StopCode.NODE_LOST | StopCode.FAILED | StopCode.INIT_FAILED):
+        return JobStatus.FAILED, exit_code
+    if code & (StopCode.MANUAL_STOP | StopCode.STOP):
+        return JobStatus.STOPPED, exit_code
+    if any(r.status != RankStatus.SUCCEEDED for r in ranks):
+        return JobStatus.FAILED, exit_code
+    return JobStatus.SUCCEEDED, exit_code
+
+
+def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[Decision]:
+    """Move attempts that hold nodes along their lifecycle; cancel stopped queued ones."""
+    out: list[Decision] = []
+    for job in snap.jobs:
+        if job.status == JobStatus.QUEUED:
+            if job.stop_requested:
+                out.append(CancelJob(job.id))
+            continue
+        if job.status not in JobStatus.ACTIVE:
+            continue
+        ranks = {r.rank: r for r in job.ranks}
+        stop_code = job.stop_code
+        stopping = job.status == JobStatus.STOPPING
+        # ranks on a lost node are lost
+        for node in sorted({r.node for r in ranks.values() if r.node in lost_nodes
+                            and r.status not in RankStatus.DONE}):
+            out.append(MarkRanksLost(job.id, node))
+            for k, r in ranks.items():
+                if r.node == node and r.status not in RankStatus.DONE:
+                    ranks[k] = RankView(r.rank, r.node, RankStatus.LOST, r.desired, r.exit_code)
+        views = list(ranks.values())
+        if not stopping:
+            why = None
+            if any(r.status == RankStatus.LOST for r in views):
+                why = (StopCode.NODE_LOST, "stop", "a node of the job was lost")
+            elif any(r.status == RankStatus.FAILED for r in views):
+                failed = next(r for r in views if r.status == RankStatus.FAILED)
+                why = (StopCode.FAILED, "stop", f"rank {failed.rank} failed (exit code {failed.exit_code})")
+            elif job.stop_requested:
+                desired = "suspend" if job.stop_requested & StopCode.INTERRUPT else "stop"
+                why = (job.stop_requested, desired, "suspend requested" if desired == "suspend"
+                       else "stop requested")
+            if why is not None and not all(r.status in RankStatus.DONE for r in views):
+                out.append(StopJob(job.id, why[0], why[1], why[2]))
+                continue
+            if why is not None and why[1] == "stop" and why[2] != "stop requested":
+                stop_code |= why[0]   # a failure seen only now; a late stop request changes nothing
+        if views and all(r.status in RankStatus.DONE for r in views):
+            done = JobView(**{**job.__dict__, "stop_code": stop_code})
+            status, exit_code = _final_status(done, views)
+            reason = {JobStatus.SUCCEEDED: "every rank exited 0",
+                      JobStatus.SUSPENDED: "suspended; the chain continues in a new attempt"}.get(
+                status, StopCode.describe(stop_code))
+            out.append(FinishJob(job.id, status, stop_code, exit_code, reason,
+                                 requeue=status == JobStatus.SUSPENDED))
+            continue
+        if job.status == JobStatus.SCHEDULED and views and all(
+                r.status in (RankStatus.RUNNING, *RankStatus.DONE) for r in views):
+            out.append(MarkRunning(job.id))
+    return out
+
+
+def queue_sort(jobs: Iterable[JobView]) -> list[JobView]:
+    """Queued attempts, highest priority first, then by the chain's first submission."""
+    return sorted((j for j in jobs if j.status == JobStatus.QUEUED and not j.stop_requested),
+                  key=lambda j: (-j.priority, j.rank_key, j.id))
+
+
+def _quotas_for(job: JobView, quotas: Iterable[QuotaView]) -> list[QuotaView]:
+    subjects = {f"user:{job.user}"} | ({f"group:{job.group}"} if job.group else set())
+    return [q for q in quotas if q.subject in subjects and (q.priority is None or q.priority == job.priority)]
+
+
+def _quota_usage_key(q: QuotaView) -> tuple[str, int | None]:
+    return (q.subject, q.priority)
+
+
+def quota_filter(job: JobView, quotas: Iterable[QuotaView], usage: dict) -> str | None:
+    """None when ``job`` fits its quotas, else the reason it waits."""
+    for q in _quotas_for(job, quotas):
+        if job.nodes > q.max_nodes:
+            return (f"quota_exceeded: asks {job.nodes} nodes, quota {q.subject}"
+                    f"{'' if q.priority is None else f' at priority {q.priority}'} is {q.max_nodes}")
+        used = usage.get(_quota_usage_key(q), 0)
+        if used + job.nodes > q.max_nodes:
+            return (f"out_of_quota: {q.subject}{'' if q.priority is None else f' at priority {q.priority}'} "
+                    f"uses {used} of {q.max_nodes} nodes")
+    return None
+
+
+def _charge(job: JobView, quotas: Iterable[QuotaView], usage: dict) -> None:
+    for q in _quotas_for(job, quotas):
+        k = _quota_usage_key(q)
+        usage[k] = usage.get(k, 0) + job.nodes
+
+
+def node_filter(nodes: Iterable[NodeView], held: set[str], lost: set[str]) -> list[NodeView]:
+    """Nodes a new attempt may take: up, not drained, not held by another attempt."""
+    return [n for n in nodes if n.state == "up" and n.name not in lost and not n.drained and n.name not in held]
+
+
+def score_nodes(free: list[NodeView], count: int) -> tuple[str, ...] | None:
+    """Pick ``count`` nodes, packing by topology: the tightest leaf that fits, else the tightest zone,
+    else whole zones largest first. None when fewer than ``count`` nodes are free."""
+    if len(free) < count:
+        return None
+    by_name = sorted(free, key=lambda n: n.name)
+    for attr in ("leaf", "zone"):
+        groups: dict[str, list[NodeView]] = defaultdict(list)
+        for n in by_name:
+            groups[getattr(n, attr)].append(n)
+        fits = [(len(v), k) for k, v in groups.items() if len(v) >= count]
+        if fits:
+            _, best = min(fits)
+            return tuple(n.name for n in groups[best][:count])
+    zones: dict[str, list[NodeView]] = defaultdict(list)
+    for n in by_name:
+        zones[n.zone].append(n)
+    picked: list[str] = []
+    for _, z in sorted(((-len(v), k) for k, v in zones.items())):
+        for n in zones[z]:
+            if len(picked) < count:
+                picked.append(n.name)
+    return tuple(picked)
+
+
+def rank_layout(job: JobView, nodes: tuple[str, ...], node_views: dict[str, NodeView]
+                ) -> tuple[tuple[int, str, int], ...]:
+    """(rank, node, local_rank) for each process: ``procs_per_node`` (default: the first node's GPUs, or 1)
+    processes on each node, ranks node by node."""
+    ppn = job.procs_per_node or max(1, node_views[nodes[0]].gpus)
+    return tuple((i * ppn + lr, node, lr) for i, node in enumerate(nodes) for lr in range(ppn))
+
+
+def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
+    """One scheduling cycle: every phase in order, over one snapshot."""
+    cfg = cfg or PolicyConfig()
+    out: list[Decision] = node_health(snap, cfg)
+    lost = {n.name for n in snap.nodes if n.state != "up"} | {d.node for d in out if isinstance(d, MarkNode)}
+    out += reconcile(snap, cfg, lost)
+    finished = {d.job_id for d in out if isinstance(d, FinishJob)}
+    # nodes held: by every attempt holding nodes that is not finishing in this cycle
+    held: set[str] = set()
+    usage: dict = {}
+    for j in snap.jobs:
+        if j.status in JobStatus.ACTIVE and j.id not in finished:
+            held.update(j.assigned_nodes)
+            _charge(j, snap.quotas, usage)
+    node_views = {n.name: n for n in snap.nodes}
+    free = node_filter(snap.nodes, held, lost)
+    blocked = False
+    for job in queue_sort(snap.jobs):
+        why = quota_filter(job, snap.quotas, usage)
+        if why is None and blocked:
+            why = "waiting for nodes"
+        if why is None:
+            chosen = score_nodes(free, job.nodes)
+            if chosen is None:
+                blocked = True
+                why = "waiting for nodes"
+            else:
+                out.append(StartJob(job.id, chosen, rank_layout(job, chosen, node_views)))
+                taken = set(chosen)
+                free = [n for n in free if n.name not in taken]
+                _charge(job, snap.quotas, usage)
+                continue
+        if why != job.reason:
+            out.append(SetReason(job.id, why))
+    return out

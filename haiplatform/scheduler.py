@@ -1,0 +1,254 @@
+"""The scheduler loop (``python -m haiplatform.scheduler``): snapshot -> pure policy -> one transaction.
+
+Each cycle reads one consistent snapshot of the database (live attempts with their ranks, nodes,
+quotas), asks :func:`haiplatform.policy.decide` for decisions, and writes them in a single
+transaction. Then it tells the API, which wakes the agents.
+
+A cycle runs when the API reports an event (a submission, a rank's end, a node change, a stop
+request: ``/v1/internal/wait`` returns at once) and at least every ``tick`` seconds (heartbeat
+deadlines need the clock). When the API is unreachable the loop keeps ticking on the database
+alone.
+
+[Note: crash safety] The scheduler keeps no state of its own: a restarted scheduler reads the
+same snapshot and continues. Every write is conditional on the state the decision was made
+from (``UPDATE jobs SET status='scheduled' ... WHERE id=? AND status='queued'``), and decisions
+are committed together, so a crash between deciding and committing loses the whole cycle (it is
+decided again) and a crash after committing starts nothing twice: agents only start ranks that
+exist in the database, and they report what they started.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+
+from sqlalchemy import insert, select, update
+
+from .config import HaiConfig
+from .db import Database, Job, JobStatus, NodeRow, Quota, Rank, RankStatus, StopCode, event_row
+from .errors import ApiError
+from .policy import (
+    CancelJob,
+    Decision,
+    FinishJob,
+    JobView,
+    MarkNode,
+    MarkRanksLost,
+    MarkRunning,
+    NodeView,
+    PolicyConfig,
+    QuotaView,
+    RankView,
+    SetReason,
+    Snapshot,
+    StartJob,
+    StopJob,
+    decide,
+)
+
+__all__ = ["Scheduler", "take_snapshot", "apply_decisions", "main"]
+
+log = logging.getLogger(__name__)
+
+#: decisions an agent must hear about at once
+_AGENT_VISIBLE = (StartJob, StopJob, MarkRanksLost)
+
+
+def take_snapshot(db: Database, now: float | None = None) -> Snapshot:
+    """One consistent read of everything the policy looks at."""
+    with db.read() as s:
+        jobs = s.execute(select(Job.id, Job.user, Job.group, Job.nodes, Job.priority, Job.status, Job.first_id,
+                                Job.procs_per_node, Job.stop_requested, Job.stop_code, Job.assigned_nodes,
+                                Job.reason).where(Job.status.in_(JobStatus.LIVE))).all()
+        active = [j.id for j in jobs if j.status in JobStatus.ACTIVE]
+        ranks: dict[int, list[RankView]] = defaultdict(list)
+        if active:
+            for r in s.execute(select(Rank.job_id, Rank.rank, Rank.node, Rank.status, Rank.desired, Rank.exit_code)
+                               .where(Rank.job_id.in_(active))):
+                ranks[r.job_id].append(RankView(r.rank, r.node, r.status, r.desired, r.exit_code))
+        nodes = tuple(NodeView(n.name, n.zone, n.leaf, n.gpus, n.state, n.drained, n.last_seen)
+                      for n in s.scalars(select(NodeRow).order_by(NodeRow.name)))
+        quotas = tuple(QuotaView(q.subject, q.max_nodes, q.priority) for q in s.scalars(select(Quota)))
+    views = tuple(JobView(id=j.id, user=j.user, nodes=j.nodes, priority=j.priority, status=j.status,
+                          first_id=j.first_id, group=j.group, procs_per_node=j.procs_per_node,
+                          stop_requested=j.stop_requested, stop_code=j.stop_code,
+                          assigned_nodes=tuple(j.assigned_nodes or ()),
+                          ranks=tuple(sorted(ranks.get(j.id, ()), key=lambda r: r.rank)), reason=j.reason)
+                  for j in jobs)
+    return Snapshot(now=time.time() if now is None else now, jobs=views, nodes=nodes, quotas=quotas)
+
+
+def apply_decisions(db: Database, decisions: list[Decision]) -> int:
+    """Write ``decisions`` in one transaction; returns how many took effect (their preconditions held)."""
+    if not decisions:
+        return 0
+    now = time.time()
+    applied = 0
+    with db.write() as s:
+        for d in decisions:
+            if isinstance(d, MarkNode):
+                n = s.execute(update(NodeRow).where(NodeRow.name == d.node, NodeRow.state != d.state)
+                              .values(state=d.state)).rowcount
+                if n:
+                    event_row(s, f"node_{d.state}", d.reason, node=d.node)
+            elif isinstance(d, MarkRanksLost):
+                n = s.execute(update(Rank).where(Rank.job_id == d.job_id, Rank.node == d.node, Rank.status.in_(
+                    (RankStatus.CREATED, RankStatus.RUNNING))).values(
+                    status=RankStatus.LOST, finished_at=now, desired="stop",
+                    message=f"node {d.node} was lost")).rowcount
+            elif isinstance(d, MarkRunning):
+                n = s.execute(update(Job).where(Job.id == d.job_id, Job.status == JobStatus.SCHEDULED)
+                              .values(status=JobStatus.RUNNING, started_at=now)).rowcount
+            elif isinstance(d, StartJob):
+                ppn = len(d.ranks) // len(d.nodes)
+                n = s.execute(update(Job).where(Job.id == d.job_id, Job.status == JobStatus.QUEUED,
+                                                Job.stop_requested == 0)
+                              .values(status=JobStatus.SCHEDULED, assigned_nodes=list(d.nodes), scheduled_at=now,
+                                      reason="", procs_per_node=ppn, master_port=0)).rowcount
+                if n:
+                    s.execute(insert(Rank), [{"job_id": d.job_id, "rank": rk, "node": nd, "local_rank": lr,
+                                              "status": RankStatus.CREATED, "desired": "run", "message": ""}
+                                             for rk, nd, lr in d.ranks])
+                    event_row(s, "scheduled", "on " + ",".join(d.nodes), job_id=d.job_id)
+            elif isinstance(d, StopJob):
+                n = s.execute(update(Job).where(Job.id == d.job_id, Job.status.in_(
+                    (JobStatus.SCHEDULED, JobStatus.RUNNING))).values(
+                    status=JobStatus.STOPPING, stop_code=Job.stop_code.op("|")(d.code), reason=d.reason)).rowcount
+                if n:
+                    s.execute(update(Rank).where(Rank.job_id == d.job_id, Rank.status.in_(
+                        (RankStatus.CREATED, RankStatus.RUNNING))).values(desired=d.desired))
+                    event_row(s, "stopping", d.reason, job_id=d.job_id)
+            elif isinstance(d, CancelJob):
+                n = s.execute(update(Job).where(Job.id == d.job_id, Job.status == JobStatus.QUEUED).values(
+                    status=JobStatus.CANCELED, finished_at=now, reason=d.reason,
+                    stop_code=StopCode.MANUAL_STOP)).rowcount
+                if n:
+                    event_row(s, "canceled", d.reason, job_id=d.job_id)
+            elif isinstance(d, FinishJob):
+                n = s.execute(update(Job).where(Job.id == d.job_id, Job.status.in_(JobStatus.ACTIVE)).values(
+                    status=d.status, stop_code=d.stop_code, exit_code=d.exit_code, finished_at=now,
+                    reason=d.reason)).rowcount
+                if n:
+                    event_row(s, d.status, d.reason, job_id=d.job_id)
+                    if d.requeue:
+                        _requeue(s, d.job_id, now)
+            elif isinstance(d, SetReason):
+                n = s.execute(update(Job).where(Job.id == d.job_id, Job.status == JobStatus.QUEUED)
+                              .values(reason=d.reason)).rowcount
+            else:  # pragma: no cover - a new decision type without an applier is a bug
+                raise TypeError(f"no applier for {d!r}")
+            applied += bool(n)
+    return applied
+
+
+def _requeue(s, job_id: int, now: float) -> None:
+    """Insert the chain's next attempt: same chain and first id (so it keeps its queue place)."""
+    old = s.get(Job, job_id)
+    new = Job(chain_id=old.chain_id, first_id=old.first_id, restart_count=old.restart_count + 1, name=old.name,
+              user=old.user, group=old.group, shared_in_group=old.shared_in_group, command=old.command,
+              env=old.env, workdir=old.workdir, nodes=old.nodes, procs_per_node=0, priority=old.priority,
+              status=JobStatus.QUEUED, whole_life_state=old.whole_life_state, created_at=now, assigned_nodes=[],
+              reason="resumed after suspend")
+    s.add(new)
+    s.flush()
+    event_row(s, "requeued", f"attempt {new.id} continues chain {old.chain_id}", job_id=new.id)
+
+
+class Scheduler:
+    """The live loop around the pure policy."""
+
+    def __init__(self, db: Database, cfg: HaiConfig, api=None) -> None:
+        self.db = db
+        self.cfg = cfg
+        self.api = api  # a HaiClient with the cluster secret, or None (tick only)
+        self.policy_cfg = PolicyConfig(heartbeat_timeout=cfg.heartbeat_timeout)
+        self.cycles = 0
+        self.decisions = 0
+        self.last_cycle_s = 0.0
+
+    def cycle(self) -> list[Decision]:
+        t0 = time.perf_counter()
+        decisions = decide(take_snapshot(self.db), self.policy_cfg)
+        apply_decisions(self.db, decisions)
+        self.cycles += 1
+        self.decisions += sum(not isinstance(d, SetReason) for d in decisions)
+        self.last_cycle_s = time.perf_counter() - t0
+        for d in decisions:
+            if not isinstance(d, SetReason):
+                log.info("%s", d)
+        return decisions
+
+    def run(self, stop: threading.Event) -> None:
+        seq = -1
+        while not stop.is_set():
+            if self.api is not None:
+                try:
+                    seq = self.api.request("GET", "/v1/internal/wait", params={"seq": seq, "timeout": self.cfg.tick},
+                                           timeout=self.cfg.tick + 10)["seq"]
+                except ApiError as exc:
+                    log.warning("API unavailable (%s); ticking on the database alone", exc)
+                    seq = -1
+                    stop.wait(min(self.cfg.tick, 1.0))
+            else:
+                stop.wait(self.cfg.tick)
+            if stop.is_set():
+                break
+            try:
+                decisions = self.cycle()
+            except Exception:
+                log.exception("scheduling cycle failed; retrying next tick")
+                stop.wait(min(self.cfg.tick, 1.0))
+                continue
+            if self.api is not None and any(isinstance(d, _AGENT_VISIBLE) for d in decisions):
+                try:
+                    self.api.request("POST", "/v1/internal/notify", timeout=10)
+                except ApiError as exc:
+                    log.warning("could not notify the agents (%s); they will see it on their next poll", exc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from network.rpc import RpcServer
+    from network.service import parse_service_args, service_parser, shutdown_event
+
+    from .client import HaiClient
+    from .config import load_config
+    from .errors import DatabaseError, HaiError
+
+    ap = service_parser("haiplatform.scheduler", "the HAI-Platform scheduler loop")
+    args, cluster, node = parse_service_args(ap, argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(cluster)
+        db = Database(cfg.resolved_db_url())
+        deadline = time.monotonic() + 60
+        while True:  # the API migrates the database; wait (bounded) for it
+            try:
+                db.check_head()
+                break
+            except DatabaseError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        addr, port = cluster.endpoint("haiplatform.api")
+        api = HaiClient(f"http://{addr}:{port}", cfg.secret(), timeout=30)
+    except (HaiError, KeyError) as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    sched = Scheduler(db, cfg, api)
+    svc = cluster.service("haiplatform.scheduler")
+    rpc = RpcServer(node.address, svc.port if svc else 0, name="haiplatform.scheduler")
+    rpc.register("scheduler.stats", lambda a, p, c: {"cycles": sched.cycles, "decisions": sched.decisions,
+                                                     "last_cycle_s": sched.last_cycle_s})
+    rpc.start()
+    log.info("scheduler on %s:%s (db %s, tick %s s)", node.address, rpc.port, db.safe_url, cfg.tick)
+    try:
+        sched.run(shutdown_event)
+    finally:
+        rpc.stop()
+        api.close()
+        db.dispose()
+
+
+if __name__ == "__main__":
+    main()
