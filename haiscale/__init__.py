@@ -1,4 +1,37 @@
-"""haiscale: DDP and FSDP for PyTorch on hfreduce.
+"""haiscale: DDP and FSDP for PyTorch on hfreduce, with the interface of High-Flyer's haiscale.
 
-Not implemented yet: see the HaiScale issue.
+    from haiscale.ddp import DistributedDataParallel
+    from haiscale.fsdp import FullyShardedDataParallel
+    haiscale.spawn(train, args=(...), nprocs=2)
+
+See docs/haiscale.md.
 """
+
+from .errors import (
+    CommunicationError,
+    DeviceError,
+    HaiScaleError,
+    ModelMismatchError,
+    NotInitializedError,
+    ProcessFailed,
+    SpawnError,
+    StateDictError,
+    UnusedParametersError,
+    UsageError,
+)
+from .spawn import job_env, spawn
+
+__all__ = [
+    "CommunicationError",
+    "DeviceError",
+    "HaiScaleError",
+    "ModelMismatchError",
+    "NotInitializedError",
+    "ProcessFailed",
+    "SpawnError",
+    "StateDictError",
+    "UnusedParametersError",
+    "UsageError",
+    "job_env",
+    "spawn",
+]

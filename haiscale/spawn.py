@@ -1,0 +1,170 @@
+"""haiscale.spawn: start ``nprocs`` training processes on this node with the job environment set.
+
+Each child gets torchrun's variables (WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, NNODES,
+NODE_RANK, MASTER_ADDR, MASTER_PORT), so ``hfreduce.init()`` with no arguments joins the group.
+
+* Alone on a machine: one node, ranks 0..nprocs-1, a free port on 127.0.0.1.
+* Under the platform or a launcher that starts one process per node (NNODES and NODE_RANK set,
+  LOCAL_RANK not set): global rank = NODE_RANK * nprocs + local rank, WORLD_SIZE = NNODES * nprocs.
+* Under torchrun (LOCAL_RANK already set) the processes exist already: call your function directly
+  instead (spawn refuses, saying so).
+
+Failure handling: the parent watches every child; when one raises or exits non-zero, the others
+are terminated (SIGTERM, then SIGKILL after ``grace`` seconds) and :class:`ProcessFailed` carries the
+child's rank, exit code and traceback. Children die with the parent (PR_SET_PDEATHSIG), so no
+orphan survives a killed launcher.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import wait as mp_wait
+from typing import Any
+
+from .errors import ProcessFailed, SpawnError, UsageError
+
+__all__ = ["spawn", "job_env"]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def job_env(nprocs: int, environ: dict[str, str] | None = None, master_addr: str | None = None,
+            master_port: int | None = None) -> list[dict[str, str]]:
+    """The environment of each of ``nprocs`` local processes, given the launcher's environment."""
+    env = dict(os.environ if environ is None else environ)
+    if nprocs < 1:
+        raise UsageError(f"nprocs must be >= 1, got {nprocs}")
+    if "LOCAL_RANK" in env and "HAISCALE_SPAWNED" not in env:
+        raise UsageError(
+            "haiscale.spawn was called in a process that torchrun (or the platform) already started "
+            "(LOCAL_RANK is set): call the training function directly instead"
+        )
+    nnodes = int(env.get("NNODES", env.get("GROUP_WORLD_SIZE", "1")))
+    node_rank = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")))
+    if not 0 <= node_rank < nnodes:
+        raise UsageError(f"NODE_RANK={node_rank} is outside 0..NNODES-1 (NNODES={nnodes})")
+    if nnodes > 1:
+        addr = master_addr or env.get("MASTER_ADDR")
+        port = master_port or env.get("MASTER_PORT")
+        if not addr or not port:
+            raise UsageError("a multi-node job needs MASTER_ADDR and MASTER_PORT in the environment")
+    else:
+        addr = master_addr or env.get("MASTER_ADDR") or "127.0.0.1"
+        port = master_port or env.get("MASTER_PORT") or _free_port(addr)
+    out = []
+    for local in range(nprocs):
+        e = {
+            "WORLD_SIZE": str(nnodes * nprocs),
+            "RANK": str(node_rank * nprocs + local),
+            "LOCAL_RANK": str(local),
+            "LOCAL_WORLD_SIZE": str(nprocs),
+            "NNODES": str(nnodes),
+            "NODE_RANK": str(node_rank),
+            "GROUP_RANK": str(node_rank),
+            "MASTER_ADDR": str(addr),
+            "MASTER_PORT": str(port),
+            "HAISCALE_SPAWNED": "1",
+        }
+        out.append(e)
+    return out
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _child(fn: Callable[..., Any], local_rank: int, args: tuple, env: dict[str, str], conn: Any) -> None:
+    _die_with_parent()
+    os.environ.update(env)
+    try:
+        fn(local_rank, *args)
+    except KeyboardInterrupt:
+        conn.send(None)
+        sys.exit(130)
+    except BaseException:
+        try:
+            conn.send(traceback.format_exc())
+        finally:
+            sys.exit(1)
+    conn.send(None)
+
+
+def spawn(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool = True,
+          timeout: float | None = None, grace: float = 5.0, master_addr: str | None = None,
+          master_port: int | None = None, start_method: str = "spawn") -> list[mp.Process] | None:
+    """Run ``fn(local_rank, *args)`` in ``nprocs`` processes with the job environment set.
+
+    ``timeout`` bounds the whole run (None: no bound); on expiry every child is stopped and
+    SpawnError raised. With ``join=False`` the started processes are returned (the caller joins)."""
+    envs = job_env(nprocs, master_addr=master_addr, master_port=master_port)
+    ctx = mp.get_context(start_method)
+    procs: list[mp.Process] = []
+    conns = []
+    try:
+        for local in range(nprocs):
+            r, w = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_child, args=(fn, local, tuple(args), envs[local], w), daemon=False,
+                            name=f"haiscale-rank{envs[local]['RANK']}")
+            p.start()
+            w.close()
+            procs.append(p)
+            conns.append(r)
+    except BaseException:
+        _stop_all(procs, grace)
+        raise
+    if not join:
+        return procs
+    deadline = None if timeout is None else time.monotonic() + timeout
+    tracebacks: dict[int, str | None] = {}
+    alive = {p.sentinel: i for i, p in enumerate(procs)}
+    try:
+        while alive:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left == 0.0:
+                raise SpawnError(f"haiscale.spawn: processes {sorted(alive.values())} still running after {timeout} s; stopped them")
+            ready = mp_wait(list(alive), timeout=left if left is not None else 1.0)
+            for s in ready:
+                i = alive.pop(s)
+                procs[i].join(timeout=grace)
+                if conns[i].poll():
+                    try:
+                        tracebacks[i] = conns[i].recv()
+                    except (EOFError, OSError):
+                        tracebacks[i] = None
+                code = procs[i].exitcode
+                if code != 0 or tracebacks.get(i):
+                    raise ProcessFailed(i, code, tracebacks.get(i))
+    finally:
+        _stop_all(procs, grace)
+        for c in conns:
+            c.close()
+    return None
+
+
+def _stop_all(procs: list[mp.Process], grace: float) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + grace
+    for p in procs:
+        p.join(timeout=max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=grace)
