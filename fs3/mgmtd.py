@@ -84,9 +84,13 @@ class Mgmtd:
             log.info("loaded state: routing version %d, %d chains", self.version, len(self.chains))
         self.targets = {int(k): v for k, v in self.meta["targets"].items()}
         # [Note: grace after start] Heartbeat ages are not persisted (monotonic clocks do not
-        # survive a restart); every node gets a full failure_timeout from mgmtd's start.
+        # survive a restart): every node that was alive when mgmtd stopped gets a full
+        # failure_timeout from mgmtd's start; a node that was already down stays down until it
+        # heartbeats again.
+        was_alive = self.meta.get("alive") or {}
         for n in self.nodes:
-            self._seen[n] = now
+            if was_alive.get(n, True):
+                self._seen[n] = now
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -136,9 +136,24 @@ class StorageServer:
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.server.start()
+    def start(self, register_timeout: float = 30.0) -> None:
+        """Register with mgmtd (first heartbeat, with the routing table), then serve.
+
+        Registering first means a server that answers its health check is already known to
+        mgmtd (and, after a restart, already taken out of service until it is resynced).
+        """
         self.port = self.server.port
+        deadline = time.monotonic() + register_timeout
+        while True:
+            try:
+                self._heartbeat_once()
+                break
+            except (TransportError, RemoteError) as exc:
+                if time.monotonic() > deadline:
+                    raise StorageError(f"{self.node}: cannot register with mgmtd at "
+                                       f"{self.mgmtd_addr[0]}:{self.mgmtd_addr[1]}: {exc}") from exc
+                time.sleep(0.2)
+        self.server.start()
         for fn, name in ((self._heartbeat_loop, "heartbeat"),):
             t = threading.Thread(target=fn, name=f"storage-{name}", daemon=True)
             t.start()
@@ -532,7 +547,10 @@ def main(argv: list[str] | None = None) -> None:
     port = svc.port if svc else 0
     data = node_data_dir(cfg, node.name, args.data_dir)
     srv = StorageServer(cfg, node.name, node.address, port, mg, data)
-    srv.start()
+    try:
+        srv.start()
+    except StorageError as exc:
+        ap.exit(1, f"{ap.prog}: error: {exc}\n")
     log.info("fs3.storage on %s:%d, data %s, mgmtd %s:%d", node.address, srv.port, data, *mg)
     wait_for_shutdown()
     srv.stop()

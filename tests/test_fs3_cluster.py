@@ -1,0 +1,290 @@
+"""fs3 end to end: mgmtd and three storage servers as real processes on 127.0.0.x (local launcher)."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fs3.client import ChunkClient, ReadIO, WriteIO
+from network import RpcClient, TrafficClass
+from network.topology import dump_cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+FS3 = ["fs3.mgmtd", "fs3.storage"]
+
+
+def _cluster_file(tmp_path: Path, **fs3) -> Path:
+    """local.toml with only the fs3 services and short heartbeat / failure timeouts."""
+    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
+    raw["service"] = [s for s in raw["service"] if s["module"] in FS3]
+    for k in ("haiplatform", "hfreduce", "haiscale"):
+        raw.pop(k, None)
+    raw["fs3"].update({"heartbeat_interval": 0.2, "failure_timeout": 1.5, **fs3})
+    path = tmp_path / "fs3-test.toml"
+    path.write_text(dump_cluster(raw))
+    return path
+
+
+@pytest.fixture
+def fs3(launch_cluster, tmp_path):
+    lc = launch_cluster(_cluster_file(tmp_path), services=FS3)
+    _wait(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
+    client = ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0, max_inflight=6)
+    yield lc, client
+    client.close()
+
+
+def _mgmtd_status(lc) -> dict:
+    addr, port = lc.cluster.endpoint("fs3.mgmtd")
+    with RpcClient(addr, port, timeout=5, traffic_class=TrafficClass.STORAGE) as c:
+        return c.call("mgmtd.status").result
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _settled(lc) -> bool:
+    st = _mgmtd_status(lc)
+    if not all(n["port"] and n["alive"] for n in st["nodes"].values()):
+        return False
+    for node in ("n1", "n2", "n3"):
+        with RpcClient(*lc.cluster.endpoint("fs3.storage", node), timeout=5) as c:
+            if c.call("storage.stats").result["routing_version"] != st["version"]:
+                return False
+    return True
+
+
+def _all_serving(lc) -> bool:
+    st = _mgmtd_status(lc)
+    return all(s == "serving" for c in st["chains"].values() for _t, s in c["members"])
+
+
+def _targets_of(lc, node: str) -> list[int]:
+    st = _mgmtd_status(lc)
+    return [int(t) for t, n in st["targets"].items() if n == node]
+
+
+def _replica_read(lc, node: str, chain: int, chunk: int):
+    """Read one chunk straight from one storage node (no client failover)."""
+    st = _mgmtd_status(lc)
+    cver = st["chains"][str(chain)]["version"]
+    addr, port = lc.cluster.endpoint("fs3.storage", node)
+    with RpcClient(addr, port, timeout=10, traffic_class=TrafficClass.STORAGE) as c:
+        rep = c.call("storage.read", {"items": [[chain, cver, chunk, 0, -1]]})
+    item = rep.result["items"][0]
+    return item if "err" in item else bytes(rep.payload)
+
+
+def _chunk_files(lc, node: str, chain: int, chunk: int) -> list[Path]:
+    return list((lc.run_dir / "data" / node / "targets").glob(f"*/chunks/{chain}/{chunk:016x}.c"))
+
+
+def test_write_and_read_back_many_chunks(fs3):
+    lc, client = fs3
+    chains = client.chains()
+    assert len(chains) == 3 and client.routing.replication == 3
+    rng = random.Random(1)
+    cs = client.chunk_size
+    data = {}
+    ios = []
+    for i in range(48):
+        chain = chains[i % len(chains)]
+        n = rng.choice([1, 4096, 100_000, cs])
+        b = rng.randbytes(n)
+        data[(chain, i)] = b
+        ios.append(WriteIO(chain, i, b))
+    res = client.batch_write(ios)
+    assert all(r.version == 1 for r in res)  # a settled cluster: each chunk written once
+    got = client.batch_read([ReadIO(c, k) for c, k in data])
+    for (key, want), view in zip(data.items(), got, strict=True):
+        assert bytes(view) == want, key
+    # ranged reads and reads into caller buffers
+    buf = bytearray(cs)
+    (c0, k0), b0 = next((k, v) for k, v in data.items() if len(v) == cs)
+    assert bytes(client.read(c0, k0, offset=1000, length=5000)) == b0[1000:6000]
+    view = client.read(c0, k0, into=buf)
+    assert view.obj is buf or bytes(view) == b0
+    assert bytes(buf) == b0
+    # overwrite, partial write, versions grow
+    r2 = client.write(c0, k0, b"x" * 10)
+    assert r2.version == res[list(data).index((c0, k0))].version + 1 and bytes(client.read(c0, k0)) == b"x" * 10
+    r3 = client.write(c0, k0, b"yy", offset=4)
+    assert r3.version == r2.version + 1 and bytes(client.read(c0, k0)) == b"xxxxyyxxxx"
+    # every replica holds the same committed bytes
+    for node in ("n1", "n2", "n3"):
+        assert _replica_read(lc, node, c0, k0) == b"xxxxyyxxxx"
+    # removal reaches every replica
+    assert client.remove(c0, k0) is True
+    for node in ("n1", "n2", "n3"):
+        item = _replica_read(lc, node, c0, k0)
+        assert isinstance(item, dict) and item["err"] == "ChunkNotFound"
+    from fs3.errors import ChunkNotFound
+    with pytest.raises(ChunkNotFound):
+        client.read(c0, k0)
+    with pytest.raises(ValueError, match="do not fit"):
+        client.write(c0, 1, b"z" * 10, offset=cs - 5)
+
+
+def test_kill9_storage_during_writes_then_resync(fs3):
+    lc, client = fs3
+    chains = client.chains()
+    acked: dict[tuple[int, int], bytes] = {}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def writer(wid: int) -> None:
+        rng = random.Random(wid)
+        i = 0
+        while not stop.is_set():
+            # new chunks, and every third write overwrites an earlier one
+            k = wid * 1_000_000 + (rng.randrange(max(i, 1)) if i and i % 3 == 0 else i)
+            chain = chains[k % len(chains)]
+            b = rng.randbytes(rng.choice([512, 20_000, 200_000]))
+            try:
+                client.write(chain, k, b)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+                return
+            with lock:
+                acked[(chain, k)] = b
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        _wait(lambda: len(acked) >= 20, 30, "the first writes")
+        v_before = {c: d["version"] for c, d in _mgmtd_status(lc)["chains"].items()}
+        lc.kill("fs3.storage", "n2")  # SIGKILL in the middle of the stream
+        n2_targets = set(_targets_of(lc, "n2"))
+        _wait(lambda: n2_targets <= set(_mgmtd_status(lc)["offline_targets"]), 20, "n2's targets offline")
+        st = _mgmtd_status(lc)
+        for c, d in st["chains"].items():
+            assert d["version"] > v_before[c], "every chain had a replica on n2 and was reconfigured"
+            assert [s for _t, s in d["members"]].count("serving") == 2
+            assert d["members"][-1][1] == "offline"  # the failed target moves to the end
+        n_at_kill = len(acked)
+        _wait(lambda: len(acked) >= n_at_kill + 15, 30, "writes on the 2-replica chains")
+        lc.start("fs3.storage", "n2")
+        _wait(lambda: _all_serving(lc), 60, "n2 resynced and serving again")
+        n_at_back = len(acked)
+        _wait(lambda: len(acked) >= n_at_back + 10, 30, "writes after the resync")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, f"a write failed: {errors[0]!r}"
+    with lock:
+        snapshot = dict(acked)
+    got = client.batch_read([ReadIO(c, k) for c, k in snapshot])
+    bad = [key for (key, want), view in zip(snapshot.items(), got, strict=True) if bytes(view) != want]
+    assert not bad, f"{len(bad)} acknowledged writes read back wrong, e.g. {bad[:3]}"
+    # the restarted server holds every acknowledged write itself (resync copied what it missed)
+    for (c, k), want in list(snapshot.items())[::3]:
+        assert _replica_read(lc, "n2", c, k) == want, (c, k)
+    addr, port = lc.cluster.endpoint("fs3.storage", "n1")
+    stats = [RpcClient(*lc.cluster.endpoint("fs3.storage", n), timeout=5).call("storage.stats").result
+             for n in ("n1", "n3")]
+    assert sum(s["resyncs"] for s in stats) >= 1
+
+
+def test_corrupt_chunk_is_never_returned_and_is_reported(fs3):
+    lc, client = fs3
+    chains = client.chains()
+    rng = random.Random(7)
+    data = {}
+    for k in range(6):
+        b = rng.randbytes(300_000)
+        data[(chains[k % 3], k)] = b
+        client.write(chains[k % 3], k, b)
+    # flip bytes in the chunk files of two of the three replicas of every chunk
+    for (c, k) in data:
+        for node in ("n1", "n2"):
+            (f,) = _chunk_files(lc, node, c, k)
+            with open(f, "r+b") as fh:
+                fh.seek(64 + 1000)
+                byte = fh.read(1)
+                fh.seek(64 + 1000)
+                fh.write(bytes([byte[0] ^ 0xFF]))
+    # a direct read of a damaged replica refuses to answer with the bytes
+    (c0, k0) = next(iter(data))
+    item = _replica_read(lc, "n1", c0, k0)
+    assert isinstance(item, dict) and item["err"] == "ChunkCorrupt"
+    # the client always gets the good copy, moving away from the damaged ones
+    for _ in range(3):
+        got = client.batch_read([ReadIO(c, k) for c, k in data])
+        for (key, want), view in zip(data.items(), got, strict=True):
+            assert bytes(view) == want, key
+    assert client.stats["replica_failovers"] >= 1
+    # the replicas reported the faults to mgmtd
+    addr, port = lc.cluster.endpoint("fs3.mgmtd")
+
+    def faults():
+        with RpcClient(addr, port, timeout=5) as c:
+            return [f for f in c.call("mgmtd.faults", {"limit": 100}).result if f["kind"] == "ChunkCorrupt"]
+
+    fl = _wait(faults, 10, "fault reports")
+    assert {f["node"] for f in fl} <= {"n1", "n2"}  # only the damaged replicas complain
+    assert {f["chunk"] for f in fl} <= {f"{k:016x}" for _c, k in data}
+    assert f"{k0:016x}" in {f["chunk"] for f in fl}
+
+
+def test_stale_routing_client_recovers(fs3):
+    lc, client = fs3
+    chains = client.chains()
+    client.write(chains[0], 1, b"before")
+    stale = ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0)
+    try:
+        stale.read(chains[0], 1)
+        v_stale = stale.routing.version
+        cv_stale = stale.routing.chains[chains[0]]["version"]
+        # a storage server restarts (new incarnation): every chain is reconfigured
+        lc.kill("fs3.storage", "n3")
+        lc.start("fs3.storage", "n3")
+        _wait(lambda: _all_serving(lc) and _mgmtd_status(lc)["chains"][str(chains[0])]["version"] > cv_stale,
+              60, "n3 back in service")
+        assert stale.routing.version == v_stale  # still the old table
+        refreshes = stale.stats["routing_refreshes"]
+        stale.write(chains[0], 2, b"after")          # rejected as stale, refreshed, retried
+        assert bytes(stale.read(chains[0], 1)) == b"before"
+        assert bytes(stale.read(chains[0], 2)) == b"after"
+        assert stale.routing.version > v_stale and stale.stats["routing_refreshes"] > refreshes
+        assert bytes(client.read(chains[0], 2)) == b"after"
+    finally:
+        stale.close()
+
+
+def test_mgmtd_restart_keeps_state(fs3):
+    lc, client = fs3
+    chains = client.chains()
+    payload = os.urandom(50_000)
+    client.write(chains[1], 42, payload)
+    lc.kill("fs3.storage", "n1")
+    n1 = set(_targets_of(lc, "n1"))
+    _wait(lambda: n1 <= set(_mgmtd_status(lc)["offline_targets"]), 20, "n1 offline")
+    before = _mgmtd_status(lc)
+    lc.stop("fs3.mgmtd", "n0")
+    lc.start("fs3.mgmtd", "n0")
+    after = _mgmtd_status(lc)
+    assert after["chains"] == before["chains"]
+    assert after["version"] >= before["version"]
+    assert after["targets"] == before["targets"]
+    # the cluster still works on the persisted table, and n1 rejoins through a resync
+    assert bytes(client.read(chains[1], 42)) == payload
+    lc.start("fs3.storage", "n1")
+    _wait(lambda: _all_serving(lc), 60, "n1 back in service")
+    assert _replica_read(lc, "n1", chains[1], 42) == payload
