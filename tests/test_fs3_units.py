@@ -1,0 +1,180 @@
+"""fs3 pieces without processes: chain state machine, chain tables, config, chunk store."""
+
+from __future__ import annotations
+
+import os
+from itertools import combinations
+
+import pytest
+
+from fs3.chaintable import generate_chain_table
+from fs3.chunkstore import HEADER_SIZE, ChunkStore
+from fs3.config import Fs3Config
+from fs3.errors import ChainTableError, ChunkCorrupt, ChunkNotFound, Fs3ConfigError
+from fs3.routing import LASTSRV, OFFLINE, SERVING, SYNCING, WAITING, TargetInput, next_chain
+
+UP, DOWN = TargetInput(True), TargetInput(False)
+
+
+def chain(*states):
+    return [(i + 1, s) for i, s in enumerate(states)]
+
+
+# -- the chain state machine ------------------------------------------------------------------
+
+def test_serving_target_fails_goes_offline_to_the_end():
+    new = next_chain(chain(SERVING, SERVING, SERVING), {1: UP, 2: DOWN, 3: UP})
+    assert new == [(1, SERVING), (3, SERVING), (2, OFFLINE)]
+
+
+def test_last_serving_target_fails_becomes_lastsrv_and_returns_as_serving():
+    s = next_chain(chain(SERVING, SERVING, SERVING), {1: DOWN, 2: DOWN, 3: DOWN})
+    assert s == [(1, LASTSRV), (2, OFFLINE), (3, OFFLINE)]
+    # the others come back first: they wait (nobody to sync from)
+    s = next_chain(s, {1: DOWN, 2: UP, 3: UP})
+    assert s == [(1, LASTSRV), (2, WAITING), (3, WAITING)]
+    # the last serving one returns: it serves, and exactly one waiting target starts syncing
+    s = next_chain(s, {1: UP, 2: UP, 3: UP})
+    assert s == [(1, SERVING), (2, SYNCING), (3, WAITING)]
+
+
+def test_returning_target_waits_then_syncs_one_at_a_time():
+    s = chain(SERVING, OFFLINE, OFFLINE)
+    s = next_chain(s, {1: UP, 2: UP, 3: UP})
+    assert s == [(1, SERVING), (2, SYNCING), (3, WAITING)]
+    assert sum(st == SYNCING for _t, st in s) == 1
+    # syncing needs a completed resync report to serve
+    assert next_chain(s, {1: UP, 2: UP, 3: UP}) == s
+    s = next_chain(s, {1: UP, 2: TargetInput(True, synced=True), 3: UP})
+    assert s == [(1, SERVING), (2, SERVING), (3, SYNCING)]
+
+
+def test_syncing_target_dies_goes_offline_and_next_waiting_syncs():
+    s = next_chain(chain(SERVING, SYNCING, WAITING), {1: UP, 2: DOWN, 3: UP})
+    assert s == [(1, SERVING), (3, SYNCING), (2, OFFLINE)]
+
+
+def test_restarted_serving_target_is_resynced_not_trusted():
+    s = next_chain(chain(SERVING, SERVING, SERVING), {1: UP, 2: TargetInput(True, restarted=True), 3: UP})
+    assert s == [(1, SERVING), (3, SERVING), (2, SYNCING)]
+
+
+def test_restart_of_the_only_serving_target_keeps_it_serving():
+    s = next_chain(chain(SERVING, OFFLINE), {1: TargetInput(True, restarted=True), 2: DOWN})
+    assert s == [(1, SERVING), (2, OFFLINE)]
+
+
+def test_stable_chain_is_unchanged():
+    s = chain(SERVING, SERVING, SERVING)
+    assert next_chain(s, {1: UP, 2: UP, 3: UP}) == s
+
+
+# -- chain tables ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,t,r", [(3, 3, 3), (4, 3, 3), (5, 6, 3), (7, 3, 3), (9, 4, 3), (8, 4, 2), (20, 6, 3)])
+def test_chain_table_never_puts_two_replicas_on_one_node(n, t, r):
+    nodes = [f"s{i}" for i in range(n)]
+    ct = generate_chain_table(nodes, t, r)
+    assert len(ct.chains) == n * t // r
+    used = [x for c in ct.chains for x in c]
+    assert sorted(used) == sorted(ct.target_node), "every target in exactly one chain"
+    for c in ct.chains:
+        assert len({ct.target_node[x] for x in c}) == r
+    assert ct.balance() >= 1.0
+
+
+def test_chain_table_balance_is_perfect_where_a_design_exists():
+    # 3 nodes: every chain spans all; 7 nodes x 3 targets, R=3: the Fano plane (each pair once)
+    for n, t in ((3, 3), (7, 3), (5, 6)):
+        ct = generate_chain_table([f"s{i}" for i in range(n)], t, 3)
+        pairs = {}
+        for c in ct.chains:
+            for a, b in combinations(sorted(ct.target_node[x] for x in c), 2):
+                pairs[(a, b)] = pairs.get((a, b), 0) + 1
+        assert len(set(pairs.values())) == 1 and len(pairs) == n * (n - 1) // 2
+        assert ct.balance() == pytest.approx(1.0)
+
+
+def test_chain_table_bad_inputs_name_the_problem():
+    with pytest.raises(ChainTableError, match="at least 3 nodes"):
+        generate_chain_table(["a", "b"], 3, 3)
+    with pytest.raises(ChainTableError, match="not a multiple"):
+        generate_chain_table(["a", "b", "c", "d"], 2, 3)
+
+
+# -- config -----------------------------------------------------------------------------------------
+
+def test_config_validation_names_the_key():
+    assert Fs3Config.from_section({}).replication == 3
+    with pytest.raises(Fs3ConfigError, match="chunk_size"):
+        Fs3Config.from_section({"chunk_size": 1000})
+    with pytest.raises(Fs3ConfigError, match="failure_timeout"):
+        Fs3Config.from_section({"heartbeat_interval": 2.0, "failure_timeout": 1.0})
+    with pytest.raises(Fs3ConfigError, match="unknown key"):
+        Fs3Config.from_section({"replicas": 3})
+    with pytest.raises(Fs3ConfigError, match="replication: expected int"):
+        Fs3Config.from_section({"replication": "3"})
+
+
+# -- chunk store ------------------------------------------------------------------------------------
+
+def test_chunk_store_pending_commit_and_reopen(tmp_path):
+    st = ChunkStore(tmp_path, 101, 1 << 16)
+    st.put(1, 5, 1, 1, b"a" * 100, pending=False)
+    st.put(1, 5, 2, 1, b"b" * 50, pending=True)
+    m = st.get(1, 5)
+    assert (m.committed, m.pending, m.length) == (1, 2, 100)
+    assert bytes(st.read(1, 5)[0]) == b"a" * 100
+    assert bytes(st.read(1, 5, pending=True)[0]) == b"b" * 50
+    # a crash here (reopen): both versions are found again from the headers
+    st2 = ChunkStore(tmp_path, 101, 1 << 16)
+    m2 = st2.get(1, 5)
+    assert (m2.committed, m2.pending, m2.length, m2.pending_length) == (1, 2, 100, 50)
+    st2.commit(1, 5, 2)
+    data, ver = st2.read(1, 5)
+    assert ver == 2 and bytes(data) == b"b" * 50
+    assert st2.get(1, 5).pending == 0
+    st2.commit(1, 5, 2)  # committing again is a no-op
+    assert st2.remove(1, 5) and st2.get(1, 5) is None
+    with pytest.raises(ChunkNotFound):
+        st2.read(1, 5)
+
+
+def test_chunk_store_drops_interrupted_writes_at_start(tmp_path):
+    st = ChunkStore(tmp_path, 101, 1 << 16)
+    st.put(2, 9, 1, 1, b"committed", pending=False)
+    # what a kill -9 in the middle of writing a new version leaves: a temporary file
+    tmp = tmp_path / "chunks" / "2" / ".tmp-deadbeef"
+    tmp.write_bytes(b"half a chu")
+    st2 = ChunkStore(tmp_path, 101, 1 << 16)
+    assert not tmp.exists()
+    assert bytes(st2.read(2, 9)[0]) == b"committed"
+
+
+def test_chunk_store_detects_flipped_bytes_and_damaged_headers(tmp_path):
+    st = ChunkStore(tmp_path, 101, 1 << 16)
+    st.put(1, 1, 1, 1, os.urandom(5000), pending=False)
+    st.put(1, 2, 1, 1, os.urandom(5000), pending=False)
+    p1, p2 = st.path(1, 1), st.path(1, 2)
+    with open(p1, "r+b") as f:
+        f.seek(HEADER_SIZE + 123)
+        b = f.read(1)
+        f.seek(HEADER_SIZE + 123)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ChunkCorrupt, match="CRC32C mismatch"):
+        st.read(1, 1)
+    with open(p2, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff\xff")
+    with pytest.raises(ChunkCorrupt, match="header"):
+        st.read(1, 2)
+    st2 = ChunkStore(tmp_path, 101, 1 << 16)  # at start, a damaged header marks the chunk corrupt
+    assert st2.get(1, 2).corrupt
+    with pytest.raises(ChunkCorrupt):
+        st2.read(1, 2)
+
+
+def test_chunk_store_rejects_oversized_chunks(tmp_path):
+    st = ChunkStore(tmp_path, 101, 4096)
+    with pytest.raises(ValueError, match="exceed the chunk size"):
+        st.put(1, 1, 1, 1, b"x" * 4097, pending=False)
