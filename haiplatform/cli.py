@@ -66,6 +66,392 @@ def cluster_status(cluster: Path = ClusterOpt, run_dir: Path = RunDirOpt, as_jso
     typer.echo(json.dumps(st, indent=1)) if as_json else local.render_status(st)
 
 
+# -- connection -------------------------------------------------------------------------------------
+
+_conn: dict = {}
+
+
+@app.callback()
+def _global(url: str = typer.Option(None, "--url", envvar="HAI_URL", help="API URL (http://HOST:PORT)"),
+            token: str = typer.Option(None, "--token", envvar="HAI_TOKEN", help="your token"),
+            cluster: Path = typer.Option(None, "--cluster", "-c", envvar="HAI_CLUSTER",
+                                         help="a local cluster's description: API address and admin token"),
+            run_dir: Path = typer.Option(None, "--run-dir", envvar="HAI_RUN_DIR",
+                                         help="that cluster's run dir (default: the launcher's)")) -> None:
+    """Connection: --url/--token, $HAI_URL/$HAI_TOKEN, ~/.config/hai/config.json (hai init), or --cluster."""
+    _conn.update(url=url, token=token, cluster=cluster, run_dir=run_dir)
+
+
+def _config_path() -> Path:
+    import os
+
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "hai" / "config.json"
+
+
+def _client():
+    from .client import HaiClient
+    from .errors import ConfigError
+
+    url, token = _conn.get("url"), _conn.get("token")
+    if _conn.get("cluster") and (not url or not token):
+        from network import load_cluster
+
+        run_dir = _conn.get("run_dir")
+        if run_dir is None:
+            from deploy.local import default_run_dir  # the local launcher's convention
+
+            run_dir = default_run_dir(load_cluster(_conn["cluster"]).name)
+        resolved = Path(run_dir) / "cluster.toml"
+        c = load_cluster(resolved if resolved.exists() else _conn["cluster"])
+        if not url:
+            addr, port = c.endpoint("haiplatform.api")
+            url = f"http://{addr}:{port}"
+        if not token:
+            tok = Path(run_dir) / "hai" / "admin.token"
+            if not tok.exists():
+                raise ConfigError(f"no {tok}: is the cluster up? (hai cluster up --cluster {_conn['cluster']})")
+            token = tok.read_text().strip()
+    if not url or not token:
+        try:
+            saved = json.loads(_config_path().read_text())
+        except (OSError, ValueError):
+            saved = {}
+        url, token = url or saved.get("url"), token or saved.get("token")
+    if not url:
+        raise ConfigError("no API URL: pass --url, set $HAI_URL, run 'hai init TOKEN --url URL' or pass --cluster")
+    if not token:
+        raise ConfigError("no token: pass --token, set $HAI_TOKEN or run 'hai init TOKEN --url URL'")
+    return HaiClient(url, token)
+
+
+def _call(fn):
+    """Run fn(client) and turn our errors into one red line and exit code 1."""
+    from .errors import HaiError
+
+    try:
+        with _client() as c:
+            return fn(c)
+    except HaiError as exc:
+        _fail(exc)
+
+
+def _out(data, as_json: bool, render) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, indent=1))
+    else:
+        render(data)
+
+
+def _ago(ts) -> str:
+    import time
+
+    if not ts:
+        return "-"
+    d = time.time() - ts
+    return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.1f}h ago"
+
+
+def _status_color(st: str) -> str:
+    return {"succeeded": "green", "running": "cyan", "scheduled": "cyan", "queued": "yellow",
+            "stopping": "yellow", "failed": "red", "stopped": "magenta", "canceled": "magenta",
+            "suspended": "blue"}.get(st, "white")
+
+
+def _jobs_table(jobs: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("id", "name", "user", "nodes", "prio", "status", "where / why", "submitted")
+    for j in jobs:
+        where = ",".join(j["assigned_nodes"]) if j["assigned_nodes"] else j["reason"]
+        st = j["status"] + (f" ({j['exit_code']})" if j["exit_code"] not in (None, 0) else "")
+        t.add_row(str(j["chain_id"]) + (f".{j['restart_count']}" if j["restart_count"] else ""), j["name"], j["user"],
+                  str(j["nodes"]), str(j["priority"]), f"[{_status_color(j['status'])}]{st}[/]", where or "",
+                  _ago(j["created_at"]))
+    Console().print(t)
+
+
+def _job_detail(j: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"job [bold]{j['chain_id']}[/] {j['name']} (attempt {j['id']}, restart {j['restart_count']}) "
+              f"user {j['user']}: [{_status_color(j['status'])}]{j['status']}[/]"
+              + (f", exit code {j['exit_code']}" if j["exit_code"] is not None else "")
+              + (f" - {j['reason']}" if j["reason"] else ""))
+    con.print(f"  command: {' '.join(j['command'])}")
+    con.print(f"  nodes: {j['nodes']} {j['assigned_nodes'] or ''}  priority {j['priority']}  "
+              f"stop: {j['stop']}  chain: {j['chain_status']}")
+    if j.get("ranks"):
+        t = Table("rank", "node", "local", "status", "exit", "pid", "message")
+        for r in j["ranks"]:
+            t.add_row(str(r["rank"]), r["node"], str(r["local_rank"]), f"[{_status_color(r['status'])}]{r['status']}[/]",
+                      "" if r["exit_code"] is None else str(r["exit_code"]), str(r["pid"] or ""), r["message"])
+        con.print(t)
+    if len(j.get("attempts", [])) > 1:
+        con.print("  attempts: " + ", ".join(f"{a['id']}:{a['status']}" for a in j["attempts"]))
+
+
+# -- jobs -------------------------------------------------------------------------------------------
+
+def _parse_submit_opts(opts: list[str]) -> dict:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="hai python SCRIPT [ARGS] --", add_help=False, exit_on_error=False)
+    ap.add_argument("-n", "--nodes", type=int, default=1)
+    ap.add_argument("-p", "--priority", default="normal")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--procs-per-node", type=int, default=0)
+    ap.add_argument("-e", "--env", action="append", default=[])
+    ap.add_argument("--shared", action="store_true")
+    ap.add_argument("-f", "--follow", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    try:
+        ns, extra = ap.parse_known_args(opts)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise typer.BadParameter(f"after '--': {exc}") from None
+    if extra:
+        raise typer.BadParameter(f"after '--': unknown option(s) {' '.join(extra)} (known: --nodes N, --priority P, "
+                                 "--name X, --procs-per-node K, --env K=V, --shared, --follow, --json)")
+    env = {}
+    for kv in ns.env:
+        if "=" not in kv:
+            raise typer.BadParameter(f"--env {kv!r}: expected KEY=VALUE")
+        k, v = kv.split("=", 1)
+        env[k] = v
+    return {"nodes": ns.nodes, "priority": ns.priority, "name": ns.name, "procs_per_node": ns.procs_per_node,
+            "env": env, "shared_in_group": ns.shared, "_follow": ns.follow, "_json": ns.json}
+
+
+def _submit_and_show(spec: dict, follow: bool, as_json: bool) -> None:
+    def go(c):
+        j = c.submit(spec)
+        if as_json and not follow:
+            typer.echo(json.dumps(j, indent=1))
+            return
+        typer.echo(f"submitted job {j['id']} ({j['name']}, {j['nodes']} node(s))", err=follow)
+        if follow:
+            for chunk in c.follow_logs(j["id"], 0):
+                typer.echo(chunk, nl=False)
+            final = c.wait(j["id"], timeout=60)
+            typer.echo(f"job {final['chain_id']} {final['status']} (exit code {final['exit_code']})", err=True)
+            if final["status"] != "succeeded":
+                raise typer.Exit(1)
+    _call(go)
+
+
+@app.command("python", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def python_cmd(ctx: typer.Context, script: str = typer.Argument(..., help="the training script")) -> None:
+    """Submit `python SCRIPT ARGS` as a job: hai python train.py --lr 1 -- --nodes 2 --name x [--follow]."""
+    import os
+    import sys
+
+    args = list(ctx.args)
+    ours = []
+    if "--" in args:
+        i = args.index("--")
+        args, ours = args[:i], args[i + 1:]
+    o = _parse_submit_opts(ours)
+    if not Path(script).exists():
+        _fail(FileNotFoundError(f"no such script {script!r} (relative to {os.getcwd()})"))
+    spec = {"name": o["name"] or Path(script).stem, "command": [sys.executable, "-u", script, *args],
+            "nodes": o["nodes"], "priority": o["priority"], "procs_per_node": o["procs_per_node"], "env": o["env"],
+            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"]}
+    _submit_and_show(spec, o["_follow"], o["_json"])
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_cmd(ctx: typer.Context, program: str = typer.Argument(..., help="a program on the nodes' PATH")) -> None:
+    """Submit any program as a job: hai exec true -- --nodes 1."""
+    import os
+
+    args = list(ctx.args)
+    ours = []
+    if "--" in args:
+        i = args.index("--")
+        args, ours = args[:i], args[i + 1:]
+    o = _parse_submit_opts(ours)
+    spec = {"name": o["name"] or Path(program).name, "command": [program, *args], "nodes": o["nodes"],
+            "priority": o["priority"], "procs_per_node": o["procs_per_node"], "env": o["env"],
+            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"]}
+    _submit_and_show(spec, o["_follow"], o["_json"])
+
+
+@app.command("run")
+def run_cmd(job_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="job.yaml"),
+            follow: bool = typer.Option(False, "--follow", "-f", help="follow rank 0's log until the end"),
+            as_json: bool = JsonOpt) -> None:
+    """Submit a job described in YAML (keys: name, command, nodes, procs_per_node, priority, env, workdir)."""
+    import os
+    import shlex
+
+    import yaml
+
+    try:
+        spec = yaml.safe_load(job_file.read_text())
+    except yaml.YAMLError as exc:
+        _fail(ValueError(f"{job_file}: not valid YAML: {exc}"))
+    if not isinstance(spec, dict):
+        _fail(ValueError(f"{job_file}: expected a mapping of job fields, got {type(spec).__name__}"))
+    if isinstance(spec.get("command"), str):
+        spec["command"] = shlex.split(spec["command"])
+    spec.setdefault("workdir", os.getcwd())
+    _submit_and_show(spec, follow, as_json)
+
+
+@app.command("status")
+def status_cmd(job_id: int, as_json: bool = JsonOpt) -> None:
+    """One job: its latest attempt, its ranks and where they run."""
+    _out(_call(lambda c: c.job(job_id)), as_json, _job_detail)
+
+
+@app.command("list")
+def list_cmd(all_users: bool = typer.Option(False, "--all", help="every user's jobs (admins)"),
+             status: str = typer.Option(None, help="only this status"),
+             limit: int = typer.Option(50, help="at most this many, newest first"), as_json: bool = JsonOpt) -> None:
+    """Your jobs (and those shared with your group), newest first."""
+    _out(_call(lambda c: c.jobs(all_users=all_users, status=status, limit=limit)), as_json, _jobs_table)
+
+
+@app.command("logs")
+def logs_cmd(job_id: int, follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until it ends"),
+             rank: int = typer.Option(0, "--rank", "-r", help="which rank")) -> None:
+    """A rank's output (stdout and stderr)."""
+    def go(c):
+        if follow:
+            for chunk in c.follow_logs(job_id, rank):
+                typer.echo(chunk, nl=False)
+        else:
+            typer.echo(c.logs(job_id, rank), nl=False)
+    _call(go)
+
+
+@app.command("stop")
+def stop_cmd(job_id: int, as_json: bool = JsonOpt) -> None:
+    """Stop a job (cancel it if it is still queued)."""
+    _out(_call(lambda c: c.stop(job_id)), as_json, lambda j: typer.echo(f"stopping job {job_id}"))
+
+
+@app.command("suspend")
+def suspend_cmd(job_id: int, as_json: bool = JsonOpt) -> None:
+    """Suspend a running job: it is stopped and re-queued, keeping its place."""
+    _out(_call(lambda c: c.suspend(job_id)), as_json, lambda j: typer.echo(f"suspending job {job_id}"))
+
+
+@app.command("nodes")
+def nodes_cmd(as_json: bool = JsonOpt) -> None:
+    """The cluster's nodes: health, drain state and the job on each."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def render(ns):
+        t = Table("node", "address", "zone", "leaf", "gpus", "state", "drained", "job", "heartbeat")
+        for n in ns:
+            color = "green" if n["state"] == "up" else "red"
+            t.add_row(n["name"], n["address"], n["zone"], n["leaf"], str(n["gpus"]), f"[{color}]{n['state']}[/]",
+                      ("yes: " + n["drain_reason"]) if n["drained"] else "", str(n["job"] or ""),
+                      f"{n['heartbeat_age']:.1f}s ago")
+        Console().print(t)
+    _out(_call(lambda c: c.nodes()), as_json, render)
+
+
+@app.command("whoami")
+def whoami_cmd(as_json: bool = JsonOpt) -> None:
+    """Who your token belongs to."""
+    _out(_call(lambda c: c.whoami()), as_json,
+         lambda u: typer.echo(f"{u['name']} ({u['role']}" + (f", group {u['group']})" if u["group"] else ")")))
+
+
+@app.command("init")
+def init_cmd(token: str, url: str = typer.Option(..., "--url", help="the API URL")) -> None:
+    """Save your token and the API URL to ~/.config/hai/config.json (mode 0600)."""
+    import os
+
+    p = _config_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": url, "token": token}, f)
+    typer.echo(f"saved to {p}")
+
+
+# -- admin ------------------------------------------------------------------------------------------
+
+admin_app = typer.Typer(help="Admin: nodes, quotas, users.", no_args_is_help=True)
+node_app = typer.Typer(help="Drain or return nodes.", no_args_is_help=True)
+quota_app = typer.Typer(help="Per user / group and priority node quotas.", no_args_is_help=True)
+user_app = typer.Typer(help="Users and their tokens.", no_args_is_help=True)
+db_app = typer.Typer(help="The scheduler database.", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+admin_app.add_typer(node_app, name="node")
+admin_app.add_typer(quota_app, name="quota")
+admin_app.add_typer(user_app, name="user")
+admin_app.add_typer(db_app, name="db")
+
+
+@node_app.command("drain")
+def node_drain(node: str, reason: str = typer.Option("", help="why"), as_json: bool = JsonOpt) -> None:
+    """No new job starts on NODE (running ones finish)."""
+    _out(_call(lambda c: c.drain(node, reason)), as_json, lambda n: typer.echo(f"{node} drained"))
+
+
+@node_app.command("undrain")
+def node_undrain(node: str, as_json: bool = JsonOpt) -> None:
+    """NODE takes jobs again."""
+    _out(_call(lambda c: c.undrain(node)), as_json, lambda n: typer.echo(f"{node} undrained"))
+
+
+@quota_app.command("set")
+def quota_set(subject: str = typer.Argument(..., help="user:NAME or group:NAME"),
+              max_nodes: int = typer.Argument(..., help="nodes at most"),
+              priority: int = typer.Option(None, help="only at this priority (default: any)"),
+              as_json: bool = JsonOpt) -> None:
+    """Set a quota: SUBJECT may hold at most MAX_NODES nodes (at PRIORITY, or at all)."""
+    _out(_call(lambda c: c.set_quota(subject, max_nodes, priority)), as_json,
+         lambda q: typer.echo(f"quota {subject} priority {priority if priority is not None else 'any'}: {max_nodes}"))
+
+
+@quota_app.command("list")
+def quota_list(as_json: bool = JsonOpt) -> None:
+    """Every quota."""
+    def render(qs):
+        for q in qs:
+            typer.echo(f"{q['subject']:30} priority {q['priority'] if q['priority'] is not None else 'any':>4}  "
+                       f"{q['max_nodes']} nodes")
+    _out(_call(lambda c: c.quotas()), as_json, render)
+
+
+@user_app.command("add")
+def user_add(name: str, role: str = typer.Option("user", help="user or admin"),
+             group: str = typer.Option(None, help="the user's group"), as_json: bool = JsonOpt) -> None:
+    """Add a user; prints their token (shown once)."""
+    _out(_call(lambda c: c.add_user(name, role, group)), as_json,
+         lambda u: typer.echo(f"user {u['name']} ({u['role']}) token: {u['token']}"))
+
+
+@user_app.command("list")
+def user_list(as_json: bool = JsonOpt) -> None:
+    """Every user."""
+    _out(_call(lambda c: c.users()), as_json,
+         lambda us: [typer.echo(f"{u['name']:20} {u['role']:6} {u['group'] or '-'}") for u in us])
+
+
+@db_app.command("upgrade")
+def db_upgrade(db_url: str = typer.Option(..., "--db-url", help="sqlite:///PATH or postgresql+psycopg://...")) -> None:
+    """Migrate a database to the current schema (the API server also does it at start)."""
+    from .db import Database, migrate
+    from .errors import HaiError
+
+    try:
+        migrate(db_url)
+        typer.echo(f"at revision {Database(db_url).revision()}")
+    except HaiError as exc:
+        _fail(exc)
+
+
+
 def main() -> None:
     app()
 

@@ -324,7 +324,9 @@ def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
     out: list[Decision] = node_health(snap, cfg)
     lost = {n.name for n in snap.nodes if n.state != "up"} | {d.node for d in out if isinstance(d, MarkNode)}
     out += reconcile(snap, cfg, lost)
-    finished = {d.job_id for d in out if isinstance(d, FinishJob)}
+    # A suspended attempt's nodes stay held until the next cycle, when its successor (inserted by this
+    # cycle's writes) is in the queue with the chain's first_id and can win them back.
+    finished = {d.job_id for d in out if isinstance(d, FinishJob) and not d.requeue}
     # nodes held: by every attempt holding nodes that is not finishing in this cycle
     held: set[str] = set()
     usage: dict = {}

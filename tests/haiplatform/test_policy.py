@@ -1,0 +1,188 @@
+"""The pure policy on in-memory snapshots: no database, no processes."""
+
+from __future__ import annotations
+
+from haiplatform.db import JobStatus, RankStatus, StopCode
+from haiplatform.policy import (
+    CancelJob,
+    FinishJob,
+    JobView,
+    MarkNode,
+    MarkRanksLost,
+    MarkRunning,
+    NodeView,
+    PolicyConfig,
+    QuotaView,
+    RankView,
+    SetReason,
+    Snapshot,
+    StartJob,
+    StopJob,
+    decide,
+    score_nodes,
+)
+
+NOW = 1000.0
+
+
+def nodes(n=4, **kw):
+    # 2 zones x 1 leaf, like deploy/clusters/local.toml
+    return tuple(NodeView(f"n{i}", zone="zone-a" if i < n // 2 else "zone-b",
+                          leaf="a-leaf0" if i < n // 2 else "b-leaf0", last_seen=NOW, **kw) for i in range(n))
+
+
+def starts(ds):
+    return {d.job_id: d.nodes for d in ds if isinstance(d, StartJob)}
+
+
+def test_priority_first_then_first_submission():
+    jobs = (JobView(1, "alice", 1, priority=10), JobView(2, "bob", 1, priority=30),
+            JobView(3, "carol", 1, priority=10), JobView(4, "dave", 1, priority=10))
+    ds = decide(Snapshot(NOW, jobs, nodes(2)))
+    assert set(starts(ds)) == {2, 1}  # the high-priority job and the oldest normal one
+    reasons = {d.job_id: d.reason for d in ds if isinstance(d, SetReason)}
+    assert reasons == {3: "waiting for nodes", 4: "waiting for nodes"}
+
+
+def test_resumed_attempt_keeps_its_place():
+    # attempt 9 resumes chain 2 (first_id 2): it goes before job 5 submitted later
+    jobs = (JobView(5, "alice", 1), JobView(9, "bob", 1, first_id=2))
+    assert set(starts(decide(Snapshot(NOW, jobs, nodes(1))))) == {9}
+
+
+def test_whole_nodes_packed_by_leaf_and_ranks_laid_out():
+    ds = decide(Snapshot(NOW, (JobView(1, "a", 2, procs_per_node=3),), nodes(4)))
+    (d,) = [d for d in ds if isinstance(d, StartJob)]
+    assert d.nodes in (("n0", "n1"), ("n2", "n3"))   # one leaf, never split across zones
+    assert [r[0] for r in d.ranks] == list(range(6))
+    assert [(r[1], r[2]) for r in d.ranks[:4]] == [(d.nodes[0], 0), (d.nodes[0], 1), (d.nodes[0], 2), (d.nodes[1], 0)]
+
+
+def test_score_prefers_tightest_leaf():
+    free = [NodeView("n0", "z", "l0"), NodeView("n2", "z", "l1"), NodeView("n3", "z", "l1")]
+    assert score_nodes(free, 1) == ("n0",)       # leaves l1 whole for a 2-node job
+    assert score_nodes(free, 2) == ("n2", "n3")
+    assert score_nodes(free, 4) is None
+
+
+def test_held_drained_and_lost_nodes_are_not_used():
+    running = JobView(1, "a", 1, status=JobStatus.RUNNING, assigned_nodes=("n0",),
+                      ranks=(RankView(0, "n0", RankStatus.RUNNING),))
+    ns = (NodeView("n0", last_seen=NOW), NodeView("n1", drained=True, last_seen=NOW),
+          NodeView("n2", state="lost", last_seen=NOW), NodeView("n3", last_seen=NOW))
+    ds = decide(Snapshot(NOW, (running, JobView(2, "b", 1), JobView(3, "c", 1)), ns))
+    assert starts(ds) == {2: ("n3",)}
+
+
+def test_strict_order_head_blocks_smaller_jobs_behind_it():
+    jobs = (JobView(1, "a", 4), JobView(2, "b", 1))
+    ds = decide(Snapshot(NOW, jobs, nodes(3)))
+    assert starts(ds) == {}
+    assert {d.job_id for d in ds if isinstance(d, SetReason)} == {1, 2}
+
+
+def test_quota_per_user_and_priority():
+    q = (QuotaView("user:alice", 1, priority=10),)
+    running = JobView(1, "alice", 1, status=JobStatus.RUNNING, assigned_nodes=("n0",),
+                      ranks=(RankView(0, "n0", RankStatus.RUNNING),))
+    jobs = (running, JobView(2, "alice", 1), JobView(3, "alice", 1, priority=30), JobView(4, "bob", 1))
+    ds = decide(Snapshot(NOW, jobs, nodes(4), q))
+    assert set(starts(ds)) == {3, 4}   # quota-blocked job 2 does not block others
+    reasons = {d.job_id: d.reason for d in ds if isinstance(d, SetReason)}
+    assert reasons[2].startswith("out_of_quota: user:alice at priority 10 uses 1 of 1")
+
+
+def test_group_quota_and_quota_exceeded():
+    q = (QuotaView("group:vision", 2),)
+    jobs = (JobView(1, "a", 3, group="vision"), JobView(2, "b", 1, group="vision"), JobView(3, "c", 1, group="vision"),
+            JobView(4, "d", 1, group="vision"))
+    ds = decide(Snapshot(NOW, jobs, nodes(4), q))
+    assert set(starts(ds)) == {2, 3}
+    reasons = {d.job_id: d.reason for d in ds if isinstance(d, SetReason)}
+    assert reasons[1].startswith("quota_exceeded: asks 3 nodes")
+    assert reasons[4].startswith("out_of_quota")
+
+
+def test_unchanged_reason_is_not_rewritten():
+    ds = decide(Snapshot(NOW, (JobView(1, "a", 9, reason="waiting for nodes"),), nodes(4)))
+    assert ds == []
+
+
+def test_all_ranks_running_marks_running_and_success_finishes():
+    ranks = (RankView(0, "n0", RankStatus.RUNNING), RankView(1, "n1", RankStatus.RUNNING))
+    j = JobView(1, "a", 2, status=JobStatus.SCHEDULED, assigned_nodes=("n0", "n1"), ranks=ranks)
+    assert MarkRunning(1) in decide(Snapshot(NOW, (j,), nodes(4)))
+    done = (RankView(0, "n0", RankStatus.SUCCEEDED, exit_code=0), RankView(1, "n1", RankStatus.SUCCEEDED, exit_code=0))
+    j = JobView(1, "a", 2, status=JobStatus.RUNNING, assigned_nodes=("n0", "n1"), ranks=done)
+    (f,) = [d for d in decide(Snapshot(NOW, (j,), nodes(4))) if isinstance(d, FinishJob)]
+    assert (f.status, f.exit_code, f.requeue) == (JobStatus.SUCCEEDED, 0, False)
+
+
+def test_failed_rank_stops_the_others_then_job_fails_with_its_exit_code():
+    ranks = (RankView(0, "n0", RankStatus.RUNNING), RankView(1, "n1", RankStatus.FAILED, exit_code=3))
+    j = JobView(1, "a", 2, status=JobStatus.RUNNING, assigned_nodes=("n0", "n1"), ranks=ranks)
+    ds = decide(Snapshot(NOW, (j, JobView(2, "b", 2)), nodes(4)))
+    (s,) = [d for d in ds if isinstance(d, StopJob)]
+    assert s.code == StopCode.FAILED and "rank 1 failed (exit code 3)" in s.reason
+    assert starts(ds) == {2: ("n2", "n3")}   # the stopping job still holds n0, n1
+    ranks = (RankView(0, "n0", RankStatus.KILLED, exit_code=-15), RankView(1, "n1", RankStatus.FAILED, exit_code=3))
+    j = JobView(1, "a", 2, status=JobStatus.STOPPING, stop_code=StopCode.FAILED, assigned_nodes=("n0", "n1"),
+                ranks=ranks)
+    (f,) = [d for d in decide(Snapshot(NOW, (j,), nodes(4))) if isinstance(d, FinishJob)]
+    assert f.status == JobStatus.FAILED and f.exit_code in (3, -15)
+
+
+def test_missed_heartbeats_lose_the_node_and_fail_its_job():
+    ns = (NodeView("n0", last_seen=NOW), NodeView("n1", last_seen=NOW - 30))
+    ranks = (RankView(0, "n0", RankStatus.RUNNING), RankView(1, "n1", RankStatus.RUNNING))
+    j = JobView(1, "a", 2, status=JobStatus.RUNNING, assigned_nodes=("n0", "n1"), ranks=ranks)
+    ds = decide(Snapshot(NOW, (j,), ns), PolicyConfig(heartbeat_timeout=10))
+    assert MarkNode("n1", "lost", ds[0].reason) in ds
+    assert MarkRanksLost(1, "n1") in ds
+    (s,) = [d for d in ds if isinstance(d, StopJob)]
+    assert s.code == StopCode.NODE_LOST
+    # within the timeout nothing happens
+    assert decide(Snapshot(NOW, (j,), ns), PolicyConfig(heartbeat_timeout=60)) == []
+
+
+def test_stop_requests_cancel_queued_and_stop_running():
+    q = JobView(1, "a", 1, stop_requested=StopCode.MANUAL_STOP)
+    r = JobView(2, "b", 1, status=JobStatus.RUNNING, stop_requested=StopCode.MANUAL_STOP, assigned_nodes=("n0",),
+                ranks=(RankView(0, "n0", RankStatus.RUNNING),))
+    ds = decide(Snapshot(NOW, (q, r), nodes(2)))
+    assert CancelJob(1) in ds
+    assert StopJob(2, StopCode.MANUAL_STOP, "stop", "stop requested") in ds
+
+
+def test_suspend_stops_with_signal_then_requeues_the_chain():
+    r = JobView(2, "b", 1, status=JobStatus.RUNNING, stop_requested=StopCode.INTERRUPT, assigned_nodes=("n0",),
+                ranks=(RankView(0, "n0", RankStatus.RUNNING),))
+    (s,) = [d for d in decide(Snapshot(NOW, (r,), nodes(1))) if isinstance(d, StopJob)]
+    assert s.desired == "suspend"
+    r = JobView(2, "b", 1, status=JobStatus.STOPPING, stop_requested=StopCode.INTERRUPT, stop_code=StopCode.INTERRUPT,
+                assigned_nodes=("n0",), ranks=(RankView(0, "n0", RankStatus.KILLED, exit_code=-15),))
+    (f,) = [d for d in decide(Snapshot(NOW, (r,), nodes(1))) if isinstance(d, FinishJob)]
+    assert f.status == JobStatus.SUSPENDED and f.requeue
+
+
+def test_suspend_arriving_after_the_job_ended_does_not_requeue():
+    r = JobView(2, "b", 1, status=JobStatus.RUNNING, stop_requested=StopCode.INTERRUPT, assigned_nodes=("n0",),
+                ranks=(RankView(0, "n0", RankStatus.SUCCEEDED, exit_code=0),))
+    (f,) = [d for d in decide(Snapshot(NOW, (r,), nodes(1))) if isinstance(d, FinishJob)]
+    assert f.status == JobStatus.SUCCEEDED and not f.requeue
+
+
+def test_finishing_job_frees_its_nodes_in_the_same_cycle():
+    done = JobView(1, "a", 1, status=JobStatus.RUNNING, assigned_nodes=("n0",),
+                   ranks=(RankView(0, "n0", RankStatus.SUCCEEDED, exit_code=0),))
+    ds = decide(Snapshot(NOW, (done, JobView(2, "b", 1)), nodes(1)))
+    assert any(isinstance(d, FinishJob) for d in ds) and starts(ds) == {2: ("n0",)}
+
+
+def test_suspended_attempt_holds_its_nodes_for_one_cycle_so_its_successor_wins_them():
+    r = JobView(2, "b", 1, status=JobStatus.STOPPING, stop_code=StopCode.INTERRUPT, assigned_nodes=("n0",),
+                ranks=(RankView(0, "n0", RankStatus.KILLED, exit_code=-15),))
+    ds = decide(Snapshot(NOW, (r, JobView(3, "c", 1)), nodes(1)))
+    assert any(isinstance(d, FinishJob) and d.requeue for d in ds) and starts(ds) == {}
+    resumed = JobView(4, "b", 1, first_id=2)
+    assert starts(decide(Snapshot(NOW, (JobView(3, "c", 1), resumed), nodes(1)))) == {4: ("n0",)}
