@@ -1,0 +1,208 @@
+"""fs3 chunk throughput through the chunk client on the local 3-replica cluster, against two
+references measured in the same run.
+
+- fs3: 1 MiB chunks, sequential and random write and read, through ``fs3.client.ChunkClient``
+  from n0 (127.0.0.2) to the storage servers on n1..n3 (127.0.0.3..5), 3-replica chains;
+- bare TCP: the same bytes as one stream of 1 MiB sends from 127.0.0.2 to a receiver process on
+  127.0.0.3 that lands them in one buffer (the network path: what bounds a real cluster);
+- local disk: the same bytes written to and read back from 1 MiB files in a plain directory
+  (the disk path).
+
+Targets (same-run ratios): read >= 70% of the bare stream; 3-replica write >= 25% of it (a chain
+moves every byte three times). Each figure is the median of ``--trials`` trials.
+
+    python bench/fs3_chunks.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deploy.local import LocalCluster  # noqa: E402
+from fs3.client import ChunkClient, ReadIO, WriteIO  # noqa: E402
+from network.topology import dump_cluster  # noqa: E402
+
+SRC, DST = "127.0.0.2", "127.0.0.3"
+MiB = 1 << 20
+
+
+def _sink(port_q, total: int) -> None:
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((DST, 0))
+    ls.listen(1)
+    port_q.put(ls.getsockname()[1])
+    buf = bytearray(MiB)
+    view = memoryview(buf)
+    while True:
+        s, _ = ls.accept()
+        hdr = s.recv(8)
+        if not hdr or hdr == b"quit....":
+            s.close()
+            break
+        n = int.from_bytes(hdr, "big")
+        got = 0
+        while got < n:
+            k = s.recv_into(view[: min(MiB, n - got)])
+            if not k:
+                break
+            got += k
+        s.sendall(b"k")
+        s.close()
+    ls.close()
+
+
+def bare_stream(port: int, chunks: list[bytes]) -> float:
+    total = sum(len(c) for c in chunks)
+    s = socket.socket()
+    s.bind((SRC, 0))
+    s.connect((DST, port))
+    t0 = time.perf_counter()
+    s.sendall(total.to_bytes(8, "big"))
+    for c in chunks:
+        s.sendall(c)
+    assert s.recv(1) == b"k"
+    dt = time.perf_counter() - t0
+    s.close()
+    return total / dt
+
+
+def disk(chunks: list[bytes], d: Path) -> tuple[float, float]:
+    d.mkdir(parents=True, exist_ok=True)
+    total = sum(len(c) for c in chunks)
+    t0 = time.perf_counter()
+    for i, c in enumerate(chunks):
+        with open(d / f"{i}.tmp", "wb") as f:
+            f.write(c)
+        os.replace(d / f"{i}.tmp", d / f"{i}")
+    w = total / (time.perf_counter() - t0)
+    buf = bytearray(MiB)
+    t0 = time.perf_counter()
+    for i in range(len(chunks)):
+        with open(d / f"{i}", "rb", buffering=0) as f:
+            f.readinto(buf)
+    r = total / (time.perf_counter() - t0)
+    return w, r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small run (< 60 s)")
+    ap.add_argument("--mib", type=int, default=None, help="data per trial in MiB (default 256, quick 64)")
+    ap.add_argument("--trials", type=int, default=None, help="trials per figure (default 3, quick 2)")
+    ap.add_argument("--inflight", type=int, default=8, help="client requests in flight")
+    args = ap.parse_args()
+    nmib = args.mib or (64 if args.quick else 256)
+    trials = args.trials or (2 if args.quick else 3)
+    rng = random.Random(0)
+    chunks = [rng.randbytes(MiB) for _ in range(min(nmib, 32))]
+    chunks = [chunks[i % len(chunks)] for i in range(nmib)]
+    total = nmib * MiB
+
+    tmp = Path(tempfile.mkdtemp(prefix="fs3bench-"))
+    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
+    raw["service"] = [s for s in raw["service"] if s["module"] in ("fs3.mgmtd", "fs3.storage")]
+    for k in ("haiplatform", "hfreduce", "haiscale"):
+        raw.pop(k, None)
+    raw["fs3"]["chunk_size"] = MiB
+    cf = tmp / "bench.toml"
+    cf.write_text(dump_cluster(raw))
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    sink = ctx.Process(target=_sink, args=(q, total), daemon=True)
+    sink.start()
+    port = q.get(timeout=30)
+
+    lc = LocalCluster(cf, tmp / "run", ports="auto", services=["fs3.mgmtd", "fs3.storage"])
+    fig: dict[str, list[float]] = {k: [] for k in ("bare_tcp", "disk_write", "disk_read", "fs3_seq_write",
+                                                   "fs3_rand_write", "fs3_seq_read", "fs3_rand_read")}
+    try:
+        lc.up()
+        client = ChunkClient.from_cluster(lc.cluster_file, node="n0", max_inflight=args.inflight, timeout=60)
+        chains = client.chains()
+        # settle: every server registered and reachable
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                client.write(chains[0], 1 << 40, b"warm")
+                break
+            except Exception:  # noqa: BLE001
+                time.sleep(0.2)
+        keys = [(chains[i % len(chains)], i) for i in range(nmib)]
+        bufs = [bytearray(MiB) for _ in range(args.inflight * 2)]
+        for _t in range(trials):
+            fig["bare_tcp"].append(bare_stream(port, chunks))
+            w, r = disk(chunks, tmp / "disk")
+            fig["disk_write"].append(w)
+            fig["disk_read"].append(r)
+            for name, order in (("seq", list(range(nmib))), ("rand", rng.sample(range(nmib), nmib))):
+                t0 = time.perf_counter()
+                client.batch_write([WriteIO(*keys[i], chunks[i]) for i in order])
+                fig[f"fs3_{name}_write"].append(total / (time.perf_counter() - t0))
+            for name, order in (("seq", list(range(nmib))), ("rand", rng.sample(range(nmib), nmib))):
+                step = len(bufs)
+                t0 = time.perf_counter()
+                for k in range(0, nmib, step):
+                    part = order[k:k + step]
+                    client.batch_read([ReadIO(*keys[i], into=bufs[j]) for j, i in enumerate(part)])
+                fig[f"fs3_{name}_read"].append(total / (time.perf_counter() - t0))
+            # the last read batch came back intact
+            assert bytes(bufs[0]) == chunks[part[0]], "fs3 returned wrong bytes"
+        client.close()
+    finally:
+        lc.down()
+        try:
+            s = socket.create_connection((DST, port), timeout=5)
+            s.sendall(b"quit....")
+            s.close()
+        except OSError:
+            pass
+        sink.join(10)
+        if sink.is_alive():
+            sink.terminate()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {k: statistics.median(v) / 1e9 for k, v in fig.items()}  # GB/s
+    bare = med["bare_tcp"]
+    ratios = {
+        "seq_read_vs_bare": med["fs3_seq_read"] / bare,
+        "rand_read_vs_bare": med["fs3_rand_read"] / bare,
+        "seq_write_vs_bare": med["fs3_seq_write"] / bare,
+        "rand_write_vs_bare": med["fs3_rand_write"] / bare,
+        "seq_read_vs_disk": med["fs3_seq_read"] / med["disk_read"],
+        "seq_write_vs_disk": med["fs3_seq_write"] / med["disk_write"],
+    }
+    targets = {"seq_read_vs_bare": 0.70, "rand_read_vs_bare": 0.70, "seq_write_vs_bare": 0.25,
+               "rand_write_vs_bare": 0.25}
+    ok = all(ratios[k] >= v for k, v in targets.items())
+    print(f"fs3 chunks: {nmib} x 1 MiB per trial, {trials} trials (median), {args.inflight} in flight, "
+          f"3-replica chains on n1..n3, client on n0")
+    print(f"{'path':<22}{'GB/s':>8}{'vs bare TCP':>13}")
+    for k in ("bare_tcp", "disk_write", "disk_read", "fs3_seq_write", "fs3_rand_write", "fs3_seq_read",
+              "fs3_rand_read"):
+        print(f"{k:<22}{med[k]:>8.3f}{med[k] / bare:>12.0%}")
+    for k, v in targets.items():
+        print(f"target {k:<20} >= {v:.0%}: {ratios[k]:.0%} {'ok' if ratios[k] >= v else 'MISSED'}")
+    print(json.dumps({"bench": "fs3_chunks", "figures": {k: round(v, 4) for k, v in med.items()},
+                      "ratios": {k: round(v, 4) for k, v in ratios.items()}, "targets": targets, "ok": ok}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
