@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(help="hai: submit and follow training jobs on a fireflyer cluster.", no_args_is_help=True,
                   add_completion=False)
@@ -242,17 +243,32 @@ def _submit_and_show(spec: dict, follow: bool, as_json: bool) -> None:
     _call(go)
 
 
-@app.command("python", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+class _RawArgs(TyperCommand):
+    """Keeps the raw arguments: click drops the '--' that separates the program's args from ours."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["raw_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _split_raw(ctx: typer.Context) -> tuple[list[str], list[str]]:
+    raw = ctx.meta.get("raw_args", [])[1:]  # [0] is the script / program
+    if "--" in raw:
+        i = raw.index("--")
+        return raw[:i], raw[i + 1:]
+    return raw, []
+
+
+_RAW = {"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+@app.command("python", cls=_RawArgs, context_settings=_RAW)
 def python_cmd(ctx: typer.Context, script: str = typer.Argument(..., help="the training script")) -> None:
     """Submit `python SCRIPT ARGS` as a job: hai python train.py --lr 1 -- --nodes 2 --name x [--follow]."""
     import os
     import sys
 
-    args = list(ctx.args)
-    ours = []
-    if "--" in args:
-        i = args.index("--")
-        args, ours = args[:i], args[i + 1:]
+    args, ours = _split_raw(ctx)
     o = _parse_submit_opts(ours)
     if not Path(script).exists():
         _fail(FileNotFoundError(f"no such script {script!r} (relative to {os.getcwd()})"))
@@ -262,16 +278,12 @@ def python_cmd(ctx: typer.Context, script: str = typer.Argument(..., help="the t
     _submit_and_show(spec, o["_follow"], o["_json"])
 
 
-@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("exec", cls=_RawArgs, context_settings=_RAW)
 def exec_cmd(ctx: typer.Context, program: str = typer.Argument(..., help="a program on the nodes' PATH")) -> None:
     """Submit any program as a job: hai exec true -- --nodes 1."""
     import os
 
-    args = list(ctx.args)
-    ours = []
-    if "--" in args:
-        i = args.index("--")
-        args, ours = args[:i], args[i + 1:]
+    args, ours = _split_raw(ctx)
     o = _parse_submit_opts(ours)
     spec = {"name": o["name"] or Path(program).name, "command": [program, *args], "nodes": o["nodes"],
             "priority": o["priority"], "procs_per_node": o["procs_per_node"], "env": o["env"],

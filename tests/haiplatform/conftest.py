@@ -3,7 +3,6 @@ description with a [haiplatform] section of our choosing, and an API client for 
 
 from __future__ import annotations
 
-import time
 import tomllib
 from pathlib import Path
 
@@ -45,28 +44,3 @@ def cluster_file(tmp_path):
         p.write_text(tomli_w.dumps(raw))
         return p
     return make
-
-
-def hai_client(lc, wait_nodes: int = 4):
-    """An admin client of a launched cluster, once ``wait_nodes`` agents have registered."""
-    from haiplatform.client import HaiClient
-
-    addr, port = lc.cluster.endpoint("haiplatform.api")
-    tok = (lc.run_dir / "hai" / "admin.token").read_text().strip()
-    c = HaiClient(f"http://{addr}:{port}", tok, timeout=30)
-    deadline = time.monotonic() + 30
-    while len([n for n in c.nodes() if n["state"] == "up"]) < wait_nodes:
-        assert time.monotonic() < deadline, f"agents did not register: {c.nodes()}"
-        time.sleep(0.05)
-    return c
-
-
-def wait_for(pred, timeout=30.0, what="condition", poll=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)

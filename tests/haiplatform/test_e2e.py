@@ -1,0 +1,174 @@
+"""End to end on the local cluster (real processes, real TCP between 127.0.0.x nodes): the API, the
+scheduler and 4 agents started by the launcher; jobs submitted through the `hai` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from haiplatform.cli import app
+
+
+def hai_client(lc, wait_nodes: int = 4):
+    """An admin client of a launched cluster, once ``wait_nodes`` agents have registered."""
+    from haiplatform.client import HaiClient
+
+    addr, port = lc.cluster.endpoint("haiplatform.api")
+    tok = (lc.run_dir / "hai" / "admin.token").read_text().strip()
+    c = HaiClient(f"http://{addr}:{port}", tok, timeout=30)
+    deadline = time.monotonic() + 30
+    while len([n for n in c.nodes() if n["state"] == "up"]) < wait_nodes:
+        assert time.monotonic() < deadline, f"agents did not register: {c.nodes()}"
+        time.sleep(0.05)
+    return c
+
+
+def wait_for(pred, timeout=30.0, what="condition", poll=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)
+
+
+ENV_SCRIPT = """
+import json, os, sys
+keys = ["WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "NNODES", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+        "MASTER_PORT", "HAI_JOB_ID", "HAI_CHAIN_ID", "HAI_RESTART_COUNT", "HAI_NODE_NAME", "HAI_CLUSTER_FILE",
+        "HAI_WHOLE_LIFE_STATE", "HAI_CONTROL"]
+print("ENV " + json.dumps({k: os.environ.get(k) for k in keys}))
+print("to stderr", file=sys.stderr)
+sys.exit(int(os.environ.get("EXIT", "0")))
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def hai(c, *args):
+    r = CliRunner().invoke(app, ["--url", c.url, "--token", c._http.headers["Authorization"][7:], *args])
+    return r
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def cluster(request, launch_cluster, cluster_file):
+    if request.param == "postgres":
+        f = cluster_file(db_url=request.getfixturevalue("pg_url"))
+    else:
+        f = cluster_file()
+    lc = launch_cluster(f)
+    c = hai_client(lc)
+    yield lc, c
+    c.close()
+
+
+def test_submit_runs_on_n_agents_logs_exit_code_status(cluster, tmp_path):
+    lc, c = cluster
+    script = tmp_path / "envdump.py"
+    script.write_text(ENV_SCRIPT)
+    r = hai(c, "python", str(script), "--", "--nodes", "2", "--procs-per-node", "2", "--name", "envdump", "--follow")
+    assert r.exit_code == 0, r.output
+    assert "ENV " in r.output and "to stderr" in r.output and "succeeded" in r.output
+    jid = c.jobs()[0]["id"]
+    st = json.loads(hai(c, "status", str(jid), "--json").output)
+    assert st["status"] == "succeeded" and st["exit_code"] == 0 and len(st["assigned_nodes"]) == 2
+    assert [(x["rank"], x["status"], x["exit_code"]) for x in st["ranks"]] == [(i, "succeeded", 0) for i in range(4)]
+    envs = []
+    for rank in range(4):
+        out = hai(c, "logs", str(jid), "--rank", str(rank)).output
+        envs.append(json.loads(out.split("ENV ", 1)[1].splitlines()[0]))
+    first = lc.cluster.node(st["assigned_nodes"][0])
+    for rank, e in enumerate(envs):
+        assert e["WORLD_SIZE"] == "4" and e["RANK"] == str(rank) and e["LOCAL_WORLD_SIZE"] == "2"
+        assert e["LOCAL_RANK"] == str(rank % 2) and e["NNODES"] == "2"
+        assert e["NODE_RANK"] == e["GROUP_RANK"] == str(rank // 2)
+        assert e["MASTER_ADDR"] == first.address and e["MASTER_PORT"] == envs[0]["MASTER_PORT"] != "0"
+        assert e["HAI_JOB_ID"] == e["HAI_CHAIN_ID"] == str(jid) and e["HAI_RESTART_COUNT"] == "0"
+        assert e["HAI_NODE_NAME"] == st["assigned_nodes"][rank // 2]
+        assert e["HAI_CLUSTER_FILE"] == str(lc.cluster_file) and e["HAI_WHOLE_LIFE_STATE"] == "0"
+        assert os.path.isdir(e["HAI_CONTROL"])
+    # a failing job: its exit code, status failed, and the CLI says so
+    r = hai(c, "python", str(script), "--", "--nodes", "1", "--env", "EXIT=3", "--follow")
+    assert r.exit_code == 1 and "failed (exit code 3)" in r.output
+    listed = json.loads(hai(c, "list", "--json").output)
+    assert [(j["status"], j["exit_code"]) for j in listed] == [("failed", 3), ("succeeded", 0)]
+    assert "envdump" in hai(c, "list").output
+
+
+def test_stop_kills_the_whole_process_tree(launch_cluster, cluster_file, tmp_path):
+    lc = launch_cluster(cluster_file(stop_grace=1.0))
+    c = hai_client(lc)
+    pidfile = tmp_path / "pids"
+    script = tmp_path / "tree.py"
+    script.write_text(f"""
+import os, subprocess, sys, time
+child = subprocess.Popen(["sleep", "300"])
+open({str(pidfile)!r}, "w").write(f"{{os.getpid()}} {{child.pid}}")
+signal_ignored = __import__("signal").signal(__import__("signal").SIGTERM, __import__("signal").SIG_IGN)
+time.sleep(300)
+""")
+    j = c.submit({"name": "tree", "command": [sys.executable, str(script)], "nodes": 1})
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the job's pid file")
+    pids = [int(x) for x in pidfile.read_text().split()]
+    assert all(alive(p) for p in pids)
+    r = hai(c, "stop", str(j["id"]))
+    assert r.exit_code == 0, r.output
+    done = c.wait(j["id"], timeout=30)
+    assert done["status"] == "stopped" and done["stop"] == "manual_stop"
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=10, what="the rank and its child to die")
+    r = hai(c, "stop", str(j["id"]))
+    assert r.exit_code == 1 and "already ended" in r.output
+
+
+def test_scheduler_killed_and_restarted_keeps_queue_and_running_jobs(launch_cluster, cluster_file):
+    lc = launch_cluster(cluster_file())
+    c = hai_client(lc)
+    long = c.submit({"name": "long", "command": ["sleep", "2"], "nodes": 4})
+    wait_for(lambda: c.job(long["id"])["status"] == "running", what="the 4-node job to run")
+    queued = [c.submit({"name": f"q{i}", "command": ["true"], "nodes": 2})["id"] for i in range(2)]
+    lc.kill("haiplatform.scheduler", "n0", signal.SIGKILL)
+    late = c.submit({"name": "late", "command": ["true"], "nodes": 1})["id"]  # accepted without a scheduler
+    before = c.job(long["id"])
+    assert before["status"] == "running" and [x["status"] for x in before["ranks"]] == ["running"] * 4
+    assert [c.job(i)["status"] for i in [*queued, late]] == ["queued"] * 3
+    pids = [x["pid"] for x in before["ranks"]]
+    lc.start("haiplatform.scheduler", "n0")
+    for jid in (long["id"], *queued, late):
+        assert c.wait(jid, timeout=60)["status"] == "succeeded"
+    after = c.job(long["id"])
+    assert len(after["attempts"]) == 1 and [x["pid"] for x in after["ranks"]] == pids  # started once
+
+
+def test_agent_killed_node_goes_lost_and_its_job_fails(launch_cluster, cluster_file, tmp_path):
+    lc = launch_cluster(cluster_file(heartbeat_timeout=2.0, stop_grace=1.0))
+    c = hai_client(lc)
+    j = c.submit({"name": "victim", "command": ["sleep", "300"], "nodes": 4})
+    running = wait_for(lambda: (x := c.job(j["id"]))["status"] == "running" and x, what="the job to run")
+    pid_on = {r["node"]: r["pid"] for r in running["ranks"]}
+    lc.kill("haiplatform.agent", "n1", signal.SIGKILL)
+    done = c.wait(j["id"], timeout=30)
+    assert done["status"] == "failed" and "node_lost" in done["stop"]
+    ranks = {r["node"]: r for r in done["ranks"]}
+    assert ranks["n1"]["status"] == "lost" and {ranks[n]["status"] for n in ("n0", "n2", "n3")} == {"killed"}
+    assert {n["name"]: n["state"] for n in c.nodes()}["n1"] == "lost"
+    wait_for(lambda: not any(alive(p) for p in pid_on.values()), timeout=10, what="every rank to die")
+    # the lost node takes no job; once its agent is back it does
+    k = c.submit({"name": "after", "command": ["true"], "nodes": 4})
+    time.sleep(0.5)
+    assert c.job(k["id"])["status"] == "queued" and c.job(k["id"])["reason"] == "waiting for nodes"
+    lc.start("haiplatform.agent", "n1")
+    assert c.wait(k["id"], timeout=30)["status"] == "succeeded"
