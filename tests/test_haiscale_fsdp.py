@@ -1,0 +1,271 @@
+"""haiscale FSDP (ZeRO-3) on 2 real processes: it must train exactly like DDP and like one process
+on the concatenated batch (also with the optimizer stepped during backward), hold 1/N of the
+parameters per rank, and save -> load -> continue like an uninterrupted run."""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import haiscale  # noqa: E402
+from haiscale.ddp import DistributedDataParallel  # noqa: E402
+from haiscale.fsdp import (  # noqa: E402
+    BackwardPrefetch,
+    FullyShardedDataParallel,
+    ModuleWrapPolicy,
+    size_based_auto_wrap_policy,
+)
+
+WORLD = 2
+STEPS = 3
+ATOL, RTOL = 2e-5, 1e-4
+
+
+class Net(nn.Module):
+    def __init__(self, vocab: int = 40, d: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=24, dropout=0.0, batch_first=True)
+            for _ in range(layers)
+        )
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x):
+        h = self.tok(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(self.ln(h))
+
+
+def make_net() -> nn.Module:
+    torch.manual_seed(0)
+    return Net()
+
+
+def batch(step: int, n: int = 8):
+    g = torch.Generator().manual_seed(500 + step)
+    return torch.randint(0, 40, (n, 5), generator=g), torch.randint(0, 40, (n, 5), generator=g)
+
+
+def loss_fn(out, y):
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def half(t, rank):
+    n = t.shape[0] // WORLD
+    return t[rank * n : (rank + 1) * n]
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.2, momentum=0.9)
+
+
+def reference(steps: int = STEPS) -> dict:
+    m = make_net()
+    opt = sgd(m.parameters())
+    for step in range(steps):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_fn(m(x), y).backward()
+        opt.step()
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+POLICY = ModuleWrapPolicy([nn.TransformerEncoderLayer])
+
+
+def run(model, opt, rank: int, start: int, stop: int) -> None:
+    for step in range(start, stop):
+        x, y = batch(step)
+        if opt is not None:
+            opt.zero_grad()
+        loss_fn(model(half(x, rank)), half(y, rank)).backward()
+        if opt is not None:
+            opt.step()
+
+
+def fsdp_worker(local_rank: int, out_dir: str) -> None:
+    import hfreduce
+
+    torch.set_num_threads(1)
+    hfreduce.init(timeout=60)
+    rank = hfreduce.get_rank()
+    res: dict = {}
+    try:
+        # DDP on the same data, as the yardstick
+        ddp = DistributedDataParallel(make_net())
+        run(ddp, sgd(ddp.parameters()), rank, 0, STEPS)
+        res["ddp"] = ddp.state_dict()
+        ddp.reducer.stop()
+
+        for name, kw in {
+            "fsdp": dict(auto_wrap_policy=POLICY),
+            "fsdp_post_prefetch": dict(auto_wrap_policy=POLICY, backward_prefetch=BackwardPrefetch.BACKWARD_POST,
+                                       forward_prefetch=False),
+            "fsdp_one_unit": dict(),
+            "fsdp_size_policy": dict(auto_wrap_policy=functools.partial(size_based_auto_wrap_policy, min_num_params=500)),
+        }.items():
+            m = make_net()
+            if rank == 1:
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.mul_(3.0)  # rank 0's parameters must win
+            f = FullyShardedDataParallel(m, **kw)
+            run(f, sgd(f.parameters()), rank, 0, STEPS)
+            res[name] = f.full_state_dict()
+            res[f"{name}_units"] = len(f.optimizers) or sum(isinstance(x, FullyShardedDataParallel) for x in f.modules())
+            res[f"{name}_shard_numel"] = sum(p.numel() for p in f.parameters())
+            res[f"{name}_total_numel"] = sum(v.numel() for v in make_net().parameters())
+
+        # the optimizer step of each unit runs during backward
+        f = FullyShardedDataParallel(make_net(), auto_wrap_policy=POLICY,
+                                     optimizer_in_backward=(torch.optim.SGD, {"lr": 0.2, "momentum": 0.9}))
+        run(f, None, rank, 0, STEPS)
+        res["fsdp_oib"] = f.full_state_dict()
+        res["fsdp_oib_optimizers"] = len(f.optimizers)
+
+        # summon_full_params: full values on every rank; writeback changes this rank's shard
+        f = FullyShardedDataParallel(make_net(), auto_wrap_policy=POLICY)
+        with f.summon_full_params():
+            res["summoned_head"] = f.module.head.weight.clone()
+            res["summoned_block0"] = f.module.blocks[0].module.linear1.weight.clone()
+            with torch.no_grad():
+                f.module.head.weight.fill_(0.25)
+        res["after_writeback"] = f.full_state_dict(rank0_only=False)["head.weight"]
+        with torch.no_grad():  # forward without autograd (evaluation) works and frees everything
+            res["eval_out"] = f(torch.zeros(2, 5, dtype=torch.long))
+
+        # save -> load -> continue, sharded checkpoint (one file per rank, optimizer state included)
+        f = FullyShardedDataParallel(make_net(), auto_wrap_policy=POLICY)
+        opt = sgd(f.parameters())
+        run(f, opt, rank, 0, 2)
+        path = os.path.join(out_dir, f"sharded{rank}.pt")
+        torch.save({"model": f.sharded_state_dict(), "opt": opt.state_dict()}, path)
+        full = f.full_state_dict()
+        if rank == 0:
+            torch.save(full, os.path.join(out_dir, "full.pt"))
+        hfreduce.barrier(timeout=60)
+        del f, opt
+        ck = torch.load(path)
+        f = FullyShardedDataParallel(make_net(), auto_wrap_policy=POLICY)
+        f.load_sharded_state_dict(ck["model"])
+        opt = sgd(f.parameters())
+        opt.load_state_dict(ck["opt"])
+        run(f, opt, rank, 2, STEPS + 1)
+        res["resumed_sharded"] = f.full_state_dict()
+
+        # full state dict (gathered on rank 0): loads into the plain module and into a new FSDP
+        f = FullyShardedDataParallel(make_net(), auto_wrap_policy=POLICY)
+        f.load_full_state_dict(torch.load(os.path.join(out_dir, "full.pt")))
+        opt = sgd(f.parameters())
+        # the shard layout is the same for the same world size; reload the file, because the first
+        # resume stepped the momentum buffers that load_state_dict shared with `ck`
+        opt.load_state_dict(torch.load(path)["opt"])
+        run(f, opt, rank, 2, STEPS + 1)
+        res["resumed_full"] = f.full_state_dict()
+        try:
+            f.load_full_state_dict({"nope": torch.zeros(1)})
+            res["bad_sd_error"] = None
+        except Exception as exc:  # noqa: BLE001
+            res["bad_sd_error"] = (type(exc).__name__, str(exc))
+    except Exception:
+        res["worker_error"] = traceback.format_exc()
+        raise
+    finally:
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        hfreduce.destroy()
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    haiscale.spawn(fsdp_worker, args=(str(out),), nprocs=WORLD, timeout=180)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], out
+
+
+def assert_close_dicts(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_ddp_yardstick_matches_one_process(fsdp_run):
+    assert_close_dicts(fsdp_run[0][0]["ddp"], reference())
+
+
+@pytest.mark.parametrize("variant", ["fsdp", "fsdp_post_prefetch", "fsdp_one_unit", "fsdp_size_policy", "fsdp_oib"])
+def test_fsdp_matches_ddp(fsdp_run, variant):
+    res, _ = fsdp_run
+    assert_close_dicts(res[0][variant], res[0]["ddp"])
+    assert res[1][variant] == {}  # the full state dict is gathered on rank 0 only
+
+
+def test_fsdp_units_follow_the_policy(fsdp_run):
+    res, _ = fsdp_run
+    assert res[0]["fsdp_units"] == 3  # root + one unit per transformer layer
+    assert res[0]["fsdp_one_unit_units"] == 1
+    assert res[0]["fsdp_size_policy_units"] >= 3
+    assert res[0]["fsdp_oib_optimizers"] == 3
+
+
+def test_fsdp_holds_one_shard_per_rank(fsdp_run):
+    res, _ = fsdp_run
+    total = res[0]["fsdp_total_numel"]
+    for r in range(WORLD):
+        shard = res[r]["fsdp_shard_numel"]
+        assert total / WORLD <= shard <= total / WORLD + 3 * WORLD  # 1/N plus padding of 3 units
+
+
+def test_summon_full_params_and_writeback(fsdp_run):
+    res, _ = fsdp_run
+    m = make_net()
+    for r in range(WORLD):
+        torch.testing.assert_close(res[r]["summoned_head"], m.head.weight)
+        torch.testing.assert_close(res[r]["summoned_block0"], m.blocks[0].linear1.weight)
+        assert torch.equal(res[r]["after_writeback"], torch.full_like(m.head.weight, 0.25))
+        assert res[r]["eval_out"].shape == (2, 5, 40)
+
+
+def test_fsdp_save_load_continue_equals_uninterrupted(fsdp_run):
+    res, out = fsdp_run
+    want = reference(STEPS + 1)
+    assert_close_dicts(res[0]["resumed_sharded"], want)
+    assert_close_dicts(res[0]["resumed_full"], want)
+    # the full state dict loads into the unwrapped module
+    m = make_net()
+    m.load_state_dict(torch.load(out / "full.pt"))
+    assert_close_dicts(m.state_dict(), reference(2))
+
+
+def test_fsdp_bad_state_dict_is_named(fsdp_run):
+    res, _ = fsdp_run
+    for r in range(WORLD):
+        name, msg = res[r]["bad_sd_error"]
+        assert name == "StateDictError"
+        assert "missing" in msg and "nope" in msg
+
+
+def test_fsdp_rejects_meta_device_module():
+    from haiscale.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="meta device"):
+        FullyShardedDataParallel(nn.Linear(3, 3, device="meta"))
+
+
+def test_fsdp_rejects_double_wrap():
+    from haiscale.errors import UsageError
+
+    class Fake(FullyShardedDataParallel):
+        def __init__(self):  # no group needed to check the argument
+            nn.Module.__init__(self)
+
+    with pytest.raises(UsageError, match="already wrapped"):
+        FullyShardedDataParallel(Fake())

@@ -1,0 +1,104 @@
+"""haiscale.spawn: the job environment, clean errors when a child fails, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import psutil
+import pytest
+
+import haiscale
+from haiscale import ProcessFailed, SpawnError, UsageError, job_env
+
+
+def write_env(local_rank: int, out_dir: str) -> None:
+    keys = ["WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"]
+    with open(os.path.join(out_dir, f"{local_rank}.json"), "w") as f:
+        json.dump({k: os.environ.get(k) for k in keys}, f)
+
+
+def fail_on_one(local_rank: int, out_dir: str) -> None:
+    with open(os.path.join(out_dir, f"pid{local_rank}"), "w") as f:
+        f.write(str(os.getpid()))
+    if local_rank == 1:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(out_dir, "pid0")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # let rank 0 start, so the test sees it being stopped
+        raise ValueError("bad batch shape in rank one")
+    time.sleep(120)  # must be stopped by the parent, not waited for
+
+
+def exit_hard(local_rank: int) -> None:
+    if local_rank == 0:
+        os._exit(7)
+    time.sleep(120)
+
+
+def sleep_long(local_rank: int) -> None:
+    time.sleep(120)
+
+
+def _no_children_left() -> bool:
+    """No training process left (multiprocessing's own resource tracker may live on)."""
+    left = []
+    for c in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(c.cmdline()) and c.status() != psutil.STATUS_ZOMBIE:
+                left.append(c)
+        except psutil.NoSuchProcess:
+            pass
+    return not left
+
+
+def test_spawn_sets_the_job_environment(tmp_path):
+    haiscale.spawn(write_env, args=(str(tmp_path),), nprocs=3, timeout=60)
+    envs = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(3)]
+    assert [e["RANK"] for e in envs] == ["0", "1", "2"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "2"]
+    assert {e["WORLD_SIZE"] for e in envs} == {"3"}
+    assert {e["LOCAL_WORLD_SIZE"] for e in envs} == {"3"}
+    assert {e["NNODES"] for e in envs} == {"1"}
+    assert len({e["MASTER_PORT"] for e in envs}) == 1 and int(envs[0]["MASTER_PORT"]) > 0
+
+
+def test_spawn_reports_the_failing_rank_and_stops_the_others(tmp_path):
+    with pytest.raises(ProcessFailed) as ei:
+        haiscale.spawn(fail_on_one, args=(str(tmp_path),), nprocs=2, timeout=60, grace=2)
+    assert ei.value.rank == 1
+    assert "ValueError: bad batch shape in rank one" in str(ei.value)
+    pid0 = int((tmp_path / "pid0").read_text())
+    assert not psutil.pid_exists(pid0) or psutil.Process(pid0).status() == psutil.STATUS_ZOMBIE
+    assert _no_children_left()
+
+
+def test_spawn_reports_a_hard_exit():
+    with pytest.raises(ProcessFailed) as ei:
+        haiscale.spawn(exit_hard, nprocs=2, timeout=60, grace=2)
+    assert ei.value.rank == 0 and ei.value.exitcode == 7
+    assert _no_children_left()
+
+
+def test_spawn_timeout_stops_everything():
+    with pytest.raises(SpawnError, match="still running"):
+        haiscale.spawn(sleep_long, nprocs=2, timeout=3, grace=1)
+    assert _no_children_left()
+
+
+def test_job_env_multi_node_platform_layout():
+    envs = job_env(2, environ={"NNODES": "3", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "2222"})
+    assert [e["RANK"] for e in envs] == ["4", "5"]
+    assert {e["WORLD_SIZE"] for e in envs} == {"6"}
+    assert {e["MASTER_ADDR"] for e in envs} == {"10.0.0.1"}
+
+
+def test_job_env_errors():
+    with pytest.raises(UsageError, match="torchrun"):
+        job_env(2, environ={"LOCAL_RANK": "0"})
+    with pytest.raises(UsageError, match="MASTER_ADDR"):
+        job_env(2, environ={"NNODES": "2", "NODE_RANK": "0"})
+    with pytest.raises(UsageError, match="NODE_RANK"):
+        job_env(2, environ={"NNODES": "2", "NODE_RANK": "5", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    with pytest.raises(UsageError, match="nprocs"):
+        job_env(0, environ={})
