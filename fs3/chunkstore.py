@@ -17,6 +17,17 @@ torn chunk. Committing a pending version is one more rename (``.p`` -> ``.c``). 
 cannot lose what the kernel already has; with ``fsync = true`` every file (and its directory)
 is also flushed before the rename, which extends the guarantee to power loss at the cost of
 write throughput. The metadata index lives in memory and is rebuilt from the headers at start.
+
+[Note: recycled files] Allocating fresh blocks for every new version is what makes small
+filesystems slow at this (about 0.3 GB/s for new 1 MiB files on the development machine,
+against over 2 GB/s for overwriting allocated ones). So a replaced version's file is not
+deleted: before the rename that replaces it, it is hard-linked under ``chunks/.spare-*``, and the
+next write overwrites a spare in place and renames it into place. The atomicity argument is
+unchanged (a spare is never visible under a chunk name until the rename). A file may be longer
+than header + length (a recycled bigger file): the header's length is what counts. A reader
+that raced with the recycling of the file it opened sees a CRC mismatch; the storage server
+re-reads under the chunk lock before it calls that corruption. Spares are deleted at start
+(one may still share its inode with a live chunk after a crash between link and rename).
 """
 
 from __future__ import annotations
@@ -74,13 +85,16 @@ def _parse(buf) -> tuple[int, int, int, int, int, int]:
 class ChunkStore:
     """The chunks of one target; thread-safe for different chunks (callers lock per chunk)."""
 
-    def __init__(self, root: str | os.PathLike, target: int, chunk_size: int, *, fsync: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, target: int, chunk_size: int, *, fsync: bool = False,
+                 max_spares: int = 32) -> None:
         self.root = Path(root)
         self.target = target
         self.chunk_size = chunk_size
         self.fsync = fsync
         self.meta: dict[tuple[int, int], ChunkMeta] = {}
-        self._mlock = threading.Lock()
+        self._mlock = threading.RLock()
+        self._spares: list[Path] = []
+        self.max_spares = max_spares
         (self.root / "chunks").mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -94,6 +108,9 @@ class ChunkStore:
     def _scan(self) -> None:
         hdr = bytearray(HEADER_SIZE)
         for cdir in (self.root / "chunks").iterdir():
+            if cdir.name.startswith((".spare-", ".tmp-")):
+                cdir.unlink(missing_ok=True)
+                continue
             if not cdir.is_dir() or not cdir.name.isdigit():
                 continue
             chain = int(cdir.name)
@@ -165,24 +182,51 @@ class ChunkStore:
             raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x}: damaged header in {path}",
                                target=self.target) from None
         data = view[HEADER_SIZE:HEADER_SIZE + length]
-        if n != HEADER_SIZE + length or crc32c(data) != crc:
+        if n < HEADER_SIZE + length or crc32c(data) != crc:
             raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} v{version}: CRC32C mismatch "
                                f"in {path} (data damaged on disk)", target=self.target)
         return data, version
 
     # -- writing --------------------------------------------------------------------------------
+    def _spare_name(self) -> Path:
+        return self.root / "chunks" / f".spare-{uuid.uuid4().hex[:16]}"
+
+    def _install(self, src: Path, final: Path) -> None:
+        """Rename ``src`` over ``final``, keeping the replaced file as a spare (see the note)."""
+        spare = None
+        if len(self._spares) < self.max_spares:
+            spare = self._spare_name()
+            try:
+                os.link(final, spare)
+            except FileNotFoundError:
+                spare = None
+        try:
+            os.replace(src, final)
+        except BaseException:
+            if spare is not None:
+                spare.unlink(missing_ok=True)  # it still shares the live chunk's inode
+            raise
+        if spare is not None:
+            with self._mlock:
+                self._spares.append(spare)
+
     def _write_file(self, final: Path, header: bytes, data) -> None:
         d = final.parent
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".tmp-{uuid.uuid4().hex[:12]}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with self._mlock:
+            tmp = self._spares.pop() if self._spares else None
+        if tmp is not None:
+            fd = os.open(tmp, os.O_WRONLY)
+        else:
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / "chunks" / f".tmp-{uuid.uuid4().hex[:12]}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             want = len(header) + len(data)
-            n = os.writev(fd, [header, data])
+            n = os.pwritev(fd, [header, data], 0)
             if n != want:  # short write: finish it
                 rest = memoryview(header + bytes(data))[n:]
                 while rest:
-                    k = os.write(fd, rest)
+                    k = os.pwrite(fd, rest, want - len(rest))
                     rest = rest[k:]
             if self.fsync:
                 os.fsync(fd)
@@ -191,7 +235,8 @@ class ChunkStore:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        os.replace(tmp, final)
+        d.mkdir(parents=True, exist_ok=True)
+        self._install(tmp, final)
         if self.fsync:
             dfd = os.open(d, os.O_RDONLY)
             try:
@@ -215,7 +260,7 @@ class ChunkStore:
                 m.committed, m.length, m.crc, m.chain_ver = version, len(data), crc, chain_ver
                 m.corrupt = False
                 if m.pending and m.pending <= version:
-                    self.path(chain, chunk, True).unlink(missing_ok=True)
+                    self._discard(self.path(chain, chunk, True))
                     m.pending = m.pending_length = m.pending_crc = 0
         return crc
 
@@ -230,7 +275,7 @@ class ChunkStore:
             if m.pending != version:
                 raise ChunkNotFound(f"target {self.target}: chunk {chain}/{chunk:016x} has no pending "
                                     f"version {version} (pending {m.pending}, committed {m.committed})")
-            os.replace(self.path(chain, chunk, True), self.path(chain, chunk, False))
+            self._install(self.path(chain, chunk, True), self.path(chain, chunk, False))
             m.committed, m.length, m.crc = m.pending, m.pending_length, m.pending_crc
             m.pending = m.pending_length = m.pending_crc = 0
             m.corrupt = False
@@ -245,5 +290,18 @@ class ChunkStore:
         with self._mlock:
             m = self.meta.pop((chain, chunk), None)
         for p in (True, False):
-            self.path(chain, chunk, p).unlink(missing_ok=True)
+            self._discard(self.path(chain, chunk, p))
         return m is not None
+
+    def _discard(self, path: Path) -> None:
+        """Drop a chunk file: it becomes a spare (renamed, so the chunk name is gone at once)."""
+        if len(self._spares) < self.max_spares:
+            spare = self._spare_name()
+            try:
+                os.rename(path, spare)
+            except FileNotFoundError:
+                return
+            with self._mlock:
+                self._spares.append(spare)
+        else:
+            path.unlink(missing_ok=True)

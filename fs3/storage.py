@@ -406,9 +406,20 @@ class StorageServer:
                     pend = True
                 try:
                     data, ver = store.read(chain, chunk, pending=pend, buf=bufs[i])
-                except ChunkCorrupt as exc:
-                    self._report_corrupt(tid, chain, chunk, str(exc))
-                    raise
+                except ChunkCorrupt:
+                    # maybe a race with a write recycling the file we opened: look again under
+                    # the chunk lock before calling it corruption (chunkstore's note)
+                    with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+                        m = store.get(chain, chunk)
+                        if m is not None and m.pending and not relaxed:
+                            raise ChunkNotCommitted(f"{self.node}: chunk {chain}/{chunk:016x} has pending "
+                                                    f"v{m.pending}", target=tid) from None
+                        try:
+                            data, ver = store.read(chain, chunk, pending=pend and bool(m and m.pending),
+                                                   buf=bufs[i])
+                        except ChunkCorrupt as exc:
+                            self._report_corrupt(tid, chain, chunk, str(exc))
+                            raise
                 self.stats["reads"] += 1
                 end = len(data) if length < 0 else min(len(data), off + length)
                 piece = data[min(off, end):end]

@@ -301,8 +301,13 @@ class ChunkClient:
             batches = []
             per = max(1, self.routing.chunk_size and (self._max_batch() // r.chunk_size))
             for _node, items in groups.items():
-                for k in range(0, len(items), per):
-                    batches.append(items[k:k + per])
+                # reads into caller buffers go one per request: the reply lands straight in the
+                # caller's buffer (no copy); the others are batched up to max_batch_bytes
+                direct = [it for it in items if it[0].io.into is not None]
+                rest = [it for it in items if it[0].io.into is None]
+                batches.extend([it] for it in direct)
+                for k in range(0, len(rest), per):
+                    batches.append(rest[k:k + per])
             futs = [self._pool.submit(self._read_batch, r, b, relaxed) for b in batches]
             for f in futs:
                 for p, t, res in f.result():
