@@ -6,14 +6,18 @@ flat vector of ``padded`` elements, ``padded = ceil(total / N) * N``; rank r own
 
 States (``UnitState``)::
 
-    SHARDED --unshard() (allgather into `full`)--> UNSHARDED --reshard() (free `full`'s storage)--> SHARDED
+    SHARDED --unshard() (new `full`, allgather into it)--> UNSHARDED --reshard() (drop `full`)--> SHARDED
         \\--unshard(async_op=True)--> GATHERING --wait_unshard()--> UNSHARDED
 
-[Note: freeing the full buffer by resizing its storage]
-Autograd saves views of the full parameters for backward (a Linear saves its weight). Resizing the
-storage of ``full`` to 0 frees the memory without dropping those views; before the unit's backward
-the storage is resized back and refilled by a second allgather, so the saved views see the same
-values again. PyTorch FSDP uses the same trick.
+[Note: how the full buffer is freed between forward and backward]
+Autograd saves views of the full parameters for backward (a Linear saves its weight), which would
+keep the whole gathered buffer alive until backward. While a unit runs forward, a
+``saved_tensors_hooks`` pack hook recognises tensors that live in a unit's gathered buffer and
+saves (unit, offset, shape, strides) instead; the unpack hook rebuilds the view from the buffer
+gathered again before backward (same values, by construction). The autograd leaf ``full_param``
+(whose gradient is the whole padded unit gradient) gets its ``.data`` swapped to an empty tensor
+after forward and back to the new buffer before backward, as PyTorch FSDP does with its flat
+parameter. Storages are never resized, so hfreduce may export the buffers to numpy freely.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ..errors import UsageError
 class UnitState(enum.Enum):
     SHARDED = "sharded"
     GATHERING = "gathering"
-    UNSHARDED = "unshardeded"
+    UNSHARDED = "unsharded"
 
 
 @dataclass
@@ -91,13 +95,11 @@ class FlatParamUnit:
         for info in self.infos:  # the unit owns them now
             if info.attr in info.module._parameters:
                 del info.module._parameters[info.attr]
-        self.full = torch.empty(self.padded, dtype=self.dtype)
-        self._nbytes = self.full.untyped_storage().nbytes()
-        self._bind(self.full)  # attributes exist (no data) while sharded, so repr() and hasattr() work
-        self.full.untyped_storage().resize_(0)
+        self.full: torch.Tensor | None = None
         self.state = UnitState.SHARDED
         self.work: Any = None
-        self.full_param: torch.Tensor | None = None
+        self.full_param: torch.Tensor | None = None  # autograd leaf of the current step
+        self._bind_placeholders()
 
     # -- gather / free ---------------------------------------------------------------------------
     def unshard(self, async_op: bool = False) -> None:
@@ -105,7 +107,7 @@ class FlatParamUnit:
             if not async_op:
                 self.wait_unshard()
             return
-        self.full.untyped_storage().resize_(self._nbytes)
+        self.full = torch.empty(self.padded, dtype=self.dtype)
         self.work = self.comm.allgather(self.full, self.flat_shard.detach(), async_op=True)
         self.state = UnitState.GATHERING
         if not async_op:
@@ -116,12 +118,20 @@ class FlatParamUnit:
             work, self.work = self.work, None
             self.comm.wait(work, "allgather of an FSDP unit")
             self.state = UnitState.UNSHARDED
+            if self.full_param is not None:  # backward: the leaf points at the new buffer again
+                self.full_param.data = self.full
 
     def reshard(self) -> None:
         self.wait_unshard()
         if self.state is UnitState.UNSHARDED:
-            self.full.untyped_storage().resize_(0)
+            self.full = None
             self.state = UnitState.SHARDED
+            if self.full_param is not None:
+                self.full_param.data = torch.empty(0, dtype=self.dtype)
+            self._bind_placeholders()
+
+    def forget_step(self) -> None:
+        """Drop the autograd leaf of the finished step."""
         self.full_param = None
 
     # -- exposing the parameters to the module ----------------------------------------------------
@@ -131,24 +141,21 @@ class FlatParamUnit:
         With ``autograd``, the slices come from one leaf tensor ``full_param`` (returned), whose
         gradient (the unit's whole padded gradient) autograd assembles in one op."""
         self.wait_unshard()
-        # [Note: a fresh tensor over the same storage] The re-gather before backward writes into
-        # `full` in place; `base` has its own version counter, so autograd's saved views of it do
-        # not see that write as an in-place modification (the data is identical by construction).
-        base = torch.empty(0, dtype=self.dtype).set_(self.full.untyped_storage(), 0, (self.padded,))
+        assert self.full is not None
         if autograd and self.requires_grad:
-            base = base.requires_grad_(True)
+            base = self.full.detach().requires_grad_(True)
             self.full_param = base
         else:
+            base = self.full
             self.full_param = None
-        self._bind(base)
-        return self.full_param
-
-    def _bind(self, base: torch.Tensor) -> None:
         uniq = [i for i in self.infos if i.alias_of is None]
         sizes = [i.numel for i in uniq]
         pad = self.padded - self.total
         pieces = torch.split(base, sizes + ([pad] if pad else []))
-        views = [pieces[k].view(i.shape) for k, i in enumerate(uniq)]
+        self._bind([pieces[k].view(i.shape) for k, i in enumerate(uniq)])
+        return self.full_param
+
+    def _bind(self, views: list[torch.Tensor]) -> None:
         k = 0
         resolved: list[torch.Tensor] = []
         for info in self.infos:
@@ -160,6 +167,47 @@ class FlatParamUnit:
             resolved.append(t)
             setattr(info.module, info.attr, t)
 
+    def _bind_placeholders(self) -> None:
+        """While sharded, attributes are meta tensors of the right shape (repr works, compute fails)."""
+        self._bind([torch.empty(i.shape, dtype=self.dtype, device="meta") for i in self.infos if i.alias_of is None])
+
     def shard_slice(self, full: torch.Tensor) -> torch.Tensor:
         r = self.comm.rank
         return full[r * self.shard_numel : (r + 1) * self.shard_numel]
+
+    # -- saved tensors ------------------------------------------------------------------------------
+    def owns(self, t: torch.Tensor) -> bool:
+        full = self.full
+        return (full is not None and t.device.type == "cpu" and t.dtype == self.dtype
+                and t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr())
+
+    def rebuild(self, offset: int, size: torch.Size, stride: tuple[int, ...]) -> torch.Tensor:
+        if self.state is not UnitState.UNSHARDED:
+            self.unshard()  # its pre-backward hook did not run (e.g. outputs not requiring grad)
+        assert self.full is not None
+        return self.full.as_strided(size, stride, offset)
+
+
+class SavedTensorRouter:
+    """The pack/unpack hooks: tensors living in a gathered unit buffer are saved by reference."""
+
+    def __init__(self, units: list[Any]) -> None:
+        self.units = units  # FullyShardedDataParallel instances (their .unit)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        if t.device.type == "cpu" and t.layout == torch.strided:
+            for u in self.units:
+                unit = u.unit
+                if unit.owns(t):
+                    return (unit, t.storage_offset(), t.size(), t.stride(), t.requires_grad)
+        return t
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, tuple):
+            unit, offset, size, stride, _rg = packed
+            return unit.rebuild(offset, size, stride)
+        return packed
+
+    def context(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)

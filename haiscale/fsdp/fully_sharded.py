@@ -11,6 +11,11 @@ One step, seen from unit k (``FlatParamUnit``; the root unit holds what no neste
                -> [optimizer_in_backward: step the unit whose reduce-scatter was issued before]
     end of backward (autograd final callback): wait every reduce-scatter, set shard .grad (or step).
 
+[Note: what holds memory between forward and backward]
+Nothing of a unit's gathered parameters: a saved-tensors hook (``SavedTensorRouter``, pushed by the
+root around the whole forward) saves views of gathered buffers as references, rebuilt from the
+buffer gathered again before backward. See _flat_param.py.
+
 [Note: why prefetch is safe with matched collectives]
 hfreduce matches collectives by submission order. Forward order is recorded on every rank in the
 first step and is the same on all ranks for the same model and control flow; backward order is
@@ -38,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._comm import DEFAULT_TIMEOUT, Comm, check_devices
 from ..errors import StateDictError, UsageError
-from ._flat_param import FlatParamUnit
+from ._flat_param import FlatParamUnit, SavedTensorRouter
 
 __all__ = ["FullyShardedDataParallel", "BackwardPrefetch"]
 
@@ -59,6 +64,7 @@ class _Shared:
         self.callback_queued = False
         self.pending: list[tuple[FullyShardedDataParallel, Any, torch.Tensor, torch.Tensor]] = []
         self.in_backward = False
+        self.router = SavedTensorRouter(self.units)
 
 
 class FullyShardedDataParallel(nn.Module):
@@ -149,7 +155,11 @@ class FullyShardedDataParallel(nn.Module):
                 nxt.unit.unshard(async_op=True)
         full_param = self.unit.use_full(autograd=grad)
         try:
-            out = self.module(*args, **kwargs)
+            if grad and self.is_root:
+                with sh.router.context():
+                    out = self.module(*args, **kwargs)
+            else:
+                out = self.module(*args, **kwargs)
         finally:
             if not self.is_root:
                 self.unit.reshard()
@@ -173,6 +183,7 @@ class FullyShardedDataParallel(nn.Module):
             self._finish_backward()
         for u in sh.units:
             u.unit.reshard()
+            u.unit.forget_step()
         if sh.recording:
             sh.forward_order = []
 
@@ -247,6 +258,7 @@ class FullyShardedDataParallel(nn.Module):
             sh.in_backward = False
             for u in sh.units:
                 u.unit.reshard()
+                u.unit.forget_step()
 
     def _root(self) -> FullyShardedDataParallel:
         return next(u for u in self._shared.units if u.is_root)
