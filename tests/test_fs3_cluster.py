@@ -241,6 +241,23 @@ def test_corrupt_chunk_is_never_returned_and_is_reported(fs3):
     assert {f["node"] for f in fl} <= {"n1", "n2"}  # only the damaged replicas complain
     assert {f["chunk"] for f in fl} <= {f"{k:016x}" for _c, k in data}
     assert f"{k0:016x}" in {f["chunk"] for f in fl}
+    # the admin CLI shows the same
+    import json
+
+    from typer.testing import CliRunner
+
+    from fs3.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["faults", "--cluster", str(lc.cluster_file), "--json"])
+    assert res.exit_code == 0, res.output
+    assert any(f["kind"] == "ChunkCorrupt" for f in json.loads(res.output))
+    res = runner.invoke(app, ["stats", "--cluster", str(lc.cluster_file), "--json"])
+    assert res.exit_code == 0 and sum(s["corrupt"] for s in json.loads(res.output).values()) >= 1
+    res = runner.invoke(app, ["chains", "--cluster", str(lc.cluster_file)])
+    assert res.exit_code == 0 and "serving" in res.output
+    res = runner.invoke(app, ["status", "--cluster", str(lc.cluster_file)])
+    assert res.exit_code == 0 and "n3" in res.output
 
 
 def test_stale_routing_client_recovers(fs3):
