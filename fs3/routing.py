@@ -122,8 +122,11 @@ class Routing:
         return sorted(self.chains)
 
     def write_set(self, chain: int) -> list[tuple[int, str]]:
-        """Targets that take writes, head first: serving then syncing."""
-        return [(t, s) for t, s in self.chains[chain]["members"] if s in (SERVING, SYNCING)]
+        """Targets that take writes, head first: serving then syncing. Empty when no target
+        serves: a syncing target alone must never acknowledge a write (its resync from a
+        returning lastsrv target would later overwrite it)."""
+        ws = [(t, s) for t, s in self.chains[chain]["members"] if s in (SERVING, SYNCING)]
+        return ws if ws and ws[0][1] == SERVING else []
 
     def serving(self, chain: int) -> list[int]:
         return [t for t, s in self.chains[chain]["members"] if s == SERVING]

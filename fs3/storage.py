@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from network import RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
 from network.service import parse_service_args, service_parser, wait_for_shutdown
 
-from .chunkstore import HEADER_SIZE, ChunkStore
+from .chunkstore import HEADER_SIZE, ChunkStore, crc32c
 from .config import Fs3Config, node_data_dir
 from .errors import (
     ChunkBusy,
@@ -282,6 +282,9 @@ class StorageServer:
                              f"{self.cfg.chunk_size} bytes")
         r, tid, state = self._check_chain(chain, cver, (SERVING, SYNCING))
         ws = r.write_set(chain)
+        if not ws:
+            raise NotServing(f"{self.node}: chain {chain} v{cver} has no serving target; it takes no writes",
+                             current=cver)
         pos = [t for t, _ in ws].index(tid)
         if pos == 0 and fwd:
             raise NotServing(f"{self.node}: forwarded write reached the head of chain {chain} v{cver}")
@@ -405,7 +408,7 @@ class StorageServer:
                                                 f"v{m.pending} (committed v{m.committed})", target=tid)
                     pend = True
                 try:
-                    data, ver = store.read(chain, chunk, pending=pend, buf=bufs[i])
+                    data, ver, crc = store.read_mapped(chain, chunk, pending=pend)
                 except ChunkCorrupt:
                     # maybe a race with a write recycling the file we opened: look again under
                     # the chunk lock before calling it corruption (chunkstore's note)
@@ -417,14 +420,17 @@ class StorageServer:
                         try:
                             data, ver = store.read(chain, chunk, pending=pend and bool(m and m.pending),
                                                    buf=bufs[i])
+                            crc = crc32c(data)
                         except ChunkCorrupt as exc:
                             self._report_corrupt(tid, chain, chunk, str(exc))
                             raise
                 self.stats["reads"] += 1
                 end = len(data) if length < 0 else min(len(data), off + length)
                 piece = data[min(off, end):end]
+                if len(piece) != len(data):
+                    crc = crc32c(piece)
                 out.append(piece)
-                results.append({"n": len(piece), "v": ver, "t": tid})
+                results.append({"n": len(piece), "v": ver, "t": tid, "c": crc})
             except StorageError as exc:
                 results.append({"err": type(exc).__name__, "msg": str(exc), "data": exc.rpc_data or {}})
         return Reply({"items": results}, out)

@@ -178,3 +178,13 @@ def test_chunk_store_rejects_oversized_chunks(tmp_path):
     st = ChunkStore(tmp_path, 101, 4096)
     with pytest.raises(ValueError, match="exceed the chunk size"):
         st.put(1, 1, 1, 1, b"x" * 4097, pending=False)
+
+
+def test_write_set_needs_a_serving_target():
+    from fs3.routing import Routing
+
+    r = Routing(version=1, chains={1: {"version": 3, "members": [(1, SERVING), (2, SYNCING), (3, OFFLINE)]},
+                                   2: {"version": 5, "members": [(4, LASTSRV), (5, SYNCING), (6, WAITING)]}})
+    assert r.write_set(1) == [(1, SERVING), (2, SYNCING)]
+    assert r.serving(1) == [1]
+    assert r.write_set(2) == [] and r.serving(2) == []

@@ -30,6 +30,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from crc32c import crc32c
+
 from network import RemoteError, RpcPool, TrafficClass, TransportError, load_cluster
 
 from ..errors import (
@@ -369,6 +371,11 @@ class ChunkClient:
             n = res["n"]
             view = body[pos:pos + n]
             pos += n
+            if "c" in res and crc32c(view) != res["c"]:
+                # bytes changed between the server's check and the wire (or on the wire)
+                out.append((p, t, ChunkCorrupt(f"chunk {p.io.chain}/{p.io.chunk:016x} from target {t}: "
+                                               "CRC32C mismatch in transit")))
+                continue
             if p.io.into is not None and into is None:
                 dst = memoryview(p.io.into).cast("B")
                 dst[:n] = view
