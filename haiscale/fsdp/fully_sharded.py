@@ -8,8 +8,9 @@ One step, seen from unit k (``FlatParamUnit``; the root unit holds what no neste
                the unit that runs next in backward (backward prefetch)
                -> autograd runs k's backward -> hook on k's full parameter (post-backward):
                async reduce-scatter (AVG) of its gradient into k's shard, free the full buffer
-               -> [optimizer_in_backward: step the unit whose reduce-scatter was issued before]
-    end of backward (autograd final callback): wait every reduce-scatter, set shard .grad (or step).
+               -> wait the reduce-scatter issued before this one, set that unit's shard .grad
+               [optimizer_in_backward: and step that unit's optimizer]
+    end of backward (autograd final callback): the same for the last reduce-scatter.
 
 [Note: what holds memory between forward and backward]
 Nothing of a unit's gathered parameters: a saved-tensors hook (``SavedTensorRouter``, pushed by the
@@ -226,8 +227,9 @@ class FullyShardedDataParallel(nn.Module):
             return
         out = torch.empty(self.unit.shard_numel, dtype=g.dtype)
         work = self.comm.reduce_scatter_avg(out, g, async_op=True)
-        if self.optimizer is not None:
-            self._step_pending()
+        # apply the reduce-scatters issued before this one (they ran during this unit's backward):
+        # at most two full gradients are alive at a time, and in-backward optimizers step here
+        self._step_pending()
         sh.pending.append((self, work, out, g))
         if self.backward_prefetch is BackwardPrefetch.BACKWARD_POST:
             prev = self._neighbour(-1)
