@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 import tomllib
@@ -32,8 +33,9 @@ def _cluster_file(tmp_path: Path, **fs3) -> Path:
 
 
 @pytest.fixture
-def fs3(launch_cluster, tmp_path):
-    lc = launch_cluster(_cluster_file(tmp_path), services=FS3)
+def fs3(launch_cluster, tmp_path, request):
+    overrides = getattr(request, "param", {})  # [fs3] keys, by indirect parametrization
+    lc = launch_cluster(_cluster_file(tmp_path, **overrides), services=FS3)
     _wait(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
     client = ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0, max_inflight=6)
     yield lc, client
@@ -305,3 +307,71 @@ def test_mgmtd_restart_keeps_state(fs3):
     lc.start("fs3.storage", "n1")
     _wait(lambda: _all_serving(lc), 60, "n1 back in service")
     assert _replica_read(lc, "n1", chains[1], 42) == payload
+
+
+def _direct(lc, node: str, method: str, args: dict, payload=()):
+    with RpcClient(*lc.cluster.endpoint("fs3.storage", node), timeout=10,
+                   traffic_class=TrafficClass.STORAGE) as c:
+        return c.call(method, args, payload)
+
+
+def test_retried_write_is_applied_once(fs3):
+    lc, client = fs3
+    chain = client.chains()[0]
+    r = client.routing
+    head = r.node_of(r.write_set(chain)[0][0])
+    args = {"chain": chain, "cver": r.chains[chain]["version"], "chunk": 77, "off": 0, "full": True,
+            "client": "retry-test", "channel": 1, "seq": 5}
+    first = _direct(lc, head, "storage.write", args, [b"once"]).result
+    again = _direct(lc, head, "storage.write", args, [b"once"]).result  # the ack was "lost": same key
+    assert again == first
+    assert bytes(client.read(chain, 77)) == b"once"
+    listed = [x for x in _direct(lc, head, "storage.list", {"chain": chain}).result if x["chunk"] == 77]
+    assert listed[0]["committed"] == first["version"]  # not applied a second time
+    from network import RemoteError
+    with pytest.raises(RemoteError, match="StaleRequest"):
+        _direct(lc, head, "storage.write", dict(args, seq=4), [b"older"])
+    nxt = _direct(lc, head, "storage.write", dict(args, seq=6), [b"twice"]).result
+    assert nxt["version"] == first["version"] + 1
+
+
+@pytest.mark.parametrize("fs3", [{"failure_timeout": 30.0}], indirect=True)
+def test_pending_chunk_answers_not_committed(fs3):
+    lc, client = fs3
+    r = client.routing
+    # a chain whose tail is on n3: freeze n3 so a write stops before its commit
+    chain = next(c for c in r.chain_ids() if r.node_of(r.write_set(c)[-1][0]) == "n3")
+    head = r.node_of(r.write_set(chain)[0][0])
+    client.write(chain, 5, b"old")
+    lc.kill("fs3.storage", "n3", sig=signal.SIGSTOP)
+    done = threading.Event()
+    errors = []
+
+    def write():
+        try:
+            client.write(chain, 5, b"new")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        def pending():
+            rows = _direct(lc, head, "storage.list", {"chain": chain}).result
+            return any(x["chunk"] == 5 and x["pending"] for x in rows)
+
+        _wait(pending, 20, "the write to be pending at the head")
+        cver = client.routing.chains[chain]["version"]
+        rep = _direct(lc, head, "storage.read", {"items": [[chain, cver, 5, 0, -1]]})
+        assert rep.result["items"][0]["err"] == "ChunkNotCommitted"
+        rep = _direct(lc, head, "storage.read", {"items": [[chain, cver, 5, 0, -1]], "relaxed": True})
+        assert bytes(rep.payload) == b"new"  # a relaxed read sees the pending version
+        assert not done.is_set()  # not acknowledged before the tail commits
+    finally:
+        lc.kill("fs3.storage", "n3", sig=signal.SIGCONT)
+    t.join(60)
+    assert done.is_set() and not errors
+    assert bytes(client.read(chain, 5)) == b"new"
+    for node in ("n1", "n2", "n3"):
+        assert _replica_read(lc, node, chain, 5) == b"new"

@@ -14,8 +14,9 @@ service on the data path, as in 3FS).
   already assigned (3FS's default). An error from that replica (dead, corrupt copy, not
   serving) moves the read to another replica; a pending chunk ("not committed") is retried
   after a short wait unless ``relaxed`` reads are allowed.
-- **Flow control**: at most ``max_inflight`` requests are in flight at once (3FS's
-  request-to-send bound), and a read batch to one server carries at most ``max_batch_bytes``.
+- **Flow control**: at most ``max_inflight`` requests are in flight at once, at most
+  ``per_server`` of them to one storage server (3FS's request-to-send bound: 32 in flight, 8 per
+  server), and a read batch to one server carries at most ``max_batch_bytes``.
 """
 
 from __future__ import annotations
@@ -90,10 +91,15 @@ class _Pending:
 class ChunkClient:
     """Reads and writes chunks; thread-safe."""
 
-    def __init__(self, mgmtd: tuple[str, int], *, max_inflight: int = 8, timeout: float = 30.0,
-                 source: str | None = None, client_id: str | None = None, io_timeout: float = 30.0) -> None:
+    def __init__(self, mgmtd: tuple[str, int], *, max_inflight: int = 8, per_server: int | None = None,
+                 timeout: float = 30.0, source: str | None = None, client_id: str | None = None,
+                 io_timeout: float = 30.0) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
+        if per_server is not None and per_server < 1:
+            raise ValueError("per_server must be >= 1")
+        self.per_server = per_server or max_inflight
+        self._server_slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
         self.mgmtd_addr = mgmtd
         self.max_inflight = max_inflight
         self.timeout = timeout
@@ -178,6 +184,14 @@ class ChunkClient:
                                                    source=self.source)
         return p
 
+    def _slot(self, r: Routing, target: int) -> threading.BoundedSemaphore:
+        key = r.endpoint(target)
+        sem = self._server_slots.get(key)
+        if sem is None:
+            with self._plock:
+                sem = self._server_slots.setdefault(key, threading.BoundedSemaphore(self.per_server))
+        return sem
+
     def _chain(self, r: Routing, chain: int) -> dict:
         c = r.chains.get(chain)
         if c is None:
@@ -237,8 +251,9 @@ class ChunkClient:
                 ws = r.write_set(chain)
                 if ws:
                     try:
-                        return self._server(r, ws[0][0]).call(
-                            "storage.write", dict(args, chain=chain, cver=c["version"]), payload).result
+                        with self._slot(r, ws[0][0]):
+                            return self._server(r, ws[0][0]).call(
+                                "storage.write", dict(args, chain=chain, cver=c["version"]), payload).result
                     except RemoteError as exc:
                         err = from_remote(exc)
                         if not isinstance(err, RetryableError):
@@ -353,7 +368,7 @@ class ChunkClient:
                  for p, _t in batch]
         into = batch[0][0].io.into if len(batch) == 1 else None
         try:
-            with self._slots:
+            with self._slots, self._slot(r, t0):
                 rep = self._server(r, t0).call("storage.read", {"items": items, "relaxed": relaxed}, into=into)
         except RemoteError as exc:
             err = from_remote(exc)
