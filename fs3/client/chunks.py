@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from crc32c import crc32c
@@ -192,6 +193,21 @@ class ChunkClient:
                 sem = self._server_slots.setdefault(key, threading.BoundedSemaphore(self.per_server))
         return sem
 
+    @contextmanager
+    def _acquire(self, *sems: threading.BoundedSemaphore):
+        """Take flow-control slots, each within the client's timeout (never wait forever)."""
+        taken = []
+        try:
+            for sem in sems:
+                if not sem.acquire(timeout=self.timeout):
+                    raise ClientError(f"no free request slot within {self.timeout} s "
+                                      f"(max_inflight={self.max_inflight}, per_server={self.per_server})")
+                taken.append(sem)
+            yield
+        finally:
+            for sem in reversed(taken):
+                sem.release()
+
     def _chain(self, r: Routing, chain: int) -> dict:
         c = r.chains.get(chain)
         if c is None:
@@ -244,14 +260,14 @@ class ChunkClient:
         deadline = time.monotonic() + self.timeout
         delay = 0.02
         last: Exception | None = None
-        with self._slots:
+        with self._acquire(self._slots):
             while True:
                 r = self.routing
                 c = self._chain(r, chain)
                 ws = r.write_set(chain)
                 if ws:
                     try:
-                        with self._slot(r, ws[0][0]):
+                        with self._acquire(self._slot(r, ws[0][0])):
                             return self._server(r, ws[0][0]).call(
                                 "storage.write", dict(args, chain=chain, cver=c["version"]), payload).result
                     except RemoteError as exc:
@@ -368,7 +384,7 @@ class ChunkClient:
                  for p, _t in batch]
         into = batch[0][0].io.into if len(batch) == 1 else None
         try:
-            with self._slots, self._slot(r, t0):
+            with self._acquire(self._slots, self._slot(r, t0)):
                 rep = self._server(r, t0).call("storage.read", {"items": items, "relaxed": relaxed}, into=into)
         except RemoteError as exc:
             err = from_remote(exc)
