@@ -1,0 +1,428 @@
+"""The per-rank pipeline: copy chunks in, reduce a slice of each chunk in place, copy results out.
+
+A collective is cut into chunks of ``chunk`` bytes (a global chunk counter ``g`` runs across
+operations). For chunk ``g``, every local rank ``r`` has an input location: its buffer itself
+when the buffer is registered (lives in its heap) and the collective is an allreduce, else its
+staging slot ``g % slots`` in the ring, into which it copies the chunk. Each chunk is split into
+one slice per local rank; rank ``s`` reduces slice ``s`` of every rank's location into its own
+location, in place, in one pass. On one node the chunk is then final; across nodes the leader's
+tree threads (:mod:`hfreduce.internode`) reduce it between nodes and write the final values back
+into the same locations. Every rank finally copies the whole final chunk (each slice from its
+owner) into its output.
+
+Per chunk, each rank publishes three counters: POSTED (my input is in place), REDUCED (my slice
+is reduced), CONSUMED (I copied the result out, so my slot may be reused and my registered
+buffer may be overwritten). A rank's loop does whatever is ready, most urgent first: reduce
+(peers wait for it), copy in (within ``slots`` chunks of the oldest unconsumed one), copy out,
+and sleeps on the node's epoch futex when nothing is.
+
+[Note: why the ring stays in cache]
+Staging slots are reused every ``slots`` chunks, so the ring (local ranks x slots x chunk) stays
+in the CPU caches: the only DRAM traffic of a private buffer is reading it once and writing the
+result once; the copy-in, the reduce and the copy-out meet in cache.
+
+[Note: the device seam]
+What touches the caller's buffer goes through a backend (:class:`HostBackend` here): "copy chunk
+out" stages a chunk of the caller's input into a slot, "chunk ready?" says when that copy is
+done, "copy chunk in" writes a final chunk into the caller's output. A device backend (CUDA)
+makes the first and third asynchronous copies and the second an event query; the pipeline and
+its counters stay the same.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import kernels as K
+from .errors import HFReduceError, HFReduceTimeout, MismatchError
+from .shm import Layout
+from .sync import NodeSync
+
+__all__ = ["OpSpec", "Work", "Engine", "HostBackend", "KIND_NAMES", "ALLREDUCE", "REDUCE", "BROADCAST",
+           "ALLGATHER", "REDUCE_SCATTER", "BARRIER", "slices"]
+
+log = logging.getLogger(__name__)
+
+ALLREDUCE, REDUCE, BROADCAST, ALLGATHER, REDUCE_SCATTER, BARRIER = range(1, 7)
+KIND_NAMES = {ALLREDUCE: "allreduce", REDUCE: "reduce", BROADCAST: "broadcast", ALLGATHER: "allgather",
+              REDUCE_SCATTER: "reduce_scatter", BARRIER: "barrier"}
+UNIT = 64  # slice boundaries fall on cache lines
+
+
+def slices(n: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``n`` bytes into ``parts`` ranges on 64-byte boundaries (the last takes the tail)."""
+    units = n // UNIT
+    out = []
+    for s in range(parts):
+        a = s * units // parts * UNIT
+        b = (s + 1) * units // parts * UNIT if s < parts - 1 else n
+        out.append((a, b))
+    return out
+
+
+@dataclass
+class OpSpec:
+    """One collective as this rank runs it, over a virtual buffer of ``nbytes`` bytes.
+
+    The rank's input lands at virtual offset ``in_off`` (the rest of the virtual buffer is zero
+    for it); its output is the virtual range ``[out_off, out_off + out.nbytes)``. ``heap`` is
+    (local rank, offset) when the input is a registered buffer reduced in place (allreduce).
+    """
+
+    kind: int
+    nbytes: int
+    dtype: int  # the caller's dtype (checked across ranks)
+    op: int  # the caller's op (checked across ranks)
+    kdtype: int  # what the kernels run: the dtype, or DT_U8 for bitwise-or collectives
+    kop: int  # kernel op: SUM / MAX / MIN / BOR
+    avg: int  # divide by this at the end (AVG), 0 for none
+    root: int = -1
+    inp: np.ndarray | None = None
+    in_off: int = 0
+    out: np.ndarray | None = None
+    out_off: int = 0
+    heap: tuple[int, int] | None = None
+    keep: Any = None  # the caller's objects, alive until the work completes
+    seq: int = 0
+    g0: int = 0
+    nchunks: int = 1
+
+    @property
+    def name(self) -> str:
+        return KIND_NAMES.get(self.kind, f"op{self.kind}")
+
+
+class Work:
+    """Handle of a submitted collective: ``wait(timeout)``, ``is_completed()``."""
+
+    def __init__(self, spec: OpSpec) -> None:
+        self.spec = spec
+        self._event = threading.Event()
+        self._error: HFReduceError | None = None
+        self.started = 0.0
+        self.finished = 0.0
+
+    def _finish(self, error: HFReduceError | None = None) -> None:
+        self._error = error
+        self.finished = time.monotonic()
+        self.spec.keep = None
+        self._event.set()
+
+    def is_completed(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the collective completed; raise :class:`HFReduceError` if it failed.
+
+        With ``timeout`` (seconds), raise :class:`HFReduceTimeout` when it has not completed by
+        then (the collective keeps running; call ``wait`` again). Returns True.
+        """
+        if not self._event.wait(timeout):
+            raise HFReduceTimeout(f"{self.spec.name} did not complete within {timeout} s (still running)")
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def exception(self) -> HFReduceError | None:
+        return self._error
+
+    def __repr__(self) -> str:
+        state = "failed" if self._error else ("done" if self.is_completed() else "pending")
+        return f"<Work {self.spec.name} {self.spec.nbytes} bytes {state}>"
+
+
+class HostBackend:
+    """Caller buffers in host memory: the three device-seam operations are plain memcpy."""
+
+    name = "host"
+
+    def copy_chunk_out(self, spec: OpSpec, c0: int, c1: int, slot: np.ndarray) -> None:
+        """Stage virtual bytes [c0, c1) of the caller's input into ``slot`` (zeros where none)."""
+        n = c1 - c0
+        inp = spec.inp
+        if inp is None:
+            K.zero(slot[:n])
+            return
+        i0, i1 = spec.in_off, spec.in_off + inp.nbytes
+        a, b = max(c0, i0), min(c1, i1)
+        if a >= b:
+            K.zero(slot[:n])
+            return
+        if a > c0:
+            K.zero(slot[: a - c0])
+        if b < c1:
+            K.zero(slot[b - c0: n])
+        K.copy(slot[a - c0: b - c0], inp[a - i0: b - i0])
+
+    def chunk_ready(self, spec: OpSpec, g: int) -> bool:
+        return True
+
+    def copy_chunk_in(self, spec: OpSpec, c0: int, parts: list[tuple[int, np.ndarray]]) -> None:
+        """Write final chunk pieces ``(virtual offset, bytes)`` into the caller's output."""
+        out, o0 = spec.out, spec.out_off
+        for v, src in parts:
+            K.copy(out[v - o0: v - o0 + src.nbytes], src)
+
+
+class Engine:
+    """Runs this rank's collectives in submission order on one thread."""
+
+    def __init__(self, sync: NodeSync, arena, layout: Layout, nnodes: int, internode=None,
+                 backend: HostBackend | None = None) -> None:
+        self.sync = sync
+        self.arena = arena
+        self.lay = layout
+        self.L = layout.local
+        self.me = sync.me
+        self.K = layout.slots
+        self.CB = layout.chunk
+        self.nnodes = nnodes
+        self.internode = internode
+        self.backend = backend or HostBackend()
+        self._queue: collections.deque[Work] = collections.deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._error: HFReduceError | None = None
+        self.seq = 0
+        self.next_g = 0
+        self.completed = 0
+        self._thread = threading.Thread(target=self._run, name=f"hfreduce-engine-{sync.rank}", daemon=True)
+        self._thread.start()
+
+    # -- queue -------------------------------------------------------------------------------
+    def submit(self, spec: OpSpec) -> Work:
+        work = Work(spec)
+        with self._cv:
+            if self._error is not None:
+                work._finish(self._error)
+                return work
+            if self._stop:
+                work._finish(HFReduceError("the process group was destroyed"))
+                return work
+            self._queue.append(work)
+            self._cv.notify()
+        return work
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                work = self._queue[0]
+            work.started = time.monotonic()
+            err = self._error
+            if err is None:
+                try:
+                    self._execute(work.spec)
+                except HFReduceError as exc:
+                    err = self._fail(exc)
+                except Exception as exc:  # noqa: BLE001 - a bug must not hang the others
+                    log.exception("hfreduce engine failed")
+                    err = self._fail(HFReduceError(f"internal error in {work.spec.name} on rank "
+                                                   f"{self.sync.rank}: {exc!r}", detected_by=self.sync.rank))
+            with self._cv:
+                self._queue.popleft()
+            if err is None:
+                self.completed += 1
+            work._finish(err)
+
+    def _fail(self, exc: HFReduceError) -> HFReduceError:
+        err = self.sync.record(exc) if not self.sync.aborted() else (self.sync.first_error() or exc)
+        with self._cv:
+            self._error = err
+        if self.internode is not None:
+            self.internode.abort(err)
+        return err
+
+    def fail_pending(self, err: HFReduceError) -> None:
+        with self._cv:
+            if self._error is None:
+                self._error = err
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    @property
+    def error(self) -> HFReduceError | None:
+        return self._error
+
+    # -- one collective ------------------------------------------------------------------------
+    def _execute(self, spec: OpSpec) -> None:
+        sync, lay = self.sync, self.lay
+        sync.check()
+        spec.seq = self.seq + 1
+        spec.nchunks = max(1, -(-spec.nbytes // self.CB))
+        spec.g0 = self.next_g
+        # descriptor first, then the sequence number that makes it valid
+        hr, ho = spec.heap if spec.heap is not None else (-1, 0)
+        for f, v in ((lay.KIND, spec.kind), (lay.NBYTES, spec.nbytes), (lay.DTYPE, spec.dtype),
+                     (lay.OP, spec.op), (lay.ROOT, spec.root), (lay.FIRST_G, spec.g0),
+                     (lay.LOC_KIND, 0 if spec.heap is None else 1), (lay.LOC_HEAP, hr), (lay.LOC_OFF, ho)):
+            sync.set(f, v)
+        sync.publish(lay.OP_SEQ, spec.seq)
+        self.seq = spec.seq
+        self.next_g = spec.g0 + spec.nchunks
+        sync.wait(lambda: sync.min(lay.OP_SEQ) >= spec.seq,
+                  lambda: (sync.argmin(lay.OP_SEQ), f"it did not enter {spec.name} #{spec.seq}"))
+        locs = self._check_descriptors(spec)
+        if self.internode is not None:
+            self.internode.submit(spec, locs)
+        self._pipeline(spec, locs)
+
+    def _check_descriptors(self, spec: OpSpec) -> list[tuple[int, int] | None]:
+        sync, lay = self.sync, self.lay
+        mine = [spec.kind, spec.nbytes, spec.dtype, spec.op, spec.root, spec.g0]
+        fields = (lay.KIND, lay.NBYTES, lay.DTYPE, lay.OP, lay.ROOT, lay.FIRST_G)
+        locs: list[tuple[int, int] | None] = []
+        for r in range(self.L):
+            theirs = [sync.get(r, f) for f in fields]
+            if theirs != mine:
+                g = sync.local_ranks[r]
+                raise MismatchError(
+                    f"rank {g} (node {sync.node}) called {_describe(theirs)} while rank {sync.rank} called "
+                    f"{_describe(mine)}", rank=g, node=sync.node, detected_by=sync.rank)
+            locs.append((sync.get(r, lay.LOC_HEAP), sync.get(r, lay.LOC_OFF))
+                        if sync.get(r, lay.LOC_KIND) == 1 else None)
+        return locs
+
+    def location(self, spec: OpSpec, locs, r: int, g: int, a: int, b: int) -> np.ndarray:
+        """Rank ``r``'s input location of chunk ``g``, chunk bytes [a, b)."""
+        loc = locs[r]
+        if loc is None:
+            return self.arena.slots[r][g % self.K][a:b]
+        base = loc[1] + (g - spec.g0) * self.CB
+        return self.arena.heap_views[loc[0]][base + a: base + b]
+
+    def chunk_range(self, spec: OpSpec, g: int) -> tuple[int, int]:
+        c0 = (g - spec.g0) * self.CB
+        return c0, min(spec.nbytes, c0 + self.CB)
+
+    def _pipeline(self, spec: OpSpec, locs) -> None:
+        sync, lay, L, me, Kslots = self.sync, self.lay, self.L, self.me, self.K
+        backend = self.backend
+        g0 = spec.g0
+        gend = g0 + spec.nchunks
+        multi = self.nnodes > 1
+        avg_here = spec.avg if not multi else 0
+        w_posted, w_reduced, w_consumed = lay.word(0, lay.POSTED), lay.word(0, lay.REDUCED), lay.word(0, lay.CONSUMED)
+        stride, buf = lay.stride, sync.buf
+        final_word = Layout.FINAL
+        registered = locs[me] is not None
+        nxt_in = nxt_ready = nxt_red = nxt_out = g0
+        if registered:
+            nxt_in = nxt_ready = gend
+            sync.publish(lay.POSTED, gend)
+
+        def min_of(word: int) -> int:
+            return K.min_of(buf, word, stride, L)
+
+        def final(g: int) -> bool:
+            if multi:
+                return K.load(buf, final_word) > g
+            return min_of(w_reduced) > g
+
+        while nxt_out < gend:
+            # 1. reduce my slice of the oldest chunk whose inputs are all in place
+            if nxt_red < nxt_ready and min_of(w_posted) > nxt_red:
+                g = nxt_red
+                c0, c1 = self.chunk_range(spec, g)
+                a, b = slices(c1 - c0, L)[me]
+                if b > a:
+                    dst = self.location(spec, locs, me, g, a, b)
+                    srcs = [self.location(spec, locs, r, g, a, b) for r in range(L) if r != me]
+                    K.reduce(dst, srcs, spec.kdtype, spec.kop, avg_here)
+                nxt_red += 1
+                sync.publish(lay.REDUCED, nxt_red)
+                continue
+            # 2. the device seam: a staged chunk becomes visible to the peers once it is ready
+            if nxt_ready < nxt_in and backend.chunk_ready(spec, nxt_ready):
+                nxt_ready += 1
+                sync.publish(lay.POSTED, nxt_ready)
+                continue
+            # 3. stage the next chunk when its slot is free (everyone consumed chunk g - slots)
+            if nxt_in < gend and nxt_in - nxt_out < Kslots and min_of(w_consumed) > nxt_in - Kslots:
+                g = nxt_in
+                c0, c1 = self.chunk_range(spec, g)
+                backend.copy_chunk_out(spec, c0, c1, self.arena.slots[me][g % Kslots])
+                nxt_in += 1
+                continue
+            # 4. copy out the oldest final chunk
+            if nxt_out < nxt_red and final(nxt_out):
+                g = nxt_out
+                if spec.out is not None:
+                    self._copy_out(spec, locs, g)
+                nxt_out += 1
+                sync.publish(lay.CONSUMED, nxt_out)
+                continue
+            # nothing ready: sleep until a peer publishes
+            state = (nxt_in, nxt_ready, nxt_red, nxt_out)
+            sync.wait(lambda s=state: self._any_ready(spec, *s, gend),
+                      lambda s=state: self._laggard(spec, s[0], s[2], s[3]),
+                      timeout=sync.timeout * (1.5 if multi else 1.0) + (1.0 if multi else 0.0))
+        # my registered buffer and my slots are read by peers until every rank consumed the op
+        sync.wait(lambda: min_of(w_consumed) >= gend,
+                  lambda: (sync.argmin(lay.CONSUMED), f"it did not finish {spec.name} #{spec.seq}"))
+
+    def _any_ready(self, spec, nxt_in, nxt_ready, nxt_red, nxt_out, gend) -> bool:
+        sync, lay = self.sync, self.lay
+        if nxt_red < nxt_ready and sync.min(lay.POSTED) > nxt_red:
+            return True
+        if nxt_ready < nxt_in:
+            return True
+        if nxt_in < gend and nxt_in - nxt_out < self.K and sync.min(lay.CONSUMED) > nxt_in - self.K:
+            return True
+        if nxt_out < nxt_red:
+            if self.nnodes > 1:
+                return sync.node_word(Layout.FINAL) > nxt_out
+            return sync.min(lay.REDUCED) > nxt_out
+        return False
+
+    def _laggard(self, spec, nxt_in, nxt_red, nxt_out) -> tuple[int | None, str]:
+        sync, lay = self.sync, self.lay
+        what = f"{spec.name} #{spec.seq}, chunk {nxt_out - spec.g0 + 1} of {spec.nchunks}"
+        if sync.min(lay.POSTED) <= nxt_red:
+            return sync.argmin(lay.POSTED), f"its input of {what} never arrived"
+        if self.nnodes > 1:
+            return None, f"the inter-node tree did not deliver {what}"
+        if sync.min(lay.REDUCED) <= nxt_out:
+            return sync.argmin(lay.REDUCED), f"it did not reduce its slice of {what}"
+        return sync.argmin(lay.CONSUMED), f"it did not copy out {what}"
+
+    def _copy_out(self, spec: OpSpec, locs, g: int) -> None:
+        c0, c1 = self.chunk_range(spec, g)
+        o0, o1 = spec.out_off, spec.out_off + spec.out.nbytes
+        lo, hi = max(c0, o0) - c0, min(c1, o1) - c0
+        if lo >= hi:
+            return
+        parts = []
+        for s, (a, b) in enumerate(slices(c1 - c0, self.L)):
+            a, b = max(a, lo), min(b, hi)
+            if a >= b or (s == self.me and locs[s] is not None and spec.kind == ALLREDUCE):
+                continue  # my registered buffer already holds my slice's result
+            parts.append((c0 + a, self.location(spec, locs, s, g, a, b)))
+        self.backend.copy_chunk_in(spec, c0, parts)
+
+
+def _describe(d: list[int]) -> str:
+    from .kernels import DTYPE_NAMES
+
+    kind, nbytes, dtype, op, root, g0 = d
+    ops = {0: "SUM", 1: "AVG", 2: "MAX", 3: "MIN", 4: "-"}
+    s = f"{KIND_NAMES.get(kind, kind)}({nbytes} bytes, {DTYPE_NAMES.get(dtype, dtype)}"
+    if kind in (ALLREDUCE, REDUCE, REDUCE_SCATTER):
+        s += f", {ops.get(op, op)}"
+    if root >= 0:
+        s += f", root {root}"
+    return s + f", chunk #{g0})"

@@ -1,0 +1,60 @@
+"""The exceptions of hfreduce, grouped by theme.
+
+    HFReduceError               base: a collective or the group failed; names the failed peer
+    ├── InitError               the group could not be formed (environment, rendezvous, shm)
+    ├── PeerFailed              a peer process died, left the group or closed its connection
+    ├── HFReduceTimeout         a peer made no progress within the group's timeout (stuck or slow)
+    ├── MismatchError           ranks called different collectives, sizes, dtypes, ops or roots
+    └── InvalidArgument         a buffer, dtype or argument this rank passed cannot be used
+
+Every error raised by a collective after a failure names the rank and the node of the peer at
+fault (``rank`` and ``node``; None when no single peer is to blame) and the rank that noticed.
+Once a group has failed, every later call on it raises the same error: destroy it and form a new
+one (``hfreduce.destroy(); hfreduce.init()``), usually by restarting the job.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HFReduceError", "InitError", "PeerFailed", "HFReduceTimeout", "MismatchError", "InvalidArgument"]
+
+
+class HFReduceError(RuntimeError):
+    """A collective or the process group failed. ``rank`` / ``node``: the failed peer, if known."""
+
+    def __init__(self, message: str, *, rank: int | None = None, node: str | None = None,
+                 detected_by: int | None = None) -> None:
+        self.rank = rank
+        self.node = node
+        self.detected_by = detected_by
+        super().__init__(message)
+
+
+class InitError(HFReduceError):
+    """The group could not be formed: bad environment, unreachable master, shared memory refused."""
+
+
+class PeerFailed(HFReduceError):
+    """A peer process died, left the group (destroy) or closed its connection mid-collective."""
+
+
+class HFReduceTimeout(HFReduceError, TimeoutError):
+    """A peer made no progress within the timeout (stuck, stopped, or far behind the others)."""
+
+
+class MismatchError(HFReduceError):
+    """Ranks called different collectives, or with different sizes, dtypes, ops or roots."""
+
+
+class InvalidArgument(HFReduceError, ValueError):
+    """This rank passed a buffer, dtype or argument that cannot be used (nothing was sent)."""
+
+
+#: Error kinds as they travel between processes (shared memory, abort frames).
+KINDS: dict[str, type[HFReduceError]] = {
+    "error": HFReduceError,
+    "dead": PeerFailed,
+    "timeout": HFReduceTimeout,
+    "mismatch": MismatchError,
+    "init": InitError,
+}
+KIND_CODES = {name: i for i, name in enumerate(KINDS)}

@@ -1,0 +1,352 @@
+"""Between nodes: the leader's reduce thread, broadcast thread and watcher over the double tree.
+
+Each chunk is split in two halves, one per tree. For every chunk, in order:
+
+* the **reduce thread** waits until the local ranks have reduced the chunk (every slice in its
+  owner's location), then, per tree, receives each child's partial half straight into a receive
+  buffer, adds the children into the node's partial in place (one pass, the SIMD kernel; the
+  root also applies AVG's division), and sends the result to its parent from where it lies (a
+  gathering ``sendmsg`` over the slices: no copy);
+* the **broadcast thread**, per tree, receives the final half from the parent straight into the
+  slices' locations (the root takes its own result), forwards it to its children, and publishes
+  the node's FINAL counter, which releases the local ranks' copy-out.
+
+So chunk i travels the network while chunk i+1 is being added: the local ranks, the reduce
+thread and the broadcast thread each work on a different chunk, up to ``slots`` chunks apart.
+Every (tree, edge) has its own TCP connection (traffic class HFREDUCE): on each, one thread
+sends and one receives.
+
+[Note: failures between nodes]
+Each leader also keeps one out-of-band connection per tree neighbour and a **watcher** thread
+that reads them and watches the local ranks' pidfds. A failure anywhere is recorded in the
+node's control block (the local ranks raise it) and sent as an ABORT message, naming the peer at
+fault, to every neighbour, which records and forwards it: the whole job learns who failed. Only
+then are the data connections closed, which unblocks threads stuck in send or receive. A
+neighbour that vanishes without an ABORT (its process died) is blamed by name; one that stops
+sending is blamed when the data connection's timeout (a little longer than the local timeout, so
+a precise local diagnosis arrives first) expires. ``destroy`` says BYE first, so a clean exit is
+not a failure unless a collective still needed that node.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import struct
+import threading
+import time
+
+import msgpack
+import numpy as np
+
+from network.errors import TransportError, TransportTimeout
+from network.transport import Connection
+
+from . import kernels as K
+from .errors import HFReduceError, HFReduceTimeout, MismatchError, PeerFailed
+from .shm import Layout
+from .sync import POLL, NodeSync
+from .tree import Tree
+
+__all__ = ["InterNode", "DATA_HEADER"]
+
+log = logging.getLogger(__name__)
+
+# type, tree, kind, dtype, op, root, seq, chunk, nbytes (of the collective), payload length
+DATA_HEADER = struct.Struct("!BBBBbiQQQQ")
+T_DATA = 1
+
+
+class InterNode:
+    """The inter-node half of a node leader."""
+
+    def __init__(self, sync: NodeSync, trees: tuple[Tree, Tree], node: int, node_names: list[str],
+                 leader_ranks: list[int], up: dict[int, Connection], down: dict[tuple[int, int], Connection],
+                 oob: dict[int, Connection], timeout: float, chunk: int) -> None:
+        self.sync = sync
+        self.trees = trees
+        self.node = node
+        self.node_names = node_names
+        self.leader_ranks = leader_ranks
+        self.up = up  # tree -> connection to the parent
+        self.down = down  # (tree, child node) -> connection
+        self.oob = oob  # neighbour node -> out-of-band connection
+        self.timeout = timeout
+        self.net_timeout = timeout * 1.25 + 0.5
+        for c in [*up.values(), *down.values()]:
+            c.timeout = self.net_timeout
+        self.engine = None  # set by the group: chunk locations
+        self._plans_r: list = []
+        self._plans_b: list = []
+        self._cv = threading.Condition()
+        self._root_done = [0, 0]
+        self._stop = False
+        self._aborted = False
+        self._departed: set[int] = set()
+        self._oob_locks = {n: threading.Lock() for n in oob}
+        self._rbuf = {(t, c): np.empty(chunk, np.uint8) for t in (0, 1) for c in trees[t].children[node]}
+        self._threads = [threading.Thread(target=self._loop, args=(self._plans_r, self._reduce_op), daemon=True,
+                                          name=f"hfreduce-reduce-{node}"),
+                         threading.Thread(target=self._loop, args=(self._plans_b, self._bcast_op), daemon=True,
+                                          name=f"hfreduce-bcast-{node}"),
+                         threading.Thread(target=self._watch, daemon=True, name=f"hfreduce-watch-{node}")]
+        for th in self._threads:
+            th.start()
+
+    def describe(self) -> dict:
+        return {f"tree{t}": {"parent": self.trees[t].parent[self.node], "children": list(self.trees[t].children[self.node])}
+                for t in (0, 1)}
+
+    # -- plans -------------------------------------------------------------------------------
+    def submit(self, spec, locs) -> None:
+        with self._cv:
+            self._plans_r.append((spec, locs))
+            self._plans_b.append((spec, locs))
+            self._cv.notify_all()
+
+    def _loop(self, plans: list, run) -> None:
+        while True:
+            with self._cv:
+                while not plans and not self._stop:
+                    self._cv.wait()
+                if self._stop and not plans:
+                    return
+                spec, locs = plans.pop(0)
+            if self._aborted:
+                continue
+            try:
+                run(spec, locs)
+            except HFReduceError as exc:
+                self.abort(exc)
+            except Exception as exc:  # noqa: BLE001 - never leave the local ranks hanging
+                log.exception("hfreduce inter-node thread failed")
+                self.abort(HFReduceError(f"internal error in the inter-node tree of node "
+                                         f"{self.node_names[self.node]}: {exc!r}", detected_by=self.sync.rank))
+
+    # -- frames ------------------------------------------------------------------------------
+    def _header(self, spec, t: int, g: int, n: int) -> bytes:
+        return DATA_HEADER.pack(T_DATA, t, spec.kind, spec.dtype, spec.op, spec.root, spec.seq, g, spec.nbytes, n)
+
+    def _recv_header(self, conn: Connection, peer: int, spec, t: int, g: int, n: int) -> None:
+        try:
+            header, plen = conn.recv_header()
+        except TransportError as exc:
+            raise self._net_failure(peer, exc) from None
+        try:
+            fields = DATA_HEADER.unpack(header)
+        except struct.error:
+            raise HFReduceError(f"bad frame from node {self.node_names[peer]}", detected_by=self.sync.rank) from None
+        want = (T_DATA, t, spec.kind, spec.dtype, spec.op, spec.root, spec.seq, g, spec.nbytes, n)
+        if fields != want or plen != n:
+            from .engine import _describe
+
+            peer_name = self.node_names[peer]
+            theirs = _describe([fields[2], fields[8], fields[3], fields[4], fields[5], fields[7]])
+            mine = _describe([spec.kind, spec.nbytes, spec.dtype, spec.op, spec.root, g])
+            raise MismatchError(f"node {peer_name} (leader rank {self.leader_ranks[peer]}) is running {theirs} "
+                                f"(#{fields[6]}) while node {self.node_names[self.node]} runs {mine} (#{spec.seq})",
+                                rank=self.leader_ranks[peer], node=peer_name, detected_by=self.sync.rank)
+
+    def _recv_into(self, conn: Connection, peer: int, views) -> None:
+        try:
+            for v in views:
+                if v.nbytes:
+                    conn.recv_payload_into(v, v.nbytes)
+        except TransportError as exc:
+            raise self._net_failure(peer, exc) from None
+
+    def _send(self, conn: Connection, peer: int, header: bytes, views) -> None:
+        try:
+            conn.send(header, *views)
+        except TransportError as exc:
+            raise self._net_failure(peer, exc) from None
+
+    def _net_failure(self, peer: int, exc: TransportError) -> HFReduceError:
+        """A data connection to ``peer`` failed: prefer a precise diagnosis arriving out of band."""
+        end = time.monotonic() + min(1.0, self.timeout)
+        while time.monotonic() < end and not self.sync.aborted() and not self._aborted:
+            time.sleep(0.01)
+        if self.sync.aborted():
+            return self.sync.first_error() or HFReduceError("aborted")
+        name, rank = self.node_names[peer], self.leader_ranks[peer]
+        if peer in self._departed:
+            return PeerFailed(f"node {name} (leader rank {rank}) left the group (destroy) during a collective",
+                              rank=rank, node=name, detected_by=self.sync.rank)
+        if isinstance(exc, TransportTimeout):
+            return HFReduceTimeout(f"node {name} (leader rank {rank}) sent nothing for {self.net_timeout:.1f} s "
+                                   "(stuck, stopped or far behind)", rank=rank, node=name, detected_by=self.sync.rank)
+        return PeerFailed(f"node {name} (leader rank {rank}) died or lost its connection ({exc})", rank=rank,
+                          node=name, detected_by=self.sync.rank)
+
+    # -- the two passes ----------------------------------------------------------------------
+    def _segments(self, spec, locs, g: int, a: int, b: int) -> list[tuple[int, np.ndarray]]:
+        """Chunk bytes [a, b) as (offset from a, view) pieces, one per slice owner's location."""
+        from .engine import slices
+
+        eng = self.engine
+        c0, c1 = eng.chunk_range(spec, g)
+        out = []
+        for s, (x, y) in enumerate(slices(c1 - c0, eng.L)):
+            x, y = max(x, a), min(y, b)
+            if x < y:
+                out.append((x - a, eng.location(spec, locs, s, g, x, y)))
+        return out
+
+    def _reduce_op(self, spec, locs) -> None:
+        from .engine import slices
+
+        sync, lay = self.sync, self.sync.lay
+        eng = self.engine
+        for g in range(spec.g0, spec.g0 + spec.nchunks):
+            sync.wait(lambda g=g: sync.min(lay.REDUCED) > g, lambda g=g: self._local_laggard(spec, g))
+            c0, c1 = eng.chunk_range(spec, g)
+            for t, (a, b) in enumerate(slices(c1 - c0, 2)):
+                tree, n = self.trees[t], b - a
+                kids = tree.children[self.node]
+                segs = self._segments(spec, locs, g, a, b)
+                for k in kids:
+                    conn = self.down[(t, k)]
+                    self._recv_header(conn, k, spec, t, g, n)
+                    self._recv_into(conn, k, [self._rbuf[(t, k)][:n]])
+                parent = tree.parent[self.node]
+                if kids:
+                    avg = spec.avg if parent < 0 else 0
+                    for off, view in segs:
+                        K.reduce(view, [self._rbuf[(t, k)][off: off + view.nbytes] for k in kids], spec.kdtype,
+                                 spec.kop, avg)
+                if parent >= 0:
+                    self._send(self.up[t], parent, self._header(spec, t, g, n), [v for _, v in segs])
+                else:
+                    with self._cv:
+                        self._root_done[t] = g + 1
+                        self._cv.notify_all()
+
+    def _bcast_op(self, spec, locs) -> None:
+        from .engine import slices
+
+        sync = self.sync
+        eng = self.engine
+        for g in range(spec.g0, spec.g0 + spec.nchunks):
+            c0, c1 = eng.chunk_range(spec, g)
+            for t, (a, b) in enumerate(slices(c1 - c0, 2)):
+                tree, n = self.trees[t], b - a
+                segs = [v for _, v in self._segments(spec, locs, g, a, b)]
+                parent = tree.parent[self.node]
+                if parent >= 0:
+                    conn = self.up[t]
+                    self._recv_header(conn, parent, spec, t, g, n)
+                    self._recv_into(conn, parent, segs)
+                else:
+                    self._wait_root(t, g)
+                header = self._header(spec, t, g, n)
+                for k in tree.children[self.node]:
+                    self._send(self.down[(t, k)], k, header, segs)
+            sync.publish_node(Layout.FINAL, g + 1)
+
+    def _wait_root(self, t: int, g: int) -> None:
+        end = time.monotonic() + self.net_timeout * 2
+        with self._cv:
+            while self._root_done[t] <= g:
+                if self._aborted or self.sync.aborted():
+                    self.sync.check()
+                    raise HFReduceError("aborted")
+                if time.monotonic() > end:
+                    raise HFReduceTimeout(f"the reduce pass of node {self.node_names[self.node]} did not finish "
+                                          f"chunk {g}", detected_by=self.sync.rank)
+                self._cv.wait(POLL)
+
+    def _local_laggard(self, spec, g: int) -> tuple[int | None, str]:
+        sync, lay = self.sync, self.sync.lay
+        what = f"{spec.name} #{spec.seq}, chunk {g - spec.g0 + 1} of {spec.nchunks}"
+        if sync.min(lay.OP_SEQ) < spec.seq:
+            return sync.argmin(lay.OP_SEQ), f"it did not enter {spec.name} #{spec.seq}"
+        if sync.min(lay.POSTED) <= g:
+            return sync.argmin(lay.POSTED), f"its input of {what} never arrived"
+        return sync.argmin(lay.REDUCED), f"it did not reduce its slice of {what}"
+
+    # -- failures ----------------------------------------------------------------------------
+    def abort(self, err: HFReduceError, source: int | None = None) -> None:
+        """Record ``err`` locally, tell every neighbour (but ``source``), close the data links."""
+        with self._cv:
+            if self._aborted:
+                return
+            self._aborted = True
+            self._cv.notify_all()
+        err = self.sync.record(err)
+        msg = msgpack.packb({"t": "abort", "kind": type(err).__name__, "msg": str(err), "rank": err.rank,
+                             "node": err.node, "by": err.detected_by})
+        for peer, conn in self.oob.items():
+            if peer != source:
+                self._oob_send(peer, conn, msg)
+        for conn in [*self.up.values(), *self.down.values()]:
+            conn.close()
+
+    def _oob_send(self, peer: int, conn: Connection, msg: bytes) -> None:
+        try:
+            with self._oob_locks[peer]:
+                conn.send(msg, timeout=min(5.0, self.timeout))
+        except TransportError:
+            pass
+
+    def _watch(self) -> None:
+        from .errors import KINDS
+
+        by_fd = {c.fileno(): n for n, c in self.oob.items()}
+        poller = select.poll()
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        sync = self.sync
+        while not self._stop:
+            try:
+                events = poller.poll(POLL * 1000)
+            except InterruptedError:
+                continue
+            for fd, _ev in events:
+                peer = by_fd.get(fd)
+                if peer is None:
+                    continue
+                conn = self.oob[peer]
+                try:
+                    m = msgpack.unpackb(conn.recv(timeout=self.timeout).header)
+                except TransportError:
+                    poller.unregister(fd)
+                    del by_fd[fd]
+                    if self._stop:
+                        continue
+                    name, rank = self.node_names[peer], self.leader_ranks[peer]
+                    if peer in self._departed:
+                        continue
+                    self.abort(PeerFailed(f"node {name} (leader rank {rank}) died or lost its connection",
+                                          rank=rank, node=name, detected_by=sync.rank), source=peer)
+                    continue
+                t = m.get("t")
+                if t == "abort":
+                    cls = next((c for c in KINDS.values() if c.__name__ == m.get("kind")), HFReduceError)
+                    self.abort(cls(m.get("msg", "aborted"), rank=m.get("rank"), node=m.get("node"),
+                                   detected_by=m.get("by")), source=peer)
+                elif t == "bye":
+                    self._departed.add(peer)
+            if self._stop:
+                break
+            if not self._aborted:
+                try:
+                    sync.check_peers(include_departed=False)
+                except HFReduceError as exc:
+                    self.abort(exc)
+                    continue
+                if sync.aborted():
+                    self.abort(sync.first_error() or HFReduceError("aborted"))
+
+    def close(self) -> None:
+        """Say BYE to the neighbours, stop the threads, close every connection."""
+        bye = msgpack.packb({"t": "bye"})
+        for peer, conn in self.oob.items():
+            self._oob_send(peer, conn, bye)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for th in self._threads:
+            if th is not threading.current_thread():
+                th.join(2 * POLL + 1.0)
+        for conn in [*self.up.values(), *self.down.values(), *self.oob.values()]:
+            conn.close()
