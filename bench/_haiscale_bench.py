@@ -47,6 +47,14 @@ def make_model(d: int, h: int, blocks: int) -> nn.Module:
     return nn.Sequential(*[Block(d, h) for _ in range(blocks)], nn.LayerNorm(d), nn.Linear(d, 16))
 
 
+OPTIMIZERS = {"adam": (torch.optim.Adam, {"lr": 1e-4}), "sgd": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9})}
+
+
+def make_optimizer(cfg: dict, params):
+    cls, kw = OPTIMIZERS[cfg["optim"]]
+    return cls(params, **kw)
+
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -92,7 +100,7 @@ def worker(local_rank: int, kind: str, cfg: dict, out_dir: str) -> None:
         from haiscale.fsdp import FullyShardedDataParallel, ModuleWrapPolicy
 
         model = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy(wrap_cls),
-                                         optimizer_in_backward=(torch.optim.Adam, {"lr": 1e-4}))
+                                         optimizer_in_backward=OPTIMIZERS[cfg["optim"]])
     elif kind == "torch_fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel as TorchFSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy as TorchPolicy
@@ -101,7 +109,7 @@ def worker(local_rank: int, kind: str, cfg: dict, out_dir: str) -> None:
     else:
         raise ValueError(kind)
     in_backward = kind == "haiscale_fsdp"
-    opt = None if in_backward else torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = None if in_backward else make_optimizer(cfg, model.parameters())
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(cfg["batch"], cfg["d"], generator=g)
     y = torch.randn(cfg["batch"], 16, generator=g)
@@ -144,11 +152,21 @@ def run(kind: str, cfg: dict, out_dir: str) -> dict:
     return {k: max(r[k] for r in ranks) for k in ("step_s", "peak_rss_mb", "base_rss_mb", "train_mb")}
 
 
-def config(quick: bool) -> dict:
+def run_rounds(kinds: list[str], cfg: dict, out_dir: str) -> dict[str, dict]:
+    """``cfg['rounds']`` rounds, the kinds alternating inside each (A B C A B C ...), so that load
+    from other work on the machine hits every kind alike; each figure is the median over rounds."""
+    seen: dict[str, list[dict]] = {k: [] for k in kinds}
+    for _ in range(cfg["rounds"]):
+        for kind in kinds:
+            seen[kind].append(run(kind, cfg, out_dir))
+    return {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in seen.items()}
+
+
+def config(quick: bool, optim: str) -> dict:
     if quick:  # about 12.6M parameters
-        return {"d": 1024, "h": 3072, "blocks": 2, "batch": 8, "warmup": 1, "steps": 3}
+        return {"d": 1024, "h": 3072, "blocks": 2, "batch": 8, "warmup": 1, "steps": 3, "rounds": 1, "optim": optim}
     # about 50.4M parameters
-    return {"d": 2048, "h": 3072, "blocks": 4, "batch": 8, "warmup": 2, "steps": 6}
+    return {"d": 2048, "h": 3072, "blocks": 4, "batch": 8, "warmup": 2, "steps": 6, "rounds": 3, "optim": optim}
 
 
 def numel(cfg: dict) -> int:

@@ -1,5 +1,6 @@
 """haiscale DDP (hfreduce) vs torch DDP (gloo): same model (a ~50M-parameter wide residual MLP),
-same data, 2 ranks on this machine, Adam; step time (median over steps, slowest rank) and peak RSS
+same data, 2 ranks on this machine, SGD with momentum (as the paper's VGG16 / ResNet runs: the step
+is gradient communication plus little compute, which is what DDP changes); step time (median over steps, slowest rank) and peak RSS
 per rank. Target: haiscale DDP step time <= 0.7x torch DDP's.
 
     python bench/ddp.py [--quick]
@@ -22,13 +23,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 12M-parameter model and 3 steps (< 60 s)")
     args = ap.parse_args()
-    cfg = hb.config(args.quick)
+    cfg = hb.config(args.quick, "sgd")
     n = hb.numel(cfg)
-    rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as out:
-        for kind in ("haiscale_ddp", "torch_ddp"):
-            rows[kind] = hb.run(kind, cfg, out)
-    print(f"model: {n / 1e6:.1f}M parameters, 2 ranks, batch {cfg['batch']} per rank, {cfg['steps']} timed steps")
+        rows = hb.run_rounds(list(("haiscale_ddp", "torch_ddp")), cfg, out)
+    print(f"model: {n / 1e6:.1f}M parameters, 2 ranks, batch {cfg['batch']} per rank, {cfg['optim']}, "
+          f"{cfg['steps']} timed steps, median of {cfg['rounds']} alternating rounds")
     print(f"{'wrapper':<16}{'step s':>10}{'peak RSS MB':>14}{'base RSS MB':>14}{'train MB':>10}")
     for kind, r in rows.items():
         print(f"{kind:<16}{r['step_s']:>10.3f}{r['peak_rss_mb']:>14.0f}{r['base_rss_mb']:>14.0f}{r['train_mb']:>10.0f}")

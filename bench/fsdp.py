@@ -24,14 +24,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 12M-parameter model and 3 steps (< 60 s)")
     args = ap.parse_args()
-    cfg = hb.config(args.quick)
+    cfg = hb.config(args.quick, "adam")
     n = hb.numel(cfg)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # see _haiscale_bench: same for all
-    rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as out:
-        for kind in ("haiscale_fsdp", "torch_fsdp", "haiscale_ddp"):
-            rows[kind] = hb.run(kind, cfg, out)
-    print(f"model: {n / 1e6:.1f}M parameters, 2 ranks, batch {cfg['batch']} per rank, {cfg['steps']} timed steps")
+        rows = hb.run_rounds(list(("haiscale_fsdp", "torch_fsdp", "haiscale_ddp")), cfg, out)
+    print(f"model: {n / 1e6:.1f}M parameters, 2 ranks, batch {cfg['batch']} per rank, {cfg['optim']}, "
+          f"{cfg['steps']} timed steps, median of {cfg['rounds']} alternating rounds")
     print(f"{'wrapper':<16}{'step s':>10}{'peak RSS MB':>14}{'base RSS MB':>14}{'train MB':>10}")
     for kind, r in rows.items():
         print(f"{kind:<16}{r['step_s']:>10.3f}{r['peak_rss_mb']:>14.0f}{r['base_rss_mb']:>14.0f}{r['train_mb']:>10.0f}")
