@@ -5,6 +5,7 @@
     [haiplatform]
     db_url = ""                 # "" -> SQLite file STATE_DIR/hai.db; or postgresql+psycopg://...
     tick = 1.0                  # scheduler tick, seconds (it also wakes on every event)
+    min_cycle = 0.05            # events closer together than this are decided in one cycle
     heartbeat_interval = 1.0    # agent -> API
     heartbeat_timeout = 10.0    # a node silent this long is lost
     stop_grace = 5.0            # SIGTERM -> SIGKILL on stop, seconds
@@ -37,6 +38,7 @@ class HaiConfig:
     state_dir: Path
     db_url: str = ""
     tick: float = 1.0
+    min_cycle: float = 0.05
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     stop_grace: float = 5.0

@@ -38,7 +38,11 @@ from .db import JobStatus, RankStatus, StopCode
 
 __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyConfig", "Decision", "MarkNode",
            "MarkRunning", "StartJob", "StopJob", "CancelJob", "FinishJob", "SetReason", "MarkRanksLost",
-           "decide", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout"]
+           "decide", "plan", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout"]
+
+
+#: the reason of an attempt waiting for free nodes (also the reason a new submission starts with)
+WAITING = "waiting for nodes"
 
 
 # -- the snapshot ---------------------------------------------------------------------------------
@@ -320,6 +324,11 @@ def rank_layout(job: JobView, nodes: tuple[str, ...], node_views: dict[str, Node
 
 def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
     """One scheduling cycle: every phase in order, over one snapshot."""
+    return plan(snap, cfg)[0]
+
+
+def plan(snap: Snapshot, cfg: PolicyConfig | None = None) -> tuple[list[Decision], int]:
+    """:func:`decide`, plus how many ready nodes are left free after its decisions."""
     cfg = cfg or PolicyConfig()
     out: list[Decision] = node_health(snap, cfg)
     lost = {n.name for n in snap.nodes if n.state != "up"} | {d.node for d in out if isinstance(d, MarkNode)}
@@ -340,12 +349,12 @@ def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
     for job in queue_sort(snap.jobs):
         why = quota_filter(job, snap.quotas, usage)
         if why is None and blocked:
-            why = "waiting for nodes"
+            why = WAITING
         if why is None:
             chosen = score_nodes(free, job.nodes)
             if chosen is None:
                 blocked = True
-                why = "waiting for nodes"
+                why = WAITING
             else:
                 out.append(StartJob(job.id, chosen, rank_layout(job, chosen, node_views)))
                 taken = set(chosen)
@@ -354,4 +363,4 @@ def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
                 continue
         if why != job.reason:
             out.append(SetReason(job.id, why))
-    return out
+    return out, len(free)

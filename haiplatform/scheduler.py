@@ -45,7 +45,7 @@ from .policy import (
     Snapshot,
     StartJob,
     StopJob,
-    decide,
+    plan,
 )
 
 __all__ = ["Scheduler", "take_snapshot", "apply_decisions", "main"]
@@ -167,10 +167,22 @@ class Scheduler:
         self.cycles = 0
         self.decisions = 0
         self.last_cycle_s = 0.0
+        self.free_nodes = 1
+        self.skipped = 0
+        self.last_cycle_end = 0.0
+        self.woken = set()
 
     def cycle(self) -> list[Decision]:
         t0 = time.perf_counter()
-        decisions = decide(take_snapshot(self.db), self.policy_cfg)
+        snap = take_snapshot(self.db)
+        decisions, self.free_nodes = plan(snap, self.policy_cfg)
+        held = {j.id: j.assigned_nodes for j in snap.jobs}
+        self.woken: set[str] = set()
+        for d in decisions:
+            if isinstance(d, StartJob):
+                self.woken.update(d.nodes)
+            elif isinstance(d, StopJob | MarkRanksLost):
+                self.woken.update(held.get(d.job_id, ()))
         apply_decisions(self.db, decisions)
         self.cycles += 1
         self.decisions += sum(not isinstance(d, SetReason) for d in decisions)
@@ -181,29 +193,46 @@ class Scheduler:
         return decisions
 
     def run(self, stop: threading.Event) -> None:
-        seq = -1
+        seq, cap, seen_cap, last_full = -1, -1, -2, 0.0
         while not stop.is_set():
             if self.api is not None:
                 try:
-                    seq = self.api.request("GET", "/v1/internal/wait", params={"seq": seq, "timeout": self.cfg.tick},
-                                           timeout=self.cfg.tick + 10)["seq"]
+                    r = self.api.request("GET", "/v1/internal/wait", params={"seq": seq, "timeout": self.cfg.tick},
+                                         timeout=self.cfg.tick + 10)
+                    seq, cap = r["seq"], r.get("cap", -1)
                 except ApiError as exc:
                     log.warning("API unavailable (%s); ticking on the database alone", exc)
-                    seq = -1
+                    seq, cap = -1, -1
                     stop.wait(min(self.cfg.tick, 1.0))
             else:
                 stop.wait(self.cfg.tick)
             if stop.is_set():
                 break
+            # [Note: submissions into a full cluster] Without preemption, a submission can only
+            # start a job when a ready node is free. When the last cycle left none and nothing but
+            # submissions happened since, a cycle would decide nothing (bar waiting reasons), so it
+            # waits for the tick or an event that may free capacity. During a burst of thousands of
+            # submissions this keeps the scheduler from re-reading the growing queue each time.
+            now = time.monotonic()
+            if cap == seen_cap and cap != -1 and self.free_nodes == 0 and now - last_full < self.cfg.tick:
+                self.skipped += 1
+                continue
+            seen_cap, last_full = cap, now
+            # [Note: batching] Events closer together than min_cycle are decided together: a burst
+            # of job ends or submissions costs one cycle per min_cycle, not one per event.
+            rest = self.cfg.min_cycle - (now - self.last_cycle_end)
+            if rest > 0:
+                stop.wait(rest)
             try:
                 decisions = self.cycle()
             except Exception:
                 log.exception("scheduling cycle failed; retrying next tick")
                 stop.wait(min(self.cfg.tick, 1.0))
                 continue
+            self.last_cycle_end = time.monotonic()
             if self.api is not None and any(isinstance(d, _AGENT_VISIBLE) for d in decisions):
                 try:
-                    self.api.request("POST", "/v1/internal/notify", timeout=10)
+                    self.api.request("POST", "/v1/internal/notify", json={"nodes": sorted(self.woken)}, timeout=10)
                 except ApiError as exc:
                     log.warning("could not notify the agents (%s); they will see it on their next poll", exc)
 
@@ -239,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     svc = cluster.service("haiplatform.scheduler")
     rpc = RpcServer(node.address, svc.port if svc else 0, name="haiplatform.scheduler")
     rpc.register("scheduler.stats", lambda a, p, c: {"cycles": sched.cycles, "decisions": sched.decisions,
-                                                     "last_cycle_s": sched.last_cycle_s})
+                                                     "last_cycle_s": sched.last_cycle_s,
+                                                     "skipped": sched.skipped})
     rpc.start()
     log.info("scheduler on %s:%s (db %s, tick %s s)", node.address, rpc.port, db.safe_url, cfg.tick)
     try:
