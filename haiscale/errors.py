@@ -71,7 +71,7 @@ class ProcessFailed(SpawnError):
         self.exitcode = exitcode
         self.child_traceback = child_traceback
         if child_traceback:
-            msg = f"process of local rank {rank} raised:\n{child_traceback}"
+            msg = f"process of rank {rank} raised:\n{child_traceback}"
         else:
-            msg = f"process of local rank {rank} exited with code {exitcode} without a Python traceback"
+            msg = f"process of rank {rank} exited with code {exitcode} without a Python traceback"
         super().__init__(msg)

@@ -6,6 +6,10 @@ NODE_RANK, MASTER_ADDR, MASTER_PORT), so ``hfreduce.init()`` with no arguments j
 * Alone on a machine: one node, ranks 0..nprocs-1, a free port on 127.0.0.1.
 * Under the platform or a launcher that starts one process per node (NNODES and NODE_RANK set,
   LOCAL_RANK not set): global rank = NODE_RANK * nprocs + local rank, WORLD_SIZE = NNODES * nprocs.
+* Emulating ``nnodes`` nodes on one machine (``spawn(..., nnodes=2)``): ``nnodes * nprocs``
+  processes, NODE_RANK = global rank // nprocs; with ``cluster`` (a cluster description file) each
+  process also gets HAI_CLUSTER_FILE and HAI_NODE_NAME (the file's nodes in order), so hfreduce's
+  node leaders talk over their own loopback addresses (real TCP between emulated nodes).
 * Under torchrun (LOCAL_RANK already set) the processes exist already: call your function directly
   instead (spawn refuses, saying so).
 
@@ -31,7 +35,7 @@ from typing import Any
 
 from .errors import ProcessFailed, SpawnError, UsageError
 
-__all__ = ["spawn", "job_env"]
+__all__ = ["spawn", "job_env", "emulated_env"]
 
 
 def _free_port(host: str) -> int:
@@ -81,6 +85,31 @@ def job_env(nprocs: int, environ: dict[str, str] | None = None, master_addr: str
     return out
 
 
+def emulated_env(nprocs: int, nnodes: int, cluster: str | os.PathLike | None = None,
+                 master_addr: str | None = None, master_port: int | None = None) -> list[dict[str, str]]:
+    """The environment of every process of ``nnodes`` emulated nodes x ``nprocs`` on this machine."""
+    if nnodes < 1:
+        raise UsageError(f"nnodes must be >= 1, got {nnodes}")
+    names: list[str] = []
+    if cluster is not None:
+        from network.topology import load_cluster
+
+        names = list(load_cluster(cluster).nodes)
+        if len(names) < nnodes:
+            raise UsageError(f"cluster description {cluster} has {len(names)} nodes, {nnodes} are emulated")
+    addr = master_addr or "127.0.0.1"
+    port = str(master_port or _free_port(addr))
+    out = []
+    for node in range(nnodes):
+        for e in job_env(nprocs, environ={"NNODES": str(nnodes), "NODE_RANK": str(node),
+                                          "MASTER_ADDR": addr, "MASTER_PORT": port}):
+            if names:
+                e["HAI_CLUSTER_FILE"] = str(cluster)
+                e["HAI_NODE_NAME"] = names[node]
+            out.append(e)
+    return out
+
+
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -107,19 +136,26 @@ def _child(fn: Callable[..., Any], local_rank: int, args: tuple, env: dict[str, 
 
 def spawn(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool = True,
           timeout: float | None = None, grace: float = 5.0, master_addr: str | None = None,
-          master_port: int | None = None, start_method: str = "spawn") -> list[mp.Process] | None:
+          master_port: int | None = None, start_method: str = "spawn", nnodes: int = 1,
+          cluster: str | os.PathLike | None = None) -> list[mp.Process] | None:
     """Run ``fn(local_rank, *args)`` in ``nprocs`` processes with the job environment set.
 
     ``timeout`` bounds the whole run (None: no bound); on expiry every child is stopped and
-    SpawnError raised. With ``join=False`` the started processes are returned (the caller joins)."""
-    envs = job_env(nprocs, master_addr=master_addr, master_port=master_port)
+    SpawnError raised. With ``join=False`` the started processes are returned (the caller joins).
+    ``nnodes > 1`` emulates that many nodes on this machine (``nnodes * nprocs`` processes)."""
+    if nnodes > 1 or cluster is not None:
+        envs = emulated_env(nprocs, nnodes, cluster, master_addr, master_port)
+    else:
+        envs = job_env(nprocs, master_addr=master_addr, master_port=master_port)
+    nprocs = len(envs)
     ctx = mp.get_context(start_method)
     procs: list[mp.Process] = []
     conns = []
     try:
         for local in range(nprocs):
             r, w = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, args=(fn, local, tuple(args), envs[local], w), daemon=False,
+            p = ctx.Process(target=_child, args=(fn, int(envs[local]["LOCAL_RANK"]), tuple(args), envs[local], w),
+                            daemon=False,
                             name=f"haiscale-rank{envs[local]['RANK']}")
             p.start()
             w.close()

@@ -271,6 +271,36 @@ def test_ddp_mismatched_models_raise_on_every_rank(ddp_run):
         assert "rank 1" in msg
 
 
+def ddp_nodes_worker(local_rank: int, out_dir: str) -> None:
+    import hfreduce
+
+    torch.set_num_threads(1)
+    hfreduce.init(timeout=60)
+    rank = hfreduce.get_rank()
+    res = {"info": {k: hfreduce.info()[k] for k in ("nodes", "node", "local_world_size")}}
+    try:
+        for kind in ("mlp", "transformer"):
+            ddp = train_ddp(kind, rank)
+            res[kind] = ddp.state_dict()
+            ddp.reducer.stop()
+    finally:
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        hfreduce.destroy()
+
+
+def test_ddp_two_emulated_nodes_one_rank_each(tmp_path):
+    from hfreduce.testing import LOCAL_CLUSTER
+
+    haiscale.spawn(ddp_nodes_worker, args=(str(tmp_path),), nprocs=1, nnodes=2, cluster=LOCAL_CLUSTER, timeout=180)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert len(res[0]["info"]["nodes"]) == 2 and res[0]["info"]["local_world_size"] == 1
+    assert res[0]["info"]["node"] != res[1]["info"]["node"]
+    for kind in ("mlp", "transformer"):
+        want = reference(kind)
+        for r in range(2):
+            assert_close_dicts(res[r][kind], want)
+
+
 # -- in-process checks (no hfreduce group needed) ---------------------------------------------------
 def test_buckets_follow_reverse_registration_order_and_cap():
     ps = [nn.Parameter(torch.zeros(n)) for n in (10, 20, 30, 40)]

@@ -59,8 +59,8 @@ def loss_fn(out, y):
     return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-def half(t, rank):
-    n = t.shape[0] // WORLD
+def half(t, rank, world: int = WORLD):
+    n = t.shape[0] // world
     return t[rank * n : (rank + 1) * n]
 
 
@@ -82,12 +82,12 @@ def reference(steps: int = STEPS) -> dict:
 POLICY = ModuleWrapPolicy([nn.TransformerEncoderLayer])
 
 
-def run(model, opt, rank: int, start: int, stop: int) -> None:
+def run(model, opt, rank: int, start: int, stop: int, world: int = WORLD) -> None:
     for step in range(start, stop):
         x, y = batch(step)
         if opt is not None:
             opt.zero_grad()
-        loss_fn(model(half(x, rank)), half(y, rank)).backward()
+        loss_fn(model(half(x, rank, world)), half(y, rank, world)).backward()
         if opt is not None:
             opt.step()
 
@@ -251,6 +251,34 @@ def test_fsdp_bad_state_dict_is_named(fsdp_run):
         name, msg = res[r]["bad_sd_error"]
         assert name == "StateDictError"
         assert "missing" in msg and "nope" in msg
+
+
+def fsdp_nodes_worker(local_rank: int, out_dir: str) -> None:
+    import hfreduce
+
+    torch.set_num_threads(1)
+    hfreduce.init(timeout=60)
+    rank, world = hfreduce.get_rank(), hfreduce.get_world_size()
+    res = {"info": {k: hfreduce.info()[k] for k in ("nodes", "local_world_size")}}
+    try:
+        f = FullyShardedDataParallel(make_net(), auto_wrap_policy=POLICY)
+        run(f, sgd(f.parameters()), rank, 0, STEPS, world)
+        res["fsdp"] = f.full_state_dict()
+        res["shard_numel"] = sum(p.numel() for p in f.parameters())
+    finally:
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        hfreduce.destroy()
+
+
+def test_fsdp_two_emulated_nodes_two_ranks_each(tmp_path):
+    from hfreduce.testing import LOCAL_CLUSTER
+
+    haiscale.spawn(fsdp_nodes_worker, args=(str(tmp_path),), nprocs=2, nnodes=2, cluster=LOCAL_CLUSTER, timeout=180)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    assert len(res[0]["info"]["nodes"]) == 2 and res[0]["info"]["local_world_size"] == 2
+    assert_close_dicts(res[0]["fsdp"], reference())
+    total = sum(v.numel() for v in make_net().parameters())
+    assert all(total / 4 <= r["shard_numel"] <= total / 4 + 12 for r in res)
 
 
 def test_fsdp_rejects_meta_device_module():
