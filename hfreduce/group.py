@@ -540,9 +540,12 @@ class ProcessGroup:
                                     self.timeout, self.chunk)
 
     # -- collectives -------------------------------------------------------------------------
-    def _submit(self, spec: OpSpec, async_op: bool) -> Work:
+    def _check_alive(self) -> None:
         if self._destroyed:
             raise HFReduceError("the process group was destroyed; call hfreduce.init() again")
+
+    def _submit(self, spec: OpSpec, async_op: bool) -> Work:
+        self._check_alive()
         work = self._engine.submit(spec)
         if not async_op:
             work.wait()
@@ -560,6 +563,7 @@ class ProcessGroup:
         return OpSpec(kind, nbytes, dtype, int(op) if not bitwise else 4, kdtype, kop, avg, root, **kw)
 
     def _registered(self, b: Buf) -> tuple[int, int] | None:
+        self._check_alive()
         off = self._arena.heap.contains(b.addr, b.nbytes)
         return None if off is None else (self.local_rank, off)
 

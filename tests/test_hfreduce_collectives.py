@@ -197,11 +197,21 @@ def w_torch(pg):
     import torch
 
     out = []
+    w = pg.world_size
+    base = (torch.arange(3001) % 9 - 4).to(torch.float64)
+    scaled = torch.stack([base * (r + 1) for r in range(w)])
+    refs = {ReduceOp.SUM: scaled.sum(0), ReduceOp.MAX: scaled.max(0).values, ReduceOp.MIN: scaled.min(0).values,
+            ReduceOp.AVG: scaled.sum(0) / w}
     for dt in (torch.float32, torch.bfloat16, torch.float16, torch.int64):
-        t = (torch.arange(3001) % 9 - 4).to(dt) * (pg.rank + 1)
-        pg.allreduce(t)
-        want = (torch.arange(3001) % 9 - 4).to(torch.float64) * sum(range(1, pg.world_size + 1))
-        out.append(bool(torch.equal(t.to(torch.float64), want)))
+        for op, want in refs.items():
+            t = (base * (pg.rank + 1)).to(dt)
+            pg.allreduce(t, op)
+            if dt == torch.int64 and op == ReduceOp.AVG:
+                want = torch.floor(scaled.sum(0) / w)
+            if op == ReduceOp.AVG and dt in (torch.bfloat16, torch.float16):
+                out.append(bool(torch.allclose(t.to(torch.float64), want, rtol=1e-2, atol=1e-2)))
+            else:
+                out.append(bool(torch.equal(t.to(torch.float64), want)))
     # a registered buffer seen as a bf16 tensor
     arr = pg.empty(4096, "bfloat16")
     t = torch.from_numpy(arr).view(torch.bfloat16)
