@@ -170,6 +170,10 @@ def test_kill9_storage_during_writes_then_resync(fs3):
         t.start()
     try:
         _wait(lambda: len(acked) >= 20, 30, "the first writes")
+        doomed = [(chains[k % len(chains)], 9_000_000 + k) for k in range(6)]
+        for c, k in doomed:
+            client.write(c, k, b"to be removed")
+        assert all(_replica_read(lc, "n2", c, k) == b"to be removed" for c, k in doomed)
         v_before = {c: d["version"] for c, d in _mgmtd_status(lc)["chains"].items()}
         lc.kill("fs3.storage", "n2")  # SIGKILL in the middle of the stream
         n2_targets = set(_targets_of(lc, "n2"))
@@ -181,6 +185,9 @@ def test_kill9_storage_during_writes_then_resync(fs3):
             assert d["members"][-1][1] == "offline"  # the failed target moves to the end
         n_at_kill = len(acked)
         _wait(lambda: len(acked) >= n_at_kill + 15, 30, "writes on the 2-replica chains")
+        # chunks n2 holds, removed while it is away (no writer touches ids 9_000_000+)
+        for c, k in doomed:
+            assert client.remove(c, k)
         lc.start("fs3.storage", "n2")
         _wait(lambda: _all_serving(lc), 60, "n2 resynced and serving again")
         n_at_back = len(acked)
@@ -198,6 +205,10 @@ def test_kill9_storage_during_writes_then_resync(fs3):
     # the restarted server holds every acknowledged write itself (resync copied what it missed)
     for (c, k), want in list(snapshot.items())[::3]:
         assert _replica_read(lc, "n2", c, k) == want, (c, k)
+    # ... and the resync removed what was removed while it was away
+    for c, k in doomed:
+        item = _replica_read(lc, "n2", c, k)
+        assert isinstance(item, dict) and item["err"] == "ChunkNotFound", (c, k)
     addr, port = lc.cluster.endpoint("fs3.storage", "n1")
     stats = [RpcClient(*lc.cluster.endpoint("fs3.storage", n), timeout=5).call("storage.stats").result
              for n in ("n1", "n3")]
