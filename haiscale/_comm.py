@@ -60,6 +60,14 @@ class Comm:
             self.world_size = int(hf.get_world_size())
 
     # -- buffers -------------------------------------------------------------------------------
+    def bucket_empty(self, numel: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, Any]:
+        """A gradient bucket for tensors on ``device``: in the arena for CPU; on the device itself
+        for CUDA, which hfreduce's CUDA backend stages through the arena chunk by chunk."""
+        if device.type == "cuda":
+            t = torch.empty(numel, dtype=dtype, device=device)
+            return t, t
+        return self.arena_empty(numel, dtype)
+
     def arena_empty(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
         """A 1-D tensor of ``numel`` elements in the node's shared-memory arena (zero-copy allreduce).
 

@@ -87,6 +87,7 @@ class Reducer:
         bucket_cap_mb: float,
         first_bucket_cap_mb: float,
         find_unused_parameters: bool,
+        device: torch.device | None = None,
     ) -> None:
         self.params = params
         self.names = names
@@ -103,7 +104,7 @@ class Reducer:
                 b.offsets.append(b.numel)
                 b.numel += params[i].numel()
                 self.loc[i] = (bi, slot)
-            b.buffer, b.handle = comm.arena_empty(b.numel, b.dtype)
+            b.buffer, b.handle = comm.bucket_empty(b.numel, b.dtype, device or torch.device("cpu"))
             b.buffer.zero_()
             for slot, i in enumerate(idxs):
                 off = b.offsets[slot]
@@ -313,6 +314,7 @@ class DistributedDataParallel(nn.Module):
             bucket_cap_mb,
             first_bucket_cap_mb,
             find_unused_parameters,
+            self.device,
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -102,3 +102,19 @@ def test_job_env_errors():
         job_env(2, environ={"NNODES": "2", "NODE_RANK": "5", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
     with pytest.raises(UsageError, match="nprocs"):
         job_env(0, environ={})
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("script,extra", [("train_ddp.py", []), ("train_fsdp.py", ["--optimizer-in-backward"])])
+def test_examples_train_and_checkpoint(tmp_path, script, extra):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--steps", "25",
+                           "--out", str(tmp_path), *extra], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) >= 2 and losses[-1] < losses[0]  # it learns
+    assert list(tmp_path.glob("*.pt"))
