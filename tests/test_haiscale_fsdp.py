@@ -171,6 +171,19 @@ def fsdp_worker(local_rank: int, out_dir: str) -> None:
         opt.load_state_dict(torch.load(path)["opt"])
         run(f, opt, rank, 2, STEPS + 1)
         res["resumed_full"] = f.full_state_dict()
+        # mismatched models across ranks, and tied parameters split across units: clear errors
+        try:
+            FullyShardedDataParallel(Net(layers=2 if rank == 0 else 1))
+            res["mismatch_error"] = None
+        except Exception as exc:  # noqa: BLE001
+            res["mismatch_error"] = (type(exc).__name__, str(exc))
+        tied = make_net()
+        tied.head.weight = tied.tok.weight
+        try:
+            FullyShardedDataParallel(tied, auto_wrap_policy=ModuleWrapPolicy([nn.Linear]))
+            res["tied_error"] = None
+        except Exception as exc:  # noqa: BLE001
+            res["tied_error"] = (type(exc).__name__, str(exc))
         try:
             f.load_full_state_dict({"nope": torch.zeros(1)})
             res["bad_sd_error"] = None
@@ -279,6 +292,15 @@ def test_fsdp_two_emulated_nodes_two_ranks_each(tmp_path):
     assert_close_dicts(res[0]["fsdp"], reference())
     total = sum(v.numel() for v in make_net().parameters())
     assert all(total / 4 <= r["shard_numel"] <= total / 4 + 12 for r in res)
+
+
+def test_fsdp_wrong_usage_errors(fsdp_run):
+    res, _ = fsdp_run
+    for r in range(WORLD):
+        name, msg = res[r]["mismatch_error"]
+        assert name == "ModelMismatchError" and "rank 1" in msg
+        name, msg = res[r]["tied_error"]
+        assert name == "UsageError" and "tok.weight" in msg and "shared" in msg
 
 
 def test_fsdp_rejects_meta_device_module():

@@ -66,6 +66,7 @@ class _Shared:
         self.pending: list[tuple[FullyShardedDataParallel, Any, torch.Tensor, torch.Tensor]] = []
         self.in_backward = False
         self.router = SavedTensorRouter(self.units)
+        self.owned: dict[int, str] = {}  # id(parameter) -> name, for parameters a unit has taken
 
 
 class FullyShardedDataParallel(nn.Module):
@@ -96,7 +97,7 @@ class FullyShardedDataParallel(nn.Module):
         device_id: Any = None,
         timeout: float = DEFAULT_TIMEOUT,
         _shared: _Shared | None = None,
-        _fqns: dict[int, str] | None = None,
+        _fqns: dict[tuple[int, str], str] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(module, FullyShardedDataParallel):
@@ -108,7 +109,9 @@ class FullyShardedDataParallel(nn.Module):
             comm = Comm(process_group, timeout=timeout)
             comm.check_same_model(list(module.named_parameters()) + list(module.named_buffers()), "module")
             _shared = _Shared(comm)
-            _fqns = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+            # (id(owner module), attribute) -> name in the unwrapped module; tied parameters keep each name
+            _fqns = {(id(m), a): f"{mn}.{a}".lstrip(".") for mn, m in module.named_modules(remove_duplicate=False)
+                     for a in m._parameters}
             self._buffer_names = [(n, *_owner(module, n)) for n, _ in module.named_buffers()]
             with torch.no_grad():
                 if sync_module_states:
@@ -128,8 +131,16 @@ class FullyShardedDataParallel(nn.Module):
             for attr, p in list(mod._parameters.items()):
                 if p is None:
                     continue
-                entries.append((_fqns.get(id(p), f"{mod_name}.{attr}".lstrip(".")), mod, attr, p))
+                fqn = _fqns.get((id(mod), attr), f"{mod_name}.{attr}".lstrip("."))
+                if id(p) in _shared.owned:
+                    raise UsageError(
+                        f"parameter {fqn!r} is shared with another FSDP unit ({_shared.owned[id(p)]!r}); "
+                        "choose an auto_wrap_policy that keeps tied parameters in one unit"
+                    )
+                entries.append((fqn, mod, attr, p))
         self.unit = FlatParamUnit(entries, self.comm, sync_module_states)
+        for fqn, _m, _a, p in entries:
+            _shared.owned.setdefault(id(p), fqn)
         # registered here so that model.parameters() yields the shards (what the optimizer updates)
         self.flat_param = self.unit.flat_shard
         _shared.units.append(self)
@@ -415,7 +426,7 @@ def _modules_outside_units(module: nn.Module, prefix: str = "") -> Iterator[tupl
         yield from _modules_outside_units(child, f"{prefix}.{name}" if prefix else name)
 
 
-def _auto_wrap(module: nn.Module, policy: Callable[..., bool], shared: _Shared, fqns: dict[int, str],
+def _auto_wrap(module: nn.Module, policy: Callable[..., bool], shared: _Shared, fqns: dict[tuple[int, str], str],
                kw: dict[str, Any]) -> int:
     """Wrap children of ``module`` bottom-up per ``policy``; return the numel left unwrapped in it."""
     left = sum(p.numel() for p in module._parameters.values() if p is not None)
