@@ -390,20 +390,11 @@ class StorageServer:
         return {"removed": existed}
 
     # -- reads ------------------------------------------------------------------------------------
-    def _rbufs(self, n: int) -> list[bytearray]:
-        bufs = getattr(_tls, "rbufs", None)
-        if bufs is None:
-            bufs = _tls.rbufs = []
-        while len(bufs) < n:
-            bufs.append(bytearray(HEADER_SIZE + self.cfg.chunk_size))
-        return bufs
-
     def h_read(self, args: dict, payload, ctx) -> Reply:
         items = args.get("items") or []
         relaxed = bool(args.get("relaxed"))
-        bufs = self._rbufs(len(items))
         results, out = [], []
-        for i, it in enumerate(items):
+        for it in items:
             chain, cver, chunk, off, length = (int(x) for x in it)
             try:
                 _r, tid, _s = self._check_chain(chain, cver, (SERVING,))
@@ -429,7 +420,7 @@ class StorageServer:
                                                     f"v{m.pending}", target=tid) from None
                         try:
                             data, ver = store.read(chain, chunk, pending=pend and bool(m and m.pending),
-                                                   buf=bufs[i])
+                                                   buf=bytearray(HEADER_SIZE + self.cfg.chunk_size))
                             crc = crc32c(data)
                         except ChunkCorrupt as exc:
                             self._report_corrupt(tid, chain, chunk, str(exc))
