@@ -301,6 +301,36 @@ def test_ddp_two_emulated_nodes_one_rank_each(tmp_path):
             assert_close_dicts(res[r][kind], want)
 
 
+def dead_peer_worker(local_rank: int, out_dir: str) -> None:
+    import hfreduce
+
+    torch.set_num_threads(1)
+    hfreduce.init(timeout=5)
+    rank = hfreduce.get_rank()
+    ddp = DistributedDataParallel(make_mlp(), timeout=30)
+    x, y = batch("mlp", 0)
+    loss_fn("mlp", ddp(split(x, rank)), split(y, rank)).backward()
+    if rank == 1:
+        os._exit(0)  # dies without a word (exit code 0, so spawn lets rank 0 run on)
+    res = {}
+    try:
+        for step in range(1, 4):
+            x, y = batch("mlp", step)
+            loss_fn("mlp", ddp(split(x, rank)), split(y, rank)).backward()
+        res["error"] = None
+    except Exception as exc:  # noqa: BLE001
+        res["error"] = (type(exc).__name__, str(exc))
+    torch.save(res, os.path.join(out_dir, "survivor.pt"))
+    os._exit(0)  # the group is broken: skip the orderly teardown
+
+
+def test_ddp_dead_peer_becomes_an_error_not_a_hang(tmp_path):
+    haiscale.spawn(dead_peer_worker, args=(str(tmp_path),), nprocs=2, timeout=120)
+    name, msg = torch.load(tmp_path / "survivor.pt")["error"]
+    assert name == "CommunicationError", msg
+    assert "rank 0" in msg and "allreduce" in msg
+
+
 # -- in-process checks (no hfreduce group needed) ---------------------------------------------------
 def test_buckets_follow_reverse_registration_order_and_cap():
     ps = [nn.Parameter(torch.zeros(n)) for n in (10, 20, 30, 40)]
