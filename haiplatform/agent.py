@@ -342,6 +342,9 @@ class Agent:
             try:
                 item = self.reports.get(timeout=0.5)
                 pending.append(item)
+                # [Note: report batching] Wait a few ms for more: a short rank's "running" and its
+                # exit then travel in one request and one transaction (the exit wins, the pid stays).
+                time.sleep(0.005)
                 while True:
                     pending.append(self.reports.get_nowait())
             except queue.Empty:
@@ -350,6 +353,12 @@ class Agent:
                 if self.stopping.is_set():
                     return
                 continue
+            merged: dict[tuple[int, int], dict] = {}
+            for rep in pending:
+                key = (rep["job_id"], rep["rank"])
+                prev = merged.get(key)
+                merged[key] = {**rep, "pid": rep.get("pid") or (prev or {}).get("pid")} if prev else rep
+            pending = list(merged.values())
             try:
                 self.api.request("POST", "/v1/agent/report", json={"node": self.node.name, "epoch": self.epoch,
                                                                    "ranks": pending}, timeout=10)

@@ -60,7 +60,7 @@ def alive(pid: int) -> bool:
 
 
 def hai(c, *args):
-    r = CliRunner().invoke(app, ["--url", c.url, "--token", c._http.headers["Authorization"][7:], *args])
+    r = CliRunner().invoke(app, ["--url", c.url, "--token", c.token, *args])
     return r
 
 
