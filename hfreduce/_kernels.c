@@ -1,8 +1,9 @@
 /* hfreduce._C: the SIMD reduce kernels and the shared-memory synchronisation primitives.
  *
  * Kernels
- *   reduce(dst, srcs, dtype, op, avg)   dst = op(dst, srcs[0], ..., srcs[k-1]) in one pass, in place;
- *                                       avg > 0 divides the result by avg (AVG's last step).
+ *   reduce(dst, srcs, dtype, op, avg=0, first=None, dst2=None)
+ *       dst = op(first, srcs[0], ..., srcs[k-1]) in one pass (first=None: dst itself, in place);
+ *       avg > 0 divides the result by avg (AVG's last step); dst2 also receives the result.
  *   copy(dst, src) / zero(dst)          memcpy / memset with the GIL released.
  *
  * [Note: one pass, in place]
@@ -122,12 +123,25 @@ static inline uint16_t f32_to_f16(float f) {
 #endif
 
 /* ---------------------------------------------------------------- kernels */
+/* Every kernel: dst = op(first, srcs...) (first == NULL: dst itself, in place), block by block;
+ * dst2 != NULL also receives each finished block (a second output, written from L1). */
 #define NATIVE_KERNEL(NAME, T, UT)                                                                   \
-    HFR_CLONES static void NAME(T *restrict d, const T *const *srcs, int ns, size_t n, int op) {     \
+    HFR_CLONES static void NAME(T *restrict d, const T *first, const T *const *srcs, int ns, size_t n, \
+                                int op, T *dst2) {                                                   \
         for (size_t b = 0; b < n; b += BLK) {                                                        \
             size_t m = n - b < BLK ? n - b : BLK;                                                    \
             T *restrict dd = d + b;                                                                  \
-            for (int k = 0; k < ns; k++) {                                                           \
+            if (first) {                                                                             \
+                const T *ff = first + b;                                                             \
+                if (!ns) memcpy(dd, ff, m * sizeof(T));                                              \
+                else {                                                                               \
+                    const T *restrict s = srcs[0] + b;                                               \
+                    if (op == OP_SUM) for (size_t i = 0; i < m; i++) dd[i] = (T)((UT)ff[i] + (UT)s[i]); \
+                    else if (op == OP_MAX) for (size_t i = 0; i < m; i++) dd[i] = ff[i] >= s[i] ? ff[i] : s[i]; \
+                    else for (size_t i = 0; i < m; i++) dd[i] = ff[i] <= s[i] ? ff[i] : s[i];        \
+                }                                                                                    \
+            }                                                                                        \
+            for (int k = first ? 1 : 0; k < ns; k++) {                                               \
                 const T *restrict s = srcs[k] + b;                                                   \
                 if (op == OP_SUM) {                                                                  \
                     for (size_t i = 0; i < m; i++) dd[i] = (T)((UT)dd[i] + (UT)s[i]);                \
@@ -137,6 +151,7 @@ static inline uint16_t f32_to_f16(float f) {
                     for (size_t i = 0; i < m; i++) dd[i] = dd[i] <= s[i] ? dd[i] : s[i];             \
                 }                                                                                    \
             }                                                                                        \
+            if (dst2) memcpy(dst2 + b, dd, m * sizeof(T));                                           \
         }                                                                                            \
     }
 
@@ -145,26 +160,30 @@ NATIVE_KERNEL(k_f64, double, double)
 NATIVE_KERNEL(k_i32, int32_t, uint32_t)
 NATIVE_KERNEL(k_i64, int64_t, uint64_t)
 
-HFR_CLONES static void k_bor(uint8_t *restrict d, const uint8_t *const *srcs, int ns, size_t n) {
+HFR_CLONES static void k_bor(uint8_t *restrict d, const uint8_t *first, const uint8_t *const *srcs, int ns,
+                             size_t n, uint8_t *dst2) {
     for (size_t b = 0; b < n; b += 4 * BLK) {
         size_t m = n - b < 4 * BLK ? n - b : 4 * BLK;
         uint8_t *restrict dd = d + b;
+        if (first) memcpy(dd, first + b, m);
         for (int k = 0; k < ns; k++) {
             const uint8_t *restrict s = srcs[k] + b;
             for (size_t i = 0; i < m; i++) dd[i] |= s[i];
         }
+        if (dst2) memcpy(dst2 + b, dd, m);
     }
 }
 
 #define HALF_KERNEL(NAME, TO_F, FROM_F)                                                              \
-    HFR_CLONES static void NAME(uint16_t *restrict d, const uint16_t *const *srcs, int ns, size_t n, \
-                                int op, int avg) {                                                   \
+    HFR_CLONES static void NAME(uint16_t *restrict d, const uint16_t *first, const uint16_t *const *srcs, \
+                                int ns, size_t n, int op, int avg, uint16_t *dst2) {                 \
         float acc[BLK];                                                                              \
         float inv = avg > 0 ? (float)avg : 1.0f;                                                     \
         for (size_t b = 0; b < n; b += BLK) {                                                        \
             size_t m = n - b < BLK ? n - b : BLK;                                                    \
             uint16_t *restrict dd = d + b;                                                           \
-            for (size_t i = 0; i < m; i++) acc[i] = TO_F(dd[i]);                                     \
+            const uint16_t *ff = first ? first + b : dd;                                             \
+            for (size_t i = 0; i < m; i++) acc[i] = TO_F(ff[i]);                                     \
             for (int k = 0; k < ns; k++) {                                                           \
                 const uint16_t *restrict s = srcs[k] + b;                                            \
                 if (op == OP_SUM) {                                                                  \
@@ -178,6 +197,7 @@ HFR_CLONES static void k_bor(uint8_t *restrict d, const uint8_t *const *srcs, in
             if (avg > 0)                                                                             \
                 for (size_t i = 0; i < m; i++) acc[i] /= inv;                                        \
             for (size_t i = 0; i < m; i++) dd[i] = FROM_F(acc[i]);                                   \
+            if (dst2) memcpy(dst2 + b, dd, m * 2);                                                   \
         }                                                                                            \
     }
 
@@ -203,36 +223,49 @@ static void div_i64(int64_t *d, size_t n, int64_t a) {
     }
 }
 
-static void run_reduce(void *d, const void **srcs, int ns, size_t n, int dtype, int op, long avg) {
+static void run_reduce(void *d, const void *first, const void **srcs, int ns, size_t n, int dtype, int op,
+                       long avg, void *dst2) {
+    /* AVG divides after the sum: with a second output, divide first, then copy. */
+    void *d2 = avg > 0 ? NULL : dst2;
     switch (dtype) {
     case DT_F32:
-        if (ns) k_f32((float *)d, (const float *const *)srcs, ns, n, op);
+        k_f32((float *)d, (const float *)first, (const float *const *)srcs, ns, n, op, (float *)d2);
         if (avg > 0) div_f32((float *)d, n, (float)avg);
         break;
     case DT_F64:
-        if (ns) k_f64((double *)d, (const double *const *)srcs, ns, n, op);
+        k_f64((double *)d, (const double *)first, (const double *const *)srcs, ns, n, op, (double *)d2);
         if (avg > 0) div_f64((double *)d, n, (double)avg);
         break;
     case DT_I32:
-        if (ns) k_i32((int32_t *)d, (const int32_t *const *)srcs, ns, n, op);
+        k_i32((int32_t *)d, (const int32_t *)first, (const int32_t *const *)srcs, ns, n, op, (int32_t *)d2);
         if (avg > 0) div_i32((int32_t *)d, n, (int32_t)avg);
         break;
     case DT_I64:
-        if (ns) k_i64((int64_t *)d, (const int64_t *const *)srcs, ns, n, op);
+        k_i64((int64_t *)d, (const int64_t *)first, (const int64_t *const *)srcs, ns, n, op, (int64_t *)d2);
         if (avg > 0) div_i64((int64_t *)d, n, (int64_t)avg);
         break;
-    case DT_BF16: k_bf16((uint16_t *)d, (const uint16_t *const *)srcs, ns, n, op, (int)avg); break;
-    case DT_F16: k_f16((uint16_t *)d, (const uint16_t *const *)srcs, ns, n, op, (int)avg); break;
-    case DT_U8: if (ns) k_bor((uint8_t *)d, (const uint8_t *const *)srcs, ns, n); break;
+    case DT_BF16:
+        k_bf16((uint16_t *)d, (const uint16_t *)first, (const uint16_t *const *)srcs, ns, n, op, (int)avg,
+               (uint16_t *)dst2);
+        return;
+    case DT_F16:
+        k_f16((uint16_t *)d, (const uint16_t *)first, (const uint16_t *const *)srcs, ns, n, op, (int)avg,
+              (uint16_t *)dst2);
+        return;
+    case DT_U8: k_bor((uint8_t *)d, (const uint8_t *)first, (const uint8_t *const *)srcs, ns, n, (uint8_t *)dst2); return;
     }
+    if (avg > 0 && dst2) memcpy(dst2, d, n * (size_t)dt_size[dtype]);
 }
 
 /* ---------------------------------------------------------------- Python bindings: kernels */
-static PyObject *py_reduce(PyObject *self, PyObject *args) {
-    PyObject *dst_obj, *srcs_obj;
+static PyObject *py_reduce(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dst", "srcs", "dtype", "op", "avg", "first", "dst2", NULL};
+    PyObject *dst_obj, *srcs_obj, *first_obj = Py_None, *dst2_obj = Py_None;
     int dtype, op;
     long avg = 0;
-    if (!PyArg_ParseTuple(args, "OOii|l", &dst_obj, &srcs_obj, &dtype, &op, &avg)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOii|lOO", kwlist, &dst_obj, &srcs_obj, &dtype, &op, &avg,
+                                     &first_obj, &dst2_obj))
+        return NULL;
     if (dtype < 0 || dtype > DT_U8) return PyErr_Format(PyExc_ValueError, "bad dtype code %d", dtype);
     if (dtype == DT_U8 ? op != OP_BOR : (op != OP_SUM && op != OP_MAX && op != OP_MIN))
         return PyErr_Format(PyExc_ValueError, "op %d is not defined for dtype code %d", op, dtype);
@@ -244,7 +277,8 @@ static PyObject *py_reduce(PyObject *self, PyObject *args) {
         Py_DECREF(seq);
         return PyErr_Format(PyExc_ValueError, "at most %d sources (got %zd)", MAXSRC, ns);
     }
-    Py_buffer dst, srcs[MAXSRC];
+    Py_buffer dst, first, dst2, srcs[MAXSRC];
+    int have_first = 0, have_dst2 = 0;
     const void *ptrs[MAXSRC];
     Py_ssize_t got = 0;
     PyObject *ret = NULL;
@@ -258,6 +292,22 @@ static PyObject *py_reduce(PyObject *self, PyObject *args) {
                      dst.len, esz);
         goto done;
     }
+    if (first_obj != Py_None) {
+        if (PyObject_GetBuffer(first_obj, &first, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_first = 1;
+        if (first.len != dst.len) {
+            PyErr_Format(PyExc_ValueError, "first has %zd bytes, destination %zd", first.len, dst.len);
+            goto done;
+        }
+    }
+    if (dst2_obj != Py_None) {
+        if (PyObject_GetBuffer(dst2_obj, &dst2, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_dst2 = 1;
+        if (dst2.len != dst.len) {
+            PyErr_Format(PyExc_ValueError, "dst2 has %zd bytes, destination %zd", dst2.len, dst.len);
+            goto done;
+        }
+    }
     for (; got < ns; got++) {
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &srcs[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
         if (srcs[got].len != dst.len) {
@@ -269,18 +319,22 @@ static PyObject *py_reduce(PyObject *self, PyObject *args) {
         ptrs[got] = srcs[got].buf;
     }
     size_t n = (size_t)dst.len / (size_t)esz;
+    const void *fp = have_first ? first.buf : NULL;
+    void *d2 = have_dst2 ? dst2.buf : NULL;
     if (n) {
         if (dst.len >= 65536) {
-            Py_BEGIN_ALLOW_THREADS run_reduce(dst.buf, ptrs, (int)ns, n, dtype, op, avg);
+            Py_BEGIN_ALLOW_THREADS run_reduce(dst.buf, fp, ptrs, (int)ns, n, dtype, op, avg, d2);
             Py_END_ALLOW_THREADS
         } else {
-            run_reduce(dst.buf, ptrs, (int)ns, n, dtype, op, avg);
+            run_reduce(dst.buf, fp, ptrs, (int)ns, n, dtype, op, avg, d2);
         }
     }
     ret = Py_None;
     Py_INCREF(ret);
 done:
     for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&srcs[i]);
+    if (have_first) PyBuffer_Release(&first);
+    if (have_dst2) PyBuffer_Release(&dst2);
     PyBuffer_Release(&dst);
     Py_DECREF(seq);
     return ret;
@@ -579,7 +633,8 @@ static PyObject *py_simd(PyObject *self, PyObject *noargs) {
 }
 
 static PyMethodDef methods[] = {
-    {"reduce", py_reduce, METH_VARARGS, "reduce(dst, srcs, dtype, op, avg=0): dst = op(dst, *srcs) in place"},
+    {"reduce", (PyCFunction)(void (*)(void))py_reduce, METH_VARARGS | METH_KEYWORDS,
+     "reduce(dst, srcs, dtype, op, avg=0, first=None, dst2=None): dst = op(first or dst, *srcs); dst2 = dst"},
     {"copy", py_copy, METH_VARARGS, "copy(dst, src): memcpy without the GIL"},
     {"zero", py_zero, METH_VARARGS, "zero(dst): memset 0 without the GIL"},
     {"load", py_load, METH_VARARGS, "load(buf, i): atomic load of int64 word i"},

@@ -26,7 +26,10 @@ What touches the caller's buffer goes through a backend (:class:`HostBackend` he
 out" stages a chunk of the caller's input into a slot, "chunk ready?" says when that copy is
 done, "copy chunk in" writes a final chunk into the caller's output. A device backend (CUDA)
 makes the first and third asynchronous copies and the second an event query; the pipeline and
-its counters stay the same.
+its counters stay the same. An asynchronous copy-in still reads the arena after it returns, so
+CONSUMED is published only when ``chunk_in_done`` (the copy-in's event query) says so; a device
+backend wakes the node's futex when a copy completes, so a waiting rank does not spin on events.
+Device buffers bring their own backend (``OpSpec.backend``, see :mod:`hfreduce.device`).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class OpSpec:
     out_off: int = 0
     heap: tuple[int, int] | None = None
     keep: Any = None  # the caller's objects, alive until the work completes
+    backend: Any = None  # a device backend (hfreduce.device) for device buffers; None: the engine's own
     seq: int = 0
     g0: int = 0
     nchunks: int = 1
@@ -139,9 +143,17 @@ class Work:
 
 
 class HostBackend:
-    """Caller buffers in host memory: the three device-seam operations are plain memcpy."""
+    """Caller buffers in host memory: the three device-seam operations are plain memcpy.
+
+    ``direct`` says the kernels may read and write the caller's buffer themselves: then a rank
+    reduces its own slice straight from its buffer (no staging copy of that slice) and, on one
+    node, stores the result straight into its output too (no copy-out of that slice). A device
+    backend sets it False and stages everything.
+    """
 
     name = "host"
+    direct = True
+    trace = False  # a device backend that records timings gets on_reduced(spec, g, t0, t1) calls
 
     def copy_chunk_out(self, spec: OpSpec, c0: int, c1: int, slot: np.ndarray) -> None:
         """Stage virtual bytes [c0, c1) of the caller's input into ``slot`` (zeros where none)."""
@@ -162,6 +174,10 @@ class HostBackend:
         K.copy(slot[a - c0: b - c0], inp[a - i0: b - i0])
 
     def chunk_ready(self, spec: OpSpec, g: int) -> bool:
+        return True
+
+    def chunk_in_done(self, spec: OpSpec, g: int) -> bool:
+        """Has the copy-in of chunk ``g`` finished (its sources in the arena may be reused)?"""
         return True
 
     def copy_chunk_in(self, spec: OpSpec, c0: int, parts: list[tuple[int, np.ndarray]]) -> None:
@@ -311,7 +327,7 @@ class Engine:
 
     def _pipeline(self, spec: OpSpec, locs) -> None:
         sync, lay, L, me, Kslots = self.sync, self.lay, self.L, self.me, self.K
-        backend = self.backend
+        backend = spec.backend or self.backend
         g0 = spec.g0
         gend = g0 + spec.nchunks
         multi = self.nnodes > 1
@@ -320,7 +336,7 @@ class Engine:
         stride, buf = lay.stride, sync.buf
         final_word = Layout.FINAL
         registered = locs[me] is not None
-        nxt_in = nxt_ready = nxt_red = nxt_out = g0
+        nxt_in = nxt_ready = nxt_red = nxt_out = nxt_cons = g0
         if registered:
             nxt_in = nxt_ready = gend
             sync.publish(lay.POSTED, gend)
@@ -333,16 +349,38 @@ class Engine:
                 return K.load(buf, final_word) > g
             return min_of(w_reduced) > g
 
-        while nxt_out < gend:
+        direct = backend.direct and not registered
+
+        def fused(g: int) -> tuple[int, int, np.ndarray | None, np.ndarray | None]:
+            """My slice of chunk g, and the caller's input / output over it when the kernel may
+            read it straight from there (no staging) / store the final result straight there."""
+            c0, c1 = self.chunk_range(spec, g)
+            a, b = slices(c1 - c0, L)[me]
+            first = dst2 = None
+            if direct and b > a:
+                if spec.inp is not None and spec.in_off <= c0 + a and c0 + b <= spec.in_off + spec.inp.nbytes:
+                    first = spec.inp[c0 + a - spec.in_off: c0 + b - spec.in_off]
+                if not multi and spec.out is not None and spec.out_off <= c0 + a and \
+                        c0 + b <= spec.out_off + spec.out.nbytes:
+                    dst2 = spec.out[c0 + a - spec.out_off: c0 + b - spec.out_off]
+            return a, b, first, dst2
+
+        while nxt_cons < gend:
             # 1. reduce my slice of the oldest chunk whose inputs are all in place
             if nxt_red < nxt_ready and min_of(w_posted) > nxt_red:
                 g = nxt_red
-                c0, c1 = self.chunk_range(spec, g)
-                a, b = slices(c1 - c0, L)[me]
+                a, b, first, dst2 = fused(g)
+                if backend.trace:
+                    t_red = time.monotonic()
                 if b > a:
                     dst = self.location(spec, locs, me, g, a, b)
                     srcs = [self.location(spec, locs, r, g, a, b) for r in range(L) if r != me]
-                    K.reduce(dst, srcs, spec.kdtype, spec.kop, avg_here)
+                    if first is None and dst2 is None:
+                        K.reduce(dst, srcs, spec.kdtype, spec.kop, avg_here)
+                    else:
+                        K.reduce(dst, srcs, spec.kdtype, spec.kop, avg_here, first=first, dst2=dst2)
+                if backend.trace:
+                    backend.on_reduced(spec, g, t_red, time.monotonic())
                 nxt_red += 1
                 sync.publish(lay.REDUCED, nxt_red)
                 continue
@@ -351,35 +389,52 @@ class Engine:
                 nxt_ready += 1
                 sync.publish(lay.POSTED, nxt_ready)
                 continue
-            # 3. stage the next chunk when its slot is free (everyone consumed chunk g - slots)
+            # 3. stage the next chunk when its slot is free (everyone consumed chunk g - slots);
+            #    my own slice is not staged when the kernel reads it from my buffer
             if nxt_in < gend and nxt_in - nxt_out < Kslots and min_of(w_consumed) > nxt_in - Kslots:
                 g = nxt_in
                 c0, c1 = self.chunk_range(spec, g)
-                backend.copy_chunk_out(spec, c0, c1, self.arena.slots[me][g % Kslots])
+                slot = self.arena.slots[me][g % Kslots]
+                a, b, first, _ = fused(g)
+                if first is None:
+                    backend.copy_chunk_out(spec, c0, c1, slot)
+                else:
+                    backend.copy_chunk_out(spec, c0, c0 + a, slot[:a])
+                    backend.copy_chunk_out(spec, c0 + b, c1, slot[b: c1 - c0])
                 nxt_in += 1
                 continue
-            # 4. copy out the oldest final chunk
+            # 4. copy out the oldest final chunk (but my slice, when the kernel stored it already)
             if nxt_out < nxt_red and final(nxt_out):
                 g = nxt_out
                 if spec.out is not None:
-                    self._copy_out(spec, locs, g)
+                    self._copy_out(spec, locs, g, skip_mine=fused(g)[3] is not None)
                 nxt_out += 1
-                sync.publish(lay.CONSUMED, nxt_out)
+                if nxt_cons == g and backend.chunk_in_done(spec, g):  # host: done at once
+                    nxt_cons = nxt_out
+                    sync.publish(lay.CONSUMED, nxt_out)
                 continue
-            # nothing ready: sleep until a peer publishes
+            # 5. the device seam: an asynchronous copy-in finished, its arena sources may be reused
+            if nxt_cons < nxt_out and backend.chunk_in_done(spec, nxt_cons):
+                nxt_cons += 1
+                sync.publish(lay.CONSUMED, nxt_cons)
+                continue
+            # nothing ready: sleep until a peer publishes (a device backend wakes us on copy completion)
             state = (nxt_in, nxt_ready, nxt_red, nxt_out)
-            sync.wait(lambda s=state: self._any_ready(spec, *s, gend),
+            sync.wait(lambda s=state, c=nxt_cons: self._any_ready(spec, *s, gend, c, backend),
                       lambda s=state: self._laggard(spec, s[0], s[2], s[3]),
                       timeout=sync.timeout * (1.5 if multi else 1.0) + (1.0 if multi else 0.0))
         # my registered buffer and my slots are read by peers until every rank consumed the op
         sync.wait(lambda: min_of(w_consumed) >= gend,
                   lambda: (sync.argmin(lay.CONSUMED), f"it did not finish {spec.name} #{spec.seq}"))
 
-    def _any_ready(self, spec, nxt_in, nxt_ready, nxt_red, nxt_out, gend) -> bool:
+    def _any_ready(self, spec, nxt_in, nxt_ready, nxt_red, nxt_out, gend, nxt_cons=None, backend=None) -> bool:
         sync, lay = self.sync, self.lay
+        backend = backend or self.backend
         if nxt_red < nxt_ready and sync.min(lay.POSTED) > nxt_red:
             return True
-        if nxt_ready < nxt_in:
+        if nxt_ready < nxt_in and backend.chunk_ready(spec, nxt_ready):
+            return True
+        if nxt_cons is not None and nxt_cons < nxt_out and backend.chunk_in_done(spec, nxt_cons):
             return True
         if nxt_in < gend and nxt_in - nxt_out < self.K and sync.min(lay.CONSUMED) > nxt_in - self.K:
             return True
@@ -400,7 +455,7 @@ class Engine:
             return sync.argmin(lay.REDUCED), f"it did not reduce its slice of {what}"
         return sync.argmin(lay.CONSUMED), f"it did not copy out {what}"
 
-    def _copy_out(self, spec: OpSpec, locs, g: int) -> None:
+    def _copy_out(self, spec: OpSpec, locs, g: int, skip_mine: bool = False) -> None:
         c0, c1 = self.chunk_range(spec, g)
         o0, o1 = spec.out_off, spec.out_off + spec.out.nbytes
         lo, hi = max(c0, o0) - c0, min(c1, o1) - c0
@@ -409,10 +464,10 @@ class Engine:
         parts = []
         for s, (a, b) in enumerate(slices(c1 - c0, self.L)):
             a, b = max(a, lo), min(b, hi)
-            if a >= b or (s == self.me and locs[s] is not None and spec.kind == ALLREDUCE):
-                continue  # my registered buffer already holds my slice's result
+            if a >= b or (s == self.me and (skip_mine or (locs[s] is not None and spec.kind == ALLREDUCE))):
+                continue  # my output already holds my slice's result
             parts.append((c0 + a, self.location(spec, locs, s, g, a, b)))
-        self.backend.copy_chunk_in(spec, c0, parts)
+        (spec.backend or self.backend).copy_chunk_in(spec, c0, parts)
 
 
 def _describe(d: list[int]) -> str:

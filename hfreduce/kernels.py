@@ -60,28 +60,33 @@ def _view(buf, dtype: int) -> np.ndarray:
     return np.frombuffer(buf, dtype=_NP[dtype]) if not isinstance(buf, np.ndarray) else buf.view(_NP[dtype])
 
 
-def _np_reduce(dst, srcs, dtype: int, op: int, avg: int = 0) -> None:
+def _np_reduce(dst, srcs, dtype: int, op: int, avg: int = 0, first=None, dst2=None) -> None:
     d = _view(dst, dtype)
     ss = [_view(s, dtype) for s in srcs]
-    for s in ss:
+    f = _view(first, dtype) if first is not None else None
+    for s in [*ss, *([f] if f is not None else []), *([_view(dst2, dtype)] if dst2 is not None else [])]:
         if s.nbytes != d.nbytes:
-            raise ValueError(f"source has {s.nbytes} bytes, destination {d.nbytes}")
+            raise ValueError(f"buffer has {s.nbytes} bytes, destination {d.nbytes}")
     if dtype in (DT_F16, DT_BF16):
         tof = _bf16_to_f32 if dtype == DT_BF16 else (lambda a: a.astype(np.float32))
-        acc = tof(d).copy() if dtype == DT_BF16 else tof(d)
+        acc = tof(d if f is None else f)
         for s in ss:
             _combine(acc, tof(s), op)
         if avg > 0:
             acc /= np.float32(avg)
         d[...] = _f32_to_bf16(acc) if dtype == DT_BF16 else acc.astype(np.float16)
-        return
-    for s in ss:
-        _combine(d, s, op)
-    if avg > 0:
-        if dtype in (DT_I32, DT_I64):
-            np.floor_divide(d, avg, out=d)
-        else:
-            np.divide(d, avg, out=d)
+    else:
+        if f is not None:
+            d[...] = f
+        for s in ss:
+            _combine(d, s, op)
+        if avg > 0:
+            if dtype in (DT_I32, DT_I64):
+                np.floor_divide(d, avg, out=d)
+            else:
+                np.divide(d, avg, out=d)
+    if dst2 is not None:
+        _view(dst2, dtype)[...] = d
 
 
 def _combine(acc: np.ndarray, x: np.ndarray, op: int) -> None:

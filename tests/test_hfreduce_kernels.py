@@ -56,6 +56,31 @@ def test_reduce_matches_reference(reduce, dtype, op, nsrc):
 
 
 @pytest.mark.parametrize("reduce", IMPLS)
+@pytest.mark.parametrize("dtype", [*NP, K.DT_BF16, K.DT_U8])
+@pytest.mark.parametrize("avg", [0, 3])
+@pytest.mark.parametrize("nsrc", [0, 1, 2])
+def test_first_and_second_destination(reduce, dtype, avg, nsrc):
+    """dst = op(first, srcs...) out of place, and dst2 gets the same bytes (first may alias dst2)."""
+    if dtype == K.DT_U8 and avg:
+        pytest.skip("no AVG for bytes")
+    rng = np.random.default_rng(nsrc)
+    n = 2500
+    t = {K.DT_BF16: np.uint16, K.DT_U8: np.uint8}.get(dtype) or NP[dtype]
+    op = K.OP_BOR if dtype == K.DT_U8 else K.OP_SUM
+    mk = (lambda: bf16_bits(rng.integers(-8, 8, n).astype(np.float32))) if dtype == K.DT_BF16 else \
+        (lambda: rng.integers(0, 100, n).astype(t))
+    first, srcs = mk(), [mk() for _ in range(nsrc)]
+    ref = first.copy()
+    K.numpy_reduce(ref.view(np.uint8), [x.view(np.uint8) for x in srcs], dtype, op, avg)
+    dst = np.zeros(n, t)
+    alias = first.copy()
+    reduce(dst.view(np.uint8), [x.view(np.uint8) for x in srcs], dtype, op, avg, first=alias.view(np.uint8),
+           dst2=alias.view(np.uint8))
+    np.testing.assert_array_equal(dst, ref)
+    np.testing.assert_array_equal(alias, ref)
+
+
+@pytest.mark.parametrize("reduce", IMPLS)
 @pytest.mark.parametrize("op", [K.OP_SUM, K.OP_MAX, K.OP_MIN])
 def test_bf16_accumulates_in_fp32_and_rounds_once(reduce, op):
     rng = np.random.default_rng(7)
