@@ -63,6 +63,23 @@ class WithUnused(nn.Module):
         return self.b(h)
 
 
+class MixedDtypes(nn.Module):
+    """A float64 branch and a bfloat16 branch: two bucket dtypes, one of them without numpy twin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f64 = nn.Linear(12, 3).double()
+        self.bf16 = nn.Linear(12, 3).to(torch.bfloat16)
+
+    def forward(self, x):  # separate outputs: float64 gradients stay free of bfloat16 rounding
+        return self.f64(x.double()), self.bf16(x.to(torch.bfloat16)).float()
+
+
+def make_mixed() -> nn.Module:
+    torch.manual_seed(0)
+    return MixedDtypes()
+
+
 def make_unused() -> nn.Module:
     torch.manual_seed(0)
     return WithUnused()
@@ -70,7 +87,7 @@ def make_unused() -> nn.Module:
 
 def batch(kind: str, step: int, n: int = 8):
     g = torch.Generator().manual_seed(1000 * step + 7)
-    if kind == "mlp":
+    if kind in ("mlp", "mixed"):
         return torch.randn(n, 12, generator=g), torch.randn(n, 3, generator=g)
     if kind == "transformer":
         x = torch.randint(0, 50, (n, 6), generator=g)
@@ -82,6 +99,8 @@ def batch(kind: str, step: int, n: int = 8):
 
 
 def loss_fn(kind: str, out, y):
+    if kind == "mixed":
+        return ((out[0] - y.double()) ** 2).mean() + ((out[1] - y) ** 2).mean()
     if kind == "transformer":
         return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
     return ((out - y) ** 2).mean()
@@ -98,7 +117,7 @@ def optimizer_for(kind: str, params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
 
-MAKERS = {"mlp": make_mlp, "transformer": make_transformer, "unused": make_unused}
+MAKERS = {"mlp": make_mlp, "transformer": make_transformer, "unused": make_unused, "mixed": make_mixed}
 
 
 def reference(kind: str, steps: int = STEPS) -> dict:
@@ -152,6 +171,10 @@ def ddp_worker(local_rank: int, out_dir: str) -> None:
             res[kind] = ddp.state_dict()
             res[f"{kind}_buckets"] = len(ddp.reducer.buckets)
             ddp.reducer.stop()
+        ddp = train_ddp("mixed", rank)
+        res["mixed"] = ddp.state_dict()
+        res["mixed_bucket_dtypes"] = sorted(str(b.dtype) for b in ddp.reducer.buckets)
+        ddp.reducer.stop()
         ddp = train_ddp("unused", rank, find_unused_parameters=True)
         res["unused"] = ddp.state_dict()
         res["unused_spare_grad"] = ddp.module.spare.weight.grad
@@ -224,6 +247,17 @@ def test_ddp_two_ranks_equal_one_process_on_concatenated_batch(ddp_run, kind):
     want = reference(kind)
     for r in range(WORLD):
         assert_close_dicts(ddp_run[r][kind], want)
+
+
+def test_ddp_float64_and_bfloat16_buckets(ddp_run):
+    want = reference("mixed")
+    assert ddp_run[0]["mixed_bucket_dtypes"] == ["torch.bfloat16", "torch.float64"]
+    for r in range(WORLD):
+        got = ddp_run[r]["mixed"]
+        for k in want:
+            tol = dict(atol=1e-10, rtol=1e-10) if want[k].dtype == torch.float64 else dict(atol=2e-2, rtol=2e-2)
+            assert got[k].dtype == want[k].dtype
+            torch.testing.assert_close(got[k], want[k], **tol)
 
 
 def test_ddp_uses_several_buckets(ddp_run):
