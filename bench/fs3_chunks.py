@@ -68,6 +68,20 @@ def _sink(port_q, total: int) -> None:
     ls.close()
 
 
+def _cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system, all threads) used so far by this process and ``pids``."""
+    t = os.times()
+    total = t.user + t.system
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+            total += (int(f[11]) + int(f[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def bare_stream(port: int, chunks: list[bytes]) -> float:
     total = sum(len(c) for c in chunks)
     s = socket.socket()
@@ -154,15 +168,22 @@ def main() -> int:
         # seconds, so every fs3 phase is paired with a bare-stream run just before it and the
         # ratio is taken per pair (then the median over trials): a same-run, same-moment ratio.
         pair: dict[str, list[float]] = {}
+        # CPU seconds per GB moved (every process involved): a load-independent view of cost
+        cpu: dict[str, list[float]] = {}
+        fs3_pids = [p.pid for p in lc.procs.values()]
 
         def phase(name: str, fn) -> None:
             os.sync()  # the previous phase's dirty pages are written back first, not charged here
+            c0 = _cpu([sink.pid])
             b = bare_stream(port, chunks)
+            cpu.setdefault("bare_tcp", []).append((_cpu([sink.pid]) - c0) / (total / 1e9))
             fig["bare_tcp"].append(b)
             os.sync()
+            c0 = _cpu(fs3_pids)
             t0 = time.perf_counter()
             fn()
             v = total / (time.perf_counter() - t0)
+            cpu.setdefault(name, []).append((_cpu(fs3_pids) - c0) / (total / 1e9))
             fig[name].append(v)
             pair.setdefault(name, []).append(v / b)
 
@@ -214,14 +235,18 @@ def main() -> int:
     ok = all(ratios[k] >= v for k, v in targets.items())
     print(f"fs3 chunks: {nmib} x 1 MiB per trial, {trials} trials (median), {args.inflight} in flight, "
           f"read window {args.window}, 3-replica chains on n1..n3, client on n0")
-    print(f"{'path':<22}{'GB/s':>8}{'vs adjacent bare TCP':>22}")
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"{'path':<22}{'GB/s':>8}{'vs adjacent bare TCP':>22}{'CPU s per GB':>14}")
     for k in ("bare_tcp", "disk_write", "disk_read", "fs3_seq_write", "fs3_rand_write", "fs3_seq_read",
               "fs3_rand_read"):
-        rel = f"{statistics.median(pair[k]):>21.0%}" if k in pair else ""
-        print(f"{k:<22}{med[k]:>8.3f} {rel}")
+        rel = f"{statistics.median(pair[k]):>21.0%}" if k in pair else " " * 21
+        c = f"{cpu_med[k]:>14.2f}" if k in cpu_med else ""
+        print(f"{k:<22}{med[k]:>8.3f} {rel}{c}")
     for k, v in targets.items():
         print(f"target {k:<20} >= {v:.0%}: {ratios[k]:.0%} {'ok' if ratios[k] >= v else 'MISSED'}")
-    print(json.dumps({"bench": "fs3_chunks", "figures": {k: round(v, 4) for k, v in med.items()},
+    figures = {k: round(v, 4) for k, v in med.items()}
+    figures.update({f"cpu_s_per_gb_{k}": round(v, 3) for k, v in cpu_med.items()})
+    print(json.dumps({"bench": "fs3_chunks", "figures": figures,
                       "ratios": {k: round(v, 4) for k, v in ratios.items()}, "targets": targets, "ok": ok}))
     return 0
 

@@ -91,7 +91,7 @@ def _replica_read(lc, node: str, chain: int, chunk: int):
 
 
 def _chunk_files(lc, node: str, chain: int, chunk: int) -> list[Path]:
-    return list((lc.run_dir / "data" / node / "targets").glob(f"*/chunks/{chain}/{chunk:016x}.c"))
+    return list((lc.run_dir / "data" / node / "targets").glob(f"*/chunks/{chain}/{chunk:016x}.*.c"))
 
 
 def test_write_and_read_back_many_chunks(fs3):

@@ -142,20 +142,28 @@ def test_chunk_store_pending_commit_and_reopen(tmp_path):
 
 def test_chunk_store_drops_interrupted_writes_at_start(tmp_path):
     st = ChunkStore(tmp_path, 101, 1 << 16)
-    st.put(2, 9, 1, 1, b"committed", pending=False)
-    # what a kill -9 in the middle of writing a new version leaves: a temporary file
-    tmp = tmp_path / "chunks" / "2" / ".tmp-deadbeef"
+    st.put(2, 9, 1, 1, b"old", pending=False)
+    old_file = st.path(2, 9, 1).read_bytes()
+    st.put(2, 9, 2, 1, b"new", pending=False)
+    assert not st.path(2, 9, 1).exists()  # the old version was moved away (kept as a spare)
+    # what a kill -9 can leave: a half-written temporary file, and the old version's name still
+    # there when the crash came between installing version 2 and moving version 1 away
+    tmp = tmp_path / "chunks" / ".tmp-deadbeef"
     tmp.write_bytes(b"half a chu")
+    st.path(2, 9, 1).write_bytes(old_file)
     st2 = ChunkStore(tmp_path, 101, 1 << 16)
     assert not tmp.exists()
-    assert bytes(st2.read(2, 9)[0]) == b"committed"
+    data, ver = st2.read(2, 9)
+    assert ver == 2 and bytes(data) == b"new"
+    assert not st2.path(2, 9, 1).exists()  # the superseded version is dropped
+    assert not list((tmp_path / "chunks").glob(".spare-*"))  # spares do not survive a restart
 
 
 def test_chunk_store_detects_flipped_bytes_and_damaged_headers(tmp_path):
     st = ChunkStore(tmp_path, 101, 1 << 16)
     st.put(1, 1, 1, 1, os.urandom(5000), pending=False)
     st.put(1, 2, 1, 1, os.urandom(5000), pending=False)
-    p1, p2 = st.path(1, 1), st.path(1, 2)
+    p1, p2 = st.path(1, 1, 1), st.path(1, 2, 1)
     with open(p1, "r+b") as f:
         f.seek(HEADER_SIZE + 123)
         b = f.read(1)
