@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,6 +99,15 @@ _PR_SET_PDEATHSIG = 1
 def _pdeathsig_kill() -> None:  # in the child, between fork and exec
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+# [Note: spawning ranks] A ``preexec_fn`` makes subprocess fork() the whole agent, page tables and
+# all (50 ms for a 200 MB process here); without one CPython uses vfork(), 5x cheaper. The parent
+# death signal is then set by util-linux ``setpriv --pdeathsig KILL`` (it survives the exec into
+# the rank's program; same pid). Without setpriv we fall back to the preexec_fn.
+_SETPRIV = shutil.which("setpriv")
+if _SETPRIV and "--pdeathsig" not in subprocess.run([_SETPRIV, "--help"], capture_output=True, text=True).stdout:
+    _SETPRIV = None
 
 
 def _free_port(address: str) -> int:
@@ -271,10 +281,20 @@ class Agent:
         with self.lock:
             self.procs[key] = proc
         try:
+            prog = w["command"][0]
+            if "/" not in prog and shutil.which(prog, path=env.get("PATH")) is None:
+                raise FileNotFoundError(f"no program {prog!r} on PATH")
+            if "/" in prog and not os.access(os.path.join(w["workdir"] or "", prog), os.X_OK):
+                raise FileNotFoundError(f"{prog!r} is not an executable file")
             with open(logpath, "ab") as out:
-                popen = subprocess.Popen(w["command"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         env=env, cwd=w["workdir"] or None, start_new_session=True,
-                                         preexec_fn=_pdeathsig_kill)
+                if _SETPRIV:  # vfork + exec: see the note at _SETPRIV
+                    popen = subprocess.Popen([_SETPRIV, "--pdeathsig", "KILL", "--", *w["command"]],
+                                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                             cwd=w["workdir"] or None, start_new_session=True)
+                else:
+                    popen = subprocess.Popen(w["command"], stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, env=env, cwd=w["workdir"] or None,
+                                             start_new_session=True, preexec_fn=_pdeathsig_kill)
         except (OSError, ValueError) as exc:
             msg = f"cannot start {w['command'][0]!r} on {self.node.name}: {exc}"
             with open(logpath, "ab") as out:

@@ -172,3 +172,44 @@ def test_agent_killed_node_goes_lost_and_its_job_fails(launch_cluster, cluster_f
     assert c.job(k["id"])["status"] == "queued" and c.job(k["id"])["reason"] == "waiting for nodes"
     lc.start("haiplatform.agent", "n1")
     assert c.wait(k["id"], timeout=30)["status"] == "succeeded"
+
+
+def test_cli_run_yaml_nodes_whoami_and_admin(launch_cluster, cluster_file, tmp_path):
+    lc = launch_cluster(cluster_file())
+    c = hai_client(lc)
+    job = tmp_path / "job.yaml"
+    job.write_text("name: yaml-job\ncommand: sh -c 'echo from yaml $RANK'\nnodes: 2\npriority: high\n")
+    r = hai(c, "run", str(job), "--follow")
+    assert r.exit_code == 0 and "from yaml 0" in r.output, r.output
+    (j,) = json.loads(hai(c, "list", "--json").output)
+    assert (j["name"], j["priority"], j["status"]) == ("yaml-job", 30, "succeeded")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nnodes: -1\ncommand: true\n")
+    r = hai(c, "run", str(bad))
+    assert r.exit_code == 1 and "nodes" in r.output and "422" in r.output
+    r = hai(c, "exec", "no-such-program-xyz", "--", "--nodes", "1", "--follow")
+    assert r.exit_code == 1 and "no program 'no-such-program-xyz' on PATH" in r.output
+    nodes = json.loads(hai(c, "nodes", "--json").output)
+    assert [n["name"] for n in nodes] == ["n0", "n1", "n2", "n3"] and {n["state"] for n in nodes} == {"up"}
+    assert "n3" in hai(c, "nodes").output
+    out = json.loads(hai(c, "admin", "user", "add", "alice", "--group", "vision", "--json").output)
+    alice = out["token"]
+    r = CliRunner().invoke(app, ["--url", c.url, "--token", alice, "whoami"])
+    assert r.output.strip() == "alice (user, group vision)"
+    r = CliRunner().invoke(app, ["--url", c.url, "--token", alice, "admin", "node", "drain", "n0"])
+    assert r.exit_code == 1 and "not an admin" in r.output
+    r = CliRunner().invoke(app, ["--url", c.url, "--token", "wrong", "list"])
+    assert r.exit_code == 1 and "invalid token" in r.output
+    assert hai(c, "admin", "quota", "set", "group:vision", "1").exit_code == 0
+    assert "group:vision" in hai(c, "admin", "quota", "list").output
+    # drain every node: a job waits; undrain one: it runs there
+    for n in ("n0", "n1", "n2", "n3"):
+        assert hai(c, "admin", "node", "drain", n, "--reason", "maintenance").exit_code == 0
+    k = c.submit({"name": "waits", "command": ["true"], "nodes": 1})
+    time.sleep(0.3)
+    assert c.job(k["id"])["status"] == "queued"
+    assert hai(c, "admin", "node", "undrain", "n2").exit_code == 0
+    done = c.wait(k["id"], timeout=30)
+    assert done["status"] == "succeeded" and done["assigned_nodes"] == ["n2"]
+    r = CliRunner().invoke(app, ["--url", "http://127.0.0.1:1", "--token", "x", "list"])
+    assert r.exit_code == 1 and "cannot reach the API" in r.output
