@@ -300,12 +300,15 @@ class ChunkStore:
             finally:
                 os.close(dfd)
 
-    def put(self, chain: int, chunk: int, version: int, chain_ver: int, data, *, pending: bool) -> int:
-        """Store ``data`` as the pending (or directly committed) version; returns its CRC32C."""
+    def put(self, chain: int, chunk: int, version: int, chain_ver: int, data, *, pending: bool,
+            crc: int | None = None) -> int:
+        """Store ``data`` as the pending (or directly committed) version; returns its CRC32C
+        (``crc``: the caller already computed it)."""
         if len(data) > self.chunk_size:
             raise ValueError(f"chunk {chain}/{chunk:016x}: {len(data)} bytes exceed the chunk size "
                              f"{self.chunk_size}")
-        crc = crc32c(data)
+        if crc is None:
+            crc = crc32c(data)
         self._write_file(self.path(chain, chunk, version, pending),
                          _header(chain, chunk, version, chain_ver, len(data), crc), data)
         with self._mlock:

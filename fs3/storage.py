@@ -347,7 +347,7 @@ class StorageServer:
             # forwards the same (read-only) bytes: a hop costs max(disk, rest of the chain), not
             # the sum. The commit below waits for both.
             crc = crc32c(content)
-            put = self._disk.submit(store.put, chain, chunk, ver, cver, content, pending=True)
+            put = self._disk.submit(store.put, chain, chunk, ver, cver, content, pending=True, crc=crc)
             succ = ws[pos + 1][0]
             fargs = {"chain": chain, "cver": cver, "chunk": chunk, "off": 0, "full": True, "op": "write",
                      "client": args.get("client", ""), "channel": args.get("channel", 0),
