@@ -4,7 +4,7 @@ Usage::
 
     import hfreduce
     pg = hfreduce.init()                         # from the environment (torchrun / platform / mpirun)
-    hfreduce.allreduce(grads)                    # numpy array or torch CPU tensor, in place
+    hfreduce.allreduce(grads)                    # numpy array, torch CPU or CUDA tensor, cupy array
     w = hfreduce.allreduce(grads, op=hfreduce.ReduceOp.AVG, async_op=True); ...; w.wait()
     bucket = hfreduce.empty(n, "float32")        # lives in the node's shared memory: no copy-in
 
@@ -17,7 +17,15 @@ from typing import Any
 
 from . import kernels as _kernels
 from .engine import Work
-from .errors import HFReduceError, HFReduceTimeout, InitError, InvalidArgument, MismatchError, PeerFailed
+from .errors import (
+    DeviceError,
+    HFReduceError,
+    HFReduceTimeout,
+    InitError,
+    InvalidArgument,
+    MismatchError,
+    PeerFailed,
+)
 from .group import ProcessGroup, destroy, get_default, init, is_initialized
 from .ops import ReduceOp
 
@@ -25,6 +33,7 @@ __all__ = [
     "init", "destroy", "is_initialized", "get_rank", "get_world_size", "get_default", "ProcessGroup", "Work",
     "ReduceOp", "allreduce", "reduce", "broadcast", "allgather", "reduce_scatter", "barrier", "empty", "info",
     "HFReduceError", "HFReduceTimeout", "InitError", "InvalidArgument", "MismatchError", "PeerFailed",
+    "DeviceError",
 ]
 
 

@@ -5,7 +5,8 @@
     ├── PeerFailed              a peer process died, left the group or closed its connection
     ├── HFReduceTimeout         a peer made no progress within the group's timeout (stuck or slow)
     ├── MismatchError           ranks called different collectives, sizes, dtypes, ops or roots
-    └── InvalidArgument         a buffer, dtype or argument this rank passed cannot be used
+    ├── InvalidArgument         a buffer, dtype or argument this rank passed cannot be used
+    └── DeviceError             a device copy (D2H / H2D) failed, or the device backend is unavailable
 
 Every error raised by a collective after a failure names the rank and the node of the peer at
 fault (``rank`` and ``node``; None when no single peer is to blame) and the rank that noticed.
@@ -15,7 +16,8 @@ one (``hfreduce.destroy(); hfreduce.init()``), usually by restarting the job.
 
 from __future__ import annotations
 
-__all__ = ["HFReduceError", "InitError", "PeerFailed", "HFReduceTimeout", "MismatchError", "InvalidArgument"]
+__all__ = ["HFReduceError", "InitError", "PeerFailed", "HFReduceTimeout", "MismatchError", "InvalidArgument",
+           "DeviceError"]
 
 
 class HFReduceError(RuntimeError):
@@ -49,6 +51,10 @@ class InvalidArgument(HFReduceError, ValueError):
     """This rank passed a buffer, dtype or argument that cannot be used (nothing was sent)."""
 
 
+class DeviceError(HFReduceError):
+    """A device copy (D2H or H2D) failed, or the device backend cannot run here (says why)."""
+
+
 #: Error kinds as they travel between processes (shared memory, abort frames).
 KINDS: dict[str, type[HFReduceError]] = {
     "error": HFReduceError,
@@ -56,5 +62,6 @@ KINDS: dict[str, type[HFReduceError]] = {
     "timeout": HFReduceTimeout,
     "mismatch": MismatchError,
     "init": InitError,
+    "device": DeviceError,
 }
 KIND_CODES = {name: i for i, name in enumerate(KINDS)}

@@ -37,6 +37,7 @@ from network.transport import Connection, TrafficClass, connect, listen
 
 from . import kernels as K
 from .buffers import Buf, as_buf, np_dtype_code
+from .device import DeviceBuf, as_device_buf
 from .engine import (
     ALLGATHER,
     ALLREDUCE,
@@ -356,6 +357,7 @@ class ProcessGroup:
         self._internode: InterNode | None = None
         self._engine: Engine | None = None
         self._created: list[Segment] = []
+        self._devices: dict[Any, Any] = {}  # device key -> this group's backend for it (hfreduce.device)
         deadline = time.monotonic() + self.timeout
         sweep_stale()
         rdv = _Rendezvous(self.rank, self.world_size, res["master_addr"], res["master_port"], deadline)
@@ -546,6 +548,7 @@ class ProcessGroup:
 
     def _submit(self, spec: OpSpec, async_op: bool) -> Work:
         self._check_alive()
+        self._attach_device(spec)
         work = self._engine.submit(spec)
         if not async_op:
             work.wait()
@@ -562,8 +565,32 @@ class ProcessGroup:
             avg = self.world_size if op == ReduceOp.AVG else 0
         return OpSpec(kind, nbytes, dtype, int(op) if not bitwise else 4, kdtype, kop, avg, root, **kw)
 
-    def _registered(self, b: Buf) -> tuple[int, int] | None:
+    def _buf(self, buf, what: str = "buf", writable: bool = True) -> Buf | DeviceBuf:
+        """A host buffer (:mod:`hfreduce.buffers`) or a device buffer (:mod:`hfreduce.device`)."""
+        d = as_device_buf(buf, what)
+        return d if d is not None else as_buf(buf, what, writable)
+
+    def _attach_device(self, spec: OpSpec) -> None:
+        """Device buffers: give the spec this group's backend for their device (made on first use)."""
+        bufs = [x for x in (spec.inp, spec.out) if x is not None]
+        devs = {x.key for x in bufs if isinstance(x, DeviceBuf)}
+        if not devs:
+            return
+        if len(devs) > 1 or any(not isinstance(x, DeviceBuf) for x in bufs):
+            raise InvalidArgument(f"{spec.name}: its buffers must all be host buffers or all on one device "
+                                  "(copy one of them first)")
+        d = next(x for x in bufs if isinstance(x, DeviceBuf))
+        backend = self._devices.get(d.key)
+        if backend is None:
+            backend = d.device.make_backend(self._arena, self.chunk, self._sync.wake)
+            self._devices[d.key] = backend
+        spec.backend = backend
+        backend.prepare(spec)
+
+    def _registered(self, b: Buf | DeviceBuf) -> tuple[int, int] | None:
         self._check_alive()
+        if isinstance(b, DeviceBuf):
+            return None
         off = self._arena.heap.contains(b.addr, b.nbytes)
         return None if off is None else (self.local_rank, off)
 
@@ -573,7 +600,7 @@ class ProcessGroup:
 
     def allreduce(self, buf, op: ReduceOp = ReduceOp.SUM, async_op: bool = False) -> Work:
         """Reduce ``buf`` across all ranks, in place (every rank gets the result)."""
-        b = as_buf(buf)
+        b = self._buf(buf)
         spec = self._spec(ALLREDUCE, b.nbytes, b.dtype, op, inp=b.data, out=b.data, heap=self._registered(b),
                           keep=b.owner)
         return self._submit(spec, async_op)
@@ -581,7 +608,7 @@ class ProcessGroup:
     def reduce(self, buf, dst: int = 0, op: ReduceOp = ReduceOp.SUM, async_op: bool = False) -> Work:
         """Reduce ``buf`` across all ranks into rank ``dst``'s ``buf`` (the others' are unchanged)."""
         self._check_root(dst, "dst")
-        b = as_buf(buf, writable=self.rank == dst)
+        b = self._buf(buf, writable=self.rank == dst)
         spec = self._spec(REDUCE, b.nbytes, b.dtype, op, root=dst, inp=b.data,
                           out=b.data if self.rank == dst else None, keep=b.owner)
         return self._submit(spec, async_op)
@@ -589,7 +616,7 @@ class ProcessGroup:
     def broadcast(self, buf, src: int = 0, async_op: bool = False) -> Work:
         """Copy rank ``src``'s ``buf`` into every rank's ``buf``."""
         self._check_root(src, "src")
-        b = as_buf(buf, writable=self.rank != src)
+        b = self._buf(buf, writable=self.rank != src)
         mine = self.rank == src
         spec = self._spec(BROADCAST, b.nbytes, b.dtype, root=src, bitwise=True, inp=b.data if mine else None,
                           out=None if mine else b.data, keep=b.owner)
@@ -597,7 +624,7 @@ class ProcessGroup:
 
     def allgather(self, out_buf, in_buf, async_op: bool = False) -> Work:
         """``out_buf`` = the concatenation of every rank's ``in_buf``, in rank order."""
-        o, i = as_buf(out_buf, "out_buf"), as_buf(in_buf, "in_buf", writable=False)
+        o, i = self._buf(out_buf, "out_buf"), self._buf(in_buf, "in_buf", writable=False)
         if o.dtype != i.dtype:
             raise InvalidArgument(f"allgather: out_buf is {o.dtype_name}, in_buf {i.dtype_name}")
         if o.nbytes != i.nbytes * self.world_size:
@@ -609,7 +636,7 @@ class ProcessGroup:
 
     def reduce_scatter(self, out_buf, in_buf, op: ReduceOp = ReduceOp.SUM, async_op: bool = False) -> Work:
         """Reduce ``in_buf`` across ranks; rank r gets part r of the result in ``out_buf``."""
-        o, i = as_buf(out_buf, "out_buf"), as_buf(in_buf, "in_buf", writable=False)
+        o, i = self._buf(out_buf, "out_buf"), self._buf(in_buf, "in_buf", writable=False)
         if o.dtype != i.dtype:
             raise InvalidArgument(f"reduce_scatter: out_buf is {o.dtype_name}, in_buf {i.dtype_name}")
         if i.nbytes != o.nbytes * self.world_size:
@@ -643,7 +670,8 @@ class ProcessGroup:
 
     # -- state ---------------------------------------------------------------------------------
     def info(self) -> dict:
-        out = {"kernel": K.KERNEL, "simd": K.SIMD, "backend": "host", "rank": self.rank,
+        out = {"kernel": K.KERNEL, "simd": K.SIMD, "backend": "host",
+               "device_backends": [b.describe() for b in self._devices.values()], "rank": self.rank,
                "world_size": self.world_size, "local_rank": self.local_rank,
                "local_world_size": self.local_world_size, "node": self.node, "nodes": list(self.node_names),
                "leader": self.is_leader, "leaders": list(self.leaders), "chunk_bytes": self.chunk,
@@ -675,6 +703,12 @@ class ProcessGroup:
         self._teardown()
 
     def _teardown(self) -> None:
+        for backend in self._devices.values():  # stop device copies before the arena goes away
+            try:
+                backend.close()
+            except Exception:  # noqa: BLE001 - teardown goes on
+                log.exception("closing the %s device backend failed", backend.name)
+        self._devices = {}
         if self._internode is not None:
             self._internode.close()
             self._internode = None
