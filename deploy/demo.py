@@ -1,11 +1,17 @@
 """`make demo`: the stack's showcase on one machine.
 
-Brings up the local cluster (deploy/clusters/local.toml: 4 emulated nodes on 127.0.0.x, 2 zones),
-then runs the end-to-end path that exists so far, step by step, and stops everything:
+Brings up the local cluster (deploy/clusters/local.toml: 4 emulated nodes on 127.0.0.x, 2 zones;
+fs3 cluster manager and 3 storage servers; HAI-Platform API, scheduler and an agent per node),
+then runs the end-to-end path that exists so far, and stops everything:
 
-1. the cluster comes up: every service of the description, each node on its own address;
-2. the link probe measures the bandwidth and latency matrix between the nodes;
-3. everything stops, and nothing is left behind.
+1. the cluster comes up: every service, each node on its own loopback address;
+2. the link probe measures bandwidth and latency between the nodes;
+3. fs3: the routing table (3-replica chains) and the training data written to storage chunks;
+4. a researcher is added and submits a 2-node x 2-rank training job with ``hai python``; it trains
+   with haiscale DDP on hfreduce, reads its data from fs3 and checkpoints to fs3;
+5. mid-run the job is suspended (``hai suspend``): the ranks agree on a step, checkpoint and exit;
+   the platform re-queues it and the next attempt resumes from the fs3 checkpoint and finishes;
+6. everything stops, and nothing is left behind.
 
     python -m deploy.demo [--cluster FILE] [--keep-run-dir]
 """
@@ -13,13 +19,18 @@ then runs the end-to-end path that exists so far, step by step, and stops everyt
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from deploy.local import LocalCluster, render_status
 from network.probe import probe_matrix, render
@@ -28,8 +39,131 @@ ROOT = Path(__file__).resolve().parent.parent
 con = Console()
 
 
+class DemoError(RuntimeError):
+    pass
+
+
 def step(title: str) -> None:
     con.rule(f"[bold cyan]{title}")
+
+
+class Hai:
+    """Runs the `hai` CLI against the demo's cluster, as a researcher would."""
+
+    def __init__(self, run_dir: Path, token: str | None = None) -> None:
+        self.env = {**os.environ, "HAI_CLUSTER": str(run_dir / "cluster.toml"), "HAI_RUN_DIR": str(run_dir),
+                    "COLUMNS": "120"}
+        if token:
+            self.env["HAI_TOKEN"] = token
+
+    def __call__(self, *args: str, show: bool = True, check: bool = True, timeout: float = 120) -> str:
+        cmd = [sys.executable, "-m", "haiplatform.cli", *args]
+        if show:
+            con.print(f"[dim]$ hai {' '.join(args)}[/]")
+        r = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=ROOT)
+        if show and r.stdout.strip() and "--json" not in args:
+            con.print(r.stdout.rstrip(), markup=False, highlight=False)
+        if check and r.returncode != 0:
+            raise DemoError(f"hai {' '.join(args)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+        return r.stdout
+
+    def json(self, *args: str, **kw) -> dict | list:
+        return json.loads(self(*args, "--json", show=False, **kw))
+
+
+def wait_for(what: str, fn, timeout: float, poll: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)
+
+
+def fs3_steps(lc: LocalCluster) -> None:
+    from examples.demo_train import DATA_INODE, blob_read, blob_write, make_dataset
+    from fs3.client import ChunkClient
+
+    with ChunkClient.from_cluster(lc.cluster) as client:
+        r = client.refresh_routing()
+        chains = client.chains()
+        con.print(f"routing version {r.version}: {len(chains)} chains, chunk size {client.chunk_size >> 10} KiB")
+        subprocess.run([sys.executable, "-m", "fs3.cli", "chains", "--cluster", str(lc.cluster_file)],
+                       cwd=ROOT, timeout=60, check=False)
+        data = make_dataset()
+        t0 = time.perf_counter()
+        blob_write(client, DATA_INODE, data)
+        back = blob_read(client, DATA_INODE)
+        dt = time.perf_counter() - t0
+        if back != data:
+            raise DemoError("fs3 read back different bytes than were written")
+        con.print(f"training data: {len(data) / 1e6:.1f} MB written to fs3 (3 replicas) and read back intact "
+                  f"in {dt * 1000:.0f} ms")
+
+
+def training_steps(lc: LocalCluster, run_dir: Path) -> None:
+    import threading
+
+    admin = Hai(run_dir)
+    admin("nodes")
+    user = admin.json("admin", "user", "add", "alice", "--group", "vision")
+    con.print("added researcher alice (group vision); she submits with her own token")
+    hai = Hai(run_dir, token=user["token"])
+    hai("whoami")
+    job = hai.json("python", "examples/demo_train.py", "--steps", "60", "--ckpt-every", "10", "--step-sleep", "0.3", "--",
+                   "--nodes", "2", "--procs-per-node", "2", "--name", "demo-train")
+    jid = job["id"]
+    con.print(f"submitted job {jid}: 2 nodes x 2 ranks, haiscale DDP on hfreduce, data and checkpoints on fs3")
+
+    def follow(tag: str, seen: list[str]) -> subprocess.Popen:
+        """`hai logs -f JOB` (rank 0 of the chain's current attempt), echoed live."""
+        con.print(f"[dim]$ hai logs -f {jid}[/]")
+        p = subprocess.Popen([sys.executable, "-m", "haiplatform.cli", "logs", "-f", str(jid)], env=hai.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+        def pump() -> None:
+            for line in p.stdout:
+                seen.append(line)
+                con.print(f"[dim]{escape(tag)}[/] {escape(line.rstrip())}", highlight=False)
+        threading.Thread(target=pump, daemon=True).start()
+        return p
+
+    wait_for("the job to start", lambda: hai.json("status", str(jid))["status"] == "running", 60)
+    st = hai.json("status", str(jid))
+    con.print(f"job {jid} is running on " + ", ".join(sorted({r['node'] for r in st.get('ranks', [])})))
+    first: list[str] = []
+    p1 = follow("[attempt 1]", first)
+    try:
+        wait_for("a checkpoint", lambda: any("checkpoint saved" in x for x in first), 120)
+        step("5. preemption: suspend the job mid-run; it resumes from its fs3 checkpoint")
+        hai("suspend", str(jid))
+        p1.wait(90)
+    finally:
+        p1.kill()
+    if not any("suspend requested" in x for x in first):
+        raise DemoError("the first attempt did not checkpoint and exit on the suspend")
+    wait_for("the job to be resumed", lambda: len(hai.json("status", str(jid)).get("attempts", [])) >= 2, 120)
+    second: list[str] = []
+    p2 = follow("[attempt 2]", second)
+    try:
+        p2.wait(240)
+    finally:
+        p2.kill()
+    final = wait_for("the job to finish", lambda: (lambda j: j if j["chain_status"] == "finished" else None)(
+        hai.json("status", str(jid))), 60, poll=0.5)
+    hai("status", str(jid))
+    text = "".join(second)
+    if final["status"] != "succeeded":
+        raise DemoError(f"job {jid} ended {final['status']}")
+    m = re.search(r"resumed from the fs3 checkpoint at step (\d+)", text)
+    if not m or int(m.group(1)) == 0:
+        raise DemoError("the job did not resume from its checkpoint after the suspend")
+    if "done: 60 steps" not in text:
+        raise DemoError("the resumed attempt did not finish the training")
+    con.print(f"[green]suspended at step {m.group(1)}, resumed from fs3 in attempt "
+              f"{len(final.get('attempts', []))}, finished all 60 steps[/]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,30 +171,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cluster", default=str(ROOT / "deploy" / "clusters" / "local.toml"))
     ap.add_argument("--keep-run-dir", action="store_true", help="keep logs and state after the demo")
     args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
 
     run_dir = Path(tempfile.mkdtemp(prefix="fireflyer-demo-"))
     t_start = time.monotonic()
-    lc = LocalCluster(args.cluster, run_dir, ports="auto")
+    lc = LocalCluster(args.cluster, run_dir, ports="auto", health_timeout=60)
     ok = False
     try:
         step("1. bring up the local cluster")
         lc.up()
-        st = {"cluster": lc.cluster.name, "state": "up", "run_dir": str(run_dir),
-              "services": [vars(i) for i in lc.status()]}
-        render_status(st)
+        render_status({"cluster": lc.cluster.name, "state": "up", "run_dir": str(run_dir),
+                       "services": [vars(i) for i in lc.status()]})
 
         step("2. link probe: bandwidth and latency between the nodes")
         names = lc.cluster.ordered()
         res = probe_matrix(lc.cluster, names, size=16 << 20, reps=3, pings=20, spawn="never")
         render(res, names, con)
         if any(r.error for r in res):
-            raise RuntimeError("some links failed")
+            raise DemoError("some links failed")
+
+        step("3. fs3: chains and the training data")
+        fs3_steps(lc)
+
+        step("4. a researcher submits a training job with hai")
+        training_steps(lc, run_dir)
         ok = True
     except Exception as exc:  # noqa: BLE001 - the demo reports and exits non-zero
-        con.print(f"[red]demo failed: {exc}[/]")
+        con.print(f"[red]demo failed: {type(exc).__name__}: {exc}[/]")
         con.print(f"logs: {run_dir / 'logs'}")
     finally:
-        step("3. stop everything")
+        step("6. stop everything")
         lc.down()
         left = [i.key for i in lc.info.values() if i.state != "stopped"]
         con.print("all services stopped" if not left else f"[red]still running: {left}[/]")
