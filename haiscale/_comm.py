@@ -212,17 +212,22 @@ def backend_for(device: torch.device, what: str = "haiscale") -> str:
     """Which hfreduce engine reduces tensors on ``device``: 'host' for CPU, 'cuda' for CUDA tensors.
 
     [Note: device backend seam] CUDA tensors go to ``hfreduce.cuda`` (issue 7), which copies
-    chunks D2H into the arena while the CPU reduces; until that backend exists a CUDA module is
-    refused here with the reason instead of silently staging through another library."""
+    chunks D2H into the arena while the CPU reduces; where it cannot run (no cupy, no device) a
+    CUDA module is refused here with its reason instead of silently staging through another library."""
     if device.type == "cpu":
         return "host"
     if device.type == "cuda":
         try:
-            import hfreduce.cuda as hcuda  # noqa: F401
+            import hfreduce.cuda as hcuda
         except Exception as exc:
             raise DeviceError(
                 f"{what}: the module is on {device} but hfreduce's CUDA backend is unavailable ({exc}); "
                 "train on the CPU or install the hfreduce CUDA backend"
             ) from exc
+        if not hcuda.available():  # the module imports without a GPU / cupy and says why
+            raise DeviceError(
+                f"{what}: the module is on {device} but hfreduce's CUDA backend is unavailable "
+                f"({hcuda.unavailable_reason()}); train on the CPU or install cupy for this CUDA"
+            )
         return "cuda"
     raise DeviceError(f"{what}: no hfreduce backend for device {device}")

@@ -195,3 +195,18 @@ def test_cuda_backend_unavailable_raises_device_error_naming_the_reason():
         pytest.skip("a CUDA device is present")
     with pytest.raises(hfreduce.DeviceError, match="unavailable"):
         c.require()
+
+
+def test_haiscale_picks_the_cuda_backend_or_says_why_not():
+    torch = pytest.importorskip("torch")
+    import hfreduce.cuda as c
+    from haiscale._comm import backend_for
+    from haiscale.errors import DeviceError as HaiscaleDeviceError
+
+    assert backend_for(torch.device("cpu")) == "host"
+    if c.available():
+        assert backend_for(torch.device("cuda", 0)) == "cuda"
+    else:
+        with pytest.raises(HaiscaleDeviceError, match="CUDA backend is unavailable") as ei:
+            backend_for(torch.device("cuda", 0), "DistributedDataParallel")
+        assert c.unavailable_reason() in str(ei.value)
