@@ -26,7 +26,8 @@ def _cluster_file(tmp_path: Path, **fs3) -> Path:
     raw["service"] = [s for s in raw["service"] if s["module"] in FS3]
     for k in ("haiplatform", "hfreduce", "haiscale"):
         raw.pop(k, None)
-    raw["fs3"].update({"heartbeat_interval": 0.2, "failure_timeout": 1.5, **fs3})
+    # short, but well above a heartbeat period even when the machine is busy
+    raw["fs3"].update({"heartbeat_interval": 0.25, "failure_timeout": 3.0, **fs3})
     path = tmp_path / "fs3-test.toml"
     path.write_text(dump_cluster(raw))
     return path
