@@ -18,7 +18,25 @@ from network import ping
 from network.topology import dump_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCAL = ROOT / "deploy" / "clusters" / "local.toml"
+
+
+def _probe_only(tmp_path: Path, extra: list[dict] | None = None, name: str = "probe4.toml") -> Path:
+    """The local cluster with only its link-probe responders (4 light services, one per node):
+    these tests are about the launcher, not about what the other packages run."""
+    import tomllib
+
+    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
+    raw["service"] = [s for s in raw["service"] if s["module"] == "network.probe"] + list(extra or [])
+    for sec in ("fs3", "haiplatform", "hfreduce", "haiscale"):
+        raw.pop(sec, None)
+    f = tmp_path / name
+    f.write_text(dump_cluster(raw))
+    return f
+
+
+@pytest.fixture
+def LOCAL(tmp_path) -> Path:  # noqa: N802 - reads like the constant it replaces
+    return _probe_only(tmp_path)
 
 
 def _procs_mentioning(text: str) -> list[int]:
@@ -36,7 +54,7 @@ def _procs_mentioning(text: str) -> list[int]:
     return out
 
 
-def test_up_healthy_down_leaves_nothing(tmp_path):
+def test_up_healthy_down_leaves_nothing(tmp_path, LOCAL):
     run = tmp_path / "run"
     lc = LocalCluster(LOCAL, run, ports="auto")
     with lc:
@@ -54,7 +72,7 @@ def test_up_healthy_down_leaves_nothing(tmp_path):
     assert json.loads((run / "state.json").read_text())["state"] == "down"
 
 
-def test_ports_auto_lets_two_clusters_coexist(tmp_path):
+def test_ports_auto_lets_two_clusters_coexist(tmp_path, LOCAL):
     with LocalCluster(LOCAL, tmp_path / "a", ports="auto") as a, LocalCluster(LOCAL, tmp_path / "b", ports="auto") as b:
         pa = {i.port for i in a.status()}
         pb = {i.port for i in b.status()}
@@ -63,9 +81,7 @@ def test_ports_auto_lets_two_clusters_coexist(tmp_path):
 
 
 def test_failing_service_reports_log_and_cleans_up(tmp_path):
-    src = (LOCAL.read_text() + '\n[[service]]\nmodule = "deploy.no_such_module"\nnodes = ["n1"]\nport = 0\n')
-    f = tmp_path / "c.toml"
-    f.write_text(src)
+    f = _probe_only(tmp_path, [{"module": "deploy.no_such_module", "nodes": ["n1"], "port": 0}], "c.toml")
     lc = LocalCluster(f, tmp_path / "run", ports="auto")
     with pytest.raises(ServiceFailed, match=r"(?s)deploy.no_such_module@n1 exited with code 1 .*No module named"):
         lc.up()
@@ -76,9 +92,7 @@ def test_unhealthy_service_times_out(tmp_path):
     # a service that runs but never answers its health check
     mod = tmp_path / "sleepy.py"
     mod.write_text("import time\ntime.sleep(120)\n")
-    src = LOCAL.read_text() + '\n[[service]]\nmodule = "sleepy"\nnodes = ["n2"]\nport = 0\n'
-    f = tmp_path / "c.toml"
-    f.write_text(src)
+    f = _probe_only(tmp_path, [{"module": "sleepy", "nodes": ["n2"], "port": 0}], "c.toml")
     lc = LocalCluster(f, tmp_path / "run", ports="auto", health_timeout=1.5, env={"PYTHONPATH": str(tmp_path)})
     with pytest.raises(ServiceFailed, match=r"sleepy@n2 did not pass its health check"):
         lc.up()
@@ -105,7 +119,7 @@ _LAUNCHER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_launcher_death_takes_services_with_it(tmp_path, sig):
+def test_launcher_death_takes_services_with_it(tmp_path, sig, LOCAL):
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(LOCAL), str(run)], stdout=subprocess.PIPE, text=True,
                          cwd=ROOT)
@@ -125,7 +139,7 @@ def test_launcher_death_takes_services_with_it(tmp_path, sig):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_cli_up_status_down(tmp_path):
+def test_cli_up_status_down(tmp_path, LOCAL):
     run = tmp_path / "run"
     f = tmp_path / "c.toml"
     f.write_text(LOCAL.read_text())
