@@ -263,6 +263,10 @@ class Agent:
                                       "message": "stopped before it started"})
         with self.lock:
             orphans = [p for k, p in self.procs.items() if k not in listed and not p.done]
+            # forget ranks the server no longer lists once they have ended (bounded memory)
+            for k in [k for k, p in self.procs.items() if k not in listed and p.done]:
+                del self.procs[k]
+            self.finished.intersection_update(listed)
         for p in orphans:  # the server no longer wants it (its node was declared lost)
             self.stop(p, "stop", grace=0.0)
 
@@ -349,8 +353,9 @@ class Agent:
             status, msg = "succeeded", ""
         else:
             status, msg = "failed", (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}")
-        p.done = True
-        self.finished.add(key)
+        with self.lock:
+            p.done = True
+            self.finished.add(key)
         self.reports.put({"job_id": key[0], "rank": key[1], "status": status, "exit_code": rc, "pid": p.popen.pid,
                           "message": msg, "whole_life_state": state})
         self._save_state()

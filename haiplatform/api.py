@@ -451,9 +451,14 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/logs")
     def job_logs(job_id: int, p: User_, rank: Annotated[int, Query(ge=0)] = 0,
-                 offset: Annotated[int, Query(ge=0)] = 0, follow: bool = False):
+                 offset: Annotated[int, Query(ge=0)] = 0, follow: bool = False, attempt: int | None = None):
         with db.read() as s:
             j = _chain_latest(s, job_id, p)
+            if attempt is not None:  # an earlier attempt of the same chain
+                a = s.get(Job, attempt)
+                if a is None or a.chain_id != j.chain_id:
+                    raise NotFound(f"job {job_id} has no attempt {attempt}")
+                j = a
             r = s.scalars(select(Rank).where(Rank.job_id == j.id, Rank.rank == rank)).first()
             jid = j.id
             if r is None:

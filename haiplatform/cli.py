@@ -329,14 +329,16 @@ def list_cmd(all_users: bool = typer.Option(False, "--all", help="every user's j
 
 @app.command("logs")
 def logs_cmd(job_id: int, follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until it ends"),
-             rank: int = typer.Option(0, "--rank", "-r", help="which rank")) -> None:
-    """A rank's output (stdout and stderr)."""
+             rank: int = typer.Option(0, "--rank", "-r", help="which rank"),
+             attempt: int = typer.Option(None, "--attempt", help="an earlier attempt's id (default: the latest)")
+             ) -> None:
+    """A rank's output (stdout and stderr) of the job's latest attempt."""
     def go(c):
         if follow:
             for chunk in c.follow_logs(job_id, rank):
                 typer.echo(chunk, nl=False)
         else:
-            typer.echo(c.logs(job_id, rank), nl=False)
+            typer.echo(c.logs(job_id, rank, attempt=attempt), nl=False)
     _call(go)
 
 

@@ -149,8 +149,9 @@ class HaiClient:
     def suspend(self, job_id: int) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/suspend")
 
-    def logs(self, job_id: int, rank: int = 0, offset: int = 0) -> str:
-        return self.request("GET", f"/v1/jobs/{job_id}/logs", params={"rank": rank, "offset": offset})
+    def logs(self, job_id: int, rank: int = 0, offset: int = 0, attempt: int | None = None) -> str:
+        return self.request("GET", f"/v1/jobs/{job_id}/logs", params={"rank": rank, "offset": offset,
+                                                                       "attempt": attempt})
 
     def follow_logs(self, job_id: int, rank: int = 0, *, timeout: float = 3600.0) -> Iterator[str]:
         """Yield the rank's output as it is written, until the rank has ended and all is read."""

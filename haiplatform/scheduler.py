@@ -148,7 +148,7 @@ def _requeue(s, job_id: int, now: float) -> None:
     old = s.get(Job, job_id)
     new = Job(chain_id=old.chain_id, first_id=old.first_id, restart_count=old.restart_count + 1, name=old.name,
               user=old.user, group=old.group, shared_in_group=old.shared_in_group, command=old.command,
-              env=old.env, workdir=old.workdir, nodes=old.nodes, procs_per_node=0, priority=old.priority,
+              env=old.env, workdir=old.workdir, nodes=old.nodes, procs_per_node=old.procs_per_node, priority=old.priority,
               status=JobStatus.QUEUED, whole_life_state=old.whole_life_state, created_at=now, assigned_nodes=[],
               reason="resumed after suspend")
     s.add(new)
@@ -194,8 +194,12 @@ class Scheduler:
 
     def run(self, stop: threading.Event) -> None:
         seq, cap, seen_cap, last_full = -1, -1, -2, 0.0
+        again = False
         while not stop.is_set():
-            if self.api is not None:
+            if again:  # the last cycle queued a new attempt: decide on it now, not at the tick
+                again = False
+                seen_cap = -2
+            elif self.api is not None:
                 try:
                     r = self.api.request("GET", "/v1/internal/wait", params={"seq": seq, "timeout": self.cfg.tick},
                                          timeout=self.cfg.tick + 10)
@@ -230,6 +234,7 @@ class Scheduler:
                 stop.wait(min(self.cfg.tick, 1.0))
                 continue
             self.last_cycle_end = time.monotonic()
+            again = any(isinstance(d, FinishJob) and d.requeue for d in decisions)
             if self.api is not None and any(isinstance(d, _AGENT_VISIBLE) for d in decisions):
                 try:
                     self.api.request("POST", "/v1/internal/notify", json={"nodes": sorted(self.woken)}, timeout=10)

@@ -213,3 +213,41 @@ def test_cli_run_yaml_nodes_whoami_and_admin(launch_cluster, cluster_file, tmp_p
     assert done["status"] == "succeeded" and done["assigned_nodes"] == ["n2"]
     r = CliRunner().invoke(app, ["--url", "http://127.0.0.1:1", "--token", "x", "list"])
     assert r.exit_code == 1 and "cannot reach the API" in r.output
+
+
+SUSPENDABLE = """
+import os, pathlib, signal, sys, time
+ctl = pathlib.Path(os.environ["HAI_CONTROL"])
+if os.environ["HAI_RESTART_COUNT"] != "0":
+    print("resumed attempt", os.environ["HAI_RESTART_COUNT"], "state", os.environ["HAI_WHOLE_LIFE_STATE"])
+    sys.exit(0)
+def on_term(*_):
+    if (ctl / "suspend").exists():
+        (ctl / "whole_life_state").write_text("42")
+        print("suspending", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("started", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_suspend_resumes_in_a_new_attempt_with_whole_life_state(launch_cluster, cluster_file, tmp_path):
+    # tick = 60 s: every step below (start, suspend, requeue, restart, finish) is driven by events
+    lc = launch_cluster(cluster_file(tick=60.0))
+    c = hai_client(lc)
+    script = tmp_path / "suspendable.py"
+    script.write_text(SUSPENDABLE)
+    j = c.submit({"name": "sus", "command": [sys.executable, str(script)], "nodes": 2})
+    wait_for(lambda: "started" in c.logs(j["id"]), timeout=30, what="the first attempt to start")
+    r = hai(c, "suspend", str(j["id"]))
+    assert r.exit_code == 0, r.output
+    done = c.wait(j["id"], timeout=40)
+    assert done["status"] == "succeeded" and done["restart_count"] == 1 and done["chain_id"] == j["id"]
+    assert [a["status"] for a in done["attempts"]] == ["suspended", "succeeded"]
+    assert done["whole_life_state"] == 42
+    assert "resumed attempt 1 state 42" in c.logs(j["id"])
+    first = [a["id"] for a in done["attempts"]][0]
+    assert "suspending" in c.logs(j["id"], attempt=first)
+    assert "suspending" in hai(c, "logs", str(j["id"]), "--attempt", str(first)).output
