@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -57,6 +58,9 @@ class NodeSync:
         self.waiters = Layout.WAITERS
         self._pidfds: dict[int, int] = {}
         self._poll = select.poll() if hasattr(select, "poll") else None
+        # a poll object refuses concurrent poll() calls ("concurrent poll() invocation"), and
+        # dead_peers() runs from the caller's thread and the engine's threads alike
+        self._poll_lock = threading.Lock()
         for r, pid in enumerate(self.pids):
             if r == me:
                 continue
@@ -152,7 +156,9 @@ class NodeSync:
     def dead_peers(self) -> list[int]:
         """Local ranks whose process has exited (found by pidfd, else by kill -0)."""
         if self._poll is not None and self._pidfds:
-            for fd, _ev in self._poll.poll(0):
+            with self._poll_lock:
+                ready = self._poll.poll(0)
+            for fd, _ev in ready:
                 r = self._pidfds.get(fd)
                 if r is not None:
                     self._dead.add(r)
