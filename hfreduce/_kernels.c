@@ -617,6 +617,205 @@ static PyObject *py_wait_min_ge(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(m);
 }
 
+/* ---------------------------------------------------------------- the pipeline loop (engine.py's _pipeline, in C)
+ *
+ * pipeline(ctrl, geometry, locations, input, output, kernel, state, poll) -> (status, state)
+ *   Runs this rank's chunk loop for one collective with the GIL released, exactly as
+ *   hfreduce.engine.Engine._pipeline_py does, until the collective is done (status 0), nothing
+ *   moved for `poll` seconds (status 1: the caller checks liveness and deadlines, then calls
+ *   again with the returned state), or the node's abort word is set (status 2).
+ */
+typedef struct {
+    int64_t *w;
+    int32_t *epoch;
+    Py_ssize_t waiters, abort_word, final_word, stride, w_posted, w_reduced, w_consumed, me_base;
+    int L, me, K;
+} ctl_t;
+
+static inline void ctl_publish(ctl_t *c, Py_ssize_t word, int64_t v) {
+    __atomic_store_n(c->w + word, v, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(c->epoch, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(c->w + c->waiters, __ATOMIC_SEQ_CST) > 0) sys_futex(c->epoch, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+static inline void slice_of(size_t n, int parts, int s, size_t *a, size_t *b) {
+    size_t units = n / 64;
+    *a = (size_t)s * units / (size_t)parts * 64;
+    *b = s < parts - 1 ? (size_t)(s + 1) * units / (size_t)parts * 64 : n;
+}
+
+static void stage(char *slot, size_t v0, size_t v1, char *in, int64_t in_off, int64_t in_len, size_t c0) {
+    /* virtual bytes [v0, v1) of the caller's input into slot (slot[0] = virtual c0), zeros elsewhere */
+    if (v1 <= v0) return;
+    char *dst = slot + (v0 - c0);
+    size_t n = v1 - v0;
+    if (!in) { memset(dst, 0, n); return; }
+    int64_t i0 = in_off, i1 = in_off + in_len;
+    int64_t a = (int64_t)v0 > i0 ? (int64_t)v0 : i0, b = (int64_t)v1 < i1 ? (int64_t)v1 : i1;
+    if (a >= b) { memset(dst, 0, n); return; }
+    if (a > (int64_t)v0) memset(dst, 0, (size_t)(a - (int64_t)v0));
+    if (b < (int64_t)v1) memset(slot + (b - (int64_t)c0), 0, (size_t)((int64_t)v1 - b));
+    memcpy(slot + (a - (int64_t)c0), in + (a - i0), (size_t)(b - a));
+}
+
+static PyObject *py_pipeline(PyObject *self, PyObject *args) {
+    PyObject *ctrl_obj, *loc_obj, *kind_obj;
+    Py_ssize_t epoch_off, waiters, abort_word, final_word, rank_word0, stride, f_posted, f_reduced, f_consumed;
+    int L, me, K, dtype, op, multi, direct, spin;
+    long long g0, nchunks, nbytes, chunk, in_addr, in_off, in_len, out_addr, out_off, out_len, avg;
+    long long s_in, s_ready, s_red, s_out;
+    double poll;
+    if (!PyArg_ParseTuple(args, "O(nnnnnnnnn)(iii)(LLLL)OO(LLL)(LLL)(iiLii)(LLLL)di", &ctrl_obj, &epoch_off, &waiters,
+                          &abort_word, &final_word, &rank_word0, &stride, &f_posted, &f_reduced, &f_consumed, &L,
+                          &me, &K, &g0, &nchunks, &nbytes, &chunk, &loc_obj, &kind_obj, &in_addr, &in_off, &in_len,
+                          &out_addr, &out_off, &out_len, &dtype, &op, &avg, &multi, &direct, &s_in, &s_ready,
+                          &s_red, &s_out, &poll, &spin))
+        return NULL;
+    if (L < 1 || L > MAXSRC || me < 0 || me >= L || K < 1 || chunk <= 0 || dtype < 0 || dtype > DT_U8)
+        return PyErr_Format(PyExc_ValueError, "pipeline: bad geometry");
+    char *loc[MAXSRC];
+    int kind[MAXSRC];
+    PyObject *ls = PySequence_Fast(loc_obj, "locations"), *ks = PySequence_Fast(kind_obj, "kinds");
+    if (!ls || !ks || PySequence_Fast_GET_SIZE(ls) != L || PySequence_Fast_GET_SIZE(ks) != L) {
+        Py_XDECREF(ls);
+        Py_XDECREF(ks);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "pipeline: one location per local rank");
+        return NULL;
+    }
+    for (int r = 0; r < L; r++) {
+        loc[r] = (char *)PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(ls, r));
+        kind[r] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(ks, r));
+    }
+    Py_DECREF(ls);
+    Py_DECREF(ks);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(ctrl_obj, &v, PyBUF_WRITABLE) < 0) return NULL;
+    if (((uintptr_t)v.buf & 7) || (epoch_off & 3) || epoch_off + 4 > v.len ||
+        (rank_word0 + (Py_ssize_t)(L - 1) * stride + f_consumed + 1) * 8 > v.len || (final_word + 1) * 8 > v.len) {
+        PyBuffer_Release(&v);
+        return PyErr_Format(PyExc_IndexError, "pipeline: control words out of range");
+    }
+    ctl_t c = {.w = (int64_t *)v.buf, .epoch = (int32_t *)((char *)v.buf + epoch_off), .waiters = waiters,
+               .abort_word = abort_word, .final_word = final_word, .stride = stride,
+               .w_posted = rank_word0 + f_posted, .w_reduced = rank_word0 + f_reduced,
+               .w_consumed = rank_word0 + f_consumed, .me_base = rank_word0 + (Py_ssize_t)me * stride,
+               .L = L, .me = me, .K = K};
+    char *in = in_addr ? (char *)(uintptr_t)in_addr : NULL;
+    char *out = out_addr ? (char *)(uintptr_t)out_addr : NULL;
+    const int esz = dt_size[dtype];
+    const int64_t gend = g0 + nchunks;
+    const int registered = kind[me] == 1;
+    int status = 1;
+    Py_BEGIN_ALLOW_THREADS
+    double idle_since = now_s();
+    for (;;) {
+        if (s_out >= gend) { status = 0; break; }
+        if (__atomic_load_n(c.w + c.abort_word, __ATOMIC_SEQ_CST)) { status = 2; break; }
+        int32_t e = __atomic_load_n(c.epoch, __ATOMIC_SEQ_CST);
+        int progressed = 1;
+        /* 1. reduce my slice of the oldest chunk whose inputs are all in place */
+        if (s_red < s_ready && words_min(c.w, c.w_posted, stride, L) > s_red) {
+            int64_t g = s_red;
+            size_t c0 = (size_t)((g - g0) * chunk), c1 = c0 + (size_t)chunk < (size_t)nbytes ? c0 + (size_t)chunk : (size_t)nbytes;
+            size_t a, b;
+            slice_of(c1 - c0, L, me, &a, &b);
+            if (b > a) {
+                const void *srcs[MAXSRC];
+                int ns = 0;
+                char *dst = NULL;
+                for (int r = 0; r < L; r++) {
+                    char *base = kind[r] ? loc[r] + (g - g0) * chunk : loc[r] + (g % K) * chunk;
+                    if (r == me) dst = base + a;
+                    else srcs[ns++] = base + a;
+                }
+                const char *first = NULL;
+                char *dst2 = NULL;
+                if (direct && !registered) {
+                    if (in && in_off <= (int64_t)(c0 + a) && (int64_t)(c0 + b) <= in_off + in_len)
+                        first = in + (c0 + a - in_off);
+                    if (!multi && out && out_off <= (int64_t)(c0 + a) && (int64_t)(c0 + b) <= out_off + out_len)
+                        dst2 = out + (c0 + a - out_off);
+                }
+                run_reduce(dst, first, srcs, ns, (b - a) / (size_t)esz, dtype, op, multi ? 0 : avg, dst2);
+            }
+            s_red++;
+            ctl_publish(&c, c.me_base + f_reduced, s_red);
+        }
+        /* 2. host buffers: a staged chunk is ready at once */
+        else if (s_ready < s_in) {
+            s_ready++;
+            ctl_publish(&c, c.me_base + f_posted, s_ready);
+        }
+        /* 3. stage the next chunk when its slot is free (not my slice when it is read in place) */
+        else if (s_in < gend && s_in - s_out < K && words_min(c.w, c.w_consumed, stride, L) > s_in - K) {
+            int64_t g = s_in;
+            size_t c0 = (size_t)((g - g0) * chunk), c1 = c0 + (size_t)chunk < (size_t)nbytes ? c0 + (size_t)chunk : (size_t)nbytes;
+            char *slot = loc[me] + (g % K) * chunk;
+            size_t a, b;
+            slice_of(c1 - c0, L, me, &a, &b);
+            int fused = direct && b > a && in && in_off <= (int64_t)(c0 + a) && (int64_t)(c0 + b) <= in_off + in_len;
+            if (fused) {
+                stage(slot, c0, c0 + a, in, in_off, in_len, c0);
+                stage(slot, c0 + b, c1, in, in_off, in_len, c0);
+            } else {
+                stage(slot, c0, c1, in, in_off, in_len, c0);
+            }
+            s_in++;
+        }
+        /* 4. copy out the oldest final chunk */
+        else if (s_out < s_red && (multi ? __atomic_load_n(c.w + c.final_word, __ATOMIC_SEQ_CST) > s_out
+                                         : words_min(c.w, c.w_reduced, stride, L) > s_out)) {
+            int64_t g = s_out;
+            size_t c0 = (size_t)((g - g0) * chunk), c1 = c0 + (size_t)chunk < (size_t)nbytes ? c0 + (size_t)chunk : (size_t)nbytes;
+            if (out) {
+                int64_t lo = out_off > (int64_t)c0 ? out_off : (int64_t)c0;
+                int64_t hi = out_off + out_len < (int64_t)c1 ? out_off + out_len : (int64_t)c1;
+                lo -= (int64_t)c0;
+                hi -= (int64_t)c0;
+                size_t ma, mb;
+                slice_of(c1 - c0, L, me, &ma, &mb);
+                int skip_mine = registered ||
+                                (direct && !registered && !multi && mb > ma && out_off <= (int64_t)(c0 + ma) &&
+                                 (int64_t)(c0 + mb) <= out_off + out_len);
+                for (int s = 0; s < L && lo < hi; s++) {
+                    size_t a, b;
+                    slice_of(c1 - c0, L, s, &a, &b);
+                    int64_t x = (int64_t)a > lo ? (int64_t)a : lo, y = (int64_t)b < hi ? (int64_t)b : hi;
+                    if (x >= y || (s == me && skip_mine)) continue;
+                    char *base = kind[s] ? loc[s] + (g - g0) * chunk : loc[s] + (g % K) * chunk;
+                    memcpy(out + (c0 + (size_t)x - (size_t)out_off), base + x, (size_t)(y - x));
+                }
+            }
+            s_out++;
+            ctl_publish(&c, c.me_base + f_consumed, s_out);
+        } else {
+            progressed = 0;
+        }
+        if (progressed) {
+            idle_since = now_s();
+            continue;
+        }
+        /* nothing ready: watch the epoch a little (cheap), then sleep on it until a peer publishes */
+        int moved = 0;
+        for (int k = 0; k < spin && !moved; k++) {
+            CPU_RELAX();
+            moved = __atomic_load_n(c.epoch, __ATOMIC_SEQ_CST) != e;
+        }
+        if (moved) continue;
+        double left = poll - (now_s() - idle_since);
+        if (left <= 0) { status = 1; break; }
+        struct timespec ts;
+        to_timespec(left, &ts);
+        __atomic_add_fetch(c.w + c.waiters, 1, __ATOMIC_SEQ_CST);
+        sys_futex(c.epoch, FUTEX_WAIT, e, &ts);
+        __atomic_sub_fetch(c.w + c.waiters, 1, __ATOMIC_SEQ_CST);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    return Py_BuildValue("i(LLLL)", status, s_in, s_ready, s_red, s_out);
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *noargs) {
 #if HFR_HAVE_CLONES
     __builtin_cpu_init();
@@ -650,6 +849,7 @@ static PyMethodDef methods[] = {
     {"epoch_wait", py_epoch_wait, METH_VARARGS,
      "epoch_wait(buf, epoch_off, waiters_word, expected, timeout, spin=100) -> True when the epoch moved"},
     {"load32", py_load32, METH_VARARGS, "load32(buf, off): atomic load of the int32 at byte offset off"},
+    {"pipeline", py_pipeline, METH_VARARGS, "the engine's chunk loop for one collective, without the GIL"},
     {"simd", py_simd, METH_NOARGS, "the instruction set the kernels run with on this CPU"},
     {NULL, NULL, 0, NULL},
 };

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -326,6 +327,67 @@ class Engine:
         return c0, min(spec.nbytes, c0 + self.CB)
 
     def _pipeline(self, spec: OpSpec, locs) -> None:
+        # HFREDUCE_PIPELINE=python runs the Python loop even with the C extension (tests, debugging)
+        if (K.KERNEL == "c-simd" and spec.backend is None and type(self.backend) is HostBackend
+                and os.environ.get("HFREDUCE_PIPELINE", "").lower() != "python"):
+            self._pipeline_c(spec, locs)
+        else:
+            self._pipeline_py(spec, locs)
+        # my registered buffer and my slots are read by peers until every rank consumed the op
+        sync, lay = self.sync, self.lay
+        gend = spec.g0 + spec.nchunks
+        sync.wait(lambda: sync.min(lay.CONSUMED) >= gend,
+                  lambda: (sync.argmin(lay.CONSUMED), f"it did not finish {spec.name} #{spec.seq}"))
+
+    def _wait_timeout(self) -> float:
+        t = self.sync.timeout
+        return t * 1.5 + 1.0 if self.nnodes > 1 else t
+
+    def _pipeline_c(self, spec: OpSpec, locs) -> None:
+        """The loop below, in C without the GIL (``hfreduce._C.pipeline``); Python only checks
+        liveness and the deadline each time the loop has been idle for POLL seconds."""
+        from .sync import ABORT, POLL
+
+        sync, lay, L, me = self.sync, self.lay, self.L, self.me
+        gend = spec.g0 + spec.nchunks
+        addrs, kinds = [], []
+        for r in range(L):
+            if locs[r] is None:
+                addrs.append(_addr(self.arena.slots[r][0]))
+                kinds.append(0)
+            else:
+                addrs.append(_addr(self.arena.heap_views[locs[r][0]][locs[r][1]:]))
+                kinds.append(1)
+        state = (spec.g0, spec.g0, spec.g0, spec.g0)
+        if kinds[me]:
+            state = (gend, gend, spec.g0, spec.g0)
+            sync.publish(lay.POSTED, gend)
+        inp, out = spec.inp, spec.out
+        geo = (Layout.EPOCH_OFF, Layout.WAITERS, ABORT, Layout.FINAL, lay.word(0, 0), lay.stride, lay.POSTED,
+               lay.REDUCED, lay.CONSUMED)
+        io_in = (_addr(inp) if inp is not None and inp.nbytes else 0, spec.in_off, inp.nbytes if inp is not None else 0)
+        io_out = (_addr(out) if out is not None and out.nbytes else 0, spec.out_off,
+                  out.nbytes if out is not None else 0)
+        multi = self.nnodes > 1
+        kern = (spec.kdtype, spec.kop, spec.avg, int(multi), int(self.backend.direct))
+        timeout = self._wait_timeout()
+        deadline = time.monotonic() + timeout
+        last = state
+        while True:
+            status, state = K._C.pipeline(sync.buf, geo, (L, me, self.K), (spec.g0, spec.nchunks, spec.nbytes, self.CB),
+                                          addrs, kinds, io_in, io_out, kern, state, POLL, _SPIN)
+            if status == 0:
+                return
+            if status == 2:
+                sync.check()
+            now = time.monotonic()
+            if state != last:
+                last, deadline = state, now + timeout
+            sync.check_peers()
+            if now >= deadline:
+                sync.wait(lambda: False, lambda s=state: self._laggard(spec, s[0], s[2], s[3]), timeout=0)
+
+    def _pipeline_py(self, spec: OpSpec, locs) -> None:
         sync, lay, L, me, Kslots = self.sync, self.lay, self.L, self.me, self.K
         backend = spec.backend or self.backend
         g0 = spec.g0
@@ -468,6 +530,14 @@ class Engine:
                 continue  # my output already holds my slice's result
             parts.append((c0 + a, self.location(spec, locs, s, g, a, b)))
         (spec.backend or self.backend).copy_chunk_in(spec, c0, parts)
+
+
+#: Busy-wait iterations before sleeping on the futex (short: these machines are often oversubscribed).
+_SPIN = 100
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
 
 
 def _describe(d: list[int]) -> str:

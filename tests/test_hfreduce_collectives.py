@@ -107,6 +107,13 @@ def test_allreduce_every_dtype_op_and_size(nodes, per_node):
     assert res.values() == [[]] * (nodes * per_node)
 
 
+@pytest.mark.parametrize("nodes,per_node", [(1, 3), (2, 2)])
+def test_python_pipeline_loop_with_c_kernels(nodes, per_node):
+    """The reference loop (device backends and the fallback run it) stays correct on its own."""
+    res = run(w_allreduce_matrix, nodes=nodes, per_node=per_node, env={**ENV, "HFREDUCE_PIPELINE": "python"})
+    assert res.values() == [[]] * (nodes * per_node)
+
+
 def w_allreduce_256mib(pg):
     n = (256 << 20) // 4
     buf = (np.arange(n) % 1024 + pg.rank).astype(np.float32)  # exact sums
