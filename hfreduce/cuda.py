@@ -13,7 +13,10 @@ How a collective on a CUDA tensor runs (the engine's pipeline is the host path's
   stream (torch's, else cupy's); the D2H stream waits for it, so the copies see the gradients
   the caller's kernels produced.
 * **D2H.** ``copy_chunk_out``: ``cudaMemcpyAsync`` of the chunk into this rank's slot on this
-  device's D2H stream, then an event; a host function on the stream wakes the node's futex.
+  device's D2H stream, then an event. A waiter thread per direction synchronizes on the events
+  in order (GIL released) and wakes the node's futex as each completes, so a sleeping engine
+  reacts at once. (Not ``cudaLaunchHostFunc``: a Python host function holds the stream until it
+  gets the GIL, which the CPU reduce may hold.)
 * **Chunk ready?** ``cudaEventQuery`` of that event. Once every local rank's chunk is posted, the
   CPU reduces it (SIMD kernels), the tree runs between nodes.
 * **H2D.** ``copy_chunk_in``: the final chunk (each slice from its owner's slot) goes back on the
@@ -29,6 +32,7 @@ Without cupy or without a device the module still imports: :func:`available` is 
 from __future__ import annotations
 
 import logging
+import queue
 import sys
 import threading
 from typing import Any
@@ -160,6 +164,28 @@ class _Copy:
         return bool(self.event.done)
 
 
+class _Waiter(threading.Thread):
+    """Waits for one direction's chunk events in order and wakes the node's futex on each."""
+
+    def __init__(self, backend: CudaBackend, what: str) -> None:
+        super().__init__(name=f"hfreduce-cuda{backend.index}-{what}", daemon=True)
+        self.backend = backend
+        self.q: queue.Queue = queue.Queue()
+
+    def run(self) -> None:
+        cp = self.backend.cp
+        with cp.cuda.Device(self.backend.index):
+            while True:
+                ev = self.q.get()
+                if ev is None:
+                    return
+                try:
+                    ev.synchronize()  # cudaEventSynchronize, without the GIL
+                except Exception:  # noqa: BLE001 - the engine's event query reports it
+                    pass
+                self.backend.wake()
+
+
 class CudaBackend(DeviceBackend):
     """The device seam on one CUDA device: pinned arena, a D2H and an H2D stream, events per chunk."""
 
@@ -189,13 +215,16 @@ class CudaBackend(DeviceBackend):
             except Exception as exc:  # noqa: BLE001
                 raise DeviceError(f"cuda:{index}: cudaHostRegister of the arena ({seg.size} bytes) failed: {exc}; "
                                   "check the memlock limit (ulimit -l)") from exc
-        self._wake_cb = lambda _arg: self.wake()
+        self._waiters = [_Waiter(self, "d2h"), _Waiter(self, "h2d")]
+        for w in self._waiters:
+            w.start()
 
     def prepare(self, spec: Any) -> None:
         cp = self.cp
+        torch = sys.modules.get("torch")
+        owner = (spec.inp if spec.inp is not None else spec.out).owner
         with cp.cuda.Device(self.index):
-            torch = sys.modules.get("torch")
-            if torch is not None and torch.cuda.is_initialized():
+            if torch is not None and isinstance(owner, torch.Tensor):
                 caller = cp.cuda.ExternalStream(torch.cuda.current_stream(self.index).cuda_stream)
             else:
                 caller = cp.cuda.get_current_stream()
@@ -205,7 +234,7 @@ class CudaBackend(DeviceBackend):
             # results go back only after the copies out of the same buffer (in-place allreduce)
             self.h2d_stream.wait_event(ev)
 
-    def _enqueue(self, g: int, pieces, kind: int, stream: Any) -> _Copy:
+    def _enqueue(self, g: int, pieces, kind: int, stream: Any, waiter: _Waiter) -> _Copy:
         cp, rt = self.cp, self._rt
         with cp.cuda.Device(self.index):
             for ptr, off, host in pieces:
@@ -216,19 +245,23 @@ class CudaBackend(DeviceBackend):
                     rt.memcpyAsync(ptr + off, h, host.nbytes, kind, stream.ptr)
             ev = cp.cuda.Event(block=False, disable_timing=True)
             ev.record(stream)
-            stream.launch_host_func(self._wake_cb, None)
+        waiter.q.put(ev)
         return _Copy(g, ev)
 
     def _d2h(self, g, pieces):
-        return self._enqueue(g, pieces, self._rt.memcpyDeviceToHost, self.d2h_stream)
+        return self._enqueue(g, pieces, self._rt.memcpyDeviceToHost, self.d2h_stream, self._waiters[0])
 
     def _h2d(self, g, pieces):
-        return self._enqueue(g, pieces, self._rt.memcpyHostToDevice, self.h2d_stream)
+        return self._enqueue(g, pieces, self._rt.memcpyHostToDevice, self.h2d_stream, self._waiters[1])
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        for w in self._waiters:
+            w.q.put(None)
+        for w in self._waiters:
+            w.join(30.0)
         cp = self.cp
         with cp.cuda.Device(self.index):
             for s in (self.d2h_stream, self.h2d_stream):
