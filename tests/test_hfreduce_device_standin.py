@@ -210,3 +210,60 @@ def test_haiscale_picks_the_cuda_backend_or_says_why_not():
         with pytest.raises(HaiscaleDeviceError, match="CUDA backend is unavailable") as ei:
             backend_for(torch.device("cuda", 0), "DistributedDataParallel")
         assert c.unavailable_reason() in str(ei.value)
+
+
+# -- hfreduce.cuda's own code on a cupy stand-in (tests/standin_cupy: it stands in for a GPU) ------
+STANDIN_CUPY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standin_cupy")
+
+
+def _cuda_backend_on_standin_cupy(pg):
+    sys.path.insert(0, STANDIN_CUPY)
+    import cupy
+
+    import hfreduce.cuda as hc
+
+    assert cupy.__version__.endswith("standin") and hc.available(), hc.unavailable_reason()
+    bad = []
+    for dtype in (np.float32, np.int64):
+        for n in (1, 1001, 3 * CHUNK // np.dtype(dtype).itemsize + 7):
+            for op in (ReduceOp.SUM, ReduceOp.MAX):
+                x = cupy.asarray(make_input(pg.rank, n, dtype))
+                hfreduce.allreduce(x, op=op)
+                if not np.array_equal(cupy.asnumpy(x).astype(np.float64), reference(pg.world_size, n, dtype, op)):
+                    bad.append((np.dtype(dtype).name, n, op.name))
+    xs = [cupy.asarray(make_input(pg.rank + k, 40_000, np.float32)) for k in range(3)]
+    works = [hfreduce.allreduce(x, async_op=True) for x in xs]
+    for k, (x, w) in enumerate(zip(xs, works, strict=True)):
+        w.wait(30)
+        want = sum(make_input(q + k, 40_000, np.float32).astype(np.float64) for q in range(pg.world_size))
+        if not np.array_equal(cupy.asnumpy(x).astype(np.float64), want):
+            bad.append(("async", k))
+    rt = cupy.cuda.runtime
+    arena_bytes = pg._arena.arena.size
+    backends = pg.info()["device_backends"]
+    hfreduce.destroy()
+    regs = [c for c in rt.calls if c[0] == "hostRegister"]
+    copies = {k: sum(1 for c in rt.calls if c[0] == "memcpyAsync" and c[1] == k) for k in (1, 2)}
+    return bad, backends, [r[2] for r in regs], arena_bytes, dict(rt.registered), copies
+
+
+def test_cuda_backend_code_runs_on_a_cupy_standin_that_stands_in_for_a_gpu():
+    run = run_group(_cuda_backend_on_standin_cupy, nodes=2, per_node=2, env={**ENV, "STANDIN_CUPY_LATENCY": "0.0005"},
+                    timeout=90)
+    for bad, backends, reg_sizes, arena_bytes, still_registered, copies in run.values():
+        assert bad == []
+        assert backends == [{"backend": "cuda", "device": 0}]
+        assert reg_sizes == [arena_bytes]  # the arena was pinned once per group and device ...
+        assert still_registered == {}  # ... and unpinned when the group was destroyed
+        assert copies[1] > 0 and copies[2] > 0  # H2D and D2H went through memcpyAsync
+
+
+@pytest.mark.parametrize("devices,why", [("0", "reports 0 devices"), ("-1", "no usable CUDA device")])
+def test_cuda_unavailable_reason_with_a_cupy_standin_without_device(devices, why):
+    code = "import hfreduce.cuda as c; print(c.available()); print(c.unavailable_reason())"
+    env = {**os.environ, "PYTHONPATH": STANDIN_CUPY + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "STANDIN_CUPY_DEVICES": devices}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    avail, reason = out.stdout.strip().splitlines()[-2:]
+    assert avail == "False" and why in reason
