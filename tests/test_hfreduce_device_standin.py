@@ -153,10 +153,10 @@ def _fail(pg, fail_rank, where):
     return "no error", "", None
 
 
-@pytest.mark.parametrize("where", [("d2h", 2), ("h2d", 1)])
-def test_standin_stands_in_for_a_gpu_copy_error_propagates_as_hfreduce_error(where):
+@pytest.mark.parametrize("where,nodes,per_node", [(("d2h", 2), 1, 3), (("h2d", 1), 1, 3), (("d2h", 1), 2, 2)])
+def test_standin_stands_in_for_a_gpu_copy_error_propagates_as_hfreduce_error(where, nodes, per_node):
     before = {f for f in os.listdir(SHM_DIR) if f.startswith(PREFIX)}
-    run = run_group(_fail, 1, where, nodes=1, per_node=3, env=ENV, timeout=60)
+    run = run_group(_fail, 1, where, nodes=nodes, per_node=per_node, env=ENV, timeout=60)
     vals = run.values()
     for rank, (kind, msg, _) in enumerate(vals):
         assert kind == "DeviceError", (rank, kind, msg)
