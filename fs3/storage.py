@@ -122,7 +122,8 @@ class StorageServer:
         self._pools_lock = threading.Lock()
         self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
                              traffic_class=TrafficClass.STORAGE, source=address)
-        self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "resyncs": 0, "resynced_chunks": 0}
+        self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0}
+        self._repairing: set[tuple[int, int, int]] = set()
         self._resyncing: set[tuple[int, int, int]] = set()
         self._disk = ThreadPoolExecutor(max_workers=16, thread_name_prefix="disk")
         self._stop = threading.Event()
@@ -436,19 +437,60 @@ class StorageServer:
                 results.append({"err": type(exc).__name__, "msg": str(exc), "data": exc.rpc_data or {}})
         return Reply({"items": results}, out)
 
-    def _report_corrupt(self, tid: int, chain: int, chunk: int, detail: str) -> None:
-        self.stats["corrupt"] += 1
-        log.error("corrupt chunk: %s", detail)
-
+    def _report(self, tid: int, chain: int, chunk: int, kind: str, detail: str) -> None:
         def send() -> None:
             try:
                 self.mgmtd.call("mgmtd.report_fault", {"node": self.node, "target": tid, "chain": chain,
-                                                        "chunk": f"{chunk:016x}", "kind": "ChunkCorrupt",
-                                                        "detail": detail})
+                                                        "chunk": f"{chunk:016x}", "kind": kind, "detail": detail})
             except (TransportError, RemoteError) as exc:
-                log.warning("could not report the fault to mgmtd: %s", exc)
+                log.warning("could not report %s to mgmtd: %s", kind, exc)
 
         threading.Thread(target=send, name="report-fault", daemon=True).start()
+
+    def _report_corrupt(self, tid: int, chain: int, chunk: int, detail: str) -> None:
+        """Count and report a corrupt copy, then repair it from a healthy replica (background)."""
+        self.stats["corrupt"] += 1
+        log.error("corrupt chunk: %s", detail)
+        self._report(tid, chain, chunk, "ChunkCorrupt", detail)
+        key = (tid, chain, chunk)
+        with self._stores_lock:
+            if key in self._repairing:
+                return
+            self._repairing.add(key)
+        threading.Thread(target=self._repair, args=key, name=f"repair-{chain}-{chunk:x}", daemon=True).start()
+
+    def _repair(self, tid: int, chain: int, chunk: int) -> None:
+        """Replace a corrupt copy by a serving peer's (CRC-checked), unless a write replaced it first."""
+        try:
+            r = self.routing
+            c = r.chains.get(chain)
+            if c is None:
+                return
+            store = self._store(tid)
+            for peer in [t for t in r.serving(chain) if t != tid]:
+                try:
+                    rep = self._pool(r.node_of(peer), r).call(
+                        "storage.read", {"items": [[chain, c["version"], chunk, 0, -1]]})
+                except (TransportError, RemoteError):
+                    continue
+                item = rep.result["items"][0]
+                if "err" in item or crc32c(rep.payload) != item.get("c"):
+                    continue
+                with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+                    m = store.get(chain, chunk)
+                    if m is None or m.pending or (m.committed != item["v"] and not m.corrupt):
+                        return  # a write or a removal got there first: nothing left to repair
+                    store.put(chain, chunk, item["v"], c["version"], rep.payload, pending=False)
+                self.stats["repaired"] += 1
+                log.warning("repaired chunk %d/%016x on target %d from target %d", chain, chunk, tid, peer)
+                self._report(tid, chain, chunk, "ChunkRepaired", f"copied v{item['v']} from target {peer}")
+                return
+            log.warning("could not repair chunk %d/%016x on target %d: no healthy serving peer", chain, chunk, tid)
+        except Exception:  # pragma: no cover - repair is best effort; the copy stays unreadable
+            log.exception("repair of chunk %d/%016x failed", chain, chunk)
+        finally:
+            with self._stores_lock:
+                self._repairing.discard((tid, chain, chunk))
 
     # -- resync ---------------------------------------------------------------------------------------
     def _maybe_resync(self) -> None:

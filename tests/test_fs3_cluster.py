@@ -247,14 +247,22 @@ def test_corrupt_chunk_is_never_returned_and_is_reported(fs3):
     # the replicas reported the faults to mgmtd
     addr, port = lc.cluster.endpoint("fs3.mgmtd")
 
-    def faults():
+    def faults_all():
         with RpcClient(addr, port, timeout=5) as c:
-            return [f for f in c.call("mgmtd.faults", {"limit": 100}).result if f["kind"] == "ChunkCorrupt"]
+            return c.call("mgmtd.faults", {"limit": 1000}).result
+
+    def faults():
+        return [f for f in faults_all() if f["kind"] == "ChunkCorrupt"]
 
     fl = _wait(faults, 10, "fault reports")
     assert {f["node"] for f in fl} <= {"n1", "n2"}  # only the damaged replicas complain
     assert {f["chunk"] for f in fl} <= {f"{k:016x}" for _c, k in data}
     assert f"{k0:016x}" in {f["chunk"] for f in fl}
+    # the damaged copies are repaired from a healthy replica (the first direct read above
+    # found n1's copy of (c0, k0) damaged)
+    _wait(lambda: _replica_read(lc, "n1", c0, k0) == data[(c0, k0)], 20, "n1's copy repaired")
+    _wait(lambda: any(f["kind"] == "ChunkRepaired" and f["node"] == "n1" for f in faults_all()), 10,
+          "the repair reported")
     # the admin CLI shows the same
     import json
 
