@@ -308,7 +308,23 @@ def test_stale_routing_client_recovers(fs3):
 
 
 def test_mgmtd_restart_keeps_state(fs3):
-    lc, client = fs3
+    _mgmtd_restart_keeps_state(*fs3)
+
+
+@pytest.mark.postgres
+def test_mgmtd_restart_keeps_state_postgres(launch_cluster, tmp_path, pg_url):
+    url = pg_url if "+" in pg_url.split("://", 1)[0] else pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    lc = launch_cluster(_cluster_file(tmp_path, mgmtd_db=url), services=FS3)
+    _wait(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
+    client = ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0)
+    try:
+        _mgmtd_restart_keeps_state(lc, client)
+        assert not (lc.run_dir / "data" / "n0" / "mgmtd.db").exists()  # the state went to PostgreSQL
+    finally:
+        client.close()
+
+
+def _mgmtd_restart_keeps_state(lc, client):
     chains = client.chains()
     payload = os.urandom(50_000)
     client.write(chains[1], 42, payload)
