@@ -200,11 +200,13 @@ class Agent:
         self._reporter.start()
         self.register(stop)
         seq = -1
+        # each sync is a heartbeat: poll often enough that a live node is never taken for lost
+        longpoll = min(self.cfg.longpoll, self.cfg.heartbeat_timeout / 4)
         while not stop.is_set():
             try:
                 resp = self.api.request("GET", "/v1/agent/sync", params={
-                    "node": self.node.name, "epoch": self.epoch, "seq": seq, "timeout": self.cfg.longpoll},
-                    timeout=self.cfg.longpoll + 10)
+                    "node": self.node.name, "epoch": self.epoch, "seq": seq, "timeout": longpoll},
+                    timeout=longpoll + 10)
             except (Conflict, NotFound) as exc:  # the API forgot us (restarted, or another agent): register
                 log.warning("%s; registering again", exc)
                 self.register(stop)

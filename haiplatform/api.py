@@ -323,6 +323,8 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
                 u = s.scalars(select(User).where(User.token_hash == hash_token(tok), User.active.is_(True))).first()
                 p = Principal(name=u.name, role=u.role, group=u.group) if u else None
             hit = (now, p)
+            if len(token_cache) > 10000:  # bounded: random tokens must not grow it forever
+                token_cache.clear()
             token_cache[tok] = hit
         if hit[1] is None:
             raise AuthError("invalid token: no active user has it")
@@ -697,21 +699,24 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
     def report(spec: ReportSpec, p: Service_) -> dict:
         now = time.time()
         ended = False
-        with db.write() as s:
+        live = (RankStatus.CREATED, RankStatus.RUNNING)
+        with db.engine.begin() as s:  # Core: conditional UPDATEs, ranks only move forward
             for jid, port in spec.master_ports.items():
                 s.execute(update(Job).where(Job.id == jid, Job.master_port == 0).values(master_port=port))
             for rr in spec.ranks:
-                r = s.scalars(select(Rank).where(Rank.job_id == rr.job_id, Rank.rank == rr.rank)).first()
-                if r is None or r.node != spec.node or r.status in RankStatus.DONE:
-                    continue
-                if rr.status == RankStatus.RUNNING and r.status == RankStatus.CREATED:
-                    r.status, r.pid, r.started_at = RankStatus.RUNNING, rr.pid, now
+                mine = (Rank.job_id == rr.job_id, Rank.rank == rr.rank, Rank.node == spec.node)
+                if rr.status == RankStatus.RUNNING:
+                    s.execute(update(Rank).where(*mine, Rank.status == RankStatus.CREATED).values(
+                        status=RankStatus.RUNNING, pid=rr.pid, started_at=now))
                 elif rr.status in RankStatus.DONE:
-                    r.status, r.exit_code, r.finished_at = rr.status, rr.exit_code, now
-                    r.message = rr.message[:500]
+                    vals = {"status": rr.status, "exit_code": rr.exit_code, "finished_at": now,
+                            "message": rr.message[:500]}
                     if rr.pid:
-                        r.pid = rr.pid
-                    ended = True
+                        vals["pid"] = rr.pid
+                    ended |= bool(s.execute(update(Rank).where(*mine, Rank.status.in_(live)).values(**vals)).rowcount)
+                else:
+                    raise ApiError(f"rank status {rr.status!r} cannot be reported (running, "
+                                   f"{', '.join(RankStatus.DONE)})", 422)
                 if rr.whole_life_state is not None:
                     s.execute(update(Job).where(Job.id == rr.job_id).values(whole_life_state=rr.whole_life_state))
         if spec.master_ports:

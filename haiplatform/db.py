@@ -40,6 +40,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    insert,
     inspect,
     select,
     text,
@@ -319,8 +320,9 @@ def sqlite_url(path: str | os.PathLike) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def event_row(s: Session, kind: str, message: str = "", job_id: int | None = None, node: str | None = None) -> None:
-    s.add(Event(kind=kind, message=message[:1000], job_id=job_id, node=node, ts=time.time()))
+def event_row(s, kind: str, message: str = "", job_id: int | None = None, node: str | None = None) -> None:
+    """Append an event (``s``: a Session or a Core Connection, inside its transaction)."""
+    s.execute(insert(Event).values(kind=kind, message=message[:1000], job_id=job_id, node=node, ts=time.time()))
 
 
 def get_user_by_token(s: Session, token: str) -> User | None:

@@ -86,7 +86,9 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
         return 0
     now = time.time()
     applied = 0
-    with db.write() as s:
+    # [Note: Core writes] a Connection, not a Session: ORM-enabled UPDATEs cost twice as much
+    # (session synchronisation), and nothing here needs objects.
+    with db.engine.begin() as s:
         for d in decisions:
             if isinstance(d, MarkNode):
                 n = s.execute(update(NodeRow).where(NodeRow.name == d.node, NodeRow.state != d.state)
@@ -144,16 +146,17 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
 
 
 def _requeue(s, job_id: int, now: float) -> None:
-    """Insert the chain's next attempt: same chain and first id (so it keeps its queue place)."""
-    old = s.get(Job, job_id)
-    new = Job(chain_id=old.chain_id, first_id=old.first_id, restart_count=old.restart_count + 1, name=old.name,
-              user=old.user, group=old.group, shared_in_group=old.shared_in_group, command=old.command,
-              env=old.env, workdir=old.workdir, nodes=old.nodes, procs_per_node=old.procs_per_node, priority=old.priority,
-              status=JobStatus.QUEUED, whole_life_state=old.whole_life_state, created_at=now, assigned_nodes=[],
-              reason="resumed after suspend")
-    s.add(new)
-    s.flush()
-    event_row(s, "requeued", f"attempt {new.id} continues chain {old.chain_id}", job_id=new.id)
+    """Insert the chain's next attempt: same chain and first id (so it keeps its queue place), and the
+    same processes per node as the attempt it replaces."""
+    old = s.execute(select(Job.__table__).where(Job.id == job_id)).mappings().one()
+    new_id = s.execute(insert(Job).values(
+        chain_id=old["chain_id"], first_id=old["first_id"], restart_count=old["restart_count"] + 1,
+        name=old["name"], user=old["user"], group=old["group"], shared_in_group=old["shared_in_group"],
+        command=old["command"], env=old["env"], workdir=old["workdir"], nodes=old["nodes"],
+        procs_per_node=old["procs_per_node"], priority=old["priority"], status=JobStatus.QUEUED,
+        whole_life_state=old["whole_life_state"], created_at=now, assigned_nodes=[],
+        reason="resumed after suspend", stop_code=0, stop_requested=0, master_port=0).returning(Job.id)).scalar_one()
+    event_row(s, "requeued", f"attempt {new_id} continues chain {old['chain_id']}", job_id=new_id)
 
 
 class Scheduler:
