@@ -411,3 +411,41 @@ def test_pending_chunk_answers_not_committed(fs3):
     assert bytes(client.read(chain, 5)) == b"new"
     for node in ("n1", "n2", "n3"):
         assert _replica_read(lc, node, chain, 5) == b"new"
+
+
+def test_all_replicas_down_lastsrv_restores_the_chain(fs3):
+    lc, client = fs3
+    chains = client.chains()
+    rng = random.Random(3)
+    data = {(chains[k % 3], k): rng.randbytes(30_000) for k in range(12)}
+    client.batch_write([WriteIO(c, k, b) for (c, k), b in data.items()])
+    for node in ("n1", "n2", "n3"):
+        lc.kill("fs3.storage", node)
+
+    def states():
+        return [s for d in _mgmtd_status(lc)["chains"].values() for _t, s in d["members"]]
+
+    # every chain keeps its last serving replica as lastsrv and serves nothing
+    _wait(lambda: states().count("lastsrv") == 3 and states().count("offline") == 6, 30, "lastsrv everywhere")
+    # n1 comes back first: in a chain whose lastsrv replica is n1's it serves again at once; in
+    # the others it waits (there is nobody up to date to resync from)
+    lc.start("fs3.storage", "n1")
+    n1 = set(_targets_of(lc, "n1"))
+
+    def n1_back():
+        st = _mgmtd_status(lc)
+        return all(s != "offline" for d in st["chains"].values() for t, s in d["members"] if t in n1) and st
+
+    st = _wait(n1_back, 30, "n1's targets back")
+    for d in st["chains"].values():
+        mine = next(s for t, s in d["members"] if t in n1)
+        others = [s for t, s in d["members"] if t not in n1]
+        assert (mine, sorted(others)) in (("serving", ["offline", "offline"]), ("waiting", ["lastsrv", "offline"]))
+    lc.start("fs3.storage", "n2")
+    lc.start("fs3.storage", "n3")
+    _wait(lambda: _all_serving(lc), 60, "every chain restored from its lastsrv replica")
+    got = client.batch_read([ReadIO(c, k) for c, k in data])
+    assert all(bytes(v) == data[key] for key, v in zip(data, got, strict=True))
+    for node in ("n1", "n2", "n3"):
+        for (c, k), want in list(data.items())[:4]:
+            assert _replica_read(lc, node, c, k) == want
