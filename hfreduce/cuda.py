@@ -10,8 +10,8 @@ How a collective on a CUDA tensor runs (the engine's pipeline is the host path's
   ``cudaHostRegister`` once per group and device, so copies to and from it are DMA on the copy
   engines, asynchronous to the host.
 * **Ordering after the caller.** At submission an event is recorded on the caller's current
-  stream (torch's, else cupy's); the D2H stream waits for it, so the copies see the gradients
-  the caller's kernels produced.
+  stream (torch's for torch tensors, cupy's for cupy arrays); when the engine starts the
+  operation, both copy streams wait for it, so the copies see what the caller's kernels wrote.
 * **D2H.** ``copy_chunk_out``: ``cudaMemcpyAsync`` of the chunk into this rank's slot on this
   device's D2H stream, then an event. A waiter thread per direction synchronizes on the events
   in order (GIL released) and wakes the node's futex as each completes, so a sleeping engine
@@ -230,9 +230,15 @@ class CudaBackend(DeviceBackend):
                 caller = cp.cuda.get_current_stream()
             ev = cp.cuda.Event(block=False, disable_timing=True)
             ev.record(caller)
-            self.d2h_stream.wait_event(ev)
-            # results go back only after the copies out of the same buffer (in-place allreduce)
-            self.h2d_stream.wait_event(ev)
+        spec.device_event = ev
+
+    def _begin(self, spec: Any) -> None:
+        ev = getattr(spec, "device_event", None)
+        if ev is None:
+            return
+        with self.cp.cuda.Device(self.index):
+            self.d2h_stream.wait_event(ev)  # the copies see what the caller's kernels wrote
+            self.h2d_stream.wait_event(ev)  # and results land after the caller's last use
 
     def _enqueue(self, g: int, pieces, kind: int, stream: Any, waiter: _Waiter) -> _Copy:
         cp, rt = self.cp, self._rt

@@ -127,6 +127,7 @@ class DeviceBackend:
         self._out: dict[int, Any] = {}
         self._in: dict[int, Any] = {}
         self._lock = threading.Lock()
+        self._begun = None  # the spec whose copies are being issued
         self.closed = False
 
     # -- subclass interface ------------------------------------------------------------------------
@@ -137,7 +138,12 @@ class DeviceBackend:
         raise NotImplementedError
 
     def prepare(self, spec: Any) -> None:
-        """Called on the caller's thread at submission (CUDA: order after the caller's stream)."""
+        """Called on the caller's thread at submission (CUDA: record an event on the caller's stream)."""
+
+    def _begin(self, spec: Any) -> None:
+        """Called on the engine's thread before the first copy of ``spec`` is issued (CUDA: the copy
+        streams wait for the event ``prepare`` recorded; done here, not at submission, so copies of
+        operations submitted earlier do not wait for the caller's later work)."""
 
     def close(self) -> None:
         self.closed = True
@@ -149,7 +155,13 @@ class DeviceBackend:
     def _g(self, spec: Any, c0: int) -> int:
         return spec.g0 + c0 // self.chunk
 
+    def _once(self, spec: Any) -> None:
+        if self._begun is not spec:
+            self._begun = spec
+            self._begin(spec)
+
     def copy_chunk_out(self, spec: Any, c0: int, c1: int, slot: np.ndarray) -> None:
+        self._once(spec)
         n = c1 - c0
         g = self._g(spec, c0)
         inp = spec.inp
@@ -174,6 +186,7 @@ class DeviceBackend:
     def copy_chunk_in(self, spec: Any, c0: int, parts: list[tuple[int, np.ndarray]]) -> None:
         if not parts:
             return
+        self._once(spec)
         self._check_open()
         g = self._g(spec, c0)
         out, o0 = spec.out, spec.out_off
