@@ -280,6 +280,8 @@ def test_corrupt_chunk_is_never_returned_and_is_reported(fs3):
     assert res.exit_code == 0 and "serving" in res.output
     res = runner.invoke(app, ["status", "--cluster", str(lc.cluster_file)])
     assert res.exit_code == 0 and "n3" in res.output
+    res = runner.invoke(app, ["routing", "--cluster", str(lc.cluster_file), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["replication"] == 3
 
 
 def test_stale_routing_client_recovers(fs3):
