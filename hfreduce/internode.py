@@ -76,20 +76,22 @@ class InterNode:
         for c in [*up.values(), *down.values()]:
             c.timeout = self.net_timeout
         self.engine = None  # set by the group: chunk locations
-        self._plans_r: list = []
-        self._plans_b: list = []
+        self._plans: dict[str, list] = {f"{p}{t}": [] for p in "rb" for t in (0, 1)}
         self._cv = threading.Condition()
         self._root_done = [0, 0]
+        self._bcast_done = [0, 0]
         self._stop = False
         self._aborted = False
         self._departed: set[int] = set()
         self._oob_locks = {n: threading.Lock() for n in oob}
         self._rbuf = {(t, c): np.empty(chunk, np.uint8) for t in (0, 1) for c in trees[t].children[node]}
-        self._threads = [threading.Thread(target=self._loop, args=(self._plans_r, self._reduce_op), daemon=True,
-                                          name=f"hfreduce-reduce-{node}"),
-                         threading.Thread(target=self._loop, args=(self._plans_b, self._bcast_op), daemon=True,
-                                          name=f"hfreduce-bcast-{node}"),
-                         threading.Thread(target=self._watch, daemon=True, name=f"hfreduce-watch-{node}")]
+        # one reduce and one broadcast thread per tree: the trees' transfers run at the same time
+        # (with two nodes, tree 0 goes up one direction of the link while tree 1 goes up the other)
+        self._threads = [threading.Thread(target=self._loop, args=(self._plans[f"{p}{t}"], run, t), daemon=True,
+                                          name=f"hfreduce-{name}{t}-{node}")
+                         for t in (0, 1) for p, run, name in (("r", self._reduce_op, "reduce"),
+                                                              ("b", self._bcast_op, "bcast"))]
+        self._threads.append(threading.Thread(target=self._watch, daemon=True, name=f"hfreduce-watch-{node}"))
         for th in self._threads:
             th.start()
 
@@ -100,11 +102,11 @@ class InterNode:
     # -- plans -------------------------------------------------------------------------------
     def submit(self, spec, locs) -> None:
         with self._cv:
-            self._plans_r.append((spec, locs))
-            self._plans_b.append((spec, locs))
+            for plans in self._plans.values():
+                plans.append((spec, locs))
             self._cv.notify_all()
 
-    def _loop(self, plans: list, run) -> None:
+    def _loop(self, plans: list, run, tree: int) -> None:
         while True:
             with self._cv:
                 while not plans and not self._stop:
@@ -115,7 +117,7 @@ class InterNode:
             if self._aborted:
                 continue
             try:
-                run(spec, locs)
+                run(spec, locs, tree)
             except HFReduceError as exc:
                 self.abort(exc)
             except Exception as exc:  # noqa: BLE001 - never leave the local ranks hanging
@@ -192,56 +194,62 @@ class InterNode:
                 out.append((x - a, eng.location(spec, locs, s, g, x, y)))
         return out
 
-    def _reduce_op(self, spec, locs) -> None:
+    def _reduce_op(self, spec, locs, t: int) -> None:
         from .engine import slices
 
         sync, lay = self.sync, self.sync.lay
         eng = self.engine
+        tree = self.trees[t]
         for g in range(spec.g0, spec.g0 + spec.nchunks):
             sync.wait(lambda g=g: sync.min(lay.REDUCED) > g, lambda g=g: self._local_laggard(spec, g))
             c0, c1 = eng.chunk_range(spec, g)
-            for t, (a, b) in enumerate(slices(c1 - c0, 2)):
-                tree, n = self.trees[t], b - a
-                kids = tree.children[self.node]
-                segs = self._segments(spec, locs, g, a, b)
-                for k in kids:
-                    conn = self.down[(t, k)]
-                    self._recv_header(conn, k, spec, t, g, n)
-                    self._recv_into(conn, k, [self._rbuf[(t, k)][:n]])
-                parent = tree.parent[self.node]
-                if kids:
-                    avg = spec.avg if parent < 0 else 0
-                    for off, view in segs:
-                        K.reduce(view, [self._rbuf[(t, k)][off: off + view.nbytes] for k in kids], spec.kdtype,
-                                 spec.kop, avg)
-                if parent >= 0:
-                    self._send(self.up[t], parent, self._header(spec, t, g, n), [v for _, v in segs])
-                else:
-                    with self._cv:
-                        self._root_done[t] = g + 1
-                        self._cv.notify_all()
+            a, b = slices(c1 - c0, 2)[t]
+            n = b - a
+            kids = tree.children[self.node]
+            segs = self._segments(spec, locs, g, a, b)
+            for k in kids:
+                conn = self.down[(t, k)]
+                self._recv_header(conn, k, spec, t, g, n)
+                self._recv_into(conn, k, [self._rbuf[(t, k)][:n]])
+            parent = tree.parent[self.node]
+            if kids:
+                avg = spec.avg if parent < 0 else 0
+                for off, view in segs:
+                    K.reduce(view, [self._rbuf[(t, k)][off: off + view.nbytes] for k in kids], spec.kdtype,
+                             spec.kop, avg)
+            if parent >= 0:
+                self._send(self.up[t], parent, self._header(spec, t, g, n), [v for _, v in segs])
+            else:
+                with self._cv:
+                    self._root_done[t] = g + 1
+                    self._cv.notify_all()
 
-    def _bcast_op(self, spec, locs) -> None:
+    def _bcast_op(self, spec, locs, t: int) -> None:
         from .engine import slices
 
         sync = self.sync
         eng = self.engine
+        tree = self.trees[t]
         for g in range(spec.g0, spec.g0 + spec.nchunks):
             c0, c1 = eng.chunk_range(spec, g)
-            for t, (a, b) in enumerate(slices(c1 - c0, 2)):
-                tree, n = self.trees[t], b - a
-                segs = [v for _, v in self._segments(spec, locs, g, a, b)]
-                parent = tree.parent[self.node]
-                if parent >= 0:
-                    conn = self.up[t]
-                    self._recv_header(conn, parent, spec, t, g, n)
-                    self._recv_into(conn, parent, segs)
-                else:
-                    self._wait_root(t, g)
-                header = self._header(spec, t, g, n)
-                for k in tree.children[self.node]:
-                    self._send(self.down[(t, k)], k, header, segs)
-            sync.publish_node(Layout.FINAL, g + 1)
+            a, b = slices(c1 - c0, 2)[t]
+            n = b - a
+            segs = [v for _, v in self._segments(spec, locs, g, a, b)]
+            parent = tree.parent[self.node]
+            if parent >= 0:
+                conn = self.up[t]
+                self._recv_header(conn, parent, spec, t, g, n)
+                self._recv_into(conn, parent, segs)
+            else:
+                self._wait_root(t, g)
+            header = self._header(spec, t, g, n)
+            for k in tree.children[self.node]:
+                self._send(self.down[(t, k)], k, header, segs)
+            with self._cv:  # FINAL moves when both trees delivered their half of chunk g
+                self._bcast_done[t] = g + 1
+                final = min(self._bcast_done)
+                if final > sync.node_word(Layout.FINAL):
+                    sync.publish_node(Layout.FINAL, final)
 
     def _wait_root(self, t: int, g: int) -> None:
         end = time.monotonic() + self.net_timeout * 2
