@@ -360,16 +360,16 @@ def allreduce_nvlink_pair(buf: Any, op: Any = None, group: Any = None, timeout: 
     side = pg.local_rank % 2
     lo, hi = (0, half) if side == 0 else (half, n)
     # exchange IPC handles and offsets (a host allgather of 72 bytes per rank)
-    mine_h = np.zeros(72, np.uint8)
-    mine_h[:64] = np.frombuffer(bytes(cp.cuda.runtime.ipcGetMemHandle(base)), np.uint8)[:64]
-    mine_h[64:] = np.array([ptr - base], np.int64).view(np.uint8)
-    allh = np.zeros(72 * pg.world_size, np.uint8)
+    mine_h = np.zeros(9, np.int64)  # the collectives take int64, not bytes
+    mine_h.view(np.uint8)[:64] = np.frombuffer(bytes(cp.cuda.runtime.ipcGetMemHandle(base)), np.uint8)[:64]
+    mine_h[8] = ptr - base
+    allh = np.zeros(9 * pg.world_size, np.int64)
     hfreduce.allgather(allh, mine_h, group=pg)
     pr = pg.local_ranks[pg.local_rank ^ 1]
-    rec = allh[72 * pr: 72 * (pr + 1)]
-    peer_base = cp.cuda.runtime.ipcOpenMemHandle(bytes(rec[:64]))
+    rec = allh[9 * pr: 9 * (pr + 1)]
+    peer_base = cp.cuda.runtime.ipcOpenMemHandle(rec[:8].tobytes())
     try:
-        peer_off = int(rec[64:].view(np.int64)[0])
+        peer_off = int(rec[8])
         mem = cp.cuda.UnownedMemory(peer_base, peer_off + buf.nbytes, None, buf.device.id)
         peer = cp.ndarray(buf.shape, buf.dtype, cp.cuda.MemoryPointer(mem, peer_off))
         cp.cuda.get_current_stream().synchronize()

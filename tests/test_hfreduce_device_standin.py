@@ -267,3 +267,48 @@ def test_cuda_unavailable_reason_with_a_cupy_standin_without_device(devices, why
     assert out.returncode == 0, out.stderr
     avail, reason = out.stdout.strip().splitlines()[-2:]
     assert avail == "False" and why in reason
+
+
+def _nvlink_pair_on_standin_cupy(pg, sizes):
+    sys.path.insert(0, STANDIN_CUPY)
+    import cupy
+
+    import hfreduce.cuda as hc
+
+    bad = []
+    for n in sizes:
+        for op in (ReduceOp.SUM, ReduceOp.AVG):
+            buf = hc.pair_empty(n, np.float32)
+            buf[:] = cupy.asarray(make_input(pg.rank, n, np.float32))
+            hc.allreduce_nvlink_pair(buf, op=op, timeout=30)
+            got = cupy.asnumpy(buf).astype(np.float64)
+            if not np.allclose(got, reference(pg.world_size, n, np.float32, op), rtol=1e-6, atol=1e-6):
+                bad.append((n, op.name))
+    refused = []
+    for call in (lambda: hc.allreduce_nvlink_pair(cupy.asarray(np.zeros(8, np.float32))),
+                 lambda: hc.allreduce_nvlink_pair(hc.pair_empty(8), op=ReduceOp.MAX)):
+        try:
+            call()
+            refused.append("accepted")
+        except hfreduce.InvalidArgument as exc:
+            refused.append(str(exc))
+    rt = cupy.cuda.runtime
+    opened = sum(1 for c in rt.calls if c[0] == "ipcOpenMemHandle")
+    closed = sum(1 for c in rt.calls if c[0] == "ipcCloseMemHandle")
+    d2h_bytes = sum(c[2] for c in rt.calls if c[0] == "memcpyAsync" and c[1] == 2)
+    return bad, refused, opened, closed, d2h_bytes
+
+
+def test_nvlink_pair_variant_on_a_cupy_standin_that_stands_in_for_gpus_joined_by_nvlink():
+    """Pairs (local ranks 0+1, 2+3) reduce over "NVLink" (memory shared between the two processes,
+    as CUDA IPC maps it), the CPU allreduces the halves, the pair allgathers: correct results on
+    2 nodes x 4 ranks, each rank copying only its half to the host."""
+    sizes = [1, 2, 1001, 3 * CHUNK // 4 + 5]
+    run = run_group(_nvlink_pair_on_standin_cupy, sizes, nodes=2, per_node=4, env=ENV, timeout=120)
+    for bad, refused, opened, closed, d2h_bytes in run.values():
+        assert bad == []
+        assert "pair_empty" in refused[0] and "only SUM and AVG" in refused[1]
+        assert opened == closed == 2 * len(sizes)
+        # each rank moved about half of each buffer to the host (its half, once per op)
+        full = sum(n * 4 for n in sizes) * 2
+        assert d2h_bytes <= full // 2 + 2 * len(sizes) * 4
