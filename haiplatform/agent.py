@@ -144,6 +144,7 @@ class Agent:
         self.finished: set[tuple[int, int]] = set()
         self.reports: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self.stopping = threading.Event()
         self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
 
@@ -169,11 +170,16 @@ class Agent:
         return n
 
     def _save_state(self) -> None:
-        with self.lock:
-            pgids = {f"{k[0]}:{k[1]}": p.popen.pid for k, p in self.procs.items() if p.popen and not p.done}
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"epoch": self.epoch, "pid": os.getpid(), "pgids": pgids}))
-        os.replace(tmp, self.state_file)
+        """Record the live process groups (the main loop and the exit waiters both call this)."""
+        with self._state_lock:  # one writer at a time: they share the temporary file
+            with self.lock:
+                pgids = {f"{k[0]}:{k[1]}": p.popen.pid for k, p in self.procs.items() if p.popen and not p.done}
+            tmp = self.state_file.with_suffix(".tmp")
+            try:
+                tmp.write_text(json.dumps({"epoch": self.epoch, "pid": os.getpid(), "pgids": pgids}))
+                os.replace(tmp, self.state_file)
+            except OSError as exc:
+                log.warning("could not record the process groups in %s: %s", self.state_file, exc)
 
     def register(self, stop: threading.Event) -> None:
         delay = 0.1
@@ -216,8 +222,13 @@ class Agent:
                 stop.wait(0.5)
                 continue
             seq = resp["seq"]
-            self.reconcile(resp["ranks"])
-            self._check_stops()
+            try:
+                self.reconcile(resp["ranks"])
+                self._check_stops()
+            except Exception:  # a bug here must not take the node down: log it, keep syncing
+                log.exception("reconciling failed; retrying on the next sync")
+                seq = -1
+                stop.wait(0.2)
         self.shutdown()
 
     def shutdown(self) -> None:
