@@ -118,3 +118,21 @@ def test_examples_train_and_checkpoint(tmp_path, script, extra):
     losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step")]
     assert len(losses) >= 2 and losses[-1] < losses[0]  # it learns
     assert list(tmp_path.glob("*.pt"))
+
+
+def test_torchrun_launch_trains_with_haiscale_ddp(tmp_path):
+    """Processes started by torchrun (its RANK / MASTER_* variables) join hfreduce and train."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun is not installed")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", os.path.join(ROOT, "examples", "train_ddp.py"),
+                           "--no-spawn", "--steps", "25", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    assert (tmp_path / "mlp_ddp.pt").exists()
