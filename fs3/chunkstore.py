@@ -35,6 +35,7 @@ re-reads under the chunk lock before it calls a mismatch corruption.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
@@ -78,6 +79,13 @@ def _header(chain: int, chunk: int, version: int, chain_ver: int, length: int, c
     return h + b"\0" * (HEADER_SIZE - len(h))
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _parse(buf) -> tuple[int, int, int, int, int, int]:
     body = bytes(buf[:_HDR.size])
     (hcrc,) = struct.unpack_from("!I", buf, _HDR.size)
@@ -98,17 +106,25 @@ class ChunkStore:
         self.fsync = fsync
         self.meta: dict[tuple[int, int], ChunkMeta] = {}
         self._mlock = threading.RLock()
-        self._spares: list[Path] = []
+        self._spares: list[str] = []
         self.max_spares = max_spares
         (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+        # hot paths build names as strings: pathlib costs more than the syscalls it wraps
+        self._cdir = str(self.root / "chunks")
+        self._names = itertools.count()
+        self._name_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._scan()
 
     # -- paths --------------------------------------------------------------------------------
-    def _dir(self, chain: int) -> Path:
-        return self.root / "chunks" / str(chain)
+    def _dir(self, chain: int) -> str:
+        return f"{self._cdir}/{chain}"
+
+    def _p(self, chain: int, chunk: int, version: int, pending: bool = False) -> str:
+        return f"{self._cdir}/{chain}/{chunk:016x}.{version}.{'p' if pending else 'c'}"
 
     def path(self, chain: int, chunk: int, version: int, pending: bool = False) -> Path:
-        return self._dir(chain) / f"{chunk:016x}.{version}.{'p' if pending else 'c'}"
+        """The file of one version of a chunk."""
+        return Path(self._p(chain, chunk, version, pending))
 
     def _scan(self) -> None:
         hdr = bytearray(HEADER_SIZE)
@@ -183,16 +199,16 @@ class ChunkStore:
             buf = _tls.buf = bytearray(HEADER_SIZE + self.chunk_size)
         return buf
 
-    def _locate(self, chain: int, chunk: int, pending: bool) -> Path:
+    def _locate(self, chain: int, chunk: int, pending: bool) -> str:
         m = self.meta.get((chain, chunk))
         if m is None or (not pending and not m.committed) or (pending and not m.pending):
             if m is not None and m.corrupt:
                 raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} has a damaged header",
                                    target=self.target)
             raise ChunkNotFound(f"target {self.target}: no chunk {chain}/{chunk:016x}")
-        return self.path(chain, chunk, m.pending if pending else m.committed, pending)
+        return self._p(chain, chunk, m.pending if pending else m.committed, pending)
 
-    def _open(self, chain: int, chunk: int, pending: bool) -> tuple[int, Path]:
+    def _open(self, chain: int, chunk: int, pending: bool) -> tuple[int, str]:
         """Open the current file of the chunk; a name that vanished under us (a commit or a new
         version moved it away between the lookup and the open) is looked up again."""
         for _ in range(4):
@@ -260,18 +276,18 @@ class ChunkStore:
         return data, version, crc
 
     # -- writing --------------------------------------------------------------------------------
-    def _spare_name(self) -> Path:
-        return self.root / "chunks" / f".spare-{uuid.uuid4().hex[:16]}"
+    def _spare_name(self) -> str:
+        return f"{self._cdir}/.spare-{self._name_prefix}-{next(self._names)}"
 
-    def _write_file(self, final: Path, header: bytes, data) -> None:
+    def _write_file(self, final: str, header: bytes, data) -> None:
         """Write header + data into a spare (or a new file) and rename it to ``final``."""
-        d = final.parent
+        d = os.path.dirname(final)
         with self._mlock:
             tmp = self._spares.pop() if self._spares else None
         if tmp is not None:
             fd = os.open(tmp, os.O_WRONLY)
         else:
-            tmp = self.root / "chunks" / f".tmp-{uuid.uuid4().hex[:12]}"
+            tmp = f"{self._cdir}/.tmp-{self._name_prefix}-{next(self._names)}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             want = len(header) + len(data)
@@ -285,13 +301,13 @@ class ChunkStore:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
         os.close(fd)
         try:
             os.rename(tmp, final)
         except FileNotFoundError:  # first chunk of this chain on this target
-            d.mkdir(parents=True, exist_ok=True)
+            os.makedirs(d, exist_ok=True)
             os.rename(tmp, final)
         if self.fsync:
             dfd = os.open(d, os.O_RDONLY)
@@ -309,24 +325,24 @@ class ChunkStore:
                              f"{self.chunk_size}")
         if crc is None:
             crc = crc32c(data)
-        self._write_file(self.path(chain, chunk, version, pending),
+        self._write_file(self._p(chain, chunk, version, pending),
                          _header(chain, chunk, version, chain_ver, len(data), crc), data)
         with self._mlock:
             m = self.meta.setdefault((chain, chunk), ChunkMeta())
             if pending:
                 if m.pending and m.pending != version:
-                    self._discard(self.path(chain, chunk, m.pending, True))
+                    self._discard(self._p(chain, chunk, m.pending, True))
                 m.pending, m.pending_length, m.pending_crc = version, len(data), crc
             else:
                 if m.committed and m.committed != version:
-                    self._discard(self.path(chain, chunk, m.committed))
+                    self._discard(self._p(chain, chunk, m.committed))
                 m.committed, m.length, m.crc, m.chain_ver = version, len(data), crc, chain_ver
                 m.corrupt = False
                 if m.pending and m.pending <= version:
                     if m.pending != version:
-                        self._discard(self.path(chain, chunk, m.pending, True))
+                        self._discard(self._p(chain, chunk, m.pending, True))
                     else:
-                        self.path(chain, chunk, version, True).unlink(missing_ok=True)
+                        _unlink(self._p(chain, chunk, version, True))
                     m.pending = m.pending_length = m.pending_crc = 0
         return crc
 
@@ -341,9 +357,9 @@ class ChunkStore:
             if m.pending != version:
                 raise ChunkNotFound(f"target {self.target}: chunk {chain}/{chunk:016x} has no pending "
                                     f"version {version} (pending {m.pending}, committed {m.committed})")
-            os.rename(self.path(chain, chunk, version, True), self.path(chain, chunk, version))
+            os.rename(self._p(chain, chunk, version, True), self._p(chain, chunk, version))
             if m.committed and m.committed != version:
-                self._discard(self.path(chain, chunk, m.committed))
+                self._discard(self._p(chain, chunk, m.committed))
             m.committed, m.length, m.crc = m.pending, m.pending_length, m.pending_crc
             m.pending = m.pending_length = m.pending_crc = 0
             m.corrupt = False
@@ -353,11 +369,16 @@ class ChunkStore:
         with self._mlock:
             m = self.meta.pop((chain, chunk), None)
         d = self._dir(chain)
-        for f in d.glob(f"{chunk:016x}.*") if d.exists() else ():
-            self._discard(f)
+        prefix = f"{chunk:016x}."
+        try:
+            names = [n for n in os.listdir(d) if n.startswith(prefix)]
+        except FileNotFoundError:
+            names = []
+        for n in names:
+            self._discard(f"{d}/{n}")
         return m is not None
 
-    def _discard(self, path: Path) -> None:
+    def _discard(self, path: str) -> None:
         """Drop a chunk file: it becomes a spare (renamed, so the chunk name is gone at once)."""
         if len(self._spares) < self.max_spares:
             spare = self._spare_name()
@@ -368,4 +389,4 @@ class ChunkStore:
             with self._mlock:
                 self._spares.append(spare)
         else:
-            path.unlink(missing_ok=True)
+            _unlink(path)
