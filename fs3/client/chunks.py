@@ -93,13 +93,14 @@ class ChunkClient:
     """Reads and writes chunks; thread-safe."""
 
     def __init__(self, mgmtd: tuple[str, int], *, max_inflight: int = 8, per_server: int | None = None,
-                 timeout: float = 30.0, source: str | None = None, client_id: str | None = None,
-                 io_timeout: float = 30.0) -> None:
+                 max_batch_bytes: int = 4 << 20, timeout: float = 30.0, source: str | None = None,
+                 client_id: str | None = None, io_timeout: float = 30.0) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         if per_server is not None and per_server < 1:
             raise ValueError("per_server must be >= 1")
         self.per_server = per_server or max_inflight
+        self.max_batch_bytes = max_batch_bytes
         self._server_slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
         self.mgmtd_addr = mgmtd
         self.max_inflight = max_inflight
@@ -124,11 +125,14 @@ class ChunkClient:
     def from_cluster(cls, cluster, node: str | None = None, **kw) -> ChunkClient:
         """A client for the cluster description (a path or a loaded ``Cluster``); with ``node``, it
         speaks from that node's address."""
+        from ..config import Fs3Config
+
         c = load_cluster(cluster) if isinstance(cluster, str | os.PathLike) else cluster
         try:
             mg = c.endpoint("fs3.mgmtd")
         except KeyError as exc:
             raise ClientError(str(exc)) from None
+        kw.setdefault("max_batch_bytes", Fs3Config.from_cluster(c).max_batch_bytes)
         return cls(mg, source=c.node(node).address if node else None, **kw)
 
     def close(self) -> None:
@@ -332,7 +336,7 @@ class ChunkClient:
                 load[node] = load.get(node, 0) + 1
                 groups.setdefault(node, []).append((p, t))
             batches = []
-            per = max(1, self.routing.chunk_size and (self._max_batch() // r.chunk_size))
+            per = max(1, self._max_batch() // r.chunk_size)
             for _node, items in groups.items():
                 # reads into caller buffers go one per request: the reply lands straight in the
                 # caller's buffer (no copy); the others are batched up to max_batch_bytes
@@ -376,7 +380,7 @@ class ChunkClient:
         return results
 
     def _max_batch(self) -> int:
-        return 4 << 20
+        return self.max_batch_bytes
 
     def _read_batch(self, r: Routing, batch: list[tuple[_Pending, int]], relaxed: bool) -> list:
         t0 = batch[0][1]
