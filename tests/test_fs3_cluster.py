@@ -333,8 +333,23 @@ def _mgmtd_restart_keeps_state(lc, client):
     lc.kill("fs3.storage", "n1")
     n1 = set(_targets_of(lc, "n1"))
     _wait(lambda: n1 <= set(_mgmtd_status(lc)["offline_targets"]), 20, "n1 offline")
+    def others_current():
+        version = _mgmtd_status(lc)["version"]
+        for node in ("n2", "n3"):
+            with RpcClient(*lc.cluster.endpoint("fs3.storage", node), timeout=5) as c:
+                if c.call("storage.stats").result["routing_version"] != version:
+                    return False
+        return True
+
+    # everybody has learnt the reconfigured chains (mgmtd is what would tell them otherwise)
+    _wait(others_current, 20, "n2 and n3 on the current routing table")
     before = _mgmtd_status(lc)
+    client.refresh_routing()
+    assert client.routing.version == before["version"]
     lc.kill("fs3.mgmtd", "n0")  # SIGKILL: no chance to flush anything on the way out
+    # without mgmtd the data path goes on with the routing tables everybody holds
+    assert bytes(client.read(chains[1], 42)) == payload
+    client.write(chains[2], 43, b"written while mgmtd was down")
     lc.start("fs3.mgmtd", "n0")
     after = _mgmtd_status(lc)
     assert after["chains"] == before["chains"]
@@ -345,6 +360,7 @@ def _mgmtd_restart_keeps_state(lc, client):
     lc.start("fs3.storage", "n1")
     _wait(lambda: _all_serving(lc), 60, "n1 back in service")
     assert _replica_read(lc, "n1", chains[1], 42) == payload
+    assert _replica_read(lc, "n1", chains[2], 43) == b"written while mgmtd was down"
 
 
 def _direct(lc, node: str, method: str, args: dict, payload=()):
