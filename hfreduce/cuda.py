@@ -35,6 +35,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = ["available", "unavailable_reason", "require", "info", "device_buf", "
 log = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {}
+CLOSE_TIMEOUT = 30.0  # seconds destroy waits for copies in flight before giving up on them
 _lock = threading.Lock()
 
 
@@ -264,17 +266,29 @@ class CudaBackend(DeviceBackend):
         if self.closed:
             return
         self.closed = True
-        for w in self._waiters:
-            w.q.put(None)
-        for w in self._waiters:
-            w.join(30.0)
         cp = self.cp
         with cp.cuda.Device(self.index):
-            for s in (self.d2h_stream, self.h2d_stream):
-                try:
-                    s.synchronize()
-                except Exception:  # noqa: BLE001 - a failed device; unregister anyway
-                    log.exception("cuda:%d: stream synchronize failed at close", self.index)
+            # bounded drain: a stuck copy must not hang destroy (cudaStreamSynchronize would)
+            deadline = time.monotonic() + CLOSE_TIMEOUT
+            try:
+                evs = []
+                for s in (self.d2h_stream, self.h2d_stream):
+                    ev = cp.cuda.Event(block=False, disable_timing=True)
+                    ev.record(s)
+                    evs.append(ev)
+                while not all(ev.done for ev in evs):
+                    if time.monotonic() > deadline:
+                        log.error("cuda:%d: copies still in flight %.0f s after close; the arena stays pinned "
+                                  "(a stuck device?)", self.index, CLOSE_TIMEOUT)
+                        return
+                    time.sleep(0.001)
+            except Exception:  # noqa: BLE001 - a failed device; unregister anyway
+                log.exception("cuda:%d: draining the copy streams failed at close", self.index)
+            finally:
+                for w in self._waiters:
+                    w.q.put(None)
+                for w in self._waiters:
+                    w.join(5.0)
             for ptr in self._reg:
                 try:
                     self._rt.hostUnregister(ptr)

@@ -312,3 +312,25 @@ def test_nvlink_pair_variant_on_a_cupy_standin_that_stands_in_for_gpus_joined_by
         # each rank moved about half of each buffer to the host (its half, once per op)
         full = sum(n * 4 for n in sizes) * 2
         assert d2h_bytes <= full // 2 + 2 * len(sizes) * 4
+
+
+def _stuck(pg, stuck_rank):
+    dev = StandInDevice(latency=3600.0 if pg.rank == stuck_rank else 0.0)
+    x = dev.array(make_input(pg.rank, 2 * CHUNK // 4, np.float32))
+    try:
+        hfreduce.allreduce(x)
+    except hfreduce.HFReduceError as exc:
+        return type(exc).__name__, str(exc), exc.rank
+    return "no error", "", None
+
+
+def test_standin_stands_in_for_a_gpu_stuck_copy_times_out_on_every_rank_and_destroy_does_not_hang():
+    """A D2H that never completes (a stuck device) becomes HFReduceTimeout on every rank within the
+    group's timeout, naming the stuck rank; destroy cancels the stand-in's copies (no hang, no
+    write into the unmapped arena), so every process exits (run_group would fail otherwise)."""
+    before = {f for f in os.listdir(SHM_DIR) if f.startswith(PREFIX)}
+    run = run_group(_stuck, 2, nodes=1, per_node=3, env=ENV, group_timeout=5.0, timeout=90)
+    for kind, msg, culprit in run.values():
+        assert kind == "HFReduceTimeout", msg
+        assert culprit == 2 and "never arrived" in msg
+    assert {f for f in os.listdir(SHM_DIR) if f.startswith(PREFIX)} <= before

@@ -129,8 +129,9 @@ class _CopyEngine(threading.Thread):
                 started = time.monotonic()
                 nbytes = sum(p[2].nbytes for p in pieces)
                 delay = dev.latency + (nbytes / dev.bandwidth if dev.bandwidth else 0.0)
-                if delay:
-                    time.sleep(delay)
+                if delay and self.backend.closing.wait(delay) or self.backend.closed:
+                    # the group is going away: never touch the arena once close() returned
+                    raise DeviceError(f"stand-in {self.what} copy of chunk {g} cancelled: the backend was closed")
                 k = dev.copies[self.what]
                 dev.copies[self.what] = k + 1
                 if dev.fail is not None and dev.fail == (self.what, k):
@@ -158,6 +159,7 @@ class StandInBackend(DeviceBackend):
         self.trace = True
         self._reduced = -1
         self._issued = -1
+        self.closing = threading.Event()
         self._cv = threading.Condition()
         self._engines = {w: _CopyEngine(self, w) for w in ("d2h", "h2d")}
         for e in self._engines.values():
@@ -204,6 +206,7 @@ class StandInBackend(DeviceBackend):
         with self._cv:
             self.closed = True
             self._cv.notify_all()
+        self.closing.set()
         for e in self._engines.values():
             e.q.put(None)
         for e in self._engines.values():
