@@ -30,7 +30,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from network import RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
@@ -52,6 +51,7 @@ from .errors import (
     StorageError,
     from_remote,
 )
+from .forward import Forwarder
 from .routing import SERVING, SYNCING, Routing
 
 __all__ = ["StorageServer", "main"]
@@ -125,7 +125,7 @@ class StorageServer:
         self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0}
         self._repairing: set[tuple[int, int, int]] = set()
         self._resyncing: set[tuple[int, int, int]] = set()
-        self._disk = ThreadPoolExecutor(max_workers=16, thread_name_prefix="disk")
+        self._forwarders: dict[tuple[str, int], Forwarder] = {}
         self._stop = threading.Event()
         self.server = RpcServer(address, port, name=f"fs3.storage@{node}", traffic_class=TrafficClass.STORAGE)
         s = self.server
@@ -170,7 +170,8 @@ class StorageServer:
         for p in list(self._pools.values()):
             p.close()
         self.mgmtd.close()
-        self._disk.shutdown(wait=True)
+        for f in list(self._forwarders.values()):
+            f.close()
 
     def _payload_buffer(self, args: dict, nbytes: int):
         # [Note: receive into a reused buffer] The payload lands in a per-thread buffer: the
@@ -261,6 +262,17 @@ class StorageServer:
                              current=c["version"])
         return r, tid, state
 
+    def _forwarder(self, node: str, r: Routing) -> Forwarder:
+        n = r.nodes[node]
+        key = (n["address"], n["port"])
+        f = self._forwarders.get(key)
+        if f is None:
+            with self._pools_lock:
+                f = self._forwarders.get(key)
+                if f is None:
+                    f = self._forwarders[key] = Forwarder(*key, source=self.address, timeout=self.io_timeout)
+        return f
+
     def _pool(self, node: str, r: Routing) -> RpcPool:
         n = r.nodes[node]
         key = (n["address"], n["port"])
@@ -344,20 +356,18 @@ class StorageServer:
             if tail:
                 crc = store.put(chain, chunk, ver, cver, content, pending=False)
                 return {"version": ver, "crc": crc}
-            # [Note: overlap] The pending version goes to disk on a helper thread while this one
-            # forwards the same (read-only) bytes: a hop costs max(disk, rest of the chain), not
-            # the sum. The commit below waits for both.
+            # [Note: overlap] The request goes to the successor first; the pending version is
+            # stored while the successor works on it (fs3.forward's note), so a hop costs
+            # max(local write, rest of the chain), not the sum. The commit below follows both.
             crc = crc32c(content)
-            put = self._disk.submit(store.put, chain, chunk, ver, cver, content, pending=True, crc=crc)
             succ = ws[pos + 1][0]
             fargs = {"chain": chain, "cver": cver, "chunk": chunk, "off": 0, "full": True, "op": "write",
                      "client": args.get("client", ""), "channel": args.get("channel", 0),
                      "seq": args.get("seq", 0), "ver": ver, "crc": crc, "fwd": True}
             try:
-                try:
-                    rep = self._pool(r.node_of(succ), r).call("storage.write", fargs, [content]).result
-                finally:
-                    put.result(timeout=self.io_timeout)  # the local write, done or failed
+                rep, _ = self._forwarder(r.node_of(succ), r).call(
+                    "storage.write", fargs, [content],
+                    during=lambda v=ver, c=crc: store.put(chain, chunk, v, cver, content, pending=True, crc=c))
             except RemoteError as exc:
                 err = from_remote(exc)
                 if isinstance(err, ChunkVersionConflict) and pos == 0 and attempt < 2:
