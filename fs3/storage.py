@@ -14,8 +14,8 @@ RPC methods (traffic class STORAGE):
 - ``storage.list {chain}``, ``storage.stats``: admin.
 
 [Note: the write path] The head takes the per-chunk lock, assigns version u = max(committed,
-pending) + 1, builds the new content (read-modify-write for a partial write), stores it as
-*pending* and forwards the whole chunk to its successor with u. Every hop checks the chain
+pending) + 1, builds the new content (read-modify-write for a partial write), forwards the whole
+chunk to its successor with u and stores it as *pending* while the successor works. Every hop checks the chain
 version, locks, stores pending and forwards; the tail stores u directly as *committed* and
 acknowledges with its CRC32C; each predecessor compares the CRC with its own, commits (a
 rename) and acknowledges in turn. The client's ack therefore means every replica of the
