@@ -1,7 +1,7 @@
 """Scheduler throughput: HAI-Platform (ours) against Slurm on the same cluster shape.
 
 4 nodes, every job asks for one whole node and runs ``true``. Both systems get the same N jobs
-(200; 40 with --quick), submitted one after another by one client:
+(200; 40 with --quick), submitted one after another by one client, after both ran 4 warm-up jobs:
 
 - ours: the local cluster (API + scheduler on n0, an agent on each of n0..n3, SQLite), jobs
   submitted through the API (``POST /v1/jobs``, one keep-alive HTTP connection);
@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 LOCAL = ROOT / "deploy" / "clusters" / "local.toml"
+WARMUP = 4  # jobs run (and finished) on each system before the timed ones
 
 
 def run_ours(n_jobs: int, work: Path) -> dict:
@@ -59,6 +60,8 @@ def run_ours(n_jobs: int, work: Path) -> dict:
                 if time.monotonic() > deadline:
                     raise RuntimeError("agents did not register within 30 s")
                 time.sleep(0.05)
+            for i in range(WARMUP):  # both systems run a few jobs first: steady state, not cold start
+                c.wait(c.submit({"name": f"warm{i}", "command": ["true"], "nodes": 1})["id"], timeout=60)
             t0 = time.perf_counter()
             ids = [c.submit({"name": f"b{i}", "command": ["true"], "nodes": 1})["id"] for i in range(n_jobs)]
             t_sub = time.perf_counter() - t0
@@ -71,12 +74,12 @@ def run_ours(n_jobs: int, work: Path) -> dict:
                     raise RuntimeError(f"{live} jobs still unfinished after 600 s")
                 time.sleep(0.05)
             t_all = time.perf_counter() - t0
-            jobs = c.jobs(limit=10000)
+            jobs = [j for j in c.jobs(limit=10000) if j["id"] in set(ids)]
             ok = sum(j["status"] == "succeeded" for j in jobs)
             for j in jobs:
                 if j["status"] != "succeeded":
                     print(f"job {j['id']} {j['status']}: {j['reason']} {c.job(j['id'])['ranks']}", file=sys.stderr)
-            nodes_used = {n for j in c.jobs(limit=10000) for n in j["assigned_nodes"]}
+            nodes_used = {n for j in jobs for n in j["assigned_nodes"]}
     finally:
         lc.down()
     return {"submit_s": t_sub, "submit_rate": n_jobs / t_sub, "finish_s": t_all, "succeeded": ok,
@@ -237,22 +240,29 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _wait_slurm_empty(sl: Slurm, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = sl._sh("squeue", "-h", "-o", "%i", check=False)
+        if r.returncode == 0 and not r.stdout.strip():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"slurm jobs unfinished after {timeout} s")
+        time.sleep(0.05)
+
+
 def run_slurm(n_jobs: int, work: Path) -> dict:
     sl = Slurm(work)
     try:
         sl.start()
+        for _ in range(WARMUP):
+            sl._sh("sbatch", "--parsable", "-o", "/dev/null", "-N1", "--exclusive", "--wrap", "true")
+        _wait_slurm_empty(sl, 120)
         t0 = time.perf_counter()
         for _ in range(n_jobs):
             sl._sh("sbatch", "--parsable", "-o", "/dev/null", "-N1", "--exclusive", "--wrap", "true")
         t_sub = time.perf_counter() - t0
-        deadline = time.monotonic() + 600
-        while True:
-            r = sl._sh("squeue", "-h", "-o", "%i", check=False)
-            if r.returncode == 0 and not r.stdout.strip():
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("slurm jobs unfinished after 600 s")
-            time.sleep(0.05)
+        _wait_slurm_empty(sl, 600)
         t_all = time.perf_counter() - t0
     finally:
         sl.stop()

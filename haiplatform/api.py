@@ -126,6 +126,10 @@ _INSERT_JOB = _JOBS.insert().returning(_JOBS.c.id)
 _SET_CHAIN = _JOBS.update().where(_JOBS.c.id == bindparam("b_id")).values(
     chain_id=bindparam("b_id"), first_id=bindparam("b_id"))
 _INSERT_EVENT = Event.__table__.insert()
+_WORK = select(Rank.rank, Rank.local_rank, Rank.status, Rank.desired, Job.id.label("job_id"), Job.command, Job.env,
+               Job.workdir, Job.name, Job.user, Job.chain_id, Job.restart_count, Job.whole_life_state,
+               Job.assigned_nodes, Job.master_port, Job.procs_per_node).join(Job, Job.id == Rank.job_id).where(
+    Rank.node == bindparam("node"), Rank.status.in_((RankStatus.CREATED, RankStatus.RUNNING)))
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -658,13 +662,16 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
         sched_events.bump()
         return {"ok": True, "seq": agent_events[spec.node].seq}
 
-    def _beat(node: str, epoch: str) -> None:
+    def _beat_due(node: str, epoch: str) -> bool:
+        """Whether this sync must write a heartbeat (at most one per heartbeat_interval / 2)."""
         if epochs.get(node) not in (None, epoch):
             raise Conflict(f"agent epoch {epoch} of {node} is stale; register again")
-        now = time.monotonic()
-        if now - last_beat.get(node, 0.0) < cfg.heartbeat_interval / 2:
+        return time.monotonic() - last_beat.get(node, 0.0) >= cfg.heartbeat_interval / 2
+
+    def _beat(node: str, epoch: str) -> None:
+        if not _beat_due(node, epoch):
             return
-        last_beat[node] = now
+        last_beat[node] = time.monotonic()
         with db.write() as s:
             n = s.get(NodeRow, node)
             if n is None:
@@ -677,16 +684,17 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
         if back:
             sched_events.bump()
 
-    def _work(node: str) -> list[dict]:
-        with db.read() as s:
-            rows = s.execute(select(Rank, Job).join(Job, Job.id == Rank.job_id).where(
-                Rank.node == node, Rank.status.in_((RankStatus.CREATED, RankStatus.RUNNING)))).all()
+    def _work(node: str, epoch: str) -> list[dict]:
+        _beat(node, epoch)
+        with db.ro_engine.begin() as s:  # Core rows: the agents' hot path
+            rows = s.execute(_WORK, {"node": node}).all()
             out = []
-            for r, j in rows:
+            for r in rows:
+                j = r
                 nnodes = len(j.assigned_nodes)
                 if nnodes > 1 and not j.master_port and j.assigned_nodes[0] != node:
                     continue  # wait for the master node's agent to pick the port
-                out.append({"job_id": j.id, "rank": r.rank, "local_rank": r.local_rank, "status": r.status,
+                out.append({"job_id": j.job_id, "rank": r.rank, "local_rank": r.local_rank, "status": r.status,
                             "desired": r.desired, "command": j.command, "env": j.env, "workdir": j.workdir,
                             "name": j.name, "user": j.user, "chain_id": j.chain_id,
                             "restart_count": j.restart_count, "whole_life_state": j.whole_life_state,
@@ -697,12 +705,12 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
     @app.get("/v1/agent/sync")
     async def sync(p: Service_, node: str, epoch: str, seq: int = -1,
                    timeout: Annotated[float, Query(ge=0, le=60)] = 2.0) -> dict:
-        await run_in_threadpool(_beat, node, epoch)
         if node not in agent_events:
             raise NotFound(f"node {node!r} is not in the cluster description {cluster.source}")
+        if _beat_due(node, epoch):  # a thread hop only when a heartbeat must be written
+            await run_in_threadpool(_beat, node, epoch)
         cur = await agent_events[node].wait(seq, timeout)
-        await run_in_threadpool(_beat, node, epoch)
-        work = await run_in_threadpool(_work, node)
+        work = await run_in_threadpool(_work, node, epoch)
         return {"seq": cur, "ranks": work}
 
     @app.post("/v1/agent/report")
@@ -748,7 +756,7 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
         return {"seq": seq, "cap": sched_events.cap}
 
     @app.post("/v1/internal/notify")
-    def internal_notify(p: Service_, body: NotifySpec | None = None) -> dict:
+    async def internal_notify(p: Service_, body: NotifySpec | None = None) -> dict:
         nodes = body.nodes if body and body.nodes is not None else list(agent_events)
         for n in nodes:
             if n in agent_events:
