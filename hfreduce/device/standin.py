@@ -76,6 +76,17 @@ class StandInDevice:
     def make_backend(self, arena: Any, chunk: int, wake: Any) -> StandInBackend:
         return StandInBackend(self, arena, chunk, wake)
 
+    def duration(self, nbytes: int) -> float:
+        """How long a copy of ``nbytes`` takes on this device's copy engine."""
+        return self.latency + (nbytes / self.bandwidth if self.bandwidth else 0.0)
+
+    def _sync_copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        end = time.monotonic() + self.duration(src.nbytes)
+        dst[:] = src  # the bytes move during the copy's duration, as a DMA engine moves them
+        left = end - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+
     def events(self, what: str) -> dict[int, tuple[float, float, float]]:
         """The recorded (issued, started, ended) of each chunk ``g`` for ``what`` (d2h/h2d/reduce)."""
         return {g: (a, b, c) for w, g, a, b, c in self.trace if w == what}
@@ -99,6 +110,14 @@ class StandInArray:
         """A host copy of the contents."""
         return self._data.copy()
 
+    def copy_to_host(self, dst: np.ndarray) -> None:
+        """A synchronous whole-buffer D2H (cudaMemcpy), taking the device's latency and bandwidth."""
+        self.device._sync_copy(dst.reshape(-1).view(np.uint8), self._data.reshape(-1).view(np.uint8))
+
+    def copy_from_host(self, src: np.ndarray) -> None:
+        """A synchronous whole-buffer H2D (cudaMemcpy), taking the device's latency and bandwidth."""
+        self.device._sync_copy(self._data.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8))
+
     def __hfreduce_device_buf__(self, what: str) -> DeviceBuf:
         code = DT_BF16 if self.bfloat16 else np_dtype_code(self._data.dtype)
         if code is None:
@@ -118,6 +137,7 @@ class _CopyEngine(threading.Thread):
 
     def run(self) -> None:
         dev = self.backend.dev
+        busy_until = 0.0  # when the copy engine finishes the copy before this one
         while True:
             job = self.q.get()
             if job is None:
@@ -127,9 +147,11 @@ class _CopyEngine(threading.Thread):
                 if self.what == "d2h" and dev.hold:
                     self.backend.hold(g, first, last, dev.hold_timeout)
                 started = time.monotonic()
-                nbytes = sum(p[2].nbytes for p in pieces)
-                delay = dev.latency + (nbytes / dev.bandwidth if dev.bandwidth else 0.0)
-                if delay and self.backend.closing.wait(delay) or self.backend.closed:
+                # [Note: copy-engine clock] the engine moves bytes at a fixed rate: a copy queued
+                # behind another ends `duration` after that one's end (sleep overshoot does not
+                # accumulate), and its bytes move within that time (the memcpy is not added to it)
+                busy_until = max(started, busy_until) + dev.duration(sum(p[2].nbytes for p in pieces))
+                if self.backend.closed:
                     # the group is going away: never touch the arena once close() returned
                     raise DeviceError(f"stand-in {self.what} copy of chunk {g} cancelled: the backend was closed")
                 k = dev.copies[self.what]
@@ -141,6 +163,9 @@ class _CopyEngine(threading.Thread):
                         host[:] = dev_raw[off: off + host.nbytes]
                     else:
                         dev_raw[off: off + host.nbytes] = host
+                left = busy_until - time.monotonic()
+                if left > 0 and self.backend.closing.wait(left):
+                    raise DeviceError(f"stand-in {self.what} copy of chunk {g} cancelled: the backend was closed")
                 dev.trace.append((self.what, g, issued, started, time.monotonic()))
                 handle.finish()
             except BaseException as exc:  # noqa: BLE001 - reported through the event query
