@@ -334,3 +334,28 @@ def test_standin_stands_in_for_a_gpu_stuck_copy_times_out_on_every_rank_and_dest
         assert kind == "HFReduceTimeout", msg
         assert culprit == 2 and "never arrived" in msg
     assert {f for f in os.listdir(SHM_DIR) if f.startswith(PREFIX)} <= before
+
+
+# -- on a real GPU (skipped here: no GPU on the development machines) ------------------------------
+def _real_gpu(pg):
+    import cupy
+
+    cupy.cuda.Device(0).use()
+    bad = []
+    for n in (1, 1001, 3 * CHUNK // 4 + 5):
+        x = cupy.asarray(make_input(pg.rank, n, np.float32))
+        hfreduce.allreduce(x)
+        if not np.array_equal(cupy.asnumpy(x).astype(np.float64), reference(pg.world_size, n, np.float32)):
+            bad.append(n)
+    return bad, pg.info()["device_backends"]
+
+
+@pytest.mark.gpu
+def test_cuda_allreduce_on_a_real_gpu_two_ranks_sharing_it():
+    import hfreduce.cuda as c
+
+    if not c.available():
+        pytest.skip(f"no CUDA device: {c.unavailable_reason()}")
+    for bad, backends in run_group(_real_gpu, nodes=1, per_node=2, env=ENV, timeout=120).values():
+        assert bad == []
+        assert backends == [{"backend": "cuda", "device": 0}]
