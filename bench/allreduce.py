@@ -11,7 +11,9 @@ Rows, all in one run on this machine (the ratios compare figures of the same run
 * 2 emulated nodes x 2 ranks (nodes on their own loopback addresses, the tree over TCP):
   hfreduce (own buffers) vs gloo with 4 ranks.
 
-Each figure is the median of the timed repetitions (a barrier before each, two warm-ups);
+The rows are measured in turns, ROUNDS times over (these machines are shared and their load
+drifts: interleaving keeps a ratio's two sides under the same load), and each figure is the median
+of all its timed repetitions (a barrier before each, two warm-ups per round);
 algbw = bytes / time, busbw = algbw x 2(n-1)/n. Targets (issue #3, at 16 MiB and above, 2 ranks):
 own buffers >= 2x gloo and >= 1.2x OpenMPI; arena buffers >= 3.5x gloo and >= 2x OpenMPI;
 2 nodes x 2 ranks: >= 2x gloo. The last line is one JSON object (see DESIGN.md).
@@ -33,8 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-REPS = {1: 40, 16: 12, 64: 6, 256: 4}
-QUICK_REPS = {1: 10, 16: 4, 64: 3, 256: 2}
+# repetitions per round; the full run has ROUNDS rounds (quick: 1)
+REPS = {1: 15, 16: 6, 64: 3, 256: 2}
+QUICK_REPS = {1: 5, 16: 3, 64: 2, 256: 2}
+ROUNDS = 3
 
 
 def reps_for(mib: int, quick: bool) -> int:
@@ -215,20 +219,29 @@ def main() -> int:
     rows: dict[str, dict] = {}
     skipped: dict[str, str] = {}
 
+    samples: dict[str, tuple[int, str, list, bool]] = {}
+
     def add(row: str, world: int, data, key: str):
         if isinstance(data, str):
             skipped[row] = data
             return
-        rows[row] = {mib: summarize(data[f"{key}:{mib}"], mib << 20, world) for mib in sizes}
+        for mib in sizes:
+            times, ok = data[f"{key}:{mib}"]
+            w, _, acc, ok0 = samples.get(f"{row}@{mib}", (world, row, [], True))
+            samples[f"{row}@{mib}"] = (w, row, acc + list(times), ok0 and ok)
 
-    hf2 = run_hfreduce(1, 2, sizes, args.quick, ["own", "arena"])
-    add("hfreduce own 2r", 2, hf2, "own")
-    add("hfreduce arena 2r", 2, hf2, "arena")
-    add("gloo 2r", 2, run_gloo(2, sizes, args.quick), "gloo")
-    add("openmpi in-place 2r", 2, run_mpi(sizes, args.quick), "mpi")
-    hf4 = run_hfreduce(2, 2, sizes, args.quick, ["own"])
-    add("hfreduce own 2n x 2r", 4, hf4, "own")
-    add("gloo 4r (2n x 2r)", 4, run_gloo(4, sizes, args.quick), "gloo")
+    for _ in range(1 if args.quick else ROUNDS):
+        hf2 = run_hfreduce(1, 2, sizes, args.quick, ["own", "arena"])
+        add("hfreduce own 2r", 2, hf2, "own")
+        add("hfreduce arena 2r", 2, hf2, "arena")
+        add("gloo 2r", 2, run_gloo(2, sizes, args.quick), "gloo")
+        add("openmpi in-place 2r", 2, run_mpi(sizes, args.quick), "mpi")
+        hf4 = run_hfreduce(2, 2, sizes, args.quick, ["own"])
+        add("hfreduce own 2n x 2r", 4, hf4, "own")
+        add("gloo 4r (2n x 2r)", 4, run_gloo(4, sizes, args.quick), "gloo")
+    for key, (world, row, times, ok) in samples.items():
+        mib = int(key.rsplit("@", 1)[1])
+        rows.setdefault(row, {})[mib] = summarize((times, ok), mib << 20, world)
 
     def ratio(a: str, b: str, mib: int) -> float | None:
         if a in rows and b in rows:

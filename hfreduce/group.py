@@ -670,7 +670,8 @@ class ProcessGroup:
 
     # -- state ---------------------------------------------------------------------------------
     def info(self) -> dict:
-        out = {"kernel": K.KERNEL, "simd": K.SIMD, "backend": "host",
+        py_loop = K.KERNEL != "c-simd" or os.environ.get("HFREDUCE_PIPELINE", "").lower() == "python"
+        out = {"kernel": K.KERNEL, "simd": K.SIMD, "pipeline": "python" if py_loop else "c", "backend": "host",
                "device_backends": [b.describe() for b in self._devices.values()], "rank": self.rank,
                "world_size": self.world_size, "local_rank": self.local_rank,
                "local_world_size": self.local_world_size, "node": self.node, "nodes": list(self.node_names),

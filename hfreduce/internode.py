@@ -1,20 +1,23 @@
-"""Between nodes: the leader's reduce thread, broadcast thread and watcher over the double tree.
+"""Between nodes: the leader's reduce and broadcast threads (one of each per tree) and watcher.
 
-Each chunk is split in two halves, one per tree. For every chunk, in order:
+Each chunk is split in two halves, one per tree. For every chunk, in order, and for each tree
+on its own threads:
 
 * the **reduce thread** waits until the local ranks have reduced the chunk (every slice in its
-  owner's location), then, per tree, receives each child's partial half straight into a receive
-  buffer, adds the children into the node's partial in place (one pass, the SIMD kernel; the
-  root also applies AVG's division), and sends the result to its parent from where it lies (a
-  gathering ``sendmsg`` over the slices: no copy);
-* the **broadcast thread**, per tree, receives the final half from the parent straight into the
-  slices' locations (the root takes its own result), forwards it to its children, and publishes
-  the node's FINAL counter, which releases the local ranks' copy-out.
+  owner's location), receives each child's partial half straight into a receive buffer, adds the
+  children into the node's partial in place (one pass, the SIMD kernel; the root also applies
+  AVG's division), and sends the result to its parent from where it lies (a gathering
+  ``sendmsg`` over the slices: no copy). At the root the result is final: the reduce thread
+  itself sends it to the children (no hand-off to another thread);
+* the **broadcast thread** (not at the root) receives the final half from the parent straight
+  into the slices' locations and forwards it to its children.
 
-So chunk i travels the network while chunk i+1 is being added: the local ranks, the reduce
-thread and the broadcast thread each work on a different chunk, up to ``slots`` chunks apart.
-Every (tree, edge) has its own TCP connection (traffic class HFREDUCE): on each, one thread
-sends and one receives.
+When both trees hold the final chunk, the node's FINAL counter moves, which releases the local
+ranks' copy-out. So chunk i travels the network while chunk i+1 is being added: the local ranks
+and the four threads each work on a different chunk, up to ``slots`` chunks apart, and with two
+nodes tree 0 goes up one direction of the link while tree 1 goes up the other. Every
+(tree, edge) has its own TCP connection (traffic class HFREDUCE): on each, one thread sends and
+one receives.
 
 [Note: failures between nodes]
 Each leader also keeps one out-of-band connection per tree neighbour and a **watcher** thread
@@ -78,7 +81,6 @@ class InterNode:
         self.engine = None  # set by the group: chunk locations
         self._plans: dict[str, list] = {f"{p}{t}": [] for p in "rb" for t in (0, 1)}
         self._cv = threading.Condition()
-        self._root_done = [0, 0]
         self._bcast_done = [0, 0]
         self._stop = False
         self._aborted = False
@@ -220,48 +222,40 @@ class InterNode:
             if parent >= 0:
                 self._send(self.up[t], parent, self._header(spec, t, g, n), [v for _, v in segs])
             else:
-                with self._cv:
-                    self._root_done[t] = g + 1
-                    self._cv.notify_all()
+                # the root's result is final: broadcast it from here (no hand-off to another thread)
+                header = self._header(spec, t, g, n)
+                for k in kids:
+                    self._send(self.down[(t, k)], k, header, [v for _, v in segs])
+                self._delivered(t, g)
 
     def _bcast_op(self, spec, locs, t: int) -> None:
         from .engine import slices
 
-        sync = self.sync
         eng = self.engine
         tree = self.trees[t]
+        parent = tree.parent[self.node]
+        if parent < 0:
+            return  # the root's reduce thread broadcasts
+        conn = self.up[t]
         for g in range(spec.g0, spec.g0 + spec.nchunks):
             c0, c1 = eng.chunk_range(spec, g)
             a, b = slices(c1 - c0, 2)[t]
             n = b - a
             segs = [v for _, v in self._segments(spec, locs, g, a, b)]
-            parent = tree.parent[self.node]
-            if parent >= 0:
-                conn = self.up[t]
-                self._recv_header(conn, parent, spec, t, g, n)
-                self._recv_into(conn, parent, segs)
-            else:
-                self._wait_root(t, g)
+            self._recv_header(conn, parent, spec, t, g, n)
+            self._recv_into(conn, parent, segs)
             header = self._header(spec, t, g, n)
             for k in tree.children[self.node]:
                 self._send(self.down[(t, k)], k, header, segs)
-            with self._cv:  # FINAL moves when both trees delivered their half of chunk g
-                self._bcast_done[t] = g + 1
-                final = min(self._bcast_done)
-                if final > sync.node_word(Layout.FINAL):
-                    sync.publish_node(Layout.FINAL, final)
+            self._delivered(t, g)
 
-    def _wait_root(self, t: int, g: int) -> None:
-        end = time.monotonic() + self.net_timeout * 2
+    def _delivered(self, t: int, g: int) -> None:
+        """Tree t holds the final half of chunk g here; FINAL moves once both trees do."""
         with self._cv:
-            while self._root_done[t] <= g:
-                if self._aborted or self.sync.aborted():
-                    self.sync.check()
-                    raise HFReduceError("aborted")
-                if time.monotonic() > end:
-                    raise HFReduceTimeout(f"the reduce pass of node {self.node_names[self.node]} did not finish "
-                                          f"chunk {g}", detected_by=self.sync.rank)
-                self._cv.wait(POLL)
+            self._bcast_done[t] = g + 1
+            final = min(self._bcast_done)
+            if final > self.sync.node_word(Layout.FINAL):
+                self.sync.publish_node(Layout.FINAL, final)
 
     def _local_laggard(self, spec, g: int) -> tuple[int | None, str]:
         sync, lay = self.sync, self.sync.lay
