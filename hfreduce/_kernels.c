@@ -18,11 +18,10 @@
  * loader picks the best one for the CPU at run time (simd() says which).
  *
  * Synchronisation (int64 words of a shared mapping, all atomics seq_cst)
- *   load(buf, i), store(buf, i, v), add(buf, i, d) -> new, min_of(buf, start, stride, count)
- *   futex_wait(buf, byte_off, expected, timeout_s) -> True when woken / value changed
- *   futex_wake(buf, byte_off)
- *   wait_min_ge(buf, start, stride, count, target, epoch_off, waiters_word, timeout_s) -> min
- *       spins briefly, then sleeps on the epoch futex until min(words) >= target or timeout.
+ *   load(buf, i), store(buf, i, v), min_of(buf, start, stride, count), load32(buf, byte_off)
+ *   publish(buf, word, value, epoch_off, waiters_word): store, bump the epoch futex, wake sleepers
+ *   epoch_wait(buf, epoch_off, waiters_word, expected, timeout) -> True when the epoch moved
+ *   pipeline(...): the engine's per-rank chunk loop for one collective, without the GIL
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -404,17 +403,6 @@ static PyObject *py_store(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_add(PyObject *self, PyObject *args) {
-    PyObject *o;
-    Py_ssize_t i;
-    long long d;
-    Py_buffer v;
-    if (!PyArg_ParseTuple(args, "OnL", &o, &i, &d) || get_words(o, &v, i, 1) < 0) return NULL;
-    int64_t x = __atomic_add_fetch((int64_t *)v.buf + i, (int64_t)d, __ATOMIC_SEQ_CST);
-    PyBuffer_Release(&v);
-    return PyLong_FromLongLong(x);
-}
-
 static inline int64_t words_min(const int64_t *w, Py_ssize_t start, Py_ssize_t stride, Py_ssize_t count) {
     int64_t m = INT64_MAX;
     for (Py_ssize_t k = 0; k < count; k++) {
@@ -444,45 +432,6 @@ static void to_timespec(double t, struct timespec *ts) {
     if (t < 0) t = 0;
     ts->tv_sec = (time_t)t;
     ts->tv_nsec = (long)((t - (double)ts->tv_sec) * 1e9);
-}
-
-static PyObject *py_futex_wait(PyObject *self, PyObject *args) {
-    PyObject *o;
-    Py_ssize_t off;
-    int expected;
-    double timeout;
-    Py_buffer v;
-    if (!PyArg_ParseTuple(args, "Onid", &o, &off, &expected, &timeout)) return NULL;
-    if (PyObject_GetBuffer(o, &v, PyBUF_WRITABLE) < 0) return NULL;
-    if (off < 0 || off + 4 > v.len || (((uintptr_t)v.buf + off) & 3)) {
-        PyBuffer_Release(&v);
-        return PyErr_Format(PyExc_IndexError, "futex offset %zd out of range or unaligned", off);
-    }
-    int32_t *addr = (int32_t *)((char *)v.buf + off);
-    struct timespec ts;
-    to_timespec(timeout, &ts);
-    long r;
-    Py_BEGIN_ALLOW_THREADS r = sys_futex(addr, FUTEX_WAIT, expected, &ts);
-    Py_END_ALLOW_THREADS
-    int err = errno;
-    PyBuffer_Release(&v);
-    if (r == 0 || (r < 0 && (err == EAGAIN || err == EINTR))) Py_RETURN_TRUE;
-    Py_RETURN_FALSE;
-}
-
-static PyObject *py_futex_wake(PyObject *self, PyObject *args) {
-    PyObject *o;
-    Py_ssize_t off;
-    Py_buffer v;
-    if (!PyArg_ParseTuple(args, "On", &o, &off)) return NULL;
-    if (PyObject_GetBuffer(o, &v, PyBUF_WRITABLE) < 0) return NULL;
-    if (off < 0 || off + 4 > v.len || (((uintptr_t)v.buf + off) & 3)) {
-        PyBuffer_Release(&v);
-        return PyErr_Format(PyExc_IndexError, "futex offset %zd out of range or unaligned", off);
-    }
-    sys_futex((int32_t *)((char *)v.buf + off), FUTEX_WAKE, INT_MAX, NULL);
-    PyBuffer_Release(&v);
-    Py_RETURN_NONE;
 }
 
 /* publish(buf, word, value, epoch_off, waiters_word): store a counter, bump the epoch, wake sleepers.
@@ -565,56 +514,6 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* wait_min_ge(buf, start, stride, count, target, epoch_off, waiters_word, timeout, spin) -> min.
- * Returns as soon as min(words) >= target, or after about `timeout` seconds with the current
- * minimum (the caller checks for aborts and dead peers, then waits again). */
-static PyObject *py_wait_min_ge(PyObject *self, PyObject *args) {
-    PyObject *o;
-    Py_ssize_t start, stride, count, epoch_off, waiters;
-    long long target;
-    double timeout;
-    int spin = 200;
-    Py_buffer v;
-    if (!PyArg_ParseTuple(args, "OnnnLnnd|i", &o, &start, &stride, &count, &target, &epoch_off, &waiters,
-                          &timeout, &spin))
-        return NULL;
-    if (count < 1) return PyErr_Format(PyExc_ValueError, "count must be >= 1");
-    if (PyObject_GetBuffer(o, &v, PyBUF_WRITABLE) < 0) return NULL;
-    if (((uintptr_t)v.buf & 7) || start < 0 || (start + (count - 1) * stride + 1) * 8 > v.len || waiters < 0 ||
-        (waiters + 1) * 8 > v.len || epoch_off < 0 || epoch_off + 4 > v.len || (epoch_off & 3)) {
-        PyBuffer_Release(&v);
-        return PyErr_Format(PyExc_IndexError, "wait_min_ge: index out of range");
-    }
-    int64_t *w = (int64_t *)v.buf;
-    int32_t *epoch = (int32_t *)((char *)v.buf + epoch_off);
-    int64_t m = words_min(w, start, stride, count);
-    if (m < target) {
-        Py_BEGIN_ALLOW_THREADS
-        for (int k = 0; k < spin && m < target; k++) {
-            CPU_RELAX();
-            m = words_min(w, start, stride, count);
-        }
-        if (m < target) {
-            double end = now_s() + timeout;
-            __atomic_add_fetch(w + waiters, 1, __ATOMIC_SEQ_CST);
-            for (;;) {
-                int32_t e = __atomic_load_n(epoch, __ATOMIC_SEQ_CST);
-                m = words_min(w, start, stride, count);
-                if (m >= target) break;
-                double left = end - now_s();
-                if (left <= 0) break;
-                struct timespec ts;
-                to_timespec(left, &ts);
-                sys_futex(epoch, FUTEX_WAIT, e, &ts);
-            }
-            __atomic_sub_fetch(w + waiters, 1, __ATOMIC_SEQ_CST);
-        }
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&v);
-    return PyLong_FromLongLong(m);
 }
 
 /* ---------------------------------------------------------------- the pipeline loop (engine.py's _pipeline, in C)
@@ -838,14 +737,9 @@ static PyMethodDef methods[] = {
     {"zero", py_zero, METH_VARARGS, "zero(dst): memset 0 without the GIL"},
     {"load", py_load, METH_VARARGS, "load(buf, i): atomic load of int64 word i"},
     {"store", py_store, METH_VARARGS, "store(buf, i, v): atomic store of int64 word i"},
-    {"add", py_add, METH_VARARGS, "add(buf, i, d) -> new value (atomic)"},
     {"min_of", py_min_of, METH_VARARGS, "min_of(buf, start, stride, count): min of int64 words"},
-    {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(buf, off, expected, timeout) -> woken"},
-    {"futex_wake", py_futex_wake, METH_VARARGS, "futex_wake(buf, off): wake every waiter"},
     {"publish", py_publish, METH_VARARGS,
      "publish(buf, word, value, epoch_off, waiters_word): store, bump the epoch, wake sleepers"},
-    {"wait_min_ge", py_wait_min_ge, METH_VARARGS,
-     "wait_min_ge(buf, start, stride, count, target, epoch_off, waiters_word, timeout, spin=200) -> min"},
     {"epoch_wait", py_epoch_wait, METH_VARARGS,
      "epoch_wait(buf, epoch_off, waiters_word, expected, timeout, spin=100) -> True when the epoch moved"},
     {"load32", py_load32, METH_VARARGS, "load32(buf, off): atomic load of the int32 at byte offset off"},

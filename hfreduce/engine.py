@@ -260,11 +260,6 @@ class Engine:
             self.internode.abort(err)
         return err
 
-    def fail_pending(self, err: HFReduceError) -> None:
-        with self._cv:
-            if self._error is None:
-                self._error = err
-
     def stop(self, timeout: float = 5.0) -> None:
         with self._cv:
             self._stop = True

@@ -19,14 +19,13 @@ import numpy as np
 
 __all__ = [
     "KERNEL", "SIMD", "DT_F32", "DT_F64", "DT_F16", "DT_BF16", "DT_I32", "DT_I64", "DT_U8",
-    "OP_SUM", "OP_AVG", "OP_MAX", "OP_MIN", "OP_BOR", "DTYPE_NAMES", "DTYPE_SIZES", "select",
-    "reduce", "copy", "zero", "load", "store", "add", "min_of", "publish", "wait_min_ge", "epoch_wait", "load32",
+    "OP_SUM", "OP_AVG", "OP_MAX", "OP_MIN", "OP_BOR", "DTYPE_NAMES", "select",
+    "reduce", "copy", "zero", "load", "store", "min_of", "publish", "epoch_wait", "load32",
 ]
 
 DT_F32, DT_F64, DT_F16, DT_BF16, DT_I32, DT_I64, DT_U8 = range(7)
 DTYPE_NAMES = {DT_F32: "float32", DT_F64: "float64", DT_F16: "float16", DT_BF16: "bfloat16",
                DT_I32: "int32", DT_I64: "int64", DT_U8: "bytes"}
-DTYPE_SIZES = {DT_F32: 4, DT_F64: 8, DT_F16: 2, DT_BF16: 2, DT_I32: 4, DT_I64: 8, DT_U8: 1}
 OP_SUM, OP_AVG, OP_MAX, OP_MIN, OP_BOR = 0, 1, 2, 3, 4
 
 try:
@@ -118,8 +117,8 @@ def _np_zero(dst) -> None:
 # [Note: the fallback's memory ordering]
 # Without the extension, counters are plain int64 loads and stores through numpy. Each counter has
 # one writer, and x86-64 keeps stores in order and loads in order (TSO), so a reader that sees a
-# counter move also sees the data written before it. `add` is only used under the owner's own
-# counters. Waiting is polling with a growing sleep (no futex without the extension).
+# counter move also sees the data written before it. Waiting is polling with a growing sleep
+# (no futex without the extension).
 def _words(buf) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.int64)
 
@@ -130,12 +129,6 @@ def _np_load(buf, i: int) -> int:
 
 def _np_store(buf, i: int, v: int) -> None:
     _words(buf)[i] = v
-
-
-def _np_add(buf, i: int, d: int) -> int:
-    w = _words(buf)
-    w[i] += d
-    return int(w[i])
 
 
 def _np_min_of(buf, start: int, stride: int, count: int) -> int:
@@ -167,31 +160,14 @@ def _np_epoch_wait(buf, epoch_off: int, waiters: int, expected: int, timeout: fl
     return True
 
 
-def _np_wait_min_ge(buf, start: int, stride: int, count: int, target: int, epoch_off: int, waiters: int,
-                    timeout: float, spin: int = 200) -> int:
-    w = _words(buf)[start:start + (count - 1) * stride + 1:stride]
-    end = time.monotonic() + timeout
-    delay = 2e-5
-    while True:
-        m = int(w.min())
-        if m >= target:
-            return m
-        left = end - time.monotonic()
-        if left <= 0:
-            return m
-        time.sleep(min(delay, left))
-        delay = min(delay * 2, 1e-3)
-
-
 _NUMPY_IMPL = {
     "reduce": _np_reduce, "copy": _np_copy, "zero": _np_zero, "load": _np_load, "store": _np_store,
-    "add": _np_add, "min_of": _np_min_of, "publish": _np_publish, "wait_min_ge": _np_wait_min_ge,
-    "epoch_wait": _np_epoch_wait, "load32": _np_load32,
+    "min_of": _np_min_of, "publish": _np_publish, "epoch_wait": _np_epoch_wait, "load32": _np_load32,
 }
 
 
-reduce, copy, zero, load, store, add = _np_reduce, _np_copy, _np_zero, _np_load, _np_store, _np_add
-min_of, publish, wait_min_ge, epoch_wait, load32 = _np_min_of, _np_publish, _np_wait_min_ge, _np_epoch_wait, _np_load32
+reduce, copy, zero, load, store = _np_reduce, _np_copy, _np_zero, _np_load, _np_store
+min_of, publish, epoch_wait, load32 = _np_min_of, _np_publish, _np_epoch_wait, _np_load32
 
 
 def select(name: str) -> str:

@@ -169,7 +169,7 @@ def test_sync_primitives(impl):
         buf = bytearray(4096)
         mv = memoryview(buf)
         K.store(mv, 3, 41)
-        assert K.load(mv, 3) == 41 and K.add(mv, 3, 1) == 42
+        assert K.load(mv, 3) == 41
         for i, v in enumerate([5, 2, 9]):  # words 16, 24, 32; the epoch is the int32 at byte 64 (word 8)
             K.store(mv, 16 + 8 * i, v)
         assert K.min_of(mv, 16, 8, 3) == 2
@@ -178,8 +178,6 @@ def test_sync_primitives(impl):
         assert K.load32(mv, 64) == e + 1 and K.min_of(mv, 16, 8, 3) == 5
         assert K.epoch_wait(mv, 64, 1, e, 0.01) is True  # moved already
         assert K.epoch_wait(mv, 64, 1, e + 1, 0.01) is False  # times out
-        assert K.wait_min_ge(mv, 16, 8, 3, 5, 64, 1, 0.01) == 5
-        assert K.wait_min_ge(mv, 16, 8, 3, 6, 64, 1, 0.01) == 5
     finally:
         K.select(old)
 
