@@ -162,11 +162,11 @@ def run_rounds(kinds: list[str], cfg: dict, out_dir: str) -> dict[str, dict]:
     return {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in seen.items()}
 
 
-def config(quick: bool, optim: str) -> dict:
+def config(quick: bool, optim: str, rounds: int = 3) -> dict:
     if quick:  # about 12.6M parameters
         return {"d": 1024, "h": 3072, "blocks": 2, "batch": 8, "warmup": 1, "steps": 3, "rounds": 1, "optim": optim}
     # about 50.4M parameters
-    return {"d": 2048, "h": 3072, "blocks": 4, "batch": 8, "warmup": 2, "steps": 6, "rounds": 3, "optim": optim}
+    return {"d": 2048, "h": 3072, "blocks": 4, "batch": 8, "warmup": 2, "steps": 6, "rounds": rounds, "optim": optim}
 
 
 def numel(cfg: dict) -> int:

@@ -23,7 +23,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 12M-parameter model and 3 steps (< 60 s)")
     args = ap.parse_args()
-    cfg = hb.config(args.quick, "sgd")
+    cfg = hb.config(args.quick, "sgd", rounds=5)  # a short step: more rounds against machine noise
     n = hb.numel(cfg)
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as out:
         rows = hb.run_rounds(list(("haiscale_ddp", "torch_ddp")), cfg, out)
