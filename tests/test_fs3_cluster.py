@@ -139,6 +139,12 @@ def test_write_and_read_back_many_chunks(fs3):
         client.read(c0, k0)
     with pytest.raises(ValueError, match="do not fit"):
         client.write(c0, 1, b"z" * 10, offset=cs - 5)
+    # a caller buffer too small for the chunk: a clear error at once, not retries
+    (c1, k1), b1 = next((k, v) for k, v in data.items() if len(v) == 100_000)
+    from fs3.errors import ClientError
+    with pytest.raises(ClientError, match="does not fit"):
+        client.read(c1, k1, into=bytearray(1000))
+    assert bytes(client.read(c1, k1, into=bytearray(100_000))) == b1
 
 
 def test_kill9_storage_during_writes_then_resync(fs3):

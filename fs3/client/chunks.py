@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from crc32c import crc32c
 
 from network import RemoteError, RpcPool, TrafficClass, TransportError, load_cluster
+from network.errors import ProtocolError
 
 from ..errors import (
     ChunkCorrupt,
@@ -351,7 +352,7 @@ class ChunkClient:
                     if isinstance(res, memoryview):
                         results[p.index] = res
                         continue
-                    if isinstance(res, ChunkNotFound):
+                    if isinstance(res, ChunkNotFound | ClientError):
                         raise res
                     last[p.index] = res
                     if not isinstance(res, ChunkNotCommitted):
@@ -393,6 +394,13 @@ class ChunkClient:
         except RemoteError as exc:
             err = from_remote(exc)
             return [(p, t, err) for p, t in batch]
+        except ProtocolError as exc:
+            if into is not None and "does not fit" in str(exc):  # the caller's buffer is too small
+                p = batch[0][0]
+                return [(p, batch[0][1], ClientError(
+                    f"read of chunk {p.io.chain}/{p.io.chunk:016x}: the chunk does not fit the "
+                    f"{memoryview(into).nbytes}-byte buffer given ({exc})"))]
+            return [(p, t, exc) for p, t in batch]
         except TransportError as exc:
             return [(p, t, exc) for p, t in batch]
         out = []
