@@ -231,15 +231,47 @@ def _sqlite_engine(url: str, immediate: bool) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        # writers wait in _begin_immediate (see the note there); readers never wait for writers in WAL
+        cur.execute(f"PRAGMA busy_timeout={0 if immediate else 30000}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
     @event.listens_for(eng, "begin")
     def _on_begin(conn):  # noqa: ANN001
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        if immediate:
+            _begin_immediate(conn)
+        else:
+            conn.exec_driver_sql("BEGIN")
 
     return eng
+
+
+#: how long a writer waits for SQLite's write lock before giving up
+WRITE_LOCK_TIMEOUT = 30.0
+
+
+def _begin_immediate(conn) -> None:  # noqa: ANN001
+    """``BEGIN IMMEDIATE``, waiting for the write lock with short sleeps.
+
+    [Note: waiting for the write lock] SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25...
+    ms between tries, so a writer that collides with another (the scheduler's cycle, an agent's
+    report) loses several milliseconds for a lock that is held for a fraction of one. The write
+    engine therefore runs with ``busy_timeout=0`` and retries here: 0.1 ms doubling up to 2 ms,
+    for at most WRITE_LOCK_TIMEOUT seconds.
+    """
+    import sqlite3
+
+    delay, deadline = 0.0001, time.monotonic() + WRITE_LOCK_TIMEOUT
+    while True:
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        except OperationalError as exc:
+            busy = isinstance(exc.orig, sqlite3.OperationalError) and "locked" in str(exc.orig)
+            if not busy or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
 
 
 class Database:
