@@ -21,6 +21,16 @@ from .errors import (
 )
 from .spawn import job_env, spawn
 
+
+def __getattr__(name: str):
+    """``haiscale.ddp`` / ``haiscale.fsdp`` on first use (they import torch)."""
+    if name in ("ddp", "fsdp"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'haiscale' has no attribute {name!r}")
+
+
 __all__ = [
     "CommunicationError",
     "DeviceError",
