@@ -24,6 +24,7 @@ import atexit
 import logging
 import os
 import secrets
+import select
 import socket
 import threading
 import time
@@ -277,7 +278,27 @@ class _Rendezvous:
                 out[r] = msgpack.unpackb(conn.recv(timeout=self._left()).header)
             except TransportError as exc:
                 raise InitError(f"rendezvous: rank {r} failed during start-up ({exc})") from exc
+            if "error" in out[r]:
+                raise InitError(out[r]["error"])
         return out
+
+    def report(self, why: str) -> None:
+        """Non-zero rank: tell rank 0 why start-up failed here (it tells everyone)."""
+        if self.master is not None:
+            try:
+                self.master.send(msgpack.packb({"error": why}), timeout=1.0)
+            except TransportError:
+                pass
+
+    def check_relayed(self) -> None:
+        """Non-zero rank: raise the start-up failure rank 0 relayed, if one arrived."""
+        if self.master is None or not select.select([self.master.socket], [], [], 0)[0]:
+            return
+        try:
+            msg = msgpack.unpackb(self.master.recv(timeout=1.0).header)
+        except TransportError as exc:
+            raise InitError(f"rank 0 left the rendezvous during start-up ({exc})") from exc
+        raise InitError(msg.get("error", "start-up failed on another rank"))
 
     def reply(self, answers: dict[int, dict]) -> None:
         for r, conn in self.conns.items():
@@ -357,6 +378,7 @@ class ProcessGroup:
         self._internode: InterNode | None = None
         self._engine: Engine | None = None
         self._created: list[Segment] = []
+        self._rdv: _Rendezvous | None = None
         self._devices: dict[Any, Any] = {}  # device key -> this group's backend for it (hfreduce.device)
         deadline = time.monotonic() + self.timeout
         sweep_stale()
@@ -365,7 +387,9 @@ class ProcessGroup:
             self._start(res, rdv, deadline)
         except BaseException as exc:
             if self.rank == 0:
-                rdv.fail_all(f"rank 0: {exc}")
+                rdv.fail_all(str(exc) if isinstance(exc, InitError) else f"rank 0: {exc}")
+            elif not isinstance(exc, InitError) or "rank 0" not in str(exc):
+                rdv.report(f"rank {self.rank} (node {res['node']}): {exc}")
             self._teardown()
             sweep_stale()
             if isinstance(exc, HFReduceError):
@@ -375,6 +399,7 @@ class ProcessGroup:
             raise
         finally:
             rdv.close()
+            self._rdv = None
 
     # -- start-up ------------------------------------------------------------------------------
     def _start(self, res: dict, rdv: _Rendezvous, deadline: float) -> None:
@@ -412,6 +437,7 @@ class ProcessGroup:
         else:
             eps = {}
 
+        self._rdv = rdv
         try:
             self._setup_node(deadline)
             if self.is_leader and self.nnodes > 1:
@@ -466,7 +492,7 @@ class ProcessGroup:
         heap = Segment.create(names[self.local_rank], self.heap_bytes)
         self._created.append(heap)
         if self.is_leader:
-            arena = Segment.create(arena_name, lay.total)
+            arena = Segment.create(arena_name, lay.total, reserve=True)
             self._created.append(arena)
             words = np.frombuffer(arena.map, np.int64, count=2)
             words[Layout.LOCAL] = lay.local
@@ -486,14 +512,19 @@ class ProcessGroup:
         sync = self._sync
         sync.set(lay.PID, os.getpid())
         sync.publish(lay.ATTACHED, 1)
-        sync.wait(lambda: sync.min(lay.ATTACHED) >= 1,
+        sync.wait(lambda: self._rdv.check_relayed() or sync.min(lay.ATTACHED) >= 1,
                   lambda: (sync.argmin(lay.ATTACHED), "it did not map the node's shared memory"),
                   timeout=max(0.1, deadline - time.monotonic()))
         for seg in self._created:  # every local rank maps everything: unlink (see shm's note)
             seg.unlink()
 
     def _alive(self, rank: int) -> None:
+        self._rdv.check_relayed()
         if process_start_time(self._pids[rank]) != self._starts[rank]:
+            end = time.monotonic() + 2.0  # a failing rank reports its cause through rank 0: wait for it
+            while time.monotonic() < end and self.rank != 0:
+                self._rdv.check_relayed()
+                time.sleep(0.02)
             raise InitError(f"rank {rank} (node {self.node}) died during start-up")
 
     def _connect_tree(self, listener, eps: dict, deadline: float) -> None:

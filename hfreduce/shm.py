@@ -91,6 +91,14 @@ def sweep_stale() -> list[str]:
     return removed
 
 
+def _free_bytes() -> int:
+    try:
+        st = os.statvfs(SHM_DIR)
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 0
+
+
 class Segment:
     """One shared-memory file under SHM_DIR, mapped read-write."""
 
@@ -107,9 +115,10 @@ class Segment:
         return os.path.join(SHM_DIR, self.name)
 
     @classmethod
-    def create(cls, name: str, size: int) -> Segment:
+    def create(cls, name: str, size: int, reserve: bool = False) -> Segment:
         """Create and size the segment under a temporary name, then rename it into place, so a
-        peer that opens ``name`` never sees it before it has its full size."""
+        peer that opens ``name`` never sees it before it has its full size. ``reserve`` allocates
+        its pages now: a /dev/shm too small is then an error here, not a SIGBUS at first touch."""
         path = os.path.join(SHM_DIR, name)
         tmp = path + ".new"
         try:
@@ -119,6 +128,19 @@ class Segment:
                             "and writable?)") from exc
         try:
             os.ftruncate(fd, size)
+            if reserve and size:
+                free, why = _free_bytes(), None
+                if size > free:  # refuse before fallocate fills the filesystem and gives it back
+                    why = "not enough room"
+                else:
+                    try:
+                        os.posix_fallocate(fd, 0, size)
+                    except OSError as exc:
+                        why = exc.strerror
+                if why:
+                    raise InitError(f"cannot reserve {size} bytes of shared memory in {SHM_DIR} ({why}; "
+                                    f"{free} bytes free): give {SHM_DIR} more room (docker run --shm-size) or "
+                                    "lower HFREDUCE_CHUNK_BYTES / HFREDUCE_SLOTS")
             os.rename(tmp, path)
             return cls(name, fd, size, True)
         except BaseException:

@@ -366,6 +366,14 @@ def test_invalid_arguments_raise_locally_and_leave_the_group_usable():
         assert out == [True] * 7 and v == 2.0
 
 
+def test_shared_memory_too_small_is_a_clear_error_on_every_rank():
+    res = run_group(w_info, nodes=2, per_node=2, timeout=60, group_timeout=10,
+                    env={"HFREDUCE_CHUNK_BYTES": "1024G"})  # a ring far larger than /dev/shm
+    for r in res.results:
+        assert r.error_type == "InitError" and "cannot reserve" in str(r.error), (r.rank, r.error)
+    assert shm_leftovers(res.pids) == []
+
+
 def test_sweep_removes_segments_of_dead_processes(tmp_path):
     import subprocess
 
