@@ -184,6 +184,19 @@ def fsdp_worker(local_rank: int, out_dir: str) -> None:
             res["tied_error"] = None
         except Exception as exc:  # noqa: BLE001
             res["tied_error"] = (type(exc).__name__, str(exc))
+        # two forwards, one backward: a clear error (not a silently dropped gradient), then recovery
+        x, y = batch(0)
+        try:
+            (loss_fn(f(half(x, rank)), half(y, rank)) + loss_fn(f(half(x, rank)), half(y, rank))).backward()
+            res["two_forwards_error"] = None
+        except Exception as exc:  # noqa: BLE001
+            res["two_forwards_error"] = (type(exc).__name__, str(exc))
+        opt.zero_grad()
+        loss_fn(f(half(x, rank)), half(y, rank)).backward()
+        res["recovered_grads"] = [p.grad.clone() for p in f.parameters()]
+        opt.zero_grad()
+        loss_fn(f(half(x, rank)), half(y, rank)).backward()
+        res["clean_grads"] = [p.grad.clone() for p in f.parameters()]
         try:
             f.load_full_state_dict({"nope": torch.zeros(1)})
             res["bad_sd_error"] = None
@@ -301,6 +314,15 @@ def test_fsdp_wrong_usage_errors(fsdp_run):
         assert name == "ModelMismatchError" and "rank 1" in msg
         name, msg = res[r]["tied_error"]
         assert name == "UsageError" and "tok.weight" in msg and "shared" in msg
+
+
+def test_fsdp_two_forwards_before_backward_is_refused(fsdp_run):
+    res, _ = fsdp_run
+    for r in range(WORLD):
+        name, msg = res[r]["two_forwards_error"]
+        assert name == "UsageError" and "earlier forward" in msg
+        for got, want in zip(res[r]["recovered_grads"], res[r]["clean_grads"], strict=True):
+            torch.testing.assert_close(got, want)  # nothing of the aborted backward leaked in
 
 
 def test_fsdp_rejects_meta_device_module():

@@ -191,8 +191,8 @@ class FullyShardedDataParallel(nn.Module):
 
     def _root_pre_forward(self) -> None:
         sh = self._shared
-        if sh.in_backward or sh.pending:
-            self._finish_backward()
+        if sh.in_backward or sh.pending:  # the last backward raised before its final callback
+            self._abort_backward()
         for u in sh.units:
             u.unit.reshard()
             u.unit.forget_step()
@@ -227,7 +227,15 @@ class FullyShardedDataParallel(nn.Module):
 
     def _post_backward(self, full_param: torch.Tensor) -> None:
         sh = self._shared
-        if self._post_backward_done or full_param is not self._live_full_param:
+        if full_param is not self._live_full_param:
+            self._abort_backward()
+            raise UsageError(
+                "FullyShardedDataParallel: backward reached the parameters of an earlier forward pass; "
+                "each forward with gradients must be followed by its backward before the next one "
+                "(sum the losses of several micro-batches only after separate backward calls, or run "
+                "evaluation forwards under torch.no_grad())"
+            )
+        if self._post_backward_done:
             return
         self._post_backward_done = True
         self._live_full_param = None
@@ -266,6 +274,21 @@ class FullyShardedDataParallel(nn.Module):
         sh = self._shared
         try:
             self._step_pending()
+        finally:
+            sh.callback_queued = False
+            sh.in_backward = False
+            for u in sh.units:
+                u.unit.reshard()
+                u.unit.forget_step()
+
+    def _abort_backward(self) -> None:
+        """Wait for the collectives of a backward that raised (every rank issued the same ones)
+        and drop their partial gradients, so the next step starts clean."""
+        sh = self._shared
+        pending, sh.pending = sh.pending, []
+        try:
+            for _unit, work, _out, _g in pending:
+                self.comm.wait(work, "reduce-scatter of FSDP gradients")
         finally:
             sh.callback_queued = False
             sh.in_backward = False
