@@ -198,29 +198,35 @@ class Scheduler:
     def run(self, stop: threading.Event) -> None:
         seq, cap, seen_cap, last_full = -1, -1, -2, 0.0
         again = False
+        poll = min(self.cfg.tick, 2.0)  # bounded waits: a shutdown is seen within 2 s whatever the tick
         while not stop.is_set():
+            event = True
             if again:  # the last cycle queued a new attempt: decide on it now, not at the tick
                 again = False
                 seen_cap = -2
             elif self.api is not None:
                 try:
-                    r = self.api.request("GET", "/v1/internal/wait", params={"seq": seq, "timeout": self.cfg.tick},
-                                         timeout=self.cfg.tick + 10)
+                    r = self.api.request("GET", "/v1/internal/wait", params={"seq": seq, "timeout": poll},
+                                         timeout=poll + 10)
+                    event = r["seq"] != seq
                     seq, cap = r["seq"], r.get("cap", -1)
                 except ApiError as exc:
                     log.warning("API unavailable (%s); ticking on the database alone", exc)
                     seq, cap = -1, -1
-                    stop.wait(min(self.cfg.tick, 1.0))
+                    stop.wait(poll)
             else:
-                stop.wait(self.cfg.tick)
+                stop.wait(poll)
+                event = False
             if stop.is_set():
                 break
+            now = time.monotonic()
+            if not event and now - last_full < self.cfg.tick:
+                continue  # a long-poll ran out before the tick did
             # [Note: submissions into a full cluster] Without preemption, a submission can only
             # start a job when a ready node is free. When the last cycle left none and nothing but
             # submissions happened since, a cycle would decide nothing (bar waiting reasons), so it
             # waits for the tick or an event that may free capacity. During a burst of thousands of
             # submissions this keeps the scheduler from re-reading the growing queue each time.
-            now = time.monotonic()
             if cap == seen_cap and cap != -1 and self.free_nodes == 0 and now - last_full < self.cfg.tick:
                 self.skipped += 1
                 continue
@@ -234,7 +240,7 @@ class Scheduler:
                 decisions = self.cycle()
             except Exception:
                 log.exception("scheduling cycle failed; retrying next tick")
-                stop.wait(min(self.cfg.tick, 1.0))
+                stop.wait(poll)
                 continue
             self.last_cycle_end = time.monotonic()
             again = any(isinstance(d, FinishJob) and d.requeue for d in decisions)
