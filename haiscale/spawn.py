@@ -137,12 +137,13 @@ def _child(fn: Callable[..., Any], local_rank: int, args: tuple, env: dict[str, 
 def spawn(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool = True,
           timeout: float | None = None, grace: float = 5.0, master_addr: str | None = None,
           master_port: int | None = None, start_method: str = "spawn", nnodes: int = 1,
-          cluster: str | os.PathLike | None = None) -> list[mp.Process] | None:
+          cluster: str | os.PathLike | None = None, bind_numa: bool = False) -> list[mp.Process] | None:
     """Run ``fn(local_rank, *args)`` in ``nprocs`` processes with the job environment set.
 
     ``timeout`` bounds the whole run (None: no bound); on expiry every child is stopped and
     SpawnError raised. With ``join=False`` the started processes are returned (the caller joins).
-    ``nnodes > 1`` emulates that many nodes on this machine (``nnodes * nprocs`` processes)."""
+    ``nnodes > 1`` emulates that many nodes on this machine (``nnodes * nprocs`` processes).
+    ``bind_numa`` is accepted for hfai compatibility and ignored (no NUMA binding here)."""
     if nnodes > 1 or cluster is not None:
         envs = emulated_env(nprocs, nnodes, cluster, master_addr, master_port)
     else:
