@@ -191,6 +191,9 @@ def test_cli_run_yaml_nodes_whoami_and_admin(launch_cluster, cluster_file, tmp_p
     assert r.exit_code == 1 and "no program 'no-such-program-xyz' on PATH" in r.output
     nodes = json.loads(hai(c, "nodes", "--json").output)
     assert [n["name"] for n in nodes] == ["n0", "n1", "n2", "n3"] and {n["state"] for n in nodes} == {"up"}
+    facts = nodes[0]["facts"]  # psutil facts; GPUs from NVML when pynvml finds one, else the description
+    assert facts["cpus_online"] >= 1 and facts["memory_total_gib"] > 0
+    assert facts["gpu_source"] in ("nvml", "cluster description") and nodes[0]["gpus"] == facts["gpus"]
     assert "n3" in hai(c, "nodes").output
     out = json.loads(hai(c, "admin", "user", "add", "alice", "--group", "vision", "--json").output)
     alice = out["token"]
