@@ -402,6 +402,8 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
                   limit: Annotated[int, Query(ge=1, le=10000)] = 100) -> list[dict]:
         if all and not p.admin:
             raise Forbidden("only admins may list every user's jobs (?all=true)")
+        if status is not None and status not in (*JobStatus.LIVE, *JobStatus.DONE):
+            raise ApiError(f"unknown status {status!r}; one of {', '.join((*JobStatus.LIVE, *JobStatus.DONE))}", 422)
         with db.read() as s:
             q = select(Job).order_by(Job.id.desc()).limit(limit)
             if not all:

@@ -101,6 +101,14 @@ def test_someone_elses_job_is_403_unless_shared_with_the_group(api):
     assert api.get(f"/v1/jobs/{private}").status_code == 200  # admins see everything
 
 
+def test_list_filters_by_status_and_refuses_unknown_ones(api):
+    jid = api.post("/v1/jobs", json=JOB).json()["id"]
+    assert [j["id"] for j in api.get("/v1/jobs?status=queued").json()] == [jid]
+    assert api.get("/v1/jobs?status=running").json() == []
+    r = api.get("/v1/jobs?status=bogus")
+    assert r.status_code == 422 and "unknown status 'bogus'" in r.json()["message"]
+
+
 def test_missing_things_are_404(api):
     assert api.get("/v1/jobs/12345").status_code == 404
     assert api.post("/v1/jobs/12345/stop").status_code == 404
