@@ -220,3 +220,18 @@ def test_suspend_running_job_requeues_the_chain_keeping_its_place(api, db):
     assert j["status"] == "scheduled" and j["whole_life_state"] == 5
     assert [a["status"] for a in j["attempts"]] == ["suspended", "scheduled"]
     assert api.get(f"/v1/jobs/{later}").json()["status"] == "queued"
+
+
+def test_agent_job_env_covers_the_contract():
+    from haiplatform import JOB_ENV
+    from haiplatform.agent import job_env
+
+    w = {"nodes": ["n2", "n3"], "ppn": 2, "rank": 3, "local_rank": 1, "master_addr": "127.0.0.4",
+         "master_port": 29500, "job_id": 7, "chain_id": 5, "restart_count": 2, "whole_life_state": 9,
+         "name": "x", "user": "u"}
+    env = job_env(w, "n3", "/c.toml", "/ctl")
+    assert set(JOB_ENV) <= set(env)
+    assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_WORLD_SIZE"], env["LOCAL_RANK"], env["NNODES"],
+            env["NODE_RANK"], env["GROUP_RANK"]) == ("4", "3", "2", "1", "2", "1", "1")
+    assert (env["HAI_JOB_ID"], env["HAI_CHAIN_ID"], env["HAI_RESTART_COUNT"], env["HAI_WHOLE_LIFE_STATE"]) == (
+        "7", "5", "2", "9")
