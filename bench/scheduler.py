@@ -36,6 +36,8 @@ import tomli_w
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from deploy.local import pid_alive  # noqa: E402
+
 LOCAL = ROOT / "deploy" / "clusters" / "local.toml"
 WARMUP = 4  # jobs run (and finished) on each system before the timed ones
 
@@ -190,16 +192,16 @@ class Slurm:
         deadline = time.monotonic() + 10
         for pf in pidfiles:
             pid = _read_pid(pf)
-            while pid and _alive(pid) and time.monotonic() < deadline:
+            while pid and pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if pid and _alive(pid):
+            if pid and pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         pid = _read_pid(self.d / "munge" / "munged.pid")
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
             for _ in range(50):
-                if not _alive(pid):
+                if not pid_alive(pid):
                     break
                 time.sleep(0.1)
 
@@ -227,17 +229,6 @@ def _read_pid(p: Path) -> int | None:
         return int(p.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def _wait_slurm_empty(sl: Slurm, timeout: float) -> None:

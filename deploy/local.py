@@ -51,7 +51,7 @@ from network.topology import Cluster, dump_cluster
 
 from .services import kind_of
 
-__all__ = ["LocalCluster", "LauncherError", "ServiceFailed", "ProcInfo", "check_health", "default_run_dir"]
+__all__ = ["LocalCluster", "LauncherError", "ServiceFailed", "ProcInfo", "check_health", "default_run_dir", "pid_alive"]
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,8 @@ def _read_state(run_dir: Path) -> dict | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -420,7 +421,7 @@ def cluster_up(cluster_file: str, run_dir: Path | None = None, ports: str = "fil
     c = load_cluster(cluster_file)
     run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
     st = _read_state(run_dir)
-    if st and st.get("state") == "up" and _alive(st.get("supervisor_pid", -1)):
+    if st and st.get("state") == "up" and pid_alive(st.get("supervisor_pid", -1)):
         raise LauncherError(f"cluster {c.name} is already up (supervisor pid {st['supervisor_pid']}, run dir "
                             f"{run_dir}); run 'hai cluster down --cluster {cluster_file}' first")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -455,18 +456,18 @@ def cluster_down(cluster_file: str, run_dir: Path | None = None, timeout: float 
     run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
     st = _read_state(run_dir)
     pid = (st or {}).get("supervisor_pid")
-    if not pid or not _alive(pid):
+    if not pid or not pid_alive(pid):
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.05)
-    if _alive(pid):
+    if pid_alive(pid):
         os.killpg(pid, signal.SIGKILL)
     # services die with their supervisor (PDEATHSIG); make sure of it
     for svc in (st or {}).get("services", []):
         spid = svc.get("pid")
-        if spid and _alive(spid):
+        if spid and pid_alive(spid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(spid, signal.SIGKILL)
     return True
@@ -477,10 +478,10 @@ def cluster_status(cluster_file: str, run_dir: Path | None = None) -> dict:
     c = load_cluster(cluster_file)
     run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
     st = _read_state(run_dir)
-    if not st or not _alive(st.get("supervisor_pid", -1)):
+    if not st or not pid_alive(st.get("supervisor_pid", -1)):
         return {"state": "down", "cluster": c.name, "run_dir": str(run_dir), "services": []}
     for svc in st.get("services", []):
-        if svc.get("pid") and not _alive(svc["pid"]):
+        if svc.get("pid") and not pid_alive(svc["pid"]):
             svc["state"] = "exited"
             continue
         how = kind_of(svc["module"]).health
