@@ -34,7 +34,7 @@ import msgpack
 from .errors import NoSuchMethod, PeerClosed, ProtocolError, RemoteError, RpcError, TransportError
 from .transport import Connection, Listener, TrafficClass, TransportTimeout, connect
 
-__all__ = ["RpcServer", "RpcClient", "RpcPool", "Reply", "CallContext", "ping"]
+__all__ = ["RpcServer", "RpcClient", "RpcPool", "PendingCall", "Reply", "CallContext", "ping"]
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,21 @@ class RpcServer:
         conn.send(_pack({"i": call_id, "e": {"kind": kind, "msg": msg, "data": data or {}}}))
 
 
+class PendingCall:
+    """A request that was sent and whose reply has not been read yet (see :meth:`RpcClient.begin`)."""
+
+    def __init__(self, client: RpcClient, conn: Connection, call_id: int, method: str, timeout: float) -> None:
+        self._client, self._conn, self._id, self._method, self._timeout = client, conn, call_id, method, timeout
+        self._done = False
+
+    def wait(self, into=None) -> Reply:
+        """Read the reply (into ``into`` when given); raises as :meth:`RpcClient.call` does. Once only."""
+        if self._done:
+            raise RpcError(f"{self._client.address} {self._method}: reply already read")
+        self._done = True
+        return self._client._finish(self._conn, self._id, self._method, self._timeout, into)
+
+
 class RpcClient:
     """A client for one server. Thread-safe: calls on one client are serialised."""
 
@@ -256,31 +271,53 @@ class RpcClient:
         reply payload is a fresh memoryview. Raises :class:`RemoteError` when the handler raised,
         :class:`NoSuchMethod`, or a :class:`TransportError` when the call could not complete.
         """
+        return self.begin(method, args, payload, timeout=timeout).wait(into)
+
+    def begin(self, method: str, args: dict | None = None, payload=(), *,
+              timeout: float | None = None) -> PendingCall:
+        """Send a request and return at once; :meth:`PendingCall.wait` reads the reply.
+
+        A split-phase call lets the caller work while the server does (a storage server writes
+        its own copy while its successor in the chain stores the same bytes). The client is
+        busy until ``wait()``: other calls on it block until then.
+        """
         if isinstance(payload, bytes | bytearray | memoryview) or hasattr(payload, "__array_interface__"):
             payload = [payload]
         t = self.timeout if timeout is None else timeout
-        with self._lock:
+        self._lock.acquire()
+        conn = None
+        try:
             conn = self._connection()
             call_id = next(self._ids)
-            try:
-                conn.send(_pack({"m": method, "i": call_id, "a": args or {}}), *payload, timeout=t)
-                header, plen = conn.recv_header(timeout=t)
-                resp = _unpack(header)
-                if resp.get("i") != call_id:
-                    raise ProtocolError(f"{self.address}: reply to call {resp.get('i')} while waiting for {call_id}")
-                if into is not None and plen:
-                    conn.recv_payload_into(into, plen, timeout=t)
-                    body: memoryview = memoryview(into).cast("B")[:plen] if not isinstance(into, memoryview) \
-                        else into[:plen]
-                elif plen:
-                    buf = bytearray(plen)
-                    conn.recv_payload_into(buf, plen, timeout=t)
-                    body = memoryview(buf)
-                else:
-                    body = memoryview(b"")
-            except BaseException:
+            conn.send(_pack({"m": method, "i": call_id, "a": args or {}}), *payload, timeout=t)
+        except BaseException:
+            if conn is not None:
                 conn.close()
-                raise
+            self._lock.release()
+            raise
+        return PendingCall(self, conn, call_id, method, t)
+
+    def _finish(self, conn: Connection, call_id: int, method: str, t: float, into) -> Reply:
+        try:
+            header, plen = conn.recv_header(timeout=t)
+            resp = _unpack(header)
+            if resp.get("i") != call_id:
+                raise ProtocolError(f"{self.address}: reply to call {resp.get('i')} while waiting for {call_id}")
+            if into is not None and plen:
+                conn.recv_payload_into(into, plen, timeout=t)
+                body: memoryview = memoryview(into).cast("B")[:plen] if not isinstance(into, memoryview) \
+                    else into[:plen]
+            elif plen:
+                buf = bytearray(plen)
+                conn.recv_payload_into(buf, plen, timeout=t)
+                body = memoryview(buf)
+            else:
+                body = memoryview(b"")
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            self._lock.release()
         err = resp.get("e")
         if err is not None:
             if err.get("kind") == "NoSuchMethod":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local import LocalCluster, ServiceFailed
-from deploy.local import pid_alive as _alive  # noqa: F401 - short name in asserts
+from deploy.local import pid_alive as _alive
 from network import ping
 from network.topology import dump_cluster
 

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from network import NoSuchMethod, RemoteError, Reply, RpcClient, RpcPool, RpcServer, TransportError, ping
+from network import NoSuchMethod, RemoteError, Reply, RpcClient, RpcError, RpcPool, RpcServer, TransportError, ping
 
 
 @pytest.fixture
@@ -142,3 +142,19 @@ def test_payload_into_hook():
         assert target[:1000] == b"q" * 1000
     finally:
         srv.stop()
+
+
+def test_split_phase_call_overlaps_caller_work(server):
+    with RpcClient(*server.address) as c:
+        pending = c.begin("slow", {"s": 0.3})
+        t0 = time.monotonic()
+        local = sum(range(1000))  # the caller works while the server does
+        assert time.monotonic() - t0 < 0.3
+        assert pending.wait().result == "done" and local == 499500
+        with pytest.raises(RpcError, match="reply already read"):
+            pending.wait()
+        # remote errors surface at wait(), and the client stays usable
+        p2 = c.begin("get", {"key": "absent"})
+        with pytest.raises(RemoteError, match="KeyError"):
+            p2.wait()
+        assert c.call("echo", {}, b"x").result["n"] == 1
