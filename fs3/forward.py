@@ -10,12 +10,10 @@ successor is an ordinary ``RpcServer``.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
-from network import NoSuchMethod, RemoteError, RpcClient, TrafficClass
-from network.errors import TransportTimeout
+from network import NoSuchMethod, RemoteError, RpcPool, TrafficClass
 
 __all__ = ["Forwarder"]
 
@@ -26,13 +24,8 @@ class Forwarder:
     def __init__(self, host: str, port: int, *, source: str | None = None, timeout: float = 60.0,
                  connect_timeout: float = 3.0, size: int = 16) -> None:
         self.host, self.port = host, port
-        self.source = source
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self._free: list[RpcClient] = []
-        self._all: list[RpcClient] = []
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(size)
+        self._pool = RpcPool(host, port, size=size, timeout=timeout, connect_timeout=connect_timeout,
+                             traffic_class=TrafficClass.STORAGE, source=source)
 
     @property
     def address(self) -> str:
@@ -43,52 +36,31 @@ class Forwarder:
 
         ``during`` runs whether or not the send worked (the local write of a hop happens either
         way); its exception, if any, is raised after the reply was consumed (and before the
-        successor's own error). Transport failures raise ``network.TransportError``, a handler's
-        error ``network.RemoteError``.
+        successor's own error). Transport failures raise ``network.TransportError`` (no free
+        connection in time: ``network.RpcError``), a handler's error ``network.RemoteError``.
         """
-        if not self._slots.acquire(timeout=self.timeout):
-            raise TransportTimeout(f"forward to {self.address}: no free connection within {self.timeout} s",
-                                   self.address)
+        pending = send_error = None
         try:
-            with self._lock:
-                client = self._free.pop() if self._free else None
-                if client is None:
-                    client = RpcClient(self.host, self.port, timeout=self.timeout,
-                                       connect_timeout=self.connect_timeout, traffic_class=TrafficClass.STORAGE,
-                                       source=self.source)
-                    self._all.append(client)
-            try:
-                pending = send_error = None
-                try:
-                    pending = client.begin(method, args, payload)
-                except BaseException as exc:  # noqa: BLE001 - raised after the local work
-                    send_error = exc
-                local_error: BaseException | None = None
-                value = None
-                try:
-                    value = during()
-                except BaseException as exc:  # noqa: BLE001 - raised after the reply
-                    local_error = exc
-                if send_error is not None:
-                    raise send_error
-                try:
-                    reply = pending.wait()
-                except (RemoteError, NoSuchMethod):
-                    if local_error is not None:
-                        raise local_error from None
-                    raise
-                if local_error is not None:
-                    raise local_error
-                return reply.result, value
-            finally:
-                with self._lock:
-                    self._free.append(client)
-        finally:
-            self._slots.release()
+            pending = self._pool.begin(method, args, payload)
+        except BaseException as exc:  # noqa: BLE001 - raised after the local work
+            send_error = exc
+        local_error: BaseException | None = None
+        value = None
+        try:
+            value = during()
+        except BaseException as exc:  # noqa: BLE001 - raised after the reply
+            local_error = exc
+        if send_error is not None:
+            raise send_error
+        try:
+            reply = pending.wait()
+        except (RemoteError, NoSuchMethod):
+            if local_error is not None:
+                raise local_error from None
+            raise
+        if local_error is not None:
+            raise local_error
+        return reply.result, value
 
     def close(self) -> None:
-        with self._lock:
-            for c in self._all:
-                c.close()
-            self._all.clear()
-            self._free.clear()
+        self._pool.close()

@@ -229,13 +229,18 @@ class PendingCall:
     def __init__(self, client: RpcClient, conn: Connection, call_id: int, method: str, timeout: float) -> None:
         self._client, self._conn, self._id, self._method, self._timeout = client, conn, call_id, method, timeout
         self._done = False
+        self.on_done: Callable[[], None] | None = None  # run once the reply is read (pools reuse the client)
 
     def wait(self, into=None) -> Reply:
         """Read the reply (into ``into`` when given); raises as :meth:`RpcClient.call` does. Once only."""
         if self._done:
             raise RpcError(f"{self._client.address} {self._method}: reply already read")
         self._done = True
-        return self._client._finish(self._conn, self._id, self._method, self._timeout, into)
+        try:
+            return self._client._finish(self._conn, self._id, self._method, self._timeout, into)
+        finally:
+            if self.on_done is not None:
+                self.on_done()
 
 
 class RpcClient:
@@ -352,23 +357,35 @@ class RpcPool:
         self._lock = threading.Lock()
         self._all: list[RpcClient] = []
 
-    def call(self, method: str, args: dict | None = None, payload=(), **kw) -> Reply:
-        timeout = kw.get("timeout") or self._kwargs.get("timeout", 30.0)
-        if not self._sem.acquire(timeout=timeout):
-            raise RpcError(f"{self.host}:{self.port}: no free connection within {timeout} s")
-        try:
+    def call(self, method: str, args: dict | None = None, payload=(), *, timeout: float | None = None,
+             into=None) -> Reply:
+        """:meth:`RpcClient.call` on a free connection of the pool."""
+        return self.begin(method, args, payload, timeout=timeout).wait(into)
+
+    def begin(self, method: str, args: dict | None = None, payload=(), *,
+              timeout: float | None = None) -> PendingCall:
+        """:meth:`RpcClient.begin` on a free connection; it returns to the pool at ``wait()``."""
+        t = timeout or self._kwargs.get("timeout", 30.0)
+        if not self._sem.acquire(timeout=t):
+            raise RpcError(f"{self.host}:{self.port}: no free connection within {t} s")
+        with self._lock:
+            client = self._free.pop() if self._free else None
+            if client is None:
+                client = RpcClient(self.host, self.port, **self._kwargs)
+                self._all.append(client)
+
+        def give_back() -> None:
             with self._lock:
-                client = self._free.pop() if self._free else None
-                if client is None:
-                    client = RpcClient(self.host, self.port, **self._kwargs)
-                    self._all.append(client)
-            try:
-                return client.call(method, args, payload, **kw)
-            finally:
-                with self._lock:
-                    self._free.append(client)
-        finally:
+                self._free.append(client)
             self._sem.release()
+
+        try:
+            pending = client.begin(method, args, payload, timeout=timeout)
+        except BaseException:
+            give_back()
+            raise
+        pending.on_done = give_back
+        return pending
 
     def close(self) -> None:
         with self._lock:

@@ -9,7 +9,17 @@ import zlib
 import numpy as np
 import pytest
 
-from network import NoSuchMethod, RemoteError, Reply, RpcClient, RpcError, RpcPool, RpcServer, TransportError, ping
+from network import (
+    NoSuchMethod,
+    RemoteError,
+    Reply,
+    RpcClient,
+    RpcError,
+    RpcPool,
+    RpcServer,
+    TransportError,
+    ping,
+)
 
 
 @pytest.fixture
@@ -158,3 +168,14 @@ def test_split_phase_call_overlaps_caller_work(server):
         with pytest.raises(RemoteError, match="KeyError"):
             p2.wait()
         assert c.call("echo", {}, b"x").result["n"] == 1
+
+
+def test_pool_split_phase_returns_connection_at_wait(server):
+    pool = RpcPool(*server.address, size=1, timeout=2)
+    p = pool.begin("slow", {"s": 0.05})
+    # the only connection is busy until wait(): another begin times out with a clear error
+    with pytest.raises(RpcError, match="no free connection"):
+        pool.begin("slow", {"s": 0.0}, timeout=0.2)
+    assert p.wait().result == "done"
+    assert pool.call("slow", {"s": 0.0}).result == "done"
+    pool.close()
