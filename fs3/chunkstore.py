@@ -232,16 +232,7 @@ class ChunkStore:
             n = os.readv(fd, [buf])
         finally:
             os.close(fd)
-        view = memoryview(buf)
-        try:
-            _c, _k, version, _cv, length, crc = _parse(view[:HEADER_SIZE])
-        except ValueError:
-            raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x}: damaged header in {path}",
-                               target=self.target) from None
-        data = view[HEADER_SIZE:HEADER_SIZE + length]
-        if n < HEADER_SIZE + length or crc32c(data) != crc:
-            raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} v{version}: CRC32C mismatch "
-                               f"in {path} (data damaged on disk)", target=self.target)
+        data, version, _crc = self._verified(memoryview(buf), n, chain, chunk, path)
         return data, version
 
     def read_mapped(self, chain: int, chunk: int, *, pending: bool = False) -> tuple[memoryview, int, int]:
@@ -263,14 +254,19 @@ class ChunkStore:
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        view = memoryview(mm)
+        return self._verified(memoryview(mm), size, chain, chunk, path)
+
+    def _verified(self, view: memoryview, n: int, chain: int, chunk: int, path: str
+                  ) -> tuple[memoryview, int, int]:
+        """The data of a chunk file's ``n`` bytes in ``view``, its version and CRC, after checking both
+        the header and the CRC32C (ChunkCorrupt otherwise: damaged bytes are never returned)."""
         try:
             _c, _k, version, _cv, length, crc = _parse(view[:HEADER_SIZE])
         except ValueError:
             raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x}: damaged header in {path}",
                                target=self.target) from None
         data = view[HEADER_SIZE:HEADER_SIZE + length]
-        if size < HEADER_SIZE + length or crc32c(data) != crc:
+        if n < HEADER_SIZE + length or crc32c(data) != crc:
             raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} v{version}: CRC32C mismatch "
                                f"in {path} (data damaged on disk)", target=self.target)
         return data, version, crc
