@@ -10,6 +10,7 @@ import traceback
 import pytest
 
 torch = pytest.importorskip("torch")
+from _haiscale_checks import ATOL, RTOL, assert_close_dicts  # noqa: E402
 from torch import nn  # noqa: E402
 
 import haiscale  # noqa: E402
@@ -18,7 +19,6 @@ from haiscale.errors import DeviceError, NotInitializedError, UsageError  # noqa
 
 WORLD = 2
 STEPS = 3
-ATOL, RTOL = 2e-5, 1e-4
 
 
 # -- models and data, shared by the workers and the single-process reference ----------------------
@@ -235,11 +235,6 @@ def ddp_run(tmp_path_factory):
     haiscale.spawn(ddp_worker, args=(str(out),), nprocs=WORLD, timeout=180)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
-
-def assert_close_dicts(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("kind", ["mlp", "transformer", "unused"])

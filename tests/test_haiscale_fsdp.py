@@ -11,6 +11,7 @@ import traceback
 import pytest
 
 torch = pytest.importorskip("torch")
+from _haiscale_checks import assert_close_dicts  # noqa: E402
 from torch import nn  # noqa: E402
 
 import haiscale  # noqa: E402
@@ -24,7 +25,6 @@ from haiscale.fsdp import (  # noqa: E402
 
 WORLD = 2
 STEPS = 3
-ATOL, RTOL = 2e-5, 1e-4
 
 
 class Net(nn.Module):
@@ -216,11 +216,6 @@ def fsdp_run(tmp_path_factory):
     haiscale.spawn(fsdp_worker, args=(str(out),), nprocs=WORLD, timeout=180)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], out
 
-
-def assert_close_dicts(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_ddp_yardstick_matches_one_process(fsdp_run):

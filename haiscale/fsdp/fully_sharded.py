@@ -271,15 +271,10 @@ class FullyShardedDataParallel(nn.Module):
                 unit.optimizer.zero_grad(set_to_none=True)
 
     def _finish_backward(self) -> None:
-        sh = self._shared
         try:
             self._step_pending()
         finally:
-            sh.callback_queued = False
-            sh.in_backward = False
-            for u in sh.units:
-                u.unit.reshard()
-                u.unit.forget_step()
+            self._end_backward()
 
     def _abort_backward(self) -> None:
         """Wait for the collectives of a backward that raised (every rank issued the same ones)
@@ -290,11 +285,16 @@ class FullyShardedDataParallel(nn.Module):
             for _unit, work, _out, _g in pending:
                 self.comm.wait(work, "reduce-scatter of FSDP gradients")
         finally:
-            sh.callback_queued = False
-            sh.in_backward = False
-            for u in sh.units:
-                u.unit.reshard()
-                u.unit.forget_step()
+            self._end_backward()
+
+    def _end_backward(self) -> None:
+        """Leave the backward state: every unit resharded and its per-step bookkeeping dropped."""
+        sh = self._shared
+        sh.callback_queued = False
+        sh.in_backward = False
+        for u in sh.units:
+            u.unit.reshard()
+            u.unit.forget_step()
 
     def _root(self) -> FullyShardedDataParallel:
         return next(u for u in self._shared.units if u.is_root)
