@@ -66,3 +66,23 @@ def pg_url(pg_server_url):
     with admin.connect() as c:
         c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+# HAI-Platform's scheduler database, on both backends (the API and DB tests run on each)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """A migrated, empty scheduler database: SQLite (WAL) in tmp, or a fresh PostgreSQL database."""
+    from haiplatform.db import migrate
+
+    url = f"sqlite:///{tmp_path / 'hai.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def db(db_url):
+    from haiplatform.db import Database
+
+    d = Database(db_url)
+    yield d
+    d.dispose()

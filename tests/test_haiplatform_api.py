@@ -18,25 +18,6 @@ from network import load_cluster
 LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "deploy" / "clusters" / "local.toml"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    """A migrated, empty scheduler database: SQLite (WAL) in tmp, or a fresh PostgreSQL database."""
-    from haiplatform.db import migrate
-
-    url = f"sqlite:///{tmp_path / 'hai.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    migrate(url)
-    return url
-
-
-@pytest.fixture
-def db(db_url):
-    from haiplatform.db import Database
-
-    d = Database(db_url)
-    yield d
-    d.dispose()
-
-
 @pytest.fixture
 def api(db, tmp_path):
     cfg = HaiConfig(state_dir=tmp_path / "state", admin_token="admin-tok", cluster_secret="cluster-secret")

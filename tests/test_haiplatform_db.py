@@ -11,25 +11,6 @@ from haiplatform.db import HEAD_REVISION, Database, Event, event_row, migrate
 from haiplatform.errors import DatabaseError
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    """A migrated, empty scheduler database: SQLite (WAL) in tmp, or a fresh PostgreSQL database."""
-    from haiplatform.db import migrate
-
-    url = f"sqlite:///{tmp_path / 'hai.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    migrate(url)
-    return url
-
-
-@pytest.fixture
-def db(db_url):
-    from haiplatform.db import Database
-
-    d = Database(db_url)
-    yield d
-    d.dispose()
-
-
 def test_migrations_are_idempotent_and_at_head(db_url):
     migrate(db_url)  # the fixture migrated once already
     d = Database(db_url)
