@@ -51,7 +51,8 @@ from network.topology import Cluster, dump_cluster
 
 from .services import kind_of
 
-__all__ = ["LocalCluster", "LauncherError", "ServiceFailed", "ProcInfo", "check_health", "default_run_dir", "pid_alive"]
+__all__ = ["LocalCluster", "LauncherError", "ServiceFailed", "ProcInfo", "check_health", "default_run_dir", "health_of",
+           "pid_alive"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,12 @@ def check_health(how: str, addr: str, port: int) -> bool:
         raise
     except Exception:
         return False
+
+
+def health_of(cluster: Cluster, module: str) -> str:
+    """The health check of ``module``: the ``[[service]]`` entry's ``health``, else its kind's."""
+    svc = cluster.service(module)
+    return (svc.options.get("health") if svc else None) or kind_of(module).health
 
 
 class LocalCluster:
@@ -248,13 +255,13 @@ class LocalCluster:
         info = ProcInfo(module, node, addr, svc.port, proc.pid, str(logpath))
         self.info[key] = info
         if wait:
-            self.wait_healthy(key, svc.options.get("health", kind.health))
+            self.wait_healthy(key)
         return info
 
     def wait_healthy(self, key: str, how: str | None = None, timeout: float | None = None) -> None:
         info = self.info[key]
         proc = self.procs[key]
-        how = how or kind_of(info.module).health
+        how = how or health_of(self.cluster or self.source, info.module)
         deadline = time.monotonic() + (timeout or self.health_timeout)
         delay = 0.02
         while True:
@@ -325,14 +332,12 @@ class LocalCluster:
         out = []
         for key, info in self.info.items():
             proc = self.procs.get(key)
-            if proc is None:
-                pass
-            elif proc.poll() is not None:
-                info.state, info.returncode = f"exited({proc.returncode})", proc.returncode
-            else:
-                how = (self.cluster.service(info.module).options.get("health")
-                       if self.cluster else None) or kind_of(info.module).health
-                info.state = "healthy" if check_health(how, info.address, info.port) else "unhealthy"
+            if proc is not None:  # None: stopped by down()
+                if proc.poll() is not None:
+                    info.state, info.returncode = f"exited({proc.returncode})", proc.returncode
+                else:
+                    how = health_of(self.cluster or self.source, info.module)
+                    info.state = "healthy" if check_health(how, info.address, info.port) else "unhealthy"
             out.append(info)
         return out
 
@@ -480,11 +485,13 @@ def cluster_status(cluster_file: str, run_dir: Path | None = None) -> dict:
     st = _read_state(run_dir)
     if not st or not pid_alive(st.get("supervisor_pid", -1)):
         return {"state": "down", "cluster": c.name, "run_dir": str(run_dir), "services": []}
+    resolved = Path(st.get("cluster_file") or "")
+    live = load_cluster(resolved) if resolved.is_file() else c
     for svc in st.get("services", []):
         if svc.get("pid") and not pid_alive(svc["pid"]):
             svc["state"] = "exited"
             continue
-        how = kind_of(svc["module"]).health
+        how = health_of(live, svc["module"])
         svc["state"] = "healthy" if check_health(how, svc["address"], svc["port"]) else "unhealthy"
     st["run_dir"] = str(run_dir)
     return st

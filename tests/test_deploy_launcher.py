@@ -179,3 +179,14 @@ def test_cli_bad_cluster_file(tmp_path):
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 1
     assert f"{f}: leaf[0] (l).zone: unknown zone 'q'" in r.stderr
+
+
+def test_health_override_from_the_service_entry(tmp_path):
+    # the same never-answering service passes when its [[service]] entry says health = "none"
+    (tmp_path / "sleepy.py").write_text("import time\ntime.sleep(120)\n")
+    f = _probe_only(tmp_path, [{"module": "sleepy", "nodes": ["n2"], "port": 0, "health": "none"}], "c.toml")
+    with LocalCluster(f, tmp_path / "run", ports="auto", health_timeout=5,
+                      env={"PYTHONPATH": str(tmp_path)}) as lc:
+        assert lc.info["sleepy@n2"].state == "healthy"
+        assert {i.key: i.state for i in lc.status()}["sleepy@n2"] == "healthy"
+    assert _procs_mentioning(str(tmp_path / "run")) == []
