@@ -255,10 +255,11 @@ class Agent:
             p = self.procs.get(key)
             if w["desired"] == "run":
                 if p is None and key not in self.finished and w["status"] == "created":
-                    if not w["master_port"] and w["nodes"][0] == self.node.name:
-                        w["master_port"] = port_reports.get(w["job_id"]) or _free_port(self.node.address)
-                        port_reports[w["job_id"]] = w["master_port"]
-                        if len(w["nodes"]) > 1:  # the other nodes wait for it: tell the API first
+                    if not w["master_port"] and w["job_id"] in port_reports:  # another local rank's pick
+                        w["master_port"] = port_reports[w["job_id"]]
+                    elif not w["master_port"] and w["nodes"][0] == self.node.name:
+                        w["master_port"] = port_reports[w["job_id"]] = _free_port(self.node.address)
+                        if len(w["nodes"]) > 1:  # the other nodes wait for it: tell the API first (once)
                             try:
                                 self.api.request("POST", "/v1/agent/report", json={
                                     "node": self.node.name, "epoch": self.epoch,

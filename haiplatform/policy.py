@@ -184,7 +184,10 @@ def node_health(snap: Snapshot, cfg: PolicyConfig) -> list[Decision]:
 
 def _final_status(job: JobView, ranks: Iterable[RankView]) -> tuple[str, int | None]:
     ranks = list(ranks)
-    codes = [r.exit_code for r in ranks if r.exit_code not in (None, 0)]
+    # the job's exit code is the first rank that failed on its own, not a rank the scheduler then
+    # killed (SIGTERM: -15) to stop the job
+    failed = [r.exit_code for r in ranks if r.status == RankStatus.FAILED and r.exit_code not in (None, 0)]
+    codes = failed or [r.exit_code for r in ranks if r.exit_code not in (None, 0)]
     exit_code = codes[0] if codes else (0 if ranks and all(r.exit_code == 0 for r in ranks) else None)
     code = job.stop_code
     if code & StopCode.INTERRUPT:
