@@ -3,9 +3,9 @@
 [Note: split phase] A hop must store the pending version and forward the same bytes. A plain
 ``RpcClient.call`` sends and then waits, so overlapping the local write with the successor's
 work would need a helper thread (two thread switches per hop, which cost more than the write on
-a busy machine). :class:`Forwarder` uses ``RpcClient.begin``: it sends the request, runs the local
-write in the calling thread while the successor works on it, then waits for the reply. The
-successor is an ordinary ``RpcServer``.
+a busy machine). :func:`call_overlapped` uses ``RpcPool.begin`` on the server's one pool per
+peer: it sends the request, runs the local write in the calling thread while the successor works
+on it, then waits for the reply. The successor is an ordinary ``RpcServer``.
 """
 
 from __future__ import annotations
@@ -13,54 +13,39 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from network import NoSuchMethod, RemoteError, RpcPool, TrafficClass
+from network import NoSuchMethod, RemoteError, RpcPool
 
-__all__ = ["Forwarder"]
+__all__ = ["call_overlapped"]
 
 
-class Forwarder:
-    """Up to ``size`` connections to one successor; thread-safe."""
+def call_overlapped(pool: RpcPool, method: str, args: dict, payload: list,
+                    during: Callable[[], Any]) -> tuple[Any, Any]:
+    """Send the request on ``pool``, run ``during()``, receive the reply: ``(result, during's value)``.
 
-    def __init__(self, host: str, port: int, *, source: str | None = None, timeout: float = 60.0,
-                 connect_timeout: float = 3.0, size: int = 16) -> None:
-        self.host, self.port = host, port
-        self._pool = RpcPool(host, port, size=size, timeout=timeout, connect_timeout=connect_timeout,
-                             traffic_class=TrafficClass.STORAGE, source=source)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def call(self, method: str, args: dict, payload: list, during: Callable[[], Any]) -> tuple[Any, Any]:
-        """Send the request, run ``during()``, receive the reply: ``(result, during's value)``.
-
-        ``during`` runs whether or not the send worked (the local write of a hop happens either
-        way); its exception, if any, is raised after the reply was consumed (and before the
-        successor's own error). Transport failures raise ``network.TransportError`` (no free
-        connection in time: ``network.RpcError``), a handler's error ``network.RemoteError``.
-        """
-        pending = send_error = None
-        try:
-            pending = self._pool.begin(method, args, payload)
-        except BaseException as exc:  # noqa: BLE001 - raised after the local work
-            send_error = exc
-        local_error: BaseException | None = None
-        value = None
-        try:
-            value = during()
-        except BaseException as exc:  # noqa: BLE001 - raised after the reply
-            local_error = exc
-        if send_error is not None:
-            raise send_error
-        try:
-            reply = pending.wait()
-        except (RemoteError, NoSuchMethod):
-            if local_error is not None:
-                raise local_error from None
-            raise
+    ``during`` runs whether or not the send worked (the local write of a hop happens either way);
+    its exception, if any, is raised after the reply was consumed (and before the successor's own
+    error). Transport failures raise ``network.TransportError`` (no free connection in time:
+    ``network.RpcError``), a handler's error ``network.RemoteError``.
+    """
+    pending = send_error = None
+    try:
+        pending = pool.begin(method, args, payload)
+    except BaseException as exc:  # noqa: BLE001 - raised after the local work
+        send_error = exc
+    local_error: BaseException | None = None
+    value = None
+    try:
+        value = during()
+    except BaseException as exc:  # noqa: BLE001 - raised after the reply
+        local_error = exc
+    if send_error is not None:
+        raise send_error
+    try:
+        reply = pending.wait()
+    except (RemoteError, NoSuchMethod):
         if local_error is not None:
-            raise local_error
-        return reply.result, value
-
-    def close(self) -> None:
-        self._pool.close()
+            raise local_error from None
+        raise
+    if local_error is not None:
+        raise local_error
+    return reply.result, value

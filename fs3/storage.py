@@ -51,7 +51,7 @@ from .errors import (
     StorageError,
     from_remote,
 )
-from .forward import Forwarder
+from .forward import call_overlapped
 from .routing import SERVING, SYNCING, Routing
 
 __all__ = ["StorageServer", "main"]
@@ -125,7 +125,6 @@ class StorageServer:
         self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0}
         self._repairing: set[tuple[int, int, int]] = set()
         self._resyncing: set[tuple[int, int, int]] = set()
-        self._forwarders: dict[tuple[str, int], Forwarder] = {}
         self._stop = threading.Event()
         self.server = RpcServer(address, port, name=f"fs3.storage@{node}", traffic_class=TrafficClass.STORAGE)
         s = self.server
@@ -170,8 +169,6 @@ class StorageServer:
         for p in list(self._pools.values()):
             p.close()
         self.mgmtd.close()
-        for f in list(self._forwarders.values()):
-            f.close()
 
     def _payload_buffer(self, args: dict, nbytes: int):
         # [Note: receive into a reused buffer] The payload lands in a per-thread buffer: the
@@ -262,17 +259,6 @@ class StorageServer:
                              current=c["version"])
         return r, tid, state
 
-    def _forwarder(self, node: str, r: Routing) -> Forwarder:
-        n = r.nodes[node]
-        key = (n["address"], n["port"])
-        f = self._forwarders.get(key)
-        if f is None:
-            with self._pools_lock:
-                f = self._forwarders.get(key)
-                if f is None:
-                    f = self._forwarders[key] = Forwarder(*key, source=self.address, timeout=self.io_timeout)
-        return f
-
     def _pool(self, node: str, r: Routing) -> RpcPool:
         n = r.nodes[node]
         key = (n["address"], n["port"])
@@ -313,7 +299,11 @@ class StorageServer:
         with self.locks.hold((tid, chain, chunk), self.lock_timeout):
             cached = self._dedup.get(key) if key[1] else None
             if cached is not None:
-                if cached[0] == seq:
+                # a forwarded retry may carry a new version (the head re-numbered it after a lost
+                # ack): the cached answer is for the old one, so apply it instead (the version
+                # checks of the write path recognise a true repeat)
+                repeat = not fwd or op != "write" or cached[1].get("version") == int(args.get("ver", -1))
+                if cached[0] == seq and repeat:
                     return cached[1]
                 if seq < cached[0]:
                     raise StaleRequest(f"{self.node}: request {seq} on channel {key[2]} of client {key[1]} is "
@@ -338,7 +328,11 @@ class StorageServer:
                 else:
                     content = payload
             else:
-                old, _ = store.read(chain, chunk)
+                try:
+                    old, _ = store.read(chain, chunk)
+                except ChunkCorrupt as exc:  # the head's own copy: report it and have it repaired
+                    self._report_corrupt(store.target, chain, chunk, str(exc))
+                    raise
                 content = bytearray(max(len(old), off + len(payload)))
                 content[:len(old)] = old
                 content[off:off + len(payload)] = payload
@@ -365,8 +359,8 @@ class StorageServer:
                      "client": args.get("client", ""), "channel": args.get("channel", 0),
                      "seq": args.get("seq", 0), "ver": ver, "crc": crc, "fwd": True}
             try:
-                rep, _ = self._forwarder(r.node_of(succ), r).call(
-                    "storage.write", fargs, [content],
+                rep, _ = call_overlapped(
+                    self._pool(r.node_of(succ), r), "storage.write", fargs, [content],
                     during=lambda v=ver, c=crc: store.put(chain, chunk, v, cver, content, pending=True, crc=c))
             except RemoteError as exc:
                 err = from_remote(exc)
@@ -380,9 +374,10 @@ class StorageServer:
             except TransportError as exc:
                 raise ForwardFailed(f"{self.node}: successor target {succ} ({r.node_of(succ)}) did not "
                                     f"acknowledge chunk {chain}/{chunk:016x}: {exc}", current=cver) from None
-            if rep.get("crc") != crc:
-                raise ForwardFailed(f"{self.node}: successor {succ} stored chunk {chain}/{chunk:016x} with CRC "
-                                    f"{rep.get('crc')}, expected {crc}", current=cver)
+            if rep.get("crc") != crc or rep.get("version") != ver:
+                raise ForwardFailed(f"{self.node}: successor {succ} stored chunk {chain}/{chunk:016x} as "
+                                    f"v{rep.get('version')} CRC {rep.get('crc')}, expected v{ver} CRC {crc}",
+                                    current=cver)
             store.commit(chain, chunk, ver)
             return {"version": ver, "crc": crc}
         raise ChunkVersionConflict(f"{self.node}: chunk {chain}/{chunk:016x}: version conflict persisted")
@@ -600,8 +595,8 @@ class StorageServer:
     def h_stats(self, args: dict, payload, ctx) -> dict:
         return {"node": self.node, "incarnation": self.incarnation, "routing_version": self.routing.version,
                 **self.stats,
-                "targets": {str(t): {"chunks": len(s.meta), "bytes": sum(m.length for m in s.meta.values())}
-                            for t, s in self.stores.items()}}
+                "targets": {str(t): {"chunks": len(metas), "bytes": sum(m.length for m in metas)}
+                            for t, metas in ((t, [m for _c, _k, m in s.list()]) for t, s in self.stores.items())}}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -119,7 +119,7 @@ def test_write_and_read_back_many_chunks(fs3):
     (c0, k0), b0 = next((k, v) for k, v in data.items() if len(v) == cs)
     assert bytes(client.read(c0, k0, offset=1000, length=5000)) == b0[1000:6000]
     view = client.read(c0, k0, into=buf)
-    assert view.obj is buf or bytes(view) == b0
+    assert view.obj is buf  # received straight into the caller's buffer, no copy
     assert bytes(buf) == b0
     # overwrite, partial write, versions grow
     r2 = client.write(c0, k0, b"x" * 10)

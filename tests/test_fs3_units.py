@@ -80,7 +80,7 @@ def test_chain_table_never_puts_two_replicas_on_one_node(n, t, r):
     assert sorted(used) == sorted(ct.target_node), "every target in exactly one chain"
     for c in ct.chains:
         assert len({ct.target_node[x] for x in c}) == r
-    assert ct.balance() >= 1.0
+    assert 1.0 <= ct.balance() <= 2.0  # a failed node's load: no survivor takes more than 2x the mean
 
 
 def test_chain_table_balance_is_perfect_where_a_design_exists():
