@@ -167,9 +167,11 @@ class Reducer:
         p = self.params[i]
         view = self.views[i]
         self.grad_was_none[i] = p.grad is None
-        if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-            with torch.no_grad():
+        with torch.no_grad():
+            if p.grad is None:
                 view.zero_()  # contributes nothing locally
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)  # gradient accumulated apart (no_sync): keep it, as torch DDP does
         self._mark_ready(i)
 
     def _mark_ready(self, i: int) -> None:

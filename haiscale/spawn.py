@@ -21,6 +21,7 @@ orphan survives a killed launcher.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
@@ -118,20 +119,29 @@ def _die_with_parent() -> None:
         pass
 
 
+_TB_MAX = 16 << 10  # well under the 64 KiB a pipe holds
+
+
 def _child(fn: Callable[..., Any], local_rank: int, args: tuple, env: dict[str, str], conn: Any) -> None:
     _die_with_parent()
     os.environ.update(env)
+    def report(tb: str | None) -> None:
+        # the parent reads the pipe only after we exit: keep the message within a pipe buffer so
+        # the send never blocks, and a parent that stopped listening (join=False) is no error
+        with contextlib.suppress(OSError):
+            conn.send(tb if tb is None or len(tb) <= _TB_MAX else "...(cut)...\n" + tb[-_TB_MAX:])
+
     try:
         fn(local_rank, *args)
     except KeyboardInterrupt:
-        conn.send(None)
+        report(None)
         sys.exit(130)
     except BaseException:
         try:
-            conn.send(traceback.format_exc())
+            report(traceback.format_exc())
         finally:
             sys.exit(1)
-    conn.send(None)
+    report(None)
 
 
 def spawn(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool = True,
@@ -186,7 +196,7 @@ def spawn(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool 
                         tracebacks[i] = None
                 code = procs[i].exitcode
                 if code != 0 or tracebacks.get(i):
-                    raise ProcessFailed(i, code, tracebacks.get(i))
+                    raise ProcessFailed(int(envs[i]["RANK"]), code, tracebacks.get(i))
     finally:
         _stop_all(procs, grace)
         for c in conns:

@@ -391,3 +391,36 @@ def test_ddp_without_process_group_says_how_to_init():
 def test_ddp_rejects_non_module():
     with pytest.raises(UsageError, match="nn.Module"):
         DistributedDataParallel(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_no_sync_gradient_survives_a_step_where_the_parameter_is_unused():
+    """A parameter used only in the no_sync micro-batch keeps its accumulated gradient (torch DDP's
+    behaviour) when the synced micro-batch leaves it unused under find_unused_parameters."""
+    import hfreduce
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x, use_b):
+            return self.a(x) + (self.b(x) if use_b else 0)
+
+    hfreduce.init(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1", master_port=0)
+    try:
+        torch.manual_seed(0)
+        m, ref = M(), M()
+        ref.load_state_dict(m.state_dict())
+        d = DistributedDataParallel(m, find_unused_parameters=True)
+        x1, x2 = torch.randn(3, 4), torch.randn(3, 4)
+        with d.no_sync():
+            d(x1, True).sum().backward()
+        d(x2, False).sum().backward()
+        ref(x1, True).sum().backward()
+        ref(x2, False).sum().backward()
+        assert m.b.weight.grad.abs().sum() > 0
+        assert_close_dicts({n: p.grad for n, p in m.named_parameters()},
+                           {n: p.grad for n, p in ref.named_parameters()})
+        d.reducer.stop()
+    finally:
+        hfreduce.destroy()

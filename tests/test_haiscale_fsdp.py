@@ -336,3 +336,29 @@ def test_fsdp_rejects_double_wrap():
 
     with pytest.raises(UsageError, match="already wrapped"):
         FullyShardedDataParallel(Fake())
+
+
+def test_non_strict_full_load_keeps_a_loaded_tied_weight():
+    """head.weight is tied to tok.weight and missing from the checkpoint (as is common): the loaded
+    tok.weight must win, not the old value kept for the missing alias."""
+    import hfreduce
+
+    class T(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(5, 3)
+            self.head = nn.Linear(3, 5, bias=False)
+            self.head.weight = self.tok.weight
+
+        def forward(self, i):
+            return self.head(self.tok(i))
+
+    hfreduce.init(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1", master_port=0)
+    try:
+        f = FullyShardedDataParallel(T())
+        f.load_full_state_dict({"tok.weight": torch.ones(5, 3)}, strict=False)
+        with f.summon_full_params():
+            assert torch.equal(f.module.tok.weight, torch.ones(5, 3))
+            assert torch.equal(f.module.head.weight, torch.ones(5, 3))
+    finally:
+        hfreduce.destroy()

@@ -40,6 +40,14 @@ def sleep_long(local_rank: int) -> None:
     time.sleep(120)
 
 
+def fail_loudly(local_rank: int) -> None:
+    raise RuntimeError("x" * 300_000 + " END OF A HUGE MESSAGE")  # far more than a pipe buffer holds
+
+
+def quick(local_rank: int) -> None:
+    pass
+
+
 def _no_children_left() -> bool:
     """No training process left (multiprocessing's own resource tracker may live on)."""
     left = []
@@ -78,6 +86,21 @@ def test_spawn_reports_a_hard_exit():
         haiscale.spawn(exit_hard, nprocs=2, timeout=60, grace=2)
     assert ei.value.rank == 0 and ei.value.exitcode == 7
     assert _no_children_left()
+
+
+def test_spawn_reports_a_huge_traceback_instead_of_hanging():
+    # the child's report used to block on a full pipe the parent reads only after the exit
+    with pytest.raises(ProcessFailed) as ei:
+        haiscale.spawn(fail_loudly, nprocs=1, timeout=60, grace=2)
+    assert "END OF A HUGE MESSAGE" in str(ei.value) and "(cut)" in str(ei.value)
+    assert _no_children_left()
+
+
+def test_spawn_without_join_children_exit_cleanly():
+    procs = haiscale.spawn(quick, nprocs=2, join=False)
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
 
 
 def test_spawn_timeout_stops_everything():

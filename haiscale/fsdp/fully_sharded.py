@@ -376,8 +376,10 @@ class FullyShardedDataParallel(nn.Module):
                     unit.unshard()
                     cur = unit.full.clone()
                     unit.reshard()
+                    # a tied alias shares its first name's storage: keep only slots no name loaded
+                    loaded = {i.offset for i in unit.infos if i.fqn in sd}
                     for info in unit.infos:
-                        if info.fqn not in sd:
+                        if info.fqn not in sd and info.offset not in loaded:
                             full[info.offset : info.offset + info.numel].copy_(cur[info.offset : info.offset + info.numel])
                 unit.flat_shard.copy_(unit.shard_slice(full))
             for name, mod, attr in self._buffer_names:
