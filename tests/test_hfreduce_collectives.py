@@ -110,8 +110,14 @@ def test_allreduce_every_dtype_op_and_size(nodes, per_node):
 @pytest.mark.parametrize("nodes,per_node", [(1, 3), (2, 2)])
 def test_python_pipeline_loop_with_c_kernels(nodes, per_node):
     """The reference loop (device backends and the fallback run it) stays correct on its own."""
-    res = run(w_allreduce_matrix, nodes=nodes, per_node=per_node, env={**ENV, "HFREDUCE_PIPELINE": "python"})
+    env = {**ENV, "HFREDUCE_PIPELINE": "python"}
+    res = run(w_allreduce_matrix, nodes=nodes, per_node=per_node, env=env)
     assert res.values() == [[]] * (nodes * per_node)
+    assert set(run(w_pipeline, nodes=nodes, per_node=per_node, env=env).values()) == {"python"}
+
+
+def w_pipeline(pg):
+    return pg.info()["pipeline"]
 
 
 def w_allreduce_256mib(pg):
@@ -250,6 +256,21 @@ def test_numpy_fallback_is_chosen_and_correct():
     assert {k[0] for k in kinds} == {"numpy"}
 
 
+def test_kernel_choice_is_read_from_the_environment():
+    # a fresh process, so hfreduce reads HFREDUCE_KERNEL itself (the test harness selects it too)
+    import subprocess
+    import sys
+
+    code = "import hfreduce; print(hfreduce.info()['kernel'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HFREDUCE_KERNEL": "numpy"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "numpy", out.stderr
+    default = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in os.environ.items()
+                                                                if k != "HFREDUCE_KERNEL"},
+                             capture_output=True, text=True, timeout=60)
+    assert default.stdout.strip() == hfreduce.kernels.KERNEL
+
+
 def test_info_describes_the_group():
     vals = run(w_info, nodes=2, per_node=2).values()
     assert [v[0] for v in vals] == [hfreduce.kernels.KERNEL] * 4
@@ -319,9 +340,8 @@ def test_killed_rank_raises_on_every_survivor(nodes, per_node, victim):
             continue
         assert r.error is None, r.traceback
         kind, rank, node, elapsed, again, msg = r.value
-        assert kind in ("PeerFailed", "HFReduceTimeout"), msg
         assert kind == "PeerFailed", msg
-        assert (rank, node) == (victim, vnode) or (node == vnode and rank is not None), msg
+        assert (rank, node) == (victim, vnode), msg  # names the rank that died, not a neighbour
         assert elapsed < 3 * gt + 5, f"the error came after {elapsed:.1f} s"
         assert again is not None  # the group stays failed
 
