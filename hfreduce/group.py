@@ -582,8 +582,25 @@ class ProcessGroup:
         self._attach_device(spec)
         work = self._engine.submit(spec)
         if not async_op:
-            work.wait()
+            self._wait(work)
         return work
+
+    def _wait(self, work: Work, timeout: float | None = None) -> None:
+        """Wait for ``work``; never forever.
+
+        [Note: bounded synchronous waits] Every stage of a collective has its own deadline (the
+        group timeout, which turns a dead or stuck peer into an error), so a long operation is
+        not cut short here. This loop is the backstop: each group-timeout slice it checks that
+        the engine thread is still there to finish the work; if it is gone (destroyed group,
+        crashed engine), the caller gets an error instead of a wait without end.
+        """
+        if timeout is not None:
+            work.wait(timeout)
+            return
+        while not work._event.wait(self.timeout):
+            if self._destroyed or not self._engine._thread.is_alive():
+                raise HFReduceError(f"{work.spec.name}: the engine stopped before the operation finished")
+        work.wait()  # completed: raises its error, if any
 
     def _spec(self, kind: int, nbytes: int, dtype: int, op: ReduceOp | int = ReduceOp.SUM, root: int = -1,
               bitwise: bool = False, **kw) -> OpSpec:
@@ -680,7 +697,7 @@ class ProcessGroup:
     def barrier(self, timeout: float | None = None) -> None:
         """Return when every rank has called barrier (raise HFReduceTimeout after ``timeout`` s)."""
         work = self._submit(self._spec(BARRIER, 0, K.DT_U8, bitwise=True), async_op=True)
-        work.wait(timeout)
+        self._wait(work, timeout)
 
     # -- registered buffers ------------------------------------------------------------------
     def empty(self, shape, dtype=np.float32) -> np.ndarray:
