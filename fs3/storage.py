@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from contextlib import contextmanager
 
 from network import RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
@@ -58,6 +59,7 @@ __all__ = ["StorageServer", "main"]
 
 log = logging.getLogger(__name__)
 _tls = threading.local()
+_DEDUP_MAX = 65536  # remembered (client, channel) pairs per server: retries come within seconds
 
 
 class _QuietFs3Errors(logging.Filter):
@@ -117,7 +119,9 @@ class StorageServer:
         self.stores: dict[int, ChunkStore] = {}
         self._stores_lock = threading.Lock()
         self.locks = _ChunkLocks()
-        self._dedup: dict[tuple, tuple[int, dict]] = {}
+        # (target, client, channel) -> (seq, result) of the last update, least recently used first;
+        # bounded: every client process brings new channels
+        self._dedup: OrderedDict[tuple, tuple[int, dict]] = OrderedDict()
         self._pools: dict[tuple[str, int], RpcPool] = {}
         self._pools_lock = threading.Lock()
         self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
@@ -314,8 +318,15 @@ class StorageServer:
             else:
                 result = self._write_chain(r, ws, pos, args, chain, cver, chunk, off, payload, store, state)
             if key[1]:
-                self._dedup[key] = (seq, result)
+                self._remember(key, seq, result)
             return result
+
+    def _remember(self, key: tuple, seq: int, result: dict) -> None:
+        with self._stores_lock:
+            self._dedup[key] = (seq, result)
+            self._dedup.move_to_end(key)
+            while len(self._dedup) > _DEDUP_MAX:
+                self._dedup.popitem(last=False)
 
     def _write_chain(self, r, ws, pos, args, chain, cver, chunk, off, payload, store, state) -> dict:
         m = store.get(chain, chunk)

@@ -88,6 +88,7 @@ class _Pending:
     io: ReadIO
     index: int
     excluded: set = field(default_factory=set)
+    corrupt: set = field(default_factory=set)  # targets whose copy failed its checksum
 
 
 class ChunkClient:
@@ -355,6 +356,8 @@ class ChunkClient:
                     if isinstance(res, ChunkNotFound | ClientError):
                         raise res
                     last[p.index] = res
+                    if isinstance(res, ChunkCorrupt):
+                        p.corrupt.add(t)
                     if not isinstance(res, ChunkNotCommitted):
                         p.excluded.add(t)
                         self.stats["replica_failovers"] += 1
@@ -371,7 +374,7 @@ class ChunkClient:
             for p in retry:
                 if not [t for t in r.serving(p.io.chain) if t not in p.excluded]:
                     refresh = True
-                    p.excluded = {t for t in p.excluded if isinstance(last.get(p.index), ChunkCorrupt)}
+                    p.excluded = set(p.corrupt)  # copies known to be corrupt stay out; the rest get another try
             if refresh or any(isinstance(last.get(p.index), ChunkNotCommitted | TransportError) for p in retry):
                 self.stats["retries"] += 1
                 time.sleep(delay)
