@@ -113,7 +113,9 @@ import os, sys, numpy as np, hfreduce
 pg = hfreduce.init(timeout=20)
 a = np.full(1000, pg.rank + 1.0, np.float32)
 hfreduce.allreduce(a)
-print("RESULT", pg.rank, pg.local_rank, pg.node, len(pg.info()["nodes"]), float(a[0]), flush=True)
+# one write per line: under mpirun (unbuffered stdout) print's separate pieces of two ranks interleave
+sys.stdout.write(f"RESULT {pg.rank} {pg.local_rank} {pg.node} {len(pg.info()['nodes'])} {float(a[0])}\\n")
+sys.stdout.flush()
 hfreduce.destroy()
 """
 
