@@ -17,11 +17,11 @@ from .errors import (
 )
 from .rpc import CallContext, Reply, RpcClient, RpcPool, RpcServer, ping
 from .topology import Cluster, Node, Service, dump_cluster, load_cluster
-from .transport import Connection, Listener, TrafficClass, connect, listen
+from .transport import Connection, FileRegion, Listener, TrafficClass, connect, listen
 
 __all__ = [
-    "CallContext", "Cluster", "ClusterFileError", "ConnectError", "Connection", "Listener", "NetworkError",
-    "Node", "NoSuchMethod", "PeerClosed", "ProtocolError", "RemoteError", "Reply", "RpcClient", "RpcError",
-    "RpcPool", "RpcServer", "Service", "TrafficClass", "TransportError", "TransportTimeout", "connect",
-    "dump_cluster", "listen", "load_cluster", "ping",
+    "CallContext", "Cluster", "ClusterFileError", "ConnectError", "Connection", "FileRegion", "Listener",
+    "NetworkError", "Node", "NoSuchMethod", "PeerClosed", "ProtocolError", "RemoteError", "Reply", "RpcClient",
+    "RpcError", "RpcPool", "RpcServer", "Service", "TrafficClass", "TransportError", "TransportTimeout",
+    "connect", "dump_cluster", "listen", "load_cluster", "ping",
 ]

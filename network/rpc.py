@@ -5,7 +5,9 @@ whose payload is raw bytes (file chunks, tensors); the response is one frame wit
 ``{"i": id, "r": result}`` or ``{"i": id, "e": {"kind", "msg", "data"}}`` and its own payload.
 
 Server side, a handler is ``fn(args: dict, payload: memoryview, ctx: CallContext)`` and returns
-a result (anything msgpack can encode) or ``Reply(result, payload_buffers)``. A handler may
+a result (anything msgpack can encode) or ``Reply(result, payload_parts, done)``: the parts are
+buffers or ``transport.FileRegion`` byte ranges of open files (sent with ``sendfile``), and
+``done`` runs once the reply was sent or failed (it closes those files). A handler may
 register a ``payload_into(args, nbytes)`` hook that returns the buffer the request payload should
 land in (a storage server receives a chunk straight into its write buffer).
 
@@ -43,10 +45,16 @@ Handler = Callable[[dict, memoryview, "CallContext"], Any]
 
 @dataclass
 class Reply:
-    """A handler's answer with a payload (or a client's received answer)."""
+    """A handler's answer with a payload (or a client's received answer).
+
+    Sent by a handler: ``payload`` is a buffer or a list of buffers and ``FileRegion`` parts, and
+    ``done`` (if any) runs after the reply was sent or failed. Received by a client: ``payload``
+    is one memoryview, or a list of them when the call received into a list of buffers.
+    """
 
     result: Any = None
     payload: list | memoryview = field(default_factory=list)
+    done: Callable[[], None] | None = None
 
 
 @dataclass
@@ -215,9 +223,13 @@ class RpcServer:
             result, bufs = out.result, out.payload
             if isinstance(bufs, memoryview | bytes | bytearray):
                 bufs = [bufs]
+            try:
+                conn.send(_pack({"i": call_id, "r": result}), *bufs)
+            finally:
+                if out.done is not None:
+                    out.done()
         else:
-            result, bufs = out, []
-        conn.send(_pack({"i": call_id, "r": result}), *bufs)
+            conn.send(_pack({"i": call_id, "r": out}))
 
     def _send_error(self, conn: Connection, call_id: int, kind: str, msg: str, data: dict | None = None) -> None:
         conn.send(_pack({"i": call_id, "e": {"kind": kind, "msg": msg, "data": data or {}}}))
@@ -272,8 +284,12 @@ class RpcClient:
         """Call ``method`` and wait for its reply.
 
         ``payload`` is a buffer or a list of buffers sent after the header. ``into``, when given,
-        is a writable buffer the reply payload is received into (no allocation); otherwise the
-        reply payload is a fresh memoryview. Raises :class:`RemoteError` when the handler raised,
+        is where the reply payload is received (no allocation, no copy): a writable buffer, a
+        list of writable buffers filled in order (a scatter receive; the reply's payload is then
+        the list of filled views), or a function ``into(result, nbytes)`` that returns either
+        (or None for fresh memory) once the reply's result is known: a batch reply whose result
+        gives each item's length lands every item in its own buffer. Without ``into`` the reply
+        payload is a fresh memoryview. Raises :class:`RemoteError` when the handler raised,
         :class:`NoSuchMethod`, or a :class:`TransportError` when the call could not complete.
         """
         return self.begin(method, args, payload, timeout=timeout).wait(into)
@@ -308,10 +324,14 @@ class RpcClient:
             resp = _unpack(header)
             if resp.get("i") != call_id:
                 raise ProtocolError(f"{self.address}: reply to call {resp.get('i')} while waiting for {call_id}")
-            if into is not None and plen:
+            if callable(into) and plen and "e" not in resp:
+                into = into(resp.get("r"), plen)
+            if isinstance(into, list | tuple) and plen:
                 conn.recv_payload_into(into, plen, timeout=t)
-                body: memoryview = memoryview(into).cast("B")[:plen] if not isinstance(into, memoryview) \
-                    else into[:plen]
+                body = _filled(into, plen)
+            elif into is not None and not callable(into) and plen:
+                conn.recv_payload_into(into, plen, timeout=t)
+                body = memoryview(into).cast("B")[:plen] if not isinstance(into, memoryview) else into[:plen]
             elif plen:
                 buf = bytearray(plen)
                 conn.recv_payload_into(buf, plen, timeout=t)
@@ -393,6 +413,17 @@ class RpcPool:
                 c.close()
             self._all.clear()
             self._free.clear()
+
+
+def _filled(bufs, nbytes: int) -> list[memoryview]:
+    """The views of ``bufs`` that a scatter receive of ``nbytes`` filled, in order."""
+    out = []
+    for b in bufs:
+        v = memoryview(b).cast("B") if not isinstance(b, memoryview) else b.cast("B")
+        v = v[:nbytes]
+        out.append(v)
+        nbytes -= v.nbytes
+    return out
 
 
 def ping(host: str, port: int, timeout: float = 2.0) -> dict:

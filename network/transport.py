@@ -9,9 +9,11 @@ A frame is a 16-byte prefix, a header and a payload::
 
 The header is small (a msgpack map for :mod:`network.rpc`, a struct for hfreduce); the payload is
 bulk data. Sending gathers the prefix, header and every payload buffer into one ``sendmsg`` call
-(no concatenation, no copy in Python). Receiving reads small frames with one ``recv`` into an
-internal buffer and receives a large payload straight into the caller's buffer with
-``recv_into`` on a memoryview.
+(no concatenation, no copy in Python); a payload part may also be a :class:`FileRegion`, a byte
+range of an open file that the kernel sends with ``sendfile`` (no copy through user space).
+Receiving reads small frames with one ``recv`` into an internal buffer and receives a large
+payload straight into the caller's buffer with ``recv_into`` on a memoryview, or into a list of
+caller buffers in order with ``recvmsg_into`` (a scatter receive).
 
 Every blocking call takes a timeout that bounds the whole operation (not each syscall): a peer
 that dies mid-message raises :class:`PeerClosed` at once, a peer that stops sending raises
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 import socket
 import struct
 import time
@@ -38,6 +41,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "TrafficClass",
     "Connection",
+    "FileRegion",
     "Listener",
     "Message",
     "connect",
@@ -125,6 +129,24 @@ def as_bytes(buf) -> memoryview:
     if not mv.c_contiguous:
         raise ValueError("buffer is not C-contiguous; pass a contiguous array")
     return mv.cast("B")
+
+
+@dataclass(frozen=True, slots=True)
+class FileRegion:
+    """``length`` bytes of the open file ``fd`` from ``offset``, as a payload part of :meth:`Connection.send`.
+
+    The kernel moves them from the page cache to the socket (``os.sendfile``). The caller keeps
+    ``fd`` open until the send returned. A file that turns out shorter than the region breaks the
+    frame: the send raises :class:`ProtocolError` and closes the connection.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.length
 
 
 @dataclass
@@ -247,30 +269,64 @@ class Connection:
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, header: bytes = b"", *payload, timeout: float | None | type(...) = ...) -> int:
-        """Send one frame: ``header`` and the concatenation of the ``payload`` buffers.
+        """Send one frame: ``header`` and the concatenation of the ``payload`` parts.
 
-        The buffers are handed to ``sendmsg`` as they are (scatter/gather, no copy). Returns the
-        number of payload bytes sent.
+        A part is a buffer, handed to ``sendmsg`` as it is (scatter/gather, no copy), or a
+        :class:`FileRegion`, sent with ``sendfile``. Returns the number of payload bytes sent.
         """
         if self._closed:
             raise PeerClosed(f"send to {self.peer}: connection is closed", self.peer)
         if len(header) > MAX_HEADER:
             raise ProtocolError(f"send to {self.peer}: header of {len(header)} bytes exceeds {MAX_HEADER}")
-        views = [as_bytes(p) for p in payload]
+        views = [p if isinstance(p, FileRegion) else as_bytes(p) for p in payload]
         nbytes = sum(v.nbytes for v in views)
         parts = [_PREFIX.pack(MAGIC, len(header), nbytes)]
         if header:
             parts.append(header)
         parts.extend(v for v in views if v.nbytes)
-        self._sendmsg_all(parts, _Deadline(self.timeout if timeout is ... else timeout))
+        dl = _Deadline(self.timeout if timeout is ... else timeout)
+        if not any(isinstance(p, FileRegion) for p in parts):
+            self._sendmsg_all(parts, dl)
+            return nbytes
+        # runs of buffers go out with sendmsg (MSG_MORE: the kernel may join them with the file
+        # bytes that follow), each file region with sendfile
+        run: list = []
+        for p in parts:
+            if isinstance(p, FileRegion):
+                if run:
+                    self._sendmsg_all(run, dl, socket.MSG_MORE)
+                    run = []
+                self._sendfile_all(p, dl)
+            else:
+                run.append(p)
+        if run:
+            self._sendmsg_all(run, dl)
         return nbytes
 
-    def _sendmsg_all(self, parts: list, dl: _Deadline) -> None:
+    def _sendfile_all(self, region: FileRegion, dl: _Deadline) -> None:
+        sock, fd = self._sock.fileno(), region.fd
+        off, left = region.offset, region.length
+        try:
+            while left:
+                self._arm(dl, "send to", socket.SO_SNDTIMEO)
+                n = os.sendfile(sock, fd, off, left)
+                if n == 0:
+                    self.close()  # the peer was promised bytes that do not exist: the frame is broken
+                    raise ProtocolError(f"send to {self.peer}: file ended {left} bytes short of a "
+                                        f"{region.length}-byte region at offset {region.offset}", self.peer)
+                off += n
+                left -= n
+        except BaseException as exc:  # noqa: BLE001 - rewrapped
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise self._wrap(exc, "send to") from exc
+
+    def _sendmsg_all(self, parts: list, dl: _Deadline, flags: int = 0) -> None:
         sock = self._sock
         try:
             # Fast path: one syscall moves everything when the socket buffer has room.
             self._arm(dl, "send to", socket.SO_SNDTIMEO)
-            n = sock.sendmsg(parts)
+            n = sock.sendmsg(parts, (), flags)
             total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
             if n == total:
                 return
@@ -287,7 +343,7 @@ class Connection:
                 if not views:
                     return
                 self._arm(dl, "send to", socket.SO_SNDTIMEO)
-                n = sock.sendmsg(views[:512])
+                n = sock.sendmsg(views[:512], (), flags)
         except BaseException as exc:  # noqa: BLE001 - rewrapped
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -354,35 +410,80 @@ class Connection:
             raise self._wrap(exc, "receive from") from exc
 
     def recv_payload_into(self, buf, nbytes: int, timeout: float | None | type(...) = ...) -> None:
-        """Receive ``nbytes`` of payload straight into ``buf`` (a writable buffer of at least that size)."""
+        """Receive ``nbytes`` of payload straight into ``buf``: a writable buffer of at least that
+        size, or a list of writable buffers filled in order (a scatter receive; together at least
+        ``nbytes``)."""
         dl = _Deadline(self.timeout if timeout is ... else timeout)
-        view = as_bytes(buf)
-        if view.readonly:
+        if isinstance(buf, list | tuple):
+            views = [as_bytes(b) for b in buf]
+        else:
+            views = [as_bytes(buf)]
+        if any(v.readonly for v in views):
             raise TypeError("recv_payload_into needs a writable buffer")
-        if view.nbytes < nbytes:
+        room = sum(v.nbytes for v in views)
+        if room < nbytes:
             self.skip_payload(nbytes, timeout)
             raise ProtocolError(f"receive from {self.peer}: payload of {nbytes} bytes does not fit a "
-                                f"{view.nbytes}-byte buffer (mismatched sizes between peers?)", self.peer)
+                                f"{room}-byte buffer (mismatched sizes between peers?)", self.peer)
         try:
-            have = min(self._rend - self._rstart, nbytes)
-            if have:
-                view[:have] = self._rview[self._rstart:self._rstart + have]
-                self._rstart += have
-                if self._rstart == self._rend:
-                    self._rstart = self._rend = 0
-            pos = have
-            sock = self._sock
-            while pos < nbytes:
-                self._arm(dl, "receive from", socket.SO_RCVTIMEO)
-                got = sock.recv_into(view[pos:nbytes], nbytes - pos, socket.MSG_WAITALL)
-                if got == 0:
-                    raise PeerClosed(f"receive from {self.peer}: peer closed the connection in the middle "
-                                     f"of a payload ({pos} of {nbytes} bytes received)", self.peer)
-                pos += got
+            if len(views) == 1:
+                self._recv_one(views[0], nbytes, dl)
+            else:
+                self._recv_scatter(views, nbytes, dl)
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise self._wrap(exc, "receive from") from exc
+
+    def _take_buffered(self, view: memoryview, n: int) -> int:
+        """Copy up to ``n`` already-buffered bytes into ``view``; returns how many."""
+        have = min(self._rend - self._rstart, n)
+        if have:
+            view[:have] = self._rview[self._rstart:self._rstart + have]
+            self._rstart += have
+            if self._rstart == self._rend:
+                self._rstart = self._rend = 0
+        return have
+
+    def _recv_one(self, view: memoryview, nbytes: int, dl: _Deadline) -> None:
+        pos = self._take_buffered(view, nbytes)
+        sock = self._sock
+        while pos < nbytes:
+            self._arm(dl, "receive from", socket.SO_RCVTIMEO)
+            got = sock.recv_into(view[pos:nbytes], nbytes - pos, socket.MSG_WAITALL)
+            if got == 0:
+                raise PeerClosed(f"receive from {self.peer}: peer closed the connection in the middle "
+                                 f"of a payload ({pos} of {nbytes} bytes received)", self.peer)
+            pos += got
+
+    def _recv_scatter(self, views: list[memoryview], nbytes: int, dl: _Deadline) -> None:
+        # what is left to fill, trimmed to nbytes, after the bytes already buffered
+        todo: list[memoryview] = []
+        left = nbytes
+        for v in views:
+            if not left:
+                break
+            v = v[:left]
+            left -= v.nbytes
+            k = self._take_buffered(v, v.nbytes)
+            if k < v.nbytes:
+                todo.append(v[k:])
+        pos, sock = nbytes - sum(v.nbytes for v in todo), self._sock
+        while todo:
+            self._arm(dl, "receive from", socket.SO_RCVTIMEO)
+            got = sock.recvmsg_into(todo[:512], 0, socket.MSG_WAITALL)[0]
+            if got == 0:
+                raise PeerClosed(f"receive from {self.peer}: peer closed the connection in the middle "
+                                 f"of a payload ({pos} of {nbytes} bytes received)", self.peer)
+            pos += got
+            while got:
+                first = todo[0].nbytes
+                if got >= first:
+                    got -= first
+                    todo.pop(0)
+                else:
+                    todo[0] = todo[0][got:]
+                    got = 0
 
     def skip_payload(self, nbytes: int, timeout: float | None | type(...) = ...) -> None:
         """Read and discard ``nbytes`` of payload (keeps the stream in sync after a refused frame)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zlib
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from network import (
+    FileRegion,
     NoSuchMethod,
     RemoteError,
     Reply,
@@ -150,6 +152,63 @@ def test_payload_into_hook():
             r = c.call("write", {}, b"q" * 1000)
         assert r.result == {"same": True, "n": 1000}
         assert target[:1000] == b"q" * 1000
+    finally:
+        srv.stop()
+
+
+def test_reply_into_a_list_or_chosen_by_the_result(server):
+    parts = [b"a" * 10, b"b" * (1 << 20), b"c" * 3]
+    with RpcClient(*server.address) as c:
+        # a list of buffers filled in order (a scatter receive); the payload is the filled views
+        bufs = [bytearray(10), bytearray(1 << 20), bytearray(8)]
+        r = c.call("echo", {}, parts, into=bufs)
+        assert [bytes(v) for v in r.payload] == parts and r.payload[1].obj is bufs[1]
+        assert bytes(bufs[2]) == b"ccc" + bytes(5)
+        # a function of the result picks the buffers once the reply's header is known
+        seen = []
+
+        def land(result, nbytes):
+            seen.append((result["n"], nbytes))
+            return [bytearray(10), bytearray(nbytes - 10)]
+
+        r = c.call("echo", {}, parts, into=land)
+        assert seen == [(len(b"".join(parts)),) * 2]
+        assert b"".join(bytes(v) for v in r.payload) == b"".join(parts)
+        # returning None: fresh memory, as without into
+        r = c.call("echo", {}, b"xyz", into=lambda result, n: None)
+        assert bytes(r.payload) == b"xyz"
+        # an error reply never calls it
+        with pytest.raises(RemoteError, match="KeyError"):
+            c.call("get", {"key": "absent"}, into=lambda result, n: pytest.fail("called on an error"))
+
+
+def test_reply_with_file_regions_runs_done_after_sending(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 8192)
+    closed = []
+
+    def read(args, payload, ctx):
+        fd = os.open(path, os.O_RDONLY)
+        return Reply({"n": args["n"]}, [b"<", FileRegion(fd, args["off"], args["n"]), b">"],
+                     done=lambda: closed.append(os.close(fd)))
+
+    srv = RpcServer("127.0.0.3", 0)
+    srv.register("read", read)
+    srv.start()
+    try:
+        with RpcClient(*srv.address) as c:
+            r = c.call("read", {"off": 1000, "n": 1 << 20})
+            assert bytes(r.payload) == b"<" + path.read_bytes()[1000:1000 + (1 << 20)] + b">"
+            assert len(closed) == 1
+            # a region past the end of the file: the call fails, the file is still closed, the
+            # client reconnects for the next call
+            with pytest.raises(TransportError):
+                c.call("read", {"off": 1 << 21, "n": 10}, timeout=5)
+            deadline = time.monotonic() + 5  # the server closes the connection, then runs done
+            while len(closed) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(closed) == 2
+            assert bytes(c.call("read", {"off": 0, "n": 3}).payload) == b"<\x00\x01\x02>"
     finally:
         srv.stop()
 

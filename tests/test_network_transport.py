@@ -14,7 +14,16 @@ import zlib
 import numpy as np
 import pytest
 
-from network import ConnectError, PeerClosed, ProtocolError, TrafficClass, TransportTimeout, connect, listen
+from network import (
+    ConnectError,
+    FileRegion,
+    PeerClosed,
+    ProtocolError,
+    TrafficClass,
+    TransportTimeout,
+    connect,
+    listen,
+)
 
 
 @pytest.fixture
@@ -95,6 +104,59 @@ def test_payload_too_large_for_buffer_keeps_stream_in_sync(pair):
         srv.recv_into(bytearray(10))
     m = srv.recv()
     assert m.header == b"next" and bytes(m.payload) == b"yyy"
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 7], [1 << 20, 3, (2 << 20) + 1], [1, 100_000]])
+def test_scatter_receive_into_a_list_of_buffers(pair, sizes):
+    cli, srv = pair
+    data = _payload(sum(sizes), 3).tobytes()
+    bufs = [bytearray(n) for n in sizes] + [bytearray(4)]  # room to spare at the end stays untouched
+    cli.send(b"small first", b"abc")  # the read-ahead of the first frame may hold part of the next
+    cli.send(b"scatter", data)
+    cli.send(b"after", b"z")
+    assert bytes(srv.recv().payload) == b"abc"
+    hdr, n = srv.recv_header()
+    srv.recv_payload_into(bufs, n)
+    assert hdr == b"scatter" and b"".join(bufs[:-1]) == data and bufs[-1] == bytearray(4)
+    m = srv.recv()
+    assert m.header == b"after" and bytes(m.payload) == b"z"
+    # a list too small for the payload: refused, the stream stays in sync
+    cli.send(b"big", b"x" * 10)
+    cli.send(b"next", b"y")
+    hdr, n = srv.recv_header()
+    with pytest.raises(ProtocolError, match="does not fit a 9-byte buffer"):
+        srv.recv_payload_into([bytearray(4), bytearray(5)], n)
+    assert bytes(srv.recv().payload) == b"y"
+
+
+def test_file_region_sent_with_sendfile(pair, tmp_path):
+    cli, srv = pair
+    data = _payload((3 << 20) + 11, 4).tobytes()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = srv.send(b"hdr", b"head", FileRegion(fd, 100, 2 << 20), b"mid", FileRegion(fd, 7, 5), b"tail")
+    finally:
+        os.close(fd)
+    want = b"head" + data[100:100 + (2 << 20)] + b"mid" + data[7:12] + b"tail"
+    m = cli.recv()
+    assert n == len(want) and m.header == b"hdr" and bytes(m.payload) == want
+
+
+def test_file_region_past_the_end_of_the_file_breaks_the_connection(pair, tmp_path):
+    cli, srv = pair
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ProtocolError, match="file ended 5 bytes short"):
+            srv.send(b"hdr", FileRegion(fd, 5, 10))
+    finally:
+        os.close(fd)
+    assert srv.closed  # the peer was promised bytes that never come: no frame may follow
+    with pytest.raises(PeerClosed):
+        cli.recv(timeout=5)
 
 
 def test_non_contiguous_buffer_refused(pair):
