@@ -235,6 +235,34 @@ class ChunkStore:
         data, version, _crc = self._verified(memoryview(buf), n, chain, chunk, path)
         return data, version
 
+    def open_data(self, chain: int, chunk: int) -> tuple[int, int, int, int]:
+        """An open descriptor of the committed version's file (its data starts at ``HEADER_SIZE``),
+        the data's length, the version and the CRC32C recorded when it was stored; the caller
+        closes the descriptor.
+
+        [Note: unverified reads, checked end to end] Nothing is read here: a storage server
+        sends the file's bytes to the socket with ``sendfile`` and the chunk client checks them
+        against the recorded CRC, so the bytes are checked once, at the end that uses them, and
+        never cross user space on the server. A mismatch found there is reported back (the
+        server then verifies its copy itself and reports and repairs it). A file shorter than the
+        recorded length is damage found here: :class:`ChunkCorrupt`.
+        """
+        for _ in range(4):
+            with self._mlock:
+                path = self._locate(chain, chunk, False)
+                m = self.meta[(chain, chunk)]
+                version, length, crc = m.committed, m.length, m.crc
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # moved away by a commit between the lookup and the open: look again
+            if os.fstat(fd).st_size < HEADER_SIZE + length:
+                os.close(fd)
+                raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} v{version}: short file "
+                                   f"{path}", target=self.target)
+            return fd, length, version, crc
+        raise ChunkNotFound(f"target {self.target}: chunk {chain}/{chunk:016x} kept moving while being opened")
+
     def read_mapped(self, chain: int, chunk: int, *, pending: bool = False) -> tuple[memoryview, int, int]:
         """Like :meth:`read` but without copying: a view of the chunk file mapped into memory,
         its version and its CRC32C (verified here).

@@ -8,8 +8,12 @@ RPC methods (traffic class STORAGE):
 
 - ``storage.write {chain, cver, chunk, off, full, op, client, channel, seq[, ver, fwd]}`` + payload:
   a write (or ``op="remove"``) entering at the head or forwarded by a predecessor;
-- ``storage.read {items: [[chain, cver, chunk, off, len], ...], relaxed}`` -> per-item results and
-  the bytes of every item back to back;
+- ``storage.read {items: [[chain, cver, chunk, off, len], ...], relaxed[, e2e]}`` -> per-item results
+  (``n`` bytes, version ``v``, CRC32C ``c``) and the bytes of every item back to back; with ``e2e``
+  the caller checks each whole-chunk item against ``c`` itself (``u`` marks such unverified items,
+  sent from the file with ``sendfile``) and reports a mismatch with ``storage.check``;
+- ``storage.check {chain, chunk}`` -> ``{corrupt}``: verify this server's copy (a reader saw a CRC
+  mismatch); a damaged copy is reported to mgmtd and repaired;
 - ``storage.sync_meta``, ``storage.sync_write``, ``storage.sync_remove``: the resync protocol;
 - ``storage.list {chain}``, ``storage.stats``: admin.
 
@@ -27,13 +31,14 @@ request with a retryable error; the client refreshes its routing and retries wit
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
 
-from network import RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
+from network import FileRegion, RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
 from network.service import parse_service_args, service_parser, wait_for_shutdown
 
 from .chunkstore import HEADER_SIZE, ChunkStore, crc32c
@@ -134,6 +139,7 @@ class StorageServer:
         s = self.server
         s.register("storage.write", self.h_write, payload_into=self._payload_buffer)
         s.register("storage.read", self.h_read)
+        s.register("storage.check", self.h_check)
         s.register("storage.sync_meta", self.h_sync_meta)
         s.register("storage.sync_write", self.h_sync_write, payload_into=self._payload_buffer)
         s.register("storage.sync_remove", self.h_sync_remove)
@@ -410,48 +416,104 @@ class StorageServer:
     def h_read(self, args: dict, payload, ctx) -> Reply:
         items = args.get("items") or []
         relaxed = bool(args.get("relaxed"))
-        results, out = [], []
-        for it in items:
-            chain, cver, chunk, off, length = (int(x) for x in it)
-            try:
-                _r, tid, _s = self._check_chain(chain, cver, (SERVING,))
-                store = self._store(tid)
-                m = store.get(chain, chunk)
-                if m is None:
-                    raise ChunkNotFound(f"{self.node}: no chunk {chain}/{chunk:016x} on target {tid}")
-                pend = False
-                if m.pending:
-                    if not relaxed:
-                        raise ChunkNotCommitted(f"{self.node}: chunk {chain}/{chunk:016x} has pending "
-                                                f"v{m.pending} (committed v{m.committed})", target=tid)
-                    pend = True
+        e2e = bool(args.get("e2e"))  # the caller checks CRCs end to end and reports mismatches
+        results, out, fds = [], [], []
+        try:
+            for it in items:
+                chain, cver, chunk, off, length = (int(x) for x in it)
                 try:
-                    data, ver, crc = store.read_mapped(chain, chunk, pending=pend)
-                except ChunkCorrupt:
-                    # maybe a race with a write recycling the file we opened: look again under
-                    # the chunk lock before calling it corruption (chunkstore's note)
-                    with self.locks.hold((tid, chain, chunk), self.lock_timeout):
-                        m = store.get(chain, chunk)
-                        if m is not None and m.pending and not relaxed:
+                    _r, tid, _s = self._check_chain(chain, cver, (SERVING,))
+                    store = self._store(tid)
+                    m = store.get(chain, chunk)
+                    if m is None:
+                        raise ChunkNotFound(f"{self.node}: no chunk {chain}/{chunk:016x} on target {tid}")
+                    pend = False
+                    if m.pending:
+                        if not relaxed:
                             raise ChunkNotCommitted(f"{self.node}: chunk {chain}/{chunk:016x} has pending "
-                                                    f"v{m.pending}", target=tid) from None
-                        try:
-                            data, ver = store.read(chain, chunk, pending=pend and bool(m and m.pending),
-                                                   buf=bytearray(HEADER_SIZE + self.cfg.chunk_size))
-                            crc = crc32c(data)
-                        except ChunkCorrupt as exc:
-                            self._report_corrupt(tid, chain, chunk, str(exc))
-                            raise
-                self.stats["reads"] += 1
-                end = len(data) if length < 0 else min(len(data), off + length)
-                piece = data[min(off, end):end]
-                if len(piece) != len(data):
-                    crc = crc32c(piece)
-                out.append(piece)
-                results.append({"n": len(piece), "v": ver, "t": tid, "c": crc})
-            except StorageError as exc:
-                results.append({"err": type(exc).__name__, "msg": str(exc), "data": exc.rpc_data or {}})
-        return Reply({"items": results}, out)
+                                                    f"v{m.pending} (committed v{m.committed})", target=tid)
+                        pend = True
+                    if e2e and not pend and off == 0:
+                        region = self._open_region(store, chain, chunk, length)
+                        if region is not None:
+                            fd, n, ver, crc = region
+                            fds.append(fd)
+                            out.append(FileRegion(fd, HEADER_SIZE, n))
+                            results.append({"n": n, "v": ver, "t": tid, "c": crc, "u": 1})
+                            self.stats["reads"] += 1
+                            continue
+                    piece, ver, crc = self._read_verified(tid, store, chain, chunk, pend, relaxed, off, length)
+                    self.stats["reads"] += 1
+                    out.append(piece)
+                    results.append({"n": len(piece), "v": ver, "t": tid, "c": crc})
+                except StorageError as exc:
+                    results.append({"err": type(exc).__name__, "msg": str(exc), "data": exc.rpc_data or {}})
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return Reply({"items": results}, out, done=(lambda: [os.close(fd) for fd in fds]) if fds else None)
+
+    @staticmethod
+    def _open_region(store: ChunkStore, chain: int, chunk: int, length: int) -> tuple | None:
+        """The committed version's file for an unverified whole-chunk read (``ChunkStore.open_data``),
+        or None when the verifying path must serve it (a damaged or short file, which that path
+        finds and reports; a range shorter than the chunk, which the CRC does not cover)."""
+        try:
+            fd, n, ver, crc = store.open_data(chain, chunk)
+        except ChunkCorrupt:
+            return None
+        if 0 <= length < n:
+            os.close(fd)
+            return None
+        return fd, n, ver, crc
+
+    def _read_verified(self, tid: int, store: ChunkStore, chain: int, chunk: int, pend: bool, relaxed: bool,
+                       off: int, length: int) -> tuple[memoryview, int, int]:
+        """Bytes ``[off, off + length)`` of the chunk (a mapped view), its version and their CRC32C,
+        after checking the CRC here (a damaged copy is reported and never returned)."""
+        try:
+            data, ver, crc = store.read_mapped(chain, chunk, pending=pend)
+        except ChunkCorrupt:
+            # maybe a race with a write recycling the file we opened: look again under
+            # the chunk lock before calling it corruption (chunkstore's note)
+            with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+                m = store.get(chain, chunk)
+                if m is not None and m.pending and not relaxed:
+                    raise ChunkNotCommitted(f"{self.node}: chunk {chain}/{chunk:016x} has pending "
+                                            f"v{m.pending}", target=tid) from None
+                try:
+                    data, ver = store.read(chain, chunk, pending=pend and bool(m and m.pending),
+                                           buf=bytearray(HEADER_SIZE + self.cfg.chunk_size))
+                    crc = crc32c(data)
+                except ChunkCorrupt as exc:
+                    self._report_corrupt(tid, chain, chunk, str(exc))
+                    raise
+        end = len(data) if length < 0 else min(len(data), off + length)
+        piece = data[min(off, end):end]
+        if len(piece) != len(data):
+            crc = crc32c(piece)
+        return piece, ver, crc
+
+    def h_check(self, args: dict, payload, ctx) -> dict:
+        """A reader found this server's copy of a chunk failing its CRC32C (an unverified read):
+        verify the copy here, under the chunk lock; a damaged one is reported and repaired."""
+        chain, chunk = int(args["chain"]), int(args["chunk"])
+        tid = self.routing.target_on(chain, self.node)
+        if tid is None:
+            return {"corrupt": False}
+        store = self._store(tid)
+        with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+            if store.get(chain, chunk) is None:
+                return {"corrupt": False}
+            try:
+                store.read(chain, chunk, buf=bytearray(HEADER_SIZE + self.cfg.chunk_size))
+            except ChunkNotFound:
+                return {"corrupt": False}
+            except ChunkCorrupt as exc:
+                self._report_corrupt(tid, chain, chunk, str(exc))
+                return {"corrupt": True}
+        return {"corrupt": False}
 
     def _report(self, tid: int, chain: int, chunk: int, kind: str, detail: str) -> None:
         def send() -> None:

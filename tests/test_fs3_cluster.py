@@ -295,6 +295,59 @@ def test_corrupt_chunk_is_never_returned_and_is_reported(fs3):
     assert res.exit_code == 0 and json.loads(res.output)["replication"] == 3
 
 
+def test_damage_found_by_the_client_end_to_end_is_reported_and_repaired(fs3):
+    """Whole-chunk reads are sent unverified (sendfile) and checked by the client: a damaged copy
+    still never reaches the caller, and the client's report makes its server verify, report and
+    repair it (no direct read here: only the client's reads find the damage)."""
+    lc, client = fs3
+    chains = client.chains()
+    rng = random.Random(11)
+    data = {}
+    for k in range(6):
+        b = rng.randbytes(200_000)
+        data[(chains[k % 3], 100 + k)] = b
+        client.write(chains[k % 3], 100 + k, b)
+    keys = list(data)
+    for i, (c, k) in enumerate(keys):
+        for node in ("n1", "n2"):
+            (f,) = _chunk_files(lc, node, c, k)
+            if node == "n2" and i == 0:
+                os.truncate(f, 64 + 100)  # a short file: found before sending, reported as well
+                continue
+            with open(f, "r+b") as fh:
+                fh.seek(64 + 5000)
+                byte = fh.read(1)
+                fh.seek(64 + 5000)
+                fh.write(bytes([byte[0] ^ 0x01]))
+    bufs = {key: bytearray(300_000) for key in keys}
+    got = client.batch_read([ReadIO(c, k, into=bufs[(c, k)]) for c, k in keys])
+    for key, view in zip(keys, got, strict=True):
+        assert view.obj is bufs[key] and bytes(view) == data[key], key
+    assert client.stats["replica_failovers"] >= 1
+    addr, port = lc.cluster.endpoint("fs3.mgmtd")
+
+    def corrupt_reports():
+        with RpcClient(addr, port, timeout=5) as c:
+            return {(f["node"], f["chunk"]) for f in c.call("mgmtd.faults", {"limit": 1000}).result
+                    if f["kind"] == "ChunkCorrupt"}
+
+    # each node's share of the first reads met a damaged copy there (the client spreads a batch
+    # over the nodes): both damaged nodes reported, the healthy one never did
+    reported = _wait(lambda: (r := corrupt_reports()) and len({k for _n, k in r}) > 1
+                     and {n for n, _k in r} == {"n1", "n2"} and r, 10, "n1 and n2 reporting their damaged copies")
+    assert {k for _n, k in reported} <= {f"{k:016x}" for _c, k in keys}
+    # flipped bytes (unlike the short file of the first chunk) are found by the client alone
+    assert {k for _n, k in reported} - {f"{keys[0][1]:016x}"}
+    # every reported copy is repaired from the healthy replica
+    for node, chunk in reported:
+        c, k = next(key for key in keys if f"{key[1]:016x}" == chunk)
+        _wait(lambda node=node, c=c, k=k: _replica_read(lc, node, c, k) == data[(c, k)], 20,
+              f"{node}'s copy of {c}/{chunk} repaired")
+    # later reads still return the right bytes (repaired or not)
+    for key, view in zip(keys, client.batch_read([ReadIO(c, k) for c, k in keys]), strict=True):
+        assert bytes(view) == data[key], key
+
+
 def test_stale_routing_client_recovers(fs3):
     lc, client = fs3
     chains = client.chains()

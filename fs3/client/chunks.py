@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from crc32c import crc32c
 
 from network import RemoteError, RpcPool, TrafficClass, TransportError, load_cluster
-from network.errors import ProtocolError
 
 from ..errors import (
     ChunkCorrupt,
@@ -43,6 +42,7 @@ from ..errors import (
     ChunkNotFound,
     ClientError,
     NoServingReplica,
+    NotServing,
     RetryableError,
     from_remote,
 )
@@ -51,6 +51,10 @@ from ..routing import Routing
 __all__ = ["ChunkClient", "ReadIO", "WriteIO", "WriteResult", "file_chunk_id"]
 
 log = logging.getLogger(__name__)
+
+
+def _byte_view(buf) -> memoryview:
+    return buf.cast("B") if isinstance(buf, memoryview) else memoryview(buf).cast("B")
 
 
 def file_chunk_id(inode: int, index: int) -> int:
@@ -337,16 +341,14 @@ class ChunkClient:
                 node = r.node_of(t)
                 load[node] = load.get(node, 0) + 1
                 groups.setdefault(node, []).append((p, t))
+            # [Note: batched reads into caller buffers] a batch is one request per replica node of
+            # up to max_batch_bytes; its reply header gives each item's length first, so the reply's
+            # bytes are received straight into the callers' buffers (a scatter receive: no copy)
             batches = []
             per = max(1, self._max_batch() // r.chunk_size)
             for _node, items in groups.items():
-                # reads into caller buffers go one per request: the reply lands straight in the
-                # caller's buffer (no copy); the others are batched up to max_batch_bytes
-                direct = [it for it in items if it[0].io.into is not None]
-                rest = [it for it in items if it[0].io.into is None]
-                batches.extend([it] for it in direct)
-                for k in range(0, len(rest), per):
-                    batches.append(rest[k:k + per])
+                for k in range(0, len(items), per):
+                    batches.append(items[k:k + per])
             futs = [self._pool.submit(self._read_batch, r, b, relaxed) for b in batches]
             for f in futs:
                 for p, t, res in f.result():
@@ -390,41 +392,66 @@ class ChunkClient:
         t0 = batch[0][1]
         items = [[p.io.chain, r.chains[p.io.chain]["version"], p.io.chunk, p.io.offset, p.io.length]
                  for p, _t in batch]
-        into = batch[0][0].io.into if len(batch) == 1 else None
+        too_small: dict[int, int] = {}
+
+        def land(result: dict, nbytes: int) -> list:
+            """Each item's buffer, in order: the caller's, or fresh memory."""
+            bufs = []
+            for k, ((p, _t), res) in enumerate(zip(batch, result["items"], strict=True)):
+                n = res.get("n", 0)
+                if not n:
+                    continue
+                dst = None if p.io.into is None else _byte_view(p.io.into)
+                if dst is not None and dst.nbytes < n:
+                    too_small[k] = dst.nbytes
+                    dst = None
+                bufs.append(bytearray(n) if dst is None else dst[:n])
+            return bufs
+
+        server = self._server(r, t0)
         try:
             with self._acquire(self._slots, self._slot(r, t0)):
-                rep = self._server(r, t0).call("storage.read", {"items": items, "relaxed": relaxed}, into=into)
+                rep = server.call("storage.read", {"items": items, "relaxed": relaxed, "e2e": True}, into=land)
         except RemoteError as exc:
             err = from_remote(exc)
             return [(p, t, err) for p, t in batch]
-        except ProtocolError as exc:
-            if into is not None and "does not fit" in str(exc):  # the caller's buffer is too small
-                p = batch[0][0]
-                return [(p, batch[0][1], ClientError(
-                    f"read of chunk {p.io.chain}/{p.io.chunk:016x}: the chunk does not fit the "
-                    f"{memoryview(into).nbytes}-byte buffer given ({exc})"))]
-            return [(p, t, exc) for p, t in batch]
         except TransportError as exc:
             return [(p, t, exc) for p, t in batch]
         out = []
-        pos = 0
-        body = rep.payload
-        for (p, t), res in zip(batch, rep.result["items"], strict=True):
+        views = iter(rep.payload if isinstance(rep.payload, list) else [])
+        for k, ((p, t), res) in enumerate(zip(batch, rep.result["items"], strict=True)):
             if "err" in res:
                 exc = from_remote(RemoteError(res["msg"], kind=res["err"], data=res.get("data")))
                 out.append((p, t, exc))
                 continue
             n = res["n"]
-            view = body[pos:pos + n]
-            pos += n
-            if "c" in res and crc32c(view) != res["c"]:
-                # bytes changed between the server's check and the wire (or on the wire)
-                out.append((p, t, ChunkCorrupt(f"chunk {p.io.chain}/{p.io.chunk:016x} from target {t}: "
-                                               "CRC32C mismatch in transit")))
+            view = next(views) if n else memoryview(b"")
+            if k in too_small:
+                out.append((p, t, ClientError(
+                    f"read of chunk {p.io.chain}/{p.io.chunk:016x}: the chunk ({n} bytes) does not fit the "
+                    f"{too_small[k]}-byte buffer given")))
                 continue
-            if p.io.into is not None and into is None:
-                dst = memoryview(p.io.into).cast("B")
-                dst[:n] = view
-                view = dst[:n]
+            if "c" in res and crc32c(view) != res["c"]:
+                out.append((p, t, self._mismatch(server, p, t, bool(res.get("u")))))
+                continue
+            if p.io.into is not None and not n:
+                view = _byte_view(p.io.into)[:0]
             out.append((p, t, view))
         return out
+
+    def _mismatch(self, server: RpcPool, p: _Pending, t: int, unverified: bool) -> Exception:
+        """The error for bytes that failed their CRC32C check here. Unverified bytes (sent from the
+        file as they are) are reported to their server, which checks its copy: a damaged copy is
+        reported to mgmtd and repaired there, and counts as corrupt here; an intact one means the
+        file changed under the read (a write recycled it), and the read is simply retried."""
+        where = f"chunk {p.io.chain}/{p.io.chunk:016x} from target {t}"
+        if not unverified:
+            return ChunkCorrupt(f"{where}: CRC32C mismatch in transit")
+        try:
+            corrupt = server.call("storage.check", {"chain": p.io.chain, "chunk": p.io.chunk}).result["corrupt"]
+        except (TransportError, RemoteError) as exc:
+            log.warning("could not report a CRC32C mismatch of %s: %s", where, exc)
+            corrupt = True
+        if corrupt:
+            return ChunkCorrupt(f"{where}: CRC32C mismatch (the replica's copy is damaged; it was reported)")
+        return NotServing(f"{where}: the copy changed while it was read")
