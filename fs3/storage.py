@@ -8,6 +8,9 @@ RPC methods (traffic class STORAGE):
 
 - ``storage.write {chain, cver, chunk, off, full, op, client, channel, seq[, ver, fwd]}`` + payload:
   a write (or ``op="remove"``) entering at the head or forwarded by a predecessor;
+- ``storage.write_batch {chain, cver, client, items: [[chunk, channel, seq, nbytes(, ver, crc)], ...][, fwd]}``
+  + the items' bytes back to back: whole-chunk writes of several chunks of one chain, each item
+  the write path of ``storage.write`` and answered on its own (``{items: [...]}``);
 - ``storage.read {items: [[chain, cver, chunk, off, len], ...], relaxed[, e2e]}`` -> per-item results
   (``n`` bytes, version ``v``, CRC32C ``c``) and the bytes of every item back to back; with ``e2e``
   the caller checks each whole-chunk item against ``c`` itself (``u`` marks such unverified items,
@@ -36,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from network import FileRegion, RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
 from network.service import parse_service_args, service_parser, wait_for_shutdown
@@ -138,6 +141,7 @@ class StorageServer:
         self.server = RpcServer(address, port, name=f"fs3.storage@{node}", traffic_class=TrafficClass.STORAGE)
         s = self.server
         s.register("storage.write", self.h_write, payload_into=self._payload_buffer)
+        s.register("storage.write_batch", self.h_write_batch, payload_into=self._payload_buffer)
         s.register("storage.read", self.h_read)
         s.register("storage.check", self.h_check)
         s.register("storage.sync_meta", self.h_sync_meta)
@@ -185,11 +189,12 @@ class StorageServer:
         # handler runs in this same thread and finishes with it (stored, forwarded) before the
         # next request on the connection arrives, so reuse is safe and saves an allocation
         # (and its page faults) per chunk.
-        if nbytes > self.cfg.chunk_size:
+        size = max(self.cfg.chunk_size, self.cfg.max_batch_bytes)  # a chunk or a batch of them
+        if nbytes > size:
             return None  # let rpc allocate; the handler rejects it with a clear error
         buf = getattr(_tls, "wbuf", None)
         if buf is None or len(buf) < nbytes:
-            buf = _tls.wbuf = bytearray(self.cfg.chunk_size)
+            buf = _tls.wbuf = bytearray(size)
         return memoryview(buf)[:nbytes]
 
     # -- routing --------------------------------------------------------------------------------
@@ -293,6 +298,25 @@ class StorageServer:
             raise ValueError(f"storage.write: bytes [{off}, {off + len(payload)}) do not fit a chunk of "
                              f"{self.cfg.chunk_size} bytes")
         r, tid, state = self._check_chain(chain, cver, (SERVING, SYNCING))
+        ws, pos = self._position(r, chain, cver, tid, fwd)
+        store = self._store(tid)
+        key = (tid, str(args.get("client", "")), int(args.get("channel", 0)))
+        seq = int(args.get("seq", 0))
+        with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+            cached = self._cached(key, seq, fwd and op == "write", int(args.get("ver", -1)))
+            if cached is not None:
+                return cached
+            self.stats["writes"] += 1
+            if op == "remove":
+                result = self._remove_chain(r, ws, pos, args, chain, chunk, store)
+            else:
+                result = self._write_chain(r, ws, pos, args, chain, cver, chunk, off, payload, store, state)
+            if key[1]:
+                self._remember(key, seq, result)
+            return result
+
+    def _position(self, r: Routing, chain: int, cver: int, tid: int, fwd: bool) -> tuple[list, int]:
+        """The chain's write set and this target's place in it, for a write entering here."""
         ws = r.write_set(chain)
         if not ws:
             raise NotServing(f"{self.node}: chain {chain} v{cver} has no serving target; it takes no writes",
@@ -303,31 +327,143 @@ class StorageServer:
         if pos > 0 and not fwd:
             raise NotServing(f"{self.node}: target {tid} is not the head of chain {chain} v{cver}; "
                              f"send writes to {ws[0][0]}", current=cver)
+        return ws, pos
+
+    def _cached(self, key: tuple, seq: int, fwd_write: bool, ver: int) -> dict | None:
+        """The remembered answer when this update is a repeat of the last one on its channel."""
+        cached = self._dedup.get(key) if key[1] else None
+        if cached is None:
+            return None
+        # a forwarded retry may carry a new version (the head re-numbered it after a lost ack):
+        # the cached answer is for the old one, so apply it instead (the version checks of the
+        # write path recognise a true repeat)
+        repeat = not fwd_write or cached[1].get("version") == ver
+        if cached[0] == seq and repeat:
+            return cached[1]
+        if seq < cached[0]:
+            raise StaleRequest(f"{self.node}: request {seq} on channel {key[2]} of client {key[1]} is "
+                               f"older than {cached[0]}")
+        return None
+
+    def h_write_batch(self, args: dict, payload: memoryview, ctx) -> dict:
+        """Whole-chunk writes of several chunks of one chain in one request (a batch).
+
+        [Note: batched writes] Each item is the single-chunk write path (its own chunk lock,
+        version, dedup key, pending version and commit), but a hop forwards all of its items to
+        its successor in one request and they come back in one acknowledgement: the per-request
+        costs of every hop (RPC, wake-ups, small packets) are paid once per batch. The chunk
+        locks are taken in chunk order (no deadlock with another batch). Each item answers on
+        its own: ``{version, crc}`` or ``{err, msg, data}``; a whole failed forward fails every
+        item still open with ForwardFailed, and the client retries what failed with the same keys.
+        """
+        chain, cver = int(args["chain"]), int(args["cver"])
+        fwd = bool(args.get("fwd"))
+        client = str(args.get("client", ""))
+        items = args.get("items") or []  # [chunk, channel, seq, nbytes(, version, crc when forwarded)]
+        cs = self.cfg.chunk_size
+        if any(not 0 <= int(it[3]) <= cs for it in items) or sum(int(it[3]) for it in items) != len(payload):
+            raise ValueError(f"storage.write_batch: item sizes {[it[3] for it in items]} do not match the "
+                             f"{len(payload)}-byte payload or exceed the chunk size {cs}")
+        if len({int(it[0]) for it in items}) != len(items):
+            raise ValueError("storage.write_batch: a chunk appears twice in one batch")
+        r, tid, state = self._check_chain(chain, cver, (SERVING, SYNCING))
+        ws, pos = self._position(r, chain, cver, tid, fwd)
         store = self._store(tid)
-        key = (tid, str(args.get("client", "")), int(args.get("channel", 0)))
-        seq = int(args.get("seq", 0))
-        with self.locks.hold((tid, chain, chunk), self.lock_timeout):
-            cached = self._dedup.get(key) if key[1] else None
-            if cached is not None:
-                # a forwarded retry may carry a new version (the head re-numbered it after a lost
-                # ack): the cached answer is for the old one, so apply it instead (the version
-                # checks of the write path recognise a true repeat)
-                repeat = not fwd or op != "write" or cached[1].get("version") == int(args.get("ver", -1))
-                if cached[0] == seq and repeat:
-                    return cached[1]
-                if seq < cached[0]:
-                    raise StaleRequest(f"{self.node}: request {seq} on channel {key[2]} of client {key[1]} is "
-                                       f"older than {cached[0]}")
-            self.stats["writes"] += 1
-            if op == "remove":
-                result = self._remove_chain(r, ws, pos, args, chain, chunk, store)
+        views, at = [], 0
+        for it in items:
+            views.append(payload[at:at + int(it[3])])
+            at += int(it[3])
+        results: list = [None] * len(items)
+        with ExitStack() as held:
+            for chunk in sorted(int(it[0]) for it in items):
+                held.enter_context(self.locks.hold((tid, chain, chunk), self.lock_timeout))
+            todo = []  # (index, chunk, version, data, dedup key, seq)
+            for i, it in enumerate(items):
+                chunk, seq = int(it[0]), int(it[2])
+                key = (tid, client, int(it[1]))
+                try:
+                    cached = self._cached(key, seq, fwd, int(it[4]) if fwd else -1)
+                    if cached is not None:
+                        results[i] = cached
+                        continue
+                    self.stats["writes"] += 1
+                    m = store.get(chain, chunk)
+                    if pos == 0:
+                        ver = max(m.committed, m.pending) + 1 if m else 1
+                    else:
+                        ver = int(it[4])
+                        if m and m.committed >= ver and state != SYNCING:
+                            if m.committed == ver and m.crc == it[5]:
+                                results[i] = {"version": ver, "crc": m.crc}  # already applied (a retried forward)
+                                self._remember(key, seq, results[i])
+                                continue
+                            raise ChunkVersionConflict(f"{self.node}: chunk {chain}/{chunk:016x} is committed at "
+                                                       f"v{m.committed} >= update v{ver}", committed=m.committed)
+                except StorageError as exc:
+                    results[i] = _item_error(exc)
+                    continue
+                todo.append((i, chunk, ver, views[i], key, seq))
+            if pos == len(ws) - 1:
+                for i, chunk, ver, data, key, seq in todo:
+                    crc = store.put(chain, chunk, ver, cver, data, pending=False)
+                    results[i] = {"version": ver, "crc": crc}
+                    self._remember(key, seq, results[i])
+            elif todo:
+                self._forward_batch(r, ws, pos, client, chain, cver, store, state, todo, results)
+        return {"items": results}
+
+    def _forward_batch(self, r, ws, pos, client, chain, cver, store, state, todo, results) -> None:
+        """Store the batch's items as pending while the successor stores them too, then commit
+        what it acknowledged (the batch form of the write path's overlap)."""
+        crcs = [crc32c(data) for _i, _c, _v, data, _k, _s in todo]
+        succ = ws[pos + 1][0]
+        fargs = {"chain": chain, "cver": cver, "client": client, "fwd": True,
+                 "items": [[chunk, key[2], seq, len(data), ver, crc]
+                           for (_i, chunk, ver, data, key, seq), crc in zip(todo, crcs, strict=True)]}
+
+        def stage() -> None:
+            for (_i, chunk, ver, data, _k, _s), crc in zip(todo, crcs, strict=True):
+                store.put(chain, chunk, ver, cver, data, pending=True, crc=crc)
+
+        try:
+            rep, _ = call_overlapped(self._pool(r.node_of(succ), r), "storage.write_batch", fargs,
+                                     [t[3] for t in todo], during=stage)
+        except RemoteError as exc:
+            err = from_remote(exc)
+            if isinstance(err, StorageError):
+                raise ForwardFailed(f"{self.node}: successor {succ} refused a batch of chain {chain}: {err}",
+                                    current=cver) from None
+            raise
+        except TransportError as exc:
+            raise ForwardFailed(f"{self.node}: successor target {succ} ({r.node_of(succ)}) did not acknowledge "
+                                f"a batch of chain {chain}: {exc}", current=cver) from None
+        for (i, chunk, ver, data, key, seq), crc, res in zip(todo, crcs, rep["items"], strict=True):
+            if "err" not in res and res.get("crc") == crc and res.get("version") == ver:
+                store.commit(chain, chunk, ver)
+                results[i] = {"version": ver, "crc": crc}
+                self._remember(key, seq, results[i])
+            elif pos == 0 and res.get("err") == "ChunkVersionConflict":
+                # the successor holds a newer version: the single-chunk path renumbers and
+                # retries this item (its lock is still held)
+                args = {"client": client, "channel": key[2], "seq": seq, "full": True}
+                try:
+                    results[i] = self._write_chain(r, ws, pos, args, chain, cver, chunk, 0, data, store, state)
+                except StorageError as exc:
+                    results[i] = _item_error(exc)
+                    continue
+                self._remember(key, seq, results[i])
+            elif "err" in res:
+                results[i] = _item_error(ForwardFailed(
+                    f"{self.node}: successor {succ} refused chunk {chain}/{chunk:016x}: {res['err']}: "
+                    f"{res.get('msg')}", current=cver))
             else:
-                result = self._write_chain(r, ws, pos, args, chain, cver, chunk, off, payload, store, state)
-            if key[1]:
-                self._remember(key, seq, result)
-            return result
+                results[i] = _item_error(ForwardFailed(
+                    f"{self.node}: successor {succ} stored chunk {chain}/{chunk:016x} as v{res.get('version')} "
+                    f"CRC {res.get('crc')}, expected v{ver} CRC {crc}", current=cver))
 
     def _remember(self, key: tuple, seq: int, result: dict) -> None:
+        if not key[1]:
+            return  # no client id: nothing to deduplicate
         with self._stores_lock:
             self._dedup[key] = (seq, result)
             self._dedup.move_to_end(key)
@@ -670,6 +806,11 @@ class StorageServer:
                 **self.stats,
                 "targets": {str(t): {"chunks": len(metas), "bytes": sum(m.length for m in metas)}
                             for t, metas in ((t, [m for _c, _k, m in s.list()]) for t, s in self.stores.items())}}
+
+
+def _item_error(exc: StorageError) -> dict:
+    """One item's error in a batch answer (the client turns it back into ``exc``'s class)."""
+    return {"err": type(exc).__name__, "msg": str(exc), "data": exc.rpc_data or {}}
 
 
 def main(argv: list[str] | None = None) -> None:

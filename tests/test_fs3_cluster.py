@@ -172,7 +172,25 @@ def test_kill9_storage_during_writes_then_resync(fs3):
                 acked[(chain, k)] = b
             i += 1
 
+    def batch_writer(wid: int) -> None:
+        # whole-chunk batches (one request per chain per batch), overwriting earlier ones too
+        rng = random.Random(wid)
+        i = 0
+        while not stop.is_set():
+            ks = [wid * 1_000_000 + (rng.randrange(i) if i and j % 2 else i + j) for j in range(5)]
+            ks = list(dict.fromkeys(ks))
+            ios = [WriteIO(chains[k % len(chains)], k, rng.randbytes(rng.choice([512, 200_000]))) for k in ks]
+            try:
+                client.batch_write(ios)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+                return
+            with lock:
+                acked.update({(io.chain, io.chunk): bytes(io.data) for io in ios})
+            i += 5
+
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    threads.append(threading.Thread(target=batch_writer, args=(3,)))
     for t in threads:
         t.start()
     try:
@@ -451,6 +469,39 @@ def test_retried_write_is_applied_once(fs3):
         _direct(lc, head, "storage.write", dict(args, seq=4), [b"older"])
     nxt = _direct(lc, head, "storage.write", dict(args, seq=6), [b"twice"]).result
     assert nxt["version"] == first["version"] + 1
+
+
+def test_retried_batch_is_applied_once_per_item(fs3):
+    lc, client = fs3
+    chain = client.chains()[1]
+    r = client.routing
+    head = r.node_of(r.write_set(chain)[0][0])
+    args = {"chain": chain, "cver": r.chains[chain]["version"], "client": "batch-test",
+            "items": [[200, 1, 1, 3], [201, 2, 1, 0], [202, 3, 1, 5]]}
+    first = _direct(lc, head, "storage.write_batch", args, [b"aaa", b"ccccc"]).result["items"]
+    assert [x["version"] for x in first] == [1, 1, 1]
+    again = _direct(lc, head, "storage.write_batch", args, [b"aaa", b"ccccc"]).result["items"]
+    assert again == first  # the ack was "lost": every item answers from the dedup cache
+    assert [bytes(v) for v in client.batch_read([ReadIO(chain, k) for k in (200, 201, 202)])] == \
+        [b"aaa", b"", b"ccccc"]
+    for node in ("n1", "n2", "n3"):
+        assert _replica_read(lc, node, chain, 202) == b"ccccc"
+    # items answer on their own: an old sequence number fails that item only
+    args2 = dict(args, items=[[200, 1, 2, 1], [203, 4, 1, 1], [202, 3, 0, 1]])
+    res = _direct(lc, head, "storage.write_batch", args2, [b"x", b"y", b"z"]).result["items"]
+    assert res[0]["version"] == 2 and res[1]["version"] == 1 and res[2]["err"] == "StaleRequest"
+    assert bytes(client.read(chain, 200)) == b"x" and bytes(client.read(chain, 202)) == b"ccccc"
+    from network import RemoteError
+    with pytest.raises(RemoteError, match="appears twice"):
+        _direct(lc, head, "storage.write_batch", dict(args, items=[[5, 9, 1, 1], [5, 10, 1, 1]]), [b"pq"])
+    with pytest.raises(RemoteError, match="do not match"):
+        _direct(lc, head, "storage.write_batch", dict(args, items=[[6, 9, 1, 3]]), [b"pq"])
+    # the client batches whole-chunk writes per chain and writes partial ones alone
+    ios = [WriteIO(chain, 300 + k, bytes([k]) * 1000) for k in range(9)] + [WriteIO(chain, 300, b"zz", offset=10)]
+    res = client.batch_write(ios[:9])
+    assert all(x.version == 1 for x in res)
+    assert client.batch_write(ios[9:])[0].version == 2
+    assert bytes(client.read(chain, 300)) == bytes(10) + b"zz" + bytes(988)
 
 
 @pytest.mark.parametrize("fs3", [{"failure_timeout": 30.0}], indirect=True)

@@ -298,18 +298,97 @@ class ChunkClient:
                 self.refresh_routing()
 
     def batch_write(self, ios: list[WriteIO]) -> list[WriteResult]:
-        """Write many chunks, ``max_inflight`` at a time; raises the first error (after all finish)."""
-        futs = [self._pool.submit(self.write, io.chain, io.chunk, io.data, io.offset) for io in ios]
-        out, first = [], None
-        for f in futs:
+        """Write many chunks, ``max_inflight`` requests at a time; raises the first error (after all
+        finish). Whole-chunk writes (offset 0) go in batches of up to ``max_batch_bytes`` per chain
+        (one request per batch through the chain), the others one by one."""
+        per = max(1, self._max_batch() // self.chunk_size)
+        batches: list[list[int]] = []
+        open_batch: dict[int, list[int]] = {}
+        singles = []
+        for i, io in enumerate(ios):
+            self._check_range(io.chunk, io.offset, len(io.data))
+            if io.offset:
+                singles.append(i)
+                continue
+            b = open_batch.get(io.chain)
+            if b is None or len(b) == per or any(ios[j].chunk == io.chunk for j in b):
+                b = open_batch[io.chain] = []
+                batches.append(b)
+            b.append(i)
+        futs = [(b, self._pool.submit(self._write_batch, ios[b[0]].chain, [ios[j] for j in b])) for b in batches]
+        futs += [([i], self._pool.submit(lambda io: [self.write(io.chain, io.chunk, io.data, io.offset)], ios[i]))
+                 for i in singles]
+        out: list = [None] * len(ios)
+        first = None
+        for idx, f in futs:
             try:
-                out.append(f.result())
+                for i, res in zip(idx, f.result(), strict=True):
+                    out[i] = res
             except Exception as exc:  # noqa: BLE001 - re-raised below
                 first = first or exc
-                out.append(None)
         if first is not None:
             raise first
         return out
+
+    def _write_batch(self, chain: int, ios: list[WriteIO]) -> list[WriteResult]:
+        """Whole-chunk writes to one chain in one ``storage.write_batch`` request; items that fail
+        with a retryable error are sent again (same keys) until the deadline, as ``write`` does."""
+        chans = [self._take_channel() for _ in ios]
+        try:
+            seqs = []
+            for ch in chans:
+                seqs.append(self._seqs.get(ch, 0) + 1)
+                self._seqs[ch] = seqs[-1]
+            results: list = [None] * len(ios)
+            left = list(range(len(ios)))
+            deadline = time.monotonic() + self.timeout
+            delay = 0.02
+            last: Exception | None = None
+            with self._acquire(self._slots):
+                while True:
+                    r = self.routing
+                    c = self._chain(r, chain)
+                    ws = r.write_set(chain)
+                    if ws:
+                        args = {"chain": chain, "cver": c["version"], "client": self.client_id,
+                                "items": [[ios[k].chunk, chans[k], seqs[k], len(ios[k].data)] for k in left]}
+                        try:
+                            with self._acquire(self._slot(r, ws[0][0])):
+                                rep = self._server(r, ws[0][0]).call("storage.write_batch", args,
+                                                                     [ios[k].data for k in left]).result
+                            retry = []
+                            for k, res in zip(left, rep["items"], strict=True):
+                                if "err" not in res:
+                                    results[k] = WriteResult(res["version"], res["crc"])
+                                    continue
+                                err = from_remote(RemoteError(res["msg"], kind=res["err"], data=res.get("data")))
+                                if not isinstance(err, RetryableError):
+                                    raise err
+                                last = err
+                                retry.append(k)
+                            left = retry
+                            if not left:
+                                return results
+                        except RemoteError as exc:
+                            err = from_remote(exc)
+                            if not isinstance(err, RetryableError):
+                                raise err from None
+                            last = err
+                        except TransportError as exc:
+                            last = exc
+                    else:
+                        last = NoServingReplica(f"chain {chain} v{c['version']} has no serving target")
+                    if time.monotonic() + delay > deadline:
+                        k = left[0]
+                        raise ClientError(f"write of chunk {chain}/{ios[k].chunk:016x} gave up after "
+                                          f"{self.timeout} s: {last}") from last
+                    self.stats["retries"] += 1
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.25)
+                    self.refresh_routing()
+        finally:
+            for ch in chans:
+                self._channels.put(ch)
 
     # -- reads -------------------------------------------------------------------------------------
     def read(self, chain: int, chunk: int, offset: int = 0, length: int = -1, into=None, *,
