@@ -155,14 +155,18 @@ def _fail(pg, fail_rank, where):
 
 @pytest.mark.parametrize("where,nodes,per_node", [(("d2h", 2), 1, 3), (("h2d", 1), 1, 3), (("d2h", 1), 2, 2)])
 def test_standin_stands_in_for_a_gpu_copy_error_propagates_as_hfreduce_error(where, nodes, per_node):
-    before = {f for f in os.listdir(SHM_DIR) if f.startswith(PREFIX)}
     run = run_group(_fail, 1, where, nodes=nodes, per_node=per_node, env=ENV, timeout=60)
     vals = run.values()
     for rank, (kind, msg, _) in enumerate(vals):
         assert kind == "DeviceError", (rank, kind, msg)
         assert where[0].upper() in msg and "fault injected" in msg
-    after = {f for f in os.listdir(SHM_DIR) if f.startswith(PREFIX)}
-    assert after <= before  # no shared memory left behind
+    assert _leftovers(run.pids) == []  # no shared memory left behind
+
+
+def _leftovers(pids) -> list[str]:
+    """This group's segments still in /dev/shm (others' concurrent groups do not count)."""
+    marks = tuple(f"{PREFIX}{p}." for p in pids)
+    return [f for f in os.listdir(SHM_DIR) if f.startswith(marks)]
 
 
 def test_cuda_module_imports_without_gpu_and_says_why():
@@ -328,12 +332,11 @@ def test_standin_stands_in_for_a_gpu_stuck_copy_times_out_on_every_rank_and_dest
     """A D2H that never completes (a stuck device) becomes HFReduceTimeout on every rank within the
     group's timeout, naming the stuck rank; destroy cancels the stand-in's copies (no hang, no
     write into the unmapped arena), so every process exits (run_group would fail otherwise)."""
-    before = {f for f in os.listdir(SHM_DIR) if f.startswith(PREFIX)}
     run = run_group(_stuck, 2, nodes=1, per_node=3, env=ENV, group_timeout=5.0, timeout=90)
     for kind, msg, culprit in run.values():
         assert kind == "HFReduceTimeout", msg
         assert culprit == 2 and "never arrived" in msg
-    assert {f for f in os.listdir(SHM_DIR) if f.startswith(PREFIX)} <= before
+    assert _leftovers(run.pids) == []
 
 
 # -- on a real GPU (skipped here: no GPU on the development machines) ------------------------------
