@@ -90,14 +90,18 @@ class Comm:
         return t[:numel], arr[:numel]
 
     # -- collectives ---------------------------------------------------------------------------
-    def _call(self, name: str, *args: Any, **kw: Any) -> Any:
+    def _call(self, name: str, *args: Any, async_op: bool = False, **kw: Any) -> Any:
+        """Submit an hfreduce collective; a synchronous one is waited for within ``self.timeout``."""
         fn = getattr(self.hf, name)
         if self.group is not None:
             kw["group"] = self.group
         try:
-            return fn(*args, **kw)
+            work = fn(*args, async_op=True, **kw)
         except self.hf.HFReduceError as exc:
             raise CommunicationError(f"hfreduce {name} failed on rank {self.rank}: {exc}") from exc
+        if not async_op:
+            self.wait(work, name)
+        return work
 
     def wait(self, work: Any, what: str = "collective") -> None:
         if work is None:

@@ -159,3 +159,35 @@ def test_torchrun_launch_trains_with_haiscale_ddp(tmp_path):
     losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 2 and losses[-1] < losses[0]
     assert (tmp_path / "mlp_ddp.pt").exists()
+
+
+def _late_broadcast(pg):
+    import numpy as np
+
+    from haiscale._comm import Comm, CommunicationError
+
+    comm = Comm(process_group=pg, timeout=0.5)
+    buf = np.zeros(4, np.float32)
+    if pg.rank == 1:
+        time.sleep(3.0)  # late, but well within the group's own timeout
+        comm.broadcast(buf, src=0)
+        return "joined", float(buf[0])
+    buf[:] = 7
+    t0 = time.monotonic()
+    try:
+        comm.broadcast(buf, src=0)
+    except CommunicationError as exc:
+        return "CommunicationError", time.monotonic() - t0, "within 0.5 s" in str(exc)
+    return "no error", time.monotonic() - t0, False
+
+
+def test_comm_timeout_bounds_synchronous_collectives():
+    """haiscale's Comm(timeout=) applies to its synchronous calls too, not only to bucket waits:
+    a peer that is late gives CommunicationError after that timeout (the group's own timeout is 20 s)."""
+    from hfreduce.testing import run_group
+
+    res = run_group(_late_broadcast, nodes=1, per_node=2, group_timeout=20.0, timeout=60).values()
+    kind, elapsed, names_timeout = res[0]
+    assert kind == "CommunicationError" and names_timeout, res[0]
+    assert elapsed < 2.0, f"the error came after {elapsed:.1f} s"
+    assert res[1] == ("joined", 7.0)  # the late rank still completes the broadcast
