@@ -137,6 +137,7 @@ class StorageServer:
         self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0}
         self._repairing: set[tuple[int, int, int]] = set()
         self._resyncing: set[tuple[int, int, int]] = set()
+        self._admitted: dict[tuple[int, int], int] = {}  # (chain, chain version) -> writes in progress
         self._stop = threading.Event()
         self.server = RpcServer(address, port, name=f"fs3.storage@{node}", traffic_class=TrafficClass.STORAGE)
         s = self.server
@@ -297,6 +298,10 @@ class StorageServer:
         if off < 0 or off + len(payload) > self.cfg.chunk_size:
             raise ValueError(f"storage.write: bytes [{off}, {off + len(payload)}) do not fit a chunk of "
                              f"{self.cfg.chunk_size} bytes")
+        with self._admit(chain, cver):
+            return self._write_one(args, payload, chain, cver, chunk, fwd, op, off)
+
+    def _write_one(self, args, payload, chain, cver, chunk, fwd, op, off) -> dict:
         r, tid, state = self._check_chain(chain, cver, (SERVING, SYNCING))
         ws, pos = self._position(r, chain, cver, tid, fwd)
         store = self._store(tid)
@@ -314,6 +319,41 @@ class StorageServer:
             if key[1]:
                 self._remember(key, seq, result)
             return result
+
+    @contextmanager
+    def _admit(self, chain: int, cver: int):
+        """Count a write in progress at its chain version (before its version check: see the resync)."""
+        key = (chain, cver)
+        with self._stores_lock:
+            self._admitted[key] = self._admitted.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._stores_lock:
+                n = self._admitted.pop(key) - 1
+                if n:
+                    self._admitted[key] = n
+
+    def _drain_writes(self, chain: int, cver: int) -> None:
+        """Wait until no write admitted at a chain version older than ``cver`` is in progress here.
+
+        [Note: resync after the last old write] A write that passed its chain-version check just
+        before this server adopted the version with a syncing successor may still create a chunk
+        here after the resync listed the chunks, and the successor would never get it. Such a
+        write counts itself before its check (``_admit``), so once the new version is installed a
+        count of zero means none is left, and every later write is refused (stale version) or goes
+        through the successor too.
+        """
+        deadline = time.monotonic() + self.lock_timeout + self.io_timeout
+        while True:
+            with self._stores_lock:
+                busy = [v for c, v in self._admitted if c == chain and v < cver]
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise StorageError(f"{self.node}: writes at chain {chain} v{min(busy)} still in progress after "
+                                   f"{self.lock_timeout + self.io_timeout:.0f} s; resync postponed")
+            time.sleep(0.005)
 
     def _position(self, r: Routing, chain: int, cver: int, tid: int, fwd: bool) -> tuple[list, int]:
         """The chain's write set and this target's place in it, for a write entering here."""
@@ -366,6 +406,10 @@ class StorageServer:
                              f"{len(payload)}-byte payload or exceed the chunk size {cs}")
         if len({int(it[0]) for it in items}) != len(items):
             raise ValueError("storage.write_batch: a chunk appears twice in one batch")
+        with self._admit(chain, cver):
+            return self._write_batch(client, items, payload, chain, cver, fwd)
+
+    def _write_batch(self, client, items, payload, chain, cver, fwd) -> dict:
         r, tid, state = self._check_chain(chain, cver, (SERVING, SYNCING))
         ws, pos = self._position(r, chain, cver, tid, fwd)
         store = self._store(tid)
@@ -726,6 +770,7 @@ class StorageServer:
         """Copy to the syncing successor what differs, remove what it has and we do not, report done."""
         job = (chain, succ, cver)
         try:
+            self._drain_writes(chain, cver)
             pool = self._pool(r.node_of(succ), r)
             remote = pool.call("storage.sync_meta", {"chain": chain, "cver": cver, "target": succ}).result
             rmap = {int(x[0]): x for x in remote}

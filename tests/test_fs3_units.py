@@ -196,3 +196,40 @@ def test_write_set_needs_a_serving_target():
     assert r.write_set(1) == [(1, SERVING), (2, SYNCING)]
     assert r.serving(1) == [1]
     assert r.write_set(2) == [] and r.serving(2) == []
+
+
+# -- storage server internals ---------------------------------------------------------------------
+
+def test_resync_waits_for_writes_admitted_at_an_older_chain_version(tmp_path):
+    """A write that passed its chain-version check before the version with a syncing successor
+    arrived may still create a chunk: the resync starts only after such writes are done."""
+    import threading
+    import time
+
+    from fs3.storage import StorageServer
+
+    srv = StorageServer(Fs3Config(), "n1", "127.0.0.2", 0, ("127.0.0.1", 9), tmp_path)
+    try:
+        entered, release, drained = threading.Event(), threading.Event(), threading.Event()
+
+        def old_write():
+            with srv._admit(7, 4):
+                entered.set()
+                release.wait(10)
+
+        t = threading.Thread(target=old_write)
+        t.start()
+        entered.wait(10)
+        with srv._admit(7, 5), srv._admit(8, 3):  # same version on this chain, another chain: no wait
+            waiter = threading.Thread(target=lambda: (srv._drain_writes(7, 5), drained.set()))
+            waiter.start()
+            time.sleep(0.2)
+            assert not drained.is_set()  # the v4 write is still in progress
+            release.set()
+            assert drained.wait(10)
+        t.join(10)
+        waiter.join(10)
+        assert srv._admitted == {}
+    finally:
+        srv.server.stop()
+        srv.mgmtd.close()
