@@ -416,11 +416,12 @@ class Connection:
         dl = _Deadline(self.timeout if timeout is ... else timeout)
         if isinstance(buf, list | tuple):
             views = [as_bytes(b) for b in buf]
+            readonly, room = any(v.readonly for v in views), sum(v.nbytes for v in views)
         else:
             views = [as_bytes(buf)]
-        if any(v.readonly for v in views):
+            readonly, room = views[0].readonly, views[0].nbytes
+        if readonly:
             raise TypeError("recv_payload_into needs a writable buffer")
-        room = sum(v.nbytes for v in views)
         if room < nbytes:
             self.skip_payload(nbytes, timeout)
             raise ProtocolError(f"receive from {self.peer}: payload of {nbytes} bytes does not fit a "
