@@ -22,6 +22,7 @@
  *   publish(buf, word, value, epoch_off, waiters_word): store, bump the epoch futex, wake sleepers
  *   epoch_wait(buf, epoch_off, waiters_word, expected, timeout) -> True when the epoch moved
  *   pipeline(...): the engine's per-rank chunk loop for one collective, without the GIL
+ *   pipeline_cma(...), cma_probe(...): the single-copy path for own buffers on one node
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -135,6 +136,16 @@ static inline uint16_t f32_to_f16(float f) {
                 if (!ns) memcpy(dd, ff, m * sizeof(T));                                              \
                 else {                                                                               \
                     const T *restrict s = srcs[0] + b;                                               \
+                    if (ns == 1 && dst2) { /* the common two-rank case: both outputs in one pass */   \
+                        T *restrict d2 = dst2 + b;                                                   \
+                        if (op == OP_SUM)                                                            \
+                            for (size_t i = 0; i < m; i++) { T v = (T)((UT)ff[i] + (UT)s[i]); dd[i] = v; d2[i] = v; } \
+                        else if (op == OP_MAX)                                                       \
+                            for (size_t i = 0; i < m; i++) { T v = ff[i] >= s[i] ? ff[i] : s[i]; dd[i] = v; d2[i] = v; } \
+                        else                                                                         \
+                            for (size_t i = 0; i < m; i++) { T v = ff[i] <= s[i] ? ff[i] : s[i]; dd[i] = v; d2[i] = v; } \
+                        continue;                                                                    \
+                    }                                                                                \
                     if (op == OP_SUM) for (size_t i = 0; i < m; i++) dd[i] = (T)((UT)ff[i] + (UT)s[i]); \
                     else if (op == OP_MAX) for (size_t i = 0; i < m; i++) dd[i] = ff[i] >= s[i] ? ff[i] : s[i]; \
                     else for (size_t i = 0; i < m; i++) dd[i] = ff[i] <= s[i] ? ff[i] : s[i];        \
@@ -715,6 +726,188 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
     return Py_BuildValue("i(LLLL)", status, s_in, s_ready, s_red, s_out);
 }
 
+/* ---------------------------------------------------------------- single-copy allreduce on one node (CMA)
+ *
+ * pipeline_cma(ctrl, geometry, (L, me), (g0, nchunks, nbytes, chunk), pids, addrs, (dtype, op, avg),
+ *              tmp, state, poll, spin) -> (status, state, errno)
+ *   The ranks' own buffers stay where they are (private memory); every rank reads its peers' bytes
+ *   straight from their address spaces with process_vm_readv (cross-memory attach, one copy done
+ *   by the kernel). Chunk g is cut into one slice per local rank; for its slice, a rank reads each
+ *   peer's input block by block into `tmp` (small enough to stay in L2), adds it into its own
+ *   buffer in place, and writes the finished block straight back into every peer's buffer
+ *   (process_vm_writev, from cache: the allgather half costs no second pass). That is safe
+ *   without further waiting: slice s of any rank's buffer is read and written by slice s's owner
+ *   only, in that order. A rank publishes REDUCED and CONSUMED once its slice of chunk g is
+ *   pushed; the caller waits for every rank's CONSUMED before returning, so no rank touches a
+ *   buffer its owner got back.
+ *   status: 0 done, 1 idle for `poll` seconds, 2 the node's abort word is set, 3 process_vm_readv
+ *   failed (errno says why: ESRCH, the peer is gone).
+ */
+#include <sys/uio.h>
+
+static int cma_read(pid_t pid, void *dst, uintptr_t src, size_t n) {
+    while (n) {
+        struct iovec l = {dst, n}, r = {(void *)src, n};
+        ssize_t k = process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return errno ? errno : EIO;
+        }
+        if (k == 0) return EFAULT;
+        dst = (char *)dst + k;
+        src += (size_t)k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static int cma_write(pid_t pid, uintptr_t dst, const void *src, size_t n) {
+    while (n) {
+        struct iovec l = {(void *)src, n}, r = {(void *)dst, n};
+        ssize_t k = process_vm_writev(pid, &l, 1, &r, 1, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return errno ? errno : EIO;
+        }
+        if (k == 0) return EFAULT;
+        src = (const char *)src + k;
+        dst += (size_t)k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
+    PyObject *ctrl_obj, *pid_obj, *addr_obj, *tmp_obj;
+    Py_ssize_t epoch_off, waiters, abort_word, final_word, rank_word0, stride, f_posted, f_reduced, f_consumed;
+    int L, me, dtype, op, spin;
+    long long g0, nchunks, nbytes, chunk, avg, s_red, s_out;
+    double poll;
+    if (!PyArg_ParseTuple(args, "O(nnnnnnnnn)(ii)(LLLL)OO(iiL)O(LL)di", &ctrl_obj, &epoch_off, &waiters, &abort_word,
+                          &final_word, &rank_word0, &stride, &f_posted, &f_reduced, &f_consumed, &L, &me, &g0,
+                          &nchunks, &nbytes, &chunk, &pid_obj, &addr_obj, &dtype, &op, &avg, &tmp_obj, &s_red,
+                          &s_out, &poll, &spin))
+        return NULL;
+    if (L < 2 || L > MAXSRC || me < 0 || me >= L || chunk <= 0 || dtype < 0 || dtype > DT_U8)
+        return PyErr_Format(PyExc_ValueError, "pipeline_cma: bad geometry");
+    pid_t pid[MAXSRC];
+    uintptr_t addr[MAXSRC];
+    PyObject *ps = PySequence_Fast(pid_obj, "pids"), *as = PySequence_Fast(addr_obj, "addrs");
+    if (!ps || !as || PySequence_Fast_GET_SIZE(ps) != L || PySequence_Fast_GET_SIZE(as) != L) {
+        Py_XDECREF(ps);
+        Py_XDECREF(as);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "pipeline_cma: one pid and address per local rank");
+        return NULL;
+    }
+    for (int r = 0; r < L; r++) {
+        pid[r] = (pid_t)PyLong_AsLong(PySequence_Fast_GET_ITEM(ps, r));
+        addr[r] = (uintptr_t)PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(as, r));
+    }
+    Py_DECREF(ps);
+    Py_DECREF(as);
+    if (PyErr_Occurred()) return NULL;
+    const int esz = dt_size[dtype];
+    Py_buffer v, tb;
+    if (PyObject_GetBuffer(ctrl_obj, &v, PyBUF_WRITABLE) < 0) return NULL;
+    if (PyObject_GetBuffer(tmp_obj, &tb, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    /* one tmp block per peer, 64-byte aligned, a whole number of elements */
+    size_t blk = (size_t)tb.len / (size_t)(L - 1);
+    blk = blk / 64 * 64;
+    if (((uintptr_t)v.buf & 7) || (epoch_off & 3) || epoch_off + 4 > v.len ||
+        (rank_word0 + (Py_ssize_t)(L - 1) * stride + f_consumed + 1) * 8 > v.len || blk < 64 ||
+        ((uintptr_t)tb.buf & 63)) {
+        PyBuffer_Release(&v);
+        PyBuffer_Release(&tb);
+        return PyErr_Format(PyExc_IndexError, "pipeline_cma: control words out of range or tmp too small/unaligned");
+    }
+    ctl_t c = {.w = (int64_t *)v.buf, .epoch = (int32_t *)((char *)v.buf + epoch_off), .waiters = waiters,
+               .abort_word = abort_word, .final_word = final_word, .stride = stride,
+               .w_posted = rank_word0 + f_posted, .w_reduced = rank_word0 + f_reduced,
+               .w_consumed = rank_word0 + f_consumed, .me_base = rank_word0 + (Py_ssize_t)me * stride,
+               .L = L, .me = me, .K = 1};
+    char *mine = (char *)addr[me];
+    char *tmp = (char *)tb.buf;
+    const int64_t gend = g0 + nchunks;
+    int status = 1, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double idle_since = now_s();
+    for (;;) {
+        if (s_out >= gend) { status = 0; break; }
+        if (__atomic_load_n(c.w + c.abort_word, __ATOMIC_SEQ_CST)) { status = 2; break; }
+        int32_t e = __atomic_load_n(c.epoch, __ATOMIC_SEQ_CST);
+        int progressed = 1;
+        /* 1. reduce my slice of the next chunk (its inputs are in place once every rank posted) */
+        if (s_red < gend && words_min(c.w, c.w_posted, stride, L) > s_red) {
+            int64_t g = s_red;
+            size_t c0 = (size_t)((g - g0) * chunk), c1 = c0 + (size_t)chunk < (size_t)nbytes ? c0 + (size_t)chunk : (size_t)nbytes;
+            size_t a, b;
+            slice_of(c1 - c0, L, me, &a, &b);
+            for (size_t x = c0 + a; x < c0 + b && !err; x += blk) {
+                size_t n = c0 + b - x < blk ? c0 + b - x : blk;
+                const void *srcs[MAXSRC];
+                int ns = 0;
+                for (int r = 0; r < L && !err; r++) {
+                    if (r == me) continue;
+                    char *t = tmp + (size_t)ns * blk;
+                    err = cma_read(pid[r], t, addr[r] + x, n);
+                    srcs[ns++] = t;
+                }
+                if (!err) run_reduce(mine + x, NULL, srcs, ns, n / (size_t)esz, dtype, op, avg, NULL);
+                /* push the finished block (still in cache) into every peer's buffer */
+                for (int r = 0; r < L && !err; r++)
+                    if (r != me) err = cma_write(pid[r], addr[r] + x, mine + x, n);
+            }
+            if (err) { status = 3; break; }
+            s_red++;
+            s_out = s_red;
+            ctl_publish(&c, c.me_base + f_reduced, s_red);
+            ctl_publish(&c, c.me_base + f_consumed, s_out);
+        } else {
+            progressed = 0;
+        }
+        if (progressed) {
+            idle_since = now_s();
+            continue;
+        }
+        int moved = 0;
+        for (int k = 0; k < spin && !moved; k++) {
+            CPU_RELAX();
+            moved = __atomic_load_n(c.epoch, __ATOMIC_SEQ_CST) != e;
+        }
+        if (moved) continue;
+        double left = poll - (now_s() - idle_since);
+        if (left <= 0) { status = 1; break; }
+        struct timespec ts;
+        to_timespec(left, &ts);
+        __atomic_add_fetch(c.w + c.waiters, 1, __ATOMIC_SEQ_CST);
+        sys_futex(c.epoch, FUTEX_WAIT, e, &ts);
+        __atomic_sub_fetch(c.w + c.waiters, 1, __ATOMIC_SEQ_CST);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&tb);
+    return Py_BuildValue("i(LL)i", status, s_red, s_out, err);
+}
+
+/* cma_probe(pid, addr, nbytes) -> bytes: read nbytes at addr in process pid (start-up check) */
+static PyObject *py_cma_probe(PyObject *self, PyObject *args) {
+    int p;
+    unsigned long long a;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "iKn", &p, &a, &n)) return NULL;
+    if (n < 0 || n > 4096) return PyErr_Format(PyExc_ValueError, "cma_probe: 0..4096 bytes");
+    char buf[4096];
+    int err = cma_read((pid_t)p, buf, (uintptr_t)a, (size_t)n);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBytes_FromStringAndSize(buf, n);
+}
+
 static PyObject *py_simd(PyObject *self, PyObject *noargs) {
 #if HFR_HAVE_CLONES
     __builtin_cpu_init();
@@ -744,6 +937,8 @@ static PyMethodDef methods[] = {
      "epoch_wait(buf, epoch_off, waiters_word, expected, timeout, spin=100) -> True when the epoch moved"},
     {"load32", py_load32, METH_VARARGS, "load32(buf, off): atomic load of the int32 at byte offset off"},
     {"pipeline", py_pipeline, METH_VARARGS, "the engine's chunk loop for one collective, without the GIL"},
+    {"pipeline_cma", py_pipeline_cma, METH_VARARGS, "single-copy allreduce of own buffers on one node (process_vm_readv)"},
+    {"cma_probe", py_cma_probe, METH_VARARGS, "read bytes from another process (process_vm_readv)"},
     {"simd", py_simd, METH_NOARGS, "the instruction set the kernels run with on this CPU"},
     {NULL, NULL, 0, NULL},
 };

@@ -188,8 +188,20 @@ class HostBackend:
             K.copy(out[v - o0: v - o0 + src.nbytes], src)
 
 
+class _Cma:
+    """A rank's own buffer, read and written by its peers with process_vm_readv/writev (``_pipeline_cma``)."""
+
+    __slots__ = ("pid", "addr")
+
+    def __init__(self, pid: int, addr: int) -> None:
+        self.pid, self.addr = pid, addr
+
+
 class Engine:
     """Runs this rank's collectives in submission order on one thread."""
+
+    #: single-copy reads between the node's ranks work (the group's start-up probe said so)
+    cma = False
 
     def __init__(self, sync: NodeSync, arena, layout: Layout, nnodes: int, internode=None,
                  backend: HostBackend | None = None) -> None:
@@ -279,9 +291,12 @@ class Engine:
         spec.g0 = self.next_g
         # descriptor first, then the sequence number that makes it valid
         hr, ho = spec.heap if spec.heap is not None else (-1, 0)
+        loc_kind = 0 if spec.heap is None else 1
+        if self._cma_eligible(spec):
+            loc_kind, hr, ho = 2, os.getpid(), _addr(spec.inp)
         for f, v in ((lay.KIND, spec.kind), (lay.NBYTES, spec.nbytes), (lay.DTYPE, spec.dtype),
                      (lay.OP, spec.op), (lay.ROOT, spec.root), (lay.FIRST_G, spec.g0),
-                     (lay.LOC_KIND, 0 if spec.heap is None else 1), (lay.LOC_HEAP, hr), (lay.LOC_OFF, ho)):
+                     (lay.LOC_KIND, loc_kind), (lay.LOC_HEAP, hr), (lay.LOC_OFF, ho)):
             sync.set(f, v)
         sync.publish(lay.OP_SEQ, spec.seq)
         self.seq = spec.seq
@@ -289,9 +304,22 @@ class Engine:
         sync.wait(lambda: sync.min(lay.OP_SEQ) >= spec.seq,
                   lambda: (sync.argmin(lay.OP_SEQ), f"it did not enter {spec.name} #{spec.seq}"))
         locs = self._check_descriptors(spec)
+        if all(isinstance(loc, _Cma) for loc in locs):
+            self._pipeline_cma(spec, locs)
+            return
+        # some rank cannot take the single-copy path for this one: everyone stages
+        locs = [None if isinstance(loc, _Cma) else loc for loc in locs]
         if self.internode is not None:
             self.internode.submit(spec, locs)
         self._pipeline(spec, locs)
+
+    def _cma_eligible(self, spec: OpSpec) -> bool:
+        """May this rank's part of ``spec`` take the single-copy path (all ranks must agree)?"""
+        return (self.cma and self.nnodes == 1 and spec.kind == ALLREDUCE and spec.heap is None
+                and spec.backend is None and type(self.backend) is HostBackend and K.KERNEL == "c-simd"
+                and spec.inp is not None and spec.out is not None and spec.inp.nbytes == spec.nbytes
+                and _addr(spec.inp) == _addr(spec.out) and spec.in_off == 0 and spec.out_off == 0
+                and os.environ.get("HFREDUCE_PIPELINE", "").lower() != "python")
 
     def _check_descriptors(self, spec: OpSpec) -> list[tuple[int, int] | None]:
         sync, lay = self.sync, self.lay
@@ -305,8 +333,13 @@ class Engine:
                 raise MismatchError(
                     f"rank {g} (node {sync.node}) called {_describe(theirs)} while rank {sync.rank} called "
                     f"{_describe(mine)}", rank=g, node=sync.node, detected_by=sync.rank)
-            locs.append((sync.get(r, lay.LOC_HEAP), sync.get(r, lay.LOC_OFF))
-                        if sync.get(r, lay.LOC_KIND) == 1 else None)
+            kind = sync.get(r, lay.LOC_KIND)
+            if kind == 1:
+                locs.append((sync.get(r, lay.LOC_HEAP), sync.get(r, lay.LOC_OFF)))
+            elif kind == 2:
+                locs.append(_Cma(sync.get(r, lay.LOC_HEAP), sync.get(r, lay.LOC_OFF)))
+            else:
+                locs.append(None)
         return locs
 
     def location(self, spec: OpSpec, locs, r: int, g: int, a: int, b: int) -> np.ndarray:
@@ -381,6 +414,57 @@ class Engine:
             sync.check_peers()
             if now >= deadline:
                 sync.wait(lambda: False, lambda s=state: self._laggard(spec, s[0], s[2], s[3]), timeout=0)
+
+    def _pipeline_cma(self, spec: OpSpec, locs: list[_Cma]) -> None:
+        """One node, every rank's own buffer: each rank reduces its slice of every chunk by reading
+        the peers' inputs straight from their memory and writes each finished block straight back
+        into theirs (``hfreduce._C.pipeline_cma``: no staging in the arena, no copy-out pass).
+        See the C code's note."""
+        from .sync import ABORT, POLL
+
+        sync, lay, L = self.sync, self.lay, self.L
+        gend = spec.g0 + spec.nchunks
+        sync.publish(lay.POSTED, gend)  # my input is in place: peers may read it
+        geo = (Layout.EPOCH_OFF, Layout.WAITERS, ABORT, Layout.FINAL, lay.word(0, 0), lay.stride, lay.POSTED,
+               lay.REDUCED, lay.CONSUMED)
+        pids, addrs = [loc.pid for loc in locs], [loc.addr for loc in locs]
+        kern = (spec.kdtype, spec.kop, spec.avg)
+        tmp = self._cma_tmp()
+        timeout = self._wait_timeout()
+        deadline = time.monotonic() + timeout
+        state = last = (spec.g0, spec.g0)
+        while True:
+            status, state, err = K._C.pipeline_cma(sync.buf, geo, (L, self.me), (spec.g0, spec.nchunks, spec.nbytes,
+                                                   self.CB), pids, addrs, kern, tmp, state, POLL, _SPIN)
+            if status == 0:
+                break
+            if status == 2:
+                sync.check()
+            if status == 3:
+                sync.check_peers()  # a dead peer is named
+                sync.check()
+                raise HFReduceError(f"{spec.name} #{spec.seq} on rank {sync.rank}: reading a peer's buffer "
+                                    f"failed: {os.strerror(err)} (set HFREDUCE_CMA=0 to stage through shared "
+                                    "memory instead)", detected_by=sync.rank)
+            now = time.monotonic()
+            if state != last:
+                last, deadline = state, now + timeout
+            sync.check_peers()
+            if now >= deadline:
+                sync.wait(lambda: False, lambda s=state: self._laggard(spec, gend, s[0], s[1]), timeout=0)
+        # my buffer is read by the peers until every rank copied its result out
+        sync.wait(lambda: sync.min(lay.CONSUMED) >= gend,
+                  lambda: (sync.argmin(lay.CONSUMED), f"it did not finish {spec.name} #{spec.seq}"))
+
+    def _cma_tmp(self) -> np.ndarray:
+        """The blocks the peers' bytes land in before they are added (L2-sized, 64-byte aligned)."""
+        tmp = getattr(self, "_tmp", None)
+        if tmp is None:
+            per = max(16 << 10, min(256 << 10, (1 << 20) // max(1, self.L - 1)))
+            raw = np.empty(per * max(1, self.L - 1) + 64, np.uint8)
+            off = (-_addr(raw)) % 64
+            tmp = self._tmp = raw[off: off + per * max(1, self.L - 1)]
+        return tmp
 
     def _pipeline_py(self, spec: OpSpec, locs) -> None:
         sync, lay, L, me, Kslots = self.sync, self.lay, self.L, self.me, self.K
@@ -525,6 +609,8 @@ class Engine:
                 continue  # my output already holds my slice's result
             parts.append((c0 + a, self.location(spec, locs, s, g, a, b)))
         (spec.backend or self.backend).copy_chunk_in(spec, c0, parts)
+
+
 
 
 #: Busy-wait iterations before sleeping on the futex (short: these machines are often oversubscribed).

@@ -21,6 +21,7 @@ Start-up, for every rank (``init``):
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import secrets
@@ -377,6 +378,7 @@ class ProcessGroup:
         self._sync: NodeSync | None = None
         self._internode: InterNode | None = None
         self._engine: Engine | None = None
+        self.cma = False  # single-copy reads between this node's ranks (see _probe_cma)
         self._created: list[Segment] = []
         self._rdv: _Rendezvous | None = None
         self._devices: dict[Any, Any] = {}  # device key -> this group's backend for it (hfreduce.device)
@@ -453,6 +455,7 @@ class ProcessGroup:
         elif self.world_size > 1:
             rdv.exchange({"ready": True})
         self._engine = Engine(self._sync, self._arena, self._layout, self.nnodes, self._internode, HostBackend())
+        self._engine.cma = self.cma
         if self._internode is not None:
             self._internode.engine = self._engine
 
@@ -511,12 +514,50 @@ class ProcessGroup:
                               self.rank, self.timeout)
         sync = self._sync
         sync.set(lay.PID, os.getpid())
+        # a word of my private memory that the peers try to read (see _probe_cma)
+        self._cma_word = ctypes.c_int64(os.getpid())
+        sync.set(lay.CMA_ADDR, ctypes.addressof(self._cma_word))
         sync.publish(lay.ATTACHED, 1)
         sync.wait(lambda: self._rdv.check_relayed() or sync.min(lay.ATTACHED) >= 1,
                   lambda: (sync.argmin(lay.ATTACHED), "it did not map the node's shared memory"),
                   timeout=max(0.1, deadline - time.monotonic()))
         for seg in self._created:  # every local rank maps everything: unlink (see shm's note)
             seg.unlink()
+        self.cma = self._probe_cma(deadline)
+
+    def _probe_cma(self, deadline: float) -> bool:
+        """Can every local rank read every other's private memory (process_vm_readv)? All or none.
+
+        [Note: single-copy reads] On one node, an allreduce of the callers' own buffers need not
+        stage them through shared memory: a rank reads its peers' bytes straight out of their
+        address spaces and writes its results straight into them (cross-memory attach: the kernel
+        copies once; see engine._pipeline_cma). That needs ptrace access
+        between the ranks (same user, and Yama's ptrace_scope 0, or a container that allows it);
+        each rank tries to read a known word of every peer and publishes its verdict, and the
+        path is used only when all succeeded and none disabled it with HFREDUCE_CMA=0.
+        """
+        sync, lay = self._sync, self._layout
+        ok = self.local_world_size > 1 and K.KERNEL == "c-simd" and hasattr(K._C, "pipeline_cma") and \
+            os.environ.get("HFREDUCE_CMA", "1").strip().lower() not in ("0", "no", "off", "false")
+        if ok:
+            for r in range(self.local_world_size):
+                if r == self.local_rank:
+                    continue
+                pid = sync.get(r, lay.PID)
+                try:
+                    got = K._C.cma_probe(pid, sync.get(r, lay.CMA_ADDR), 8)
+                except OSError as exc:
+                    log.debug("hfreduce: no single-copy reads from local rank %d (pid %d): %s", r, pid, exc)
+                    ok = False
+                    break
+                if int.from_bytes(got, "little", signed=True) != pid:
+                    ok = False
+                    break
+        sync.publish(lay.CMA_OK, 1 if ok else 2)
+        sync.wait(lambda: self._rdv.check_relayed() or sync.min(lay.CMA_OK) >= 1,
+                  lambda: (sync.argmin(lay.CMA_OK), "it did not finish the shared-memory start-up"),
+                  timeout=max(0.1, deadline - time.monotonic()))
+        return all(sync.get(r, lay.CMA_OK) == 1 for r in range(self.local_world_size))
 
     def _alive(self, rank: int) -> None:
         self._rdv.check_relayed()
@@ -725,7 +766,7 @@ class ProcessGroup:
                "local_world_size": self.local_world_size, "node": self.node, "nodes": list(self.node_names),
                "leader": self.is_leader, "leaders": list(self.leaders), "chunk_bytes": self.chunk,
                "slots": self.slots, "heap_bytes": self.heap_bytes, "timeout": self.timeout,
-               "session": self.session, "trees": [list(t.parent) for t in self.trees],
+               "single_copy": self.cma and self.nnodes == 1 and not py_loop, "session": self.session, "trees": [list(t.parent) for t in self.trees],
                "completed": self._engine.completed if self._engine else 0,
                "failed": repr(self._engine.error) if self._engine and self._engine.error else None}
         if self._internode is not None:

@@ -205,6 +205,7 @@ class Layout:
     POSTED, REDUCED, CONSUMED, ATTACHED, DEPARTED, PID, OP_SEQ, FIRST_G = range(8)
     KIND, NBYTES, DTYPE, OP, ROOT, LOC_KIND, LOC_HEAP, LOC_OFF = range(8, 16)
     ERR_FLAG, ERR_TIME, ERR_RANK, ERR_KIND, ERR_NODE, ERR_BY, ERR_LEN = range(16, 23)
+    CMA_ADDR, CMA_OK = 23, 24  # single-copy reads between the node's ranks: probe address, verdict
     MSG_BYTES = 1024
     MAGIC_VALUE = 0x48465231  # "HFR1"
 

@@ -120,6 +120,45 @@ def w_pipeline(pg):
     return pg.info()["pipeline"]
 
 
+def w_own_buffers_matrix(pg):
+    """Every rank's own (private) buffers: on one node, the single-copy path when it is on."""
+    errors = []
+    for dtype in DTYPES:
+        for op in OPS:
+            for n in sizes_for(dtype):
+                buf = make_input(pg.rank, n, dtype)
+                pg.allreduce(buf, op)
+                err = check(buf, expected(pg.world_size, n, dtype, op), dtype, op)
+                if err:
+                    errors.append(err)
+    # several in flight, each buffer read by the peers while the next is being reduced
+    bufs = [make_input(pg.rank + k, 3 * CHUNK // 4 + 7, np.float32) for k in range(4)]
+    works = [pg.allreduce(b, async_op=True) for b in bufs]
+    for k, (w, b) in enumerate(zip(works, bufs, strict=True)):
+        w.wait(30)
+        want = sum(make_input(r + k, b.size, np.float32).astype(np.float64) for r in range(pg.world_size))
+        if not np.array_equal(b, want.astype(np.float32)):
+            errors.append(f"async #{k} wrong")
+    return pg.info()["single_copy"], errors
+
+
+@pytest.mark.parametrize("cma", ["1", "0"])
+@pytest.mark.parametrize("per_node", [2, 3, 4])
+def test_own_buffers_on_one_node_single_copy_and_staged(per_node, cma):
+    """Own buffers on one node take the single-copy path (process_vm_readv from the peers) unless
+    HFREDUCE_CMA=0 asks for staging through shared memory; both give exact results."""
+    res = run(w_own_buffers_matrix, nodes=1, per_node=per_node, env={**ENV, "HFREDUCE_CMA": cma})
+    for used, errors in res.values():
+        assert errors == []
+        assert used is (cma == "1")
+
+
+def test_single_copy_is_not_used_across_nodes():
+    res = run(w_own_buffers_matrix, nodes=2, per_node=2)
+    assert [used for used, _ in res.values()] == [False] * 4
+    assert [errors for _, errors in res.values()] == [[]] * 4
+
+
 def w_allreduce_256mib(pg):
     n = (256 << 20) // 4
     buf = (np.arange(n) % 1024 + pg.rank).astype(np.float32)  # exact sums
