@@ -616,6 +616,14 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
     const int esz = dt_size[dtype];
     const int64_t gend = g0 + nchunks;
     const int registered = kind[me] == 1;
+    /* [Note: pushing results into registered buffers] On one node with every buffer registered
+     * (in the heaps every rank maps), the owner of a slice writes each finished block straight
+     * into every peer's buffer while it is still in cache, instead of every peer copying the
+     * slice out later: one pass less over the data. Slice s of any buffer is read and written by
+     * slice s's owner only, so this needs no extra waiting; REDUCED > g means chunk g is final
+     * everywhere. */
+    int push = !multi && L > 1;
+    for (int r = 0; r < L; r++) push = push && kind[r] == 1;
     int status = 1;
     Py_BEGIN_ALLOW_THREADS
     double idle_since = now_s();
@@ -647,7 +655,18 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
                     if (!multi && out && out_off <= (int64_t)(c0 + a) && (int64_t)(c0 + b) <= out_off + out_len)
                         dst2 = out + (c0 + a - out_off);
                 }
-                run_reduce(dst, first, srcs, ns, (b - a) / (size_t)esz, dtype, op, multi ? 0 : avg, dst2);
+                if (push) {
+                    const size_t step = 32768; /* a block in L1/L2 while it is copied to the peers */
+                    for (size_t x = 0; x < b - a; x += step) {
+                        size_t m = b - a - x < step ? b - a - x : step;
+                        const void *sub[MAXSRC];
+                        for (int k = 0; k < ns; k++) sub[k] = (const char *)srcs[k] + x;
+                        run_reduce(dst + x, NULL, sub, ns, m / (size_t)esz, dtype, op, avg, NULL);
+                        for (int k = 0; k < ns; k++) memcpy((char *)srcs[k] + x, dst + x, m);
+                    }
+                } else {
+                    run_reduce(dst, first, srcs, ns, (b - a) / (size_t)esz, dtype, op, multi ? 0 : avg, dst2);
+                }
             }
             s_red++;
             ctl_publish(&c, c.me_base + f_reduced, s_red);
@@ -685,6 +704,7 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
                 hi -= (int64_t)c0;
                 size_t ma, mb;
                 slice_of(c1 - c0, L, me, &ma, &mb);
+                if (push) lo = hi; /* every slice was pushed into my buffer by its owner */
                 int skip_mine = registered ||
                                 (direct && !registered && !multi && mb > ma && out_off <= (int64_t)(c0 + ma) &&
                                  (int64_t)(c0 + mb) <= out_off + out_len);

@@ -153,6 +153,27 @@ def test_own_buffers_on_one_node_single_copy_and_staged(per_node, cma):
         assert used is (cma == "1")
 
 
+def w_registered_matrix(pg):
+    """Every rank's buffer registered (hfreduce.empty): on one node the slice owners push results."""
+    errors = []
+    for dtype in DTYPES:
+        for op in OPS:
+            for n in sizes_for(dtype):
+                buf = pg.empty(max(n, 1), dtype)[:n]
+                buf[...] = make_input(pg.rank, n, dtype)
+                pg.allreduce(buf, op)
+                err = check(buf, expected(pg.world_size, n, dtype, op), dtype, op)
+                if err:
+                    errors.append(err)
+    return errors
+
+
+@pytest.mark.parametrize("nodes,per_node", [(1, 2), (1, 3), (1, 4), (2, 2)])
+def test_registered_buffers_every_dtype_op_and_size(nodes, per_node):
+    res = run(w_registered_matrix, nodes=nodes, per_node=per_node)
+    assert res.values() == [[]] * (nodes * per_node)
+
+
 def test_single_copy_is_not_used_across_nodes():
     res = run(w_own_buffers_matrix, nodes=2, per_node=2)
     assert [used for used, _ in res.values()] == [False] * 4
