@@ -13,7 +13,8 @@ Rows, all in one run on this machine (the ratios compare figures of the same run
 
 The rows are measured in turns, ROUNDS times over (these machines are shared and their load
 drifts: interleaving keeps a ratio's two sides under the same load), and each figure is the median
-of all its timed repetitions (a barrier before each, two warm-ups per round);
+of all its timed repetitions (a barrier before each, WARMUP warm-ups per round, the same for every
+library: first calls on fresh buffers pay set-up costs, and training runs thousands of steps);
 algbw = bytes / time, busbw = algbw x 2(n-1)/n. Targets (issue #3, at 16 MiB and above, 2 ranks):
 own buffers >= 2x gloo and >= 1.2x OpenMPI; arena buffers >= 3.5x gloo and >= 2x OpenMPI;
 2 nodes x 2 ranks: >= 2x gloo. The last line is one JSON object (see DESIGN.md).
@@ -39,6 +40,9 @@ sys.path.insert(0, str(ROOT))
 REPS = {1: 15, 16: 6, 64: 3, 256: 2}
 QUICK_REPS = {1: 5, 16: 3, 64: 2, 256: 2}
 ROUNDS = 3
+# untimed calls per row and round before the timed ones, the same for every library (hfreduce's first
+# 2-3 calls on fresh buffers were measured 1.5-2x slower than the steady state)
+WARMUP = 4
 
 
 def reps_for(mib: int, quick: bool) -> int:
@@ -68,7 +72,7 @@ def hf_worker(pg, sizes, quick, kinds):
             a = hfreduce.empty(n, np.float32) if kind == "arena" else np.empty(n, np.float32)
             times = []
             ok = True
-            for i in range(reps_for(mib, quick) + 2):
+            for i in range(reps_for(mib, quick) + WARMUP):
                 if i == 0:
                     fill(a, pg.rank)
                 pg.barrier()
@@ -77,7 +81,7 @@ def hf_worker(pg, sizes, quick, kinds):
                 times.append(time.perf_counter() - t)
                 if i == 0:
                     ok = verify(a, pg.world_size, 1)
-            out[f"{kind}:{mib}"] = (times[2:], ok)
+            out[f"{kind}:{mib}"] = (times[WARMUP:], ok)
             del a
     return out
 
@@ -103,7 +107,7 @@ def gloo_worker(rank, world, port, sizes, quick, q):
         a = np.empty(n, np.float32)
         t_ = torch.from_numpy(a)
         times, ok = [], True
-        for i in range(reps_for(mib, quick) + 2):
+        for i in range(reps_for(mib, quick) + WARMUP):
             if i == 0:
                 fill(a, rank)
             dist.barrier()
@@ -112,7 +116,7 @@ def gloo_worker(rank, world, port, sizes, quick, q):
             times.append(time.perf_counter() - t)
             if i == 0:
                 ok = verify(a, world, 1)
-        out[f"gloo:{mib}"] = (times[2:], ok)
+        out[f"gloo:{mib}"] = (times[WARMUP:], ok)
     dist.destroy_process_group()
     q.put((rank, out))
 
@@ -158,7 +162,7 @@ def mpi_main(sizes, quick) -> None:
         n = mib * (1 << 20) // 4
         a = np.empty(n, np.float32)
         times, ok = [], True
-        for i in range(reps_for(mib, quick) + 2):
+        for i in range(reps_for(mib, quick) + WARMUP):
             if i == 0:
                 fill(a, rank)
             comm.Barrier()
@@ -167,7 +171,7 @@ def mpi_main(sizes, quick) -> None:
             times.append(time.perf_counter() - t)
             if i == 0:
                 ok = verify(a, world, 1)
-        out[f"mpi:{mib}"] = (times[2:], ok)
+        out[f"mpi:{mib}"] = (times[WARMUP:], ok)
     if rank == 0:
         print("MPIRESULT " + json.dumps(out), flush=True)
 
