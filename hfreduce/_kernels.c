@@ -548,6 +548,22 @@ static inline void ctl_publish(ctl_t *c, Py_ssize_t word, int64_t v) {
     if (__atomic_load_n(c->w + c->waiters, __ATOMIC_SEQ_CST) > 0) sys_futex(c->epoch, FUTEX_WAKE, INT_MAX, NULL);
 }
 
+/* Nothing to do: watch the epoch for `spin` rounds (cheap), then sleep on it for at most `left`
+ * seconds until a peer publishes. Returns 0 when `left` ran out (the caller reports idleness). */
+static int idle_wait(ctl_t *c, int32_t e, int spin, double left) {
+    for (int k = 0; k < spin; k++) {
+        CPU_RELAX();
+        if (__atomic_load_n(c->epoch, __ATOMIC_SEQ_CST) != e) return 1;
+    }
+    if (left <= 0) return 0;
+    struct timespec ts;
+    to_timespec(left, &ts);
+    __atomic_add_fetch(c->w + c->waiters, 1, __ATOMIC_SEQ_CST);
+    sys_futex(c->epoch, FUTEX_WAIT, e, &ts);
+    __atomic_sub_fetch(c->w + c->waiters, 1, __ATOMIC_SEQ_CST);
+    return 1;
+}
+
 static inline void slice_of(size_t n, int parts, int s, size_t *a, size_t *b) {
     size_t units = n / 64;
     *a = (size_t)s * units / (size_t)parts * 64;
@@ -726,20 +742,8 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
             idle_since = now_s();
             continue;
         }
-        /* nothing ready: watch the epoch a little (cheap), then sleep on it until a peer publishes */
-        int moved = 0;
-        for (int k = 0; k < spin && !moved; k++) {
-            CPU_RELAX();
-            moved = __atomic_load_n(c.epoch, __ATOMIC_SEQ_CST) != e;
-        }
-        if (moved) continue;
-        double left = poll - (now_s() - idle_since);
-        if (left <= 0) { status = 1; break; }
-        struct timespec ts;
-        to_timespec(left, &ts);
-        __atomic_add_fetch(c.w + c.waiters, 1, __ATOMIC_SEQ_CST);
-        sys_futex(c.epoch, FUTEX_WAIT, e, &ts);
-        __atomic_sub_fetch(c.w + c.waiters, 1, __ATOMIC_SEQ_CST);
+        /* nothing ready: watch the epoch a little, then sleep on it until a peer publishes */
+        if (!idle_wait(&c, e, spin, poll - (now_s() - idle_since))) { status = 1; break; }
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&v);
@@ -892,19 +896,8 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
             idle_since = now_s();
             continue;
         }
-        int moved = 0;
-        for (int k = 0; k < spin && !moved; k++) {
-            CPU_RELAX();
-            moved = __atomic_load_n(c.epoch, __ATOMIC_SEQ_CST) != e;
-        }
-        if (moved) continue;
-        double left = poll - (now_s() - idle_since);
-        if (left <= 0) { status = 1; break; }
-        struct timespec ts;
-        to_timespec(left, &ts);
-        __atomic_add_fetch(c.w + c.waiters, 1, __ATOMIC_SEQ_CST);
-        sys_futex(c.epoch, FUTEX_WAIT, e, &ts);
-        __atomic_sub_fetch(c.w + c.waiters, 1, __ATOMIC_SEQ_CST);
+        /* nothing ready: watch the epoch a little, then sleep on it until a peer publishes */
+        if (!idle_wait(&c, e, spin, poll - (now_s() - idle_since))) { status = 1; break; }
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&v);
