@@ -311,15 +311,14 @@ class InterNode:
                 try:
                     m = msgpack.unpackb(conn.recv(timeout=self.timeout).header)
                 except TransportError:
+                    # The neighbour's process ended (or its link broke). That fails a collective only
+                    # if it still needs the neighbour, and every collective receives from each tree
+                    # neighbour: the data threads see the closed connection when they get there and
+                    # blame it by name (_net_failure). Aborting here instead would fail a collective
+                    # whose last bytes from that node already arrived (a peer that finished its part
+                    # and exited at once).
                     poller.unregister(fd)
                     del by_fd[fd]
-                    if self._stop:
-                        continue
-                    name, rank = self.node_names[peer], self.leader_ranks[peer]
-                    if peer in self._departed:
-                        continue
-                    self.abort(PeerFailed(f"node {name} (leader rank {rank}) died or lost its connection",
-                                          rank=rank, node=name, detected_by=sync.rank), source=peer)
                     continue
                 t = m.get("t")
                 if t == "abort":

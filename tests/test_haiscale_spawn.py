@@ -49,11 +49,14 @@ def quick(local_rank: int) -> None:
 
 
 def _no_children_left() -> bool:
-    """No training process left (multiprocessing's own resource tracker may live on)."""
+    """No training process left (multiprocessing's own resource tracker and forkserver, which an
+    earlier hfreduce test in this process may have started, may live on)."""
     left = []
     for c in psutil.Process().children(recursive=True):
         try:
-            if "resource_tracker" not in " ".join(c.cmdline()) and c.status() != psutil.STATUS_ZOMBIE:
+            cmd = " ".join(c.cmdline())
+            helper = "resource_tracker" in cmd or "multiprocessing.forkserver" in cmd
+            if not helper and c.status() != psutil.STATUS_ZOMBIE:
                 left.append(c)
         except psutil.NoSuchProcess:
             pass
