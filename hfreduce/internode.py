@@ -25,7 +25,9 @@ that reads them and watches the local ranks' pidfds. A failure anywhere is recor
 node's control block (the local ranks raise it) and sent as an ABORT message, naming the peer at
 fault, to every neighbour, which records and forwards it: the whole job learns who failed. Only
 then are the data connections closed, which unblocks threads stuck in send or receive. A
-neighbour that vanishes without an ABORT (its process died) is blamed by name; one that stops
+neighbour that vanishes without an ABORT (its process died) is blamed by name by the data thread
+that next needs bytes from it (not by the watcher at once: a collective whose bytes from that
+node all arrived still completes); one that stops
 sending is blamed when the data connection's timeout (a little longer than the local timeout, so
 a precise local diagnosis arrives first) expires. ``destroy`` says BYE first, so a clean exit is
 not a failure unless a collective still needed that node.
