@@ -545,8 +545,8 @@ class Listener:
 
     def accept(self, timeout: float | None | type(...) = ...) -> Connection:
         t = self.timeout if timeout is ... else timeout
-        self._sock.settimeout(t)
         try:
+            self._sock.settimeout(t)  # raises EBADF once close() ran in another thread
             sock, addr = self._sock.accept()
         except TimeoutError as exc:
             raise TransportTimeout(f"accept on {self.host}:{self.port}: no connection within {t} s") from exc

@@ -310,3 +310,14 @@ def test_traffic_classes_are_distinct():
     assert len({tc.priority for tc in TrafficClass}) == 4
     assert len({tc.dscp for tc in TrafficClass}) == 4
     assert TrafficClass.OTHER.priority == 0
+
+
+def test_accept_on_a_closed_listener_is_a_transport_error():
+    """A server's accept loop stops cleanly when another thread closed the listener."""
+    from network.errors import TransportError
+    from network.transport import listen
+
+    lst = listen("127.0.0.1", 0)
+    lst.close()
+    with pytest.raises(TransportError):
+        lst.accept(timeout=0.1)
