@@ -35,6 +35,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from crc32c import crc32c
 
@@ -270,7 +271,13 @@ class ChunkClient:
         if offset < 0 or offset + n > cs:
             raise ValueError(f"bytes [{offset}, {offset + n}) do not fit in a chunk of {cs} bytes")
 
-    def _update(self, chain: int, args: dict, payload: list) -> dict:
+    def _at_head(self, chain: int, send, what) -> Any:
+        """Run ``send(routing, chain entry, head target)`` at the chain's head until it returns.
+
+        A retryable error (raised by ``send``, or a remote one) or an unreachable head backs off,
+        refreshes the routing table and tries again until the client's timeout; ``what()`` names
+        the chunk in the error then. Other errors go to the caller as they are.
+        """
         deadline = time.monotonic() + self.timeout
         delay = 0.02
         last: Exception | None = None
@@ -282,8 +289,9 @@ class ChunkClient:
                 if ws:
                     try:
                         with self._acquire(self._slot(r, ws[0][0])):
-                            return self._server(r, ws[0][0]).call(
-                                "storage.write", dict(args, chain=chain, cver=c["version"]), payload).result
+                            return send(r, c, ws[0][0])
+                    except RetryableError as exc:
+                        last = exc
                     except RemoteError as exc:
                         err = from_remote(exc)
                         if not isinstance(err, RetryableError):
@@ -294,12 +302,18 @@ class ChunkClient:
                 else:
                     last = NoServingReplica(f"chain {chain} v{c['version']} has no serving target")
                 if time.monotonic() + delay > deadline:
-                    raise ClientError(f"write of chunk {chain}/{args['chunk']:016x} gave up after "
-                                      f"{self.timeout} s: {last}") from last
+                    raise ClientError(f"write of chunk {what()} gave up after {self.timeout} s: {last}") from last
                 self.stats["retries"] += 1
                 time.sleep(delay)
                 delay = min(delay * 2, 0.25)
                 self.refresh_routing()
+
+    def _update(self, chain: int, args: dict, payload: list) -> dict:
+        return self._at_head(
+            chain,
+            lambda r, c, head: self._server(r, head).call(
+                "storage.write", dict(args, chain=chain, cver=c["version"]), payload).result,
+            lambda: f"{chain}/{args['chunk']:016x}")
 
     def batch_write(self, ios: list[WriteIO]) -> list[WriteResult]:
         """Write many chunks, ``max_inflight`` requests at a time; raises the first error (after all
@@ -345,51 +359,28 @@ class ChunkClient:
                 self._seqs[ch] = seqs[-1]
             results: list = [None] * len(ios)
             left = list(range(len(ios)))
-            deadline = time.monotonic() + self.timeout
-            delay = 0.02
-            last: Exception | None = None
-            with self._acquire(self._slots):
-                while True:
-                    r = self.routing
-                    c = self._chain(r, chain)
-                    ws = r.write_set(chain)
-                    if ws:
-                        args = {"chain": chain, "cver": c["version"], "client": self.client_id,
-                                "items": [[ios[k].chunk, chans[k], seqs[k], len(ios[k].data)] for k in left]}
-                        try:
-                            with self._acquire(self._slot(r, ws[0][0])):
-                                rep = self._server(r, ws[0][0]).call("storage.write_batch", args,
-                                                                     [ios[k].data for k in left]).result
-                            retry = []
-                            for k, res in zip(left, rep["items"], strict=True):
-                                if "err" not in res:
-                                    results[k] = WriteResult(res["version"], res["crc"])
-                                    continue
-                                err = from_remote(RemoteError(res["msg"], kind=res["err"], data=res.get("data")))
-                                if not isinstance(err, RetryableError):
-                                    raise err
-                                last = err
-                                retry.append(k)
-                            left = retry
-                            if not left:
-                                return results
-                        except RemoteError as exc:
-                            err = from_remote(exc)
-                            if not isinstance(err, RetryableError):
-                                raise err from None
-                            last = err
-                        except TransportError as exc:
-                            last = exc
-                    else:
-                        last = NoServingReplica(f"chain {chain} v{c['version']} has no serving target")
-                    if time.monotonic() + delay > deadline:
-                        k = left[0]
-                        raise ClientError(f"write of chunk {chain}/{ios[k].chunk:016x} gave up after "
-                                          f"{self.timeout} s: {last}") from last
-                    self.stats["retries"] += 1
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.25)
-                    self.refresh_routing()
+
+            def send(r, c, head):
+                nonlocal left
+                args = {"chain": chain, "cver": c["version"], "client": self.client_id,
+                        "items": [[ios[k].chunk, chans[k], seqs[k], len(ios[k].data)] for k in left]}
+                rep = self._server(r, head).call("storage.write_batch", args, [ios[k].data for k in left]).result
+                retry, last = [], None
+                for k, res in zip(left, rep["items"], strict=True):
+                    if "err" not in res:
+                        results[k] = WriteResult(res["version"], res["crc"])
+                        continue
+                    err = from_remote(RemoteError(res["msg"], kind=res["err"], data=res.get("data")))
+                    if not isinstance(err, RetryableError):
+                        raise err
+                    last = err
+                    retry.append(k)
+                left = retry
+                if last is not None:
+                    raise last  # the others are done; these go again (same keys)
+                return results
+
+            return self._at_head(chain, send, lambda: f"{chain}/{ios[left[0]].chunk:016x}")
         finally:
             for ch in chans:
                 self._channels.put(ch)
