@@ -315,10 +315,9 @@ class Engine:
 
     def _cma_eligible(self, spec: OpSpec) -> bool:
         """May this rank's part of ``spec`` take the single-copy path (all ranks must agree)?"""
+        # (an allreduce's input is its output, the whole buffer; the start-up probe needs the C kernels)
         return (self.cma and self.nnodes == 1 and spec.kind == ALLREDUCE and spec.heap is None
-                and spec.backend is None and type(self.backend) is HostBackend and K.KERNEL == "c-simd"
-                and spec.inp is not None and spec.out is not None and spec.inp.nbytes == spec.nbytes
-                and _addr(spec.inp) == _addr(spec.out) and spec.in_off == 0 and spec.out_off == 0
+                and spec.backend is None and type(self.backend) is HostBackend
                 and os.environ.get("HFREDUCE_PIPELINE", "").lower() != "python")
 
     def _check_descriptors(self, spec: OpSpec) -> list[tuple[int, int] | None]:
@@ -361,7 +360,11 @@ class Engine:
             self._pipeline_c(spec, locs)
         else:
             self._pipeline_py(spec, locs)
-        # my registered buffer and my slots are read by peers until every rank consumed the op
+        self._wait_consumed(spec)
+
+    def _wait_consumed(self, spec: OpSpec) -> None:
+        """My buffer and my slots are read (and, single-copy, written) by peers until every rank
+        consumed the collective: wait for that before the caller gets its buffer back."""
         sync, lay = self.sync, self.lay
         gend = spec.g0 + spec.nchunks
         sync.wait(lambda: sync.min(lay.CONSUMED) >= gend,
@@ -374,7 +377,7 @@ class Engine:
     def _pipeline_c(self, spec: OpSpec, locs) -> None:
         """The loop below, in C without the GIL (``hfreduce._C.pipeline``); Python only checks
         liveness and the deadline each time the loop has been idle for POLL seconds."""
-        from .sync import ABORT, POLL
+        from .sync import POLL
 
         sync, lay, L, me = self.sync, self.lay, self.L, self.me
         gend = spec.g0 + spec.nchunks
@@ -391,79 +394,81 @@ class Engine:
             state = (gend, gend, spec.g0, spec.g0)
             sync.publish(lay.POSTED, gend)
         inp, out = spec.inp, spec.out
-        geo = (Layout.EPOCH_OFF, Layout.WAITERS, ABORT, Layout.FINAL, lay.word(0, 0), lay.stride, lay.POSTED,
-               lay.REDUCED, lay.CONSUMED)
+        geo = self._geometry()
         io_in = (_addr(inp) if inp is not None and inp.nbytes else 0, spec.in_off, inp.nbytes if inp is not None else 0)
         io_out = (_addr(out) if out is not None and out.nbytes else 0, spec.out_off,
                   out.nbytes if out is not None else 0)
         multi = self.nnodes > 1
         kern = (spec.kdtype, spec.kop, spec.avg, int(multi), int(self.backend.direct))
+        self._drive_c(lambda st: K._C.pipeline(sync.buf, geo, (L, me, self.K),
+                                              (spec.g0, spec.nchunks, spec.nbytes, self.CB), addrs, kinds, io_in,
+                                              io_out, kern, st, POLL, _SPIN) + (0,),
+                      state, lambda s: self._laggard(spec, s[0], s[2], s[3]), spec)
+
+    def _geometry(self) -> tuple:
+        """Where the C loops find the node's words: (epoch, waiters, abort, final, rank block 0,
+        stride, and the POSTED / REDUCED / CONSUMED fields)."""
+        from .sync import ABORT
+
+        lay = self.lay
+        return (Layout.EPOCH_OFF, Layout.WAITERS, ABORT, Layout.FINAL, lay.word(0, 0), lay.stride, lay.POSTED,
+                lay.REDUCED, lay.CONSUMED)
+
+    def _drive_c(self, step, state: tuple, laggard, spec: OpSpec) -> None:
+        """Call a C loop (``step(state) -> (status, state, errno)``) until it is done. The loop
+        returns after POLL idle seconds (status 1), on the node's abort word (2) or when reading
+        or writing a peer's memory failed (3); in between, Python checks liveness and the
+        deadline, which moves whenever the state does."""
+        sync = self.sync
         timeout = self._wait_timeout()
         deadline = time.monotonic() + timeout
         last = state
         while True:
-            status, state = K._C.pipeline(sync.buf, geo, (L, me, self.K), (spec.g0, spec.nchunks, spec.nbytes, self.CB),
-                                          addrs, kinds, io_in, io_out, kern, state, POLL, _SPIN)
+            status, state, err = step(state)
             if status == 0:
                 return
-            if status == 2:
+            if status in (2, 3):
+                sync.check_peers()  # a dead peer is named
                 sync.check()
+            if status == 3:
+                raise HFReduceError(f"{spec.name} #{spec.seq} on rank {sync.rank}: reading or writing a peer's "
+                                    f"buffer failed: {os.strerror(err)} (set HFREDUCE_CMA=0 to stage through "
+                                    "shared memory instead)", detected_by=sync.rank)
             now = time.monotonic()
             if state != last:
                 last, deadline = state, now + timeout
             sync.check_peers()
             if now >= deadline:
-                sync.wait(lambda: False, lambda s=state: self._laggard(spec, s[0], s[2], s[3]), timeout=0)
+                sync.wait(lambda: False, lambda s=state: laggard(s), timeout=0)
 
     def _pipeline_cma(self, spec: OpSpec, locs: list[_Cma]) -> None:
         """One node, every rank's own buffer: each rank reduces its slice of every chunk by reading
         the peers' inputs straight from their memory and writes each finished block straight back
         into theirs (``hfreduce._C.pipeline_cma``: no staging in the arena, no copy-out pass).
         See the C code's note."""
-        from .sync import ABORT, POLL
+        from .sync import POLL
 
         sync, lay, L = self.sync, self.lay, self.L
         gend = spec.g0 + spec.nchunks
         sync.publish(lay.POSTED, gend)  # my input is in place: peers may read it
-        geo = (Layout.EPOCH_OFF, Layout.WAITERS, ABORT, Layout.FINAL, lay.word(0, 0), lay.stride, lay.POSTED,
-               lay.REDUCED, lay.CONSUMED)
+        geo = self._geometry()
         pids, addrs = [loc.pid for loc in locs], [loc.addr for loc in locs]
         kern = (spec.kdtype, spec.kop, spec.avg)
         tmp = self._cma_tmp()
-        timeout = self._wait_timeout()
-        deadline = time.monotonic() + timeout
-        state = last = (spec.g0, spec.g0)
-        while True:
-            status, state, err = K._C.pipeline_cma(sync.buf, geo, (L, self.me), (spec.g0, spec.nchunks, spec.nbytes,
-                                                   self.CB), pids, addrs, kern, tmp, state, POLL, _SPIN)
-            if status == 0:
-                break
-            if status == 2:
-                sync.check()
-            if status == 3:
-                sync.check_peers()  # a dead peer is named
-                sync.check()
-                raise HFReduceError(f"{spec.name} #{spec.seq} on rank {sync.rank}: reading a peer's buffer "
-                                    f"failed: {os.strerror(err)} (set HFREDUCE_CMA=0 to stage through shared "
-                                    "memory instead)", detected_by=sync.rank)
-            now = time.monotonic()
-            if state != last:
-                last, deadline = state, now + timeout
-            sync.check_peers()
-            if now >= deadline:
-                sync.wait(lambda: False, lambda s=state: self._laggard(spec, gend, s[0], s[1]), timeout=0)
-        # my buffer is read by the peers until every rank copied its result out
-        sync.wait(lambda: sync.min(lay.CONSUMED) >= gend,
-                  lambda: (sync.argmin(lay.CONSUMED), f"it did not finish {spec.name} #{spec.seq}"))
+        self._drive_c(lambda st: K._C.pipeline_cma(sync.buf, geo, (L, self.me),
+                                                   (spec.g0, spec.nchunks, spec.nbytes, self.CB), pids, addrs,
+                                                   kern, tmp, st, POLL, _SPIN),
+                      (spec.g0, spec.g0), lambda s: self._laggard(spec, gend, s[0], s[1]), spec)
+        self._wait_consumed(spec)
 
     def _cma_tmp(self) -> np.ndarray:
         """The blocks the peers' bytes land in before they are added (L2-sized, 64-byte aligned)."""
         tmp = getattr(self, "_tmp", None)
         if tmp is None:
-            per = max(16 << 10, min(256 << 10, (1 << 20) // max(1, self.L - 1)))
-            raw = np.empty(per * max(1, self.L - 1) + 64, np.uint8)
+            size = max(16 << 10, min(256 << 10, (1 << 20) // (self.L - 1))) * (self.L - 1)  # L > 1 here
+            raw = np.empty(size + 64, np.uint8)
             off = (-_addr(raw)) % 64
-            tmp = self._tmp = raw[off: off + per * max(1, self.L - 1)]
+            tmp = self._tmp = raw[off: off + size]
         return tmp
 
     def _pipeline_py(self, spec: OpSpec, locs) -> None:
