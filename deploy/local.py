@@ -282,11 +282,18 @@ class LocalCluster:
             delay = min(delay * 1.5, 0.25)
 
     def kill(self, module: str, node: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to one service's process group (tests use SIGKILL to crash a server)."""
+        """Send ``sig`` to one service's process group (tests use SIGKILL to crash a server).
+
+        SIGKILL and SIGTERM return once the service exited; SIGSTOP returns once every thread of
+        the group is stopped (:func:`_wait_group_stopped`), so whatever the caller sends it
+        afterwards stays unanswered until SIGCONT.
+        """
         key = f"{module}@{node}"
         proc = self.procs[key]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+        if sig == signal.SIGSTOP:
+            _wait_group_stopped(proc.pid, self.stop_timeout)
         if sig in (signal.SIGKILL, signal.SIGTERM):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(self.stop_timeout)
@@ -363,6 +370,55 @@ def _read_state(run_dir: Path) -> dict | None:
         return json.loads((run_dir / "state.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def _group_threads_running(pgid: int) -> list[str]:
+    """``pid/tid (state)`` of every thread of process group ``pgid`` that is not stopped (Linux /proc);
+    stopped (T, t), zombie and dead threads do not count."""
+    running = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if int(f.read().rsplit(") ", 1)[1].split()[2]) != pgid:  # fields after comm: state ppid pgrp
+                    continue
+            tids = os.listdir(f"/proc/{d}/task")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        for tid in tids:
+            try:
+                with open(f"/proc/{d}/task/{tid}/stat") as f:
+                    state = f.read().rsplit(") ", 1)[1][0]
+            except (OSError, IndexError):
+                continue
+            if state not in "TtZXx":
+                running.append(f"{d}/{tid} ({state})")
+    return running
+
+
+def _wait_group_stopped(pgid: int, timeout: float) -> None:
+    """Wait until every thread of process group ``pgid`` is stopped after a SIGSTOP.
+
+    [Note: SIGSTOP is not synchronous] ``kill`` returns once the signal is queued: the kernel
+    wakes one thread of the target, and only when that thread runs does it stop the others. On a
+    busy machine the target's other threads can meanwhile receive a request and answer it (a
+    "frozen" storage server acknowledged a write sent after ``kill`` returned: a flaky fs3
+    test). Without /proc (not Linux) this returns at once.
+    """
+    if not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        running = _group_threads_running(pgid)
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            raise LauncherError(f"process group {pgid} not stopped {timeout} s after SIGSTOP: threads "
+                                f"{', '.join(running[:8])} still run")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def pid_alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ import pytest
 
 from deploy.local import LocalCluster, ServiceFailed
 from deploy.local import pid_alive as _alive
-from network import ping
+from network import TransportError, ping
 from network.topology import dump_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +108,29 @@ def test_kill_and_restart_one_service(launch_cluster):
     assert lc.info["network.probe@n1"].state == "exited(-9)"
     info = lc.start("network.probe", "n1")
     assert info.pid != old and info.state == "healthy"
+
+
+def _thread_states(pid: int) -> set[str]:
+    return {(t / "stat").read_text().rsplit(") ", 1)[1][0] for t in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_sigstop_returns_once_the_service_is_stopped(launch_cluster):
+    """kill(SIGSTOP) returns only once every thread of the service is stopped (the kernel stops a
+    process's threads after kill() returned: a request sent at once could still be answered), so
+    a request sent after it stays unanswered until SIGCONT."""
+    lc = launch_cluster(services=["network.probe"])
+    info = lc.info["network.probe@n1"]
+    try:
+        for _ in range(20):
+            lc.kill("network.probe", "n1", sig=signal.SIGSTOP)
+            assert _thread_states(info.pid) == {"T"}
+            lc.kill("network.probe", "n1", sig=signal.SIGCONT)
+        lc.kill("network.probe", "n1", sig=signal.SIGSTOP)
+        with pytest.raises(TransportError):
+            ping(info.address, info.port, timeout=0.5)
+    finally:
+        lc.kill("network.probe", "n1", sig=signal.SIGCONT)
+    assert ping(info.address, info.port, timeout=5)["name"] == "probe@n1"
 
 
 _LAUNCHER = textwrap.dedent("""

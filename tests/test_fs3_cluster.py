@@ -512,7 +512,7 @@ def test_pending_chunk_answers_not_committed(fs3):
     chain = next(c for c in r.chain_ids() if r.node_of(r.write_set(c)[-1][0]) == "n3")
     head = r.node_of(r.write_set(chain)[0][0])
     client.write(chain, 5, b"old")
-    lc.kill("fs3.storage", "n3", sig=signal.SIGSTOP)
+    lc.kill("fs3.storage", "n3", sig=signal.SIGSTOP)  # returns once every thread of n3 is stopped
     done = threading.Event()
     errors = []
 
@@ -533,7 +533,8 @@ def test_pending_chunk_answers_not_committed(fs3):
         _wait(pending, 20, "the write to be pending at the head")
         cver = client.routing.chains[chain]["version"]
         rep = _direct(lc, head, "storage.read", {"items": [[chain, cver, 5, 0, -1]]})
-        assert rep.result["items"][0]["err"] == "ChunkNotCommitted"
+        item = rep.result["items"][0]
+        assert item.get("err") == "ChunkNotCommitted", (item, bytes(rep.payload), done.is_set(), errors)
         rep = _direct(lc, head, "storage.read", {"items": [[chain, cver, 5, 0, -1]], "relaxed": True})
         assert bytes(rep.payload) == b"new"  # a relaxed read sees the pending version
         assert not done.is_set()  # not acknowledged before the tail commits
