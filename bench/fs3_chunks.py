@@ -6,7 +6,11 @@ references measured in the same run.
 - bare TCP: the same bytes as one stream of 1 MiB sends from 127.0.0.2 to a receiver process on
   127.0.0.3 that lands them in one buffer (the network path: what bounds a real cluster);
 - local disk: the same bytes written to and read back from 1 MiB files in a plain directory
-  (the disk path).
+  (the disk path);
+- ideal chain: the same bytes relayed through three bare hops on 127.0.0.3..5, each receiving
+  1 MiB, checking its CRC32C, forwarding it and writing it into a cached file (no RPC, no locks,
+  no versions, no acknowledgement per chunk): what a 3-replica chain write costs on this machine
+  with no software overhead at all, the ceiling for fs3's writes here.
 
 Targets (same-run ratios): read >= 70% of the bare stream; 3-replica write >= 25% of it (a chain
 moves every byte three times). Each figure is the median of ``--trials`` trials; each fs3 phase
@@ -68,6 +72,70 @@ def _sink(port_q, total: int) -> None:
         s.sendall(b"k")
         s.close()
     ls.close()
+
+
+def _relay(port_q, hop: int, next_q, data_dir: str) -> None:
+    """Hop ``hop`` (0..2) of the ideal chain, on 127.0.0.(3 + hop): per run, an 8-byte length, then
+    1 MiB pieces: receive, CRC32C, forward to the next hop, write into one of 64 cached files
+    (overwritten in place, as the chunk store overwrites recycled files); the acknowledgement
+    goes back once at the end."""
+    import crc32c
+
+    ls = socket.socket()
+    ls.bind((f"127.0.0.{3 + hop}", 0))
+    ls.listen(1)
+    port_q.put((hop, ls.getsockname()[1]))
+    nxt_addr = next_q.get() if next_q is not None else None
+    fds = [os.open(f"{data_dir}/hop{hop}-{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(64)]
+    for fd in fds:  # allocated and cached before any timed run
+        os.pwrite(fd, bytes(MiB), 0)
+    view = memoryview(bytearray(MiB))
+    while True:
+        s, _ = ls.accept()
+        hdr = s.recv(8, socket.MSG_WAITALL)
+        if len(hdr) < 8 or hdr == b"quit....":
+            s.close()
+            break
+        n = int.from_bytes(hdr, "big")
+        nxt = None
+        if nxt_addr is not None:
+            nxt = socket.create_connection(nxt_addr)
+            nxt.sendall(hdr)
+        for i in range(n // MiB):
+            if s.recv_into(view, MiB, socket.MSG_WAITALL) != MiB:
+                raise RuntimeError(f"ideal chain hop {hop}: short receive")
+            crc32c.crc32c(view)
+            if nxt is not None:
+                nxt.sendall(view)
+            os.pwrite(fds[i % 64], view, 0)
+        if nxt is not None:
+            assert nxt.recv(1) == b"k"
+            nxt.close()
+        s.sendall(b"k")
+        s.close()
+    if nxt_addr is not None:  # pass the quit on
+        with socket.create_connection(nxt_addr) as q:
+            q.sendall(b"quit....")
+    for fd in fds:
+        os.close(fd)
+    ls.close()
+
+
+def ideal_chain(port: int, chunks: list[bytes]) -> float:
+    """Bytes per second through the three relays (the client computes each chunk's CRC32C too)."""
+    import crc32c
+
+    total = sum(len(c) for c in chunks)
+    s = socket.create_connection((DST, port), source_address=(SRC, 0))
+    t0 = time.perf_counter()
+    s.sendall(total.to_bytes(8, "big"))
+    for c in chunks:
+        crc32c.crc32c(c)
+        s.sendall(c)
+    assert s.recv(1) == b"k"
+    dt = time.perf_counter() - t0
+    s.close()
+    return total / dt
 
 
 def _cpu(pids: list[int]) -> float:
@@ -148,9 +216,20 @@ def main() -> int:
     sink = ctx.Process(target=_sink, args=(q, total), daemon=True)
     sink.start()
     port = q.get(timeout=30)
+    relay_dir = tmp / "ideal-chain"
+    relay_dir.mkdir()
+    next_qs = [ctx.Queue() for _ in range(3)]
+    relays = [ctx.Process(target=_relay, args=(q, h, next_qs[h + 1] if h < 2 else None, str(relay_dir)),
+                          daemon=True) for h in range(3)]
+    for r in relays:
+        r.start()
+    relay_ports = dict(q.get(timeout=30) for _ in relays)
+    for h in (1, 2):
+        next_qs[h].put((f"127.0.0.{3 + h}", relay_ports[h]))
 
     lc = LocalCluster(cf, tmp / "run", ports="auto", services=["fs3.mgmtd", "fs3.storage"])
-    fig: dict[str, list[float]] = {k: [] for k in ("bare_tcp", "disk_write", "disk_read", "fs3_seq_write",
+    fig: dict[str, list[float]] = {k: [] for k in ("bare_tcp", "disk_write", "disk_read", "ideal_chain",
+                                                   "fs3_seq_write",
                                                    "fs3_rand_write", "fs3_seq_read", "fs3_rand_read")}
     try:
         lc.up()
@@ -204,6 +283,8 @@ def main() -> int:
             w, r = disk(chunks, tmp / "disk")
             fig["disk_write"].append(w)
             fig["disk_read"].append(r)
+            os.sync()
+            fig["ideal_chain"].append(ideal_chain(relay_ports[0], chunks))
             for name, order in (("seq", list(range(nmib))), ("rand", rng.sample(range(nmib), nmib))):
                 phase(f"fs3_{name}_write",
                       lambda order=order: client.batch_write([WriteIO(*keys[i], chunks[i]) for i in order]))
@@ -221,6 +302,15 @@ def main() -> int:
         sink.join(10)
         if sink.is_alive():
             sink.terminate()
+        try:
+            with socket.create_connection((DST, relay_ports[0]), timeout=5) as s:
+                s.sendall(b"quit....")
+        except (OSError, NameError):
+            pass
+        for r in relays:
+            r.join(10)
+            if r.is_alive():
+                r.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(v) / 1e9 for k, v in fig.items()}  # GB/s
@@ -238,6 +328,10 @@ def main() -> int:
         "seq_write_vs_disk": med["fs3_seq_write"] / med["disk_write"],
         # all three replicas share this machine's page cache: disk_write / 3 is the ceiling here
         "seq_write_vs_disk_over_3": med["fs3_seq_write"] / (med["disk_write"] / 3),
+        # the machine's own ceiling for a chain write (no software overhead): how much of it fs3 gets
+        "ideal_chain_vs_bare": med["ideal_chain"] / bare,
+        "seq_write_vs_ideal_chain": med["fs3_seq_write"] / med["ideal_chain"],
+        "rand_write_vs_ideal_chain": med["fs3_rand_write"] / med["ideal_chain"],
     }
     # CPU efficiency (bare stream's CPU per GB / fs3's): independent of the machine's load, and
     # what bounds throughput where CPU is the scarce resource (2 shared cores here)
@@ -249,13 +343,15 @@ def main() -> int:
     print(f"fs3 chunks: {nmib} x 1 MiB per trial, {trials} trials (median), {args.inflight} in flight, "
           f"read window {args.window}, 3-replica chains on n1..n3, client on n0")
     print(f"{'path':<22}{'GB/s':>8}{'vs bare TCP':>13}{'vs adjacent bare run':>22}{'CPU s per GB':>14}")
-    for k in ("bare_tcp", "disk_write", "disk_read", "fs3_seq_write", "fs3_rand_write", "fs3_seq_read",
-              "fs3_rand_read"):
+    for k in ("bare_tcp", "disk_write", "disk_read", "ideal_chain", "fs3_seq_write", "fs3_rand_write",
+              "fs3_seq_read", "fs3_rand_read"):
         rel = f"{statistics.median(pair[k]):>21.0%}" if k in pair else " " * 21
         c = f"{cpu_med[k]:>14.2f}" if k in cpu_med else ""
         print(f"{k:<22}{med[k]:>8.3f}{med[k] / bare:>12.0%} {rel}{c}")
     for k, v in targets.items():
         print(f"target {k:<20} >= {v:.0%}: {ratios[k]:.0%} {'ok' if ratios[k] >= v else 'MISSED'}")
+    print(f"writes against the ideal chain (the machine's ceiling for a 3-replica write): sequential "
+          f"{ratios['seq_write_vs_ideal_chain']:.0%}, random {ratios['rand_write_vs_ideal_chain']:.0%}")
     figures = {k: round(v, 4) for k, v in med.items()}
     figures.update({f"cpu_s_per_gb_{k}": round(v, 3) for k, v in cpu_med.items()})
     print(json.dumps({"bench": "fs3_chunks", "figures": figures,
