@@ -538,14 +538,41 @@ static double now_s(void) {
 typedef struct {
     int64_t *w;
     int32_t *epoch;
-    Py_ssize_t waiters, abort_word, final_word, stride, w_posted, w_reduced, w_consumed, me_base;
+    Py_ssize_t waiters, abort_word, final_word, stride, w_posted, w_reduced, w_consumed; /* rank 0's words */
     int L, me, K;
 } ctl_t;
+
+/* My copy of a per-rank counter whose rank-0 word is `word0`. */
+static inline Py_ssize_t ctl_mine(const ctl_t *c, Py_ssize_t word0) { return word0 + (Py_ssize_t)c->me * c->stride; }
 
 static inline void ctl_publish(ctl_t *c, Py_ssize_t word, int64_t v) {
     __atomic_store_n(c->w + word, v, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(c->epoch, 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(c->w + c->waiters, __ATOMIC_SEQ_CST) > 0) sys_futex(c->epoch, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+/* The node's control block as `c`, from the shared buffer `ctrl_obj` and the geometry tuple
+ * (epoch, waiters, abort, final, rank block 0, stride, POSTED, REDUCED, CONSUMED: engine.py's
+ * _geometry); `v` holds the buffer until the caller releases it. Returns -1 with an exception set. */
+static int ctl_open(PyObject *ctrl_obj, PyObject *geo, int L, int me, int K, ctl_t *c, Py_buffer *v,
+                    const char *who) {
+    Py_ssize_t epoch_off, waiters, abort_word, final_word, rank_word0, stride, f_posted, f_reduced, f_consumed;
+    if (!PyArg_ParseTuple(geo, "nnnnnnnnn", &epoch_off, &waiters, &abort_word, &final_word, &rank_word0, &stride,
+                          &f_posted, &f_reduced, &f_consumed))
+        return -1;
+    if (PyObject_GetBuffer(ctrl_obj, v, PyBUF_WRITABLE) < 0) return -1;
+    if (((uintptr_t)v->buf & 7) || (epoch_off & 3) || epoch_off + 4 > v->len ||
+        (rank_word0 + (Py_ssize_t)(L - 1) * stride + f_consumed + 1) * 8 > v->len || (final_word + 1) * 8 > v->len) {
+        PyBuffer_Release(v);
+        PyErr_Format(PyExc_IndexError, "%s: control words out of range", who);
+        return -1;
+    }
+    *c = (ctl_t){.w = (int64_t *)v->buf, .epoch = (int32_t *)((char *)v->buf + epoch_off), .waiters = waiters,
+                 .abort_word = abort_word, .final_word = final_word, .stride = stride,
+                 .w_posted = rank_word0 + f_posted, .w_reduced = rank_word0 + f_reduced,
+                 .w_consumed = rank_word0 + f_consumed,
+                 .L = L, .me = me, .K = K};
+    return 0;
 }
 
 /* Nothing to do: watch the epoch for `spin` rounds (cheap), then sleep on it for at most `left`
@@ -585,14 +612,12 @@ static void stage(char *slot, size_t v0, size_t v1, char *in, int64_t in_off, in
 }
 
 static PyObject *py_pipeline(PyObject *self, PyObject *args) {
-    PyObject *ctrl_obj, *loc_obj, *kind_obj;
-    Py_ssize_t epoch_off, waiters, abort_word, final_word, rank_word0, stride, f_posted, f_reduced, f_consumed;
+    PyObject *ctrl_obj, *geo_obj, *loc_obj, *kind_obj;
     int L, me, K, dtype, op, multi, direct, spin;
     long long g0, nchunks, nbytes, chunk, in_addr, in_off, in_len, out_addr, out_off, out_len, avg;
     long long s_in, s_ready, s_red, s_out;
     double poll;
-    if (!PyArg_ParseTuple(args, "O(nnnnnnnnn)(iii)(LLLL)OO(LLL)(LLL)(iiLii)(LLLL)di", &ctrl_obj, &epoch_off, &waiters,
-                          &abort_word, &final_word, &rank_word0, &stride, &f_posted, &f_reduced, &f_consumed, &L,
+    if (!PyArg_ParseTuple(args, "OO!(iii)(LLLL)OO(LLL)(LLL)(iiLii)(LLLL)di", &ctrl_obj, &PyTuple_Type, &geo_obj, &L,
                           &me, &K, &g0, &nchunks, &nbytes, &chunk, &loc_obj, &kind_obj, &in_addr, &in_off, &in_len,
                           &out_addr, &out_off, &out_len, &dtype, &op, &avg, &multi, &direct, &s_in, &s_ready,
                           &s_red, &s_out, &poll, &spin))
@@ -616,17 +641,9 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
     Py_DECREF(ks);
     if (PyErr_Occurred()) return NULL;
     Py_buffer v;
-    if (PyObject_GetBuffer(ctrl_obj, &v, PyBUF_WRITABLE) < 0) return NULL;
-    if (((uintptr_t)v.buf & 7) || (epoch_off & 3) || epoch_off + 4 > v.len ||
-        (rank_word0 + (Py_ssize_t)(L - 1) * stride + f_consumed + 1) * 8 > v.len || (final_word + 1) * 8 > v.len) {
-        PyBuffer_Release(&v);
-        return PyErr_Format(PyExc_IndexError, "pipeline: control words out of range");
-    }
-    ctl_t c = {.w = (int64_t *)v.buf, .epoch = (int32_t *)((char *)v.buf + epoch_off), .waiters = waiters,
-               .abort_word = abort_word, .final_word = final_word, .stride = stride,
-               .w_posted = rank_word0 + f_posted, .w_reduced = rank_word0 + f_reduced,
-               .w_consumed = rank_word0 + f_consumed, .me_base = rank_word0 + (Py_ssize_t)me * stride,
-               .L = L, .me = me, .K = K};
+    ctl_t c;
+    if (ctl_open(ctrl_obj, geo_obj, L, me, K, &c, &v, "pipeline") < 0) return NULL;
+    const Py_ssize_t stride = c.stride;
     char *in = in_addr ? (char *)(uintptr_t)in_addr : NULL;
     char *out = out_addr ? (char *)(uintptr_t)out_addr : NULL;
     const int esz = dt_size[dtype];
@@ -685,12 +702,12 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
                 }
             }
             s_red++;
-            ctl_publish(&c, c.me_base + f_reduced, s_red);
+            ctl_publish(&c, ctl_mine(&c, c.w_reduced), s_red);
         }
         /* 2. host buffers: a staged chunk is ready at once */
         else if (s_ready < s_in) {
             s_ready++;
-            ctl_publish(&c, c.me_base + f_posted, s_ready);
+            ctl_publish(&c, ctl_mine(&c, c.w_posted), s_ready);
         }
         /* 3. stage the next chunk when its slot is free (not my slice when it is read in place) */
         else if (s_in < gend && s_in - s_out < K && words_min(c.w, c.w_consumed, stride, L) > s_in - K) {
@@ -734,7 +751,7 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
                 }
             }
             s_out++;
-            ctl_publish(&c, c.me_base + f_consumed, s_out);
+            ctl_publish(&c, ctl_mine(&c, c.w_consumed), s_out);
         } else {
             progressed = 0;
         }
@@ -802,13 +819,11 @@ static int cma_write(pid_t pid, uintptr_t dst, const void *src, size_t n) {
 }
 
 static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
-    PyObject *ctrl_obj, *pid_obj, *addr_obj, *tmp_obj;
-    Py_ssize_t epoch_off, waiters, abort_word, final_word, rank_word0, stride, f_posted, f_reduced, f_consumed;
+    PyObject *ctrl_obj, *geo_obj, *pid_obj, *addr_obj, *tmp_obj;
     int L, me, dtype, op, spin;
     long long g0, nchunks, nbytes, chunk, avg, s_red, s_out;
     double poll;
-    if (!PyArg_ParseTuple(args, "O(nnnnnnnnn)(ii)(LLLL)OO(iiL)O(LL)di", &ctrl_obj, &epoch_off, &waiters, &abort_word,
-                          &final_word, &rank_word0, &stride, &f_posted, &f_reduced, &f_consumed, &L, &me, &g0,
+    if (!PyArg_ParseTuple(args, "OO!(ii)(LLLL)OO(iiL)O(LL)di", &ctrl_obj, &PyTuple_Type, &geo_obj, &L, &me, &g0,
                           &nchunks, &nbytes, &chunk, &pid_obj, &addr_obj, &dtype, &op, &avg, &tmp_obj, &s_red,
                           &s_out, &poll, &spin))
         return NULL;
@@ -832,7 +847,8 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
     if (PyErr_Occurred()) return NULL;
     const int esz = dt_size[dtype];
     Py_buffer v, tb;
-    if (PyObject_GetBuffer(ctrl_obj, &v, PyBUF_WRITABLE) < 0) return NULL;
+    ctl_t c;
+    if (ctl_open(ctrl_obj, geo_obj, L, me, 1, &c, &v, "pipeline_cma") < 0) return NULL;
     if (PyObject_GetBuffer(tmp_obj, &tb, PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&v);
         return NULL;
@@ -840,18 +856,12 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
     /* one tmp block per peer, 64-byte aligned, a whole number of elements */
     size_t blk = (size_t)tb.len / (size_t)(L - 1);
     blk = blk / 64 * 64;
-    if (((uintptr_t)v.buf & 7) || (epoch_off & 3) || epoch_off + 4 > v.len ||
-        (rank_word0 + (Py_ssize_t)(L - 1) * stride + f_consumed + 1) * 8 > v.len || blk < 64 ||
-        ((uintptr_t)tb.buf & 63)) {
+    if (blk < 64 || ((uintptr_t)tb.buf & 63)) {
         PyBuffer_Release(&v);
         PyBuffer_Release(&tb);
-        return PyErr_Format(PyExc_IndexError, "pipeline_cma: control words out of range or tmp too small/unaligned");
+        return PyErr_Format(PyExc_ValueError, "pipeline_cma: tmp too small or not 64-byte aligned");
     }
-    ctl_t c = {.w = (int64_t *)v.buf, .epoch = (int32_t *)((char *)v.buf + epoch_off), .waiters = waiters,
-               .abort_word = abort_word, .final_word = final_word, .stride = stride,
-               .w_posted = rank_word0 + f_posted, .w_reduced = rank_word0 + f_reduced,
-               .w_consumed = rank_word0 + f_consumed, .me_base = rank_word0 + (Py_ssize_t)me * stride,
-               .L = L, .me = me, .K = 1};
+    const Py_ssize_t stride = c.stride;
     char *mine = (char *)addr[me];
     char *tmp = (char *)tb.buf;
     const int64_t gend = g0 + nchunks;
@@ -887,8 +897,8 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
             if (err) { status = 3; break; }
             s_red++;
             s_out = s_red;
-            ctl_publish(&c, c.me_base + f_reduced, s_red);
-            ctl_publish(&c, c.me_base + f_consumed, s_out);
+            ctl_publish(&c, ctl_mine(&c, c.w_reduced), s_red);
+            ctl_publish(&c, ctl_mine(&c, c.w_consumed), s_out);
         } else {
             progressed = 0;
         }
