@@ -597,6 +597,14 @@ static inline void slice_of(size_t n, int parts, int s, size_t *a, size_t *b) {
     *b = s < parts - 1 ? (size_t)(s + 1) * units / (size_t)parts * 64 : n;
 }
 
+/* Chunk i (from the collective's start) begins at byte *c0; my slice of it is [*a, *b) of the chunk. */
+static inline void my_slice(int64_t i, long long chunk, long long nbytes, int L, int me, size_t *c0, size_t *a,
+                            size_t *b) {
+    size_t lo = (size_t)(i * chunk), hi = lo + (size_t)chunk < (size_t)nbytes ? lo + (size_t)chunk : (size_t)nbytes;
+    *c0 = lo;
+    slice_of(hi - lo, L, me, a, b);
+}
+
 static void stage(char *slot, size_t v0, size_t v1, char *in, int64_t in_off, int64_t in_len, size_t c0) {
     /* virtual bytes [v0, v1) of the caller's input into slot (slot[0] = virtual c0), zeros elsewhere */
     if (v1 <= v0) return;
@@ -668,9 +676,8 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
         /* 1. reduce my slice of the oldest chunk whose inputs are all in place */
         if (s_red < s_ready && words_min(c.w, c.w_posted, stride, L) > s_red) {
             int64_t g = s_red;
-            size_t c0 = (size_t)((g - g0) * chunk), c1 = c0 + (size_t)chunk < (size_t)nbytes ? c0 + (size_t)chunk : (size_t)nbytes;
-            size_t a, b;
-            slice_of(c1 - c0, L, me, &a, &b);
+            size_t c0, a, b;
+            my_slice(g - g0, chunk, nbytes, L, me, &c0, &a, &b);
             if (b > a) {
                 const void *srcs[MAXSRC];
                 int ns = 0;
@@ -876,9 +883,8 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
         /* 1. reduce my slice of the next chunk (its inputs are in place once every rank posted) */
         if (s_red < gend && words_min(c.w, c.w_posted, stride, L) > s_red) {
             int64_t g = s_red;
-            size_t c0 = (size_t)((g - g0) * chunk), c1 = c0 + (size_t)chunk < (size_t)nbytes ? c0 + (size_t)chunk : (size_t)nbytes;
-            size_t a, b;
-            slice_of(c1 - c0, L, me, &a, &b);
+            size_t c0, a, b;
+            my_slice(g - g0, chunk, nbytes, L, me, &c0, &a, &b);
             for (size_t x = c0 + a; x < c0 + b && !err; x += blk) {
                 size_t n = c0 + b - x < blk ? c0 + b - x : blk;
                 const void *srcs[MAXSRC];
