@@ -7,6 +7,7 @@ A C extension that fails to build does not fail the install when its package has
 fallback (hfreduce falls back to numpy kernels and says so in ``hfreduce.info()``).
 """
 
+import os
 import platform
 
 from setuptools import Extension, setup
@@ -32,6 +33,12 @@ class BuildExt(build_ext):
         except Exception as exc:  # noqa: BLE001 - compiler errors come in many types
             if ext.name not in OPTIONAL:
                 raise
+            # an earlier build of it must not stay behind: the package would load stale code
+            # (an in-place build leaves the old module next to the sources)
+            for path in {self.get_ext_fullpath(ext.name),
+                         os.path.join(os.path.dirname(__file__) or ".", self.get_ext_filename(ext.name))}:
+                if os.path.exists(path):
+                    os.remove(path)
             print(f"WARNING: optional extension {ext.name} failed to build ({exc}); "
                   "its package falls back to pure Python")
 
