@@ -44,7 +44,7 @@ from contextlib import ExitStack, contextmanager
 from network import FileRegion, RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
 from network.service import parse_service_args, service_parser, wait_for_shutdown
 
-from .chunkstore import HEADER_SIZE, ChunkStore, crc32c
+from .chunkstore import HEADER_SIZE, ChunkMeta, ChunkStore, crc32c
 from .config import Fs3Config, node_data_dir
 from .errors import (
     ChunkBusy,
@@ -431,18 +431,12 @@ class StorageServer:
                         results[i] = cached
                         continue
                     self.stats["writes"] += 1
-                    m = store.get(chain, chunk)
-                    if pos == 0:
-                        ver = max(m.committed, m.pending) + 1 if m else 1
-                    else:
-                        ver = int(it[4])
-                        if m and m.committed >= ver and state != SYNCING:
-                            if m.committed == ver and m.crc == it[5]:
-                                results[i] = {"version": ver, "crc": m.crc}  # already applied (a retried forward)
-                                self._remember(key, seq, results[i])
-                                continue
-                            raise ChunkVersionConflict(f"{self.node}: chunk {chain}/{chunk:016x} is committed at "
-                                                       f"v{m.committed} >= update v{ver}", committed=m.committed)
+                    fver, fcrc = (int(it[4]), it[5]) if pos else (0, None)  # forwarded items carry them
+                    ver, done = self._hop_version(store.get(chain, chunk), pos, state, chain, chunk, fver, fcrc)
+                    if done is not None:
+                        results[i] = done
+                        self._remember(key, seq, done)
+                        continue
                 except StorageError as exc:
                     results[i] = _item_error(exc)
                     continue
@@ -514,10 +508,29 @@ class StorageServer:
             while len(self._dedup) > _DEDUP_MAX:
                 self._dedup.popitem(last=False)
 
+    def _hop_version(self, m: ChunkMeta | None, pos: int, state, chain: int, chunk: int, ver: int,
+                     crc) -> tuple[int, dict | None]:
+        """The version this hop stores an update as, and the answer when it is already applied.
+
+        The head numbers it (one past anything it has); a later hop takes the forwarded ``ver``,
+        answers a retried forward it already committed, and refuses one older than its copy. A
+        syncing target takes whatever its predecessor sends (it is being overwritten anyway).
+        """
+        if pos == 0:
+            return (max(m.committed, m.pending) + 1 if m else 1), None
+        if m and m.committed >= ver and state != SYNCING:
+            if m.committed == ver and m.crc == crc:
+                return ver, {"version": ver, "crc": m.crc}  # already applied (a retried forward)
+            raise ChunkVersionConflict(f"{self.node}: chunk {chain}/{chunk:016x} is committed at "
+                                       f"v{m.committed} >= update v{ver}", committed=m.committed)
+        return ver, None
+
     def _write_chain(self, r, ws, pos, args, chain, cver, chunk, off, payload, store, state) -> dict:
         m = store.get(chain, chunk)
+        ver, done = self._hop_version(m, pos, state, chain, chunk, int(args.get("ver", 0)), args.get("crc"))
+        if done is not None:
+            return done
         if pos == 0:
-            ver = max(m.committed, m.pending) + 1 if m else 1
             if args.get("full", True) or not (m and m.committed):
                 if off:
                     content = bytearray(off + len(payload))
@@ -534,14 +547,7 @@ class StorageServer:
                 content[:len(old)] = old
                 content[off:off + len(payload)] = payload
         else:
-            ver = int(args["ver"])
             content = payload
-            # a syncing target takes whatever its predecessor sends (it is being overwritten anyway)
-            if m and m.committed >= ver and state != SYNCING:
-                if m.committed == ver and m.crc == args.get("crc"):
-                    return {"version": ver, "crc": m.crc}  # already applied (a retried forward)
-                raise ChunkVersionConflict(f"{self.node}: chunk {chain}/{chunk:016x} is committed at "
-                                           f"v{m.committed} >= update v{ver}", committed=m.committed)
         tail = pos == len(ws) - 1
         for attempt in range(3):
             if tail:

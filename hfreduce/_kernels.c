@@ -591,6 +591,17 @@ static int idle_wait(ctl_t *c, int32_t e, int spin, double left) {
     return 1;
 }
 
+/* End of one round of a pipeline loop: after progress, restart the idle clock; with nothing
+ * ready, watch the epoch a little, then sleep on it until a peer publishes. Returns 0 once the
+ * loop has been idle for `poll` seconds (the caller returns to Python to check liveness). */
+static int step_end(ctl_t *c, int progressed, int32_t e, int spin, double poll, double *idle_since) {
+    if (progressed) {
+        *idle_since = now_s();
+        return 1;
+    }
+    return idle_wait(c, e, spin, poll - (now_s() - *idle_since));
+}
+
 static inline void slice_of(size_t n, int parts, int s, size_t *a, size_t *b) {
     size_t units = n / 64;
     *a = (size_t)s * units / (size_t)parts * 64;
@@ -762,12 +773,7 @@ static PyObject *py_pipeline(PyObject *self, PyObject *args) {
         } else {
             progressed = 0;
         }
-        if (progressed) {
-            idle_since = now_s();
-            continue;
-        }
-        /* nothing ready: watch the epoch a little, then sleep on it until a peer publishes */
-        if (!idle_wait(&c, e, spin, poll - (now_s() - idle_since))) { status = 1; break; }
+        if (!step_end(&c, progressed, e, spin, poll, &idle_since)) { status = 1; break; }
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&v);
@@ -908,12 +914,7 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
         } else {
             progressed = 0;
         }
-        if (progressed) {
-            idle_since = now_s();
-            continue;
-        }
-        /* nothing ready: watch the epoch a little, then sleep on it until a peer publishes */
-        if (!idle_wait(&c, e, spin, poll - (now_s() - idle_since))) { status = 1; break; }
+        if (!step_end(&c, progressed, e, spin, poll, &idle_since)) { status = 1; break; }
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&v);

@@ -197,6 +197,12 @@ class _Cma:
         self.pid, self.addr = pid, addr
 
 
+def c_loops_enabled() -> bool:
+    """Whether collectives run the pipeline loops in C: the C kernels are built, and
+    ``HFREDUCE_PIPELINE=python`` does not ask for the Python loop (tests, debugging)."""
+    return K.KERNEL == "c-simd" and os.environ.get("HFREDUCE_PIPELINE", "").lower() != "python"
+
+
 class Engine:
     """Runs this rank's collectives in submission order on one thread."""
 
@@ -215,6 +221,7 @@ class Engine:
         self.nnodes = nnodes
         self.internode = internode
         self.backend = backend or HostBackend()
+        self.c_loops = c_loops_enabled()
         self._queue: collections.deque[Work] = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
@@ -222,6 +229,7 @@ class Engine:
         self.seq = 0
         self.next_g = 0
         self.completed = 0
+        self.single_copy_ops = 0  # collectives that took the single-copy path
         self._thread = threading.Thread(target=self._run, name=f"hfreduce-engine-{sync.rank}", daemon=True)
         self._thread.start()
 
@@ -305,6 +313,7 @@ class Engine:
                   lambda: (sync.argmin(lay.OP_SEQ), f"it did not enter {spec.name} #{spec.seq}"))
         locs = self._check_descriptors(spec)
         if all(isinstance(loc, _Cma) for loc in locs):
+            self.single_copy_ops += 1
             self._pipeline_cma(spec, locs)
             return
         # some rank cannot take the single-copy path for this one: everyone stages
@@ -316,9 +325,11 @@ class Engine:
     def _cma_eligible(self, spec: OpSpec) -> bool:
         """May this rank's part of ``spec`` take the single-copy path (all ranks must agree)?"""
         # (an allreduce's input is its output, the whole buffer; the start-up probe needs the C kernels)
-        return (self.cma and self.nnodes == 1 and spec.kind == ALLREDUCE and spec.heap is None
-                and spec.backend is None and type(self.backend) is HostBackend
-                and os.environ.get("HFREDUCE_PIPELINE", "").lower() != "python")
+        return self.cma and self.nnodes == 1 and spec.kind == ALLREDUCE and spec.heap is None and self._c_loop(spec)
+
+    def _c_loop(self, spec: OpSpec) -> bool:
+        """Does ``spec`` run in the C loops (host buffers, C kernels, not HFREDUCE_PIPELINE=python)?"""
+        return self.c_loops and spec.backend is None and type(self.backend) is HostBackend
 
     def _check_descriptors(self, spec: OpSpec) -> list[tuple[int, int] | None]:
         sync, lay = self.sync, self.lay
@@ -354,9 +365,7 @@ class Engine:
         return c0, min(spec.nbytes, c0 + self.CB)
 
     def _pipeline(self, spec: OpSpec, locs) -> None:
-        # HFREDUCE_PIPELINE=python runs the Python loop even with the C extension (tests, debugging)
-        if (K.KERNEL == "c-simd" and spec.backend is None and type(self.backend) is HostBackend
-                and os.environ.get("HFREDUCE_PIPELINE", "").lower() != "python"):
+        if self._c_loop(spec):
             self._pipeline_c(spec, locs)
         else:
             self._pipeline_py(spec, locs)

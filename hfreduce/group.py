@@ -51,6 +51,7 @@ from .engine import (
     HostBackend,
     OpSpec,
     Work,
+    c_loops_enabled,
 )
 from .errors import HFReduceError, InitError, InvalidArgument
 from .internode import InterNode
@@ -759,7 +760,7 @@ class ProcessGroup:
 
     # -- state ---------------------------------------------------------------------------------
     def info(self) -> dict:
-        py_loop = K.KERNEL != "c-simd" or os.environ.get("HFREDUCE_PIPELINE", "").lower() == "python"
+        py_loop = not (self._engine.c_loops if self._engine else c_loops_enabled())
         out = {"kernel": K.KERNEL, "simd": K.SIMD, "pipeline": "python" if py_loop else "c", "backend": "host",
                "device_backends": [b.describe() for b in self._devices.values()], "rank": self.rank,
                "world_size": self.world_size, "local_rank": self.local_rank,
@@ -768,6 +769,7 @@ class ProcessGroup:
                "slots": self.slots, "heap_bytes": self.heap_bytes, "timeout": self.timeout,
                "single_copy": self.cma and self.nnodes == 1 and not py_loop, "session": self.session, "trees": [list(t.parent) for t in self.trees],
                "completed": self._engine.completed if self._engine else 0,
+               "single_copy_ops": self._engine.single_copy_ops if self._engine else 0,
                "failed": repr(self._engine.error) if self._engine and self._engine.error else None}
         if self._internode is not None:
             out["tree"] = self._internode.describe()

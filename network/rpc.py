@@ -34,7 +34,7 @@ from typing import Any
 import msgpack
 
 from .errors import NoSuchMethod, PeerClosed, ProtocolError, RemoteError, RpcError, TransportError
-from .transport import Connection, Listener, TrafficClass, TransportTimeout, connect
+from .transport import Connection, Listener, TrafficClass, TransportTimeout, as_bytes, connect
 
 __all__ = ["RpcServer", "RpcClient", "RpcPool", "PendingCall", "Reply", "CallContext", "ping"]
 
@@ -326,12 +326,9 @@ class RpcClient:
                 raise ProtocolError(f"{self.address}: reply to call {resp.get('i')} while waiting for {call_id}")
             if callable(into) and plen and "e" not in resp:
                 into = into(resp.get("r"), plen)
-            if isinstance(into, list | tuple) and plen:
-                conn.recv_payload_into(into, plen, timeout=t)
-                body = _filled(into, plen)
-            elif into is not None and not callable(into) and plen:
-                conn.recv_payload_into(into, plen, timeout=t)
-                body = memoryview(into).cast("B")[:plen] if not isinstance(into, memoryview) else into[:plen]
+            if into is not None and not callable(into) and plen:
+                conn.recv_payload_into(into, plen, timeout=t)  # one buffer, or a list filled in order
+                body = _filled(into, plen) if isinstance(into, list | tuple) else as_bytes(into)[:plen]
             elif plen:
                 buf = bytearray(plen)
                 conn.recv_payload_into(buf, plen, timeout=t)
@@ -419,8 +416,7 @@ def _filled(bufs, nbytes: int) -> list[memoryview]:
     """The views of ``bufs`` that a scatter receive of ``nbytes`` filled, in order."""
     out = []
     for b in bufs:
-        v = memoryview(b).cast("B") if not isinstance(b, memoryview) else b.cast("B")
-        v = v[:nbytes]
+        v = as_bytes(b)[:nbytes]
         out.append(v)
         nbytes -= v.nbytes
     return out

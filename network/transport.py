@@ -131,6 +131,19 @@ def as_bytes(buf) -> memoryview:
     return mv.cast("B")
 
 
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of the list of views (in place): what a partial ``sendmsg`` sent
+    or a partial ``recvmsg_into`` filled."""
+    while n:
+        first = views[0].nbytes
+        if n >= first:
+            n -= first
+            views.pop(0)
+        else:
+            views[0] = views[0][n:]
+            n = 0
+
+
 @dataclass(frozen=True, slots=True)
 class FileRegion:
     """``length`` bytes of the open file ``fd`` from ``offset``, as a payload part of :meth:`Connection.send`.
@@ -332,14 +345,7 @@ class Connection:
                 return
             views = [memoryview(p) if isinstance(p, bytes) else p for p in parts]
             while True:
-                while n:
-                    first = views[0].nbytes
-                    if n >= first:
-                        n -= first
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
+                _consume(views, n)
                 if not views:
                     return
                 self._arm(dl, "send to", socket.SO_SNDTIMEO)
@@ -477,14 +483,7 @@ class Connection:
                 raise PeerClosed(f"receive from {self.peer}: peer closed the connection in the middle "
                                  f"of a payload ({pos} of {nbytes} bytes received)", self.peer)
             pos += got
-            while got:
-                first = todo[0].nbytes
-                if got >= first:
-                    got -= first
-                    todo.pop(0)
-                else:
-                    todo[0] = todo[0][got:]
-                    got = 0
+            _consume(todo, got)
 
     def skip_payload(self, nbytes: int, timeout: float | None | type(...) = ...) -> None:
         """Read and discard ``nbytes`` of payload (keeps the stream in sync after a refused frame)."""

@@ -240,15 +240,21 @@ def test_kill9_storage_during_writes_then_resync(fs3):
     assert sum(s["resyncs"] for s in stats) >= 1
 
 
+def _write_random(client, *, seed: int, size: int, first: int = 0, n: int = 6) -> dict:
+    """Write ``n`` chunks of random bytes (chunk ids from ``first``, spread over the chains);
+    returns {(chain, chunk): bytes}."""
+    chains = client.chains()
+    rng = random.Random(seed)
+    data = {}
+    for k in range(first, first + n):
+        data[(chains[k % 3], k)] = b = rng.randbytes(size)
+        client.write(chains[k % 3], k, b)
+    return data
+
+
 def test_corrupt_chunk_is_never_returned_and_is_reported(fs3):
     lc, client = fs3
-    chains = client.chains()
-    rng = random.Random(7)
-    data = {}
-    for k in range(6):
-        b = rng.randbytes(300_000)
-        data[(chains[k % 3], k)] = b
-        client.write(chains[k % 3], k, b)
+    data = _write_random(client, seed=7, size=300_000)
     # flip bytes in the chunk files of two of the three replicas of every chunk
     for (c, k) in data:
         for node in ("n1", "n2"):
@@ -318,13 +324,7 @@ def test_damage_found_by_the_client_end_to_end_is_reported_and_repaired(fs3):
     still never reaches the caller, and the client's report makes its server verify, report and
     repair it (no direct read here: only the client's reads find the damage)."""
     lc, client = fs3
-    chains = client.chains()
-    rng = random.Random(11)
-    data = {}
-    for k in range(6):
-        b = rng.randbytes(200_000)
-        data[(chains[k % 3], 100 + k)] = b
-        client.write(chains[k % 3], 100 + k, b)
+    data = _write_random(client, seed=11, size=200_000, first=100)
     keys = list(data)
     for i, (c, k) in enumerate(keys):
         for node in ("n1", "n2"):

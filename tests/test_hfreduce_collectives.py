@@ -139,7 +139,9 @@ def w_own_buffers_matrix(pg):
         want = sum(make_input(r + k, b.size, np.float32).astype(np.float64) for r in range(pg.world_size))
         if not np.array_equal(b, want.astype(np.float32)):
             errors.append(f"async #{k} wrong")
-    return pg.info()["single_copy"], errors
+    info = pg.info()
+    # how many of the allreduces above (every one on own buffers) took the single-copy path
+    return (info["single_copy"], info["single_copy_ops"] / info["completed"]), errors
 
 
 @pytest.mark.parametrize("cma", ["1", "0"])
@@ -148,9 +150,10 @@ def test_own_buffers_on_one_node_single_copy_and_staged(per_node, cma):
     """Own buffers on one node take the single-copy path (process_vm_readv from the peers) unless
     HFREDUCE_CMA=0 asks for staging through shared memory; both give exact results."""
     res = run(w_own_buffers_matrix, nodes=1, per_node=per_node, env={**ENV, "HFREDUCE_CMA": cma})
-    for used, errors in res.values():
+    for (enabled, ops), errors in res.values():
         assert errors == []
-        assert used is (cma == "1")
+        assert enabled is (cma == "1")
+        assert ops == (1.0 if cma == "1" else 0.0)  # every allreduce took the path, or none did
 
 
 def w_registered_matrix(pg):
@@ -176,7 +179,7 @@ def test_registered_buffers_every_dtype_op_and_size(nodes, per_node):
 
 def test_single_copy_is_not_used_across_nodes():
     res = run(w_own_buffers_matrix, nodes=2, per_node=2)
-    assert [used for used, _ in res.values()] == [False] * 4
+    assert [used for used, _ in res.values()] == [(False, 0.0)] * 4
     assert [errors for _, errors in res.values()] == [[]] * 4
 
 

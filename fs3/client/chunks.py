@@ -40,6 +40,7 @@ from typing import Any
 from crc32c import crc32c
 
 from network import RemoteError, RpcPool, TrafficClass, TransportError, load_cluster
+from network.transport import as_bytes
 
 from ..errors import (
     ChunkCorrupt,
@@ -56,10 +57,6 @@ from ..routing import Routing
 __all__ = ["ChunkClient", "ReadIO", "WriteIO", "WriteResult", "file_chunk_id"]
 
 log = logging.getLogger(__name__)
-
-
-def _byte_view(buf) -> memoryview:
-    return buf.cast("B") if isinstance(buf, memoryview) else memoryview(buf).cast("B")
 
 
 def file_chunk_id(inode: int, index: int) -> int:
@@ -475,7 +472,7 @@ class ChunkClient:
                 n = res.get("n", 0)
                 if not n:
                     continue
-                dst = None if p.io.into is None else _byte_view(p.io.into)
+                dst = None if p.io.into is None else as_bytes(p.io.into)
                 if dst is not None and dst.nbytes < n:
                     too_small[k] = dst.nbytes
                     dst = None
@@ -509,7 +506,7 @@ class ChunkClient:
                 out.append((p, t, self._mismatch(server, p, t, bool(res.get("u")))))
                 continue
             if p.io.into is not None and not n:
-                view = _byte_view(p.io.into)[:0]
+                view = as_bytes(p.io.into)[:0]
             out.append((p, t, view))
         return out
 
