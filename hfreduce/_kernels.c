@@ -23,6 +23,7 @@
  *   epoch_wait(buf, epoch_off, waiters_word, expected, timeout) -> True when the epoch moved
  *   pipeline(...): the engine's per-rank chunk loop for one collective, without the GIL
  *   pipeline_cma(...), cma_probe(...): the single-copy path for own buffers on one node
+ *   pipeline_lanes(...): across nodes, one tree per slice owner, single-copy inside the node
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -922,6 +923,344 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
     return Py_BuildValue("i(LL)i", status, s_red, s_out, err);
 }
 
+/* ---------------------------------------------------------------- lanes: allreduce across nodes, one tree per slice
+ *
+ * pipeline_lanes(ctrl, geometry, (L, me), (g0, nchunks, nbytes, chunk), pids, addrs, (dtype, op, avg),
+ *                tmp, rbuf, links, trees, wire, pidfds, (timeout, net_timeout, poll), spin)
+ *     -> (status, chunks done, errno, where, header bytes, partial-send link mask)
+ *
+ *   [Note: lanes] Across nodes, for an allreduce of host buffers, local rank s of every node
+ *   owns slice s of every chunk on its node and runs its own double binary tree with the local
+ *   rank s of the other nodes (its "lane"; the issue's "one leader per slice"). Per chunk g, in
+ *   this one loop, without the GIL, no thread hand-offs and no staging in the arena:
+ *     1. reduce my slice over the node: read each local peer's bytes with process_vm_readv into
+ *        an L2-sized block and add it into my own buffer, in place (as pipeline_cma);
+ *     2. up, for tree 0 then tree 1 (each carries one half of my slice): receive each child's
+ *        partial half, add it into mine (the root also divides for AVG), send mine to my parent;
+ *     3. down, tree 0 then tree 1: receive the final half from my parent straight into my
+ *        buffer, send it to my children;
+ *     4. write the final slice straight into every local peer's buffer (process_vm_writev).
+ *   Slice s of any buffer is read and written only by slice s's owner, so nothing else waits.
+ *   Every node walks the same phases in the same order and each phase is a tree protocol, so
+ *   blocking sends cannot deadlock. Frames are network.transport frames (prefix + hfreduce's
+ *   DATA_HEADER + payload) on the lane's own connections; a frame that is not the expected
+ *   one comes back to Python (status 5) with its header bytes: a mismatched call, or an ABORT
+ *   frame from a lane peer that failed.
+ *   The loop never returns while it waits: it watches the node's abort word and the local
+ *   peers' pidfds itself, and the deadlines (no progress for `timeout` locally or `net_timeout`
+ *   on a connection). status: 0 done, 2 abort word set, 3 process_vm_readv/writev failed
+ *   (errno), 4 connection `where` failed (errno; 0: closed by the peer), 5 unexpected frame on
+ *   connection `where`, 6 timeout (where: a connection, or -1 - r when local rank r never
+ *   posted), 7 local rank `where` died.
+ */
+#include <poll.h>
+#include <sys/socket.h>
+
+#define LANE_PREFIX 16
+#define LANE_HDR (LANE_PREFIX + 41) /* network.transport prefix + hfreduce.internode.DATA_HEADER */
+#define LANE_MAXLINK 64
+#define LANE_MAXKID 16
+
+typedef struct {
+    ctl_t c;
+    int npid, pidfd[MAXSRC], pidr[MAXSRC];
+    double timeout, net_timeout, poll, last;
+    int where, err;
+    uint64_t partial;
+    unsigned char got[LANE_HDR];
+    /* wire fields: kind, dtype, op, root, seq, nbytes */
+    int kind, wdtype, wop, root;
+    uint64_t seq, wnbytes;
+} lane_t;
+
+static void put_be32(unsigned char *p, uint32_t v) {
+    for (int i = 3; i >= 0; i--) { p[i] = (unsigned char)v; v >>= 8; }
+}
+static void put_be64(unsigned char *p, uint64_t v) {
+    for (int i = 7; i >= 0; i--) { p[i] = (unsigned char)v; v >>= 8; }
+}
+
+static void lane_header(const lane_t *ln, unsigned char *h, int t, int64_t g, uint64_t n) {
+    put_be32(h, 0x46465431u); /* network.transport MAGIC */
+    put_be32(h + 4, 41);
+    put_be64(h + 8, n);
+    h[16] = 1; /* T_DATA */
+    h[17] = (unsigned char)t;
+    h[18] = (unsigned char)ln->kind;
+    h[19] = (unsigned char)ln->wdtype;
+    h[20] = (unsigned char)(signed char)ln->wop;
+    put_be32(h + 21, (uint32_t)(int32_t)ln->root);
+    put_be64(h + 25, ln->seq);
+    put_be64(h + 33, (uint64_t)g);
+    put_be64(h + 41, ln->wnbytes);
+    put_be64(h + 49, n);
+}
+
+/* Wait until `fd` is ready for `ev`; meanwhile watch the abort word, the local peers' pidfds and
+ * the connection's deadline. 0: ready (or an error the next call reports), else a status. */
+static int lane_poll(lane_t *ln, int fd, short ev, int link) {
+    struct pollfd p[1 + MAXSRC];
+    for (;;) {
+        if (__atomic_load_n(ln->c.w + ln->c.abort_word, __ATOMIC_SEQ_CST)) return 2;
+        double left = ln->net_timeout - (now_s() - ln->last);
+        if (left <= 0) { ln->where = link; return 6; }
+        if (left > ln->poll) left = ln->poll;
+        p[0].fd = fd; p[0].events = ev; p[0].revents = 0;
+        for (int i = 0; i < ln->npid; i++) { p[1 + i].fd = ln->pidfd[i]; p[1 + i].events = POLLIN; p[1 + i].revents = 0; }
+        int k = poll(p, (nfds_t)(1 + ln->npid), (int)(left * 1000.0) + 1);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            ln->err = errno; ln->where = link;
+            return 4;
+        }
+        for (int i = 0; i < ln->npid; i++)
+            if (p[1 + i].revents) { ln->where = ln->pidr[i]; return 7; }
+        if (p[0].revents) return 0;
+    }
+}
+
+static int lane_recv(lane_t *ln, int fd, int link, unsigned char *dst, size_t n) {
+    while (n) {
+        ssize_t k = recv(fd, dst, n, MSG_DONTWAIT);
+        if (k > 0) { dst += k; n -= (size_t)k; ln->last = now_s(); continue; }
+        if (k == 0) { ln->err = 0; ln->where = link; return 4; }
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) { ln->err = errno; ln->where = link; return 4; }
+        int st = lane_poll(ln, fd, POLLIN, link);
+        if (st) return st;
+    }
+    return 0;
+}
+
+/* Receive one frame's prefix and header; it must be exactly `want` (else status 5, bytes in ln->got). */
+static int lane_expect(lane_t *ln, int fd, int link, const unsigned char *want) {
+    int st = lane_recv(ln, fd, link, ln->got, LANE_HDR);
+    if (st) return st;
+    if (memcmp(ln->got, want, LANE_HDR)) { ln->where = link; return 5; }
+    return 0;
+}
+
+static int lane_send(lane_t *ln, int fd, int link, const unsigned char *hdr, const char *p, size_t n) {
+    struct iovec iov[2] = {{(void *)hdr, LANE_HDR}, {(void *)p, n}};
+    int i = 0, sent = 0;
+    while (i < 2) {
+        if (iov[i].iov_len == 0) { i++; continue; }
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_iov = iov + i;
+        m.msg_iovlen = (size_t)(2 - i);
+        ssize_t k = sendmsg(fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (k > 0) {
+            sent = 1;
+            ln->last = now_s();
+            while (k > 0 && i < 2) {
+                size_t d = (size_t)k < iov[i].iov_len ? (size_t)k : iov[i].iov_len;
+                iov[i].iov_base = (char *)iov[i].iov_base + d;
+                iov[i].iov_len -= d;
+                k -= (ssize_t)d;
+                if (iov[i].iov_len == 0) i++;
+            }
+            continue;
+        }
+        int st;
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            ln->err = errno; ln->where = link;
+            st = 4;
+        } else {
+            st = lane_poll(ln, fd, POLLOUT, link);
+            if (!st) continue;
+        }
+        if (sent && link < 64) ln->partial |= (uint64_t)1 << link;
+        return st;
+    }
+    return 0;
+}
+
+static int seq_ints(PyObject *obj, int *out, int max, const char *what) {
+    PyObject *s = PySequence_Fast(obj, what);
+    if (!s) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(s);
+    if (n > max) {
+        Py_DECREF(s);
+        PyErr_Format(PyExc_ValueError, "pipeline_lanes: too many %s", what);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(s, i));
+    Py_DECREF(s);
+    return PyErr_Occurred() ? -1 : (int)n;
+}
+
+static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
+    PyObject *ctrl_obj, *geo_obj, *pid_obj, *addr_obj, *tmp_obj, *rbuf_obj, *link_obj, *tree_obj, *pfd_obj, *pr_obj;
+    int L, me, dtype, op, spin, kind, wdtype, wop, root;
+    long long g0, nchunks, nbytes, chunk, avg, seq, wnbytes;
+    double timeout, net_timeout, poll_s;
+    if (!PyArg_ParseTuple(args, "OO!(ii)(LLLL)OO(iiL)OOOO(iiiiLL)(OO)(ddd)i", &ctrl_obj, &PyTuple_Type, &geo_obj,
+                          &L, &me, &g0, &nchunks, &nbytes, &chunk, &pid_obj, &addr_obj, &dtype, &op, &avg, &tmp_obj,
+                          &rbuf_obj, &link_obj, &tree_obj, &kind, &wdtype, &wop, &root, &seq, &wnbytes, &pfd_obj,
+                          &pr_obj, &timeout, &net_timeout, &poll_s, &spin))
+        return NULL;
+    if (L < 1 || L > MAXSRC || me < 0 || me >= L || chunk <= 0 || dtype < 0 || dtype > DT_U8)
+        return PyErr_Format(PyExc_ValueError, "pipeline_lanes: bad geometry");
+    int pid[MAXSRC], links[LANE_MAXLINK], parent[2], kids[2][LANE_MAXKID], nkid[2];
+    uintptr_t addr[MAXSRC];
+    lane_t ln;
+    memset(&ln, 0, sizeof ln);
+    if (seq_ints(pid_obj, pid, MAXSRC, "pids") != L) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "pipeline_lanes: one pid per local rank");
+        return NULL;
+    }
+    PyObject *as = PySequence_Fast(addr_obj, "addrs");
+    if (!as) return NULL;
+    if (PySequence_Fast_GET_SIZE(as) != L) {
+        Py_DECREF(as);
+        return PyErr_Format(PyExc_ValueError, "pipeline_lanes: one address per local rank");
+    }
+    for (int r = 0; r < L; r++) addr[r] = (uintptr_t)PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(as, r));
+    Py_DECREF(as);
+    if (PyErr_Occurred()) return NULL;
+    int nlinks = seq_ints(link_obj, links, LANE_MAXLINK, "links");
+    if (nlinks < 0) return NULL;
+    /* trees: ((parent link or -1, (child link, ...)), (...)) */
+    if (!PyTuple_Check(tree_obj) || PyTuple_GET_SIZE(tree_obj) != 2)
+        return PyErr_Format(PyExc_ValueError, "pipeline_lanes: two trees");
+    for (int t = 0; t < 2; t++) {
+        PyObject *kid_obj;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(tree_obj, t), "iO", &parent[t], &kid_obj)) return NULL;
+        nkid[t] = seq_ints(kid_obj, kids[t], LANE_MAXKID, "children");
+        if (nkid[t] < 0) return NULL;
+        if (parent[t] >= nlinks) return PyErr_Format(PyExc_ValueError, "pipeline_lanes: bad link index");
+        for (int k = 0; k < nkid[t]; k++)
+            if (kids[t][k] < 0 || kids[t][k] >= nlinks)
+                return PyErr_Format(PyExc_ValueError, "pipeline_lanes: bad link index");
+    }
+    ln.npid = seq_ints(pfd_obj, ln.pidfd, MAXSRC, "pidfds");
+    if (ln.npid < 0) return NULL;
+    if (seq_ints(pr_obj, ln.pidr, MAXSRC, "pidfd ranks") != ln.npid) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "pipeline_lanes: one rank per pidfd");
+        return NULL;
+    }
+    ln.kind = kind; ln.wdtype = wdtype; ln.wop = wop; ln.root = root; ln.seq = (uint64_t)seq;
+    ln.wnbytes = (uint64_t)wnbytes;
+    ln.timeout = timeout; ln.net_timeout = net_timeout; ln.poll = poll_s;
+    const int esz = dt_size[dtype];
+    Py_buffer v, tb, rb;
+    if (ctl_open(ctrl_obj, geo_obj, L, me, 1, &ln.c, &v, "pipeline_lanes") < 0) return NULL;
+    if (PyObject_GetBuffer(tmp_obj, &tb, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(rbuf_obj, &rb, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&v);
+        PyBuffer_Release(&tb);
+        return NULL;
+    }
+    size_t blk = L > 1 ? (size_t)tb.len / (size_t)(L - 1) / 64 * 64 : 64;
+    int maxk = nkid[0] > nkid[1] ? nkid[0] : nkid[1];
+    size_t rcap = maxk ? (size_t)rb.len / (size_t)maxk / 64 * 64 : 0;
+    /* a half of a slice is at most half a chunk (rounded up to 64 bytes) */
+    size_t half_max = ((size_t)chunk / 2 + 64) / 64 * 64;
+    if ((L > 1 && (blk < 64 || ((uintptr_t)tb.buf & 63))) || (maxk && rcap < half_max)) {
+        PyBuffer_Release(&v);
+        PyBuffer_Release(&tb);
+        PyBuffer_Release(&rb);
+        return PyErr_Format(PyExc_ValueError, "pipeline_lanes: tmp or rbuf too small or not aligned");
+    }
+    char *mine = (char *)addr[me], *tmp = (char *)tb.buf, *rbuf = (char *)rb.buf;
+    const int64_t gend = g0 + nchunks;
+    const Py_ssize_t stride = ln.c.stride;
+    int64_t g = g0;
+    int status = 0;
+    unsigned char hdr[LANE_HDR];
+    Py_BEGIN_ALLOW_THREADS
+    ln.last = now_s();
+    /* every local rank's input is in place once it posted (own buffers: at the start) */
+    while (L > 1 && words_min(ln.c.w, ln.c.w_posted, stride, L) < gend) {
+        if (__atomic_load_n(ln.c.w + ln.c.abort_word, __ATOMIC_SEQ_CST)) { status = 2; break; }
+        int32_t e = __atomic_load_n(ln.c.epoch, __ATOMIC_SEQ_CST);
+        if (words_min(ln.c.w, ln.c.w_posted, stride, L) >= gend) break;
+        double left = ln.timeout - (now_s() - ln.last);
+        if (left <= 0) {
+            for (int r = 0; r < L; r++)
+                if (__atomic_load_n(ln.c.w + ln.c.w_posted + (Py_ssize_t)r * stride, __ATOMIC_SEQ_CST) < gend)
+                    ln.where = -1 - r;
+            status = 6;
+            break;
+        }
+        struct pollfd p[MAXSRC];
+        for (int i = 0; i < ln.npid; i++) { p[i].fd = ln.pidfd[i]; p[i].events = POLLIN; p[i].revents = 0; }
+        if (ln.npid && poll(p, (nfds_t)ln.npid, 0) > 0) {
+            for (int i = 0; i < ln.npid; i++)
+                if (p[i].revents) { ln.where = ln.pidr[i]; status = 7; }
+            if (status) break;
+        }
+        idle_wait(&ln.c, e, spin, left < poll_s ? left : poll_s);
+    }
+    for (; !status && g < gend; g++) {
+        if (__atomic_load_n(ln.c.w + ln.c.abort_word, __ATOMIC_SEQ_CST)) { status = 2; break; }
+        size_t c0, a, b;
+        my_slice(g - g0, chunk, nbytes, L, me, &c0, &a, &b);
+        /* 1. my slice over the node, into my own buffer */
+        for (size_t x = c0 + a; L > 1 && x < c0 + b && !ln.err; x += blk) {
+            size_t n = c0 + b - x < blk ? c0 + b - x : blk;
+            const void *srcs[MAXSRC];
+            int ns = 0;
+            for (int r = 0; r < L && !ln.err; r++) {
+                if (r == me) continue;
+                char *t = tmp + (size_t)ns * blk;
+                ln.err = cma_read(pid[r], t, addr[r] + x, n);
+                srcs[ns++] = t;
+            }
+            if (!ln.err) run_reduce(mine + x, NULL, srcs, ns, n / (size_t)esz, dtype, op, 0, NULL);
+        }
+        if (ln.err) { status = 3; break; }
+        /* 2. up both trees, 3. down both trees */
+        for (int phase = 0; phase < 4 && !status; phase++) {
+            int t = phase & 1, up = phase < 2;
+            size_t ha, hb;
+            slice_of(b - a, 2, t, &ha, &hb);
+            char *part = mine + c0 + a + ha;
+            size_t n = hb - ha;
+            lane_header(&ln, hdr, t, g, n);
+            if (up) {
+                const void *srcs[LANE_MAXKID];
+                for (int k = 0; k < nkid[t] && !status; k++) {
+                    int lk = kids[t][k];
+                    status = lane_expect(&ln, links[lk], lk, hdr);
+                    if (!status) status = lane_recv(&ln, links[lk], lk, (unsigned char *)rbuf + (size_t)k * rcap, n);
+                    srcs[k] = rbuf + (size_t)k * rcap;
+                }
+                if (status) break;
+                if (nkid[t] && n)
+                    run_reduce(part, NULL, srcs, nkid[t], n / (size_t)esz, dtype, op, parent[t] < 0 ? avg : 0, NULL);
+                if (parent[t] >= 0) status = lane_send(&ln, links[parent[t]], parent[t], hdr, part, n);
+            } else {
+                if (parent[t] >= 0) {
+                    status = lane_expect(&ln, links[parent[t]], parent[t], hdr);
+                    if (!status) status = lane_recv(&ln, links[parent[t]], parent[t], (unsigned char *)part, n);
+                }
+                for (int k = 0; k < nkid[t] && !status; k++)
+                    status = lane_send(&ln, links[kids[t][k]], kids[t][k], hdr, part, n);
+            }
+        }
+        if (status) break;
+        /* 4. the final slice into every local peer's buffer */
+        for (int r = 0; r < L && !ln.err; r++)
+            if (r != me && b > a) ln.err = cma_write(pid[r], addr[r] + c0 + a, mine + c0 + a, b - a);
+        if (ln.err) { status = 3; break; }
+        ctl_publish(&ln.c, ctl_mine(&ln.c, ln.c.w_reduced), g + 1);
+        ctl_publish(&ln.c, ctl_mine(&ln.c, ln.c.w_consumed), g + 1);
+        ln.last = now_s();
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&rb);
+    return Py_BuildValue("iLiiy#K", status, (long long)(g - g0), ln.err, ln.where, (const char *)ln.got,
+                         (Py_ssize_t)(status == 5 ? LANE_HDR : 0), (unsigned long long)ln.partial);
+}
+
 /* cma_probe(pid, addr, nbytes) -> bytes: read nbytes at addr in process pid (start-up check) */
 static PyObject *py_cma_probe(PyObject *self, PyObject *args) {
     int p;
@@ -968,6 +1307,8 @@ static PyMethodDef methods[] = {
     {"load32", py_load32, METH_VARARGS, "load32(buf, off): atomic load of the int32 at byte offset off"},
     {"pipeline", py_pipeline, METH_VARARGS, "the engine's chunk loop for one collective, without the GIL"},
     {"pipeline_cma", py_pipeline_cma, METH_VARARGS, "single-copy allreduce of own buffers on one node (process_vm_readv)"},
+    {"pipeline_lanes", py_pipeline_lanes, METH_VARARGS,
+     "allreduce across nodes: one double binary tree per slice owner (lanes), single-copy inside the node"},
     {"cma_probe", py_cma_probe, METH_VARARGS, "read bytes from another process (process_vm_readv)"},
     {"simd", py_simd, METH_NOARGS, "the instruction set the kernels run with on this CPU"},
     {NULL, NULL, 0, NULL},

@@ -229,7 +229,9 @@ class Engine:
         self.seq = 0
         self.next_g = 0
         self.completed = 0
-        self.single_copy_ops = 0  # collectives that took the single-copy path
+        self.single_copy_ops = 0  # collectives that took the single-copy path (one node or lanes)
+        self.lanes = None  # hfreduce.lanes.Lanes when allreduce across nodes runs in lanes
+        self.lane_ops = 0
         self._thread = threading.Thread(target=self._run, name=f"hfreduce-engine-{sync.rank}", daemon=True)
         self._thread.start()
 
@@ -276,6 +278,8 @@ class Engine:
         err = self.sync.record(exc) if not self.sync.aborted() else (self.sync.first_error() or exc)
         with self._cv:
             self._error = err
+        if self.lanes is not None:
+            self.lanes.abort(err)
         if self.internode is not None:
             self.internode.abort(err)
         return err
@@ -314,10 +318,19 @@ class Engine:
         locs = self._check_descriptors(spec)
         if all(isinstance(loc, _Cma) for loc in locs):
             self.single_copy_ops += 1
-            self._pipeline_cma(spec, locs)
+            if self.nnodes > 1:
+                self.lane_ops += 1
+                self._pipeline_lanes(spec, locs)
+            else:
+                self._pipeline_cma(spec, locs)
             return
+        if self._lane_eligible(spec):
+            raise MismatchError(f"{spec.name} #{spec.seq} across nodes: the ranks of node {sync.node} must all pass "
+                                "host buffers, or all device buffers", node=sync.node, detected_by=sync.rank)
         # some rank cannot take the single-copy path for this one: everyone stages
         locs = [None if isinstance(loc, _Cma) else loc for loc in locs]
+        if self.lanes is not None:
+            self.lanes.announce(spec)
         if self.internode is not None:
             self.internode.submit(spec, locs)
         self._pipeline(spec, locs)
@@ -325,7 +338,14 @@ class Engine:
     def _cma_eligible(self, spec: OpSpec) -> bool:
         """May this rank's part of ``spec`` take the single-copy path (all ranks must agree)?"""
         # (an allreduce's input is its output, the whole buffer; the start-up probe needs the C kernels)
+        if self._lane_eligible(spec):
+            return True
         return self.cma and self.nnodes == 1 and spec.kind == ALLREDUCE and spec.heap is None and self._c_loop(spec)
+
+    def _lane_eligible(self, spec: OpSpec) -> bool:
+        """Does ``spec`` run in lanes (:mod:`hfreduce.lanes`): an allreduce of host buffers (own or
+        registered: peers reach both by address) across nodes, when the whole group enabled lanes."""
+        return self.lanes is not None and spec.kind == ALLREDUCE and self._c_loop(spec)
 
     def _c_loop(self, spec: OpSpec) -> bool:
         """Does ``spec`` run in the C loops (host buffers, C kernels, not HFREDUCE_PIPELINE=python)?"""
@@ -468,6 +488,16 @@ class Engine:
                                                    (spec.g0, spec.nchunks, spec.nbytes, self.CB), pids, addrs,
                                                    kern, tmp, st, POLL, _SPIN),
                       (spec.g0, spec.g0), lambda s: self._laggard(spec, gend, s[0], s[1]), spec)
+        self._wait_consumed(spec)
+
+    def _pipeline_lanes(self, spec: OpSpec, locs: list[_Cma]) -> None:
+        """Across nodes, own or registered host buffers: this rank's lane runs the whole collective
+        for its slice (:mod:`hfreduce.lanes`, ``hfreduce._C.pipeline_lanes``)."""
+        sync, lay = self.sync, self.lay
+        sync.publish(lay.POSTED, spec.g0 + spec.nchunks)  # my input is in place: peers may read it
+        tmp = self._cma_tmp() if self.L > 1 else self.lanes.rbuf[:64]
+        self.lanes.run(spec, self._geometry(), self.CB, [loc.pid for loc in locs], [loc.addr for loc in locs], tmp,
+                       _SPIN)
         self._wait_consumed(spec)
 
     def _cma_tmp(self) -> np.ndarray:

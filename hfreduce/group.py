@@ -55,6 +55,7 @@ from .engine import (
 )
 from .errors import HFReduceError, InitError, InvalidArgument
 from .internode import InterNode
+from .lanes import Lanes
 from .ops import ReduceOp
 from .shm import Layout, NodeArena, Segment, process_start_time, segment_name, sweep_stale
 from .sync import NodeSync
@@ -378,6 +379,8 @@ class ProcessGroup:
         self._arena: NodeArena | None = None
         self._sync: NodeSync | None = None
         self._internode: InterNode | None = None
+        self._lanes: Lanes | None = None
+        self.lanes = False  # allreduce across nodes runs in lanes (see hfreduce.lanes)
         self._engine: Engine | None = None
         self.cma = False  # single-copy reads between this node's ranks (see _probe_cma)
         self._created: list[Segment] = []
@@ -419,44 +422,54 @@ class ProcessGroup:
             plan = rdv.exchange(hello)
         self._adopt(plan, res)
 
-        # leaders listen for their tree neighbours
-        listener = None
-        if self.is_leader and self.nnodes > 1:
-            addr = self._node_address(rdv)
-            try:
-                listener = listen(addr, 0, traffic_class=TrafficClass.HFREDUCE, timeout=self.timeout)
-            except NetworkError:
-                listener = listen("0.0.0.0", 0, traffic_class=TrafficClass.HFREDUCE, timeout=self.timeout)
-                addr = rdv.local_addr
-            endpoint = [addr, listener.port]
-        else:
-            endpoint = None
-        if self.rank == 0:
-            msgs = {0: {"ep": endpoint}, **rdv.gather()}
-            eps = {self.node_names[self.node_of[r]]: msgs[r]["ep"] for r in msgs if msgs[r]["ep"]}
-            rdv.reply({r: {"eps": eps} for r in rdv.conns})
-        elif self.world_size > 1:
-            eps = rdv.exchange({"ep": endpoint})["eps"]
-        else:
-            eps = {}
-
-        self._rdv = rdv
+        # leaders listen for their tree neighbours; with lanes possible, every rank for its lane's
+        listener = lane_listener = None
+        lanes_possible = self.nnodes > 1 and len({len(g) for g in self.local_groups}) == 1
+        endpoint = lane_endpoint = None
         try:
+            if self.is_leader and self.nnodes > 1:
+                listener, endpoint = self._listen(rdv)
+            if lanes_possible:
+                lane_listener, lane_endpoint = self._listen(rdv)
+            if self.rank == 0:
+                msgs = {0: {"ep": endpoint, "lane": lane_endpoint}, **rdv.gather()}
+                eps = {self.node_names[self.node_of[r]]: msgs[r]["ep"] for r in msgs if msgs[r]["ep"]}
+                lane_eps = [msgs[r].get("lane") for r in range(self.world_size)]
+                rdv.reply({r: {"eps": eps, "lanes": lane_eps} for r in rdv.conns})
+            elif self.world_size > 1:
+                ans = rdv.exchange({"ep": endpoint, "lane": lane_endpoint})
+                eps, lane_eps = ans["eps"], ans["lanes"]
+            else:
+                eps, lane_eps = {}, []
+
+            self._rdv = rdv
             self._setup_node(deadline)
             if self.is_leader and self.nnodes > 1:
                 self._connect_tree(listener, eps, deadline)
+            if lanes_possible:
+                self._connect_lanes(lane_listener, lane_eps, deadline)
         finally:
-            if listener is not None:
-                listener.close()
+            for lst in (listener, lane_listener):
+                if lst is not None:
+                    lst.close()
 
-        # everyone up: report, wait for the go
+        # everyone up: report (with whether lanes can run here), wait for the go
+        lanes_here = self._lanes is not None and self._lanes_usable()
         if self.rank == 0:
-            rdv.gather()
-            rdv.reply({r: {"go": True} for r in rdv.conns})
+            ready = rdv.gather()
+            lanes = lanes_here and all(m.get("lanes") for m in ready.values())
+            rdv.reply({r: {"go": True, "lanes": lanes} for r in rdv.conns})
         elif self.world_size > 1:
-            rdv.exchange({"ready": True})
+            lanes = bool(rdv.exchange({"ready": True, "lanes": lanes_here}).get("lanes"))
+        else:
+            lanes = False
+        self.lanes = lanes
+        if not lanes and self._lanes is not None:
+            self._lanes.close()
+            self._lanes = None
         self._engine = Engine(self._sync, self._arena, self._layout, self.nnodes, self._internode, HostBackend())
         self._engine.cma = self.cma
+        self._engine.lanes = self._lanes
         if self._internode is not None:
             self._internode.engine = self._engine
 
@@ -480,6 +493,23 @@ class ProcessGroup:
         cfg = plan["cfg"]
         self.chunk, self.slots, self.heap_bytes = cfg["chunk"], cfg["slots"], cfg["heap"]
         self.trees = (Tree.from_parents(plan["trees"][0]), Tree.from_parents(plan["trees"][1]))
+
+    def _listen(self, rdv: _Rendezvous):
+        """A listener on this node's address (any free port) and its endpoint for the others."""
+        addr = self._node_address(rdv)
+        try:
+            lst = listen(addr, 0, traffic_class=TrafficClass.HFREDUCE, timeout=self.timeout)
+        except NetworkError:
+            lst = listen("0.0.0.0", 0, traffic_class=TrafficClass.HFREDUCE, timeout=self.timeout)
+            addr = rdv.local_addr
+        return lst, [addr, lst.port]
+
+    def _lanes_usable(self) -> bool:
+        """Can this rank run allreduce in lanes: the C loop is built and enabled, single-copy reads
+        work on this node (or it has one rank), and HFREDUCE_LANES does not turn lanes off."""
+        off = os.environ.get("HFREDUCE_LANES", "1").strip().lower() in ("0", "no", "off", "false")
+        return (not off and c_loops_enabled() and hasattr(K._C, "pipeline_lanes")
+                and (self.cma or self.local_world_size == 1))
 
     def _node_address(self, rdv: _Rendezvous) -> str:
         if self.cluster is not None and self.node in self.cluster.nodes:
@@ -613,6 +643,38 @@ class ProcessGroup:
             raise InitError(f"node {self.node}: cannot connect the inter-node tree: {exc}") from exc
         self._internode = InterNode(self._sync, self.trees, me, self.node_names, self.leaders, up, down, oob,
                                     self.timeout, self.chunk)
+
+    def _connect_lanes(self, listener, lane_eps: list, deadline: float) -> None:
+        """Connect this rank's lane: one connection per tree edge to the rank with my local rank on
+        the neighbour node (see hfreduce.lanes)."""
+        me, s = self.node_index, self.local_rank
+        links: list[tuple[Connection, int, int]] = []
+        tc = TrafficClass.HFREDUCE
+        left = lambda: max(0.01, deadline - time.monotonic())  # noqa: E731
+        expected = sum(len(t.children[me]) for t in self.trees)
+        try:
+            for t, tree in enumerate(self.trees):
+                p = tree.parent[me]
+                if p >= 0:
+                    host, port = lane_eps[self.local_groups[p][s]]
+                    c = connect(host, port, timeout=left(), traffic_class=tc, source=lane_eps[self.rank][0],
+                                io_timeout=self.timeout)
+                    c.send(msgpack.packb({"s": self.session, "t": t, "from": me, "lane": s}))
+                    links.append((c, t, p))
+            for _ in range(expected):
+                c = listener.accept(timeout=left())
+                h = msgpack.unpackb(c.recv(timeout=left()).header)
+                if h.get("s") != self.session or h.get("lane") != s:
+                    c.close()
+                    raise InitError(f"rank {self.rank} (node {self.node}): a lane connection from another group "
+                                    "or lane arrived")
+                links.append((c, h["t"], h["from"]))
+        except TransportError as exc:
+            for c, _, _ in links:
+                c.close()
+            raise InitError(f"rank {self.rank} (node {self.node}): cannot connect its lane: {exc}") from exc
+        self._lanes = Lanes(self._sync, self.trees, me, self.node_names, self.local_groups, links, self.timeout,
+                            self.chunk)
 
     # -- collectives -------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -770,9 +832,12 @@ class ProcessGroup:
                "single_copy": self.cma and self.nnodes == 1 and not py_loop, "session": self.session, "trees": [list(t.parent) for t in self.trees],
                "completed": self._engine.completed if self._engine else 0,
                "single_copy_ops": self._engine.single_copy_ops if self._engine else 0,
+               "lanes": self.lanes, "lane_ops": self._engine.lane_ops if self._engine else 0,
                "failed": repr(self._engine.error) if self._engine and self._engine.error else None}
         if self._internode is not None:
             out["tree"] = self._internode.describe()
+        if self._lanes is not None:
+            out["lane_tree"] = self._lanes.describe()
         return out
 
     @property
@@ -804,6 +869,9 @@ class ProcessGroup:
         if self._internode is not None:
             self._internode.close()
             self._internode = None
+        if self._lanes is not None:
+            self._lanes.close()
+            self._lanes = None
         if self._sync is not None:
             self._sync.close()
         if self._arena is not None:

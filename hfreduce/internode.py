@@ -53,13 +53,24 @@ from .shm import Layout
 from .sync import POLL, NodeSync
 from .tree import Tree
 
-__all__ = ["InterNode", "DATA_HEADER"]
+__all__ = ["InterNode", "DATA_HEADER", "T_DATA", "mismatch_error"]
 
 log = logging.getLogger(__name__)
 
 # type, tree, kind, dtype, op, root, seq, chunk, nbytes (of the collective), payload length
 DATA_HEADER = struct.Struct("!BBBBbiQQQQ")
 T_DATA = 1
+
+
+def mismatch_error(fields: tuple, spec, g: int, peer_node: str, peer_rank: int, my_node: str, me: int,
+                   who: str = "rank") -> MismatchError:
+    """A DATA frame ``fields`` from another node does not match the collective ``spec`` runs here."""
+    from .engine import _describe
+
+    theirs = _describe([fields[2], fields[8], fields[3], fields[4], fields[5], fields[7]])
+    mine = _describe([spec.kind, spec.nbytes, spec.dtype, spec.op, spec.root, g])
+    return MismatchError(f"node {peer_node} ({who} {peer_rank}) is running {theirs} (#{fields[6]}) while node "
+                         f"{my_node} runs {mine} (#{spec.seq})", rank=peer_rank, node=peer_node, detected_by=me)
 
 
 class InterNode:
@@ -144,14 +155,8 @@ class InterNode:
             raise HFReduceError(f"bad frame from node {self.node_names[peer]}", detected_by=self.sync.rank) from None
         want = (T_DATA, t, spec.kind, spec.dtype, spec.op, spec.root, spec.seq, g, spec.nbytes, n)
         if fields != want or plen != n:
-            from .engine import _describe
-
-            peer_name = self.node_names[peer]
-            theirs = _describe([fields[2], fields[8], fields[3], fields[4], fields[5], fields[7]])
-            mine = _describe([spec.kind, spec.nbytes, spec.dtype, spec.op, spec.root, g])
-            raise MismatchError(f"node {peer_name} (leader rank {self.leader_ranks[peer]}) is running {theirs} "
-                                f"(#{fields[6]}) while node {self.node_names[self.node]} runs {mine} (#{spec.seq})",
-                                rank=self.leader_ranks[peer], node=peer_name, detected_by=self.sync.rank)
+            raise mismatch_error(fields, spec, g, self.node_names[peer], self.leader_ranks[peer],
+                                 self.node_names[self.node], self.sync.rank, "leader rank")
 
     def _recv_into(self, conn: Connection, peer: int, views) -> None:
         try:

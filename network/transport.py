@@ -218,6 +218,12 @@ class Connection:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def buffered(self) -> int:
+        """Bytes already received from the socket but not yet taken (0 before another reader,
+        such as a C loop on :meth:`fileno`, may take over the stream)."""
+        return self._rend - self._rstart
+
     def set_traffic_class(self, tc: TrafficClass) -> None:
         _apply_traffic_class(self._sock, tc)
         self.traffic_class = tc

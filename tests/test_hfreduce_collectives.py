@@ -177,10 +177,30 @@ def test_registered_buffers_every_dtype_op_and_size(nodes, per_node):
     assert res.values() == [[]] * (nodes * per_node)
 
 
-def test_single_copy_is_not_used_across_nodes():
-    res = run(w_own_buffers_matrix, nodes=2, per_node=2)
-    assert [used for used, _ in res.values()] == [(False, 0.0)] * 4
-    assert [errors for _, errors in res.values()] == [[]] * 4
+def w_lanes_matrix(pg):
+    _, errors = w_own_buffers_matrix(pg)
+    reg = [pg.empty(1000, np.float32), pg.empty(3 * CHUNK // 4 + 7, np.int64)]  # registered buffers too
+    for buf in reg:
+        buf[...] = make_input(pg.rank, buf.size, buf.dtype)
+        pg.allreduce(buf)
+        err = check(buf, expected(pg.world_size, buf.size, buf.dtype, ReduceOp.SUM), buf.dtype, ReduceOp.SUM)
+        if err:
+            errors.append(f"registered: {err}")
+    info = pg.info()
+    return info["lanes"], info["lane_ops"] / info["completed"], errors
+
+
+@pytest.mark.parametrize("lanes", ["1", "0"])
+@pytest.mark.parametrize("nodes,per_node", [(2, 1), (2, 2), (2, 3), (3, 2), (4, 1)])
+def test_allreduce_across_nodes_in_lanes_and_through_the_leaders(nodes, per_node, lanes):
+    """Across nodes, allreduce of host buffers (own and registered) runs in lanes, one tree per
+    slice owner (hfreduce.lanes), unless HFREDUCE_LANES=0 sends it through the leaders' tree;
+    both give exact results."""
+    res = run(w_lanes_matrix, nodes=nodes, per_node=per_node, env={**ENV, "HFREDUCE_LANES": lanes})
+    for enabled, frac, errors in res.values():
+        assert errors == []
+        assert enabled is (lanes == "1")
+        assert frac == (1.0 if lanes == "1" else 0.0)  # every allreduce ran in lanes, or none did
 
 
 def w_allreduce_256mib(pg):
