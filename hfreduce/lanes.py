@@ -182,7 +182,7 @@ class Lanes:
                 raise sync.record(PeerFailed(f"rank {rank} (node {node}) died or lost its connection before "
                                              f"{spec.name} #{spec.seq} ({exc})", rank=rank, node=node,
                                              detected_by=sync.rank)) from None
-        for i, (conn, t, _) in enumerate(self.links):
+        for i, (_, t, _) in enumerate(self.links):
             got = self._recv_exact(i, spec, PREFIX_SIZE + DATA_HEADER.size)
             want = _PREFIX.pack(MAGIC, DATA_HEADER.size, 0) + self._announcement(spec, t)
             if got != want:
