@@ -89,7 +89,7 @@ class Lanes:
     # -- one collective ------------------------------------------------------------------------
     def run(self, spec, geo: tuple, chunk: int, pids: list[int], addrs: list[int], tmp: np.ndarray, spin: int) -> None:
         sync = self.sync
-        pidfds = sorted(sync._pidfds.items())
+        pidfds = sync.pidfds()
         status, done, err, where, got, partial = K._C.pipeline_lanes(
             sync.buf, geo, (sync.L, sync.me), (spec.g0, spec.nchunks, spec.nbytes, chunk), pids, addrs,
             (spec.kdtype, spec.kop, spec.avg), tmp, self.rbuf, self.fds, self.trees,

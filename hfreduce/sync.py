@@ -173,6 +173,10 @@ class NodeSync:
                 pass
         return sorted(self._dead)
 
+    def pidfds(self) -> list[tuple[int, int]]:
+        """(pidfd, local rank) of every local peer watched by pidfd (for loops that poll them in C)."""
+        return sorted(self._pidfds.items())
+
     def departed(self, r: int) -> bool:
         return self.get(r, self.lay.DEPARTED) != 0
 
