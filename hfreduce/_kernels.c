@@ -832,6 +832,31 @@ static int cma_write(pid_t pid, uintptr_t dst, const void *src, size_t n) {
     return 0;
 }
 
+/* Bytes [x0, x1) of my own buffer (addr[me]) += every local peer's same bytes, read with
+ * process_vm_readv block by block into `tmp` (one L2-sized block of `blk` bytes per peer);
+ * `push` also writes each finished block (still in cache) into every peer's buffer. */
+static int cma_reduce(const pid_t *pid, const uintptr_t *addr, int L, int me, char *tmp, size_t blk, size_t x0,
+                      size_t x1, int dtype, int op, long long avg, int push) {
+    char *mine = (char *)addr[me];
+    const int esz = dt_size[dtype];
+    int err = 0;
+    for (size_t x = x0; x < x1 && !err; x += blk) {
+        size_t n = x1 - x < blk ? x1 - x : blk;
+        const void *srcs[MAXSRC];
+        int ns = 0;
+        for (int r = 0; r < L && !err; r++) {
+            if (r == me) continue;
+            char *t = tmp + (size_t)ns * blk;
+            err = cma_read(pid[r], t, addr[r] + x, n);
+            srcs[ns++] = t;
+        }
+        if (!err) run_reduce(mine + x, NULL, srcs, ns, n / (size_t)esz, dtype, op, avg, NULL);
+        for (int r = 0; push && r < L && !err; r++)
+            if (r != me) err = cma_write(pid[r], addr[r] + x, mine + x, n);
+    }
+    return err;
+}
+
 static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
     PyObject *ctrl_obj, *geo_obj, *pid_obj, *addr_obj, *tmp_obj;
     int L, me, dtype, op, spin;
@@ -859,7 +884,6 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
     Py_DECREF(ps);
     Py_DECREF(as);
     if (PyErr_Occurred()) return NULL;
-    const int esz = dt_size[dtype];
     Py_buffer v, tb;
     ctl_t c;
     if (ctl_open(ctrl_obj, geo_obj, L, me, 1, &c, &v, "pipeline_cma") < 0) return NULL;
@@ -876,7 +900,6 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "pipeline_cma: tmp too small or not 64-byte aligned");
     }
     const Py_ssize_t stride = c.stride;
-    char *mine = (char *)addr[me];
     char *tmp = (char *)tb.buf;
     const int64_t gend = g0 + nchunks;
     int status = 1, err = 0;
@@ -892,21 +915,7 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
             int64_t g = s_red;
             size_t c0, a, b;
             my_slice(g - g0, chunk, nbytes, L, me, &c0, &a, &b);
-            for (size_t x = c0 + a; x < c0 + b && !err; x += blk) {
-                size_t n = c0 + b - x < blk ? c0 + b - x : blk;
-                const void *srcs[MAXSRC];
-                int ns = 0;
-                for (int r = 0; r < L && !err; r++) {
-                    if (r == me) continue;
-                    char *t = tmp + (size_t)ns * blk;
-                    err = cma_read(pid[r], t, addr[r] + x, n);
-                    srcs[ns++] = t;
-                }
-                if (!err) run_reduce(mine + x, NULL, srcs, ns, n / (size_t)esz, dtype, op, avg, NULL);
-                /* push the finished block (still in cache) into every peer's buffer */
-                for (int r = 0; r < L && !err; r++)
-                    if (r != me) err = cma_write(pid[r], addr[r] + x, mine + x, n);
-            }
+            err = cma_reduce(pid, addr, L, me, tmp, blk, c0 + a, c0 + b, dtype, op, avg, 1);
             if (err) { status = 3; break; }
             s_red++;
             s_out = s_red;
@@ -1202,18 +1211,7 @@ static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
         size_t c0, a, b;
         my_slice(g - g0, chunk, nbytes, L, me, &c0, &a, &b);
         /* 1. my slice over the node, into my own buffer */
-        for (size_t x = c0 + a; L > 1 && x < c0 + b && !ln.err; x += blk) {
-            size_t n = c0 + b - x < blk ? c0 + b - x : blk;
-            const void *srcs[MAXSRC];
-            int ns = 0;
-            for (int r = 0; r < L && !ln.err; r++) {
-                if (r == me) continue;
-                char *t = tmp + (size_t)ns * blk;
-                ln.err = cma_read(pid[r], t, addr[r] + x, n);
-                srcs[ns++] = t;
-            }
-            if (!ln.err) run_reduce(mine + x, NULL, srcs, ns, n / (size_t)esz, dtype, op, 0, NULL);
-        }
+        if (L > 1) ln.err = cma_reduce(pid, addr, L, me, tmp, blk, c0 + a, c0 + b, dtype, op, 0, 0);
         if (ln.err) { status = 3; break; }
         /* 2. up both trees, 3. down both trees */
         for (int phase = 0; phase < 4 && !status; phase++) {
