@@ -833,10 +833,12 @@ static int cma_write(pid_t pid, uintptr_t dst, const void *src, size_t n) {
 }
 
 /* Bytes [x0, x1) of my own buffer (addr[me]) += every local peer's same bytes, read with
- * process_vm_readv block by block into `tmp` (one L2-sized block of `blk` bytes per peer);
- * `push` also writes each finished block (still in cache) into every peer's buffer. */
-static int cma_reduce(const pid_t *pid, const uintptr_t *addr, int L, int me, char *tmp, size_t blk, size_t x0,
-                      size_t x1, int dtype, int op, long long avg, int push) {
+ * process_vm_readv block by block into `tmp` (one L2-sized block of `blk` bytes per peer), or
+ * straight from where the peer's buffer is mapped here when `direct` gives that address
+ * (registered buffers: the heaps every local rank maps); `push` also writes each finished block
+ * (still in cache) into every peer's buffer. */
+static int cma_reduce(const pid_t *pid, const uintptr_t *addr, const uintptr_t *direct, int L, int me, char *tmp,
+                      size_t blk, size_t x0, size_t x1, int dtype, int op, long long avg, int push) {
     char *mine = (char *)addr[me];
     const int esz = dt_size[dtype];
     int err = 0;
@@ -846,6 +848,10 @@ static int cma_reduce(const pid_t *pid, const uintptr_t *addr, int L, int me, ch
         int ns = 0;
         for (int r = 0; r < L && !err; r++) {
             if (r == me) continue;
+            if (direct && direct[r]) {
+                srcs[ns++] = (const char *)direct[r] + x;
+                continue;
+            }
             char *t = tmp + (size_t)ns * blk;
             err = cma_read(pid[r], t, addr[r] + x, n);
             srcs[ns++] = t;
@@ -915,7 +921,7 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
             int64_t g = s_red;
             size_t c0, a, b;
             my_slice(g - g0, chunk, nbytes, L, me, &c0, &a, &b);
-            err = cma_reduce(pid, addr, L, me, tmp, blk, c0 + a, c0 + b, dtype, op, avg, 1);
+            err = cma_reduce(pid, addr, NULL, L, me, tmp, blk, c0 + a, c0 + b, dtype, op, avg, 1);
             if (err) { status = 3; break; }
             s_red++;
             s_out = s_red;
@@ -934,7 +940,7 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
 
 /* ---------------------------------------------------------------- lanes: allreduce across nodes, one tree per slice
  *
- * pipeline_lanes(ctrl, geometry, (L, me), (g0, nchunks, nbytes, chunk), pids, addrs, (dtype, op, avg),
+ * pipeline_lanes(ctrl, geometry, (L, me), (g0, nchunks, nbytes, chunk), pids, (addrs, direct), (dtype, op, avg),
  *                tmp, rbuf, links, trees, wire, pidfds, (timeout, net_timeout, poll), spin)
  *     -> (status, chunks done, errno, where, header bytes, partial-send link mask)
  *
@@ -943,12 +949,15 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
  *   rank s of the other nodes (its "lane"; the issue's "one leader per slice"). Per chunk g, in
  *   this one loop, without the GIL, no thread hand-offs and no staging in the arena:
  *     1. reduce my slice over the node: read each local peer's bytes with process_vm_readv into
- *        an L2-sized block and add it into my own buffer, in place (as pipeline_cma);
+ *        an L2-sized block and add it into my own buffer, in place (as pipeline_cma); a peer's
+ *        registered buffer (in the heaps every local rank maps: `direct` gives its address
+ *        here, else 0) is read where it lies;
  *     2. up, for tree 0 then tree 1 (each carries one half of my slice): receive each child's
  *        partial half, add it into mine (the root also divides for AVG), send mine to my parent;
  *     3. down, tree 0 then tree 1: receive the final half from my parent straight into my
  *        buffer, send it to my children;
- *     4. write the final slice straight into every local peer's buffer (process_vm_writev).
+ *     4. write the final slice straight into every local peer's buffer (process_vm_writev, or
+ *        memcpy into a registered one).
  *   Slice s of any buffer is read and written only by slice s's owner, so nothing else waits.
  *   Every node walks the same phases in the same order and each phase is a tree protocol, so
  *   blocking sends cannot deadlock. Frames are network.transport frames (prefix + hfreduce's
@@ -1101,34 +1110,38 @@ static int seq_ints(PyObject *obj, int *out, int max, const char *what) {
 }
 
 static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
-    PyObject *ctrl_obj, *geo_obj, *pid_obj, *addr_obj, *tmp_obj, *rbuf_obj, *link_obj, *tree_obj, *pfd_obj, *pr_obj;
+    PyObject *ctrl_obj, *geo_obj, *pid_obj, *addr_obj, *direct_obj, *tmp_obj, *rbuf_obj, *link_obj, *tree_obj, *pfd_obj,
+        *pr_obj;
     int L, me, dtype, op, spin, kind, wdtype, wop, root;
     long long g0, nchunks, nbytes, chunk, avg, seq, wnbytes;
     double timeout, net_timeout, poll_s;
-    if (!PyArg_ParseTuple(args, "OO!(ii)(LLLL)OO(iiL)OOOO(iiiiLL)(OO)(ddd)i", &ctrl_obj, &PyTuple_Type, &geo_obj,
-                          &L, &me, &g0, &nchunks, &nbytes, &chunk, &pid_obj, &addr_obj, &dtype, &op, &avg, &tmp_obj,
+    if (!PyArg_ParseTuple(args, "OO!(ii)(LLLL)O(OO)(iiL)OOOO(iiiiLL)(OO)(ddd)i", &ctrl_obj, &PyTuple_Type, &geo_obj,
+                          &L, &me, &g0, &nchunks, &nbytes, &chunk, &pid_obj, &addr_obj, &direct_obj, &dtype, &op, &avg, &tmp_obj,
                           &rbuf_obj, &link_obj, &tree_obj, &kind, &wdtype, &wop, &root, &seq, &wnbytes, &pfd_obj,
                           &pr_obj, &timeout, &net_timeout, &poll_s, &spin))
         return NULL;
     if (L < 1 || L > MAXSRC || me < 0 || me >= L || chunk <= 0 || dtype < 0 || dtype > DT_U8)
         return PyErr_Format(PyExc_ValueError, "pipeline_lanes: bad geometry");
     int pid[MAXSRC], links[LANE_MAXLINK], parent[2], kids[2][LANE_MAXKID], nkid[2];
-    uintptr_t addr[MAXSRC];
+    uintptr_t addr[MAXSRC], direct[MAXSRC];
     lane_t ln;
     memset(&ln, 0, sizeof ln);
     if (seq_ints(pid_obj, pid, MAXSRC, "pids") != L) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "pipeline_lanes: one pid per local rank");
         return NULL;
     }
-    PyObject *as = PySequence_Fast(addr_obj, "addrs");
-    if (!as) return NULL;
-    if (PySequence_Fast_GET_SIZE(as) != L) {
+    for (int k = 0; k < 2; k++) {
+        PyObject *as = PySequence_Fast(k ? direct_obj : addr_obj, "addresses");
+        if (!as) return NULL;
+        if (PySequence_Fast_GET_SIZE(as) != L) {
+            Py_DECREF(as);
+            return PyErr_Format(PyExc_ValueError, "pipeline_lanes: one address per local rank");
+        }
+        for (int r = 0; r < L; r++)
+            (k ? direct : addr)[r] = (uintptr_t)PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(as, r));
         Py_DECREF(as);
-        return PyErr_Format(PyExc_ValueError, "pipeline_lanes: one address per local rank");
+        if (PyErr_Occurred()) return NULL;
     }
-    for (int r = 0; r < L; r++) addr[r] = (uintptr_t)PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(as, r));
-    Py_DECREF(as);
-    if (PyErr_Occurred()) return NULL;
     int nlinks = seq_ints(link_obj, links, LANE_MAXLINK, "links");
     if (nlinks < 0) return NULL;
     /* trees: ((parent link or -1, (child link, ...)), (...)) */
@@ -1211,7 +1224,7 @@ static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
         size_t c0, a, b;
         my_slice(g - g0, chunk, nbytes, L, me, &c0, &a, &b);
         /* 1. my slice over the node, into my own buffer */
-        if (L > 1) ln.err = cma_reduce(pid, addr, L, me, tmp, blk, c0 + a, c0 + b, dtype, op, 0, 0);
+        if (L > 1) ln.err = cma_reduce(pid, addr, direct, L, me, tmp, blk, c0 + a, c0 + b, dtype, op, 0, 0);
         if (ln.err) { status = 3; break; }
         /* 2. up both trees, 3. down both trees */
         for (int phase = 0; phase < 4 && !status; phase++) {
@@ -1245,7 +1258,12 @@ static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
         if (status) break;
         /* 4. the final slice into every local peer's buffer */
         for (int r = 0; r < L && !ln.err; r++)
-            if (r != me && b > a) ln.err = cma_write(pid[r], addr[r] + c0 + a, mine + c0 + a, b - a);
+            if (r != me && b > a) {
+                if (direct[r])
+                    memcpy((char *)direct[r] + c0 + a, mine + c0 + a, b - a);
+                else
+                    ln.err = cma_write(pid[r], addr[r] + c0 + a, mine + c0 + a, b - a);
+            }
         if (ln.err) { status = 3; break; }
         ctl_publish(&ln.c, ctl_mine(&ln.c, ln.c.w_reduced), g + 1);
         ctl_publish(&ln.c, ctl_mine(&ln.c, ln.c.w_consumed), g + 1);

@@ -316,17 +316,18 @@ class Engine:
         sync.wait(lambda: sync.min(lay.OP_SEQ) >= spec.seq,
                   lambda: (sync.argmin(lay.OP_SEQ), f"it did not enter {spec.name} #{spec.seq}"))
         locs = self._check_descriptors(spec)
+        if self._lane_eligible(spec):
+            if any(loc is None for loc in locs):
+                raise MismatchError(f"{spec.name} #{spec.seq} across nodes: the ranks of node {sync.node} must all "
+                                    "pass host buffers, or all device buffers", node=sync.node, detected_by=sync.rank)
+            self.single_copy_ops += 1
+            self.lane_ops += 1
+            self._pipeline_lanes(spec, locs)
+            return
         if all(isinstance(loc, _Cma) for loc in locs):
             self.single_copy_ops += 1
-            if self.nnodes > 1:
-                self.lane_ops += 1
-                self._pipeline_lanes(spec, locs)
-            else:
-                self._pipeline_cma(spec, locs)
+            self._pipeline_cma(spec, locs)
             return
-        if self._lane_eligible(spec):
-            raise MismatchError(f"{spec.name} #{spec.seq} across nodes: the ranks of node {sync.node} must all pass "
-                                "host buffers, or all device buffers", node=sync.node, detected_by=sync.rank)
         # some rank cannot take the single-copy path for this one: everyone stages
         locs = [None if isinstance(loc, _Cma) else loc for loc in locs]
         if self.lanes is not None:
@@ -339,7 +340,7 @@ class Engine:
         """May this rank's part of ``spec`` take the single-copy path (all ranks must agree)?"""
         # (an allreduce's input is its output, the whole buffer; the start-up probe needs the C kernels)
         if self._lane_eligible(spec):
-            return True
+            return spec.heap is None  # a registered buffer is reached where the peers map its heap
         return self.cma and self.nnodes == 1 and spec.kind == ALLREDUCE and spec.heap is None and self._c_loop(spec)
 
     def _lane_eligible(self, spec: OpSpec) -> bool:
@@ -490,14 +491,26 @@ class Engine:
                       (spec.g0, spec.g0), lambda s: self._laggard(spec, gend, s[0], s[1]), spec)
         self._wait_consumed(spec)
 
-    def _pipeline_lanes(self, spec: OpSpec, locs: list[_Cma]) -> None:
+    def _pipeline_lanes(self, spec: OpSpec, locs: list) -> None:
         """Across nodes, own or registered host buffers: this rank's lane runs the whole collective
-        for its slice (:mod:`hfreduce.lanes`, ``hfreduce._C.pipeline_lanes``)."""
+        for its slice (:mod:`hfreduce.lanes`, ``hfreduce._C.pipeline_lanes``). Own buffers are
+        reached with process_vm_readv/writev (pid, address in their process); registered ones
+        where their heap is mapped here."""
         sync, lay = self.sync, self.lay
         sync.publish(lay.POSTED, spec.g0 + spec.nchunks)  # my input is in place: peers may read it
+        pids, addrs, direct = [], [], []
+        for r, loc in enumerate(locs):
+            if isinstance(loc, _Cma):
+                pids.append(loc.pid)
+                addrs.append(loc.addr)
+                direct.append(0)
+            else:
+                here = _addr(self.arena.heap_views[loc[0]][loc[1]:])
+                pids.append(sync.get(r, lay.PID))
+                addrs.append(here if r == self.me else 0)
+                direct.append(here)
         tmp = self._cma_tmp() if self.L > 1 else self.lanes.rbuf[:64]
-        self.lanes.run(spec, self._geometry(), self.CB, [loc.pid for loc in locs], [loc.addr for loc in locs], tmp,
-                       _SPIN)
+        self.lanes.run(spec, self._geometry(), self.CB, pids, (addrs, direct), tmp, _SPIN)
         self._wait_consumed(spec)
 
     def _cma_tmp(self) -> np.ndarray:

@@ -87,7 +87,10 @@ class Lanes:
                 for t, (up, kids) in enumerate(self.trees)}
 
     # -- one collective ------------------------------------------------------------------------
-    def run(self, spec, geo: tuple, chunk: int, pids: list[int], addrs: list[int], tmp: np.ndarray, spin: int) -> None:
+    def run(self, spec, geo: tuple, chunk: int, pids: list[int], addrs: tuple[list[int], list[int]], tmp: np.ndarray,
+            spin: int) -> None:
+        """Run ``spec`` in this lane; ``addrs`` = (each local rank's buffer address in its own
+        process, or 0; its address in this process where it is mapped here, else 0)."""
         sync = self.sync
         pidfds = sync.pidfds()
         status, done, err, where, got, partial = K._C.pipeline_lanes(
