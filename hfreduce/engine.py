@@ -518,9 +518,7 @@ class Engine:
         tmp = getattr(self, "_tmp", None)
         if tmp is None:
             size = max(16 << 10, min(256 << 10, (1 << 20) // (self.L - 1))) * (self.L - 1)  # L > 1 here
-            raw = np.empty(size + 64, np.uint8)
-            off = (-_addr(raw)) % 64
-            tmp = self._tmp = raw[off: off + size]
+            tmp = self._tmp = aligned_empty(size)
         return tmp
 
     def _pipeline_py(self, spec: OpSpec, locs) -> None:
@@ -672,6 +670,13 @@ class Engine:
 
 #: Busy-wait iterations before sleeping on the futex (short: these machines are often oversubscribed).
 _SPIN = 100
+
+
+def aligned_empty(n: int) -> np.ndarray:
+    """``n`` bytes of private memory starting on a cache line."""
+    raw = np.empty(n + 64, np.uint8)
+    off = (-_addr(raw)) % 64
+    return raw[off: off + n]
 
 
 def _addr(a: np.ndarray) -> int:

@@ -669,10 +669,12 @@ class ProcessGroup:
                     raise InitError(f"rank {self.rank} (node {self.node}): a lane connection from another group "
                                     "or lane arrived")
                 links.append((c, h["t"], h["from"]))
-        except TransportError as exc:
+        except BaseException as exc:
             for c, _, _ in links:
                 c.close()
-            raise InitError(f"rank {self.rank} (node {self.node}): cannot connect its lane: {exc}") from exc
+            if isinstance(exc, TransportError):
+                raise InitError(f"rank {self.rank} (node {self.node}): cannot connect its lane: {exc}") from exc
+            raise
         self._lanes = Lanes(self._sync, self.trees, me, self.node_names, self.local_groups, links, self.timeout,
                             self.chunk)
 

@@ -38,6 +38,7 @@ from network.errors import TransportError
 from network.transport import MAGIC, PREFIX_SIZE, Connection
 
 from . import kernels as K
+from .engine import aligned_empty
 from .errors import KINDS, HFReduceError, HFReduceTimeout, MismatchError, PeerFailed
 from .internode import DATA_HEADER, T_DATA, mismatch_error
 from .sync import POLL, NodeSync
@@ -74,7 +75,7 @@ class Lanes:
             spec.append((up, kids))
         self.trees = tuple(spec)
         maxk = max(len(k) for _, k in self.trees)
-        self.rbuf = _aligned(max(1, maxk) * (chunk // 2 + 128))
+        self.rbuf = aligned_empty(max(1, maxk) * (chunk // 2 + 128))
         self._dead_links: set[int] = set()
 
     def peer(self, i: int) -> tuple[int, str]:
@@ -245,9 +246,3 @@ class Lanes:
     def close(self) -> None:
         for conn, _, _ in self.links:
             conn.close()
-
-
-def _aligned(n: int) -> np.ndarray:
-    raw = np.empty(n + 64, np.uint8)
-    off = (-raw.ctypes.data) % 64
-    return raw[off: off + n]
