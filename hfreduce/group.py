@@ -637,10 +637,12 @@ class ProcessGroup:
                     oob[h["from"]] = c
                 else:
                     down[(h["t"], h["from"])] = c
-        except TransportError as exc:
+        except BaseException as exc:
             for c in [*up.values(), *down.values(), *oob.values()]:
                 c.close()
-            raise InitError(f"node {self.node}: cannot connect the inter-node tree: {exc}") from exc
+            if isinstance(exc, TransportError):
+                raise InitError(f"node {self.node}: cannot connect the inter-node tree: {exc}") from exc
+            raise
         self._internode = InterNode(self._sync, self.trees, me, self.node_names, self.leaders, up, down, oob,
                                     self.timeout, self.chunk)
 
