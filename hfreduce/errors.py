@@ -65,3 +65,19 @@ KINDS: dict[str, type[HFReduceError]] = {
     "device": DeviceError,
 }
 KIND_CODES = {name: i for i, name in enumerate(KINDS)}
+
+
+def kind_of(err: HFReduceError) -> str:
+    """``err``'s kind as it travels (a key of KINDS; "error" for any other class)."""
+    return next((name for name, cls in KINDS.items() if type(err) is cls), "error")
+
+
+def error_to_wire(err: HFReduceError) -> dict:
+    """``err`` as a message for another process (an ABORT between leaders or down a lane)."""
+    return {"kind": kind_of(err), "msg": str(err), "rank": err.rank, "node": err.node, "by": err.detected_by}
+
+
+def error_from_wire(m: dict) -> HFReduceError:
+    """The error :func:`error_to_wire` described, with its class, culprit and detector."""
+    return KINDS.get(m.get("kind"), HFReduceError)(m.get("msg", "aborted"), rank=m.get("rank"), node=m.get("node"),
+                                                   detected_by=m.get("by"))

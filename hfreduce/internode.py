@@ -39,7 +39,6 @@ import logging
 import select
 import struct
 import threading
-import time
 
 import msgpack
 import numpy as np
@@ -48,7 +47,7 @@ from network.errors import TransportError, TransportTimeout
 from network.transport import Connection
 
 from . import kernels as K
-from .errors import HFReduceError, HFReduceTimeout, MismatchError, PeerFailed
+from .errors import HFReduceError, HFReduceTimeout, MismatchError, PeerFailed, error_from_wire, error_to_wire
 from .shm import Layout
 from .sync import POLL, NodeSync
 from .tree import Tree
@@ -174,11 +173,9 @@ class InterNode:
 
     def _net_failure(self, peer: int, exc: TransportError) -> HFReduceError:
         """A data connection to ``peer`` failed: prefer a precise diagnosis arriving out of band."""
-        end = time.monotonic() + min(1.0, self.timeout)
-        while time.monotonic() < end and not self.sync.aborted() and not self._aborted:
-            time.sleep(0.01)
-        if self.sync.aborted():
-            return self.sync.first_error() or HFReduceError("aborted")
+        diagnosis = self.sync.await_error(min(1.0, self.timeout), stop=lambda: self._aborted)
+        if diagnosis is not None:
+            return diagnosis
         name, rank = self.node_names[peer], self.leader_ranks[peer]
         if peer in self._departed:
             return PeerFailed(f"node {name} (leader rank {rank}) left the group (destroy) during a collective",
@@ -282,8 +279,7 @@ class InterNode:
             self._aborted = True
             self._cv.notify_all()
         err = self.sync.record(err)
-        msg = msgpack.packb({"t": "abort", "kind": type(err).__name__, "msg": str(err), "rank": err.rank,
-                             "node": err.node, "by": err.detected_by})
+        msg = msgpack.packb({"t": "abort", **error_to_wire(err)})
         for peer, conn in self.oob.items():
             if peer != source:
                 self._oob_send(peer, conn, msg)
@@ -298,8 +294,6 @@ class InterNode:
             pass
 
     def _watch(self) -> None:
-        from .errors import KINDS
-
         by_fd = {c.fileno(): n for n, c in self.oob.items()}
         poller = select.poll()
         for fd in by_fd:
@@ -329,9 +323,7 @@ class InterNode:
                     continue
                 t = m.get("t")
                 if t == "abort":
-                    cls = next((c for c in KINDS.values() if c.__name__ == m.get("kind")), HFReduceError)
-                    self.abort(cls(m.get("msg", "aborted"), rank=m.get("rank"), node=m.get("node"),
-                                   detected_by=m.get("by")), source=peer)
+                    self.abort(error_from_wire(m), source=peer)
                 elif t == "bye":
                     self._departed.add(peer)
             if self._stop:

@@ -39,7 +39,7 @@ from network.transport import MAGIC, PREFIX_SIZE, Connection
 
 from . import kernels as K
 from .engine import aligned_empty
-from .errors import KINDS, HFReduceError, HFReduceTimeout, MismatchError, PeerFailed
+from .errors import HFReduceError, HFReduceTimeout, MismatchError, PeerFailed, error_from_wire, error_to_wire
 from .internode import DATA_HEADER, T_DATA, mismatch_error
 from .sync import POLL, NodeSync
 from .tree import Tree
@@ -129,11 +129,9 @@ class Lanes:
         if status == 5:
             return self._unexpected(spec, done, where, got, rank, node)
         # a closed or silent connection: prefer a precise diagnosis arriving meanwhile
-        end = time.monotonic() + min(1.0, self.timeout)
-        while time.monotonic() < end and not sync.aborted():
-            time.sleep(0.01)
-        if sync.aborted():
-            return sync.first_error() or HFReduceError("aborted")
+        diagnosis = sync.await_error(min(1.0, self.timeout))
+        if diagnosis is not None:
+            return diagnosis
         if status == 6:
             exc: HFReduceError = HFReduceTimeout(
                 f"rank {rank} (node {node}) sent nothing for {self.net_timeout:.1f} s in {what} (stuck, stopped or "
@@ -163,9 +161,7 @@ class Lanes:
             except (TransportError, ValueError):
                 return sync.record(PeerFailed(f"rank {rank} (node {node}) failed (its report was cut off)",
                                               rank=rank, node=node, detected_by=sync.rank))
-            cls = KINDS.get(m.get("kind"), HFReduceError)
-            return sync.record(cls(m.get("msg", "aborted"), rank=m.get("rank"), node=m.get("node"),
-                                   detected_by=m.get("by")))
+            return sync.record(error_from_wire(m))
         if fields[0] != T_DATA:
             return sync.record(HFReduceError(f"bad frame type {fields[0]} from rank {rank} (node {node})",
                                              detected_by=sync.rank))
@@ -229,9 +225,7 @@ class Lanes:
     # -- failures --------------------------------------------------------------------------------
     def abort(self, err: HFReduceError) -> None:
         """Tell every lane peer why this rank's collective failed (best effort)."""
-        kind = next((name for name, cls in KINDS.items() if type(err) is cls), "error")
-        body = msgpack.packb({"kind": kind, "msg": str(err), "rank": err.rank, "node": err.node,
-                              "by": err.detected_by})
+        body = msgpack.packb(error_to_wire(err))
         header = DATA_HEADER.pack(T_ABORT, 0, 0, 0, 0, 0, 0, 0, 0, len(body))
         for i, (conn, _, _) in enumerate(self.links):
             if i in self._dead_links:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from . import kernels as K
-from .errors import KIND_CODES, KINDS, HFReduceError, HFReduceTimeout, PeerFailed
+from .errors import KIND_CODES, KINDS, HFReduceError, HFReduceTimeout, PeerFailed, kind_of
 from .shm import Layout, NodeArena
 
 __all__ = ["NodeSync", "POLL"]
@@ -111,7 +111,7 @@ class NodeSync:
         """Write ``err`` as this rank's failure record (first one wins) and abort the node."""
         lay = self.lay
         if self.get(self.me, lay.ERR_FLAG) == 0:
-            kind = next((name for name, cls in KINDS.items() if type(err) is cls), "error")
+            kind = kind_of(err)
             node = self.node_names.index(err.node) if err.node in self.node_names else -1
             msg = str(err).encode("utf-8", "replace")[: Layout.MSG_BYTES]
             view = self.arena.msg_view(self.me)
@@ -146,6 +146,18 @@ class NodeSync:
         return cls(msg, rank=None if culprit < 0 else culprit,
                    node=self.node_names[node] if 0 <= node < len(self.node_names) else None,
                    detected_by=self.get(r, lay.ERR_BY))
+
+    def await_error(self, seconds: float, stop=lambda: False) -> HFReduceError | None:
+        """Wait up to ``seconds`` (or until ``stop()``) for a failure to be recorded on this node;
+        the first one, or None. A data connection that breaks is blamed on its peer only after
+        this, so a precise diagnosis travelling another way (out of band, an ABORT frame, a local
+        peer's record) wins."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not self.aborted() and not stop():
+            time.sleep(0.01)
+        if self.aborted():
+            return self.first_error() or HFReduceError("aborted")
+        return None
 
     def check(self) -> None:
         """Raise the node's recorded failure, if any."""
