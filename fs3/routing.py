@@ -17,10 +17,15 @@ The transition rules are in :func:`next_chain` and tabulated in ``docs/fs3.md``.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 __all__ = ["SERVING", "SYNCING", "WAITING", "LASTSRV", "OFFLINE", "STATES", "TargetInput", "next_chain",
-           "Routing"]
+           "Routing", "SingleFlight"]
+
+T = TypeVar("T")
 
 SERVING, SYNCING, WAITING, LASTSRV, OFFLINE = "serving", "syncing", "waiting", "lastsrv", "offline"
 STATES = (SERVING, LASTSRV, SYNCING, WAITING, OFFLINE)  # also the order inside a chain
@@ -149,3 +154,54 @@ class Routing:
             if self.targets.get(t) == node:
                 return t
         return None
+
+
+class SingleFlight(Generic[T]):
+    """Coalesces concurrent calls of ``fn`` (here: fetching the routing table from mgmtd).
+
+    [Note: one refresh for a burst] When a chain changes, every request that meets the new
+    version (a client's batch, each write a storage server receives) asks for a fresh routing
+    table at about the same moment. Calls run one at a time; a caller that arrives while one
+    runs waits for it to end, then takes the result of a call that *started after it arrived*
+    (so it is never handed a table older than its own reason to ask) or makes that call itself.
+    A burst of N callers therefore costs mgmtd two fetches, not N. A call that raised leaves
+    no result: the next waiter tries itself. Waiting is bounded by ``timeout`` (``TimeoutError``).
+    """
+
+    def __init__(self, fn: Callable[[], T], timeout: float) -> None:
+        self._fn = fn
+        self.timeout = timeout
+        self._run = threading.Lock()    # held by the caller whose call runs
+        self._meta = threading.Lock()
+        self._started = 0               # calls started so far
+        self._fresh = 0                 # start number of the last call that returned
+        self._result: T | None = None
+        self.waiting = 0                # callers waiting for a call in progress (for tests and stats)
+
+    @property
+    def calls(self) -> int:
+        """Calls of ``fn`` made so far."""
+        return self._started
+
+    def __call__(self) -> T:
+        with self._meta:
+            arrived = self._started
+            self.waiting += 1
+        try:
+            got = self._run.acquire(timeout=self.timeout)
+        finally:
+            with self._meta:
+                self.waiting -= 1
+        if not got:
+            raise TimeoutError(f"a call in progress did not end within {self.timeout} s")
+        try:
+            if self._fresh > arrived:
+                return self._result  # type: ignore[return-value]
+            with self._meta:
+                self._started += 1
+                mine = self._started
+            result = self._fn()
+            self._fresh, self._result = mine, result
+            return result
+        finally:
+            self._run.release()

@@ -61,7 +61,7 @@ from .errors import (
     from_remote,
 )
 from .forward import call_overlapped
-from .routing import SERVING, SYNCING, Routing
+from .routing import SERVING, SYNCING, Routing, SingleFlight
 
 __all__ = ["StorageServer", "main"]
 
@@ -124,6 +124,7 @@ class StorageServer:
         self.routing = Routing(chunk_size=cfg.chunk_size, replication=cfg.replication)
         self._rlock = threading.Lock()
         self._last_refresh = 0.0
+        self._fetch = SingleFlight(self._fetch_routing, timeout=io_timeout)
         self.stores: dict[int, ChunkStore] = {}
         self._stores_lock = threading.Lock()
         self.locks = _ChunkLocks()
@@ -134,7 +135,8 @@ class StorageServer:
         self._pools_lock = threading.Lock()
         self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
                              traffic_class=TrafficClass.STORAGE, source=address)
-        self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0}
+        self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0,
+                      "routing_refreshes": 0}
         self._repairing: set[tuple[int, int, int]] = set()
         self._resyncing: set[tuple[int, int, int]] = set()
         self._admitted: dict[tuple[int, int], int] = {}  # (chain, chain version) -> writes in progress
@@ -222,14 +224,24 @@ class StorageServer:
         self._maybe_resync()
 
     def refresh_routing(self, force: bool = False) -> Routing:
+        """Fetch the routing table from mgmtd (concurrent callers share one fetch: fs3.routing's
+        SingleFlight); without ``force``, not more than once per 20 ms."""
         if not force and time.monotonic() - self._last_refresh < 0.02:
             return self.routing
+        try:
+            return self._fetch()
+        except TimeoutError as exc:
+            log.warning("routing refresh: %s", exc)
+            return self.routing
+
+    def _fetch_routing(self) -> Routing:
         try:
             d = self.mgmtd.call("mgmtd.routing", {"have": self.routing.version}).result
         except (TransportError, RemoteError) as exc:
             log.warning("routing refresh failed: %s", exc)
             return self.routing
         self._last_refresh = time.monotonic()
+        self.stats["routing_refreshes"] += 1
         if not d.get("unchanged"):
             self._set_routing(d)
         return self.routing

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
+import time
 from itertools import combinations
 
 import pytest
@@ -11,7 +14,7 @@ from fs3.chaintable import generate_chain_table
 from fs3.chunkstore import HEADER_SIZE, ChunkStore
 from fs3.config import Fs3Config
 from fs3.errors import ChainTableError, ChunkCorrupt, ChunkNotFound, Fs3ConfigError
-from fs3.routing import LASTSRV, OFFLINE, SERVING, SYNCING, WAITING, TargetInput, next_chain
+from fs3.routing import LASTSRV, OFFLINE, SERVING, SYNCING, WAITING, SingleFlight, TargetInput, next_chain
 
 UP, DOWN = TargetInput(True), TargetInput(False)
 
@@ -233,3 +236,87 @@ def test_resync_waits_for_writes_admitted_at_an_older_chain_version(tmp_path):
     finally:
         srv.server.stop()
         srv.mgmtd.close()
+
+
+# -- coalesced routing refreshes ------------------------------------------------------------------
+def _until(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_single_flight_serves_a_burst_with_one_fresh_call():
+    gate = threading.Event()
+    count = itertools.count(1)
+
+    def fetch() -> int:
+        k = next(count)
+        if k == 1:
+            assert gate.wait(10)
+        return k
+
+    sf = SingleFlight(fetch, timeout=10)
+    results: dict[int, int] = {}
+
+    def call(i: int) -> None:
+        results[i] = sf()
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    _until(lambda: sf.calls == 1)
+    burst = [threading.Thread(target=call, args=(i,)) for i in range(1, 16)]
+    for t in burst:
+        t.start()
+    _until(lambda: sf.waiting == 15)  # all 15 arrived while call 1 runs
+    gate.set()
+    for t in [first, *burst]:
+        t.join(10)
+    # call 1 may predate their reason to ask: they all take call 2, made once for all of them
+    assert results == {0: 1, **{i: 2 for i in range(1, 16)}}
+    assert sf.calls == 2
+    assert sf() == 3  # a caller arriving when nothing runs makes its own call
+
+
+def test_single_flight_failed_call_and_timeout():
+    gate = threading.Event()
+    calls = itertools.count(1)
+
+    def fetch() -> int:
+        k = next(calls)
+        if k == 1:
+            gate.wait(10)
+            raise OSError("mgmtd unreachable")
+        return k
+
+    sf = SingleFlight(fetch, timeout=10)
+    errors: list[Exception] = []
+    got: list[int] = []
+
+    def first() -> None:
+        try:
+            sf()
+        except OSError as exc:
+            errors.append(exc)
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    _until(lambda: sf.calls == 1)
+    t2 = threading.Thread(target=lambda: got.append(sf()))
+    t2.start()
+    _until(lambda: sf.waiting == 1)
+    gate.set()
+    t1.join(10)
+    t2.join(10)
+    assert [str(e) for e in errors] == ["mgmtd unreachable"]
+    assert got == [2]  # the failed call left no result: the waiter made its own
+
+    hold = threading.Event()
+    slow = SingleFlight(lambda: hold.wait(10), timeout=0.2)
+    t3 = threading.Thread(target=slow)
+    t3.start()
+    _until(lambda: slow.calls == 1)
+    with pytest.raises(TimeoutError, match="did not end within 0.2 s"):
+        slow()
+    hold.set()
+    t3.join(10)

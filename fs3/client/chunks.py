@@ -52,7 +52,7 @@ from ..errors import (
     RetryableError,
     from_remote,
 )
-from ..routing import Routing
+from ..routing import Routing, SingleFlight
 
 __all__ = ["ChunkClient", "ReadIO", "WriteIO", "WriteResult", "file_chunk_id"]
 
@@ -119,7 +119,7 @@ class ChunkClient:
         self._mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
                               traffic_class=TrafficClass.STORAGE, source=source)
         self._routing = Routing(version=0)
-        self._rlock = threading.Lock()
+        self._fetch = SingleFlight(self._fetch_routing, timeout=timeout)
         self._pools: dict[tuple[str, int], RpcPool] = {}
         self._plock = threading.Lock()
         self._channels: queue.SimpleQueue = queue.SimpleQueue()
@@ -163,20 +163,31 @@ class ChunkClient:
         return self._routing
 
     def refresh_routing(self) -> Routing:
-        """Fetch the routing table from mgmtd when it changed."""
-        with self._rlock:
-            try:
-                d = self._mgmtd.call("mgmtd.routing", {"have": self._routing.version}).result
-            except (TransportError, RemoteError) as exc:
-                if self._routing.version == 0:
-                    raise ClientError(f"cannot fetch the routing table from mgmtd at "
-                                      f"{self.mgmtd_addr[0]}:{self.mgmtd_addr[1]}: {exc}") from exc
-                log.warning("routing refresh failed (keeping v%d): %s", self._routing.version, exc)
-                return self._routing
-            self.stats["routing_refreshes"] += 1
-            if not d.get("unchanged"):
-                self._routing = Routing.from_dict(d)
+        """Fetch the routing table from mgmtd when it changed. Threads that ask at the same time
+        share one fetch (fs3.routing's SingleFlight): a chain change seen by every request in
+        flight costs mgmtd one or two calls, not one per request."""
+        try:
+            return self._fetch()
+        except TimeoutError as exc:
+            if self._routing.version == 0:
+                raise ClientError(f"no routing table from mgmtd at {self.mgmtd_addr[0]}:{self.mgmtd_addr[1]}: "
+                                  f"{exc}") from None
+            log.warning("routing refresh (keeping v%d): %s", self._routing.version, exc)
             return self._routing
+
+    def _fetch_routing(self) -> Routing:
+        try:
+            d = self._mgmtd.call("mgmtd.routing", {"have": self._routing.version}).result
+        except (TransportError, RemoteError) as exc:
+            if self._routing.version == 0:
+                raise ClientError(f"cannot fetch the routing table from mgmtd at "
+                                  f"{self.mgmtd_addr[0]}:{self.mgmtd_addr[1]}: {exc}") from exc
+            log.warning("routing refresh failed (keeping v%d): %s", self._routing.version, exc)
+            return self._routing
+        self.stats["routing_refreshes"] += 1
+        if not d.get("unchanged"):
+            self._routing = Routing.from_dict(d)
+        return self._routing
 
     def chains(self) -> list[int]:
         return self.routing.chain_ids()
