@@ -13,7 +13,9 @@ references measured in the same run.
   with no software overhead at all, the ceiling for fs3's writes here.
 
 Targets (same-run ratios): read >= 70% of the bare stream; 3-replica write >= 25% of it (a chain
-moves every byte three times). Each figure is the median of ``--trials`` trials; each fs3 phase
+moves every byte three times). Every process of this run shares the machine's cores, so the bench
+also prints the CPU bound: cores / the ideal chain's CPU seconds per GB, the fastest any 3-replica
+write can go here however it overlaps its work, as a fraction of the bare stream. Each figure is the median of ``--trials`` trials; each fs3 phase
 is preceded by a bare-stream run (so the bare figure is the median of 4 runs per trial spread
 through the session), and the table also shows the median per-pair ratio. CPU seconds per GB
 (all processes involved) are reported too: they do not depend on the machine's load.
@@ -284,7 +286,9 @@ def main() -> int:
             fig["disk_write"].append(w)
             fig["disk_read"].append(r)
             os.sync()
+            c0 = _cpu([r.pid for r in relays])
             fig["ideal_chain"].append(ideal_chain(relay_ports[0], chunks))
+            cpu.setdefault("ideal_chain", []).append((_cpu([r.pid for r in relays]) - c0) / (total / 1e9))
             for name, order in (("seq", list(range(nmib))), ("rand", rng.sample(range(nmib), nmib))):
                 phase(f"fs3_{name}_write",
                       lambda order=order: client.batch_write([WriteIO(*keys[i], chunks[i]) for i in order]))
@@ -352,6 +356,14 @@ def main() -> int:
         print(f"target {k:<20} >= {v:.0%}: {ratios[k]:.0%} {'ok' if ratios[k] >= v else 'MISSED'}")
     print(f"writes against the ideal chain (the machine's ceiling for a 3-replica write): sequential "
           f"{ratios['seq_write_vs_ideal_chain']:.0%}, random {ratios['rand_write_vs_ideal_chain']:.0%}")
+    # [Note: the CPU bound] Every process here shares this machine's cores, so a path can move at
+    # most cores / (CPU seconds per GB) GB/s however well it overlaps: the ideal chain's cost
+    # gives the fastest a 3-replica write can be here, as a fraction of the bare stream
+    ncpu = len(os.sched_getaffinity(0))
+    bound = ncpu / cpu_med["ideal_chain"]
+    ratios["ideal_chain_cpu_bound_vs_bare"] = bound / bare
+    print(f"CPU bound: {ncpu} cores / {cpu_med['ideal_chain']:.2f} CPU s per GB of the ideal chain = "
+          f"{bound:.2f} GB/s at most for any 3-replica write here, {bound / bare:.0%} of the bare stream")
     figures = {k: round(v, 4) for k, v in med.items()}
     figures.update({f"cpu_s_per_gb_{k}": round(v, 3) for k, v in cpu_med.items()})
     print(json.dumps({"bench": "fs3_chunks", "figures": figures,
