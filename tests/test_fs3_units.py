@@ -246,17 +246,24 @@ def _until(pred, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def test_single_flight_serves_a_burst_with_one_fresh_call():
-    gate = threading.Event()
+def _first_call_held(gate: threading.Event, error: Exception | None = None):
+    """A fetch returning 1, 2, 3, ...; its first call waits for ``gate`` (then raises ``error``)."""
     count = itertools.count(1)
 
     def fetch() -> int:
         k = next(count)
         if k == 1:
             assert gate.wait(10)
+            if error is not None:
+                raise error
         return k
 
-    sf = SingleFlight(fetch, timeout=10)
+    return fetch
+
+
+def test_single_flight_serves_a_burst_with_one_fresh_call():
+    gate = threading.Event()
+    sf = SingleFlight(_first_call_held(gate), timeout=10)
     results: dict[int, int] = {}
 
     def call(i: int) -> None:
@@ -280,16 +287,7 @@ def test_single_flight_serves_a_burst_with_one_fresh_call():
 
 def test_single_flight_failed_call_and_timeout():
     gate = threading.Event()
-    calls = itertools.count(1)
-
-    def fetch() -> int:
-        k = next(calls)
-        if k == 1:
-            gate.wait(10)
-            raise OSError("mgmtd unreachable")
-        return k
-
-    sf = SingleFlight(fetch, timeout=10)
+    sf = SingleFlight(_first_call_held(gate, OSError("mgmtd unreachable")), timeout=10)
     errors: list[Exception] = []
     got: list[int] = []
 
