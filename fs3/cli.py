@@ -4,7 +4,7 @@
     fs3 chains   --cluster FILE         every chain: version and members head first
     fs3 routing  --cluster FILE --json  the routing table as clients see it
     fs3 faults   --cluster FILE         faults reported by storage servers (corrupt chunks)
-    fs3 stats    --cluster FILE         per storage server: targets, chunks, bytes, resyncs
+    fs3 stats    --cluster FILE         per storage server: targets, chunks, bytes, repairs, resyncs, scrubs
     fs3 chaintable --nodes 5 --targets 6 --replication 3   preview a chain table and its balance
     fs3 put / fs3 get                   write a local file into a chunk, read one back
 """
@@ -151,7 +151,8 @@ def faults(cluster: Path = ClusterOpt, limit: int = typer.Option(50, help="newes
 
 @app.command()
 def stats(cluster: Path = ClusterOpt, as_json: bool = JsonOpt) -> None:
-    """Per storage server: routing version, reads, writes, corrupt reads, resyncs, chunks per target."""
+    """Per storage server: routing version, reads, writes, corrupt copies found and repaired, resyncs,
+    chunks scrubbed (passes), chunks per target."""
     from network import NetworkError, RpcClient, TrafficClass, load_cluster
 
     c = load_cluster(cluster)
@@ -172,14 +173,15 @@ def stats(cluster: Path = ClusterOpt, as_json: bool = JsonOpt) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("node", "routing", "reads", "writes", "corrupt", "resyncs", "targets (chunks / MiB)")
+    t = Table("node", "routing", "reads", "writes", "corrupt", "repaired", "resyncs", "scrubbed (passes)",
+              "targets (chunks / MiB)")
     for n, s in out.items():
         if "error" in s:
-            t.add_row(n, f"[red]{s['error']}[/]", "", "", "", "", "")
+            t.add_row(n, f"[red]{s['error']}[/]", "", "", "", "", "", "", "")
             continue
         tg = "  ".join(f"{tid}: {d['chunks']} / {d['bytes'] / 2**20:.1f}" for tid, d in sorted(s["targets"].items()))
         t.add_row(n, str(s["routing_version"]), str(s["reads"]), str(s["writes"]), str(s["corrupt"]),
-                  str(s["resyncs"]), tg)
+                  str(s["repaired"]), str(s["resyncs"]), f"{s['scrubbed_chunks']} ({s['scrub_passes']})", tg)
     Console().print(t)
 
 

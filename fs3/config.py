@@ -9,6 +9,9 @@
     mgmtd_db = ""                # SQLAlchemy URL; "" = sqlite file in mgmtd's data dir
     data_dir = ""                # base data directory (default: $FIREFLYER_RUN_DIR_CLUSTER/data)
     fsync = false                # fsync chunk files before rename (power-loss durability)
+    max_batch_bytes = 4194304    # bytes per read or write batch request
+    scrub_interval = 86400.0     # seconds from one scrub pass of a server's chunks to the next; 0: off
+    scrub_rate_mb = 64.0         # MB/s a scrub pass reads at most
 
 Data directories: ``<base>/<node>/`` where base is ``$FIREFLYER_RUN_DIR_CLUSTER/data`` when the
 local launcher started the service, else ``--data-dir``, else ``data_dir`` above, else
@@ -26,7 +29,7 @@ from .errors import Fs3ConfigError
 __all__ = ["Fs3Config", "node_data_dir"]
 
 _KEYS = {"replication", "chunk_size", "targets_per_node", "heartbeat_interval", "failure_timeout",
-         "mgmtd_db", "data_dir", "fsync", "max_batch_bytes"}
+         "mgmtd_db", "data_dir", "fsync", "max_batch_bytes", "scrub_interval", "scrub_rate_mb"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class Fs3Config:
     data_dir: str = ""
     fsync: bool = False
     max_batch_bytes: int = 4 << 20
+    scrub_interval: float = 86400.0
+    scrub_rate_mb: float = 64.0
 
     @classmethod
     def from_section(cls, sec: dict, source: str = "[fs3]") -> Fs3Config:
@@ -50,7 +55,8 @@ class Fs3Config:
         kw = {}
         for name, typ in (("replication", int), ("chunk_size", int), ("targets_per_node", int),
                           ("heartbeat_interval", float), ("failure_timeout", float), ("mgmtd_db", str),
-                          ("data_dir", str), ("fsync", bool), ("max_batch_bytes", int)):
+                          ("data_dir", str), ("fsync", bool), ("max_batch_bytes", int),
+                          ("scrub_interval", float), ("scrub_rate_mb", float)):
             if name not in sec:
                 continue
             v = sec[name]
@@ -78,6 +84,11 @@ class Fs3Config:
                                  f"({self.heartbeat_interval}), got {self.failure_timeout}")
         if self.max_batch_bytes < self.chunk_size:
             raise Fs3ConfigError(f"{source}.max_batch_bytes: expected >= chunk_size ({self.chunk_size})")
+        if self.scrub_interval < 0:
+            raise Fs3ConfigError(f"{source}.scrub_interval: expected >= 0 seconds (0 turns scrubbing off), "
+                                 f"got {self.scrub_interval}")
+        if self.scrub_rate_mb <= 0:
+            raise Fs3ConfigError(f"{source}.scrub_rate_mb: expected > 0 MB/s, got {self.scrub_rate_mb}")
 
     @classmethod
     def from_cluster(cls, cluster) -> Fs3Config:

@@ -136,7 +136,7 @@ class StorageServer:
         self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
                              traffic_class=TrafficClass.STORAGE, source=address)
         self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0,
-                      "routing_refreshes": 0}
+                      "routing_refreshes": 0, "scrub_passes": 0, "scrubbed_chunks": 0}
         self._repairing: set[tuple[int, int, int]] = set()
         self._resyncing: set[tuple[int, int, int]] = set()
         self._admitted: dict[tuple[int, int], int] = {}  # (chain, chain version) -> writes in progress
@@ -173,7 +173,10 @@ class StorageServer:
                                        f"{self.mgmtd_addr[0]}:{self.mgmtd_addr[1]}: {exc}") from exc
                 time.sleep(0.2)
         self.server.start()
-        for fn, name in ((self._heartbeat_loop, "heartbeat"),):
+        loops = [(self._heartbeat_loop, "heartbeat")]
+        if self.cfg.scrub_interval > 0:
+            loops.append((self._scrub_loop, "scrub"))
+        for fn, name in loops:
             t = threading.Thread(target=fn, name=f"storage-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -767,6 +770,58 @@ class StorageServer:
         finally:
             with self._stores_lock:
                 self._repairing.discard((tid, chain, chunk))
+
+    # -- scrubbing ------------------------------------------------------------------------------------
+    def _scrub_loop(self) -> None:
+        """A pass over every committed chunk of this server's serving targets, then one every
+        ``scrub_interval`` seconds (counted from the start of the previous pass).
+
+        [Note: scrubbing] A damaged copy is otherwise found only when a read meets it, and a cold
+        chunk may not be read for months, long after its other replicas failed too. A pass reads
+        each committed chunk under its chunk lock (a write never races it, so a CRC mismatch is
+        damage, never a recycled file) and verifies its CRC32C: a damaged copy is reported to mgmtd
+        and repaired from a serving peer, as when a read finds it. Reads are paced to
+        ``scrub_rate_mb`` so a pass takes disk and CPU time from the foreground in a bounded way.
+        """
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                self._scrub_pass()
+            except Exception:  # pragma: no cover - a pass is best effort; the next one starts over
+                log.exception("scrub pass failed")
+            self._stop.wait(max(0.0, self.cfg.scrub_interval - (time.monotonic() - began)))
+
+    def _scrub_pass(self) -> None:
+        rate = self.cfg.scrub_rate_mb * 1e6
+        buf = bytearray(HEADER_SIZE + self.cfg.chunk_size)
+        began, nbytes, chunks, damaged = time.monotonic(), 0, 0, 0
+        for tid, store in sorted(self.stores.items()):
+            for chain, chunk, m in store.list():
+                if self._stop.is_set():
+                    return
+                r = self.routing
+                if chain not in r.chains or r.state_of(chain, tid) != SERVING or not (m.committed or m.corrupt):
+                    continue  # a syncing or offline copy is being replaced anyway
+                try:
+                    with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+                        try:
+                            data, _v = store.read(chain, chunk, buf=buf)
+                            nbytes += len(data)
+                        except ChunkNotFound:
+                            continue  # removed (or not committed yet) since the listing
+                        except ChunkCorrupt as exc:
+                            damaged += 1
+                            self._report_corrupt(tid, chain, chunk, f"scrub: {exc}")
+                except ChunkBusy:
+                    continue  # a long write holds it: the next pass checks it
+                chunks += 1
+                self.stats["scrubbed_chunks"] += 1
+                ahead = nbytes / rate - (time.monotonic() - began)
+                if ahead > 0 and self._stop.wait(ahead):
+                    return
+        self.stats["scrub_passes"] += 1
+        log.info("scrub pass: %d chunks (%d bytes) verified, %d damaged, in %.1f s", chunks, nbytes, damaged,
+                 time.monotonic() - began)
 
     # -- resync ---------------------------------------------------------------------------------------
     def _maybe_resync(self) -> None:

@@ -240,6 +240,16 @@ def test_kill9_storage_during_writes_then_resync(fs3):
     assert sum(s["resyncs"] for s in stats) >= 1
 
 
+def _flip(files: list[Path], offset: int, mask: int) -> None:
+    """Damage the one chunk file in ``files``: XOR the data byte at ``offset`` with ``mask``."""
+    (f,) = files
+    with open(f, "r+b") as fh:
+        fh.seek(64 + offset)
+        byte = fh.read(1)
+        fh.seek(64 + offset)
+        fh.write(bytes([byte[0] ^ mask]))
+
+
 def _write_random(client, *, seed: int, size: int, first: int = 0, n: int = 6) -> dict:
     """Write ``n`` chunks of random bytes (chunk ids from ``first``, spread over the chains);
     returns {(chain, chunk): bytes}."""
@@ -258,12 +268,7 @@ def test_corrupt_chunk_is_never_returned_and_is_reported(fs3):
     # flip bytes in the chunk files of two of the three replicas of every chunk
     for (c, k) in data:
         for node in ("n1", "n2"):
-            (f,) = _chunk_files(lc, node, c, k)
-            with open(f, "r+b") as fh:
-                fh.seek(64 + 1000)
-                byte = fh.read(1)
-                fh.seek(64 + 1000)
-                fh.write(bytes([byte[0] ^ 0xFF]))
+            _flip(_chunk_files(lc, node, c, k), 1000, 0xFF)
     # a direct read of a damaged replica refuses to answer with the bytes
     (c0, k0) = next(iter(data))
     item = _replica_read(lc, "n1", c0, k0)
@@ -332,11 +337,7 @@ def test_damage_found_by_the_client_end_to_end_is_reported_and_repaired(fs3):
             if node == "n2" and i == 0:
                 os.truncate(f, 64 + 100)  # a short file: found before sending, reported as well
                 continue
-            with open(f, "r+b") as fh:
-                fh.seek(64 + 5000)
-                byte = fh.read(1)
-                fh.seek(64 + 5000)
-                fh.write(bytes([byte[0] ^ 0x01]))
+            _flip([f], 5000, 0x01)
     bufs = {key: bytearray(300_000) for key in keys}
     got = client.batch_read([ReadIO(c, k, into=bufs[(c, k)]) for c, k in keys])
     for key, view in zip(keys, got, strict=True):
@@ -363,6 +364,37 @@ def test_damage_found_by_the_client_end_to_end_is_reported_and_repaired(fs3):
               f"{node}'s copy of {c}/{chunk} repaired")
     # later reads still return the right bytes (repaired or not)
     for key, view in zip(keys, client.batch_read([ReadIO(c, k) for c, k in keys]), strict=True):
+        assert bytes(view) == data[key], key
+
+
+@pytest.mark.parametrize("fs3", [{"scrub_interval": 0.5, "scrub_rate_mb": 500.0}], indirect=True)
+def test_scrubbing_finds_repairs_and_reports_damage_no_read_met(fs3):
+    """A damaged copy of a chunk nobody reads is found by the server's scrub pass, reported to
+    mgmtd and repaired from a healthy replica; intact copies are never reported."""
+    lc, client = fs3
+    data = _write_random(client, seed=23, size=150_000, first=200)
+    (c0, k0), (c1, k1) = list(data)[:2]
+    for node, c, k in (("n2", c0, k0), ("n3", c1, k1)):
+        _flip(_chunk_files(lc, node, c, k), 777, 0x10)
+    addr, port = lc.cluster.endpoint("fs3.mgmtd")
+
+    def faults() -> list[dict]:
+        with RpcClient(addr, port, timeout=5) as c:
+            return c.call("mgmtd.faults", {"limit": 1000}).result
+
+    want = {("n2", f"{k0:016x}"), ("n3", f"{k1:016x}")}
+    _wait(lambda: want <= {(f["node"], f["chunk"]) for f in faults() if f["kind"] == "ChunkCorrupt"}, 30,
+          "the scrubbers reporting both damaged copies")
+    _wait(lambda: _replica_read(lc, "n2", c0, k0) == data[(c0, k0)]
+          and _replica_read(lc, "n3", c1, k1) == data[(c1, k1)], 30, "both damaged copies repaired")
+    corrupt = [f for f in faults() if f["kind"] == "ChunkCorrupt"]
+    assert {(f["node"], f["chunk"]) for f in corrupt} == want  # no intact copy was reported
+    assert all(f["detail"].startswith("scrub: ") for f in corrupt)
+    assert client.stats["replica_failovers"] == 0  # no read met the damage: the scrubbers found it
+    for node in ("n1", "n2", "n3"):  # every server keeps scrubbing all of its copies
+        _wait(lambda node=node: _direct(lc, node, "storage.stats", {}).result["scrubbed_chunks"] >= 2 * len(data),
+              30, f"{node} scrubbing its copies")
+    for key, view in zip(data, client.batch_read([ReadIO(c, k) for c, k in data]), strict=True):
         assert bytes(view) == data[key], key
 
 

@@ -117,6 +117,11 @@ def test_config_validation_names_the_key():
         Fs3Config.from_section({"replicas": 3})
     with pytest.raises(Fs3ConfigError, match="replication: expected int"):
         Fs3Config.from_section({"replication": "3"})
+    with pytest.raises(Fs3ConfigError, match="scrub_interval: expected >= 0"):
+        Fs3Config.from_section({"scrub_interval": -1})
+    with pytest.raises(Fs3ConfigError, match="scrub_rate_mb: expected > 0"):
+        Fs3Config.from_section({"scrub_rate_mb": 0})
+    assert Fs3Config.from_section({"scrub_interval": 0}).scrub_interval == 0.0  # off
 
 
 # -- chunk store ------------------------------------------------------------------------------------
