@@ -229,8 +229,11 @@ class LocalCluster:
         self._write_state("up")
         return self
 
-    def start(self, module: str, node: str, wait: bool = True) -> ProcInfo:
-        """Start (or restart) one service instance."""
+    def start(self, module: str, node: str, wait: bool = True, *, cluster_file: str | os.PathLike | None = None
+              ) -> ProcInfo:
+        """Start (or restart) one service instance; ``cluster_file`` gives it another description
+        than the cluster's (the same nodes and services: say, one that reaches a peer through a
+        relay a test can cut)."""
         assert self.cluster is not None and self.cluster_file is not None, "call up() first"
         kind = kind_of(module)
         svc = self.cluster.service(module)
@@ -241,7 +244,8 @@ class LocalCluster:
         if old is not None and old.poll() is None:
             raise LauncherError(f"{key} is already running (pid {old.pid})")
         logpath = self.run_dir / "logs" / f"{key}.log"
-        cmd = [sys.executable, "-m", module, *kind.argv, "--cluster", str(self.cluster_file), "--node", node]
+        cmd = [sys.executable, "-m", module, *kind.argv, "--cluster", str(cluster_file or self.cluster_file),
+               "--node", node]
         env = {**os.environ, **kind.env, **self.env, "FIREFLYER_RUN_DIR_CLUSTER": str(self.run_dir),
                "PYTHONUNBUFFERED": "1"}
         with open(logpath, "ab") as logf:

@@ -124,6 +124,8 @@ class StorageServer:
         self.routing = Routing(chunk_size=cfg.chunk_size, replication=cfg.replication)
         self._rlock = threading.Lock()
         self._last_refresh = 0.0
+        self._lease_until = 0.0  # monotonic time until which this server may serve (see _check_lease)
+        self._fenced = False
         self._fetch = SingleFlight(self._fetch_routing, timeout=io_timeout)
         self.stores: dict[int, ChunkStore] = {}
         self._stores_lock = threading.Lock()
@@ -136,7 +138,7 @@ class StorageServer:
         self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
                              traffic_class=TrafficClass.STORAGE, source=address)
         self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0,
-                      "routing_refreshes": 0, "scrub_passes": 0, "scrubbed_chunks": 0}
+                      "routing_refreshes": 0, "scrub_passes": 0, "scrubbed_chunks": 0, "lease_expired": 0}
         self._repairing: set[tuple[int, int, int]] = set()
         self._resyncing: set[tuple[int, int, int]] = set()
         self._admitted: dict[tuple[int, int], int] = {}  # (chain, chain version) -> writes in progress
@@ -251,9 +253,14 @@ class StorageServer:
 
     def _heartbeat_once(self) -> None:
         targets = {str(t): "online" for t in self.stores}
+        sent = time.monotonic()
         out = self.mgmtd.call("mgmtd.heartbeat", {
             "node": self.node, "address": self.address, "port": self.port, "incarnation": self.incarnation,
             "targets": targets, "with_routing": self.routing.version == 0}).result
+        self._lease_until = sent + self.cfg.failure_timeout / 2
+        if self._fenced:
+            self._fenced = False
+            log.warning("%s: in contact with mgmtd again: serving what the routing table gives it", self.node)
         if "routing" in out:
             self._set_routing(out["routing"])
         elif out["routing_version"] != self.routing.version:
@@ -271,8 +278,36 @@ class StorageServer:
                 log.exception("heartbeat failed")
             self._stop.wait(self.cfg.heartbeat_interval)
 
+    def _check_lease(self) -> None:
+        """Refuse to serve when mgmtd has not answered a heartbeat for ``failure_timeout / 2``.
+
+        [Note: the lease] mgmtd reconfigures a chain only after a node was silent for
+        ``failure_timeout``. A server cut off from mgmtd (but not from clients) cannot learn of that:
+        its routing table stays the old one, so a client still holding the old table too would be
+        served the old bytes of a chunk the new chain has since rewritten. So a server serves only
+        while its last answered heartbeat was *sent* less than ``failure_timeout / 2`` ago (3FS
+        stops such a service too): it has stopped before mgmtd can have moved its targets out of
+        their chains, with half the timeout to spare for clocks and requests in flight. It answers
+        ``NotServing`` meanwhile (clients move to another replica or refresh their routing) and
+        serves again on the first answered heartbeat, which also brings the current routing table.
+        The cost: with mgmtd itself down for longer than half the timeout, no server serves.
+        """
+        over = time.monotonic() - self._lease_until
+        if over <= 0:
+            return
+        if not self._fenced:
+            self._fenced = True
+            self.stats["lease_expired"] += 1
+            log.error("%s: no heartbeat answered by mgmtd for %.1f s (failure_timeout / 2): not serving until "
+                      "mgmtd answers", self.node, self.cfg.failure_timeout / 2 + over)
+        raise NotServing(f"{self.node}: out of contact with mgmtd for {self.cfg.failure_timeout / 2 + over:.1f} s "
+                         f"(the lease is failure_timeout / 2 = {self.cfg.failure_timeout / 2:g} s): not serving",
+                         current=0)
+
     def _check_chain(self, chain: int, cver: int, want: tuple[str, ...]) -> tuple[Routing, int, str]:
-        """Validate the request's chain version against ours; returns (routing, my target, my state)."""
+        """Validate the request's chain version against ours; returns (routing, my target, my state).
+        Refuses everything while the mgmtd lease has expired (:meth:`_check_lease`)."""
+        self._check_lease()
         r = self.routing
         c = r.chains.get(chain)
         if c is None or cver > c["version"]:

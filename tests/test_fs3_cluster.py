@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import threading
 import time
 import tomllib
@@ -396,6 +397,121 @@ def test_scrubbing_finds_repairs_and_reports_damage_no_read_met(fs3):
               30, f"{node} scrubbing its copies")
     for key, view in zip(data, client.batch_read([ReadIO(c, k) for c, k in data]), strict=True):
         assert bytes(view) == data[key], key
+
+
+class _Link:
+    """The network path from one node to a service, as a TCP relay the test can cut: ``cut()``
+    drops every connection and refuses new ones, ``mend()`` lets them through again."""
+
+    def __init__(self, host: str, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server((host, 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                a, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            a.settimeout(None)
+            if not self.up:
+                a.close()
+                continue
+            try:
+                b = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                a.close()
+                continue
+            b.settimeout(None)
+            with self.lock:
+                self.socks += [a, b]
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+
+    @staticmethod
+    def _pump(x: socket.socket, y: socket.socket) -> None:
+        try:
+            while data := x.recv(65536):
+                y.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for z in (x, y):
+                try:
+                    z.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for z in socks:
+            try:
+                z.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            z.close()
+
+    def mend(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.cut()
+        self.listener.close()
+
+
+def test_server_cut_off_from_mgmtd_stops_serving_before_its_chains_move_on(fs3, tmp_path):
+    """n3 loses mgmtd but not its clients: mgmtd moves n3's targets out of their chains and the
+    chunk is rewritten without n3; a reader holding the old routing table must not get the old
+    bytes from n3 (its lease expired at failure_timeout / 2, before the chains moved)."""
+    lc, client = fs3
+    mg = lc.cluster.endpoint("fs3.mgmtd")
+    link = _Link(mg[0], mg)
+    try:
+        raw = tomllib.loads(lc.cluster_file.read_text())
+        for sv in raw["service"]:
+            if sv["module"] == "fs3.mgmtd":
+                sv["port"] = link.port
+        via_link = tmp_path / "n3-via-link.toml"
+        via_link.write_text(dump_cluster(raw))
+        lc.kill("fs3.storage", "n3")
+        lc.start("fs3.storage", "n3", cluster_file=via_link)
+        _wait(lambda: _all_serving(lc) and _settled(lc), 60, "n3 (through the link) back in service")
+        chain = client.chains()[0]
+        client.write(chain, 7, b"old bytes")
+        st = _mgmtd_status(lc)
+        old_cver = st["chains"][str(chain)]["version"]
+        assert _replica_read(lc, "n3", chain, 7) == b"old bytes"
+
+        link.cut()
+        _wait(lambda: _mgmtd_status(lc)["chains"][str(chain)]["version"] > old_cver, 30,
+              "mgmtd taking n3's target out of the chain")
+        client.write(chain, 7, b"new bytes")  # the chain without n3
+        # a reader with the old table asks n3, which cannot know: it refuses instead of
+        # serving the old bytes
+        addr, port = lc.cluster.endpoint("fs3.storage", "n3")
+        with RpcClient(addr, port, timeout=10, traffic_class=TrafficClass.STORAGE) as c:
+            rep = c.call("storage.read", {"items": [[chain, old_cver, 7, 0, -1]]})
+            item = rep.result["items"][0]
+            assert item.get("err") == "NotServing" and "out of contact with mgmtd" in item["msg"], item
+            assert c.call("storage.stats").result["lease_expired"] == 1
+
+        link.mend()  # back in contact: resynced, then serving the new bytes
+        _wait(lambda: _all_serving(lc), 60, "n3 resynced and serving again")
+        _wait(lambda: _replica_read(lc, "n3", chain, 7) == b"new bytes", 30, "n3 serving the new bytes")
+    finally:
+        link.close()
 
 
 def test_stale_routing_client_recovers(fs3):
