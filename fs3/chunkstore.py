@@ -35,6 +35,8 @@ re-reads under the chunk lock before it calls a mismatch corruption.
 
 from __future__ import annotations
 
+import errno
+import functools
 import itertools
 import mmap
 import os
@@ -46,7 +48,7 @@ from pathlib import Path
 
 import crc32c as _crc
 
-from .errors import ChunkCorrupt, ChunkNotFound
+from .errors import ChunkCorrupt, ChunkNotFound, TargetFailed
 
 __all__ = ["ChunkStore", "ChunkMeta", "HEADER_SIZE", "crc32c"]
 
@@ -95,13 +97,38 @@ def _parse(buf) -> tuple[int, int, int, int, int, int]:
     return chain, chunk, version, chain_ver, length, crc
 
 
+#: errors that mean the target's disk, not one request, is at fault
+DISK_ERRNOS = frozenset({errno.EIO, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENODEV, errno.ENXIO,
+                         errno.EUCLEAN})
+
+
+def _disk(fn):
+    """Raise a disk error (:data:`DISK_ERRNOS`) met by a store operation as :class:`TargetFailed`."""
+    @functools.wraps(fn)
+    def wrap(self, *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            if exc.filename is None:  # an error on an open descriptor: name the target's directory
+                exc.filename = str(self.root)
+            if self.on_disk_error is not None:
+                self.on_disk_error(self.target, exc)
+            raise TargetFailed(f"target {self.target}: {exc.strerror} ({errno.errorcode[exc.errno]}) at "
+                               f"{exc.filename}", target=self.target) from exc
+    return wrap
+
+
 class ChunkStore:
-    """The chunks of one target; thread-safe for different chunks (callers lock per chunk)."""
+    """The chunks of one target; thread-safe for different chunks (callers lock per chunk). An
+    operation that meets a disk error raises :class:`TargetFailed`."""
 
     def __init__(self, root: str | os.PathLike, target: int, chunk_size: int, *, fsync: bool = False,
-                 max_spares: int = 32) -> None:
+                 max_spares: int = 32, on_disk_error=None) -> None:
         self.root = Path(root)
         self.target = target
+        self.on_disk_error = on_disk_error  # called with (target, OSError) before TargetFailed is raised
         self.chunk_size = chunk_size
         self.fsync = fsync
         self.meta: dict[tuple[int, int], ChunkMeta] = {}
@@ -219,6 +246,7 @@ class ChunkStore:
                 continue
         raise ChunkNotFound(f"target {self.target}: chunk {chain}/{chunk:016x} kept moving while being opened")
 
+    @_disk
     def read(self, chain: int, chunk: int, *, pending: bool = False, buf: bytearray | None = None
              ) -> tuple[memoryview, int]:
         """The chunk's bytes (a view into ``buf`` or a per-thread buffer) and their version.
@@ -235,6 +263,7 @@ class ChunkStore:
         data, version, _crc = self._verified(memoryview(buf), n, chain, chunk, path)
         return data, version
 
+    @_disk
     def open_data(self, chain: int, chunk: int) -> tuple[int, int, int, int]:
         """An open descriptor of the committed version's file (its data starts at ``HEADER_SIZE``),
         the data's length, the version and the CRC32C recorded when it was stored; the caller
@@ -263,6 +292,7 @@ class ChunkStore:
             return fd, length, version, crc
         raise ChunkNotFound(f"target {self.target}: chunk {chain}/{chunk:016x} kept moving while being opened")
 
+    @_disk
     def read_mapped(self, chain: int, chunk: int, *, pending: bool = False) -> tuple[memoryview, int, int]:
         """Like :meth:`read` but without copying: a view of the chunk file mapped into memory,
         its version and its CRC32C (verified here).
@@ -340,6 +370,7 @@ class ChunkStore:
             finally:
                 os.close(dfd)
 
+    @_disk
     def put(self, chain: int, chunk: int, version: int, chain_ver: int, data, *, pending: bool,
             crc: int | None = None) -> int:
         """Store ``data`` as the pending (or directly committed) version; returns its CRC32C
@@ -370,6 +401,7 @@ class ChunkStore:
                     m.pending = m.pending_length = m.pending_crc = 0
         return crc
 
+    @_disk
     def commit(self, chain: int, chunk: int, version: int) -> None:
         """Make pending ``version`` the committed one (a rename). A no-op when already committed."""
         with self._mlock:
@@ -388,6 +420,7 @@ class ChunkStore:
             m.pending = m.pending_length = m.pending_crc = 0
             m.corrupt = False
 
+    @_disk
     def remove(self, chain: int, chunk: int) -> bool:
         """Delete every version of the chunk; False when it did not exist."""
         with self._mlock:

@@ -180,6 +180,7 @@ def stats(cluster: Path = ClusterOpt, as_json: bool = JsonOpt) -> None:
             t.add_row(n, f"[red]{s['error']}[/]", "", "", "", "", "", "", "")
             continue
         tg = "  ".join(f"{tid}: {d['chunks']} / {d['bytes'] / 2**20:.1f}" for tid, d in sorted(s["targets"].items()))
+        tg += "".join(f"  [red]{tid}: FAILED ({why})[/]" for tid, why in sorted(s.get("failed", {}).items()))
         t.add_row(n, str(s["routing_version"]), str(s["reads"]), str(s["writes"]), str(s["corrupt"]),
                   str(s["repaired"]), str(s["resyncs"]), f"{s['scrubbed_chunks']} ({s['scrub_passes']})", tg)
     Console().print(t)

@@ -64,6 +64,11 @@ class NotServing(RetryableError):
     """The target is not serving (or not in the chain); pick another replica or refresh routing."""
 
 
+class TargetFailed(NotServing):
+    """The target's disk failed (I/O error, full, read-only): the server took the target out of
+    service and reports it offline to mgmtd; another replica serves."""
+
+
 class ChunkNotCommitted(RetryableError):
     """The chunk has a pending (uncommitted) version; retry, or ask for a relaxed read."""
 
@@ -103,7 +108,7 @@ class NoServingReplica(ClientError):
     """No replica of the chain can serve the request (the chain is offline or all copies failed)."""
 
 
-_REMOTE = {c.__name__: c for c in (StaleRouting, NotServing, ChunkNotCommitted, ChunkCorrupt, ChunkBusy,
+_REMOTE = {c.__name__: c for c in (StaleRouting, NotServing, TargetFailed, ChunkNotCommitted, ChunkCorrupt, ChunkBusy,
                                    ForwardFailed, ChunkNotFound, StaleRequest, ChunkVersionConflict,
                                    StorageError, MgmtdError, Fs3ConfigError)}
 

@@ -33,6 +33,7 @@ request with a retryable error; the client refreshes its routing and retries wit
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -44,7 +45,7 @@ from contextlib import ExitStack, contextmanager
 from network import FileRegion, RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
 from network.service import parse_service_args, service_parser, wait_for_shutdown
 
-from .chunkstore import HEADER_SIZE, ChunkMeta, ChunkStore, crc32c
+from .chunkstore import DISK_ERRNOS, HEADER_SIZE, ChunkMeta, ChunkStore, crc32c
 from .config import Fs3Config, node_data_dir
 from .errors import (
     ChunkBusy,
@@ -58,6 +59,7 @@ from .errors import (
     StaleRequest,
     StaleRouting,
     StorageError,
+    TargetFailed,
     from_remote,
 )
 from .forward import call_overlapped
@@ -126,6 +128,9 @@ class StorageServer:
         self._last_refresh = 0.0
         self._lease_until = 0.0  # monotonic time until which this server may serve (see _check_lease)
         self._fenced = False
+        self.failed: dict[int, str] = {}  # targets whose disk failed -> why (reported offline)
+        self._failed_lock = threading.Lock()
+        self._beat = threading.Event()  # set: heartbeat now (a target failed)
         self._fetch = SingleFlight(self._fetch_routing, timeout=io_timeout)
         self.stores: dict[int, ChunkStore] = {}
         self._stores_lock = threading.Lock()
@@ -138,7 +143,8 @@ class StorageServer:
         self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
                              traffic_class=TrafficClass.STORAGE, source=address)
         self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0,
-                      "routing_refreshes": 0, "scrub_passes": 0, "scrubbed_chunks": 0, "lease_expired": 0}
+                      "routing_refreshes": 0, "scrub_passes": 0, "scrubbed_chunks": 0, "lease_expired": 0,
+                      "failed_targets": 0}
         self._repairing: set[tuple[int, int, int]] = set()
         self._resyncing: set[tuple[int, int, int]] = set()
         self._admitted: dict[tuple[int, int], int] = {}  # (chain, chain version) -> writes in progress
@@ -185,6 +191,7 @@ class StorageServer:
 
     def stop(self) -> None:
         self._stop.set()
+        self._beat.set()
         self.server.stop()
         for t in self._threads:
             t.join(5)
@@ -212,10 +219,31 @@ class StorageServer:
             with self._stores_lock:
                 st = self.stores.get(tid)
                 if st is None:
-                    st = ChunkStore(self.data_dir / "targets" / str(tid), tid, self.cfg.chunk_size,
-                                    fsync=self.cfg.fsync)
+                    try:
+                        st = ChunkStore(self.data_dir / "targets" / str(tid), tid, self.cfg.chunk_size,
+                                        fsync=self.cfg.fsync, on_disk_error=self._fail_target)
+                    except OSError as exc:
+                        if exc.errno not in DISK_ERRNOS:
+                            raise
+                        self._fail_target(tid, exc)
+                        raise TargetFailed(f"{self.node}: target {tid}: {exc}", target=tid) from exc
                     self.stores[tid] = st
         return st
+
+    def _fail_target(self, tid: int, exc: OSError) -> None:
+        """Take a target whose disk failed out of service: it answers ``TargetFailed`` from now on,
+        and the heartbeat (sent at once) reports it offline, so mgmtd moves it out of its chains
+        and the other replicas carry on. A restart of the server, with the disk repaired, brings
+        it back through a resync."""
+        reason = f"{exc.strerror} ({errno.errorcode.get(exc.errno or 0, exc.errno)}) at {exc.filename}"
+        with self._failed_lock:
+            if tid in self.failed:
+                return
+            self.failed[tid] = reason
+        self.stats["failed_targets"] += 1
+        log.error("%s: target %d failed, taken out of service: %s", self.node, tid, reason)
+        self._report(tid, 0, 0, "TargetFailed", reason)
+        self._beat.set()
 
     def _set_routing(self, d: dict) -> None:
         r = Routing.from_dict(d)
@@ -224,8 +252,11 @@ class StorageServer:
                 return
             self.routing = r
         for t, n in r.targets.items():
-            if n == self.node:
-                self._store(t)
+            if n == self.node and t not in self.failed:
+                try:
+                    self._store(t)
+                except TargetFailed:
+                    pass  # reported offline from now on
         self._maybe_resync()
 
     def refresh_routing(self, force: bool = False) -> Routing:
@@ -252,7 +283,7 @@ class StorageServer:
         return self.routing
 
     def _heartbeat_once(self) -> None:
-        targets = {str(t): "online" for t in self.stores}
+        targets = {str(t): "offline" if t in self.failed else "online" for t in {*self.stores, *self.failed}}
         sent = time.monotonic()
         out = self.mgmtd.call("mgmtd.heartbeat", {
             "node": self.node, "address": self.address, "port": self.port, "incarnation": self.incarnation,
@@ -276,7 +307,8 @@ class StorageServer:
                 log.warning("heartbeat to mgmtd %s:%d failed: %s", *self.mgmtd_addr, exc)
             except Exception:  # pragma: no cover
                 log.exception("heartbeat failed")
-            self._stop.wait(self.cfg.heartbeat_interval)
+            self._beat.wait(self.cfg.heartbeat_interval)
+            self._beat.clear()
 
     def _check_lease(self) -> None:
         """Refuse to serve when mgmtd has not answered a heartbeat for ``failure_timeout / 2``.
@@ -319,6 +351,9 @@ class StorageServer:
             raise StaleRouting(f"{self.node}: chain {chain} is at version {c['version']}, request has {cver}",
                                current=c["version"])
         tid = r.target_on(chain, self.node)
+        if tid in self.failed:
+            raise TargetFailed(f"{self.node}: target {tid} failed ({self.failed[tid]}) and is out of service",
+                               current=c["version"])
         state = r.state_of(chain, tid) if tid is not None else None
         if tid is None or state not in want:
             raise NotServing(f"{self.node}: target {tid} of chain {chain} is {state}, not {'/'.join(want)}",
@@ -832,6 +867,8 @@ class StorageServer:
         began, nbytes, chunks, damaged = time.monotonic(), 0, 0, 0
         for tid, store in sorted(self.stores.items()):
             for chain, chunk, m in store.list():
+                if tid in self.failed:
+                    break
                 if self._stop.is_set():
                     return
                 r = self.routing
@@ -849,6 +886,8 @@ class StorageServer:
                             self._report_corrupt(tid, chain, chunk, f"scrub: {exc}")
                 except ChunkBusy:
                     continue  # a long write holds it: the next pass checks it
+                except TargetFailed:
+                    break  # out of service (reported by the store)
                 chunks += 1
                 self.stats["scrubbed_chunks"] += 1
                 ahead = nbytes / rate - (time.monotonic() - began)
@@ -956,7 +995,7 @@ class StorageServer:
 
     def h_stats(self, args: dict, payload, ctx) -> dict:
         return {"node": self.node, "incarnation": self.incarnation, "routing_version": self.routing.version,
-                **self.stats,
+                **self.stats, "failed": {str(t): why for t, why in self.failed.items()},
                 "targets": {str(t): {"chunks": len(metas), "bytes": sum(m.length for m in metas)}
                             for t, metas in ((t, [m for _c, _k, m in s.list()]) for t, s in self.stores.items())}}
 

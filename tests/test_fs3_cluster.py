@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 import tomllib
@@ -512,6 +513,41 @@ def test_server_cut_off_from_mgmtd_stops_serving_before_its_chains_move_on(fs3, 
         _wait(lambda: _replica_read(lc, "n3", chain, 7) == b"new bytes", 30, "n3 serving the new bytes")
     finally:
         link.close()
+
+
+def test_a_full_disk_takes_its_target_out_and_writes_go_on(launch_cluster, tmp_path):
+    """Target 301 (on n3) lives on a 2 MiB disk (a tmpfs): the second 1 MiB chunk fills it. n3
+    takes that target out of service and reports it offline; mgmtd moves it out of its chain and
+    every write is still acknowledged and reads back, while n3's other targets keep serving."""
+    disk = tmp_path / "run0" / "data" / "n3" / "targets" / "301"  # launch_cluster's first run dir
+    disk.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "fs3-test-disk", str(disk)],
+                             capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"needs permission to mount a tmpfs (root): {mounted.stderr.strip()}")
+    try:
+        lc = launch_cluster(_cluster_file(tmp_path), services=FS3)
+        _wait(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
+        assert 301 in _targets_of(lc, "n3")
+        st = _mgmtd_status(lc)
+        chain = next(int(c) for c, d in st["chains"].items() if 301 in [t for t, _s in d["members"]])
+        data = {k: os.urandom(1 << 20) for k in range(4)}  # 4 MiB for a 2 MiB disk
+        with ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0) as client:
+            for k, b in data.items():
+                client.write(chain, k, b)  # acknowledged, through the chain without 301 once it failed
+            _wait(lambda: 301 in _mgmtd_status(lc)["offline_targets"], 20, "target 301 offline")
+            failed = _direct(lc, "n3", "storage.stats", {}).result["failed"]
+            assert list(failed) == ["301"] and "ENOSPC" in failed["301"], failed
+            with RpcClient(*lc.cluster.endpoint("fs3.mgmtd"), timeout=5) as c:
+                faults = c.call("mgmtd.faults", {"limit": 100}).result
+            assert [(f["node"], f["target"]) for f in faults if f["kind"] == "TargetFailed"] == [("n3", 301)]
+            others = {t: s for d in _mgmtd_status(lc)["chains"].values() for t, s in d["members"]
+                      if t in _targets_of(lc, "n3") and t != 301}
+            assert others and set(others.values()) == {"serving"}, others  # only the failed disk is out
+            for k, b in data.items():
+                assert bytes(client.read(chain, k)) == b
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
 
 def test_stale_routing_client_recovers(fs3):
