@@ -15,8 +15,8 @@ references measured in the same run.
 Targets (same-run ratios): read >= 70% of the bare stream; 3-replica write >= 25% of it (a chain
 moves every byte three times). Every process of this run shares the machine's cores, so the bench
 also prints the CPU bound: cores / the ideal chain's CPU seconds per GB, the fastest any 3-replica
-write can go here however it overlaps its work, as a fraction of the bare stream. Each figure is the median of ``--trials`` trials; each fs3 phase
-is preceded by a bare-stream run (so the bare figure is the median of 4 runs per trial spread
+write can go here however it overlaps its work, as a fraction of the bare stream. Each figure is
+the median of ``--trials`` trials; each fs3 phase is preceded by a bare-stream run (so the bare figure is the median of 4 runs per trial spread
 through the session), and the table also shows the median per-pair ratio. CPU seconds per GB
 (all processes involved) are reported too: they do not depend on the machine's load.
 

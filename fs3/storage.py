@@ -129,7 +129,7 @@ class StorageServer:
         self._lease_until = 0.0  # monotonic time until which this server may serve (see _check_lease)
         self._fenced = False
         self.failed: dict[int, str] = {}  # targets whose disk failed -> why (reported offline)
-        self._failed_lock = threading.Lock()
+        self._failed_lock = threading.Lock()  # guards failed and _fenced
         self._beat = threading.Event()  # set: heartbeat now (a target failed)
         self._fetch = SingleFlight(self._fetch_routing, timeout=io_timeout)
         self.stores: dict[int, ChunkStore] = {}
@@ -283,14 +283,17 @@ class StorageServer:
         return self.routing
 
     def _heartbeat_once(self) -> None:
-        targets = {str(t): "offline" if t in self.failed else "online" for t in {*self.stores, *self.failed}}
+        with self._stores_lock:
+            tids = {*self.stores, *self.failed}
+        targets = {str(t): "offline" if t in self.failed else "online" for t in tids}
         sent = time.monotonic()
         out = self.mgmtd.call("mgmtd.heartbeat", {
             "node": self.node, "address": self.address, "port": self.port, "incarnation": self.incarnation,
             "targets": targets, "with_routing": self.routing.version == 0}).result
         self._lease_until = sent + self.cfg.failure_timeout / 2
-        if self._fenced:
-            self._fenced = False
+        with self._failed_lock:
+            fenced, self._fenced = self._fenced, False
+        if fenced:
             log.warning("%s: in contact with mgmtd again: serving what the routing table gives it", self.node)
         if "routing" in out:
             self._set_routing(out["routing"])
@@ -327,8 +330,9 @@ class StorageServer:
         over = time.monotonic() - self._lease_until
         if over <= 0:
             return
-        if not self._fenced:
-            self._fenced = True
+        with self._failed_lock:
+            newly, self._fenced = not self._fenced, True
+        if newly:
             self.stats["lease_expired"] += 1
             log.error("%s: no heartbeat answered by mgmtd for %.1f s (failure_timeout / 2): not serving until "
                       "mgmtd answers", self.node, self.cfg.failure_timeout / 2 + over)
