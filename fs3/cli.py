@@ -173,17 +173,21 @@ def stats(cluster: Path = ClusterOpt, as_json: bool = JsonOpt) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("node", "routing", "reads", "writes", "corrupt", "repaired", "resyncs", "scrubbed (passes)",
+    t = Table("node", "routing", "reads", "writes", "corrupt", "repaired", "resyncs", "scrubbed",
               "targets (chunks / MiB)")
+    failed = []
     for n, s in out.items():
         if "error" in s:
             t.add_row(n, f"[red]{s['error']}[/]", "", "", "", "", "", "", "")
             continue
         tg = "  ".join(f"{tid}: {d['chunks']} / {d['bytes'] / 2**20:.1f}" for tid, d in sorted(s["targets"].items()))
-        tg += "".join(f"  [red]{tid}: FAILED ({why})[/]" for tid, why in sorted(s.get("failed", {}).items()))
+        failed += [f"{n}: target {tid} FAILED, out of service: {why}" for tid, why in sorted(s["failed"].items())]
         t.add_row(n, str(s["routing_version"]), str(s["reads"]), str(s["writes"]), str(s["corrupt"]),
-                  str(s["repaired"]), str(s["resyncs"]), f"{s['scrubbed_chunks']} ({s['scrub_passes']})", tg)
-    Console().print(t)
+                  str(s["repaired"]), str(s["resyncs"]), f"{s['scrubbed_chunks']} ({s['scrub_passes']} passes)", tg)
+    con = Console()
+    con.print(t)
+    for line in failed:
+        con.print(line, style="red", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

@@ -544,6 +544,13 @@ def test_a_full_disk_takes_its_target_out_and_writes_go_on(launch_cluster, tmp_p
             others = {t: s for d in _mgmtd_status(lc)["chains"].values() for t, s in d["members"]
                       if t in _targets_of(lc, "n3") and t != 301}
             assert others and set(others.values()) == {"serving"}, others  # only the failed disk is out
+            from typer.testing import CliRunner
+
+            from fs3.cli import app
+
+            res = CliRunner().invoke(app, ["stats", "--cluster", str(lc.cluster_file)])  # the table
+            assert res.exit_code == 0, res.output
+            assert "n3: target 301 FAILED, out of service: No space left on device (ENOSPC)" in res.output, res.output
             for k, b in data.items():
                 assert bytes(client.read(chain, k)) == b
     finally:
