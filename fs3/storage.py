@@ -869,7 +869,9 @@ class StorageServer:
         rate = self.cfg.scrub_rate_mb * 1e6
         buf = bytearray(HEADER_SIZE + self.cfg.chunk_size)
         began, nbytes, chunks, damaged = time.monotonic(), 0, 0, 0
-        for tid, store in sorted(self.stores.items()):
+        with self._stores_lock:
+            stores = sorted(self.stores.items())  # a routing change may add a store meanwhile
+        for tid, store in stores:
             for chain, chunk, m in store.list():
                 if tid in self.failed:
                     break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -13,7 +14,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from fs3.cli import app
 from fs3.client import ChunkClient, ReadIO, WriteIO
 from network import RpcClient, TrafficClass
 from network.topology import dump_cluster
@@ -49,6 +52,12 @@ def _mgmtd_status(lc) -> dict:
     addr, port = lc.cluster.endpoint("fs3.mgmtd")
     with RpcClient(addr, port, timeout=5, traffic_class=TrafficClass.STORAGE) as c:
         return c.call("mgmtd.status").result
+
+
+def _faults(lc, kind: str) -> list[dict]:
+    """The faults of one ``kind`` that mgmtd holds (newest first)."""
+    with RpcClient(*lc.cluster.endpoint("fs3.mgmtd"), timeout=5) as c:
+        return [f for f in c.call("mgmtd.faults", {"limit": 1000}).result if f["kind"] == kind]
 
 
 def _wait(pred, timeout: float, what: str):
@@ -287,31 +296,16 @@ def test_corrupt_chunk_is_never_returned_and_is_reported(fs3):
                 assert bytes(bufs[key][:len(want)]) == want
     assert client.stats["replica_failovers"] >= 1
     # the replicas reported the faults to mgmtd
-    addr, port = lc.cluster.endpoint("fs3.mgmtd")
-
-    def faults_all():
-        with RpcClient(addr, port, timeout=5) as c:
-            return c.call("mgmtd.faults", {"limit": 1000}).result
-
-    def faults():
-        return [f for f in faults_all() if f["kind"] == "ChunkCorrupt"]
-
-    fl = _wait(faults, 10, "fault reports")
+    fl = _wait(lambda: _faults(lc, "ChunkCorrupt"), 10, "fault reports")
     assert {f["node"] for f in fl} <= {"n1", "n2"}  # only the damaged replicas complain
     assert {f["chunk"] for f in fl} <= {f"{k:016x}" for _c, k in data}
     assert f"{k0:016x}" in {f["chunk"] for f in fl}
     # the damaged copies are repaired from a healthy replica (the first direct read above
     # found n1's copy of (c0, k0) damaged)
     _wait(lambda: _replica_read(lc, "n1", c0, k0) == data[(c0, k0)], 20, "n1's copy repaired")
-    _wait(lambda: any(f["kind"] == "ChunkRepaired" and f["node"] == "n1" for f in faults_all()), 10,
+    _wait(lambda: any(f["node"] == "n1" for f in _faults(lc, "ChunkRepaired")), 10,
           "the repair reported")
     # the admin CLI shows the same
-    import json
-
-    from typer.testing import CliRunner
-
-    from fs3.cli import app
-
     runner = CliRunner()
     res = runner.invoke(app, ["faults", "--cluster", str(lc.cluster_file), "--json"])
     assert res.exit_code == 0, res.output
@@ -345,12 +339,9 @@ def test_damage_found_by_the_client_end_to_end_is_reported_and_repaired(fs3):
     for key, view in zip(keys, got, strict=True):
         assert view.obj is bufs[key] and bytes(view) == data[key], key
     assert client.stats["replica_failovers"] >= 1
-    addr, port = lc.cluster.endpoint("fs3.mgmtd")
 
     def corrupt_reports():
-        with RpcClient(addr, port, timeout=5) as c:
-            return {(f["node"], f["chunk"]) for f in c.call("mgmtd.faults", {"limit": 1000}).result
-                    if f["kind"] == "ChunkCorrupt"}
+        return {(f["node"], f["chunk"]) for f in _faults(lc, "ChunkCorrupt")}
 
     # each node's share of the first reads met a damaged copy there (the client spreads a batch
     # over the nodes): both damaged nodes reported, the healthy one never did
@@ -378,18 +369,12 @@ def test_scrubbing_finds_repairs_and_reports_damage_no_read_met(fs3):
     (c0, k0), (c1, k1) = list(data)[:2]
     for node, c, k in (("n2", c0, k0), ("n3", c1, k1)):
         _flip(_chunk_files(lc, node, c, k), 777, 0x10)
-    addr, port = lc.cluster.endpoint("fs3.mgmtd")
-
-    def faults() -> list[dict]:
-        with RpcClient(addr, port, timeout=5) as c:
-            return c.call("mgmtd.faults", {"limit": 1000}).result
-
     want = {("n2", f"{k0:016x}"), ("n3", f"{k1:016x}")}
-    _wait(lambda: want <= {(f["node"], f["chunk"]) for f in faults() if f["kind"] == "ChunkCorrupt"}, 30,
+    _wait(lambda: want <= {(f["node"], f["chunk"]) for f in _faults(lc, "ChunkCorrupt")}, 30,
           "the scrubbers reporting both damaged copies")
     _wait(lambda: _replica_read(lc, "n2", c0, k0) == data[(c0, k0)]
           and _replica_read(lc, "n3", c1, k1) == data[(c1, k1)], 30, "both damaged copies repaired")
-    corrupt = [f for f in faults() if f["kind"] == "ChunkCorrupt"]
+    corrupt = _faults(lc, "ChunkCorrupt")
     assert {(f["node"], f["chunk"]) for f in corrupt} == want  # no intact copy was reported
     assert all(f["detail"].startswith("scrub: ") for f in corrupt)
     assert client.stats["replica_failovers"] == 0  # no read met the damage: the scrubbers found it
@@ -538,16 +523,10 @@ def test_a_full_disk_takes_its_target_out_and_writes_go_on(launch_cluster, tmp_p
             _wait(lambda: 301 in _mgmtd_status(lc)["offline_targets"], 20, "target 301 offline")
             failed = _direct(lc, "n3", "storage.stats", {}).result["failed"]
             assert list(failed) == ["301"] and "ENOSPC" in failed["301"], failed
-            with RpcClient(*lc.cluster.endpoint("fs3.mgmtd"), timeout=5) as c:
-                faults = c.call("mgmtd.faults", {"limit": 100}).result
-            assert [(f["node"], f["target"]) for f in faults if f["kind"] == "TargetFailed"] == [("n3", 301)]
+            assert [(f["node"], f["target"]) for f in _faults(lc, "TargetFailed")] == [("n3", 301)]
             others = {t: s for d in _mgmtd_status(lc)["chains"].values() for t, s in d["members"]
                       if t in _targets_of(lc, "n3") and t != 301}
             assert others and set(others.values()) == {"serving"}, others  # only the failed disk is out
-            from typer.testing import CliRunner
-
-            from fs3.cli import app
-
             res = CliRunner().invoke(app, ["stats", "--cluster", str(lc.cluster_file)])  # the table
             assert res.exit_code == 0, res.output
             assert "n3: target 301 FAILED, out of service: No space left on device (ENOSPC)" in res.output, res.output
