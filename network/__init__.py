@@ -3,7 +3,19 @@
 Imports nothing else of fireflyer; every other package moves bytes and reads the cluster through it.
 """
 
+from .auth import (
+    Authenticator,
+    Credential,
+    Principal,
+    client_credential,
+    cluster_key_path,
+    derive,
+    load_cluster_key,
+    new_cluster_key,
+    server_settings,
+)
 from .errors import (
+    AuthError,
     ClusterFileError,
     ConnectError,
     NetworkError,
@@ -20,6 +32,8 @@ from .topology import Cluster, Node, Service, dump_cluster, load_cluster
 from .transport import Connection, FileRegion, Listener, TrafficClass, connect, listen
 
 __all__ = [
+    "AuthError", "Authenticator", "Credential", "Principal", "client_credential", "cluster_key_path", "derive",
+    "load_cluster_key", "new_cluster_key", "server_settings",
     "CallContext", "Cluster", "ClusterFileError", "ConnectError", "Connection", "FileRegion", "Listener",
     "NetworkError", "Node", "NoSuchMethod", "PeerClosed", "ProtocolError", "RemoteError", "Reply", "RpcClient",
     "RpcError", "RpcPool", "RpcServer", "Service", "TrafficClass", "TransportError", "TransportTimeout",

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from .errors import NetworkError, PeerClosed, ProtocolError, TransportError
+from .errors import AuthError, PeerClosed, ProtocolError, TransportError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .topology import Cluster
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "AuthError", "Authenticator", "Credential", "Principal", "client_credential", "client_handshake",
-    "cluster_key_path", "derive", "load_cluster_key", "new_cluster_key", "server_handshake",
+    "cluster_key_path", "derive", "load_cluster_key", "new_cluster_key", "server_handshake", "server_settings",
     "HANDSHAKE_TIMEOUT", "CLUSTER_KEY_ID", "SERVICE", "CLIENT", "ANY",
 ]
 
@@ -70,10 +70,6 @@ KEY_BYTES = 32
 NONCE_BYTES = 32
 _HELLO_MAX = 1024  # bytes of any handshake frame: checked before it is buffered
 _ENV = "FIREFLYER_CREDENTIAL"
-
-
-class AuthError(NetworkError):
-    """A credential is missing, unreadable, expired or wrong, or a peer failed to authenticate."""
 
 
 # -- credentials -------------------------------------------------------------------------------
@@ -219,6 +215,18 @@ def load_cluster_key(cluster: Cluster) -> Credential:
     if cred.key_id != CLUSTER_KEY_ID:
         raise AuthError(f"{cluster_key_path(cluster)} holds a {cred.key_id!r} credential, not the cluster key")
     return cred
+
+
+def server_settings(cluster: Cluster) -> dict:
+    """Keyword arguments for an ``RpcServer`` of a service of ``cluster``: its authenticator (the
+    cluster key, ``[security] encrypt``) and the ``[security]`` limits that are set."""
+    sec = cluster.section("security")
+    out: dict = {"auth": Authenticator(load_cluster_key(cluster), encrypt=bool(sec.get("encrypt", False)),
+                                       timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)))}
+    for k in ("idle_timeout", "max_connections", "max_connections_per_host"):
+        if k in sec:
+            out[k] = sec[k]
+    return out
 
 
 def client_credential(cluster: Cluster | None = None) -> Credential:

@@ -7,6 +7,7 @@
         ├── TransportTimeout    a send or receive did not finish within the timeout
         ├── PeerClosed          the peer closed or died (possibly mid-message)
         ├── ProtocolError       bytes arrived that are not a valid frame
+        ├── AuthError           a credential is missing, expired or wrong, or a peer failed to authenticate
         └── RpcError            a request / response call failed
             ├── RemoteError     the server ran the request and raised
             └── NoSuchMethod    the server has no handler for the method
@@ -55,6 +56,14 @@ class PeerClosed(TransportError, ConnectionError):
 
 class ProtocolError(TransportError):
     """Bytes arrived that are not a valid frame (wrong magic, oversized header, short buffer)."""
+
+
+class AuthError(TransportError):
+    """A credential is missing, unreadable, expired or wrong, or a peer failed to authenticate.
+
+    Raised by :mod:`network.auth` (loading keys, the handshake); a server refusing a call for its
+    role is a :class:`RemoteError` of kind ``PermissionDenied``.
+    """
 
 
 class RpcError(TransportError):

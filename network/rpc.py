@@ -18,6 +18,13 @@ caller knows whether the request was idempotent).
 
 Every server answers ``rpc.ping`` (name, pid, uptime) and ``rpc.methods``, so a launcher can
 check health without knowing the service.
+
+Every connection is authenticated at connect (:mod:`network.auth`: a mutual HMAC handshake with
+the cluster key or a credential derived from it); a server refuses to start without a key. Each
+method names the roles that may call it (``register(..., roles=...)``, service-only by default)
+and the largest request payload it takes (``max_payload``, 64 KiB by default), both checked
+before a byte of the payload is read. Connections are bounded (in all and per peer host) and
+closed when idle; the defaults are in :class:`RpcServer` and docs/security.md.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -33,10 +41,33 @@ from typing import Any
 
 import msgpack
 
-from .errors import NoSuchMethod, PeerClosed, ProtocolError, RemoteError, RpcError, TransportError
+from .auth import (
+    ANY,
+    HANDSHAKE_TIMEOUT,
+    SERVICE,
+    Authenticator,
+    Credential,
+    Principal,
+    client_handshake,
+    server_handshake,
+)
+from .errors import AuthError, NoSuchMethod, PeerClosed, ProtocolError, RemoteError, RpcError, TransportError
 from .transport import Connection, Listener, TrafficClass, TransportTimeout, as_bytes, connect
 
-__all__ = ["RpcServer", "RpcClient", "RpcPool", "PendingCall", "Reply", "CallContext", "ping"]
+__all__ = ["RpcServer", "RpcClient", "RpcPool", "PendingCall", "Reply", "CallContext", "ping",
+           "DEFAULT_MAX_PAYLOAD", "DEFAULT_MAX_HEADER", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS",
+           "DEFAULT_MAX_CONNECTIONS_PER_HOST"]
+
+# Server limits (docs/security.md): a request header and a control method's payload are small;
+# bulk methods raise their own payload bound at registration.
+DEFAULT_MAX_HEADER = 256 << 10
+DEFAULT_MAX_PAYLOAD = 64 << 10
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_CONNECTIONS_PER_HOST = 256
+# A client's connection unused this long is checked (one poll) before reuse: the server may
+# have closed it as idle meanwhile.
+_STALE_CHECK_AFTER = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +95,20 @@ class CallContext:
     peer: str
     method: str
     server: RpcServer
+    principal: Principal | None = None
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return self.principal.roles if self.principal is not None else frozenset()
 
 
 @dataclass
 class _Method:
     fn: Handler
     payload_into: Callable[[dict, int], Any] | None
+    roles: frozenset[str]
+    max_payload: int
+    service_if: tuple[str, ...]
 
 
 def _pack(obj: Any) -> bytes:
@@ -89,23 +128,33 @@ class RpcServer:
     connection keeps handlers plain blocking code; concurrency across clients comes for free.
     """
 
-    def __init__(self, host: str, port: int = 0, *, name: str = "rpc",
-                 traffic_class: TrafficClass = TrafficClass.OTHER, io_timeout: float | None = 300.0,
-                 idle_timeout: float | None = None) -> None:
+    def __init__(self, host: str, port: int = 0, *, auth: Authenticator | Credential | None = None,
+                 name: str = "rpc", traffic_class: TrafficClass = TrafficClass.OTHER,
+                 io_timeout: float | None = 300.0, idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_connections_per_host: int = DEFAULT_MAX_CONNECTIONS_PER_HOST,
+                 max_header: int = DEFAULT_MAX_HEADER) -> None:
+        # no key, no server: checked before the port is taken
+        self.auth = Authenticator.of(auth)
         self.name = name
         self._listener = Listener(host, port, traffic_class=traffic_class, timeout=0.2)
         self.host, self.port = self._listener.address
         self.io_timeout = io_timeout
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_host = max_connections_per_host
+        self.max_header = max_header
         self._methods: dict[str, _Method] = {}
         self._stopping = threading.Event()
         self._threads: set[threading.Thread] = set()
         self._conns: set[Connection] = set()
+        self._per_host: dict[str, int] = {}
+        self.refused = {"connections": 0, "handshakes": 0, "calls": 0, "oversized": 0}
         self._lock = threading.Lock()
         self._accept_thread: threading.Thread | None = None
         self.started_at = time.time()
-        self.register("rpc.ping", self._ping)
-        self.register("rpc.methods", lambda a, p, c: sorted(self._methods))
+        self.register("rpc.ping", self._ping, roles=ANY)
+        self.register("rpc.methods", lambda a, p, c: sorted(self._methods), roles=ANY)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -114,18 +163,33 @@ class RpcServer:
     def _ping(self, args: dict, payload: memoryview, ctx: CallContext) -> dict:
         return {"name": self.name, "pid": os.getpid(), "uptime": time.time() - self.started_at}
 
-    def register(self, method: str, fn: Handler, *, payload_into: Callable[[dict, int], Any] | None = None) -> None:
-        """Register ``fn`` for ``method`` (replacing any earlier one)."""
-        self._methods[method] = _Method(fn, payload_into)
+    def register(self, method: str, fn: Handler, *, payload_into: Callable[[dict, int], Any] | None = None,
+                 roles: tuple[str, ...] | frozenset[str] = (SERVICE,), max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 service_if: tuple[str, ...] = ()) -> None:
+        """Register ``fn`` for ``method`` (replacing any earlier one).
 
-    def method(self, name: str, *, payload_into: Callable[[dict, int], Any] | None = None):
+        ``roles``: who may call it (default: services only; ``network.auth.ANY`` for every
+        authenticated peer). ``service_if``: argument names that, when true in a call, make
+        that call service-only (a client may write to a chain's head, only a service forwards).
+        ``max_payload``: the largest request payload accepted; a larger one is refused before
+        anything is allocated and the connection closed.
+        """
+        self._methods[method] = _Method(fn, payload_into, frozenset(roles), int(max_payload), tuple(service_if))
+
+    def method(self, name: str, *, payload_into: Callable[[dict, int], Any] | None = None, **kw):
         """Decorator form of :meth:`register`."""
 
         def deco(fn: Handler) -> Handler:
-            self.register(name, fn, payload_into=payload_into)
+            self.register(name, fn, payload_into=payload_into, **kw)
             return fn
 
         return deco
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (authenticated or still in the handshake)."""
+        with self._lock:
+            return len(self._conns)
 
     def start(self) -> RpcServer:
         """Start accepting in a background thread; returns self."""
@@ -165,21 +229,43 @@ class RpcServer:
                     return
                 time.sleep(0.05)
                 continue
-            conn.timeout = self.io_timeout
-            t = threading.Thread(target=self._serve, args=(conn,), name=f"{self.name}-{conn.peer}", daemon=True)
+            host = conn.peer.rsplit(":", 1)[0]
             with self._lock:
-                self._conns.add(conn)
-                self._threads.add(t)
+                full = (len(self._conns) >= self.max_connections
+                        or self._per_host.get(host, 0) >= self.max_connections_per_host)
+                if not full:
+                    t = threading.Thread(target=self._serve, args=(conn, host), name=f"{self.name}-{conn.peer}",
+                                         daemon=True)
+                    self._conns.add(conn)
+                    self._threads.add(t)
+                    self._per_host[host] = self._per_host.get(host, 0) + 1
+            if full:
+                # [Note: refuse at once] no thread, no buffer, no handshake: the excess connection
+                # is closed as soon as it is accepted (the peer sees the close on its first call).
+                self.refused["connections"] += 1
+                log.warning("%s: refused a connection from %s (open: %d, limit %d in all, %d per host)",
+                            self.name, conn.peer, len(self._conns), self.max_connections,
+                            self.max_connections_per_host)
+                conn.close()
+                continue
             t.start()
 
-    def _serve(self, conn: Connection) -> None:
+    def _serve(self, conn: Connection, host: str) -> None:
+        first = conn
         try:
+            try:
+                conn, principal = server_handshake(conn, self.auth)
+            except (AuthError, TransportError) as exc:
+                self.refused["handshakes"] += 1
+                log.info("%s: %s failed to authenticate: %s", self.name, conn.peer, exc)
+                return
+            conn.timeout = self.io_timeout
             while not self._stopping.is_set():
                 try:
-                    header, plen = conn.recv_header(timeout=self.idle_timeout)
+                    header, plen = conn.recv_header(timeout=self.idle_timeout, max_header=self.max_header)
                 except (PeerClosed, TransportTimeout):
-                    return
-                self._handle(conn, header, plen)
+                    return  # gone, or idle for idle_timeout: closed
+                self._handle(conn, header, plen, principal)
         except TransportError as exc:
             if not self._stopping.is_set():
                 log.debug("%s: connection %s ended: %s", self.name, conn.peer, exc)
@@ -187,22 +273,51 @@ class RpcServer:
             log.exception("%s: connection %s failed", self.name, conn.peer)
         finally:
             conn.close()
+            first.close()
             with self._lock:
-                self._conns.discard(conn)
+                self._conns.discard(first)
                 self._threads.discard(threading.current_thread())
+                left = self._per_host.get(host, 1) - 1
+                if left > 0:
+                    self._per_host[host] = left
+                else:
+                    self._per_host.pop(host, None)
 
-    def _handle(self, conn: Connection, header: bytes, plen: int) -> None:
+    def _handle(self, conn: Connection, header: bytes, plen: int, principal: Principal) -> None:
         try:
             req = _unpack(header)
             method, call_id, args = req["m"], req["i"], req.get("a") or {}
+            if not isinstance(args, dict):
+                raise ValueError(f"arguments must be a map, got {type(args).__name__}")
         except Exception as exc:
-            conn.skip_payload(plen)
             raise ProtocolError(f"{self.name}: malformed request header from {conn.peer}: {exc}") from exc
         entry = self._methods.get(method)
         payload: Any = memoryview(b"")
+        limit = entry.max_payload if entry is not None else DEFAULT_MAX_PAYLOAD
+        if plen > limit:
+            # checked before anything is allocated; the rest of the frame is not read, so the
+            # connection cannot be kept: answer, then close
+            self.refused["oversized"] += 1
+            self._send_error(conn, call_id, "PayloadTooLarge",
+                             f"{self.name} {method}: request payload of {plen} bytes exceeds the method's "
+                             f"{limit}-byte limit; closing the connection")
+            raise ProtocolError(f"{self.name}: {conn.peer} sent a {plen}-byte payload to {method} "
+                                f"(limit {limit})", conn.peer)
         if entry is None:
             conn.skip_payload(plen)
             self._send_error(conn, call_id, "NoSuchMethod", f"{self.name} has no method {method!r}")
+            return
+        need = entry.roles
+        if entry.service_if and any(args.get(a) for a in entry.service_if):
+            need = need & {SERVICE}
+        if not (need & principal.roles):
+            conn.skip_payload(plen)
+            self.refused["calls"] += 1
+            what = f"{method} with {'/'.join(a for a in entry.service_if if args.get(a))}" \
+                if need != entry.roles else method
+            self._send_error(conn, call_id, "PermissionDenied",
+                             f"{self.name}: {principal.key_id!r} (roles {', '.join(sorted(principal.roles))}) "
+                             f"may not call {what} (allowed: {', '.join(sorted(need)) or 'nobody'})")
             return
         if plen:
             buf = entry.payload_into(args, plen) if entry.payload_into else None
@@ -210,7 +325,7 @@ class RpcServer:
                 buf = bytearray(plen)
             conn.recv_payload_into(buf, plen)
             payload = memoryview(buf).cast("B")[:plen] if not isinstance(buf, memoryview) else buf[:plen]
-        ctx = CallContext(conn.peer, method, self)
+        ctx = CallContext(conn.peer, method, self, principal)
         try:
             out = entry.fn(args, payload, ctx)
         except Exception as exc:
@@ -258,14 +373,18 @@ class PendingCall:
 class RpcClient:
     """A client for one server. Thread-safe: calls on one client are serialised."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 30.0, connect_timeout: float = 10.0,
-                 traffic_class: TrafficClass = TrafficClass.OTHER, source: str | None = None) -> None:
+    def __init__(self, host: str, port: int, *, credential: Credential | None = None, timeout: float = 30.0,
+                 connect_timeout: float = 10.0, traffic_class: TrafficClass = TrafficClass.OTHER,
+                 source: str | None = None, encrypt: bool = False) -> None:
         self.host, self.port = host, port
+        self.credential = credential
+        self.encrypt = encrypt
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.traffic_class = traffic_class
         self.source = source
         self._conn: Connection | None = None
+        self._used = 0.0
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -274,9 +393,20 @@ class RpcClient:
         return f"{self.host}:{self.port}"
 
     def _connection(self) -> Connection:
+        now = time.monotonic()
+        if self._conn is not None and not self._conn.closed and now - self._used > _STALE_CHECK_AFTER \
+                and _stale(self._conn):
+            self._conn.close()  # the server closed it (idle) meanwhile: reconnect instead of failing
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.host, self.port, timeout=self.connect_timeout,
-                                 traffic_class=self.traffic_class, source=self.source, io_timeout=self.timeout)
+            if self.credential is None:
+                raise AuthError(f"RpcClient to {self.address}: no credential; pass credential= "
+                                "(network.auth.client_credential(cluster), or the cluster key for a service)",
+                                self.address)
+            conn = connect(self.host, self.port, timeout=self.connect_timeout,
+                           traffic_class=self.traffic_class, source=self.source, io_timeout=self.timeout)
+            self._conn = client_handshake(conn, self.credential, encrypt=self.encrypt,
+                                          timeout=max(HANDSHAKE_TIMEOUT, self.connect_timeout))
+        self._used = now
         return self._conn
 
     def call(self, method: str, args: dict | None = None, payload=(), *, timeout: float | None = None,
@@ -412,6 +542,16 @@ class RpcPool:
             self._free.clear()
 
 
+def _stale(conn: Connection) -> bool:
+    """True when an idle client connection is readable: the server closed it (or broke protocol)."""
+    try:
+        p = select.poll()
+        p.register(conn.fileno(), select.POLLIN)
+        return bool(p.poll(0)) or conn.buffered > 0
+    except (OSError, ValueError):
+        return True
+
+
 def _filled(bufs, nbytes: int) -> list[memoryview]:
     """The views of ``bufs`` that a scatter receive of ``nbytes`` filled, in order."""
     out = []
@@ -422,7 +562,7 @@ def _filled(bufs, nbytes: int) -> list[memoryview]:
     return out
 
 
-def ping(host: str, port: int, timeout: float = 2.0) -> dict:
-    """Call ``rpc.ping`` once on a fresh connection (a health check)."""
-    with RpcClient(host, port, timeout=timeout, connect_timeout=timeout) as c:
+def ping(host: str, port: int, timeout: float = 2.0, *, credential: Credential | None = None) -> dict:
+    """Call ``rpc.ping`` once on a fresh connection (a health check; authenticated like any call)."""
+    with RpcClient(host, port, credential=credential, timeout=timeout, connect_timeout=timeout) as c:
         return c.call("rpc.ping").result

@@ -49,7 +49,9 @@ from .errors import ClusterFileError
 __all__ = ["Cluster", "Node", "Leaf", "Zone", "Service", "load_cluster", "dump_cluster", "PACKAGE_SECTIONS"]
 
 #: Top-level tables that belong to packages; the topology keeps them as plain dicts.
-PACKAGE_SECTIONS = ("network", "hfreduce", "haiscale", "fs3", "haiplatform", "deploy")
+PACKAGE_SECTIONS = ("network", "hfreduce", "haiscale", "fs3", "haiplatform", "deploy", "security")
+SECURITY_KEYS = ("key_file", "encrypt", "idle_timeout", "handshake_timeout", "max_connections",
+                 "max_connections_per_host")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -266,11 +268,24 @@ class Cluster:
         for sec in PACKAGE_SECTIONS:
             if sec in data:
                 self.sections[sec] = self._table(data, sec)
+        if "security" in self.sections:
+            self._security(self.sections["security"])
 
         # derived indexes
         self._order = sorted(self.nodes.values(),
                              key=lambda n: (self.zones[n.zone].index, self.leaves[n.leaf].index, n.index))
         self._by_address = {n.address: n for n in self.nodes.values()}
+
+    def _security(self, sec: dict) -> None:
+        """``[security]``: the cluster key file and the RPC servers' limits (docs/security.md)."""
+        self._unknown(sec, "security", SECURITY_KEYS)
+        self._field(sec, "security", "key_file", str, required=False, check=bool, expect="a file path")
+        self._field(sec, "security", "encrypt", bool, required=False)
+        for k in ("idle_timeout", "handshake_timeout"):
+            self._field(sec, "security", k, float, required=False, check=lambda v: v > 0,
+                        expect="a number of seconds > 0")
+        for k in ("max_connections", "max_connections_per_host"):
+            self._field(sec, "security", k, int, required=False, check=lambda v: v > 0, expect="an integer > 0")
 
     # -- queries -------------------------------------------------------------------------------
     def node(self, name: str) -> Node:

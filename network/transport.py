@@ -397,10 +397,13 @@ class Connection:
             self._rstart = self._rend = 0
         return out
 
-    def recv_header(self, timeout: float | None | type(...) = ...) -> tuple[bytes, int]:
+    def recv_header(self, timeout: float | None | type(...) = ..., max_header: int = MAX_HEADER
+                    ) -> tuple[bytes, int]:
         """Receive the next frame's header; returns ``(header, payload_len)``.
 
-        The payload must then be consumed with :meth:`recv_payload_into` (or :meth:`skip_payload`).
+        A header longer than ``max_header`` is refused (:class:`ProtocolError`) from the frame's
+        prefix, before any of it is buffered. The payload must then be consumed with
+        :meth:`recv_payload_into` (or :meth:`skip_payload`).
         """
         dl = _Deadline(self.timeout if timeout is ... else timeout)
         try:
@@ -409,12 +412,17 @@ class Connection:
             if magic != MAGIC:
                 raise ProtocolError(f"receive from {self.peer}: bad frame magic {magic:#x} "
                                     "(not a fireflyer transport peer?)", self.peer)
-            if hlen > MAX_HEADER:
-                raise ProtocolError(f"receive from {self.peer}: header length {hlen} exceeds {MAX_HEADER}",
-                                    self.peer)
+            if hlen > min(max_header, MAX_HEADER):
+                raise ProtocolError(f"receive from {self.peer}: header length {hlen} exceeds the "
+                                    f"{min(max_header, MAX_HEADER)}-byte limit", self.peer)
             self._fill(PREFIX_SIZE + hlen, dl, "receive from")
             self._rstart += PREFIX_SIZE
             header = self._take(hlen)
+            if len(self._rbuf) > _RBUF_SIZE and self._rstart == self._rend:
+                # [Note: the read-ahead buffer shrinks back] a large header grew it; a connection
+                # must not keep that memory for the rest of its life.
+                self._rbuf = bytearray(_RBUF_SIZE)
+                self._rview = memoryview(self._rbuf)
             return header, plen
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):

@@ -20,20 +20,26 @@ from network import (
     RpcPool,
     RpcServer,
     TransportError,
+    new_cluster_key,
     ping,
 )
+
+# every server needs the cluster key and every client a credential (network.auth); the tests of
+# authentication itself are in test_network_auth.py
+KEY = new_cluster_key()
+BIG = 64 << 20  # the payload bound of the test methods that carry bulk data
 
 
 @pytest.fixture
 def server():
-    srv = RpcServer("127.0.0.3", 0, name="test")
+    srv = RpcServer("127.0.0.3", 0, auth=KEY, name="test")
     store: dict[str, bytes] = {}
 
-    @srv.method("echo")
+    @srv.method("echo", max_payload=BIG)
     def echo(args, payload, ctx):
         return Reply({"args": args, "n": payload.nbytes, "peer": ctx.peer}, [payload])
 
-    @srv.method("put")
+    @srv.method("put", max_payload=BIG)
     def put(args, payload, ctx):
         store[args["key"]] = bytes(payload)
         return {"crc": zlib.crc32(payload)}
@@ -55,7 +61,7 @@ def server():
 
 
 def test_call_with_payload_roundtrip(server):
-    with RpcClient(*server.address, source="127.0.0.2") as c:
+    with RpcClient(*server.address, credential=KEY, source="127.0.0.2") as c:
         data = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8)
         r = c.call("echo", {"x": [1, 2, {"y": "z"}]}, data)
         assert r.result["args"] == {"x": [1, 2, {"y": "z"}]}
@@ -69,7 +75,7 @@ def test_call_with_payload_roundtrip(server):
 
 
 def test_remote_error_and_no_such_method(server):
-    with RpcClient(*server.address) as c:
+    with RpcClient(*server.address, credential=KEY) as c:
         with pytest.raises(RemoteError, match="KeyError") as ei:
             c.call("get", {"key": "missing"})
         assert ei.value.kind == "KeyError"
@@ -81,9 +87,9 @@ def test_remote_error_and_no_such_method(server):
 
 
 def test_builtin_ping_and_methods(server):
-    info = ping(*server.address)
+    info = ping(*server.address, credential=KEY)
     assert info["name"] == "test" and info["pid"] > 0
-    with RpcClient(*server.address) as c:
+    with RpcClient(*server.address, credential=KEY) as c:
         assert {"echo", "put", "get", "rpc.ping"} <= set(c.call("rpc.methods").result)
 
 
@@ -92,7 +98,7 @@ def test_concurrent_clients(server):
 
     def worker(i):
         try:
-            with RpcClient(*server.address) as c:
+            with RpcClient(*server.address, credential=KEY) as c:
                 for j in range(50):
                     payload = bytes([i]) * (j * 100)
                     r = c.call("echo", {"i": i, "j": j}, payload)
@@ -109,7 +115,7 @@ def test_concurrent_clients(server):
 
 
 def test_pool_bounds_concurrency(server):
-    pool = RpcPool(*server.address, size=2, timeout=10)
+    pool = RpcPool(*server.address, credential=KEY, size=2, timeout=10)
     results = []
     threads = [threading.Thread(target=lambda: results.append(pool.call("slow", {"s": 0.1}).result)) for _ in range(6)]
     for t in threads:
@@ -122,7 +128,7 @@ def test_pool_bounds_concurrency(server):
 
 
 def test_call_timeout_then_reconnect(server):
-    with RpcClient(*server.address, timeout=0.3) as c:
+    with RpcClient(*server.address, credential=KEY, timeout=0.3) as c:
         with pytest.raises(TransportError, match="timed out"):
             c.call("slow", {"s": 1.0})
         # the broken connection was dropped; a new call reconnects
@@ -130,8 +136,8 @@ def test_call_timeout_then_reconnect(server):
 
 
 def test_server_gone_gives_error_not_hang():
-    srv = RpcServer("127.0.0.3", 0).start()
-    c = RpcClient(*srv.address, timeout=5, connect_timeout=0.5)
+    srv = RpcServer("127.0.0.3", 0, auth=KEY).start()
+    c = RpcClient(*srv.address, credential=KEY, timeout=5, connect_timeout=0.5)
     assert c.call("rpc.ping").result["name"] == "rpc"
     srv.stop()
     t0 = time.monotonic()
@@ -142,13 +148,13 @@ def test_server_gone_gives_error_not_hang():
 
 
 def test_payload_into_hook():
-    srv = RpcServer("127.0.0.3", 0)
+    srv = RpcServer("127.0.0.3", 0, auth=KEY)
     target = bytearray(1 << 20)
     srv.register("write", lambda a, p, c: {"same": p.obj is target, "n": p.nbytes},
-                 payload_into=lambda args, n: memoryview(target)[:n])
+                 payload_into=lambda args, n: memoryview(target)[:n], max_payload=BIG)
     srv.start()
     try:
-        with RpcClient(*srv.address) as c:
+        with RpcClient(*srv.address, credential=KEY) as c:
             r = c.call("write", {}, b"q" * 1000)
         assert r.result == {"same": True, "n": 1000}
         assert target[:1000] == b"q" * 1000
@@ -158,7 +164,7 @@ def test_payload_into_hook():
 
 def test_reply_into_a_list_or_chosen_by_the_result(server):
     parts = [b"a" * 10, b"b" * (1 << 20), b"c" * 3]
-    with RpcClient(*server.address) as c:
+    with RpcClient(*server.address, credential=KEY) as c:
         # a list of buffers filled in order (a scatter receive); the payload is the filled views
         bufs = [bytearray(10), bytearray(1 << 20), bytearray(8)]
         r = c.call("echo", {}, parts, into=bufs)
@@ -192,11 +198,11 @@ def test_reply_with_file_regions_runs_done_after_sending(tmp_path):
         return Reply({"n": args["n"]}, [b"<", FileRegion(fd, args["off"], args["n"]), b">"],
                      done=lambda: closed.append(os.close(fd)))
 
-    srv = RpcServer("127.0.0.3", 0)
+    srv = RpcServer("127.0.0.3", 0, auth=KEY)
     srv.register("read", read)
     srv.start()
     try:
-        with RpcClient(*srv.address) as c:
+        with RpcClient(*srv.address, credential=KEY) as c:
             r = c.call("read", {"off": 1000, "n": 1 << 20})
             assert bytes(r.payload) == b"<" + path.read_bytes()[1000:1000 + (1 << 20)] + b">"
             assert len(closed) == 1
@@ -214,7 +220,7 @@ def test_reply_with_file_regions_runs_done_after_sending(tmp_path):
 
 
 def test_split_phase_call_overlaps_caller_work(server):
-    with RpcClient(*server.address) as c:
+    with RpcClient(*server.address, credential=KEY) as c:
         pending = c.begin("slow", {"s": 0.3})
         t0 = time.monotonic()
         local = sum(range(1000))  # the caller works while the server does
@@ -230,7 +236,7 @@ def test_split_phase_call_overlaps_caller_work(server):
 
 
 def test_pool_split_phase_returns_connection_at_wait(server):
-    pool = RpcPool(*server.address, size=1, timeout=2)
+    pool = RpcPool(*server.address, credential=KEY, size=1, timeout=2)
     p = pool.begin("slow", {"s": 0.05})
     # the only connection is busy until wait(): another begin times out with a clear error
     with pytest.raises(RpcError, match="no free connection"):
