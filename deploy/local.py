@@ -8,7 +8,13 @@ so the services of a "multi-node" cluster talk real TCP to one another. The laun
 2. starts the services in registry order (:mod:`deploy.services`), each as
    ``python -m MODULE --cluster RUN_DIR/cluster.toml --node NODE`` with its output in
    ``RUN_DIR/logs/MODULE@NODE.log``, and waits for each to pass its health check;
-3. stops everything on :meth:`LocalCluster.down`, on exit, on Ctrl-C and on SIGTERM: SIGTERM to
+3. supervises them: a service that crashes (nonzero exit, killed by a signal) is started again
+   after a back-off, and left "failed" after too many crashes (:mod:`deploy.restart`, as systemd's
+   ``Restart=on-failure``); a service stopped on purpose (:meth:`LocalCluster.kill`, ``stop``,
+   ``down``) is not. A monitor thread does it for a cluster run from Python; the detached
+   supervisor of ``hai cluster up`` does it in its main loop and also serves
+   ``hai cluster restart`` requests (:func:`cluster_restart`);
+4. stops everything on :meth:`LocalCluster.down`, on exit, on Ctrl-C and on SIGTERM: SIGTERM to
    each service's process group, SIGKILL after a grace period.
 
 [Note: no orphans] Three layers make sure nothing outlives the launcher: ``down()`` (normal
@@ -16,12 +22,14 @@ path, also run by the context manager, ``atexit`` and the signal handlers of the
 in its own process group so its descendants are killed with it, and ``PR_SET_PDEATHSIG`` so a
 child gets SIGTERM even when the launcher itself is killed with SIGKILL. The death signal fires
 when the *thread* that started the child exits, so start clusters from a long-lived thread (the
-main thread, as pytest fixtures and the CLI do).
+main thread, as pytest fixtures and the CLI do). A service the monitor thread restarted is tied to
+that thread, which lives until ``down()``.
 
 Command line (also ``hai cluster up|down|status``)::
 
     python -m deploy.local up --cluster deploy/clusters/local.toml      # starts, returns
-    python -m deploy.local status --cluster deploy/clusters/local.toml
+    python -m deploy.local status --cluster deploy/clusters/local.toml    # exit 0 up, 4 degraded, 3 down
+    python -m deploy.local restart fs3.storage --node n2 --cluster deploy/clusters/local.toml
     python -m deploy.local down --cluster deploy/clusters/local.toml
 """
 
@@ -39,24 +47,34 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from network import load_cluster
+from network import AuthError, Credential, client_credential, load_cluster, load_cluster_key, new_cluster_key
+from network.auth import cluster_key_path
 from network.rpc import ping
 from network.topology import Cluster, dump_cluster
 
+from .restart import History, RestartPolicy, decide, policy_from_options
 from .services import kind_of
 
-__all__ = ["LocalCluster", "LauncherError", "ServiceFailed", "ProcInfo", "check_health", "default_run_dir", "health_of",
-           "pid_alive"]
+__all__ = ["LocalCluster", "LauncherError", "ServiceFailed", "ProcInfo", "RestartPolicy", "check_health",
+           "cluster_restart", "default_run_dir", "health_of", "pid_alive", "status_exit_code"]
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_TICK = 0.2  # seconds between two supervision steps
+# Signals after which kill() leaves the service running (so it stays supervised).
+_NOT_FATAL = (signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP)
+# `hai cluster status` exit codes besides 0 (up) and 1 (error); 3 is LSB's "not running".
+EXIT_DOWN = 3
+EXIT_DEGRADED = 4
 
 
 class LauncherError(Exception):
@@ -75,8 +93,14 @@ class ProcInfo:
     port: int
     pid: int | None
     log: str
-    state: str = "starting"  # starting | healthy | unhealthy | exited(rc) | stopped
+    # starting | healthy | unhealthy | restarting (crashed, back-off) | failed (start limit) | exited(rc) | stopped
+    state: str = "starting"
     returncode: int | None = None
+    restarts: int = 0  # automatic restarts after crashes (systemd's NRestarts)
+    last_exit: int | None = None  # status of the last exit nobody asked for (negative: killed by that signal)
+    last_exit_at: float | None = None  # its time (epoch seconds)
+    next_start_at: float | None = None  # restarting: when the back-off ends (epoch seconds)
+    reason: str = ""  # failed: why
 
     @property
     def key(self) -> str:
@@ -121,6 +145,22 @@ def _pick_port(addresses: list[str], taken: set[int], rng: random.Random) -> int
     raise LauncherError("no free port found in 20000-32000 on " + ", ".join(addresses))
 
 
+def _job_reachable(run_dir: Path) -> None:
+    """Make the run directory passable (0711) for jobs, which run as other accounts when the launcher
+    is root and must reach RUN_DIR/cluster.toml and their control directories; warn when a parent
+    directory stops them (e.g. a 0700 temporary directory)."""
+    if os.stat(run_dir).st_uid == os.geteuid():
+        os.chmod(run_dir, 0o711)
+    if os.geteuid() != 0:
+        return
+    for parent in run_dir.resolve().parents:
+        if not os.stat(parent).st_mode & 0o001:
+            log.warning("jobs run as their users' accounts cannot reach the run dir %s: %s is mode %o (they need "
+                        "o+x on every parent); use a run dir under a passable directory", run_dir, parent,
+                        os.stat(parent).st_mode & 0o7777)
+            return
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -129,11 +169,16 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text[-lines:]) or "(empty log)"
 
 
-def check_health(how: str, addr: str, port: int) -> bool:
-    """One health check of a service endpoint (see deploy.services for the kinds)."""
+def check_health(how: str, addr: str, port: int, credential: Credential | None = None) -> bool:
+    """One health check of a service endpoint (see deploy.services for the kinds).
+
+    ``rpc`` pings with ``credential`` (an authenticated call); without one (a user who cannot
+    read the cluster key asks for the status) it checks that the port accepts connections."""
     try:
-        if how == "rpc":
-            ping(addr, port, timeout=1.0)
+        if how == "rpc" and credential is None:
+            socket.create_connection((addr, port), timeout=1.0).close()
+        elif how == "rpc":
+            ping(addr, port, timeout=1.0, credential=credential)
         elif how.startswith("http:"):
             with urllib.request.urlopen(f"http://{addr}:{port}{how[5:]}", timeout=1.0) as r:
                 return 200 <= r.status < 300
@@ -161,7 +206,11 @@ class LocalCluster:
 
     def __init__(self, cluster_file: str | os.PathLike, run_dir: str | os.PathLike | None = None, *,
                  ports: str = "file", services: Iterable[str] | None = None, env: dict | None = None,
-                 health_timeout: float = 30.0, stop_timeout: float = 10.0) -> None:
+                 health_timeout: float = 30.0, stop_timeout: float = 10.0,
+                 restart: bool | RestartPolicy = True, monitor: bool = True) -> None:
+        """``restart``: the policy for crashed services (True: the default :class:`RestartPolicy`,
+        False: never restart), which a ``[[service]]`` entry may override (:mod:`deploy.restart`);
+        ``monitor``: run a thread that carries it out (``supervise()`` runs :meth:`tick` itself)."""
         if ports not in ("file", "auto"):
             raise LauncherError(f"ports must be 'file' or 'auto', not {ports!r}")
         self.source = load_cluster(cluster_file)
@@ -177,9 +226,32 @@ class LocalCluster:
         self.stop_timeout = stop_timeout
         self.cluster: Cluster | None = None
         self.cluster_file: Path | None = None
+        self.credential: Credential | None = None  # the cluster key (made by _resolve)
         self.procs: dict[str, subprocess.Popen] = {}
         self.info: dict[str, ProcInfo] = {}
         self._atexit = False
+        if isinstance(restart, bool):
+            restart = RestartPolicy() if restart else RestartPolicy(restart="no")
+        self.restart_policy = restart
+        self.policies: dict[str, RestartPolicy] = {}
+        for s in self.source.services:
+            try:
+                self.policies[s.module] = policy_from_options(s.options, restart, f"{cluster_file}: service {s.module}")
+            except ValueError as exc:
+                raise LauncherError(str(exc)) from None
+        self.monitor = monitor
+        # Supervision state, guarded by _lock (the monitor thread and the caller's thread share it).
+        self._lock = threading.RLock()
+        self._held: set[str] = set()  # stopped on purpose (kill, stop, down): not restarted until start()
+        self._busy: set[str] = set()  # a caller's start() waits for this one's health: it reports the exit
+        self._reaped: set[str] = set()  # whose current process's exit has been dealt with
+        self._history: dict[str, History] = {}
+        self._started_at: dict[str, float] = {}  # monotonic
+        self._due: dict[str, float] = {}  # restarting: start again at this monotonic time
+        self._starting: dict[str, float] = {}  # restarted: healthy by this monotonic time, else killed
+        self._stopping = False
+        self._monitor_stop = threading.Event()
+        self._monitor_thread: threading.Thread | None = None
 
     # -- resolution ------------------------------------------------------------------------------
     def _resolve(self) -> Cluster:
@@ -193,11 +265,32 @@ class LocalCluster:
                 sv["port"] = _pick_port(addrs, taken, rng)
                 taken.add(sv["port"])
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "logs").mkdir(exist_ok=True)
+        _job_reachable(self.run_dir)
+        for private in ("logs", "data"):  # the services' logs and fs3's data: theirs only
+            (self.run_dir / private).mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.run_dir / private, 0o700)
+        sec = raw.setdefault("security", {})
+        if sec.get("key_file"):  # the source names its key: keep it, as an absolute path
+            sec["key_file"] = str(cluster_key_path(self.source))
+        else:
+            # [Note: a key per run directory] made once, kept across restarts of the cluster (a
+            # client that holds it keeps working); mode 0600 in a 0700 directory
+            secrets_dir = self.run_dir / "secrets"
+            secrets_dir.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(secrets_dir, 0o700)
+            if not (secrets_dir / "cluster.key").exists():
+                new_cluster_key().save(secrets_dir / "cluster.key")
+            sec["key_file"] = "secrets/cluster.key"
         path = self.run_dir / "cluster.toml"
         path.write_text(f"# resolved by deploy.local from {self.source.source}\n" + dump_cluster(raw))
+        os.chmod(path, 0o644)  # every job reads it (HAI_CLUSTER_FILE); it holds no secret
         self.cluster_file = path
-        return load_cluster(path)
+        cluster = load_cluster(path)
+        try:
+            self.credential = load_cluster_key(cluster)
+        except AuthError as exc:
+            raise LauncherError(str(exc)) from None
+        return cluster
 
     def instances(self) -> list[tuple[str, str]]:
         """(module, node) pairs to run, in start order."""
@@ -217,6 +310,10 @@ class LocalCluster:
         if self.procs:
             raise LauncherError("cluster is already up")
         self.cluster = self._resolve()
+        with self._lock:
+            self._stopping = False
+            for d in (self._held, self._busy, self._reaped, self._history, self._due, self._starting):
+                d.clear()
         if not self._atexit:
             atexit.register(self.down)
             self._atexit = True
@@ -227,13 +324,39 @@ class LocalCluster:
             self.down()
             raise
         self._write_state("up")
+        if self.monitor:
+            self._monitor_stop.clear()
+            self._monitor_thread = threading.Thread(target=self._monitor_loop, daemon=True,
+                                                    name=f"deploy.local monitor {self.source.name}")
+            self._monitor_thread.start()
         return self
 
     def start(self, module: str, node: str, wait: bool = True, *, cluster_file: str | os.PathLike | None = None
               ) -> ProcInfo:
         """Start (or restart) one service instance; ``cluster_file`` gives it another description
         than the cluster's (the same nodes and services: say, one that reaches a peer through a
-        relay a test can cut)."""
+        relay a test can cut). The instance is supervised again (a :meth:`kill` hold ends); one that
+        fails to start raises ServiceFailed and is left alone (the caller has the error)."""
+        key = f"{module}@{node}"
+        with self._lock:
+            info = self._spawn(module, node, cluster_file)
+            if wait:
+                self._busy.add(key)
+        if not wait:
+            return info
+        try:
+            self.wait_healthy(key)
+        except BaseException:
+            with self._lock:
+                self._held.add(key)
+            raise
+        finally:
+            with self._lock:
+                self._busy.discard(key)
+        return info
+
+    def _spawn(self, module: str, node: str, cluster_file: str | os.PathLike | None = None) -> ProcInfo:
+        """Start the process of one instance (the caller holds ``_lock``); its counters carry over."""
         assert self.cluster is not None and self.cluster_file is not None, "call up() first"
         kind = kind_of(module)
         svc = self.cluster.service(module)
@@ -257,9 +380,15 @@ class LocalCluster:
         self.procs[key] = proc
         addr = self.cluster.node(node).address
         info = ProcInfo(module, node, addr, svc.port, proc.pid, str(logpath))
+        prev = self.info.get(key)
+        if prev is not None:
+            info.restarts, info.last_exit, info.last_exit_at = prev.restarts, prev.last_exit, prev.last_exit_at
         self.info[key] = info
-        if wait:
-            self.wait_healthy(key)
+        self._held.discard(key)
+        self._reaped.discard(key)
+        self._due.pop(key, None)
+        self._starting.pop(key, None)
+        self._started_at[key] = time.monotonic()
         return info
 
     def wait_healthy(self, key: str, how: str | None = None, timeout: float | None = None) -> None:
@@ -274,7 +403,7 @@ class LocalCluster:
                 info.state, info.returncode = f"exited({rc})", rc
                 raise ServiceFailed(f"{key} exited with code {rc} while starting; last lines of "
                                     f"{info.log}:\n{_tail(Path(info.log))}")
-            if check_health(how, info.address, info.port):
+            if check_health(how, info.address, info.port, self.credential):
                 info.state = "healthy"
                 return
             if time.monotonic() > deadline:
@@ -291,8 +420,18 @@ class LocalCluster:
         SIGKILL and SIGTERM return once the service exited; SIGSTOP returns once every thread of
         the group is stopped (:func:`_wait_group_stopped`), so whatever the caller sends it
         afterwards stays unanswered until SIGCONT.
+
+        [Note: a deliberate crash is not restarted] Tests crash a service to test failover; the
+        supervisor must not bring it back behind their back. Any signal but SIGSTOP, SIGCONT and
+        SIGTSTP holds the instance: it is not restarted until :meth:`start`. To test the
+        supervisor itself, kill the process directly (``os.killpg(info.pid, SIGKILL)``).
         """
         key = f"{module}@{node}"
+        if sig not in _NOT_FATAL:
+            with self._lock:
+                self._held.add(key)
+                self._due.pop(key, None)
+                self._starting.pop(key, None)
         proc = self.procs[key]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
@@ -309,6 +448,11 @@ class LocalCluster:
         self._stop_many([key])
 
     def _stop_many(self, keys: list[str]) -> None:
+        with self._lock:
+            for k in keys:
+                self._held.add(k)
+                self._due.pop(k, None)
+                self._starting.pop(k, None)
         live = [(k, self.procs[k]) for k in keys if k in self.procs]
         for _, p in live:
             with contextlib.suppress(ProcessLookupError):
@@ -330,6 +474,16 @@ class LocalCluster:
 
     def down(self) -> None:
         """Stop every service (reverse start order) and wait for them. Safe to call twice."""
+        with self._lock:
+            self._stopping = True
+        self._monitor_stop.set()
+        t = self._monitor_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(self.health_timeout + 5)  # a step's waits are bounded (health checks: 1 s each)
+            if t.is_alive():
+                log.warning("the monitor thread of %s did not stop within %s s", self.source.name,
+                            self.health_timeout + 5)
+        self._monitor_thread = None
         if not self.procs:
             return
         keys = list(self.procs)
@@ -339,26 +493,168 @@ class LocalCluster:
             self._write_state("down")
 
     def status(self) -> list[ProcInfo]:
-        """Each instance with a fresh health check."""
+        """Each instance with a fresh health check of the running ones; an exit is folded in first
+        (restarting, failed or exited, as the restart policy says)."""
+        if self._reap(time.monotonic()) and self.procs:
+            self._write_state("up")
         out = []
-        for key, info in self.info.items():
+        for key, info in list(self.info.items()):
             proc = self.procs.get(key)
-            if proc is not None:  # None: stopped by down()
-                if proc.poll() is not None:
-                    info.state, info.returncode = f"exited({proc.returncode})", proc.returncode
-                else:
-                    how = health_of(self.cluster or self.source, info.module)
-                    info.state = "healthy" if check_health(how, info.address, info.port) else "unhealthy"
+            # None: stopped by down(); exited: _reap() set the state (or a start() in progress will)
+            if proc is not None and proc.poll() is None and info.state != "stopped":
+                how = health_of(self.cluster or self.source, info.module)
+                ok = check_health(how, info.address, info.port, self.credential)
+                with self._lock:
+                    if self.procs.get(key) is proc and proc.poll() is None:
+                        info.state = "healthy" if ok else "starting" if key in self._starting else "unhealthy"
             out.append(info)
         return out
 
+    def degraded(self) -> list[ProcInfo]:
+        """The instances that are not healthy (after a fresh :meth:`status`)."""
+        return [i for i in self.status() if i.state != "healthy"]
+
+    # -- supervision -----------------------------------------------------------------------------
+    # [Note: supervision is a step function] tick() does one step without blocking for long: fold
+    # exits into states (_reap, bookkeeping only), start the instances whose back-off is over,
+    # check the restarted ones' health. A monitor thread runs it for a LocalCluster in a Python
+    # process; the detached supervisor runs it in its main loop between control requests, so the
+    # processes it starts die with it (PDEATHSIG follows the thread that started a child).
+
+    def _monitor_loop(self) -> None:
+        while not self._monitor_stop.wait(_TICK):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the monitor must outlive a bad step (its children die with it)
+                log.exception("supervision step of %s failed; continuing", self.source.name)
+
+    def _reap(self, now: float) -> bool:
+        """Fold the exits of instances into their states; starts nothing. True when a state changed."""
+        changed = False
+        with self._lock:
+            for key, proc in list(self.procs.items()):
+                if key in self._reaped or key in self._busy:
+                    continue
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                self._reaped.add(key)
+                self._starting.pop(key, None)
+                info = self.info[key]
+                info.returncode = rc
+                changed = True
+                if self._stopping or key in self._held:
+                    if info.state != "stopped":
+                        info.state = f"exited({rc})"
+                    continue
+                info.last_exit, info.last_exit_at = rc, time.time()
+                policy = self.policies.get(info.module, self.restart_policy)
+                dec, self._history[key] = decide(policy, rc, now - self._started_at.get(key, now),
+                                                 self._history.get(key, History()), now)
+                if dec.action == "restart":
+                    info.state, info.reason = "restarting", ""
+                    self._due[key] = now + dec.delay
+                    info.next_start_at = time.time() + dec.delay
+                    log.warning("%s %s", key, dec.reason)
+                elif dec.action == "fail":
+                    info.state, info.reason = "failed", dec.reason
+                    log.error("%s failed: %s; not restarted ('hai cluster restart' starts it again)", key, dec.reason)
+                else:
+                    info.state = f"exited({rc})"
+                    log.info("%s %s", key, dec.reason)
+        return changed
+
+    def tick(self) -> None:
+        """One supervision step: fold exits in, start again the instances whose back-off is over,
+        follow the restarted ones to health (killed, and so crashed, after ``health_timeout``)."""
+        now = time.monotonic()
+        changed = self._reap(now)
+        with self._lock:
+            due = [k for k, t in self._due.items() if t <= now]
+        for key in due:
+            with self._lock:
+                if self._stopping or key in self._held or self._due.get(key, now + 1) > now:
+                    continue
+                old = self.info[key]
+                try:
+                    info = self._spawn(old.module, old.node)
+                except (LauncherError, OSError) as exc:
+                    self._due.pop(key, None)
+                    old.state, old.reason = "failed", f"could not start it again: {exc}"
+                    log.error("%s: %s", key, old.reason)
+                    changed = True
+                    continue
+                info.restarts += 1
+                self._starting[key] = now + self.health_timeout
+                changed = True
+            log.warning("%s started again (pid %s, restart %d)", key, info.pid, info.restarts)
+        with self._lock:
+            starting = [(k, self.procs[k], t) for k, t in self._starting.items()]
+        for key, proc, deadline in starting:
+            if proc.poll() is not None:
+                continue  # the next _reap counts it
+            info = self.info[key]
+            ok = check_health(health_of(self.cluster or self.source, info.module), info.address, info.port,
+                              self.credential)
+            with self._lock:
+                if self._starting.get(key) != deadline or self.procs.get(key) is not proc:
+                    continue  # stopped or started by someone else meanwhile
+                if ok:
+                    del self._starting[key]
+                    info.state = "healthy"
+                    changed = True
+                elif time.monotonic() > deadline:
+                    del self._starting[key]
+                    log.error("%s did not pass its health check within %s s of its restart; killing it",
+                              key, self.health_timeout)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+        if changed and not self._stopping:
+            self._write_state("up")
+
+    def _instance_keys(self, module: str, node: str | None) -> list[str]:
+        """The instances of ``module`` this launcher runs (on ``node``), in start order; a clear
+        LauncherError for an unknown service or node."""
+        c = self.cluster or self.source
+        svc = c.service(module)
+        if svc is None:
+            raise LauncherError(f"no service {module!r} in cluster {c.name}; its services: "
+                                f"{', '.join(s.module for s in c.services)}")
+        keys = [f"{m}@{n}" for m, n in self.instances() if m == module and f"{m}@{n}" in self.info]
+        if not keys:
+            raise LauncherError(f"service {module} is not running in cluster {c.name} (not started: "
+                                f"the cluster was brought up with other --service options)")
+        if node is None:
+            return keys
+        if node not in c.ordered():
+            raise LauncherError(f"no node {node!r} in cluster {c.name}; its nodes: {', '.join(c.ordered())}")
+        if f"{module}@{node}" not in keys:
+            raise LauncherError(f"service {module} does not run on node {node}; it runs on "
+                                f"{', '.join(k.split('@', 1)[1] for k in keys)}")
+        return [f"{module}@{node}"]
+
+    def restart(self, module: str, node: str | None = None) -> list[ProcInfo]:
+        """An admin's restart (``hai cluster restart``): stop ``module`` on ``node``, or on each of
+        its nodes one at a time, and start it again, waiting for health before the next one. A
+        failed instance starts afresh (its start limit too). ServiceFailed stops the round."""
+        out = []
+        for key in self._instance_keys(module, node):
+            m, n = key.split("@", 1)
+            self.stop(m, n)
+            with self._lock:
+                self._history.pop(key, None)
+                self.info[key].reason = ""
+            out.append(self.start(m, n))
+        return out
+
     def _write_state(self, state: str) -> None:
-        data = {"state": state, "cluster": self.source.name, "source": self.source.source,
-                "cluster_file": str(self.cluster_file), "supervisor_pid": os.getpid(),
-                "services": [asdict(i) for i in self.info.values()]}
-        tmp = self.run_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.run_dir / "state.json")
+        with self._lock:
+            data = {"state": state, "cluster": self.source.name, "source": self.source.source,
+                    "cluster_file": str(self.cluster_file), "supervisor_pid": os.getpid(),
+                    "services": [asdict(i) for i in self.info.values()]}
+            tmp = self.run_dir / "state.json.tmp"
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.run_dir / "state.json")
 
     def __enter__(self) -> LocalCluster:
         return self.up()
@@ -441,9 +737,60 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] | None) -> int:
-    """Run the cluster in the foreground until SIGTERM / SIGINT (the detached supervisor's body)."""
-    lc = LocalCluster(cluster_file, run_dir, ports=ports, services=services)
+def _control_dir(run_dir: Path) -> Path:
+    return run_dir / "control"
+
+
+def _serve_control(lc: LocalCluster, control: Path) -> None:
+    """Answer the requests waiting in ``control`` (``ID.req`` -> ``ID.reply``), one at a time.
+
+    [Note: the control channel] ``hai cluster restart`` writes a request file (atomically: write
+    ``ID.req.tmp``, rename) into ``RUN_DIR/control`` and waits for ``ID.reply``; the supervisor
+    looks there every step and answers with the same atomic rename. Files need no socket server
+    in the supervisor, survive a client that gives up (its request is withdrawn or answered into
+    a file nobody reads, removed at the next start), and are guarded by the run dir's permissions,
+    as the state file is. Whoever may write there may also stop the cluster.
+    """
+    for req in sorted(control.glob("*.req")):
+        try:
+            r = json.loads(req.read_text())
+        except (OSError, ValueError) as exc:
+            answer = {"ok": False, "error": f"unreadable request {req.name}: {exc}"}
+        else:
+            answer = _answer(lc, r)
+        with contextlib.suppress(FileNotFoundError):
+            req.unlink()
+        tmp = control / f"{req.stem}.reply.tmp"
+        tmp.write_text(json.dumps(answer, indent=1))
+        os.replace(tmp, control / f"{req.stem}.reply")
+
+
+def _answer(lc: LocalCluster, r: dict) -> dict:
+    if not isinstance(r, dict) or r.get("op") != "restart" or not isinstance(r.get("service"), str) \
+            or not isinstance(r.get("node"), str | None):
+        return {"ok": False, "error": f"bad request {r!r}: expected op 'restart', a service and an optional node"}
+    done: list[dict] = []
+    try:
+        keys = lc._instance_keys(r["service"], r.get("node"))
+        for key in keys:
+            old = lc.info[key].pid
+            log.info("restarting %s (asked by hai cluster restart)", key)
+            info = lc.restart(*key.split("@", 1))[0]
+            done.append({**asdict(info), "old_pid": old})
+            lc._write_state("up")
+        return {"ok": True, "restarted": done}
+    except LauncherError as exc:
+        lc._write_state("up")
+        return {"ok": False, "error": str(exc), "restarted": done}
+
+
+def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] | None,
+              restart: str = "on-failure") -> int:
+    """Run the cluster in the foreground until SIGTERM / SIGINT (the detached supervisor's body):
+    restart crashed services (:meth:`LocalCluster.tick`) and answer ``hai cluster restart``."""
+    lc = LocalCluster(cluster_file, run_dir, ports=ports, services=services, monitor=False,
+                      restart=RestartPolicy(restart=restart))
+    control = _control_dir(run_dir)
     stopping = False
 
     def on_signal(signum, frame):
@@ -455,17 +802,16 @@ def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        control.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in control.iterdir():  # requests and replies of an earlier supervisor
+            with contextlib.suppress(OSError):
+                stale.unlink()
         lc.up()
         print(f"cluster {lc.source.name} is up; run dir {run_dir}", flush=True)
         while True:
-            time.sleep(1.0)
-            for key, proc in list(lc.procs.items()):
-                if proc.poll() is not None and lc.info[key].state not in ("stopped",) \
-                        and not lc.info[key].state.startswith("exited"):
-                    lc.info[key].state = f"exited({proc.returncode})"
-                    lc.info[key].returncode = proc.returncode
-                    log.error("%s exited with code %s", key, proc.returncode)
-                    lc._write_state("up")
+            time.sleep(_TICK)
+            lc.tick()
+            _serve_control(lc, control)
     except KeyboardInterrupt:
         print("stopping...", flush=True)
         return 0
@@ -481,8 +827,10 @@ def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] 
 
 
 def cluster_up(cluster_file: str, run_dir: Path | None = None, ports: str = "file",
-               services: list[str] | None = None, timeout: float = 120.0) -> dict:
+               services: list[str] | None = None, timeout: float = 120.0, restart: str = "on-failure") -> dict:
     """Start a detached supervisor for the cluster and wait until it is up (or failed)."""
+    if restart not in ("on-failure", "no"):
+        raise LauncherError(f"restart must be 'on-failure' or 'no', not {restart!r}")
     c = load_cluster(cluster_file)
     run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
     st = _read_state(run_dir)
@@ -493,7 +841,7 @@ def cluster_up(cluster_file: str, run_dir: Path | None = None, ports: str = "fil
     with contextlib.suppress(FileNotFoundError):
         (run_dir / "state.json").unlink()
     cmd = [sys.executable, "-m", "deploy.local", "supervise", "--cluster", str(cluster_file),
-           "--run-dir", str(run_dir), "--ports", ports]
+           "--run-dir", str(run_dir), "--ports", ports, "--restart", restart]
     for s in services or []:
         cmd += ["--service", s]
     with open(run_dir / "supervisor.log", "ab") as out:
@@ -539,7 +887,9 @@ def cluster_down(cluster_file: str, run_dir: Path | None = None, timeout: float 
 
 
 def cluster_status(cluster_file: str, run_dir: Path | None = None) -> dict:
-    """The state file plus a live health check of each service."""
+    """The state file plus a live health check of each running service, and the cluster's state:
+    ``up`` (every service healthy), ``degraded`` (the supervisor runs, some service does not:
+    restarting, failed, exited, starting or unhealthy) or ``down`` (no supervisor)."""
     c = load_cluster(cluster_file)
     run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
     st = _read_state(run_dir)
@@ -547,14 +897,107 @@ def cluster_status(cluster_file: str, run_dir: Path | None = None) -> dict:
         return {"state": "down", "cluster": c.name, "run_dir": str(run_dir), "services": []}
     resolved = Path(st.get("cluster_file") or "")
     live = load_cluster(resolved) if resolved.is_file() else c
+    try:
+        cred = client_credential(live)
+    except AuthError:
+        cred = None  # this user cannot read the key: the health check is a TCP connect
     for svc in st.get("services", []):
+        known = svc.get("state", "")
+        if known in ("restarting", "failed", "stopped") or known.startswith("exited"):
+            svc["state"] = "exited" if known.startswith("exited") else known  # the supervisor's word
+            continue
         if svc.get("pid") and not pid_alive(svc["pid"]):
-            svc["state"] = "exited"
+            svc["state"] = "exited"  # the supervisor notices within a step
             continue
         how = health_of(live, svc["module"])
-        svc["state"] = "healthy" if check_health(how, svc["address"], svc["port"]) else "unhealthy"
+        ok = check_health(how, svc["address"], svc["port"], cred)
+        svc["state"] = "healthy" if ok else "starting" if known == "starting" else "unhealthy"
+    if st.get("state") == "up" and any(s["state"] != "healthy" for s in st.get("services", [])):
+        st["state"] = "degraded"
     st["run_dir"] = str(run_dir)
     return st
+
+
+def status_exit_code(st: dict) -> int:
+    """The exit code of ``hai cluster status``: 0 up, 4 degraded, 3 down (or failed to start)."""
+    return {"up": 0, "degraded": EXIT_DEGRADED}.get(st.get("state"), EXIT_DOWN)
+
+
+def cluster_restart(cluster_file: str, service: str, node: str | None = None, run_dir: Path | None = None,
+                    timeout: float | None = None) -> dict:
+    """Ask the running supervisor to restart ``service`` on ``node``, or on each of its nodes one at
+    a time (each healthy before the next goes down), and wait for its answer (at most ``timeout``
+    seconds; default: 40 s per instance, the supervisor's stop and health timeouts, plus 15).
+    Returns ``{"restarted": [{..., "pid", "old_pid"}]}``; LauncherError names what went wrong."""
+    c = load_cluster(cluster_file)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
+    st = _read_state(run_dir)
+    pid = (st or {}).get("supervisor_pid")
+    if not st or st.get("state") != "up" or not pid or not pid_alive(pid):
+        raise LauncherError(f"cluster {c.name} is not up (run dir {run_dir}); start it with "
+                            f"'hai cluster up --cluster {cluster_file}'")
+    resolved = Path(st.get("cluster_file") or "")
+    live = load_cluster(resolved) if resolved.is_file() else c
+    if live.service(service) is None:
+        raise LauncherError(f"no service {service!r} in cluster {c.name}; its services: "
+                            f"{', '.join(s.module for s in live.services)}")
+    instances = [s for s in st.get("services", []) if s.get("module") == service]
+    if not instances:
+        raise LauncherError(f"service {service} is not running in cluster {c.name} (the cluster was brought "
+                            f"up with other --service options)")
+    if node is not None:
+        if node not in live.ordered():
+            raise LauncherError(f"no node {node!r} in cluster {c.name}; its nodes: {', '.join(live.ordered())}")
+        if not any(s["node"] == node for s in instances):
+            raise LauncherError(f"service {service} does not run on node {node}; it runs on "
+                                f"{', '.join(s['node'] for s in instances)}")
+        instances = [s for s in instances if s["node"] == node]
+    if timeout is None:
+        timeout = 15.0 + 40.0 * len(instances)
+    control = _control_dir(run_dir)
+    if not control.is_dir():
+        raise LauncherError(f"{control} does not exist: the supervisor (pid {pid}) takes no requests; "
+                            f"restart the cluster (hai cluster down, then up)")
+    rid = uuid.uuid4().hex
+    req, reply = control / f"{rid}.req", control / f"{rid}.reply"
+    tmp = control / f"{rid}.req.tmp"
+    tmp.write_text(json.dumps({"op": "restart", "service": service, "node": node, "asked_at": time.time()}))
+    os.replace(tmp, req)
+    deadline = time.monotonic() + timeout
+    while not reply.exists():
+        if not pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                req.unlink()
+            raise LauncherError(f"the supervisor (pid {pid}) exited before answering; see {run_dir / 'supervisor.log'}")
+        if time.monotonic() > deadline:
+            try:
+                req.unlink()
+                what = "did not take the request"
+            except FileNotFoundError:
+                what = f"took the request but did not finish restarting {service}"
+            raise LauncherError(f"the supervisor (pid {pid}) {what} within {timeout:g} s; see "
+                                f"{run_dir / 'supervisor.log'} and {run_dir / 'logs'}")
+        time.sleep(0.05)
+    answer = json.loads(reply.read_text())
+    with contextlib.suppress(FileNotFoundError):
+        reply.unlink()
+    if not answer.get("ok"):
+        done = ", ".join(f"{s['module']}@{s['node']}" for s in answer.get("restarted", []))
+        raise LauncherError((f"restarted {done}; then: " if done else "") + answer.get("error", "restart failed"))
+    return answer
+
+
+def _fmt_exit(rc: int | None, at: float | None) -> str:
+    if rc is None:
+        return "-"
+    if rc < 0:
+        try:
+            what = signal.Signals(-rc).name
+        except ValueError:
+            what = f"signal {-rc}"
+    else:
+        what = f"status {rc}"
+    return what + (time.strftime(" at %H:%M:%S", time.localtime(at)) if at else "")
 
 
 def render_status(st: dict) -> None:
@@ -562,15 +1005,26 @@ def render_status(st: dict) -> None:
     from rich.table import Table
 
     con = Console()
-    con.print(f"cluster [bold]{st.get('cluster')}[/]: {st.get('state')}  (run dir {st.get('run_dir')})")
+    state = st.get("state")
+    scolor = {"up": "green", "degraded": "yellow"}.get(state, "red")
+    con.print(f"cluster [bold]{st.get('cluster')}[/]: [{scolor}]{state}[/]  (run dir {st.get('run_dir')})")
     if not st.get("services"):
         return
-    t = Table("service", "node", "address", "pid", "state", "log")
+    t = Table("service", "node", "address", "pid", "state", "restarts", "last exit", "log")
     for s in st["services"]:
-        color = {"healthy": "green", "unhealthy": "yellow"}.get(s["state"], "red")
+        color = {"healthy": "green", "unhealthy": "yellow", "starting": "yellow",
+                 "restarting": "yellow"}.get(s["state"], "red")
+        shown = s["state"]
+        if shown == "restarting" and s.get("next_start_at"):
+            shown += f" (in {max(0.0, s['next_start_at'] - time.time()):.1f} s)"
         t.add_row(s["module"], s["node"], f"{s['address']}:{s['port']}", str(s.get("pid")),
-                  f"[{color}]{s['state']}[/]", s["log"])
+                  f"[{color}]{shown}[/]", str(s.get("restarts", 0)),
+                  _fmt_exit(s.get("last_exit"), s.get("last_exit_at")), s["log"])
     con.print(t)
+    for s in st["services"]:
+        if s["state"] == "failed":
+            con.print(f"[red]{s['module']}@{s['node']} failed: {s.get('reason') or 'see its log'}[/]; "
+                      f"'hai cluster restart {s['module']} --node {s['node']}' starts it again")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,9 +1032,15 @@ def main(argv: list[str] | None = None) -> int:
                                  "services on this machine, one loopback address per node.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, hlp in (("up", "start the cluster in the background and wait until it is healthy"),
-                      ("down", "stop the cluster"), ("status", "show each service and its health"),
+                      ("down", "stop the cluster"),
+                      ("status", "show each service and its health (exit 0 up, 4 degraded, 3 down)"),
+                      ("restart", "restart one service (on one node, or on each in turn) of a running cluster"),
                       ("supervise", "run the cluster in the foreground until Ctrl-C")):
         p = sub.add_parser(name, help=hlp)
+        if name == "restart":
+            p.add_argument("service", help="the service's module, e.g. fs3.storage")
+            p.add_argument("--node", default=None, help="only on this node (default: every node, one at a time)")
+            p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the supervisor")
         p.add_argument("--cluster", required=True, help="cluster description (TOML)")
         p.add_argument("--run-dir", type=Path, default=None, help="logs and state (default: %(default)s -> "
                        "$FIREFLYER_RUN_DIR/<name> or ~/.local/state/fireflyer/clusters/<name>)")
@@ -588,16 +1048,25 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--ports", choices=("file", "auto"), default="file",
                            help="use the ports in the file, or pick free ones")
             p.add_argument("--service", action="append", default=None, help="start only this service (repeat)")
+            p.add_argument("--restart", choices=("on-failure", "no"), default="on-failure",
+                           help="restart crashed services (default) or leave them down")
         p.add_argument("--json", action="store_true", help="machine-readable output")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.cmd == "supervise":
             c = load_cluster(args.cluster)
-            return supervise(args.cluster, args.run_dir or default_run_dir(c.name), args.ports, args.service)
+            return supervise(args.cluster, args.run_dir or default_run_dir(c.name), args.ports, args.service,
+                             args.restart)
         if args.cmd == "up":
-            cluster_up(args.cluster, args.run_dir, args.ports, args.service)
+            cluster_up(args.cluster, args.run_dir, args.ports, args.service, restart=args.restart)
             st = cluster_status(args.cluster, args.run_dir)
+        elif args.cmd == "restart":
+            st = cluster_restart(args.cluster, args.service, args.node, args.run_dir, args.timeout)
+            if not args.json:
+                for s in st["restarted"]:
+                    print(f"{s['module']}@{s['node']}: pid {s['old_pid']} -> {s['pid']}, {s['state']}")
+                return 0
         elif args.cmd == "down":
             stopped = cluster_down(args.cluster, args.run_dir)
             st = {"state": "down", "was_running": stopped}
@@ -610,7 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(st, indent=1))
         else:
             render_status(st)
-        return 0
+        return status_exit_code(st) if args.cmd == "status" else 0
     except (LauncherError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -35,12 +35,13 @@ def _fail(msg: str) -> None:
 
 
 def _mgmtd_call(cluster: Path, method: str, args: dict | None = None):
-    from network import NetworkError, RpcClient, TrafficClass, load_cluster
+    from network import NetworkError, RpcClient, TrafficClass, client_credential, load_cluster
 
     try:
         c = load_cluster(cluster)
         addr, port = c.endpoint("fs3.mgmtd")
-        with RpcClient(addr, port, timeout=10, connect_timeout=3, traffic_class=TrafficClass.STORAGE) as rc:
+        with RpcClient(addr, port, timeout=10, connect_timeout=3, traffic_class=TrafficClass.STORAGE,
+                       credential=client_credential(c)) as rc:
             return rc.call(method, args or {}).result
     except KeyError as exc:
         _fail(str(exc).strip("'\""))
@@ -153,16 +154,20 @@ def faults(cluster: Path = ClusterOpt, limit: int = typer.Option(50, help="newes
 def stats(cluster: Path = ClusterOpt, as_json: bool = JsonOpt) -> None:
     """Per storage server: routing version, reads, writes, corrupt copies found and repaired, resyncs,
     chunks scrubbed (passes), chunks per target."""
-    from network import NetworkError, RpcClient, TrafficClass, load_cluster
+    from network import AuthError, NetworkError, RpcClient, TrafficClass, client_credential, load_cluster
 
     c = load_cluster(cluster)
     svc = c.service("fs3.storage")
     if svc is None:
         _fail(f"{cluster}: no [[service]] with module = \"fs3.storage\"")
+    try:
+        cred = client_credential(c)
+    except AuthError as exc:
+        _fail(str(exc))
     out = {}
     for n in svc.nodes:
         try:
-            with RpcClient(*c.endpoint("fs3.storage", n), timeout=5, connect_timeout=2,
+            with RpcClient(*c.endpoint("fs3.storage", n), timeout=5, connect_timeout=2, credential=cred,
                            traffic_class=TrafficClass.STORAGE) as rc:
                 out[n] = rc.call("storage.stats").result
         except NetworkError as exc:
@@ -216,6 +221,8 @@ def put(path: Path = typer.Argument(..., help="local file (at most one chunk)"),
         chain: int = typer.Option(..., help="chain id"), chunk: int = typer.Option(..., help="chunk id"),
         cluster: Path = ClusterOpt) -> None:
     """Write a local file as one chunk."""
+    from network import AuthError
+
     from .client import ChunkClient
     from .errors import Fs3Error
 
@@ -223,7 +230,7 @@ def put(path: Path = typer.Argument(..., help="local file (at most one chunk)"),
     try:
         with ChunkClient.from_cluster(cluster) as c:
             r = c.write(chain, chunk, data)
-    except (Fs3Error, ValueError) as exc:
+    except (Fs3Error, ValueError, AuthError) as exc:
         _fail(str(exc))
     typer.echo(f"chunk {chain}/{chunk:016x}: {len(data)} bytes, version {r.version}, crc32c {r.crc:#010x}")
 
@@ -233,13 +240,15 @@ def get(chain: int = typer.Option(..., help="chain id"), chunk: int = typer.Opti
         cluster: Path = ClusterOpt,
         out: Path = typer.Option(None, "--out", "-o", help="file to write (default: stdout)")) -> None:
     """Read one chunk (to a file or stdout)."""
+    from network import AuthError
+
     from .client import ChunkClient
     from .errors import Fs3Error
 
     try:
         with ChunkClient.from_cluster(cluster) as c:
             data = bytes(c.read(chain, chunk))
-    except Fs3Error as exc:
+    except (Fs3Error, AuthError) as exc:
         _fail(str(exc))
     if out:
         out.write_bytes(data)

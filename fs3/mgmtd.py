@@ -24,7 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from network import RpcServer, TrafficClass
+from network import AuthError, RpcServer, TrafficClass, server_settings
+from network.auth import ANY
 from network.service import parse_service_args, service_parser, wait_for_shutdown
 
 from .chaintable import generate_chain_table
@@ -238,12 +239,15 @@ class Mgmtd:
             return out
 
     def register_on(self, server: RpcServer) -> None:
+        # heartbeats, resync completion and fault reports come from storage servers only (a forged
+        # heartbeat re-routes a node, a forged sync_done serves a stale target); anyone
+        # authenticated may read the routing table, the status and the fault log
         server.register("mgmtd.heartbeat", self.heartbeat)
-        server.register("mgmtd.routing", self.routing)
+        server.register("mgmtd.routing", self.routing, roles=ANY)
         server.register("mgmtd.sync_done", self.sync_done)
         server.register("mgmtd.report_fault", self.report_fault)
-        server.register("mgmtd.faults", self.faults)
-        server.register("mgmtd.status", self.status)
+        server.register("mgmtd.faults", self.faults, roles=ANY)
+        server.register("mgmtd.status", self.status, roles=ANY)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,7 +269,11 @@ def main(argv: list[str] | None = None) -> None:
         mg = Mgmtd(cfg, cluster.ordered(svc.nodes), url)
     except Exception as exc:  # bad DB URL, mismatched table: one clear line
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    server = RpcServer(node.address, port, name="fs3.mgmtd", traffic_class=TrafficClass.STORAGE)
+    try:
+        security = server_settings(cluster)
+    except AuthError as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    server = RpcServer(node.address, port, name="fs3.mgmtd", traffic_class=TrafficClass.STORAGE, **security)
     mg.register_on(server)
     mg.start()
     server.start()

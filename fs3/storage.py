@@ -42,7 +42,20 @@ import uuid
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 
-from network import FileRegion, RemoteError, Reply, RpcPool, RpcServer, TrafficClass, TransportError
+from network import (
+    Authenticator,
+    AuthError,
+    Credential,
+    FileRegion,
+    RemoteError,
+    Reply,
+    RpcPool,
+    RpcServer,
+    TrafficClass,
+    TransportError,
+    server_settings,
+)
+from network.auth import ANY
 from network.service import parse_service_args, service_parser, wait_for_shutdown
 
 from .chunkstore import DISK_ERRNOS, HEADER_SIZE, ChunkMeta, ChunkStore, crc32c
@@ -62,7 +75,7 @@ from .errors import (
     TargetFailed,
     from_remote,
 )
-from .forward import call_overlapped
+from .forward import HOP_SHARE, call_overlapped
 from .routing import SERVING, SYNCING, Routing, SingleFlight
 
 __all__ = ["StorageServer", "main"]
@@ -114,7 +127,10 @@ class _ChunkLocks:
 
 class StorageServer:
     def __init__(self, cfg: Fs3Config, node: str, address: str, port: int, mgmtd: tuple[str, int],
-                 data_dir, *, lock_timeout: float = 30.0, io_timeout: float = 60.0) -> None:
+                 data_dir, *, lock_timeout: float = 30.0, io_timeout: float = 60.0,
+                 auth: Authenticator | Credential | None = None, limits: dict | None = None) -> None:
+        auth = Authenticator.of(auth)  # the cluster key: serves, and calls mgmtd and chain successors
+        self._cred = auth.key
         self.cfg = cfg
         self.node = node
         self.address = address
@@ -122,6 +138,10 @@ class StorageServer:
         self.mgmtd_addr = mgmtd
         self.lock_timeout = lock_timeout
         self.io_timeout = io_timeout
+        # one attempt's bounds (fs3.config's note on attempt timeouts): a write without a budget
+        # from its client gets write_timeout; a repair's read of a peer waits read_timeout
+        self.write_timeout = min(cfg.write_attempt_timeout, io_timeout)
+        self.read_timeout = min(cfg.read_attempt_timeout, io_timeout)
         self.incarnation = uuid.uuid4().hex
         self.routing = Routing(chunk_size=cfg.chunk_size, replication=cfg.replication)
         self._rlock = threading.Lock()
@@ -140,26 +160,34 @@ class StorageServer:
         self._dedup: OrderedDict[tuple, tuple[int, dict]] = OrderedDict()
         self._pools: dict[tuple[str, int], RpcPool] = {}
         self._pools_lock = threading.Lock()
-        self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
+        self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0, credential=self._cred,
                              traffic_class=TrafficClass.STORAGE, source=address)
         self.stats = {"reads": 0, "writes": 0, "corrupt": 0, "repaired": 0, "resyncs": 0, "resynced_chunks": 0,
                       "routing_refreshes": 0, "scrub_passes": 0, "scrubbed_chunks": 0, "lease_expired": 0,
-                      "failed_targets": 0}
+                      "failed_targets": 0,
+                      "damage": {}}  # damaged copies found, by kind (ChunkCorrupt.damage)
         self._repairing: set[tuple[int, int, int]] = set()
         self._resyncing: set[tuple[int, int, int]] = set()
         self._admitted: dict[tuple[int, int], int] = {}  # (chain, chain version) -> writes in progress
         self._stop = threading.Event()
-        self.server = RpcServer(address, port, name=f"fs3.storage@{node}", traffic_class=TrafficClass.STORAGE)
+        self.server = RpcServer(address, port, auth=auth, name=f"fs3.storage@{node}",
+                                traffic_class=TrafficClass.STORAGE, **(limits or {}))
         s = self.server
-        s.register("storage.write", self.h_write, payload_into=self._payload_buffer)
-        s.register("storage.write_batch", self.h_write_batch, payload_into=self._payload_buffer)
-        s.register("storage.read", self.h_read)
-        s.register("storage.check", self.h_check)
+        # [Note: who may call what] clients (jobs, the fs3 library, the CLI as a user) read, write to
+        # a chain's head and check copies; forwarding down a chain (fwd), resync and the chunk list
+        # are the services' own (a forged forward would make one replica differ from the others).
+        bulk = max(cfg.chunk_size, cfg.max_batch_bytes)  # the largest payload a write carries
+        s.register("storage.write", self.h_write, payload_into=self._payload_buffer, roles=ANY,
+                   service_if=("fwd",), max_payload=bulk)
+        s.register("storage.write_batch", self.h_write_batch, payload_into=self._payload_buffer, roles=ANY,
+                   service_if=("fwd",), max_payload=bulk)
+        s.register("storage.read", self.h_read, roles=ANY)
+        s.register("storage.check", self.h_check, roles=ANY)
         s.register("storage.sync_meta", self.h_sync_meta)
-        s.register("storage.sync_write", self.h_sync_write, payload_into=self._payload_buffer)
+        s.register("storage.sync_write", self.h_sync_write, payload_into=self._payload_buffer, max_payload=bulk)
         s.register("storage.sync_remove", self.h_sync_remove)
         s.register("storage.list", self.h_list)
-        s.register("storage.stats", self.h_stats)
+        s.register("storage.stats", self.h_stats, roles=ANY)
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -373,7 +401,8 @@ class StorageServer:
                 p = self._pools.get(key)
                 if p is None:
                     p = self._pools[key] = RpcPool(*key, size=16, timeout=self.io_timeout, connect_timeout=3.0,
-                                                   traffic_class=TrafficClass.STORAGE, source=self.address)
+                                                   traffic_class=TrafficClass.STORAGE, source=self.address,
+                                                   credential=self._cred)
         return p
 
     # -- the write path ---------------------------------------------------------------------------
@@ -496,9 +525,18 @@ class StorageServer:
         if len({int(it[0]) for it in items}) != len(items):
             raise ValueError("storage.write_batch: a chunk appears twice in one batch")
         with self._admit(chain, cver):
-            return self._write_batch(client, items, payload, chain, cver, fwd)
+            return self._write_batch(client, items, payload, chain, cver, fwd, self._budget(args))
 
-    def _write_batch(self, client, items, payload, chain, cver, fwd) -> dict:
+    def _budget(self, args: dict) -> float:
+        """How long this hop may wait for its successor: the budget the request carries (``tmo``,
+        fs3.forward's note on hop budgets), else ``write_timeout``; never above the I/O timeout."""
+        try:
+            tmo = float(args.get("tmo") or self.write_timeout)
+        except (TypeError, ValueError):
+            raise ValueError(f"storage.write: tmo must be a number of seconds, got {args.get('tmo')!r}") from None
+        return min(max(tmo, 0.05), self.io_timeout)
+
+    def _write_batch(self, client, items, payload, chain, cver, fwd, budget: float) -> dict:
         r, tid, state = self._check_chain(chain, cver, (SERVING, SYNCING))
         ws, pos = self._position(r, chain, cver, tid, fwd)
         store = self._store(tid)
@@ -536,15 +574,15 @@ class StorageServer:
                     results[i] = {"version": ver, "crc": crc}
                     self._remember(key, seq, results[i])
             elif todo:
-                self._forward_batch(r, ws, pos, client, chain, cver, store, state, todo, results)
+                self._forward_batch(r, ws, pos, client, chain, cver, store, state, todo, results, budget)
         return {"items": results}
 
-    def _forward_batch(self, r, ws, pos, client, chain, cver, store, state, todo, results) -> None:
+    def _forward_batch(self, r, ws, pos, client, chain, cver, store, state, todo, results, budget) -> None:
         """Store the batch's items as pending while the successor stores them too, then commit
         what it acknowledged (the batch form of the write path's overlap)."""
         crcs = [crc32c(data) for _i, _c, _v, data, _k, _s in todo]
         succ = ws[pos + 1][0]
-        fargs = {"chain": chain, "cver": cver, "client": client, "fwd": True,
+        fargs = {"chain": chain, "cver": cver, "client": client, "fwd": True, "tmo": budget * HOP_SHARE,
                  "items": [[chunk, key[2], seq, len(data), ver, crc]
                            for (_i, chunk, ver, data, key, seq), crc in zip(todo, crcs, strict=True)]}
 
@@ -554,7 +592,7 @@ class StorageServer:
 
         try:
             rep, _ = call_overlapped(self._pool(r.node_of(succ), r), "storage.write_batch", fargs,
-                                     [t[3] for t in todo], during=stage)
+                                     [t[3] for t in todo], during=stage, timeout=budget)
         except RemoteError as exc:
             err = from_remote(exc)
             if isinstance(err, StorageError):
@@ -572,7 +610,7 @@ class StorageServer:
             elif pos == 0 and res.get("err") == "ChunkVersionConflict":
                 # the successor holds a newer version: the single-chunk path renumbers and
                 # retries this item (its lock is still held)
-                args = {"client": client, "channel": key[2], "seq": seq, "full": True}
+                args = {"client": client, "channel": key[2], "seq": seq, "full": True, "tmo": budget}
                 try:
                     results[i] = self._write_chain(r, ws, pos, args, chain, cver, chunk, 0, data, store, state)
                 except StorageError as exc:
@@ -630,7 +668,7 @@ class StorageServer:
                 try:
                     old, _ = store.read(chain, chunk)
                 except ChunkCorrupt as exc:  # the head's own copy: report it and have it repaired
-                    self._report_corrupt(store.target, chain, chunk, str(exc))
+                    self._report_corrupt(store.target, chain, chunk, str(exc), exc.damage)
                     raise
                 content = bytearray(max(len(old), off + len(payload)))
                 content[:len(old)] = old
@@ -647,13 +685,15 @@ class StorageServer:
             # max(local write, rest of the chain), not the sum. The commit below follows both.
             crc = crc32c(content)
             succ = ws[pos + 1][0]
+            budget = self._budget(args)
             fargs = {"chain": chain, "cver": cver, "chunk": chunk, "off": 0, "full": True, "op": "write",
                      "client": args.get("client", ""), "channel": args.get("channel", 0),
-                     "seq": args.get("seq", 0), "ver": ver, "crc": crc, "fwd": True}
+                     "seq": args.get("seq", 0), "ver": ver, "crc": crc, "fwd": True, "tmo": budget * HOP_SHARE}
             try:
                 rep, _ = call_overlapped(
                     self._pool(r.node_of(succ), r), "storage.write", fargs, [content],
-                    during=lambda v=ver, c=crc: store.put(chain, chunk, v, cver, content, pending=True, crc=c))
+                    during=lambda v=ver, c=crc: store.put(chain, chunk, v, cver, content, pending=True, crc=c),
+                    timeout=budget)
             except RemoteError as exc:
                 err = from_remote(exc)
                 if isinstance(err, ChunkVersionConflict) and pos == 0 and attempt < 2:
@@ -677,9 +717,10 @@ class StorageServer:
     def _remove_chain(self, r, ws, pos, args, chain, chunk, store) -> dict:
         if pos < len(ws) - 1:
             succ = ws[pos + 1][0]
-            fargs = dict(args, fwd=True)
+            budget = self._budget(args)
+            fargs = dict(args, fwd=True, tmo=budget * HOP_SHARE)
             try:
-                self._pool(r.node_of(succ), r).call("storage.write", fargs)
+                self._pool(r.node_of(succ), r).call("storage.write", fargs, timeout=budget)
             except RemoteError as exc:
                 raise ForwardFailed(f"{self.node}: successor {succ} refused removal: {from_remote(exc)}") from None
             except TransportError as exc:
@@ -762,7 +803,7 @@ class StorageServer:
                                            buf=bytearray(HEADER_SIZE + self.cfg.chunk_size))
                     crc = crc32c(data)
                 except ChunkCorrupt as exc:
-                    self._report_corrupt(tid, chain, chunk, str(exc))
+                    self._report_corrupt(tid, chain, chunk, str(exc), exc.damage)
                     raise
         end = len(data) if length < 0 else min(len(data), off + length)
         piece = data[min(off, end):end]
@@ -786,7 +827,7 @@ class StorageServer:
             except ChunkNotFound:
                 return {"corrupt": False}
             except ChunkCorrupt as exc:
-                self._report_corrupt(tid, chain, chunk, str(exc))
+                self._report_corrupt(tid, chain, chunk, str(exc), exc.damage)
                 return {"corrupt": True}
         return {"corrupt": False}
 
@@ -800,9 +841,13 @@ class StorageServer:
 
         threading.Thread(target=send, name="report-fault", daemon=True).start()
 
-    def _report_corrupt(self, tid: int, chain: int, chunk: int, detail: str) -> None:
-        """Count and report a corrupt copy, then repair it from a healthy replica (background)."""
+    def _report_corrupt(self, tid: int, chain: int, chunk: int, detail: str, damage: str = "crc") -> None:
+        """Count and report a damaged copy (``damage``: see ``ChunkCorrupt``: corrupt bytes, another
+        chunk's file, a stale version, a missing file...), then repair it from a healthy replica
+        (background)."""
         self.stats["corrupt"] += 1
+        with self._stores_lock:
+            self.stats["damage"][damage] = self.stats["damage"].get(damage, 0) + 1
         log.error("corrupt chunk: %s", detail)
         self._report(tid, chain, chunk, "ChunkCorrupt", detail)
         key = (tid, chain, chunk)
@@ -823,7 +868,7 @@ class StorageServer:
             for peer in [t for t in r.serving(chain) if t != tid]:
                 try:
                     rep = self._pool(r.node_of(peer), r).call(
-                        "storage.read", {"items": [[chain, c["version"], chunk, 0, -1]]})
+                        "storage.read", {"items": [[chain, c["version"], chunk, 0, -1]]}, timeout=self.read_timeout)
                 except (TransportError, RemoteError):
                     continue
                 item = rep.result["items"][0]
@@ -889,7 +934,7 @@ class StorageServer:
                             continue  # removed (or not committed yet) since the listing
                         except ChunkCorrupt as exc:
                             damaged += 1
-                            self._report_corrupt(tid, chain, chunk, f"scrub: {exc}")
+                            self._report_corrupt(tid, chain, chunk, f"scrub: {exc}", exc.damage)
                 except ChunkBusy:
                     continue  # a long write holds it: the next pass checks it
                 except TargetFailed:
@@ -941,7 +986,7 @@ class StorageServer:
                     try:
                         data, ver = store.read(chain, chunk)
                     except ChunkCorrupt as exc:
-                        self._report_corrupt(mine, chain, chunk, str(exc))
+                        self._report_corrupt(mine, chain, chunk, str(exc), exc.damage)
                         raise
                     pool.call("storage.sync_write", {"chain": chain, "cver": cver, "chunk": chunk, "ver": ver,
                                                      "target": succ}, [data])
@@ -1001,7 +1046,8 @@ class StorageServer:
 
     def h_stats(self, args: dict, payload, ctx) -> dict:
         return {"node": self.node, "incarnation": self.incarnation, "routing_version": self.routing.version,
-                **self.stats, "failed": {str(t): why for t, why in self.failed.items()},
+                **self.stats, "damage": dict(self.stats["damage"]),
+                "failed": {str(t): why for t, why in self.failed.items()},
                 "targets": {str(t): {"chunks": len(metas), "bytes": sum(m.length for m in metas)}
                             for t, metas in ((t, [m for _c, _k, m in s.list()]) for t, s in self.stores.items())}}
 
@@ -1023,7 +1069,11 @@ def main(argv: list[str] | None = None) -> None:
     svc = cluster.service("fs3.storage")
     port = svc.port if svc else 0
     data = node_data_dir(cfg, node.name, args.data_dir)
-    srv = StorageServer(cfg, node.name, node.address, port, mg, data)
+    try:
+        limits = server_settings(cluster)
+    except AuthError as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    srv = StorageServer(cfg, node.name, node.address, port, mg, data, auth=limits.pop("auth"), limits=limits)
     try:
         srv.start()
     except StorageError as exc:

@@ -5,8 +5,9 @@ cluster description's count), then long-polls ``/v1/agent/sync``; each answer do
 heartbeat and lists the ranks of this node that are not finished, with what the scheduler wants
 of them (``run``, ``stop`` or ``suspend``). The agent reconciles:
 
-- a rank to run that it has not started: start it (its own session and process group; stdout and
-  stderr to ``STATE_DIR/logs/NODE/job-ID/rank-R.log``; the job environment below);
+- a rank to run that it has not started: start it as its user's Unix account (``accounts``), in
+  its own session and process group; stdout and stderr to ``STATE_DIR/logs/NODE/job-ID/rank-R.log``;
+  the job environment below);
 - a rank to stop: SIGTERM to its process group, SIGKILL after ``stop_grace``; for a suspend the
   agent first writes ``suspend`` into the job's ``HAI_CONTROL`` directory;
 - a process the server no longer lists (its node was declared lost): killed.
@@ -17,7 +18,19 @@ restarted agent kills what its predecessor left (the API marks those ranks lost)
 
 Job environment (DESIGN.md, "The job environment"): WORLD_SIZE, RANK, LOCAL_WORLD_SIZE,
 LOCAL_RANK, NNODES, NODE_RANK, GROUP_RANK, MASTER_ADDR, MASTER_PORT, HAI_JOB_ID, HAI_CHAIN_ID,
-HAI_RESTART_COUNT, HAI_NODE_NAME, HAI_CLUSTER_FILE, HAI_WHOLE_LIFE_STATE, HAI_CONTROL.
+HAI_RESTART_COUNT, HAI_NODE_NAME, HAI_CLUSTER_FILE, HAI_WHOLE_LIFE_STATE, HAI_CONTROL; and
+nothing of the agent's own environment but the variables in :data:`PASS_ENV` (see
+:func:`base_env`): no service variable, no secret. The job's credentials: $HAI_JOB_TOKEN (its own
+API token, :mod:`haiplatform.jobtoken`) and $FIREFLYER_CREDENTIAL (its fs3 credential
+``job:<chain id>``, a file in its control directory).
+
+[Note: jobs as their users] The agent runs as root and each rank as its user's account
+(``setpriv --reuid --regid --init-groups``): a job cannot read the platform's secrets (STATE_DIR
+and the cluster key are 0700 directories of the services' account) nor another user's job.
+Everything the agent does in a job's control directory, which that job's account owns, is
+written so that a link planted there cannot redirect it (:func:`_write_file`, :func:`_read_small`).
+An agent that is not root cannot switch accounts: it runs jobs as its own account and says so
+loudly, in its log and in every rank's log.
 
 [Note: master port] MASTER_PORT must be free on the first node of the job. Only that node's
 agent can know, so it picks one (bind to port 0 on its address) and reports it; agents of the
@@ -35,6 +48,7 @@ import queue
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -44,11 +58,13 @@ from pathlib import Path
 
 from network.topology import Cluster, Node
 
+from .accounts import Account, resolve_account
 from .client import HaiClient
-from .config import HaiConfig
-from .errors import ApiError, Conflict, NotFound
+from .config import HaiConfig, private_dir
+from .errors import AccountError, ApiError, Conflict, NotFound
+from .jobtoken import job_token
 
-__all__ = ["Agent", "node_facts", "job_env", "main"]
+__all__ = ["Agent", "node_facts", "job_env", "base_env", "PASS_ENV", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +109,63 @@ def job_env(w: dict, node: str, cluster_file: str, control: str) -> dict[str, st
     return env
 
 
+#: the agent's own variables a rank inherits (besides LC_*); everything else of the agent's
+#: environment (FIREFLYER_*, HAI_TOKEN, PG*, ...) stays out of jobs
+PASS_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM")
+
+
+def base_env(account: str, home: str, agent_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a rank starts from, before its job's own ``env`` and the platform's variables."""
+    src = os.environ if agent_env is None else agent_env
+    env = {k: v for k, v in src.items() if k in PASS_ENV or k.startswith("LC_")}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(HOME=home, USER=account, LOGNAME=account)
+    return env
+
+
+# [Note: entering the working directory] subprocess changes directory before it switches to the
+# job's account, i.e. as root: a rank could then start inside a directory its account may not
+# reach (and read what lies below it). The rank's first program is this shell line, run as the
+# account: it enters the directory or fails with a message in the rank's log, then execs the job.
+_ENTER = ('cd -- "$1" 2>/dev/null || { echo "[hai agent] the Unix account $2 cannot enter the working directory '
+          '$1" >&2; exit 126; }; shift 2; exec "$@"')
+
+
+def _write_file(path: Path, text: str, owner: Account | None) -> None:
+    """Write a small file into a job's control directory without following a link the job put there."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OSError(f"{path} is not a plain file (type {stat.filemode(st.st_mode)}, {st.st_nlink} links)")
+        os.ftruncate(fd, 0)
+        os.write(fd, text.encode())
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+    finally:
+        os.close(fd)
+
+
+def _read_small(path: Path, limit: int = 64) -> str:
+    """Read a short file from a job's control directory (not through a link, not a FIFO)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a plain file")
+        return os.read(fd, limit).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _shared_dir(path: Path) -> Path:
+    """A directory other accounts may pass through but not list (0711): the control tree."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o711)
+    st = path.stat()
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o711:
+        path.chmod(0o711)
+    return path
+
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -110,6 +183,15 @@ if _SETPRIV and "--pdeathsig" not in subprocess.run([_SETPRIV, "--help"], captur
     _SETPRIV = None
 
 
+def _whoami() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 def _free_port(address: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((address, 0))
@@ -123,6 +205,7 @@ class Proc:
     popen: subprocess.Popen | None
     log: Path
     control: Path
+    account: Account | None = None
     stop_sent: float = 0.0
     desired: str = "run"
     done: bool = False
@@ -138,7 +221,12 @@ class Agent:
         self.cluster_file = cluster_file
         self.epoch = uuid.uuid4().hex[:16]
         self.log_dir = cfg.log_dir(node.name)
-        self.control_dir = cfg.state_dir / "control" / node.name
+        self.control_dir = cfg.control_root() / node.name
+        self.switch_user = os.geteuid() == 0
+        self._secret = cfg.secret()
+        self._prepared: set[int] = set()  # jobs whose control directory this agent made
+        self._fs3_key = None
+        self._fs3_key_error: str | None = None
         self.state_file = cfg.state_dir / f"agent-{node.name}.json"
         self.procs: dict[tuple[int, int], Proc] = {}
         self.finished: set[tuple[int, int]] = set()
@@ -201,7 +289,12 @@ class Agent:
 
     def run(self, stop: threading.Event) -> None:
         self.kill_leftovers()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)
+        _shared_dir(self.control_dir)
+        if not self.switch_user:
+            log.warning("the agent of %s does not run as root: jobs run as its own account (%s), not as their "
+                        "users' accounts, and can read the platform's secrets; run the cluster as root",
+                        self.node.name, _whoami())
         self._save_state()
         self._reporter.start()
         self.register(stop)
@@ -290,30 +383,38 @@ class Agent:
         jobdir.mkdir(parents=True, exist_ok=True)
         logpath = jobdir / f"rank-{w['rank']}.log"
         control = self.control_dir / f"job-{w['job_id']}"
-        control.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **{k: str(v) for k, v in w["env"].items()},
-               **job_env(w, self.node.name, self.cluster_file, str(control))}
-        for k in ("FIREFLYER_RUN_DIR_CLUSTER",):
-            env.pop(k, None)
         proc = Proc(w["job_id"], w["rank"], None, logpath, control)
         with self.lock:
             self.procs[key] = proc
         try:
+            acct = resolve_account(self.cfg, w["user"], self.node.name) if self.switch_user else None
+            proc.account = acct
+            name = acct.name if acct else _whoami()
+            self._prepare_control(w, control, acct)
+            home = acct.home if acct and os.path.isdir(acct.home) else str(control) if acct else \
+                os.path.expanduser("~")
+            env = {**base_env(name, home), **{k: str(v) for k, v in w["env"].items()},
+                   **job_env(w, self.node.name, self.cluster_file, str(control)),
+                   "HAI_JOB_TOKEN": job_token(self._secret, w["chain_id"]), "HAI_URL": self.api.url}
+            env.setdefault("HAI_TOKEN", env["HAI_JOB_TOKEN"])  # the hai CLI in the job: as the job, unless told
+            if (control / "credential").exists():
+                env["FIREFLYER_CREDENTIAL"] = str(control / "credential")
             prog = w["command"][0]
             if "/" not in prog and shutil.which(prog, path=env.get("PATH")) is None:
                 raise FileNotFoundError(f"no program {prog!r} on PATH")
             if "/" in prog and not os.access(os.path.join(w["workdir"] or "", prog), os.X_OK):
                 raise FileNotFoundError(f"{prog!r} is not an executable file")
             with open(logpath, "ab") as out:
-                if _SETPRIV:  # vfork + exec: see the note at _SETPRIV
-                    popen = subprocess.Popen([_SETPRIV, "--pdeathsig", "KILL", "--", *w["command"]],
-                                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                             cwd=w["workdir"] or None, start_new_session=True)
+                if acct is None:
+                    out.write(f"[hai agent] warning: the agent does not run as root, so this job runs as {name}, "
+                              "the services' account, and can read the platform's secrets\n".encode())
+                    out.flush()
+                    argv, cwd = list(w["command"]), w["workdir"] or None
                 else:
-                    popen = subprocess.Popen(w["command"], stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT, env=env, cwd=w["workdir"] or None,
-                                             start_new_session=True, preexec_fn=_pdeathsig_kill)
-        except (OSError, ValueError) as exc:
+                    workdir = w["workdir"] or home
+                    argv, cwd = ["/bin/sh", "-c", _ENTER, "hai-rank", workdir, acct.name, *w["command"]], "/"
+                popen = self._spawn(argv, acct, env, cwd, out)
+        except (OSError, ValueError, AccountError) as exc:
             msg = f"cannot start {w['command'][0]!r} on {self.node.name}: {exc}"
             with open(logpath, "ab") as out:
                 out.write(f"[hai agent] {msg}\n".encode())
@@ -328,6 +429,51 @@ class Agent:
         self.reports.put(report)
         threading.Thread(target=self._wait, args=(key, proc), name=f"wait-{key[0]}.{key[1]}", daemon=True).start()
 
+    def _spawn(self, argv: list[str], acct: Account | None, env: dict, cwd: str | None, out) -> subprocess.Popen:
+        """Start a rank leader: new session, parent-death signal, and (``acct``) as that account."""
+        kw = dict(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                  start_new_session=True)
+        if _SETPRIV:  # vfork + exec: see the note at _SETPRIV
+            ids = [f"--reuid={acct.uid}", f"--regid={acct.gid}", "--init-groups"] if acct else []
+            return subprocess.Popen([_SETPRIV, *ids, "--pdeathsig", "KILL", "--", *argv], **kw)
+        if acct:  # subprocess switches ids before the preexec_fn: the death signal survives
+            kw.update(user=acct.uid, group=acct.gid, extra_groups=os.getgrouplist(acct.name, acct.gid))
+        return subprocess.Popen(argv, preexec_fn=_pdeathsig_kill, **kw)
+
+    def _prepare_control(self, w: dict, control: Path, acct: Account | None) -> None:
+        """The job's control directory on this node, made once per attempt: fresh, mode 0700, owned by
+        the job's account, holding its fs3 credential (``job:<chain id>``, mode 0600)."""
+        jid = w["job_id"]
+        if jid in self._prepared and control.is_dir():
+            return
+        if control.is_symlink() or control.is_file():
+            control.unlink()
+        elif control.exists():  # an earlier agent's: start afresh
+            shutil.rmtree(control)
+        control.mkdir(mode=0o700)
+        cred = self._fs3_credential(w)
+        if cred is not None:
+            cred.save(control / "credential")
+            if acct is not None:
+                os.chown(control / "credential", acct.uid, acct.gid, follow_symlinks=False)
+        if acct is not None:
+            os.chown(control, acct.uid, acct.gid)
+        self._prepared.add(jid)
+
+    def _fs3_credential(self, w: dict):
+        """A credential ``job:<chain id>`` derived from the cluster key, valid ``job_credential_ttl``."""
+        from network.auth import AuthError, derive, load_cluster_key
+
+        if self._fs3_key is None and self._fs3_key_error is None:
+            try:
+                self._fs3_key = load_cluster_key(self.cluster)
+            except AuthError as exc:
+                self._fs3_key_error = str(exc)
+                log.warning("jobs get no fs3 credential: %s", exc)
+        if self._fs3_key is None:
+            return None
+        return derive(self._fs3_key, f"job:{w['chain_id']}", time.time() + self.cfg.job_credential_ttl)
+
     def _signal(self, p: Proc, sig: int) -> None:
         if p.popen is None:
             return
@@ -339,8 +485,10 @@ class Agent:
             return
         p.desired = desired
         if desired == "suspend":
-            with contextlib.suppress(OSError):
-                (p.control / "suspend").write_text(str(time.time()))
+            try:
+                _write_file(p.control / "suspend", str(time.time()), p.account)
+            except OSError as exc:
+                log.warning("job %s: could not write its suspend signal: %s", p.job_id, exc)
         p.stop_sent = time.monotonic()
         p.extra["grace"] = self.cfg.stop_grace if grace is None else grace
         self._signal(p, signal.SIGTERM)
@@ -360,7 +508,7 @@ class Agent:
         self._signal(p, signal.SIGKILL)  # whatever the rank left in its group (the whole tree goes)
         state = None
         with contextlib.suppress(OSError, ValueError):
-            state = int((p.control / "whole_life_state").read_text().strip())
+            state = int(_read_small(p.control / "whole_life_state").strip())
         if p.stop_sent:
             status, msg = "killed", f"stopped ({p.desired}), exit code {rc}"
         elif rc == 0:
@@ -370,6 +518,11 @@ class Agent:
         with self.lock:
             p.done = True
             self.finished.add(key)
+            last = not any(k[0] == key[0] and not q.done for k, q in self.procs.items())
+        if last:  # the job's last rank here: its credential goes (the directory stays, for inspection)
+            self._prepared.discard(key[0])
+            with contextlib.suppress(OSError):
+                (p.control / "credential").unlink()
         self.reports.put({"job_id": key[0], "rank": key[1], "status": status, "exit_code": rc, "pid": p.popen.pid,
                           "message": msg, "whole_life_state": state})
         self._save_state()
@@ -426,6 +579,7 @@ class Agent:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from network import AuthError, server_settings
     from network.rpc import Reply, RpcServer
     from network.service import parse_service_args, service_parser, shutdown_event
 
@@ -444,11 +598,15 @@ def main(argv: list[str] | None = None) -> None:
     api = HaiClient(f"http://{addr}:{port}", secret, timeout=30)
     agent = Agent(cluster, node, cfg, api, str(Path(args.cluster).resolve()))
     svc = cluster.service("haiplatform.agent")
-    rpc = RpcServer(node.address, svc.port if svc else 0, name=f"haiplatform.agent@{node.name}")
+    try:
+        security = server_settings(cluster)
+    except AuthError as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    rpc = RpcServer(node.address, svc.port if svc else 0, name=f"haiplatform.agent@{node.name}", **security)
 
     def logs_read(a: dict, payload, ctx) -> Reply:
-        if a.get("secret") != secret:
-            raise PermissionError("logs.read needs the cluster secret")
+        # service-only (the API reads logs for users after its own permission check): the
+        # connection's cluster key is the check, no secret travels in the arguments
         data, eof = agent.read_log(int(a["job_id"]), int(a["rank"]), int(a.get("offset", 0)),
                                    min(int(a.get("max", 65536)), 1 << 20))
         return Reply({"eof": eof, "n": len(data)}, [data] if data else [])

@@ -15,6 +15,8 @@ GET     /v1/nodes, /v1/whoami          the cluster's nodes; who the token belong
 
 Admins: ``POST /v1/nodes/{n}/drain|undrain``, ``GET|POST /v1/users``, ``GET|PUT|DELETE /v1/quotas``.
 Agents and the scheduler authenticate with the cluster secret: ``/v1/agent/*``, ``/v1/internal/*``.
+A job authenticates with its own token ($HAI_JOB_TOKEN, :mod:`haiplatform.jobtoken`): it may call
+the routes in ``JOB_ROUTES`` only, for its own job only, and only until that job has finished.
 
 Errors are ``{"error": KIND, "message": TEXT}`` with 401, 403, 404, 409 or 422.
 
@@ -35,13 +37,14 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -67,6 +70,9 @@ from .db import (
     migrate,
 )
 from .errors import ApiError, AuthError, Conflict, Forbidden, NotFound
+from .jobtoken import PREFIX as JOB_TOKEN_PREFIX
+from .jobtoken import chain_of
+from .limits import Guard, GuardedStream, Limits
 from .policy import WAITING
 
 __all__ = ["create_app", "JobSpec", "Notifier", "main"]
@@ -75,6 +81,16 @@ log = logging.getLogger(__name__)
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
 USER_NAME = r"^[a-z_][a-z0-9_.-]{0,63}$"
+
+# [Note: every integer is bounded] The database's INTEGER columns hold 32 bits on PostgreSQL and
+# 64 on SQLite; a larger value used to reach the driver and come back as a 500. Every integer a
+# request carries (path, query and body) is bounded here, in the schema, so it is a 422 naming the
+# field; strings that land in a VARCHAR column are bounded to its length.
+INT32 = 2**31 - 1
+OFFSET_MAX = 2**53          # a log offset (bytes): well past any log, exact in every JSON parser
+SEQ_MAX = 2**62             # the notification channels' sequence numbers
+NODE_NAME = Annotated[str, Field(min_length=1, max_length=64)]
+JobId = Annotated[int, PathParam(ge=1, le=INT32, description="a job id (any attempt of the chain)")]
 
 
 # -- notification channels ------------------------------------------------------------------------
@@ -139,12 +155,15 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=JOB_NAME, description="a name for the job (letters, digits, _.@-)")
-    command: list[str] = Field(min_length=1, description="argv of each rank's process")
+    command: list[Annotated[str, Field(max_length=65536)]] = Field(
+        min_length=1, max_length=4096, description="argv of each rank's process")
     nodes: int = Field(1, ge=1, le=10000, description="whole nodes")
     procs_per_node: int = Field(0, ge=0, le=256, description="processes per node; 0: the node's GPUs (or 1)")
-    priority: int | str = Field("normal", validate_default=True, description="a level name or its number (0..50)")
-    env: dict[str, str] = Field(default_factory=dict)
-    workdir: str = ""
+    priority: Annotated[int, Field(ge=0, le=50)] | Annotated[str, Field(max_length=32)] = Field(
+        "normal", validate_default=True, description="a level name or its number (0..50)")
+    env: dict[Annotated[str, Field(max_length=1024)], Annotated[str, Field(max_length=65536)]] = Field(
+        default_factory=dict, max_length=4096)
+    workdir: str = Field("", max_length=1000)
     shared_in_group: bool = False
 
     @field_validator("command")
@@ -188,61 +207,74 @@ class QuotaSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     subject: str = Field(pattern=r"^(user|group):[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$",
                          description="user:NAME or group:NAME")
-    max_nodes: int = Field(ge=0)
+    max_nodes: int = Field(ge=0, le=INT32)
     priority: int | None = Field(None, ge=0, le=50)
 
 
 class NotifySpec(BaseModel):
-    nodes: list[str] | None = None  # None: every node
+    nodes: list[NODE_NAME] | None = Field(None, max_length=100000)  # None: every node
 
 
 class DrainSpec(BaseModel):
-    reason: str = ""
+    reason: str = Field("", max_length=200)
 
 
 class RegisterSpec(BaseModel):
-    node: str
-    epoch: str
-    address: str = ""
-    cpus: int = 0
-    memory_gib: float = 0.0
-    gpus: int = 0
+    node: NODE_NAME
+    epoch: str = Field(max_length=40)
+    address: str = Field("", max_length=64)
+    cpus: int = Field(0, ge=0, le=INT32)
+    memory_gib: float = Field(0.0, ge=0, le=1e12, allow_inf_nan=False)
+    gpus: int = Field(0, ge=0, le=INT32)
     facts: dict[str, Any] = Field(default_factory=dict)
 
 
 class RankReport(BaseModel):
-    job_id: int
-    rank: int
-    status: str
-    exit_code: int | None = None
-    pid: int | None = None
-    message: str = ""
-    whole_life_state: int | None = None
+    job_id: int = Field(ge=1, le=INT32)
+    rank: int = Field(ge=0, le=INT32)
+    status: str = Field(max_length=16)
+    exit_code: int | None = Field(None, ge=-INT32 - 1, le=INT32)
+    pid: int | None = Field(None, ge=0, le=INT32)
+    message: str = Field("", max_length=65536)
+    whole_life_state: int | None = Field(None, ge=-INT32 - 1, le=INT32)
 
 
 class ReportSpec(BaseModel):
-    node: str
-    epoch: str
-    ranks: list[RankReport] = Field(default_factory=list)
-    master_ports: dict[int, int] = Field(default_factory=dict)
+    node: NODE_NAME
+    epoch: str = Field(max_length=40)
+    ranks: list[RankReport] = Field(default_factory=list, max_length=100000)
+    master_ports: dict[Annotated[int, Field(ge=1, le=INT32)], Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=dict, max_length=100000)
 
 
 # -- principals -----------------------------------------------------------------------------------
 
 class Principal(BaseModel):
     name: str
-    role: str           # admin | user | service
+    role: str           # admin | user | service | job
     group: str | None = None
+    chain: int | None = None  # a job's token: the chain it belongs to (``name`` is the job's user)
 
     @property
     def admin(self) -> bool:
         return self.role in ("admin", "service")
 
 
+#: what a job's own token may call (method, route): its job's status and logs, and who it is. A
+#: route not listed here (every other, including routes added later) answers a job token with 403.
+JOB_ROUTES = frozenset({("GET", "/v1/jobs/{job_id}"), ("GET", "/v1/jobs/{job_id}/logs"), ("GET", "/v1/whoami")})
+
+
 async def principal(request: Request) -> Principal:
     """Who sent the request (401 without a valid token). [Note: async dependencies] A sync dependency
     costs a thread-pool hop per request; this one touches the database only on a token-cache miss."""
-    return request.app.state.authenticate(request)
+    p = request.app.state.authenticate(request)
+    if p.role == "job":
+        route = request.scope.get("route")
+        if (request.method, getattr(route, "path", None)) not in JOB_ROUTES:
+            raise Forbidden(f"a job's token (job {p.chain}) may only read its own job's status and logs; "
+                            f"{request.method} {request.url.path} needs a user's token")
+    return p
 
 
 async def admin(p: Annotated[Principal, Depends(principal)]) -> Principal:
@@ -334,20 +366,39 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
         now = time.monotonic()
         hit = token_cache.get(tok)
         if hit is None or now - hit[0] > 2.0:  # [Note: a revoked token works for at most 2 s more]
-            with db.read() as s:
-                u = s.scalars(select(User).where(User.token_hash == hash_token(tok), User.active.is_(True))).first()
-                p = Principal(name=u.name, role=u.role, group=u.group) if u else None
-            hit = (now, p)
+            if tok.startswith(JOB_TOKEN_PREFIX):
+                hit = (now, _job_principal(tok))
+            else:
+                with db.read() as s:
+                    u = s.scalars(select(User).where(User.token_hash == hash_token(tok),
+                                                     User.active.is_(True))).first()
+                    p = Principal(name=u.name, role=u.role, group=u.group) if u else None
+                hit = (now, p)
             if len(token_cache) > 10000:  # bounded: random tokens must not grow it forever
                 token_cache.clear()
             token_cache[tok] = hit
         if hit[1] is None:
+            if tok.startswith(JOB_TOKEN_PREFIX):
+                raise AuthError("invalid job token: not made by this cluster, or its job has finished")
             raise AuthError("invalid token: no active user has it")
         return hit[1]
+
+    def _job_principal(tok: str) -> Principal | None:
+        """A job token's principal while its chain has not finished (None: not a valid job token)."""
+        chain = chain_of(secret, tok)
+        if chain is None:
+            return None
+        with db.read() as s:
+            j = s.scalars(select(Job).where(Job.chain_id == chain).order_by(Job.id.desc()).limit(1)).first()
+            if j is None or (j.status in JobStatus.DONE and j.status != JobStatus.SUSPENDED):
+                return None  # a finished job's token is worth nothing
+            return Principal(name=j.user, role="job", chain=chain)
 
     app.state.authenticate = authenticate
 
     def _may_see(p: Principal, j: Job) -> bool:
+        if p.role == "job":
+            return j.chain_id == p.chain
         return p.admin or j.user == p.name or (j.shared_in_group and j.group is not None and j.group == p.group)
 
     def _chain_latest(s, job_id: int, p: Principal) -> Job:
@@ -447,20 +498,22 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
         return _request_stop(job_id, p, StopCode.INTERRUPT, "suspend")
 
     def _agent_client(node: str):
+        from network.auth import load_cluster_key
         from network.rpc import RpcPool
 
         with rpc_lock:
             c = agent_rpc.get(node)
             if c is None:
                 addr, port = cluster.endpoint("haiplatform.agent", node)
-                c = agent_rpc[node] = RpcPool(addr, port, size=4, timeout=10.0, connect_timeout=3.0)
+                c = agent_rpc[node] = RpcPool(addr, port, size=4, timeout=10.0, connect_timeout=3.0,
+                                              credential=load_cluster_key(cluster))
             return c
 
     def _read_chunk(node: str, job_id: int, rank: int, offset: int) -> tuple[bytes, bool]:
         from network.errors import NetworkError
 
         try:
-            rep = _agent_client(node).call("logs.read", {"secret": secret, "job_id": job_id, "rank": rank,
+            rep = _agent_client(node).call("logs.read", {"job_id": job_id, "rank": rank,
                                                           "offset": offset, "max": 256 * 1024})
         except NetworkError as exc:
             raise ApiError(f"cannot read the log of job {job_id} rank {rank} from the agent on {node}: {exc}",
@@ -571,7 +624,7 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
 
     @app.get("/v1/whoami")
     def whoami(p: User_) -> dict:
-        return {"name": p.name, "role": p.role, "group": p.group}
+        return {"name": p.name, "role": p.role, "group": p.group, **({"job": p.chain} if p.role == "job" else {})}
 
     @app.get("/v1/users")
     def users(p: Admin_) -> list[dict]:

@@ -252,6 +252,7 @@ class Scheduler:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from network import AuthError, server_settings
     from network.rpc import RpcServer
     from network.service import parse_service_args, service_parser, shutdown_event
 
@@ -280,7 +281,11 @@ def main(argv: list[str] | None = None) -> None:
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
     sched = Scheduler(db, cfg, api)
     svc = cluster.service("haiplatform.scheduler")
-    rpc = RpcServer(node.address, svc.port if svc else 0, name="haiplatform.scheduler")
+    try:
+        security = server_settings(cluster)
+    except AuthError as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    rpc = RpcServer(node.address, svc.port if svc else 0, name="haiplatform.scheduler", **security)
     rpc.register("scheduler.stats", lambda a, p, c: {"cycles": sched.cycles, "decisions": sched.decisions,
                                                      "last_cycle_s": sched.last_cycle_s,
                                                      "skipped": sched.skipped})

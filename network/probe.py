@@ -24,7 +24,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from .errors import NetworkError, TransportError
+from .auth import Authenticator, Credential, load_cluster_key, server_settings
+from .errors import AuthError, NetworkError, TransportError
 from .rpc import RpcClient, RpcServer
 from .service import parse_service_args, service_parser, wait_for_shutdown
 from .topology import Cluster, load_cluster
@@ -50,12 +51,19 @@ class LinkResult:
 class ProbeResponder:
     """The per-node responder: a sink for bandwidth tests and the driver of tests from this node."""
 
-    def __init__(self, cluster: Cluster, node: str, port: int) -> None:
+    def __init__(self, cluster: Cluster, node: str, port: int, *,
+                 auth: Authenticator | Credential | None = None) -> None:
         self.cluster = cluster
         self.node = cluster.node(node)
-        self.server = RpcServer(self.node.address, port, name=f"probe@{node}", traffic_class=TrafficClass.OTHER)
+        security = server_settings(cluster) if auth is None else {"auth": auth}
+        self.server = RpcServer(self.node.address, port, name=f"probe@{node}", traffic_class=TrafficClass.OTHER,
+                                **security)
+        self.credential = self.server.auth.key  # to measure from this node to another responder
         self._sink = threading.local()
-        self.server.register("probe.sink", self._sink_handler, payload_into=self._sink_buffer)
+        # both service-only (an admin's tool, run with the cluster key); a sink takes up to
+        # _MAX_SINK bytes, refused above that before anything is allocated
+        self.server.register("probe.sink", self._sink_handler, payload_into=self._sink_buffer,
+                             max_payload=_MAX_SINK)
         self.server.register("probe.measure", self._measure)
 
     def _sink_buffer(self, args: dict, nbytes: int):
@@ -74,7 +82,7 @@ class ProbeResponder:
         port = int(args["port"])
         return asdict(measure_link(self.node.address, dst.address, port, int(args["size"]), int(args["reps"]),
                                    int(args["pings"]), self.node.name, dst.name,
-                                   self.cluster.distance(self.node.name, dst.name)))
+                                   self.cluster.distance(self.node.name, dst.name), credential=self.credential))
 
     def start(self) -> ProbeResponder:
         self.server.start()
@@ -85,11 +93,13 @@ class ProbeResponder:
 
 
 def measure_link(src_addr: str, dst_addr: str, port: int, size: int, reps: int, pings: int,
-                 src: str = "", dst: str = "", hops: int = 0) -> LinkResult:
+                 src: str = "", dst: str = "", hops: int = 0, *, credential: Credential | None = None) -> LinkResult:
     """Measure from ``src_addr`` (bound locally) to the responder at ``dst_addr:port``."""
+    if not 0 < size <= _MAX_SINK:
+        raise ValueError(f"probe size must be between 1 byte and {_MAX_SINK >> 20} MiB, got {size}")
     payload = bytearray(size)
     payload[: min(size, 1 << 20)] = os.urandom(min(size, 1 << 20))
-    with RpcClient(dst_addr, port, source=src_addr, timeout=60.0) as c:
+    with RpcClient(dst_addr, port, source=src_addr, timeout=60.0, credential=credential) as c:
         lat = []
         c.call("rpc.ping")  # connect + warm
         for _ in range(max(1, pings)):
@@ -116,9 +126,9 @@ def _is_local(addr: str) -> bool:
     return addr.startswith("127.") or addr in _local_addresses()
 
 
-def _responder_up(addr: str, port: int) -> bool:
+def _responder_up(addr: str, port: int, credential: Credential) -> bool:
     try:
-        with RpcClient(addr, port, timeout=2.0, connect_timeout=0.5) as c:
+        with RpcClient(addr, port, timeout=2.0, connect_timeout=0.5, credential=credential) as c:
             return "probe.sink" in c.call("rpc.methods").result
     except NetworkError:
         return False
@@ -131,7 +141,8 @@ def probe_matrix(cluster: Cluster, nodes: list[str] | None = None, size: int = 1
     names = cluster.ordered(nodes)
     svc = cluster.service(MODULE)
     port = port or (svc.port if svc and svc.port else DEFAULT_PORT)
-    missing = [n for n in names if not _responder_up(cluster.node(n).address, port)]
+    cred = load_cluster_key(cluster)  # an admin's tool: the responders serve the cluster key only
+    missing = [n for n in names if not _responder_up(cluster.node(n).address, port, cred)]
     spawned: list[subprocess.Popen] = []
     try:
         if missing:
@@ -146,7 +157,7 @@ def probe_matrix(cluster: Cluster, nodes: list[str] | None = None, size: int = 1
                     stdin=subprocess.DEVNULL))
             deadline = time.monotonic() + 20
             for n in missing:
-                while not _responder_up(cluster.node(n).address, port):
+                while not _responder_up(cluster.node(n).address, port, cred):
                     if time.monotonic() > deadline:
                         raise NetworkError(f"temporary probe responder on {n} did not start")
                     time.sleep(0.05)
@@ -157,7 +168,7 @@ def probe_matrix(cluster: Cluster, nodes: list[str] | None = None, size: int = 1
                     continue
                 na = cluster.node(a)
                 try:
-                    with RpcClient(na.address, port, timeout=120.0) as c:
+                    with RpcClient(na.address, port, timeout=120.0, credential=cred) as c:
                         r = c.call("probe.measure", {"dst": b, "port": port, "size": size, "reps": reps,
                                                      "pings": pings})
                     res = LinkResult(**r.result)
@@ -219,7 +230,10 @@ def serve_main(argv: list[str]) -> int:
     args, cluster, node = parse_service_args(ap, argv)
     svc = cluster.service(MODULE)
     port = args.port or (svc.port if svc and svc.port else DEFAULT_PORT)
-    r = ProbeResponder(cluster, node.name, port).start()
+    try:
+        r = ProbeResponder(cluster, node.name, port).start()
+    except AuthError as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
     wait_for_shutdown()
     r.stop()
     return 0

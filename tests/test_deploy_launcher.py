@@ -62,7 +62,7 @@ def test_up_healthy_down_leaves_nothing(tmp_path, LOCAL):
         infos = lc.status()
         assert len(infos) == 4 and all(i.state == "healthy" for i in infos)
         for i in infos:
-            assert ping(i.address, i.port)["name"] == f"probe@{i.node}"
+            assert ping(i.address, i.port, credential=lc.credential)["name"] == f"probe@{i.node}"
             assert i.address == lc.cluster.node(i.node).address  # each node on its own address
         assert (run / "cluster.toml").exists() and (run / "logs" / "network.probe@n0.log").exists()
         assert json.loads((run / "state.json").read_text())["state"] == "up"
@@ -127,10 +127,10 @@ def test_sigstop_returns_once_the_service_is_stopped(launch_cluster):
             lc.kill("network.probe", "n1", sig=signal.SIGCONT)
         lc.kill("network.probe", "n1", sig=signal.SIGSTOP)
         with pytest.raises(TransportError):
-            ping(info.address, info.port, timeout=0.5)
+            ping(info.address, info.port, timeout=0.5, credential=lc.credential)
     finally:
         lc.kill("network.probe", "n1", sig=signal.SIGCONT)
-    assert ping(info.address, info.port, timeout=5)["name"] == "probe@n1"
+    assert ping(info.address, info.port, timeout=5, credential=lc.credential)["name"] == "probe@n1"
 
 
 _LAUNCHER = textwrap.dedent("""

@@ -50,13 +50,13 @@ def fs3(launch_cluster, tmp_path, request):
 
 def _mgmtd_status(lc) -> dict:
     addr, port = lc.cluster.endpoint("fs3.mgmtd")
-    with RpcClient(addr, port, timeout=5, traffic_class=TrafficClass.STORAGE) as c:
+    with RpcClient(addr, port, credential=lc.credential, timeout=5, traffic_class=TrafficClass.STORAGE) as c:
         return c.call("mgmtd.status").result
 
 
 def _faults(lc, kind: str) -> list[dict]:
     """The faults of one ``kind`` that mgmtd holds (newest first)."""
-    with RpcClient(*lc.cluster.endpoint("fs3.mgmtd"), timeout=5) as c:
+    with RpcClient(*lc.cluster.endpoint("fs3.mgmtd"), credential=lc.credential, timeout=5) as c:
         return [f for f in c.call("mgmtd.faults", {"limit": 1000}).result if f["kind"] == kind]
 
 
@@ -75,7 +75,7 @@ def _settled(lc) -> bool:
     if not all(n["port"] and n["alive"] for n in st["nodes"].values()):
         return False
     for node in ("n1", "n2", "n3"):
-        with RpcClient(*lc.cluster.endpoint("fs3.storage", node), timeout=5) as c:
+        with RpcClient(*lc.cluster.endpoint("fs3.storage", node), credential=lc.credential, timeout=5) as c:
             if c.call("storage.stats").result["routing_version"] != st["version"]:
                 return False
     return True
@@ -96,7 +96,7 @@ def _replica_read(lc, node: str, chain: int, chunk: int):
     st = _mgmtd_status(lc)
     cver = st["chains"][str(chain)]["version"]
     addr, port = lc.cluster.endpoint("fs3.storage", node)
-    with RpcClient(addr, port, timeout=10, traffic_class=TrafficClass.STORAGE) as c:
+    with RpcClient(addr, port, credential=lc.credential, timeout=10, traffic_class=TrafficClass.STORAGE) as c:
         rep = c.call("storage.read", {"items": [[chain, cver, chunk, 0, -1]]})
     item = rep.result["items"][0]
     return item if "err" in item else bytes(rep.payload)
@@ -246,7 +246,7 @@ def test_kill9_storage_during_writes_then_resync(fs3):
         item = _replica_read(lc, "n2", c, k)
         assert isinstance(item, dict) and item["err"] == "ChunkNotFound", (c, k)
     addr, port = lc.cluster.endpoint("fs3.storage", "n1")
-    stats = [RpcClient(*lc.cluster.endpoint("fs3.storage", n), timeout=5).call("storage.stats").result
+    stats = [RpcClient(*lc.cluster.endpoint("fs3.storage", n), credential=lc.credential, timeout=5).call("storage.stats").result
              for n in ("n1", "n3")]
     assert sum(s["resyncs"] for s in stats) >= 1
 
@@ -487,7 +487,7 @@ def test_server_cut_off_from_mgmtd_stops_serving_before_its_chains_move_on(fs3, 
         # a reader with the old table asks n3, which cannot know: it refuses instead of
         # serving the old bytes
         addr, port = lc.cluster.endpoint("fs3.storage", "n3")
-        with RpcClient(addr, port, timeout=10, traffic_class=TrafficClass.STORAGE) as c:
+        with RpcClient(addr, port, credential=lc.credential, timeout=10, traffic_class=TrafficClass.STORAGE) as c:
             rep = c.call("storage.read", {"items": [[chain, old_cver, 7, 0, -1]]})
             item = rep.result["items"][0]
             assert item.get("err") == "NotServing" and "out of contact with mgmtd" in item["msg"], item
@@ -588,7 +588,7 @@ def _mgmtd_restart_keeps_state(lc, client):
     def others_current():
         version = _mgmtd_status(lc)["version"]
         for node in ("n2", "n3"):
-            with RpcClient(*lc.cluster.endpoint("fs3.storage", node), timeout=5) as c:
+            with RpcClient(*lc.cluster.endpoint("fs3.storage", node), credential=lc.credential, timeout=5) as c:
                 if c.call("storage.stats").result["routing_version"] != version:
                     return False
         return True
@@ -616,7 +616,7 @@ def _mgmtd_restart_keeps_state(lc, client):
 
 
 def _direct(lc, node: str, method: str, args: dict, payload=()):
-    with RpcClient(*lc.cluster.endpoint("fs3.storage", node), timeout=10,
+    with RpcClient(*lc.cluster.endpoint("fs3.storage", node), credential=lc.credential, timeout=10,
                    traffic_class=TrafficClass.STORAGE) as c:
         return c.call(method, args, payload)
 

@@ -215,8 +215,9 @@ def test_resync_waits_for_writes_admitted_at_an_older_chain_version(tmp_path):
     import time
 
     from fs3.storage import StorageServer
+    from network import new_cluster_key
 
-    srv = StorageServer(Fs3Config(), "n1", "127.0.0.2", 0, ("127.0.0.1", 9), tmp_path)
+    srv = StorageServer(Fs3Config(), "n1", "127.0.0.2", 0, ("127.0.0.1", 9), tmp_path, auth=new_cluster_key())
     try:
         entered, release, drained = threading.Event(), threading.Event(), threading.Event()
 

@@ -25,10 +25,16 @@ def test_matrix_over_launched_responders(launch_cluster):
 def test_cli_table_with_spawned_responders(tmp_path):
     import socket
 
+    from network import new_cluster_key
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "network.probe", "--cluster", str(ROOT / "deploy/clusters/local.toml"),
+    # a bare cluster description with its key (the responders and the coordinator authenticate)
+    new_cluster_key().save(tmp_path / "cluster.key")
+    cluster = tmp_path / "local.toml"
+    cluster.write_text((ROOT / "deploy/clusters/local.toml").read_text() + '\n[security]\nkey_file = "cluster.key"\n')
+    r = subprocess.run([sys.executable, "-m", "network.probe", "--cluster", str(cluster),
                         "--size", "1MiB", "--reps", "2", "--pings", "3", "--port", str(port)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT, env={"COLUMNS": "120", "PATH": "/usr/bin"})
     assert r.returncode == 0, r.stderr

@@ -39,7 +39,16 @@ from typing import Any
 
 from crc32c import crc32c
 
-from network import RemoteError, RpcPool, TrafficClass, TransportError, load_cluster
+from network import (
+    Credential,
+    RemoteError,
+    RpcPool,
+    TrafficClass,
+    TransportError,
+    TransportTimeout,
+    client_credential,
+    load_cluster,
+)
 from network.transport import as_bytes
 
 from ..errors import (
@@ -52,6 +61,7 @@ from ..errors import (
     RetryableError,
     from_remote,
 )
+from ..forward import HOP_SHARE
 from ..routing import Routing, SingleFlight
 
 __all__ = ["ChunkClient", "ReadIO", "WriteIO", "WriteResult", "file_chunk_id"]
@@ -102,7 +112,9 @@ class ChunkClient:
 
     def __init__(self, mgmtd: tuple[str, int], *, max_inflight: int = 8, per_server: int | None = None,
                  max_batch_bytes: int = 4 << 20, timeout: float = 30.0, source: str | None = None,
-                 client_id: str | None = None, io_timeout: float = 30.0) -> None:
+                 client_id: str | None = None, io_timeout: float = 30.0, read_timeout: float | None = None,
+                 write_timeout: float | None = None,
+                 credential: Credential | None = None) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         if per_server is not None and per_server < 1:
@@ -114,9 +126,15 @@ class ChunkClient:
         self.max_inflight = max_inflight
         self.timeout = timeout
         self.io_timeout = io_timeout
+        # one attempt's bounds (fs3.config's note on attempt timeouts); from_cluster derives them
+        # from the cluster's failure_timeout, a bare client waits io_timeout
+        self.read_timeout = min(read_timeout or io_timeout, io_timeout)
+        self.write_timeout = min(write_timeout or io_timeout, io_timeout)
+        self._avoid: dict[tuple[str, int], float] = {}  # endpoint -> until when reads avoid it
         self.source = source
         self.client_id = client_id or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self._mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0,
+        self.credential = credential
+        self._mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0, credential=credential,
                               traffic_class=TrafficClass.STORAGE, source=source)
         self._routing = Routing(version=0)
         self._fetch = SingleFlight(self._fetch_routing, timeout=timeout)
@@ -127,7 +145,8 @@ class ChunkClient:
         self._seqs: dict[int, int] = {}
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="fs3-chunks")
-        self.stats = {"retries": 0, "routing_refreshes": 0, "replica_failovers": 0}
+        self.stats = {"retries": 0, "routing_refreshes": 0, "replica_failovers": 0, "read_timeouts": 0,
+                      "write_timeouts": 0}
 
     @classmethod
     def from_cluster(cls, cluster, node: str | None = None, **kw) -> ChunkClient:
@@ -140,7 +159,12 @@ class ChunkClient:
             mg = c.endpoint("fs3.mgmtd")
         except KeyError as exc:
             raise ClientError(str(exc)) from None
-        kw.setdefault("max_batch_bytes", Fs3Config.from_cluster(c).max_batch_bytes)
+        cfg = Fs3Config.from_cluster(c)
+        kw.setdefault("max_batch_bytes", cfg.max_batch_bytes)
+        kw.setdefault("read_timeout", cfg.read_attempt_timeout)
+        kw.setdefault("write_timeout", cfg.write_attempt_timeout)
+        if kw.get("credential") is None:
+            kw["credential"] = client_credential(c)  # $FIREFLYER_CREDENTIAL (a job's), else the cluster key
         return cls(mg, source=c.node(node).address if node else None, **kw)
 
     def close(self) -> None:
@@ -205,7 +229,7 @@ class ChunkClient:
                 if p is None:
                     p = self._pools[key] = RpcPool(*key, size=self.max_inflight, timeout=self.io_timeout,
                                                    connect_timeout=3.0, traffic_class=TrafficClass.STORAGE,
-                                                   source=self.source)
+                                                   source=self.source, credential=self.credential)
         return p
 
     def _slot(self, r: Routing, target: int) -> threading.BoundedSemaphore:
@@ -307,6 +331,8 @@ class ChunkClient:
                         last = err
                     except TransportError as exc:
                         last = exc
+                        if isinstance(exc, TransportTimeout):
+                            self.stats["write_timeouts"] += 1
                 else:
                     last = NoServingReplica(f"chain {chain} v{c['version']} has no serving target")
                 if time.monotonic() + delay > deadline:
@@ -316,11 +342,17 @@ class ChunkClient:
                 delay = min(delay * 2, 0.25)
                 self.refresh_routing()
 
+    def _head_budget(self) -> float:
+        """The head's share of a write attempt: it must answer (ForwardFailed when its successor did
+        not) before this client stops waiting (fs3.storage's note on hop budgets)."""
+        return self.write_timeout * HOP_SHARE
+
     def _update(self, chain: int, args: dict, payload: list) -> dict:
         return self._at_head(
             chain,
             lambda r, c, head: self._server(r, head).call(
-                "storage.write", dict(args, chain=chain, cver=c["version"]), payload).result,
+                "storage.write", dict(args, chain=chain, cver=c["version"], tmo=self._head_budget()), payload,
+                timeout=self.write_timeout).result,
             lambda: f"{chain}/{args['chunk']:016x}")
 
     def batch_write(self, ios: list[WriteIO]) -> list[WriteResult]:
@@ -370,9 +402,10 @@ class ChunkClient:
 
             def send(r, c, head):
                 nonlocal left
-                args = {"chain": chain, "cver": c["version"], "client": self.client_id,
+                args = {"chain": chain, "cver": c["version"], "client": self.client_id, "tmo": self._head_budget(),
                         "items": [[ios[k].chunk, chans[k], seqs[k], len(ios[k].data)] for k in left]}
-                rep = self._server(r, head).call("storage.write_batch", args, [ios[k].data for k in left]).result
+                rep = self._server(r, head).call("storage.write_batch", args, [ios[k].data for k in left],
+                                                 timeout=self.write_timeout).result
                 retry, last = [], None
                 for k, res in zip(left, rep["items"], strict=True):
                     if "err" not in res:
@@ -419,7 +452,12 @@ class ChunkClient:
                     last.setdefault(p.index, NoServingReplica(f"chain {p.io.chain}: no serving replica left "
                                                               f"to try"))
                     continue
-                t = min(cands, key=lambda t: (load.get(r.node_of(t), 0), (t + p.io.chunk) % 7))
+                if self._avoid:  # a replica that timed out recently goes last
+                    now = time.monotonic()
+                    t = min(cands, key=lambda t: (self._avoid.get(r.endpoint(t), 0) > now,
+                                                  load.get(r.node_of(t), 0), (t + p.io.chunk) % 7))
+                else:
+                    t = min(cands, key=lambda t: (load.get(r.node_of(t), 0), (t + p.io.chunk) % 7))
                 node = r.node_of(t)
                 load[node] = load.get(node, 0) + 1
                 groups.setdefault(node, []).append((p, t))
@@ -493,11 +531,21 @@ class ChunkClient:
         server = self._server(r, t0)
         try:
             with self._acquire(self._slots, self._slot(r, t0)):
-                rep = server.call("storage.read", {"items": items, "relaxed": relaxed, "e2e": True}, into=land)
+                rep = server.call("storage.read", {"items": items, "relaxed": relaxed, "e2e": True}, into=land,
+                                  timeout=self.read_timeout)
         except RemoteError as exc:
             err = from_remote(exc)
             return [(p, t, err) for p, t in batch]
         except TransportError as exc:
+            # [Note: slow replicas] a replica that did not answer within the read timeout (frozen,
+            # wedged, or dead) is avoided by later reads for a while (until mgmtd has had time to
+            # notice, about three read timeouts = failure_timeout), so one frozen server costs one
+            # read timeout per batch in flight, not one per batch until it is declared dead
+            if isinstance(exc, TransportTimeout):
+                self.stats["read_timeouts"] += 1
+            with self._plock:
+                self._avoid = {k: v for k, v in self._avoid.items() if v > time.monotonic()}
+                self._avoid[r.endpoint(t0)] = time.monotonic() + 3 * self.read_timeout
             return [(p, t, exc) for p, t in batch]
         out = []
         views = iter(rep.payload if isinstance(rep.payload, list) else [])
@@ -530,7 +578,8 @@ class ChunkClient:
         if not unverified:
             return ChunkCorrupt(f"{where}: CRC32C mismatch in transit")
         try:
-            corrupt = server.call("storage.check", {"chain": p.io.chain, "chunk": p.io.chunk}).result["corrupt"]
+            corrupt = server.call("storage.check", {"chain": p.io.chain, "chunk": p.io.chunk},
+                                  timeout=self.read_timeout).result["corrupt"]
         except (TransportError, RemoteError) as exc:
             log.warning("could not report a CRC32C mismatch of %s: %s", where, exc)
             corrupt = True
