@@ -472,6 +472,8 @@ class RpcClient:
             self._lock.release()
         err = resp.get("e")
         if err is not None:
+            if err.get("kind") == "PayloadTooLarge":
+                conn.close()  # the server closes it too (it did not read the payload)
             if err.get("kind") == "NoSuchMethod":
                 raise NoSuchMethod(err.get("msg", method), self.address)
             raise RemoteError(f"{self.address} {method}: {err.get('kind')}: {err.get('msg')}", self.address,
