@@ -9,7 +9,12 @@ On disk, under the target's directory::
 
 Each file is a 64-byte header then the chunk's bytes. The header holds a magic, the chain,
 the chunk id, the version, the chain version of the write, the length, the CRC32C of the data
-and a CRC32C of the header itself.
+and a CRC32C of the header itself. Every read checks the header against the in-memory index
+(chain, chunk, version, length, CRC: see the note on the identity check in ``_verified``), so a
+file of another chunk or an older version of this one is found like corrupt bytes, and a file
+that vanished behind the store's back is reported as ``missing`` (``_open``). The format is
+unchanged from the first version (format 1): the identity was always in the header, only the
+check is new, so existing targets need no migration.
 
 [Note: why write-then-rename] A new version is written to a temporary file and renamed to its
 name; ``rename`` is atomic, so after a kill -9 at any instant a chunk has its old committed file,
@@ -184,7 +189,10 @@ class ChunkStore:
                 h = _parse(hdr)
             except (ValueError, OSError):
                 return None
-            return h if h[2] == version else None
+            # [Note: identity at start] a file counts only when its header names the chunk and
+            # version its name says: another chunk's file copied here, or the chunk's own older
+            # file renamed to the newer name, is damage (the chunk is marked corrupt, never served)
+            return h if (h[0], h[1], h[2]) == (chain, chunk, version) else None
 
         for (chain, chunk), kinds in found.items():
             m = ChunkMeta()
@@ -226,25 +234,45 @@ class ChunkStore:
             buf = _tls.buf = bytearray(HEADER_SIZE + self.chunk_size)
         return buf
 
-    def _locate(self, chain: int, chunk: int, pending: bool) -> str:
+    def _locate(self, chain: int, chunk: int, pending: bool) -> tuple[str, int, int, int]:
+        """The file of the chunk's committed (or pending) version and what the index says it holds:
+        ``(path, version, length, crc)``; the caller holds ``_mlock``."""
         m = self.meta.get((chain, chunk))
         if m is None or (not pending and not m.committed) or (pending and not m.pending):
             if m is not None and m.corrupt:
                 raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} has a damaged header",
-                                   target=self.target)
+                                   target=self.target, damage="header")
             raise ChunkNotFound(f"target {self.target}: no chunk {chain}/{chunk:016x}")
-        return self._p(chain, chunk, m.pending if pending else m.committed, pending)
+        if pending:
+            return self._p(chain, chunk, m.pending, True), m.pending, m.pending_length, m.pending_crc
+        return self._p(chain, chunk, m.committed), m.committed, m.length, m.crc
 
-    def _open(self, chain: int, chunk: int, pending: bool) -> tuple[int, str]:
-        """Open the current file of the chunk; a name that vanished under us (a commit or a new
-        version moved it away between the lookup and the open) is looked up again."""
-        for _ in range(4):
-            path = self._locate(chain, chunk, pending)
+    def _open(self, chain: int, chunk: int, pending: bool) -> tuple[int, str, int, int, int]:
+        """Open the current file of the chunk: ``(fd, path, version, length, crc)``, the last three
+        from the index (what the file must hold).
+
+        [Note: a missing file] Every change of the index and of the chunk's files happens under
+        ``_mlock`` in an order that keeps the index's file in place (a new version's file is
+        renamed into place before the index names it; an old one is moved away only together with
+        the index change). So a name that vanished between an unlocked lookup and the open was
+        moved by a write: it is looked up again under the lock, and a file still missing then was
+        removed behind the store's back: damage (:class:`ChunkCorrupt`, ``damage="missing"``),
+        repaired from a replica like a corrupt copy, never "no such chunk".
+        """
+        with self._mlock:
+            path, version, length, crc = self._locate(chain, chunk, pending)
+        try:
+            return os.open(path, os.O_RDONLY), path, version, length, crc
+        except FileNotFoundError:
+            pass
+        with self._mlock:
+            path, version, length, crc = self._locate(chain, chunk, pending)
             try:
-                return os.open(path, os.O_RDONLY), path
+                return os.open(path, os.O_RDONLY), path, version, length, crc
             except FileNotFoundError:
-                continue
-        raise ChunkNotFound(f"target {self.target}: chunk {chain}/{chunk:016x} kept moving while being opened")
+                raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} v{version}: file {path} is "
+                                   f"missing (removed behind the store's back)", target=self.target,
+                                   damage="missing") from None
 
     @_disk
     def read(self, chain: int, chunk: int, *, pending: bool = False, buf: bytearray | None = None
@@ -255,12 +283,12 @@ class ChunkStore:
         returned. ``pending`` reads the pending version instead of the committed one.
         """
         buf = buf if buf is not None else self._buffer()
-        fd, path = self._open(chain, chunk, pending)
+        fd, path, version, length, crc = self._open(chain, chunk, pending)
         try:
             n = os.readv(fd, [buf])
         finally:
             os.close(fd)
-        data, version, _crc = self._verified(memoryview(buf), n, chain, chunk, path)
+        data, version, _crc = self._verified(memoryview(buf), n, chain, chunk, path, version, length, crc)
         return data, version
 
     @_disk
@@ -276,21 +304,12 @@ class ChunkStore:
         server then verifies its copy itself and reports and repairs it). A file shorter than the
         recorded length is damage found here: :class:`ChunkCorrupt`.
         """
-        for _ in range(4):
-            with self._mlock:
-                path = self._locate(chain, chunk, False)
-                m = self.meta[(chain, chunk)]
-                version, length, crc = m.committed, m.length, m.crc
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # moved away by a commit between the lookup and the open: look again
-            if os.fstat(fd).st_size < HEADER_SIZE + length:
-                os.close(fd)
-                raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} v{version}: short file "
-                                   f"{path}", target=self.target)
-            return fd, length, version, crc
-        raise ChunkNotFound(f"target {self.target}: chunk {chain}/{chunk:016x} kept moving while being opened")
+        fd, path, version, length, crc = self._open(chain, chunk, False)
+        if os.fstat(fd).st_size < HEADER_SIZE + length:
+            os.close(fd)
+            raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} v{version}: short file "
+                               f"{path}", target=self.target, damage="short")
+        return fd, length, version, crc
 
     @_disk
     def read_mapped(self, chain: int, chunk: int, *, pending: bool = False) -> tuple[memoryview, int, int]:
@@ -303,30 +322,52 @@ class ChunkStore:
         before they are sent: the reply therefore carries the CRC and the client checks it,
         which also covers the bytes in flight (end-to-end integrity).
         """
-        fd, path = self._open(chain, chunk, pending)
+        fd, path, version, length, crc = self._open(chain, chunk, pending)
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_SIZE:
                 raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x}: short file {path}",
-                                   target=self.target)
+                                   target=self.target, damage="short")
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        return self._verified(memoryview(mm), size, chain, chunk, path)
+        return self._verified(memoryview(mm), size, chain, chunk, path, version, length, crc)
 
-    def _verified(self, view: memoryview, n: int, chain: int, chunk: int, path: str
-                  ) -> tuple[memoryview, int, int]:
-        """The data of a chunk file's ``n`` bytes in ``view``, its version and CRC, after checking both
-        the header and the CRC32C (ChunkCorrupt otherwise: damaged bytes are never returned)."""
+    def _verified(self, view: memoryview, n: int, chain: int, chunk: int, path: str, version: int, length: int,
+                  crc: int) -> tuple[memoryview, int, int]:
+        """The data of a chunk file's ``n`` bytes in ``view``, its version and CRC, after checking the
+        header against the index (``version``, ``length``, ``crc``: what the file must hold) and the
+        data against the CRC32C (ChunkCorrupt otherwise: damaged bytes are never returned).
+
+        [Note: the identity check] A file's header names its chain, chunk and version, and its own
+        CRC covers its own data: a valid file of another chunk, or the chunk's own previous
+        version put back in place, passes any check of the file against itself. So the expected
+        identity comes from the index, never from the file: the header must name this chain and
+        chunk, the version the index says is committed (or pending), and the index's length and
+        CRC32C, and the data must match the index's CRC. The comparison costs a few integer
+        compares of the 64-byte header the read brings in anyway; a misplaced or stale file then
+        fails like a corrupt one (reported, repaired, the read goes to another replica), on
+        ranged reads too.
+        """
+        where = f"target {self.target}: chunk {chain}/{chunk:016x} v{version}"
         try:
-            _c, _k, version, _cv, length, crc = _parse(view[:HEADER_SIZE])
+            hchain, hchunk, hver, _cv, hlen, hcrc = _parse(view[:HEADER_SIZE])
         except ValueError:
-            raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x}: damaged header in {path}",
-                               target=self.target) from None
+            raise ChunkCorrupt(f"{where}: damaged header in {path}", target=self.target, damage="header") from None
+        if (hchain, hchunk) != (chain, chunk):
+            raise ChunkCorrupt(f"{where}: {path} holds chunk {hchain}/{hchunk:016x} v{hver} (a misplaced file)",
+                               target=self.target, damage="misplaced")
+        if hver != version:
+            raise ChunkCorrupt(f"{where}: {path} holds v{hver} of the chunk, the index says v{version} "
+                               f"({'a stale file' if hver < version else 'an unexpected version'})",
+                               target=self.target, damage="stale")
+        if (hlen, hcrc) != (length, crc):
+            raise ChunkCorrupt(f"{where}: the header of {path} records {hlen} bytes with CRC32C {hcrc}, the index "
+                               f"{length} bytes with CRC32C {crc}", target=self.target, damage="header")
         data = view[HEADER_SIZE:HEADER_SIZE + length]
         if n < HEADER_SIZE + length or crc32c(data) != crc:
-            raise ChunkCorrupt(f"target {self.target}: chunk {chain}/{chunk:016x} v{version}: CRC32C mismatch "
-                               f"in {path} (data damaged on disk)", target=self.target)
+            raise ChunkCorrupt(f"{where}: CRC32C mismatch in {path} (data damaged on disk)", target=self.target,
+                               damage="crc")
         return data, version, crc
 
     # -- writing --------------------------------------------------------------------------------

@@ -12,6 +12,21 @@
     max_batch_bytes = 4194304    # bytes per read or write batch request
     scrub_interval = 86400.0     # seconds from one scrub pass of a server's chunks to the next; 0: off
     scrub_rate_mb = 64.0         # MB/s a scrub pass reads at most
+    read_timeout = 0.0           # s one read attempt waits for a replica before trying another;
+                                 #   0: failure_timeout / 3 (at least 0.5 s)
+    write_timeout = 0.0          # s one write attempt waits for the chain before refreshing routing
+                                 #   and retrying; 0: failure_timeout / 2 (at least 1 s)
+
+[Note: attempt timeouts] A frozen (SIGSTOP) or wedged peer keeps its connections open and
+answers nothing: only a timeout ends the wait. The 60 s I/O timeout is for a transfer that makes
+progress; a read or write *attempt* gets a much shorter one, tied to the failure detection. A
+read that times out moves to another replica at once (the slow server is avoided for a while);
+the data is the same everywhere (CRAQ), so retrying elsewhere never serves a stale copy. A write
+attempt times out in about failure_timeout / 2, and every hop of the chain gives its successor a
+shorter share of the attempt's budget (see fs3.storage), so the hop next to the frozen one
+answers ForwardFailed first and the head does not wait for it; the client refreshes its routing
+and retries the same idempotency key until mgmtd has moved the frozen node out (after
+``failure_timeout``): a write stalls for about the failure detection time, not the I/O timeout.
 
 Data directories: ``<base>/<node>/`` where base is ``$FIREFLYER_RUN_DIR_CLUSTER/data`` when the
 local launcher started the service, else ``--data-dir``, else ``data_dir`` above, else
@@ -29,7 +44,8 @@ from .errors import Fs3ConfigError
 __all__ = ["Fs3Config", "node_data_dir"]
 
 _KEYS = {"replication", "chunk_size", "targets_per_node", "heartbeat_interval", "failure_timeout",
-         "mgmtd_db", "data_dir", "fsync", "max_batch_bytes", "scrub_interval", "scrub_rate_mb"}
+         "mgmtd_db", "data_dir", "fsync", "max_batch_bytes", "scrub_interval", "scrub_rate_mb", "read_timeout",
+         "write_timeout"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,8 @@ class Fs3Config:
     max_batch_bytes: int = 4 << 20
     scrub_interval: float = 86400.0
     scrub_rate_mb: float = 64.0
+    read_timeout: float = 0.0
+    write_timeout: float = 0.0
 
     @classmethod
     def from_section(cls, sec: dict, source: str = "[fs3]") -> Fs3Config:
@@ -56,7 +74,8 @@ class Fs3Config:
         for name, typ in (("replication", int), ("chunk_size", int), ("targets_per_node", int),
                           ("heartbeat_interval", float), ("failure_timeout", float), ("mgmtd_db", str),
                           ("data_dir", str), ("fsync", bool), ("max_batch_bytes", int),
-                          ("scrub_interval", float), ("scrub_rate_mb", float)):
+                          ("scrub_interval", float), ("scrub_rate_mb", float), ("read_timeout", float),
+                          ("write_timeout", float)):
             if name not in sec:
                 continue
             v = sec[name]
@@ -89,6 +108,21 @@ class Fs3Config:
                                  f"got {self.scrub_interval}")
         if self.scrub_rate_mb <= 0:
             raise Fs3ConfigError(f"{source}.scrub_rate_mb: expected > 0 MB/s, got {self.scrub_rate_mb}")
+        for name in ("read_timeout", "write_timeout"):
+            v = getattr(self, name)
+            if not 0 <= v <= 3600:
+                raise Fs3ConfigError(f"{source}.{name}: expected seconds in [0, 3600] (0: derived from "
+                                     f"failure_timeout), got {v}")
+
+    @property
+    def read_attempt_timeout(self) -> float:
+        """Seconds one read attempt waits for a replica (``read_timeout``, or derived)."""
+        return self.read_timeout or max(0.5, self.failure_timeout / 3)
+
+    @property
+    def write_attempt_timeout(self) -> float:
+        """Seconds one write attempt waits for the chain (``write_timeout``, or derived)."""
+        return self.write_timeout or max(1.0, self.failure_timeout / 2)
 
     @classmethod
     def from_cluster(cls, cluster) -> Fs3Config:

@@ -9,7 +9,7 @@
     │   │   ├── StaleRouting        the request's chain version differs from the server's
     │   │   ├── NotServing          the target is not in a state that accepts this request
     │   │   ├── ChunkNotCommitted   the chunk has a pending version (a write is in flight)
-    │   │   ├── ChunkCorrupt        the replica's copy failed its CRC32C check (never returned)
+    │   │   ├── ChunkCorrupt        the replica's copy is damaged, misplaced, stale or missing
     │   │   ├── ChunkBusy           the per-chunk lock was not obtained within the timeout
     │   │   └── ForwardFailed       the successor in the chain did not acknowledge
     │   ├── ChunkNotFound       no such chunk on the chain
@@ -74,7 +74,13 @@ class ChunkNotCommitted(RetryableError):
 
 
 class ChunkCorrupt(RetryableError):
-    """The replica's copy of the chunk failed its CRC32C check; it was not returned and was reported."""
+    """The replica's copy of the chunk is damaged (``damage``: ``crc``, ``header``, ``short``, a
+    ``misplaced`` file of another chunk, a ``stale`` older version, a ``missing`` file); it was not
+    returned and was reported."""
+
+    @property
+    def damage(self) -> str:
+        return (self.rpc_data or {}).get("damage", "crc")
 
 
 class ChunkBusy(RetryableError):

@@ -425,10 +425,11 @@ class StorageServer:
         store = self._store(tid)
         key = (tid, str(args.get("client", "")), int(args.get("channel", 0)))
         seq = int(args.get("seq", 0))
-        with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+        with self.locks.hold((tid, chain, chunk), min(self.lock_timeout, self._budget(args))):
             cached = self._cached(key, seq, fwd and op == "write", int(args.get("ver", -1)))
             if cached is not None:
                 return cached
+            self._still_current(chain, cver)
             self.stats["writes"] += 1
             if op == "remove":
                 result = self._remove_chain(r, ws, pos, args, chain, chunk, store)
@@ -437,6 +438,21 @@ class StorageServer:
             if key[1]:
                 self._remember(key, seq, result)
             return result
+
+    def _still_current(self, chain: int, cver: int) -> None:
+        """Refuse a write whose chain moved on while it waited for its chunk lock.
+
+        [Note: re-check after the lock] A write checks its chain version on arrival, then may wait
+        for the chunk lock behind an earlier attempt (one stuck on a frozen successor). If mgmtd
+        changed the chain meanwhile, going on would forward along the old chain, to the node that
+        was just moved out, and hold the lock for another timeout: the write is refused instead
+        (``StaleRouting``) and its client retries on the new chain. The chunk lock bounds its wait
+        by the request's budget for the same reason (``ChunkBusy``, retried).
+        """
+        c = self.routing.chains.get(chain)
+        if c is not None and c["version"] != cver:
+            raise StaleRouting(f"{self.node}: chain {chain} moved to version {c['version']} while a write at "
+                               f"version {cver} waited for its chunk", current=c["version"])
 
     @contextmanager
     def _admit(self, chain: int, cver: int):
@@ -534,6 +550,8 @@ class StorageServer:
             tmo = float(args.get("tmo") or self.write_timeout)
         except (TypeError, ValueError):
             raise ValueError(f"storage.write: tmo must be a number of seconds, got {args.get('tmo')!r}") from None
+        if not 0 < tmo < float("inf"):
+            raise ValueError(f"storage.write: tmo must be a positive number of seconds, got {args.get('tmo')!r}")
         return min(max(tmo, 0.05), self.io_timeout)
 
     def _write_batch(self, client, items, payload, chain, cver, fwd, budget: float) -> dict:
@@ -547,7 +565,8 @@ class StorageServer:
         results: list = [None] * len(items)
         with ExitStack() as held:
             for chunk in sorted(int(it[0]) for it in items):
-                held.enter_context(self.locks.hold((tid, chain, chunk), self.lock_timeout))
+                held.enter_context(self.locks.hold((tid, chain, chunk), min(self.lock_timeout, budget)))
+            self._still_current(chain, cver)
             todo = []  # (index, chunk, version, data, dedup key, seq)
             for i, it in enumerate(items):
                 chunk, seq = int(it[0]), int(it[2])
