@@ -45,6 +45,7 @@ import os
 import random
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -145,20 +146,44 @@ def _pick_port(addresses: list[str], taken: set[int], rng: random.Random) -> int
     raise LauncherError("no free port found in 20000-32000 on " + ", ".join(addresses))
 
 
+def blocked_for_others(path: str | os.PathLike) -> Path | None:
+    """The first directory above ``path`` that other accounts cannot pass (no o+x), or None."""
+    for parent in reversed(Path(os.path.realpath(path)).parents):
+        with contextlib.suppress(OSError):
+            if not os.stat(parent).st_mode & 0o001:
+                return parent
+    return None
+
+
+def pass_for_jobs(path: str | os.PathLike) -> list[Path]:
+    """Let other accounts pass (o+x: enter, never list or read) every directory above ``path`` that
+    this account owns; returns the directories changed. Tests and the demo use it so that jobs,
+    which run as their users' accounts, can run this Python (on the development machines it lies
+    under /root) and reach the files of a test."""
+    changed = []
+    for parent in reversed(Path(os.path.realpath(path)).parents):
+        with contextlib.suppress(OSError):
+            st = os.stat(parent)
+            if not st.st_mode & 0o001 and st.st_uid == os.geteuid():
+                os.chmod(parent, stat.S_IMODE(st.st_mode) | 0o001)
+                changed.append(parent)
+    return changed
+
+
 def _job_reachable(run_dir: Path) -> None:
     """Make the run directory passable (0711) for jobs, which run as other accounts when the launcher
     is root and must reach RUN_DIR/cluster.toml and their control directories; warn when a parent
-    directory stops them (e.g. a 0700 temporary directory)."""
+    directory (a 0700 temporary directory, /root) stops them, or this Python's."""
     if os.stat(run_dir).st_uid == os.geteuid():
         os.chmod(run_dir, 0o711)
     if os.geteuid() != 0:
         return
-    for parent in run_dir.resolve().parents:
-        if not os.stat(parent).st_mode & 0o001:
-            log.warning("jobs run as their users' accounts cannot reach the run dir %s: %s is mode %o (they need "
-                        "o+x on every parent); use a run dir under a passable directory", run_dir, parent,
-                        os.stat(parent).st_mode & 0o7777)
-            return
+    for what, path in (("the run dir", run_dir), ("this Python", sys.executable)):
+        blocked = blocked_for_others(path)
+        if blocked is not None:
+            log.warning("jobs run as their users' accounts cannot reach %s (%s): %s is mode %o; they need o+x "
+                        "on every directory above it (chmod o+x %s, or use a run dir / a Python elsewhere)",
+                        what, path, blocked, os.stat(blocked).st_mode & 0o7777, blocked)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -312,7 +337,7 @@ class LocalCluster:
         self.cluster = self._resolve()
         with self._lock:
             self._stopping = False
-            for d in (self._held, self._busy, self._reaped, self._history, self._due, self._starting):
+            for d in (self.info, self._held, self._busy, self._reaped, self._history, self._due, self._starting):
                 d.clear()
         if not self._atexit:
             atexit.register(self.down)
@@ -831,6 +856,7 @@ def cluster_up(cluster_file: str, run_dir: Path | None = None, ports: str = "fil
     """Start a detached supervisor for the cluster and wait until it is up (or failed)."""
     if restart not in ("on-failure", "no"):
         raise LauncherError(f"restart must be 'on-failure' or 'no', not {restart!r}")
+    LocalCluster(cluster_file, run_dir, ports=ports, services=services)  # a bad service entry: an error here
     c = load_cluster(cluster_file)
     run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
     st = _read_state(run_dir)

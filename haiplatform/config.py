@@ -13,24 +13,43 @@
     admin_token = ""            # "" -> generated into STATE_DIR/admin.token (mode 0600)
     cluster_secret = ""         # agents' and the scheduler's token; "" -> STATE_DIR/cluster.secret
     max_unfinished_per_user = 10000
+    max_body_bytes = 1048576    # API: a larger request body is refused (413)
+    rate_limit = 100.0          # API: requests/s per user (token bucket; agents and the scheduler exempt)
+    rate_burst = 1000           # API: ... and the bucket's size (429 when empty)
+    max_user_requests = 24      # API: users' requests in progress at once (of 40 threads); the rest wait
+    max_streams_per_user = 8    # API: open log streams (hai logs -f) per user (429 beyond)
+    max_streams = 512           # API: open log streams in all (503 beyond)
+    stream_max_seconds = 86400.0  # API: a log stream ends after this long (follow again to go on)
+    job_account = "hai-{user}"  # the Unix account a user's ranks run as ({user}: the platform user)
+    accounts = {}               # explicit user -> account entries, e.g. {alice = "alice"}; win over job_account
+    create_accounts = false     # an agent running as root creates a missing account (useradd --system)
+    control_dir = ""            # "" -> STATE_DIR + "-control": the jobs' HAI_CONTROL directories
+    job_credential_ttl = 604800.0  # lifetime of a job's fs3 credential (s)
 
 STATE_DIR is ``$FIREFLYER_RUN_DIR_CLUSTER/hai`` when the local launcher runs the service,
 else ``state_dir`` from the section, else ``~/.local/state/fireflyer/hai/<cluster name>``.
-Job logs live under STATE_DIR/logs/<node>/ on each node.
+It holds the database, the tokens and the job logs (STATE_DIR/logs/<node>/ on each node) and is
+mode 0700: readable by the services' account only. The control directories live beside it (a
+0711 tree: a job reaches its own directory by name, owned by its account, mode 0700).
+
+[Note: no secrets in the cluster description] Every job reads the cluster description
+(HAI_CLUSTER_FILE), so ``admin_token`` and ``cluster_secret`` are refused in a description that
+other accounts can read: leave them empty (generated into STATE_DIR) or keep the file 0600.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, fields
+import stat
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from network.topology import Cluster
 
 from .errors import ConfigError
 
-__all__ = ["HaiConfig", "load_config", "state_dir_for", "read_or_create_secret"]
+__all__ = ["HaiConfig", "load_config", "state_dir_for", "read_or_create_secret", "private_dir"]
 
 
 @dataclass
@@ -46,7 +65,19 @@ class HaiConfig:
     admin_token: str = ""
     cluster_secret: str = ""
     max_unfinished_per_user: int = 10000
+    max_body_bytes: int = 1 << 20
+    rate_limit: float = 100.0
+    rate_burst: int = 1000
+    max_user_requests: int = 24
+    max_streams_per_user: int = 8
+    max_streams: int = 512
+    stream_max_seconds: float = 86400.0
     longpoll: float = 2.0
+    job_account: str = "hai-{user}"
+    accounts: dict = field(default_factory=dict)
+    create_accounts: bool = False
+    control_dir: str = ""
+    job_credential_ttl: float = 7 * 24 * 3600.0
 
     def resolved_db_url(self) -> str:
         if self.db_url:
@@ -61,6 +92,12 @@ class HaiConfig:
 
     def log_dir(self, node: str) -> Path:
         return self.state_dir / "logs" / node
+
+    def control_root(self) -> Path:
+        """Where the agents make the jobs' HAI_CONTROL directories (``control_dir``, else beside STATE_DIR)."""
+        if self.control_dir:
+            return Path(os.path.expanduser(self.control_dir))
+        return self.state_dir.with_name(self.state_dir.name + "-control")
 
 
 def state_dir_for(cluster: Cluster, section: dict | None = None) -> Path:
@@ -84,20 +121,60 @@ def load_config(cluster: Cluster) -> HaiConfig:
         if key not in known:
             raise ConfigError(f"{cluster.source}: haiplatform.{key}: unknown key (known: {', '.join(sorted(known))})")
         typ = known[key].type
-        want = {"float": (int, float), "int": (int,), "str": (str,)}[typ]
-        if isinstance(val, bool) or not isinstance(val, want):
+        want = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,), "dict": (dict,)}[typ]
+        if (isinstance(val, bool) and typ != "bool") or not isinstance(val, want):
             raise ConfigError(f"{cluster.source}: haiplatform.{key}: expected {typ}, got {val!r}")
         if typ in ("float", "int") and val <= 0:
             raise ConfigError(f"{cluster.source}: haiplatform.{key}: expected a positive number, got {val!r}")
         kw[key] = float(val) if typ == "float" else val
+    _check_accounts(cluster, kw)
+    _check_no_secrets(cluster, kw)
     cfg = HaiConfig(state_dir=state_dir_for(cluster, sec), **kw)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.state_dir)
     return cfg
 
 
+def _check_accounts(cluster: Cluster, kw: dict) -> None:
+    pattern = kw.get("job_account", "hai-{user}")
+    try:
+        ok = "{user}" in pattern and bool(pattern.format(user="x"))
+    except (KeyError, IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{cluster.source}: haiplatform.job_account: expected a pattern with {{user}} "
+                          f"(e.g. \"hai-{{user}}\" or \"{{user}}\"), got {pattern!r}")
+    for user, acct in kw.get("accounts", {}).items():
+        if not isinstance(acct, str) or not acct:
+            raise ConfigError(f"{cluster.source}: haiplatform.accounts.{user}: expected an account name, got {acct!r}")
+
+
+def _check_no_secrets(cluster: Cluster, kw: dict) -> None:
+    """Refuse inline secrets in a description other accounts can read (see the note at the top)."""
+    inline = [k for k in ("admin_token", "cluster_secret") if kw.get(k)]
+    if not inline or cluster.path is None:
+        return
+    try:
+        mode = os.stat(cluster.path).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        raise ConfigError(f"{cluster.source}: haiplatform.{inline[0]}: a secret in the cluster description, which "
+                          f"every job reads (mode {stat.filemode(mode)}); remove it to have one generated into "
+                          f"the state directory (readable by the services only), or make the file mode 0600")
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it mode 0700 when this account owns it: the services' state."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o700:
+        path.chmod(0o700)
+    return path
+
+
 def read_or_create_secret(path: Path) -> str:
-    """The token in ``path``; created (random, mode 0600) by the first caller when missing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The token in ``path``; created (random, mode 0600, in a 0700 directory) by the first caller when missing."""
+    private_dir(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

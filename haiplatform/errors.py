@@ -4,11 +4,13 @@
     ├── ConfigError           the [haiplatform] section or a CLI setting is missing or wrong
     ├── DatabaseError         the scheduler database is unreachable or not migrated
     ├── JobSpecError          a job specification is invalid (the message names the field)
+    ├── AccountError          a job's Unix account is missing or may not run jobs
     └── ApiError              the API answered with an error (status, message)
         ├── AuthError         401: no token, or a token nobody has
         ├── Forbidden         403: the token's user may not do this
         ├── NotFound          404: no such job, node or user
         ├── Conflict          409: the request clashes with the object's state
+        ├── TooManyRequests   429: over a per-user limit (request rate, open log streams)
         └── Unavailable       the API could not be reached within the timeout
 """
 
@@ -21,6 +23,10 @@ class HaiError(Exception):
 
 class ConfigError(HaiError):
     """The [haiplatform] section, a token or a URL is missing or malformed."""
+
+
+class AccountError(HaiError):
+    """The Unix account a user's jobs run as is missing, cannot be created, or may not run jobs."""
 
 
 class DatabaseError(HaiError):
@@ -66,6 +72,12 @@ class Conflict(ApiError):
     status = 409
 
 
+class TooManyRequests(ApiError):
+    """429: over a per-user limit (the request rate, open log streams); the message names it."""
+
+    status = 429
+
+
 class Unavailable(ApiError):
     """The API could not be reached, or did not answer within the timeout."""
 
@@ -74,5 +86,6 @@ class Unavailable(ApiError):
 
 def error_for_status(status: int, message: str) -> ApiError:
     """The ApiError subclass for an HTTP status."""
-    cls = {401: AuthError, 403: Forbidden, 404: NotFound, 409: Conflict, 503: Unavailable}.get(status, ApiError)
+    cls = {401: AuthError, 403: Forbidden, 404: NotFound, 409: Conflict, 429: TooManyRequests,
+           503: Unavailable}.get(status, ApiError)
     return cls(message, status)

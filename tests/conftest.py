@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -29,6 +32,23 @@ def launch_cluster(tmp_path):
     yield launch
     for lc in reversed(started):
         lc.down()
+
+
+@pytest.fixture
+def job_tmp_path():
+    """A temporary directory that jobs, which run as other Unix accounts when the tests run as root,
+    can reach: mode 0711 under the system's temporary directory (pytest's own base is 0700, and
+    pytest makes it 0700 again at every session start). Removed afterwards. A module that
+    launches clusters whose jobs read the test's files overrides ``tmp_path`` with it. The
+    directories above this Python get o+x too (pass, not list), so jobs can run it."""
+    from deploy.local import pass_for_jobs
+
+    if os.geteuid() == 0:
+        pass_for_jobs(sys.executable)
+    d = Path(tempfile.mkdtemp(prefix="fireflyer-test-"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,13 @@ LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "deploy" / "clusters" /
 
 
 @pytest.fixture
+def tmp_path(job_tmp_path):
+    """Jobs run as their user's Unix account (hai-admin here, when the tests run as root): the run
+    dirs and the scripts they read live where that account can reach them."""
+    return job_tmp_path
+
+
+@pytest.fixture
 def cluster_file(tmp_path):
     """Factory: local.toml with [haiplatform] keys overridden (e.g. a short heartbeat timeout, a db_url)."""
     def make(**hai) -> Path:
@@ -130,7 +137,9 @@ def test_submit_runs_on_n_agents_logs_exit_code_status(cluster, tmp_path):
 def test_stop_kills_the_whole_process_tree(launch_cluster, cluster_file, tmp_path):
     lc = launch_cluster(cluster_file(stop_grace=1.0))
     c = hai_client(lc)
-    pidfile = tmp_path / "pids"
+    (tmp_path / "out").mkdir(mode=0o777)
+    (tmp_path / "out").chmod(0o777)  # the job's account writes its pid file here
+    pidfile = tmp_path / "out" / "pids"
     script = tmp_path / "tree.py"
     script.write_text(f"""
 import os, subprocess, sys, time
