@@ -10,7 +10,8 @@ Health checks:
 - ``http:/PATH``: ``GET http://ADDRESS:PORT/PATH`` returns 2xx;
 - ``tcp``: the port accepts a connection;
 - ``none``: the process is alive.
-A ``[[service]]`` entry may override it with ``health = "..."``.
+A ``[[service]]`` entry may override it with ``health = "..."``, and the launcher's restart
+policy for a crashed service with ``restart``, ``restart_sec``, ... (see :mod:`deploy.restart`).
 """
 
 from __future__ import annotations
