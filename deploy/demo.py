@@ -32,7 +32,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from deploy.local import LocalCluster, render_status
+from deploy.local import LocalCluster, pass_for_jobs, render_status
 from network.probe import probe_matrix, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="fireflyer-demo-"))
     t_start = time.monotonic()
+    if os.geteuid() == 0:  # the job runs as the researcher's account (hai-NAME): it must reach this Python
+        for d in pass_for_jobs(sys.executable):
+            con.print(f"[dim]jobs run as their users' accounts: gave them passage (o+x, not listing) through {d}, "
+                      "which holds this Python[/]")
     lc = LocalCluster(args.cluster, run_dir, ports="auto", health_timeout=60)
     ok = False
     try:

@@ -290,6 +290,7 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         self.kill_leftovers()
         private_dir(self.log_dir)
+        _shared_dir(self.cfg.control_root())
         _shared_dir(self.control_dir)
         if not self.switch_user:
             log.warning("the agent of %s does not run as root: jobs run as its own account (%s), not as their "

@@ -87,6 +87,9 @@ for p in sys.argv[1:]:
         out["paths"][p] = "read"
     except OSError as e:
         out["paths"][p] = errno.errorcode.get(e.errno, str(e.errno))
+if os.environ.get("FIREFLYER_CREDENTIAL"):  # its own fs3 credential: readable by itself
+    cred = json.load(open(os.environ["FIREFLYER_CREDENTIAL"]))
+    out["credential"] = [cred["key_id"], cred["expires"]]
 print("RESULT " + json.dumps(out), flush=True)
 """
 
@@ -128,6 +131,7 @@ def test_a_job_runs_as_its_account_and_cannot_reach_secrets_or_other_jobs(launch
     ctl = Path(r["env"]["HAI_CONTROL"])
     assert ctl.stat().st_uid == acct.pw_uid and stat.S_IMODE(ctl.stat().st_mode) == 0o700
     assert stat.S_IMODE(hai.stat().st_mode) == 0o700 and stat.S_IMODE((hai / "admin.token").stat().st_mode) == 0o600
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (run / "hai-control", ctl.parent)} == {0o711}
     # the environment: the documented set, no service variable, no secret
     env = r["env"]
     assert env["USER"] == "hai-alice" and env["HAI_USER"] == "alice" and env["HAI_JOB_ID"] == str(a["id"])
@@ -135,9 +139,10 @@ def test_a_job_runs_as_its_account_and_cannot_reach_secrets_or_other_jobs(launch
     secrets = {AGENT_SECRET, (hai / "admin.token").read_text().strip(), (hai / "cluster.secret").read_text().strip()}
     assert not [k for k, v in env.items() if any(s in v for s in secrets)]
     assert env["HAI_TOKEN"] == env["HAI_JOB_TOKEN"].strip() and env["HAI_JOB_TOKEN"].startswith("job.")
-    if "FIREFLYER_CREDENTIAL" in env:
-        assert env["FIREFLYER_CREDENTIAL"] == str(ctl / "credential")
-        assert not (ctl / "credential").exists()  # removed when the job's last rank here ended
+    # its fs3 credential: job:<chain>, with an expiry, in its control directory (gone once it ended)
+    assert env["FIREFLYER_CREDENTIAL"] == str(ctl / "credential")
+    assert r["credential"][0] == f"job:{a['id']}" and r["credential"][1] > time.time()
+    assert not (ctl / "credential").exists()
     bob.stop(b["id"])
     assert bob.wait(b["id"], timeout=30)["status"] == "stopped"
 
