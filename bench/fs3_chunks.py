@@ -20,6 +20,12 @@ the median of ``--trials`` trials; each fs3 phase is preceded by a bare-stream r
 through the session), and the table also shows the median per-pair ratio. CPU seconds per GB
 (all processes involved) are reported too: they do not depend on the machine's load.
 
+Authentication: the cluster above authenticates every connection (network.auth), as every fs3
+cluster does. A second cluster on the same nodes runs without it (the benchmark switch
+``FIREFLYER_INSECURE_NO_AUTH=1``, as before issue #14); each fs3 phase runs on both, each after
+its own bare-stream run. Target: ``auth_effect_*`` = (with auth / its bare run) / (without /
+its bare run), median over trials, >= 0.95 (authentication happens once per connection).
+
     python bench/fs3_chunks.py [--quick]
 """
 
@@ -44,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from deploy.local import LocalCluster  # noqa: E402
 from fs3.client import ChunkClient, ReadIO, WriteIO  # noqa: E402
+from network.auth import INSECURE_ENV, NO_AUTH  # noqa: E402
 from network.topology import dump_cluster  # noqa: E402
 
 SRC, DST = "127.0.0.2", "127.0.0.3"
@@ -230,21 +237,29 @@ def main() -> int:
         next_qs[h].put((f"127.0.0.{3 + h}", relay_ports[h]))
 
     lc = LocalCluster(cf, tmp / "run", ports="auto", services=["fs3.mgmtd", "fs3.storage"])
+    # the same cluster without authentication (benchmark switch), for the auth_effect ratios
+    lc_off = LocalCluster(cf, tmp / "run-noauth", ports="auto", services=["fs3.mgmtd", "fs3.storage"],
+                          env={INSECURE_ENV: "1"})
+    phases = ("fs3_seq_write", "fs3_rand_write", "fs3_seq_read", "fs3_rand_read")
     fig: dict[str, list[float]] = {k: [] for k in ("bare_tcp", "disk_write", "disk_read", "ideal_chain",
-                                                   "fs3_seq_write",
-                                                   "fs3_rand_write", "fs3_seq_read", "fs3_rand_read")}
+                                                   *phases, *(f"{p}_noauth" for p in phases))}
     try:
         lc.up()
+        lc_off.up()
         client = ChunkClient.from_cluster(lc.cluster_file, node="n0", max_inflight=args.inflight, timeout=60)
+        client_off = ChunkClient.from_cluster(lc_off.cluster_file, node="n0", max_inflight=args.inflight,
+                                              timeout=60, credential=NO_AUTH)
         chains = client.chains()
+        assert client_off.chains() == chains
         # settle: every server registered and reachable
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                client.write(chains[0], 1 << 40, b"warm")
-                break
-            except Exception:  # noqa: BLE001
-                time.sleep(0.2)
+        for cl in (client, client_off):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    cl.write(chains[0], 1 << 40, b"warm")
+                    break
+                except Exception:  # noqa: BLE001
+                    time.sleep(0.2)
         keys = [(chains[i % len(chains)], i) for i in range(nmib)]
         # the reader's buffers, touched once (a reader reuses its buffers; first-touch page
         # faults of fresh memory are not the storage path's cost)
@@ -256,23 +271,25 @@ def main() -> int:
         # CPU seconds per GB moved (every process involved): a load-independent view of cost
         cpu: dict[str, list[float]] = {}
         fs3_pids = [p.pid for p in lc.procs.values()]
+        fs3_pids_off = [p.pid for p in lc_off.procs.values()]
 
         def phase(name: str, fn) -> None:
+            pids = fs3_pids_off if name.endswith("_noauth") else fs3_pids
             os.sync()  # the previous phase's dirty pages are written back first, not charged here
             c0 = _cpu([sink.pid])
             b = bare_stream(port, chunks)
             cpu.setdefault("bare_tcp", []).append((_cpu([sink.pid]) - c0) / (2 * total / 1e9))
             fig["bare_tcp"].append(b)
             os.sync()
-            c0 = _cpu(fs3_pids)
+            c0 = _cpu(pids)
             t0 = time.perf_counter()
             fn()
             v = total / (time.perf_counter() - t0)
-            cpu.setdefault(name, []).append((_cpu(fs3_pids) - c0) / (total / 1e9))
+            cpu.setdefault(name, []).append((_cpu(pids) - c0) / (total / 1e9))
             fig[name].append(v)
             pair.setdefault(name, []).append(v / b)
 
-        def reads(order: list[int]) -> None:
+        def reads(order: list[int], client=client) -> None:
             step = len(bufs)
             for k in range(0, nmib, step):
                 part = order[k:k + step]
@@ -289,14 +306,22 @@ def main() -> int:
             c0 = _cpu([r.pid for r in relays])
             fig["ideal_chain"].append(ideal_chain(relay_ports[0], chunks))
             cpu.setdefault("ideal_chain", []).append((_cpu([r.pid for r in relays]) - c0) / (total / 1e9))
+            # with and without authentication, alternating (which goes first alternates by trial)
+            both = [("", client), ("_noauth", client_off)]
+            if _t % 2:
+                both.reverse()
             for name, order in (("seq", list(range(nmib))), ("rand", rng.sample(range(nmib), nmib))):
-                phase(f"fs3_{name}_write",
-                      lambda order=order: client.batch_write([WriteIO(*keys[i], chunks[i]) for i in order]))
+                for sfx, cl in both:
+                    phase(f"fs3_{name}_write{sfx}", lambda order=order, cl=cl: cl.batch_write(
+                        [WriteIO(*keys[i], chunks[i]) for i in order]))
             for name, order in (("seq", list(range(nmib))), ("rand", rng.sample(range(nmib), nmib))):
-                phase(f"fs3_{name}_read", lambda order=order: reads(order))
+                for sfx, cl in both:
+                    phase(f"fs3_{name}_read{sfx}", lambda order=order, cl=cl: reads(order, cl))
         client.close()
+        client_off.close()
     finally:
         lc.down()
+        lc_off.down()
         try:
             s = socket.create_connection((DST, port), timeout=5)
             s.sendall(b"quit....")
@@ -341,14 +366,20 @@ def main() -> int:
     # what bounds throughput where CPU is the scarce resource (2 shared cores here)
     for k in ("fs3_seq_read", "fs3_rand_read", "fs3_seq_write", "fs3_rand_write"):
         ratios[f"cpu_efficiency_{k[4:]}"] = cpu_med["bare_tcp"] / cpu_med[k]
+    # authentication's effect: per-pair ratios (each phase over its own adjacent bare run), with
+    # auth over without, medians over trials
+    # ... and in CPU seconds per GB (noauth / auth; load-independent: the steadier view of a cost
+    # that should be nil per byte)
+    for k in phases:
+        ratios[f"auth_effect_{k[4:]}"] = statistics.median(pair[k]) / statistics.median(pair[f"{k}_noauth"])
+        ratios[f"auth_cpu_effect_{k[4:]}"] = cpu_med[f"{k}_noauth"] / max(cpu_med[k], 1e-9)
     targets = {"seq_read_vs_bare": 0.70, "rand_read_vs_bare": 0.70, "seq_write_vs_bare": 0.25,
-               "rand_write_vs_bare": 0.25}
+               "rand_write_vs_bare": 0.25, **{f"auth_effect_{k[4:]}": 0.95 for k in phases}}
     ok = all(ratios[k] >= v for k, v in targets.items())
     print(f"fs3 chunks: {nmib} x 1 MiB per trial, {trials} trials (median), {args.inflight} in flight, "
           f"read window {args.window}, 3-replica chains on n1..n3, client on n0")
     print(f"{'path':<22}{'GB/s':>8}{'vs bare TCP':>13}{'vs adjacent bare run':>22}{'CPU s per GB':>14}")
-    for k in ("bare_tcp", "disk_write", "disk_read", "ideal_chain", "fs3_seq_write", "fs3_rand_write",
-              "fs3_seq_read", "fs3_rand_read"):
+    for k in ("bare_tcp", "disk_write", "disk_read", "ideal_chain", *(x for p in phases for x in (p, f"{p}_noauth"))):
         rel = f"{statistics.median(pair[k]):>21.0%}" if k in pair else " " * 21
         c = f"{cpu_med[k]:>14.2f}" if k in cpu_med else ""
         print(f"{k:<22}{med[k]:>8.3f}{med[k] / bare:>12.0%} {rel}{c}")

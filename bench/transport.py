@@ -7,6 +7,12 @@ the bare socket; pyzmq receives with ``copy=False`` (its best case: no copy into
 figure is the median of ``trials`` trials. Target: transport >= 90% of the bare socket at 16 MiB
 and above.
 
+``auth`` is the transport on a connection that first ran the cluster handshake (network.auth,
+as every RPC connection does); ``sealed`` adds AES-GCM encryption of every frame
+(``[security] encrypt``, off by default; shown, no target). Target: authentication keeps the
+transport's ratio to the bare socket, ``(auth/bare) / (transport/bare) >= 0.95`` at 16 MiB and
+above (it runs once per connection, nothing per byte).
+
     python bench/transport.py [--quick]
 """
 
@@ -25,18 +31,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from network import connect, listen  # noqa: E402
+from network import Authenticator, connect, listen, new_cluster_key  # noqa: E402
+from network.auth import client_handshake, server_handshake  # noqa: E402
 
 SRC, DST = "127.0.0.2", "127.0.0.3"
 MiB = 1 << 20
 
 
-def _receiver(method: str, size: int, reps: int, trials: int, port_q: mp.Queue) -> None:
+def _receiver(method: str, size: int, reps: int, trials: int, port_q: mp.Queue, key=None) -> None:
     buf = np.empty(size, np.uint8)
-    if method == "transport":
+    if method in ("transport", "auth", "sealed"):
         lst = listen(DST, 0)
         port_q.put(lst.port)
         conn = lst.accept(timeout=30)
+        if method != "transport":
+            conn, _ = server_handshake(conn, Authenticator(key, encrypt=method == "sealed"))
         for _ in range(trials):
             for _ in range(reps + 1):
                 conn.recv_into(buf)
@@ -77,16 +86,18 @@ def _receiver(method: str, size: int, reps: int, trials: int, port_q: mp.Queue) 
         ctx.term()
 
 
-def measure(method: str, size: int, reps: int, trials: int) -> float:
+def measure(method: str, size: int, reps: int, trials: int, key=None) -> float:
     """Median GB/s over ``trials`` trials of ``reps`` messages (one untimed warm-up each)."""
     q: mp.Queue = mp.get_context("spawn").Queue()
-    p = mp.get_context("spawn").Process(target=_receiver, args=(method, size, reps, trials, q))
+    p = mp.get_context("spawn").Process(target=_receiver, args=(method, size, reps, trials, q, key))
     p.start()
     port = q.get(timeout=60)
     payload = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
     rates = []
-    if method == "transport":
+    if method in ("transport", "auth", "sealed"):
         c = connect(DST, port, source=SRC, timeout=30)
+        if method != "transport":
+            c = client_handshake(c, key)
         for _ in range(trials):
             c.send(b"", payload)
             t0 = time.perf_counter()
@@ -134,22 +145,30 @@ def main() -> int:
     sizes = [1, 16, 64, 256]
     volume = (256 if args.quick else 1024) * MiB  # bytes per trial
     trials = 3 if args.quick else 5
-    methods = ["transport", "bare", "zmq"]
+    methods = ["transport", "auth", "bare", "zmq", "sealed"]
+    key = new_cluster_key()
     figures: dict[str, dict[str, float]] = {m: {} for m in methods}
-    print(f"{'size':>8} " + " ".join(f"{m + ' GB/s':>16}" for m in methods) + f" {'transport/bare':>15}")
+    print(f"{'size':>8} " + " ".join(f"{m + ' GB/s':>14}" for m in methods) + f" {'transport/bare':>15}"
+          f" {'auth effect':>12}")
     ratios = {}
     for mib in sizes:
         size = mib * MiB
         reps = max(2, volume // size)
         # interleave the methods so drift on this shared machine hits all of them alike
         for m in methods:
-            figures[m][f"{mib}MiB"] = round(measure(m, size, reps, trials), 3)
-        r = figures["transport"][f"{mib}MiB"] / figures["bare"][f"{mib}MiB"]
+            figures[m][f"{mib}MiB"] = round(measure(m, size, reps, trials, key), 3)
+        f = {m: figures[m][f"{mib}MiB"] for m in methods}
+        r = f["transport"] / f["bare"]
         ratios[f"transport/bare@{mib}MiB"] = round(r, 3)
-        ratios[f"transport/zmq@{mib}MiB"] = round(figures["transport"][f"{mib}MiB"] / figures["zmq"][f"{mib}MiB"], 3)
-        print(f"{mib:>5}MiB " + " ".join(f"{figures[m][f'{mib}MiB']:>16.2f}" for m in methods) + f" {r:>15.2f}")
+        ratios[f"transport/zmq@{mib}MiB"] = round(f["transport"] / f["zmq"], 3)
+        ratios[f"auth/bare@{mib}MiB"] = round(f["auth"] / f["bare"], 3)
+        # auth-on ratio to the bare stream over the auth-off one
+        ratios[f"auth_effect@{mib}MiB"] = a = round((f["auth"] / f["bare"]) / r, 3)
+        ratios[f"sealed/transport@{mib}MiB"] = round(f["sealed"] / f["transport"], 3)
+        print(f"{mib:>5}MiB " + " ".join(f"{f[m]:>14.2f}" for m in methods) + f" {r:>15.2f} {a:>12.2f}")
     targets = {f"transport/bare@{mib}MiB": ">= 0.9" for mib in sizes if mib >= 16}
-    ok = all(ratios[k] >= 0.9 for k in targets)
+    targets.update({f"auth_effect@{mib}MiB": ">= 0.95" for mib in sizes if mib >= 16})
+    ok = all(ratios[k] >= float(v.split()[-1]) for k, v in targets.items())
     print(json.dumps({"bench": "transport", "figures": figures, "ratios": ratios, "targets": targets, "ok": ok}))
     return 0
 

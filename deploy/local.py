@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from network import AuthError, Credential, client_credential, load_cluster, load_cluster_key, new_cluster_key
-from network.auth import cluster_key_path
+from network.auth import INSECURE_ENV, NO_AUTH, cluster_key_path
 from network.rpc import ping
 from network.topology import Cluster, dump_cluster
 
@@ -315,6 +315,8 @@ class LocalCluster:
             self.credential = load_cluster_key(cluster)
         except AuthError as exc:
             raise LauncherError(str(exc)) from None
+        if self.env.get(INSECURE_ENV) == "1":  # a benchmark's cluster without authentication
+            self.credential = NO_AUTH
         return cluster
 
     def instances(self) -> list[tuple[str, str]]:
@@ -1023,12 +1025,12 @@ def _fmt_exit(rc: int | None, at: float | None) -> str:
             what = f"signal {-rc}"
     else:
         what = f"status {rc}"
-    return what + (time.strftime(" at %H:%M:%S", time.localtime(at)) if at else "")
+    return what + (time.strftime(" %H:%M:%S", time.localtime(at)) if at else "")
 
 
 def render_status(st: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     con = Console()
     state = st.get("state")
@@ -1036,21 +1038,23 @@ def render_status(st: dict) -> None:
     con.print(f"cluster [bold]{st.get('cluster')}[/]: [{scolor}]{state}[/]  (run dir {st.get('run_dir')})")
     if not st.get("services"):
         return
-    t = Table("service", "node", "address", "pid", "state", "restarts", "last exit", "log")
+    t = Table(*(Column(h, no_wrap=True) for h in ("service", "node", "address", "pid", "state", "restarts",
+                                                    "last exit")), box=None, padding=(0, 1, 0, 0))
     for s in st["services"]:
         color = {"healthy": "green", "unhealthy": "yellow", "starting": "yellow",
                  "restarting": "yellow"}.get(s["state"], "red")
-        shown = s["state"]
-        if shown == "restarting" and s.get("next_start_at"):
-            shown += f" (in {max(0.0, s['next_start_at'] - time.time()):.1f} s)"
         t.add_row(s["module"], s["node"], f"{s['address']}:{s['port']}", str(s.get("pid")),
-                  f"[{color}]{shown}[/]", str(s.get("restarts", 0)),
-                  _fmt_exit(s.get("last_exit"), s.get("last_exit_at")), s["log"])
+                  f"[{color}]{s['state']}[/]", str(s.get("restarts", 0)), _fmt_exit(s.get("last_exit"), None))
     con.print(t)
+    con.print(f"logs: {Path(st['services'][0]['log']).parent}/SERVICE@NODE.log", soft_wrap=True)
     for s in st["services"]:
-        if s["state"] == "failed":
-            con.print(f"[red]{s['module']}@{s['node']} failed: {s.get('reason') or 'see its log'}[/]; "
-                      f"'hai cluster restart {s['module']} --node {s['node']}' starts it again")
+        key, last = f"{s['module']}@{s['node']}", _fmt_exit(s.get("last_exit"), s.get("last_exit_at"))
+        if s["state"] == "restarting":
+            due = max(0.0, (s.get("next_start_at") or 0.0) - time.time())
+            con.print(f"[yellow]{key} restarting in {due:.1f} s[/] (last exit {last})", soft_wrap=True)
+        elif s["state"] == "failed":
+            con.print(f"[red]{key} failed: {s.get('reason') or 'see its log'}[/] (last exit {last}); "
+                      f"'hai cluster restart {s['module']} --node {s['node']}' starts it again", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -217,12 +218,43 @@ def load_cluster_key(cluster: Cluster) -> Credential:
     return cred
 
 
+class _NoAuth:
+    """Authentication switched off: benchmarks comparing with and without it, nothing else."""
+
+    key_id = "insecure"
+
+    @property
+    def key(self) -> _NoAuth:  # what a service that holds it uses as its client credential
+        return self
+
+    def __repr__(self) -> str:
+        return "NO_AUTH"
+
+
+# [Note: the benchmark switch] bench/fs3_chunks.py measures fs3 with and without authentication
+# in one run, so the services must be able to run without it. Only the environment variable
+# INSECURE_ENV=1 (set by the bench for its second cluster) does it, never a cluster file; every
+# service started that way logs a warning. Its peers then accept any connection, as before
+# issue #14: never set it on a cluster anyone else can reach.
+NO_AUTH = _NoAuth()
+INSECURE_ENV = "FIREFLYER_INSECURE_NO_AUTH"
+
+
+def insecure() -> bool:
+    """True when $FIREFLYER_INSECURE_NO_AUTH is "1" (benchmarks only; see the note above)."""
+    return os.environ.get(INSECURE_ENV) == "1"
+
+
 def server_settings(cluster: Cluster) -> dict:
     """Keyword arguments for an ``RpcServer`` of a service of ``cluster``: its authenticator (the
     cluster key, ``[security] encrypt``) and the ``[security]`` limits that are set."""
     sec = cluster.section("security")
-    out: dict = {"auth": Authenticator(load_cluster_key(cluster), encrypt=bool(sec.get("encrypt", False)),
-                                       timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)))}
+    if insecure():
+        logging.getLogger(__name__).warning("%s=1: authentication is OFF (benchmarks only)", INSECURE_ENV)
+        out: dict = {"auth": NO_AUTH}
+    else:
+        out = {"auth": Authenticator(load_cluster_key(cluster), encrypt=bool(sec.get("encrypt", False)),
+                                     timeout=float(sec.get("handshake_timeout", HANDSHAKE_TIMEOUT)))}
     for k in ("idle_timeout", "max_connections", "max_connections_per_host"):
         if k in sec:
             out[k] = sec[k]
@@ -232,6 +264,8 @@ def server_settings(cluster: Cluster) -> dict:
 def client_credential(cluster: Cluster | None = None) -> Credential:
     """The credential a client uses: the file named by $FIREFLYER_CREDENTIAL (a job's own), else
     the cluster key when this user can read it, else an ``AuthError`` naming both."""
+    if insecure():
+        return NO_AUTH  # type: ignore[return-value] - see the note on NO_AUTH
     env = os.environ.get(_ENV)
     if env:
         return Credential.load(env)
@@ -270,7 +304,7 @@ class Authenticator:
 
     @classmethod
     def of(cls, auth: Authenticator | Credential | None, **kw) -> Authenticator:
-        if isinstance(auth, Authenticator):
+        if isinstance(auth, Authenticator) or auth is NO_AUTH:
             return auth
         if isinstance(auth, Credential):
             return cls(auth, **kw)

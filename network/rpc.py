@@ -44,7 +44,9 @@ import msgpack
 from .auth import (
     ANY,
     HANDSHAKE_TIMEOUT,
+    NO_AUTH,
     SERVICE,
+    SERVICE_PRINCIPAL,
     Authenticator,
     Credential,
     Principal,
@@ -254,7 +256,10 @@ class RpcServer:
         first = conn
         try:
             try:
-                conn, principal = server_handshake(conn, self.auth)
+                if self.auth is NO_AUTH:  # benchmarks only (network.auth)
+                    principal = SERVICE_PRINCIPAL
+                else:
+                    conn, principal = server_handshake(conn, self.auth)
             except (AuthError, TransportError) as exc:
                 self.refused["handshakes"] += 1
                 log.info("%s: %s failed to authenticate: %s", self.name, conn.peer, exc)
@@ -404,8 +409,10 @@ class RpcClient:
                                 self.address)
             conn = connect(self.host, self.port, timeout=self.connect_timeout,
                            traffic_class=self.traffic_class, source=self.source, io_timeout=self.timeout)
-            self._conn = client_handshake(conn, self.credential, encrypt=self.encrypt,
-                                          timeout=max(HANDSHAKE_TIMEOUT, self.connect_timeout))
+            if self.credential is not NO_AUTH:
+                conn = client_handshake(conn, self.credential, encrypt=self.encrypt,
+                                        timeout=max(HANDSHAKE_TIMEOUT, self.connect_timeout))
+            self._conn = conn
         self._used = now
         return self._conn
 
