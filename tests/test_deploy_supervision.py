@@ -29,6 +29,23 @@ CRASHER = "import os, sys, time\ntime.sleep(float(os.environ.get('CRASH_AFTER', 
           "sys.exit(int(os.environ.get('CRASH_STATUS', '3')))\n"
 
 
+# Healthy (listening) the first time, then crashes; started again, it never listens.
+FLAKY = """
+import os, socket, sys, time
+from pathlib import Path
+from network import load_cluster
+c = load_cluster(sys.argv[sys.argv.index("--cluster") + 1])
+marker = Path(os.environ["FLAKY_MARKER"])
+if not marker.exists():
+    marker.write_text("started once")
+    addr, port = c.endpoint("flaky", sys.argv[sys.argv.index("--node") + 1])
+    s = socket.create_server((addr, port))
+    time.sleep(0.5)
+    sys.exit(1)
+time.sleep(120)
+"""
+
+
 def _cluster(tmp_path: Path, extra: list[dict] | None = None, probe: dict | None = None) -> Path:
     """The local cluster with its four link-probe responders only (plus ``extra`` services; ``probe``:
     options of the probe's [[service]] entry)."""
@@ -38,6 +55,7 @@ def _cluster(tmp_path: Path, extra: list[dict] | None = None, probe: dict | None
     for sec in ("fs3", "haiplatform", "hfreduce", "haiscale"):
         raw.pop(sec, None)
     (tmp_path / "crasher.py").write_text(CRASHER)
+    (tmp_path / "flaky.py").write_text(FLAKY)
     f = tmp_path / "c.toml"
     f.write_text(dump_cluster(raw))
     return f
@@ -150,6 +168,16 @@ def test_service_that_keeps_crashing_ends_failed(tmp_path, launch_cluster):
     # an admin's restart starts it afresh
     again = lc.restart("crasher", "n3")[0]
     assert again.pid != info.pid and again.state == "healthy"
+
+
+def test_restarted_service_that_never_gets_healthy_is_killed_and_counted(tmp_path, launch_cluster):
+    f = _cluster(tmp_path, [{"module": "flaky", "nodes": ["n1"], "port": 0, "health": "tcp"}])
+    lc = launch_cluster(f, restart=RestartPolicy(backoff=0.05, burst=2), health_timeout=2.0,
+                        env={"PYTHONPATH": str(tmp_path), "FLAKY_MARKER": str(tmp_path / "marker")})
+    info = _until(lambda: lc.info["flaky@n1"].state == "failed" and lc.info["flaky@n1"], 30, "flaky failed")
+    # crash 1: its own exit (status 1); restarted, no health within 2 s: killed, crash 2: the start limit
+    assert (info.restarts, info.last_exit) == (1, -signal.SIGKILL)
+    assert not _alive(info.pid)
 
 
 def test_clean_exit_and_deliberate_kill_are_not_restarted(tmp_path, launch_cluster):
