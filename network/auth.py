@@ -195,14 +195,34 @@ def derive(master: Credential, key_id: str, expires: float | None) -> Credential
 
 # -- where keys live ---------------------------------------------------------------------------
 
+def _launcher_key(cluster: Cluster) -> Path:
+    # [Note: the local launcher's key] deploy.local resolves a description into
+    # RUN_DIR/cluster.toml and keeps the key in RUN_DIR/secrets/cluster.key; RUN_DIR is
+    # $FIREFLYER_RUN_DIR/<name>, else $XDG_STATE_HOME/fireflyer/clusters/<name> (the same rule
+    # as deploy.local.default_run_dir, which network may not import). A description without
+    # key_file (deploy/clusters/local.toml) thus finds the key of its running local cluster, so
+    # `python -m network.probe --cluster deploy/clusters/local.toml` and the fs3 CLI keep working.
+    base = os.environ.get("FIREFLYER_RUN_DIR")
+    if base:
+        run = Path(base) / cluster.name
+    else:
+        run = Path(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")) / "fireflyer" \
+            / "clusters" / cluster.name
+    return run / "secrets" / "cluster.key"
+
+
 def cluster_key_path(cluster: Cluster) -> Path:
-    """``[security] key_file`` of the cluster description, relative to the file's directory."""
+    """``[security] key_file`` of the cluster description, relative to the file's directory;
+    without one, the key of the local launcher's run directory for this cluster, if it exists."""
     sec = cluster.section("security")
     kf = sec.get("key_file")
     if not kf:
-        raise AuthError(f"{cluster.source}: no [security] key_file: every RPC connection is authenticated "
-                        "with the cluster key; create one with `python -m network.auth new-key PATH` "
-                        "and name it in [security] key_file")
+        local = _launcher_key(cluster)
+        if local.exists():
+            return local
+        raise AuthError(f"{cluster.source}: no [security] key_file (and no local cluster key at {local}): every "
+                        "RPC connection is authenticated with the cluster key; create one with "
+                        "`python -m network.auth new-key PATH` and name it in [security] key_file")
     p = Path(kf).expanduser()
     if not p.is_absolute():
         base = cluster.path.parent if cluster.path is not None else Path.cwd()

@@ -167,7 +167,8 @@ def test_server_without_a_key_refuses_to_start():
 def test_service_without_key_file_exits_with_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fs3.mgmtd", "--cluster", str(ROOT / "deploy/clusters/local.toml"),
                         "--node", "n0", "--data-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+                       capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "FIREFLYER_RUN_DIR": str(tmp_path)})  # no local cluster's key either
     assert r.returncode == 2 and "no [security] key_file" in r.stderr, r.stderr
 
 
