@@ -180,17 +180,22 @@ def stats(cluster: Path = ClusterOpt, as_json: bool = JsonOpt) -> None:
 
     t = Table("node", "routing", "reads", "writes", "corrupt", "repaired", "resyncs", "scrubbed",
               "targets (chunks / MiB)")
-    failed = []
+    failed, damage = [], []
     for n, s in out.items():
         if "error" in s:
             t.add_row(n, f"[red]{s['error']}[/]", "", "", "", "", "", "", "")
             continue
         tg = "  ".join(f"{tid}: {d['chunks']} / {d['bytes'] / 2**20:.1f}" for tid, d in sorted(s["targets"].items()))
         failed += [f"{n}: target {tid} FAILED, out of service: {why}" for tid, why in sorted(s["failed"].items())]
+        if s.get("damage"):  # the damaged copies by kind (corrupt bytes, misplaced, stale, missing...)
+            damage.append(f"{n}: damaged copies found: "
+                          + ", ".join(f"{k} {v}" for k, v in sorted(s["damage"].items())))
         t.add_row(n, str(s["routing_version"]), str(s["reads"]), str(s["writes"]), str(s["corrupt"]),
                   str(s["repaired"]), str(s["resyncs"]), f"{s['scrubbed_chunks']} ({s['scrub_passes']} passes)", tg)
     con = Console()
     con.print(t)
+    for line in damage:
+        con.print(line, style="yellow", soft_wrap=True, markup=False, highlight=False)
     for line in failed:
         con.print(line, style="red", soft_wrap=True, markup=False, highlight=False)
 

@@ -180,6 +180,10 @@ def test_misplaced_stale_missing_and_corrupt_copies_are_never_served_and_are_rep
     assert res.exit_code == 0, res.output
     dmg = json.loads(res.output)["n2"]["damage"]
     assert all(dmg.get(k, 0) >= 1 for k in kinds), dmg
+    res = CliRunner().invoke(app, ["stats", "--cluster", str(lc.cluster_file)])
+    assert res.exit_code == 0, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("n2: damaged copies found")]
+    assert all(k in line for k in kinds), line
 
 
 @pytest.mark.parametrize("fs3", [{"scrub_interval": 0.5, "scrub_rate_mb": 500.0}], indirect=True)
