@@ -35,7 +35,8 @@ from typer.testing import CliRunner
 from fs3.chunkstore import ChunkStore
 from fs3.cli import app
 from fs3.client import ReadIO, WriteIO
-from fs3.errors import ChunkCorrupt
+from fs3.config import Fs3Config
+from fs3.errors import ChunkCorrupt, Fs3ConfigError
 
 # -- the chunk store alone ---------------------------------------------------------------------------
 
@@ -94,6 +95,17 @@ def test_chunk_store_header_must_match_the_index(tmp_path):
     _every_read_refuses(st, 1, 1, "header", "index")
     st.meta[(1, 1)].crc ^= 1
     assert bytes(st.read(1, 1)[0]) == a
+
+
+def test_attempt_timeouts_derive_from_the_failure_timeout_and_are_validated():
+    cfg = Fs3Config.from_section({"failure_timeout": 6.0})
+    assert (cfg.read_attempt_timeout, cfg.write_attempt_timeout) == (2.0, 3.0)
+    cfg = Fs3Config.from_section({"failure_timeout": 6.0, "read_timeout": 0.25, "write_timeout": 9})
+    assert (cfg.read_attempt_timeout, cfg.write_attempt_timeout) == (0.25, 9.0)
+    with pytest.raises(Fs3ConfigError, match=r"\[fs3\].read_timeout: expected seconds"):
+        Fs3Config.from_section({"read_timeout": -1.0})
+    with pytest.raises(Fs3ConfigError, match=r"\[fs3\].write_timeout: expected float"):
+        Fs3Config.from_section({"write_timeout": "5"})
 
 
 # -- a cluster --------------------------------------------------------------------------------------
