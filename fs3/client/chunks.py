@@ -7,16 +7,17 @@ service on the data path, as in 3FS).
 
 - **Writes** go to the head of the chain (the first serving target) with the chain version the
   client holds and an idempotency key (client id, channel, sequence number). A retryable error
-  (stale routing, a dead successor, a target that is not the head any more) makes the client
-  refresh its routing table and retry *the same* key until its deadline, so a write is applied
-  once even when an acknowledgement was lost. ``batch_write`` sends whole-chunk writes of one
+  (stale routing, a dead successor, a target that is not the head any more) or no answer within
+  ``write_timeout`` (a frozen head; a frozen successor makes the head answer ``ForwardFailed``
+  first, fs3.forward's hop budgets) makes the client refresh its routing table and retry *the
+  same* key until its deadline, so a write is applied once even when an acknowledgement was lost. ``batch_write`` sends whole-chunk writes of one
   chain in batches (``storage.write_batch``: one request through the chain, one key per item).
 - **Reads** go to one serving replica, chosen per batch on the node with the fewest reads
   already assigned (3FS's default), and land in the callers' buffers (a scatter receive). Whole
   chunks come unverified from the file (``sendfile``) and are checked here against the CRC32C
   recorded at write time; a mismatch is reported to that server (``storage.check``), which
   verifies, reports and repairs its copy. An error from a replica (dead, corrupt copy, not
-  serving) moves the read to another replica; a pending chunk ("not committed") is retried
+  serving) or no answer within ``read_timeout`` (a frozen node) moves the read to another replica; a pending chunk ("not committed") is retried
   after a short wait unless ``relaxed`` reads are allowed.
 - **Flow control**: at most ``max_inflight`` requests are in flight at once, at most
   ``per_server`` of them to one storage server (3FS's request-to-send bound: 32 in flight, 8 per
