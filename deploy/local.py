@@ -170,13 +170,17 @@ def pass_for_jobs(path: str | os.PathLike) -> list[Path]:
     return changed
 
 
-def _job_reachable(run_dir: Path) -> None:
+def _job_reachable(run_dir: Path, jobs: bool = True) -> None:
     """Make the run directory passable (0711) for jobs, which run as other accounts when the launcher
     is root and must reach RUN_DIR/cluster.toml and their control directories; warn when a parent
     directory (a 0700 temporary directory, /root) stops them, or this Python's."""
     if os.stat(run_dir).st_uid == os.geteuid():
         os.chmod(run_dir, 0o711)
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and jobs:
+        log.warning("the launcher does not run as root: the agents will run jobs as this account (uid %d), not "
+                    "as their users' accounts, and jobs can read the platform's secrets; run it as root to "
+                    "keep them apart (docs/haiplatform.md, 'Jobs run as their users')", os.geteuid())
+    if os.geteuid() != 0 or not jobs:
         return
     for what, path in (("the run dir", run_dir), ("this Python", sys.executable)):
         blocked = blocked_for_others(path)
@@ -291,7 +295,7 @@ class LocalCluster:
                 sv["port"] = _pick_port(addrs, taken, rng)
                 taken.add(sv["port"])
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _job_reachable(self.run_dir)
+        _job_reachable(self.run_dir, jobs=self.source.service("haiplatform.agent") is not None)
         for private in ("logs", "data"):  # the services' logs and fs3's data: theirs only
             (self.run_dir / private).mkdir(mode=0o700, exist_ok=True)
             os.chmod(self.run_dir / private, 0o700)

@@ -134,13 +134,14 @@ def test_bad_restart_option_in_the_cluster_file_is_a_clear_error(tmp_path):
 # -- a LocalCluster in this process (monitor thread) ---------------------------------------------
 
 def test_crashed_service_comes_back_healthy_and_is_counted(tmp_path, launch_cluster):
-    lc = launch_cluster(_cluster(tmp_path), restart=RestartPolicy(backoff=2.0))
+    lc = launch_cluster(_cluster(tmp_path), restart=RestartPolicy(backoff=3.0))
     info = lc.info["network.probe@n1"]
     old = info.pid
     os.killpg(old, signal.SIGKILL)  # a crash: not lc.kill(), which holds the service down on purpose
-    _until(lambda: not _alive(old), 10, "the service died")
     # down for the back-off: the cluster is degraded, the status and the state file say why
-    assert {i.key: i.state for i in lc.degraded()} == {"network.probe@n1": "restarting"}
+    _until(lambda: {i.key: i.state for i in lc.degraded()} == {"network.probe@n1": "restarting"}, 10,
+           "the status shows the crashed service restarting")
+    assert not _alive(old)
     st = _state(lc.run_dir)["network.probe@n1"]
     assert (st["state"], st["last_exit"], st["restarts"]) == ("restarting", -9, 0)
     # ... then it is back: a new process, healthy, the restart counted
