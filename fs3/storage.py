@@ -170,13 +170,14 @@ class StorageServer:
         self._resyncing: set[tuple[int, int, int]] = set()
         self._admitted: dict[tuple[int, int], int] = {}  # (chain, chain version) -> writes in progress
         self._stop = threading.Event()
+        bulk = max(cfg.chunk_size, cfg.max_batch_bytes)  # the largest payload a write carries
+        # headers up to a batch's size too: a resync's sync_remove lists every chunk to drop
         self.server = RpcServer(address, port, auth=auth, name=f"fs3.storage@{node}",
-                                traffic_class=TrafficClass.STORAGE, **(limits or {}))
+                                traffic_class=TrafficClass.STORAGE, max_header=bulk, **(limits or {}))
         s = self.server
         # [Note: who may call what] clients (jobs, the fs3 library, the CLI as a user) read, write to
         # a chain's head and check copies; forwarding down a chain (fwd), resync and the chunk list
         # are the services' own (a forged forward would make one replica differ from the others).
-        bulk = max(cfg.chunk_size, cfg.max_batch_bytes)  # the largest payload a write carries
         s.register("storage.write", self.h_write, payload_into=self._payload_buffer, roles=ANY,
                    service_if=("fwd",), max_payload=bulk)
         s.register("storage.write_batch", self.h_write_batch, payload_into=self._payload_buffer, roles=ANY,

@@ -387,3 +387,27 @@ def test_connections_are_bounded_per_host_and_idle_ones_closed():
         for s in socks:
             s.close()
         srv.stop()
+
+
+def test_benchmark_switch_is_the_environment_only(tmp_path, monkeypatch):
+    """FIREFLYER_INSECURE_NO_AUTH=1 (bench/fs3_chunks.py's cluster without authentication) turns
+    authentication off; nothing in a cluster file can."""
+    from network import server_settings
+    from network.auth import INSECURE_ENV, NO_AUTH
+
+    KEY.save(tmp_path / "cluster.key")
+    f = tmp_path / "c.toml"
+    f.write_text((ROOT / "deploy/clusters/local.toml").read_text() + '\n[security]\nkey_file = "cluster.key"\n')
+    assert isinstance(server_settings(load_cluster(f))["auth"], Authenticator)
+    monkeypatch.setenv(INSECURE_ENV, "1")
+    settings = server_settings(load_cluster(f))
+    assert settings["auth"] is NO_AUTH and client_credential(load_cluster(f)) is NO_AUTH
+    srv = RpcServer("127.0.0.3", 0, **settings).start()
+    try:
+        with RpcClient(*srv.address, credential=NO_AUTH) as c:
+            assert c.call("rpc.ping").result["name"] == "rpc"
+    finally:
+        srv.stop()
+    f.write_text((ROOT / "deploy/clusters/local.toml").read_text() + "\n[security]\ninsecure = true\n")
+    with pytest.raises(ClusterFileError, match="security.insecure: unknown key"):
+        load_cluster(f)
