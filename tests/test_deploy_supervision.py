@@ -153,6 +153,8 @@ def test_crashed_service_comes_back_healthy_and_is_counted(tmp_path, launch_clus
     _until(lambda: _state(lc.run_dir)["network.probe@n1"]["state"] == "healthy", 10, "state file updated")
     st = _state(lc.run_dir)["network.probe@n1"]
     assert (st["pid"], st["restarts"], st["last_exit"]) == (new.pid, 1, -9)
+    lc.down()
+    assert not _alive(new.pid) and _procs_mentioning(str(lc.run_dir)) == []
 
 
 def test_service_that_keeps_crashing_ends_failed(tmp_path, launch_cluster):
@@ -169,6 +171,8 @@ def test_service_that_keeps_crashing_ends_failed(tmp_path, launch_cluster):
     # an admin's restart starts it afresh
     again = lc.restart("crasher", "n3")[0]
     assert again.pid != info.pid and again.state == "healthy"
+    lc.down()  # the processes the monitor thread started go too
+    assert _procs_mentioning(str(lc.run_dir)) == []
 
 
 def test_restarted_service_that_never_gets_healthy_is_killed_and_counted(tmp_path, launch_cluster):
@@ -179,6 +183,8 @@ def test_restarted_service_that_never_gets_healthy_is_killed_and_counted(tmp_pat
     # crash 1: its own exit (status 1); restarted, no health within 2 s: killed, crash 2: the start limit
     assert (info.restarts, info.last_exit) == (1, -signal.SIGKILL)
     assert not _alive(info.pid)
+    lc.down()
+    assert _procs_mentioning(str(lc.run_dir)) == []
 
 
 def test_clean_exit_and_deliberate_kill_are_not_restarted(tmp_path, launch_cluster):
