@@ -89,7 +89,15 @@ USER_NAME = r"^[a-z_][a-z0-9_.-]{0,63}$"
 INT32 = 2**31 - 1
 OFFSET_MAX = 2**53          # a log offset (bytes): well past any log, exact in every JSON parser
 SEQ_MAX = 2**62             # the notification channels' sequence numbers
-NODE_NAME = Annotated[str, Field(min_length=1, max_length=64)]
+NO_NUL = r"^[^\x00]*$"      # PostgreSQL's text cannot hold NUL, nor can an argv, an env or a path
+
+
+def Text(max_length: int, **kw: Any) -> Any:  # noqa: N802 - reads as a type in the models
+    """A string of at most ``max_length`` characters, without NUL."""
+    return Annotated[str, Field(max_length=max_length, pattern=NO_NUL, **kw)]
+
+
+NODE_NAME = Text(64, min_length=1)
 JobId = Annotated[int, PathParam(ge=1, le=INT32, description="a job id (any attempt of the chain)")]
 
 
@@ -155,15 +163,15 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=JOB_NAME, description="a name for the job (letters, digits, _.@-)")
-    command: list[Annotated[str, Field(max_length=65536)]] = Field(
+    command: list[Text(65536)] = Field(
         min_length=1, max_length=4096, description="argv of each rank's process")
     nodes: int = Field(1, ge=1, le=10000, description="whole nodes")
     procs_per_node: int = Field(0, ge=0, le=256, description="processes per node; 0: the node's GPUs (or 1)")
-    priority: Annotated[int, Field(ge=0, le=50)] | Annotated[str, Field(max_length=32)] = Field(
+    priority: Annotated[int, Field(ge=0, le=50)] | Text(32) = Field(
         "normal", validate_default=True, description="a level name or its number (0..50)")
-    env: dict[Annotated[str, Field(max_length=1024)], Annotated[str, Field(max_length=65536)]] = Field(
+    env: dict[Text(1024), Text(65536)] = Field(
         default_factory=dict, max_length=4096)
-    workdir: str = Field("", max_length=1000)
+    workdir: Text(1000) = ""
     shared_in_group: bool = False
 
     @field_validator("command")
@@ -216,13 +224,13 @@ class NotifySpec(BaseModel):
 
 
 class DrainSpec(BaseModel):
-    reason: str = Field("", max_length=200)
+    reason: Text(200) = ""
 
 
 class RegisterSpec(BaseModel):
     node: NODE_NAME
-    epoch: str = Field(max_length=40)
-    address: str = Field("", max_length=64)
+    epoch: Text(40)
+    address: Text(64) = ""
     cpus: int = Field(0, ge=0, le=INT32)
     memory_gib: float = Field(0.0, ge=0, le=1e12, allow_inf_nan=False)
     gpus: int = Field(0, ge=0, le=INT32)
@@ -232,16 +240,16 @@ class RegisterSpec(BaseModel):
 class RankReport(BaseModel):
     job_id: int = Field(ge=1, le=INT32)
     rank: int = Field(ge=0, le=INT32)
-    status: str = Field(max_length=16)
+    status: Text(16)
     exit_code: int | None = Field(None, ge=-INT32 - 1, le=INT32)
     pid: int | None = Field(None, ge=0, le=INT32)
-    message: str = Field("", max_length=65536)
+    message: Text(65536) = ""
     whole_life_state: int | None = Field(None, ge=-INT32 - 1, le=INT32)
 
 
 class ReportSpec(BaseModel):
     node: NODE_NAME
-    epoch: str = Field(max_length=40)
+    epoch: Text(40)
     ranks: list[RankReport] = Field(default_factory=list, max_length=100000)
     master_ports: dict[Annotated[int, Field(ge=1, le=INT32)], Annotated[int, Field(ge=1, le=65535)]] = Field(
         default_factory=dict, max_length=100000)
@@ -396,6 +404,22 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
 
     app.state.authenticate = authenticate
 
+    # -- limits ---------------------------------------------------------------------------------
+    limits = app.state.limits = Limits.from_config(cfg)
+
+    def limit_key(p: Principal) -> str:
+        """Whose bucket and streams a request counts against: a user, or one job's token."""
+        return f"job:{p.chain}" if p.role == "job" else p.name
+
+    def who(request: Request) -> tuple[str, bool]:
+        try:
+            p = authenticate(request)
+        except ApiError:  # the route answers 401; its rate is its address's
+            return f"addr:{request.client.host if request.client else '?'}", False
+        return limit_key(p), p.role == "service"
+
+    app.add_middleware(Guard, limits=limits, who=who)
+
     def _may_see(p: Principal, j: Job) -> bool:
         if p.role == "job":
             return j.chain_id == p.chain
@@ -412,8 +436,8 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
 
     # -- health ---------------------------------------------------------------------------------
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict:
-        return {"ok": True, "cluster": cluster.name}
+    async def healthz() -> dict:  # on the event loop: it answers whatever the thread pool does
+        return {"ok": True, "cluster": cluster.name, "limits": limits.snapshot()}
 
     # -- jobs -----------------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=201)
@@ -449,7 +473,7 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
                              "created_at": now}, status_code=201)
 
     @app.get("/v1/jobs")
-    def list_jobs(p: User_, all: bool = False, status: str | None = None,
+    def list_jobs(p: User_, all: bool = False, status: Annotated[str | None, Query(max_length=16)] = None,
                   limit: Annotated[int, Query(ge=1, le=10000)] = 100) -> list[dict]:
         if all and not p.admin:
             raise Forbidden("only admins may list every user's jobs (?all=true)")
@@ -467,7 +491,7 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
             return [_job_json(j) for j in s.scalars(q)]
 
     @app.get("/v1/jobs/{job_id}")
-    def get_job(job_id: int, p: User_) -> dict:
+    def get_job(job_id: JobId, p: User_) -> dict:
         with db.read() as s:
             j = _chain_latest(s, job_id, p)
             ranks = list(s.scalars(select(Rank).where(Rank.job_id == j.id).order_by(Rank.rank)))
@@ -490,11 +514,11 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
         return out
 
     @app.post("/v1/jobs/{job_id}/stop", status_code=202)
-    def stop_job(job_id: int, p: User_) -> dict:
+    def stop_job(job_id: JobId, p: User_) -> dict:
         return _request_stop(job_id, p, StopCode.MANUAL_STOP, "stop")
 
     @app.post("/v1/jobs/{job_id}/suspend", status_code=202)
-    def suspend_job(job_id: int, p: User_) -> dict:
+    def suspend_job(job_id: JobId, p: User_) -> dict:
         return _request_stop(job_id, p, StopCode.INTERRUPT, "suspend")
 
     def _agent_client(node: str):
@@ -520,9 +544,10 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
                            502) from exc
         return bytes(rep.payload), bool(rep.result.get("eof"))
 
-    @app.get("/v1/jobs/{job_id}/logs")
-    def job_logs(job_id: int, p: User_, rank: Annotated[int, Query(ge=0)] = 0,
-                 offset: Annotated[int, Query(ge=0)] = 0, follow: bool = False, attempt: int | None = None):
+    def _log_target(job_id: int, p: Principal, rank: int, attempt: int | None,
+                    follow: bool) -> tuple[str | None, int] | None:
+        """(node, attempt id) of the rank's log; node None: queued (the rank does not exist yet);
+        None: a queued job's log without ``follow`` (empty)."""
         with db.read() as s:
             j = _chain_latest(s, job_id, p)
             if attempt is not None:  # an earlier attempt of the same chain
@@ -531,42 +556,75 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
                     raise NotFound(f"job {job_id} has no attempt {attempt}")
                 j = a
             r = s.scalars(select(Rank).where(Rank.job_id == j.id, Rank.rank == rank)).first()
-            jid = j.id
             if r is None:
                 if j.status == JobStatus.QUEUED and not follow:
-                    return PlainTextResponse("")
+                    return None
                 if j.status not in (JobStatus.QUEUED,):
                     raise NotFound(f"job {job_id} has no rank {rank} (it has "
                                    f"{s.scalar(select(func.count()).select_from(Rank).where(Rank.job_id == j.id))})")
-            node = r.node if r else None
-        if not follow:
-            data, _ = _read_chunk(node, jid, rank, offset)
-            return PlainTextResponse(data.decode(errors="replace"))
+            return (r.node if r else None), j.id
 
-        def stream() -> Iterator[bytes]:
+    def _rank_placed(job_id: int, p: Principal, rank: int) -> tuple[str, int] | bool:
+        """Where a queued chain's rank runs once it exists; False: not yet; True: the chain ended without it."""
+        with db.read() as s:
+            j = _chain_latest(s, job_id, p)
+            r = s.scalars(select(Rank).where(Rank.job_id == j.id, Rank.rank == rank)).first()
+            if r is not None:
+                return r.node, j.id
+            return j.status in JobStatus.DONE
+
+    def _rank_ended(jid: int, rank: int) -> bool:
+        with db.read() as s:
+            r = s.scalars(select(Rank).where(Rank.job_id == jid, Rank.rank == rank)).first()
+            return r is None or r.status in RankStatus.DONE
+
+    @app.get("/v1/jobs/{job_id}/logs")
+    async def job_logs(request: Request, job_id: JobId, p: User_,
+                       rank: Annotated[int, Query(ge=0, le=INT32)] = 0,
+                       offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0, follow: bool = False,
+                       attempt: Annotated[int | None, Query(ge=1, le=INT32)] = None):
+        target = await run_in_threadpool(_log_target, job_id, p, rank, attempt, follow)
+        if target is None:
+            return PlainTextResponse("")
+        node, jid = target
+        if not follow:
+            data, _ = await run_in_threadpool(_read_chunk, node, jid, rank, offset)
+            return PlainTextResponse(data.decode(errors="replace"))
+        close = limits.open_stream(limit_key(p))  # 429 over the user's open streams
+
+        # [Note: a stream holds no thread] A follower used to be a sync generator: one thread of the
+        # pool for the stream's whole life (41 followers of a queued job held all 40, and the agents'
+        # heartbeats with them). It is now a coroutine that sleeps on the event loop between polls;
+        # each read (an RPC to the agent, a database check) borrows one of the streams' own threads
+        # for its duration. It ends when the client goes away, when the rank's log is complete, or
+        # after stream_max_seconds.
+        async def stream() -> AsyncIterator[bytes]:
             nonlocal node, jid
             pos = offset
             idle = ended_checks = 0
-            deadline = time.monotonic() + 7 * 24 * 3600
-            while node is None:  # queued: wait until the rank exists
-                time.sleep(0.2)
-                with db.read() as s:
-                    jj = _chain_latest(s, job_id, p)
-                    rr = s.scalars(select(Rank).where(Rank.job_id == jj.id, Rank.rank == rank)).first()
-                    if rr is not None:
-                        node, jid = rr.node, jj.id
-                    elif jj.status in JobStatus.DONE:
+            deadline = time.monotonic() + limits.stream_max_seconds
+            while True:
+                if await request.is_disconnected():
+                    return
+                if time.monotonic() >= deadline:
+                    yield (f"\n[hai: the stream ends after {limits.stream_max_seconds:g} s "
+                           "(haiplatform.stream_max_seconds); follow the log again to go on]\n").encode()
+                    return
+                if node is None:  # queued: wait until the rank exists
+                    await asyncio.sleep(0.5)
+                    placed = await limits.off_loop(_rank_placed, job_id, p, rank)
+                    if placed is True:
                         return
-            while time.monotonic() < deadline:
+                    if placed is not False:
+                        node, jid = placed
+                    continue
                 try:
-                    data, eof = _read_chunk(node, jid, rank, pos)
+                    data, eof = await limits.off_loop(_read_chunk, node, jid, rank, pos)
                 except ApiError as exc:
-                    with db.read() as s:
-                        rr = s.scalars(select(Rank).where(Rank.job_id == jid, Rank.rank == rank)).first()
-                        if rr is None or rr.status in RankStatus.DONE:
-                            yield f"\n[hai: log ends: {exc}]\n".encode()
-                            return
-                    time.sleep(0.5)
+                    if await limits.off_loop(_rank_ended, jid, rank):
+                        yield f"\n[hai: log ends: {exc}]\n".encode()
+                        return
+                    await asyncio.sleep(0.5)
                     continue
                 if data:
                     pos += len(data)
@@ -577,15 +635,13 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
                     return
                 idle += 1
                 if idle % 10 == 0:  # the agent may never have started it (stopped first, node lost)
-                    with db.read() as s:
-                        rr = s.scalars(select(Rank).where(Rank.job_id == jid, Rank.rank == rank)).first()
-                        if rr is None or rr.status in RankStatus.DONE:
-                            ended_checks += 1
+                    if await limits.off_loop(_rank_ended, jid, rank):
+                        ended_checks += 1
                     if ended_checks >= 2:
                         return
-                time.sleep(0.1)
+                await asyncio.sleep(0.1 if idle < 50 else 0.5)  # a quiet log is polled less often
 
-        return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+        return GuardedStream(stream(), on_close=close, media_type="text/plain; charset=utf-8")
 
     # -- nodes, users, quotas -------------------------------------------------------------------
     def _held(s) -> dict[str, int]:
@@ -615,11 +671,11 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
         return out
 
     @app.post("/v1/nodes/{name}/drain")
-    def drain(name: str, p: Admin_, body: DrainSpec | None = None) -> dict:
+    def drain(name: Annotated[str, PathParam(max_length=64)], p: Admin_, body: DrainSpec | None = None) -> dict:
         return _drain(name, True, body.reason if body else "", p)
 
     @app.post("/v1/nodes/{name}/undrain")
-    def undrain(name: str, p: Admin_) -> dict:
+    def undrain(name: Annotated[str, PathParam(max_length=64)], p: Admin_) -> dict:
         return _drain(name, False, "", p)
 
     @app.get("/v1/whoami")
@@ -667,7 +723,8 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
         return spec.model_dump()
 
     @app.delete("/v1/quotas")
-    def delete_quota(p: Admin_, subject: str, priority: int | None = None) -> dict:
+    def delete_quota(p: Admin_, subject: Annotated[str, Query(max_length=80, pattern=NO_NUL)],
+                     priority: Annotated[int | None, Query(ge=0, le=50)] = None) -> dict:
         with db.write() as s:
             q = s.scalars(select(Quota).where(Quota.subject == subject, (
                 Quota.priority.is_(None) if priority is None else Quota.priority == priority))).first()
@@ -678,7 +735,7 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
         return {"deleted": subject, "priority": priority}
 
     @app.get("/v1/events")
-    def events(p: Admin_, job_id: int | None = None, limit: Annotated[int, Query(ge=1, le=10000)] = 100
+    def events(p: Admin_, job_id: Annotated[int | None, Query(ge=1, le=INT32)] = None, limit: Annotated[int, Query(ge=1, le=10000)] = 100
                ) -> list[dict]:
         with db.read() as s:
             q = select(Event).order_by(Event.id.desc()).limit(limit)
@@ -758,7 +815,9 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
             return out
 
     @app.get("/v1/agent/sync")
-    async def sync(p: Service_, node: str, epoch: str, seq: int = -1,
+    async def sync(p: Service_, node: Annotated[str, Query(max_length=64)],
+                   epoch: Annotated[str, Query(max_length=40, pattern=NO_NUL)],
+                   seq: Annotated[int, Query(ge=-1, le=SEQ_MAX)] = -1,
                    timeout: Annotated[float, Query(ge=0, le=60)] = 2.0) -> dict:
         if node not in agent_events:
             raise NotFound(f"node {node!r} is not in the cluster description {cluster.source}")
@@ -805,7 +864,7 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
 
     # -- the scheduler --------------------------------------------------------------------------
     @app.get("/v1/internal/wait")
-    async def internal_wait(p: Service_, seq: int = -1, timeout: Annotated[float, Query(ge=0, le=60)] = 1.0
+    async def internal_wait(p: Service_, seq: Annotated[int, Query(ge=-1, le=SEQ_MAX)] = -1, timeout: Annotated[float, Query(ge=0, le=60)] = 1.0
                             ) -> dict:
         seq = await sched_events.wait(seq, timeout)
         return {"seq": seq, "cap": sched_events.cap}
