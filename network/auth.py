@@ -407,6 +407,7 @@ def client_handshake(conn: Connection, cred: Credential, *, encrypt: bool = Fals
         if d.get("ok") is not True:
             raise AuthError(f"{conn.peer}: malformed handshake answer")
     except PeerClosed as exc:
+        conn.close()
         raise AuthError(f"{conn.peer} closed the connection during the handshake ({exc}); is it a "
                         "fireflyer server of this cluster?") from exc
     except BaseException:

@@ -152,6 +152,7 @@ class RpcServer:
         self._conns: set[Connection] = set()
         self._per_host: dict[str, int] = {}
         self.refused = {"connections": 0, "handshakes": 0, "calls": 0, "oversized": 0}
+        self._warned: dict[str, float] = {}
         self._lock = threading.Lock()
         self._accept_thread: threading.Thread | None = None
         self.started_at = time.time()
@@ -245,9 +246,9 @@ class RpcServer:
                 # [Note: refuse at once] no thread, no buffer, no handshake: the excess connection
                 # is closed as soon as it is accepted (the peer sees the close on its first call).
                 self.refused["connections"] += 1
-                log.warning("%s: refused a connection from %s (open: %d, limit %d in all, %d per host)",
-                            self.name, conn.peer, len(self._conns), self.max_connections,
-                            self.max_connections_per_host)
+                self._warn("connections", "%s: refused connections over the limits (%d in all, %d per host); "
+                           "last from %s", self.name, self.max_connections, self.max_connections_per_host,
+                           conn.peer)
                 conn.close()
                 continue
             t.start()
@@ -262,7 +263,7 @@ class RpcServer:
                     conn, principal = server_handshake(conn, self.auth)
             except (AuthError, TransportError) as exc:
                 self.refused["handshakes"] += 1
-                log.info("%s: %s failed to authenticate: %s", self.name, conn.peer, exc)
+                self._warn("handshakes", "%s: %s failed to authenticate: %s", self.name, conn.peer, exc)
                 return
             conn.timeout = self.io_timeout
             while not self._stopping.is_set():
@@ -288,6 +289,13 @@ class RpcServer:
                 else:
                     self._per_host.pop(host, None)
 
+    def _warn(self, what: str, msg: str, *args) -> None:
+        """Log a refusal at most once per 10 s per kind (a flood of them must not flood the log)."""
+        now = time.monotonic()
+        if now - self._warned.get(what, -1e9) >= 10.0:
+            self._warned[what] = now
+            log.warning(msg + " (%d refused so far; logged at most every 10 s)", *args, self.refused[what])
+
     def _handle(self, conn: Connection, header: bytes, plen: int, principal: Principal) -> None:
         try:
             req = _unpack(header)
@@ -296,6 +304,11 @@ class RpcServer:
                 raise ValueError(f"arguments must be a map, got {type(args).__name__}")
         except Exception as exc:
             raise ProtocolError(f"{self.name}: malformed request header from {conn.peer}: {exc}") from exc
+        if principal.expires is not None and time.time() >= principal.expires:
+            # a connection outlives nothing: its credential expired since the handshake
+            self._send_error(conn, call_id, "AuthError", f"{self.name}: credential {principal.key_id!r} expired "
+                             f"at {time.ctime(principal.expires)}; closing the connection")
+            raise ProtocolError(f"{self.name}: {conn.peer}'s credential expired", conn.peer)
         entry = self._methods.get(method)
         payload: Any = memoryview(b"")
         limit = entry.max_payload if entry is not None else DEFAULT_MAX_PAYLOAD
@@ -479,8 +492,8 @@ class RpcClient:
             self._lock.release()
         err = resp.get("e")
         if err is not None:
-            if err.get("kind") == "PayloadTooLarge":
-                conn.close()  # the server closes it too (it did not read the payload)
+            if err.get("kind") in ("PayloadTooLarge", "AuthError"):
+                conn.close()  # the server closes it too (it did not read the payload, or the credential expired)
             if err.get("kind") == "NoSuchMethod":
                 raise NoSuchMethod(err.get("msg", method), self.address)
             raise RemoteError(f"{self.address} {method}: {err.get('kind')}: {err.get('msg')}", self.address,

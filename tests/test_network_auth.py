@@ -212,9 +212,20 @@ def test_expired_credential_is_refused_by_the_server(server, monkeypatch):
         with RpcClient(*server.address, credential=job) as c:
             c.call("who")
     # a client that does not check (or lies about its clock) is refused by the server
-    monkeypatch.setattr(Credential, "expired", lambda self, now=None: False)
-    with pytest.raises(AuthError, match="refused credential 'job:9': credential 'job:9' expired"):
-        with RpcClient(*server.address, credential=job) as c:
+    with monkeypatch.context() as m:
+        m.setattr(Credential, "expired", lambda self, now=None: False)
+        with pytest.raises(AuthError, match="refused credential 'job:9': credential 'job:9' expired"):
+            with RpcClient(*server.address, credential=job) as c:
+                c.call("who")
+    # a connection does not outlive its credential
+    short = derive(KEY, "job:10", time.time() + 1.0)
+    with RpcClient(*server.address, credential=short) as c:
+        assert c.call("who").result["key_id"] == "job:10"
+        time.sleep(max(0.0, short.expires - time.time()) + 0.05)
+        with pytest.raises(RemoteError, match="credential 'job:10' expired") as ei:
+            c.call("who")
+        assert ei.value.kind == "AuthError"
+        with pytest.raises(AuthError, match="expired"):
             c.call("who")
 
 
