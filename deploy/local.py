@@ -1063,8 +1063,9 @@ def render_status(st: dict) -> None:
         if s["state"] == "restarting":
             due = max(0.0, (s.get("next_start_at") or 0.0) - time.time())
             con.print(f"[yellow]{key} restarting in {due:.1f} s[/] (last exit {last})", soft_wrap=True)
-        elif s["state"] == "failed":
-            con.print(f"[red]{key} failed: {s.get('reason') or 'see its log'}[/] (last exit {last}); "
+        elif s["state"] in ("failed", "exited"):
+            why = f"failed: {s.get('reason') or 'see its log'}" if s["state"] == "failed" else "exited"
+            con.print(f"[red]{key} {why}[/] (last exit {last}); "
                       f"'hai cluster restart {s['module']} --node {s['node']}' starts it again", soft_wrap=True)
 
 
