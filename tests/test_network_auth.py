@@ -422,3 +422,16 @@ def test_benchmark_switch_is_the_environment_only(tmp_path, monkeypatch):
     f.write_text((ROOT / "deploy/clusters/local.toml").read_text() + "\n[security]\ninsecure = true\n")
     with pytest.raises(ClusterFileError, match="security.insecure: unknown key"):
         load_cluster(f)
+
+
+def test_a_description_without_key_file_finds_the_local_launchers_key(tmp_path, monkeypatch):
+    from deploy.local import default_run_dir
+    from network.auth import cluster_key_path
+
+    monkeypatch.setenv("FIREFLYER_RUN_DIR", str(tmp_path))
+    c = load_cluster(ROOT / "deploy/clusters/local.toml")
+    with pytest.raises(AuthError, match="no .security. key_file"):
+        cluster_key_path(c)
+    KEY.save(default_run_dir(c.name) / "secrets" / "cluster.key")  # where the launcher keeps it
+    assert cluster_key_path(c) == default_run_dir(c.name) / "secrets" / "cluster.key"
+    assert client_credential(c) == KEY
