@@ -345,3 +345,39 @@ def test_the_schema_shows_the_bounds(api):
     assert job_id["schema"]["maximum"] == 2**31 - 1 and job_id["schema"]["minimum"] == 1
     offset = [p for p in paths["/v1/jobs/{job_id}/logs"]["get"]["parameters"] if p["name"] == "offset"][0]
     assert offset["schema"]["maximum"] == 2**53
+
+
+def test_users_slots_hand_over_in_order_and_time_out():
+    import asyncio
+
+    from haiplatform.limits import Slots
+
+    async def scenario() -> list:
+        slots = Slots(2)
+        assert await slots.acquire(1.0) and await slots.acquire(1.0)
+        assert await slots.acquire(0.01) is False  # full: the caller answers 503
+        got = []
+
+        async def waiter(i: int) -> None:
+            if await slots.acquire(5.0):
+                got.append(i)
+
+        tasks = [asyncio.create_task(waiter(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks[1].cancel()  # a client that went away while it waited gives nothing back
+        slots.release()
+        slots.release()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5.0)
+        return [got, slots.used]
+
+    assert asyncio.run(scenario()) == [[0, 2], 2]
+
+
+def test_token_bucket_refills_at_its_rate():
+    from haiplatform.limits import TokenBucket
+
+    b = TokenBucket(rate=2.0, burst=3, now=0.0)
+    assert [b.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert b.take(0.0) == 0.5            # the next token in half a second
+    assert b.take(0.5) == 0.0 and b.take(0.5) > 0
+    assert [b.take(100.0) for _ in range(4)][:3] == [0.0, 0.0, 0.0]  # never more than the burst
