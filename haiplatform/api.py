@@ -181,17 +181,18 @@ class JobSpec(BaseModel):
             raise ValueError("command[0] must name a program")
         return v
 
-    @field_validator("priority")
+    @field_validator("priority", mode="before")
     @classmethod
-    def _prio(cls, v: int | str) -> int:
+    def _prio(cls, v: Any) -> Any:
+        """A level's name or a number (also as a string) -> the number, with one clear message when it
+        is neither (before the union's own checks, which would list one complaint per branch)."""
         if isinstance(v, str):
             if v.lower() in PRIORITIES:
                 return PRIORITIES[v.lower()]
-            if v.lstrip("-").isdigit():
-                v = int(v)
-            else:
-                raise ValueError(f"unknown priority {v!r}; use one of {', '.join(PRIORITIES)} or 0..50")
-        if not 0 <= v <= 50:
+            if not (v.isascii() and v.lstrip("-").isdigit() and len(v) <= 8):
+                raise ValueError(f"unknown priority {v[:40]!r}; use one of {', '.join(PRIORITIES)} or 0..50")
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 50:
             raise ValueError(f"priority {v} is out of range 0..50")
         return v
 
