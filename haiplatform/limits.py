@@ -16,9 +16,10 @@ Agents and the scheduler (the ``service`` role) are exempt from every user limit
 pool (40 threads). A user's request that blocks (a log read from an agent that does not answer,
 a database lock) holds one; 40 of them used to hold all, and the agents' heartbeats, which need
 one too, timed out until the scheduler marked every node lost. Users' requests now take one of
-``max_user_requests`` slots (24 of the 40 by default) from the moment they are admitted until
-their answer starts, so at least 16 threads are always left to the services. A log stream holds
-a slot only until its headers are sent; its reads go through their own limiter.
+``max_user_requests`` slots (24 by default) from the moment they are admitted until their answer
+starts, and the pool is made at least SERVICE_THREADS (16) larger than that, so those threads are
+always left to the services. A log stream holds a slot only until its headers are sent; its reads
+go through a limiter of their own.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ Send = Callable[[dict], Awaitable[None]]
 
 #: Paths that take no user slot and no rate-limit token (no thread, nothing to abuse).
 FREE_PATHS = ("/healthz",)
+#: Threads of the pool always left to agents and the scheduler, whatever max_user_requests says.
+SERVICE_THREADS = 16
 
 
 class TokenBucket:
@@ -127,6 +130,7 @@ class Limits:
     _slots: Slots | None = None
     _limiter: anyio.CapacityLimiter | None = None
     _limiter_loop: Any = None
+    _pool_loop: Any = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> Limits:
@@ -146,6 +150,15 @@ class Limits:
         return b.take(now)
 
     # -- users' request slots ------------------------------------------------------------------------
+    def size_pool(self) -> None:
+        """Make the event loop's default thread pool (anyio's, 40 threads) hold the users' slots plus
+        SERVICE_THREADS (once per loop)."""
+        loop = asyncio.get_running_loop()
+        if self._pool_loop is not loop:
+            self._pool_loop = loop
+            pool = anyio.to_thread.current_default_thread_limiter()
+            pool.total_tokens = max(pool.total_tokens, self.max_user_requests + SERVICE_THREADS)
+
     @property
     def slots(self) -> Slots:
         if self._slots is None:
@@ -245,6 +258,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         lim = self.limits
+        lim.size_pool()
         headers = dict(scope.get("headers") or ())
         # 1. the body's size, declared or streamed
         cl = headers.get(b"content-length")

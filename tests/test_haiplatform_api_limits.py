@@ -208,11 +208,13 @@ def test_a_stream_ends_after_its_bounded_lifetime(served):
     _wait_until(lambda: srv.app.state.limits.open_streams == 0, 10, "the ended stream released")
 
 
-def test_slow_user_requests_leave_capacity_to_agents(served, db, tmp_path):
+@pytest.mark.parametrize("slots", [24, 50])
+def test_slow_user_requests_leave_capacity_to_agents(served, db, tmp_path, slots):
     """60 users' requests that block in the thread pool (a stand-in route that waits on a gate, as a
     log read from an agent that does not answer does) cannot hold the threads the agents' heartbeats
-    need; they are all served once the gate opens."""
-    app = _app(db, tmp_path)
+    need, with the default 24 users' slots or with 50 (more than the pool's 40 threads: the pool
+    grows); they are all served once the gate opens."""
+    app = _app(db, tmp_path, **({} if slots == 24 else {"max_user_requests": slots}))
     gate = threading.Event()
     entered = []
 
@@ -227,11 +229,12 @@ def test_slow_user_requests_leave_capacity_to_agents(served, db, tmp_path):
     try:
         waiting = [srv.send_raw("/v1/test/slow", tok) for _ in range(60)]
         served.sockets.extend(waiting)
-        _wait_until(lambda: len(entered) >= 24, 10, "24 slow requests under way")
+        _wait_until(lambda: len(entered) >= min(slots, 40), 10, "slow requests under way")
         assert httpx.get(f"{srv.url}/healthz", timeout=5.0).status_code == 200
         _agent_beats(srv)
         limits = srv.app.state.limits
-        assert len(entered) == limits.slots.used == limits.max_user_requests == 24  # the others wait
+        _wait_until(lambda: len(entered) == slots, 10, "every slot in use")
+        assert limits.slots.used == limits.max_user_requests == slots  # the others wait
     finally:
         gate.set()
     assert [status_of(s)[0] for s in waiting] == [200] * 60
