@@ -60,7 +60,7 @@ from network.topology import Cluster, Node
 
 from .accounts import Account, resolve_account
 from .client import HaiClient
-from .config import HaiConfig, private_dir
+from .config import HaiConfig, private_dir, shared_dir
 from .errors import AccountError, ApiError, Conflict, NotFound
 from .jobtoken import job_token
 
@@ -155,15 +155,6 @@ def _read_small(path: Path, limit: int = 64) -> str:
         return os.read(fd, limit).decode(errors="replace")
     finally:
         os.close(fd)
-
-
-def _shared_dir(path: Path) -> Path:
-    """A directory other accounts may pass through but not list (0711): the control tree."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o711)
-    st = path.stat()
-    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o711:
-        path.chmod(0o711)
-    return path
 
 
 _PR_SET_PDEATHSIG = 1
@@ -290,8 +281,8 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         self.kill_leftovers()
         private_dir(self.log_dir)
-        _shared_dir(self.cfg.control_root())
-        _shared_dir(self.control_dir)
+        shared_dir(self.cfg.control_root())
+        shared_dir(self.control_dir)
         if not self.switch_user:
             log.warning("the agent of %s does not run as root: jobs run as its own account (%s), not as their "
                         "users' accounts, and can read the platform's secrets; run the cluster as root",

@@ -49,7 +49,7 @@ from network.topology import Cluster
 
 from .errors import ConfigError
 
-__all__ = ["HaiConfig", "load_config", "state_dir_for", "read_or_create_secret", "private_dir"]
+__all__ = ["HaiConfig", "load_config", "state_dir_for", "read_or_create_secret", "private_dir", "shared_dir"]
 
 
 @dataclass
@@ -163,13 +163,23 @@ def _check_no_secrets(cluster: Cluster, kw: dict) -> None:
                           f"the state directory (readable by the services only), or make the file mode 0600")
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) and make it mode 0700 when this account owns it: the services' state."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+def dir_with_mode(path: Path, mode: int) -> Path:
+    """Create ``path`` (and parents) and give it ``mode`` when this account owns it."""
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
     st = path.stat()
-    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o700:
-        path.chmod(0o700)
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+        path.chmod(mode)
     return path
+
+
+def private_dir(path: Path) -> Path:
+    """A directory for the services' state only (0700)."""
+    return dir_with_mode(path, 0o700)
+
+
+def shared_dir(path: Path) -> Path:
+    """A directory other accounts may pass through but not list (0711): the jobs' control tree."""
+    return dir_with_mode(path, 0o711)
 
 
 def read_or_create_secret(path: Path) -> str:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _waits import procs_mentioning
 
 from deploy.local import LocalCluster, ServiceFailed
 from deploy.local import pid_alive as _alive
@@ -40,21 +41,6 @@ def LOCAL(tmp_path) -> Path:  # noqa: N802 - reads like the constant it replaces
     return _probe_only(tmp_path)
 
 
-def _procs_mentioning(text: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (d / "stat").read_text().split(") ", 1)[1][0]
-        except OSError:
-            continue
-        if text in cmd and state != "Z" and int(d.name) != os.getpid():
-            out.append(int(d.name))
-    return out
-
-
 def test_up_healthy_down_leaves_nothing(tmp_path, LOCAL):
     run = tmp_path / "run"
     lc = LocalCluster(LOCAL, run, ports="auto")
@@ -67,9 +53,9 @@ def test_up_healthy_down_leaves_nothing(tmp_path, LOCAL):
         assert (run / "cluster.toml").exists() and (run / "logs" / "network.probe@n0.log").exists()
         assert json.loads((run / "state.json").read_text())["state"] == "up"
         pids = [i.pid for i in infos]
-        assert len(_procs_mentioning(str(run))) == 4
+        assert len(procs_mentioning(str(run))) == 4
     assert not any(_alive(p) for p in pids)
-    assert _procs_mentioning(str(run)) == []
+    assert procs_mentioning(str(run)) == []
     assert json.loads((run / "state.json").read_text())["state"] == "down"
 
 
@@ -86,7 +72,7 @@ def test_failing_service_reports_log_and_cleans_up(tmp_path):
     lc = LocalCluster(f, tmp_path / "run", ports="auto")
     with pytest.raises(ServiceFailed, match=r"(?s)deploy.no_such_module@n1 exited with code 1 .*No module named"):
         lc.up()
-    assert _procs_mentioning(str(tmp_path / "run")) == []
+    assert procs_mentioning(str(tmp_path / "run")) == []
 
 
 def test_unhealthy_service_times_out(tmp_path):
@@ -97,7 +83,7 @@ def test_unhealthy_service_times_out(tmp_path):
     lc = LocalCluster(f, tmp_path / "run", ports="auto", health_timeout=1.5, env={"PYTHONPATH": str(tmp_path)})
     with pytest.raises(ServiceFailed, match=r"sleepy@n2 did not pass its health check"):
         lc.up()
-    assert _procs_mentioning(str(tmp_path / "run")) == []
+    assert procs_mentioning(str(tmp_path / "run")) == []
 
 
 def test_kill_and_restart_one_service(launch_cluster):
@@ -159,7 +145,7 @@ def test_launcher_death_takes_services_with_it(tmp_path, sig, LOCAL):
     finally:
         p.kill()
         p.wait()
-        for pid in _procs_mentioning(str(run)):
+        for pid in procs_mentioning(str(run)):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -188,7 +174,7 @@ def test_cli_up_status_down(tmp_path, LOCAL):
     assert r4.returncode == 0 and "stopped" in r4.stdout
     pids = [s["pid"] for s in st["services"]]
     assert not any(_alive(x) for x in pids)
-    assert _procs_mentioning(str(run)) == []
+    assert procs_mentioning(str(run)) == []
     r5 = subprocess.run(hai + ["cluster", "status", "--cluster", str(f), "--run-dir", str(run), "--json"],
                         capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert json.loads(r5.stdout)["state"] == "down"
@@ -212,4 +198,4 @@ def test_health_override_from_the_service_entry(tmp_path):
                       env={"PYTHONPATH": str(tmp_path)}) as lc:
         assert lc.info["sleepy@n2"].state == "healthy"
         assert {i.key: i.state for i in lc.status()}["sleepy@n2"] == "healthy"
-    assert _procs_mentioning(str(tmp_path / "run")) == []
+    assert procs_mentioning(str(tmp_path / "run")) == []

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from _waits import procs_mentioning, wait_until
 
 from deploy import local
 from deploy.local import LauncherError, LocalCluster, RestartPolicy
@@ -59,32 +60,6 @@ def _cluster(tmp_path: Path, extra: list[dict] | None = None, probe: dict | None
     f = tmp_path / "c.toml"
     f.write_text(dump_cluster(raw))
     return f
-
-
-def _procs_mentioning(text: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (d / "stat").read_text().split(") ", 1)[1][0]
-        except OSError:
-            continue
-        if text in cmd and state != "Z" and int(d.name) != os.getpid():
-            out.append(int(d.name))
-    return out
-
-
-def _until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def _state(run: Path) -> dict:
@@ -139,29 +114,29 @@ def test_crashed_service_comes_back_healthy_and_is_counted(tmp_path, launch_clus
     old = info.pid
     os.killpg(old, signal.SIGKILL)  # a crash: not lc.kill(), which holds the service down on purpose
     # down for the back-off: the cluster is degraded, the status and the state file say why
-    _until(lambda: {i.key: i.state for i in lc.degraded()} == {"network.probe@n1": "restarting"}, 10,
+    wait_until(lambda: {i.key: i.state for i in lc.degraded()} == {"network.probe@n1": "restarting"}, 10,
            "the status shows the crashed service restarting")
     assert not _alive(old)
     st = _state(lc.run_dir)["network.probe@n1"]
     assert (st["state"], st["last_exit"], st["restarts"]) == ("restarting", -9, 0)
     # ... then it is back: a new process, healthy, the restart counted
-    new = _until(lambda: lc.info["network.probe@n1"].state == "healthy" and lc.info["network.probe@n1"],
+    new = wait_until(lambda: lc.info["network.probe@n1"].state == "healthy" and lc.info["network.probe@n1"],
                  30, "the service restarted and healthy")
     assert new.pid != old and _alive(new.pid)
     assert (new.restarts, new.last_exit) == (1, -9) and new.last_exit_at
     assert lc.degraded() == []
-    _until(lambda: _state(lc.run_dir)["network.probe@n1"]["state"] == "healthy", 10, "state file updated")
+    wait_until(lambda: _state(lc.run_dir)["network.probe@n1"]["state"] == "healthy", 10, "state file updated")
     st = _state(lc.run_dir)["network.probe@n1"]
     assert (st["pid"], st["restarts"], st["last_exit"]) == (new.pid, 1, -9)
     lc.down()
-    assert not _alive(new.pid) and _procs_mentioning(str(lc.run_dir)) == []
+    assert not _alive(new.pid) and procs_mentioning(str(lc.run_dir)) == []
 
 
 def test_service_that_keeps_crashing_ends_failed(tmp_path, launch_cluster):
     f = _cluster(tmp_path, [{"module": "crasher", "nodes": ["n3"], "port": 0, "health": "none"}])
     lc = launch_cluster(f, restart=RestartPolicy(backoff=0.05, burst=3, interval=60.0),
                         env={"PYTHONPATH": str(tmp_path)})
-    info = _until(lambda: lc.info["crasher@n3"].state == "failed" and lc.info["crasher@n3"], 30, "crasher failed")
+    info = wait_until(lambda: lc.info["crasher@n3"].state == "failed" and lc.info["crasher@n3"], 30, "crasher failed")
     assert (info.restarts, info.last_exit) == (2, 3)
     assert "3 crashes within 60 s (start limit 3)" in info.reason
     time.sleep(1.0)  # a failed service is not started again
@@ -172,19 +147,19 @@ def test_service_that_keeps_crashing_ends_failed(tmp_path, launch_cluster):
     again = lc.restart("crasher", "n3")[0]
     assert again.pid != info.pid and again.state == "healthy"
     lc.down()  # the processes the monitor thread started go too
-    assert _procs_mentioning(str(lc.run_dir)) == []
+    assert procs_mentioning(str(lc.run_dir)) == []
 
 
 def test_restarted_service_that_never_gets_healthy_is_killed_and_counted(tmp_path, launch_cluster):
     f = _cluster(tmp_path, [{"module": "flaky", "nodes": ["n1"], "port": 0, "health": "tcp"}])
     lc = launch_cluster(f, restart=RestartPolicy(backoff=0.05, burst=2), health_timeout=2.0,
                         env={"PYTHONPATH": str(tmp_path), "FLAKY_MARKER": str(tmp_path / "marker")})
-    info = _until(lambda: lc.info["flaky@n1"].state == "failed" and lc.info["flaky@n1"], 30, "flaky failed")
+    info = wait_until(lambda: lc.info["flaky@n1"].state == "failed" and lc.info["flaky@n1"], 30, "flaky failed")
     # crash 1: its own exit (status 1); restarted, no health within 2 s: killed, crash 2: the start limit
     assert (info.restarts, info.last_exit) == (1, -signal.SIGKILL)
     assert not _alive(info.pid)
     lc.down()
-    assert _procs_mentioning(str(lc.run_dir)) == []
+    assert procs_mentioning(str(lc.run_dir)) == []
 
 
 def test_clean_exit_and_deliberate_kill_are_not_restarted(tmp_path, launch_cluster):
@@ -193,7 +168,7 @@ def test_clean_exit_and_deliberate_kill_are_not_restarted(tmp_path, launch_clust
                                                                      "CRASH_STATUS": "0"})
     old = lc.info["network.probe@n2"].pid
     lc.kill("network.probe", "n2")  # what the failover tests do: the service stays down
-    _until(lambda: lc.info["crasher@n3"].state == "exited(0)", 10, "clean exit")
+    wait_until(lambda: lc.info["crasher@n3"].state == "exited(0)", 10, "clean exit")
     time.sleep(1.0)
     states = {i.key: (i.state, i.restarts) for i in lc.status()}
     assert states["crasher@n3"] == ("exited(0)", 0)
@@ -234,7 +209,7 @@ def test_detached_supervisor_restarts_reports_degraded_and_restarts_on_request(t
         r = _hai("cluster", "up", *cf, "--ports", "auto", "--json", path=tmp_path)
         assert r.returncode == 0, r.stderr
         # a service that keeps crashing ends "failed"; the cluster is degraded, and the exit code says so
-        _until(lambda: local.cluster_status(str(f), run)["services"][-1]["state"] == "failed", 30, "crasher failed")
+        wait_until(lambda: local.cluster_status(str(f), run)["services"][-1]["state"] == "failed", 30, "crasher failed")
         r = _hai("cluster", "status", *cf)
         assert r.returncode == local.EXIT_DEGRADED, r.stdout + r.stderr
         assert "degraded" in r.stdout and "crasher@n3 failed: exited with status 3; 2 crashes" in r.stdout
@@ -248,7 +223,7 @@ def test_detached_supervisor_restarts_reports_degraded_and_restarts_on_request(t
         # SIGKILL a healthy service: degraded while it is down, then back with a new pid, counted
         n1 = next(s for s in st["services"] if s["node"] == "n1")
         os.killpg(n1["pid"], signal.SIGKILL)
-        _until(lambda: not _alive(n1["pid"]), 10, "probe@n1 died")
+        wait_until(lambda: not _alive(n1["pid"]), 10, "probe@n1 died")
         st = local.cluster_status(str(f), run)
         assert st["state"] == "degraded"
         assert next(s for s in st["services"] if s["node"] == "n1")["state"] in ("exited", "restarting")
@@ -256,7 +231,7 @@ def test_detached_supervisor_restarts_reports_degraded_and_restarts_on_request(t
         def n1_back():
             s = next(s for s in local.cluster_status(str(f), run)["services"] if s["node"] == "n1")
             return s["state"] == "healthy" and s["pid"] != n1["pid"] and s
-        back = _until(n1_back, 30, "probe@n1 restarted by the supervisor")
+        back = wait_until(n1_back, 30, "probe@n1 restarted by the supervisor")
         assert (back["restarts"], back["last_exit"]) == (1, -9)
 
         # hai cluster restart: one instance, then every instance one at a time
@@ -290,7 +265,7 @@ def test_detached_supervisor_restarts_reports_degraded_and_restarts_on_request(t
         r = _hai("cluster", "down", *cf)
     assert r.returncode == 0 and "stopped" in r.stdout
     assert not any(_alive(p) for p in pids if p)
-    assert _procs_mentioning(str(run)) == []
+    assert procs_mentioning(str(run)) == []
     r = _hai("cluster", "restart", "network.probe", *cf)
     assert r.returncode == 1 and "cluster local is not up" in r.stderr
     r = _hai("cluster", "status", *cf)

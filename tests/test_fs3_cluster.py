@@ -9,11 +9,11 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 import tomllib
 from pathlib import Path
 
 import pytest
+from _waits import wait_until
 from typer.testing import CliRunner
 
 from fs3.cli import app
@@ -42,7 +42,7 @@ def _cluster_file(tmp_path: Path, **fs3) -> Path:
 def fs3(launch_cluster, tmp_path, request):
     overrides = getattr(request, "param", {})  # [fs3] keys, by indirect parametrization
     lc = launch_cluster(_cluster_file(tmp_path, **overrides), services=FS3)
-    _wait(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
+    wait_until(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
     client = ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0, max_inflight=6)
     yield lc, client
     client.close()
@@ -58,16 +58,6 @@ def _faults(lc, kind: str) -> list[dict]:
     """The faults of one ``kind`` that mgmtd holds (newest first)."""
     with RpcClient(*lc.cluster.endpoint("fs3.mgmtd"), credential=lc.credential, timeout=5) as c:
         return [f for f in c.call("mgmtd.faults", {"limit": 1000}).result if f["kind"] == kind]
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _settled(lc) -> bool:
@@ -205,7 +195,7 @@ def test_kill9_storage_during_writes_then_resync(fs3):
     for t in threads:
         t.start()
     try:
-        _wait(lambda: len(acked) >= 20, 30, "the first writes")
+        wait_until(lambda: len(acked) >= 20, 30, "the first writes")
         doomed = [(chains[k % len(chains)], 9_000_000 + k) for k in range(6)]
         for c, k in doomed:
             client.write(c, k, b"to be removed")
@@ -213,21 +203,21 @@ def test_kill9_storage_during_writes_then_resync(fs3):
         v_before = {c: d["version"] for c, d in _mgmtd_status(lc)["chains"].items()}
         lc.kill("fs3.storage", "n2")  # SIGKILL in the middle of the stream
         n2_targets = set(_targets_of(lc, "n2"))
-        _wait(lambda: n2_targets <= set(_mgmtd_status(lc)["offline_targets"]), 20, "n2's targets offline")
+        wait_until(lambda: n2_targets <= set(_mgmtd_status(lc)["offline_targets"]), 20, "n2's targets offline")
         st = _mgmtd_status(lc)
         for c, d in st["chains"].items():
             assert d["version"] > v_before[c], "every chain had a replica on n2 and was reconfigured"
             assert [s for _t, s in d["members"]].count("serving") == 2
             assert d["members"][-1][1] == "offline"  # the failed target moves to the end
         n_at_kill = len(acked)
-        _wait(lambda: len(acked) >= n_at_kill + 15, 30, "writes on the 2-replica chains")
+        wait_until(lambda: len(acked) >= n_at_kill + 15, 30, "writes on the 2-replica chains")
         # chunks n2 holds, removed while it is away (no writer touches ids 9_000_000+)
         for c, k in doomed:
             assert client.remove(c, k)
         lc.start("fs3.storage", "n2")
-        _wait(lambda: _all_serving(lc), 60, "n2 resynced and serving again")
+        wait_until(lambda: _all_serving(lc), 60, "n2 resynced and serving again")
         n_at_back = len(acked)
-        _wait(lambda: len(acked) >= n_at_back + 10, 30, "writes after the resync")
+        wait_until(lambda: len(acked) >= n_at_back + 10, 30, "writes after the resync")
     finally:
         stop.set()
         for t in threads:
@@ -296,14 +286,14 @@ def test_corrupt_chunk_is_never_returned_and_is_reported(fs3):
                 assert bytes(bufs[key][:len(want)]) == want
     assert client.stats["replica_failovers"] >= 1
     # the replicas reported the faults to mgmtd
-    fl = _wait(lambda: _faults(lc, "ChunkCorrupt"), 10, "fault reports")
+    fl = wait_until(lambda: _faults(lc, "ChunkCorrupt"), 10, "fault reports")
     assert {f["node"] for f in fl} <= {"n1", "n2"}  # only the damaged replicas complain
     assert {f["chunk"] for f in fl} <= {f"{k:016x}" for _c, k in data}
     assert f"{k0:016x}" in {f["chunk"] for f in fl}
     # the damaged copies are repaired from a healthy replica (the first direct read above
     # found n1's copy of (c0, k0) damaged)
-    _wait(lambda: _replica_read(lc, "n1", c0, k0) == data[(c0, k0)], 20, "n1's copy repaired")
-    _wait(lambda: any(f["node"] == "n1" for f in _faults(lc, "ChunkRepaired")), 10,
+    wait_until(lambda: _replica_read(lc, "n1", c0, k0) == data[(c0, k0)], 20, "n1's copy repaired")
+    wait_until(lambda: any(f["node"] == "n1" for f in _faults(lc, "ChunkRepaired")), 10,
           "the repair reported")
     # the admin CLI shows the same
     runner = CliRunner()
@@ -345,7 +335,7 @@ def test_damage_found_by_the_client_end_to_end_is_reported_and_repaired(fs3):
 
     # each node's share of the first reads met a damaged copy there (the client spreads a batch
     # over the nodes): both damaged nodes reported, the healthy one never did
-    reported = _wait(lambda: (r := corrupt_reports()) and len({k for _n, k in r}) > 1
+    reported = wait_until(lambda: (r := corrupt_reports()) and len({k for _n, k in r}) > 1
                      and {n for n, _k in r} == {"n1", "n2"} and r, 10, "n1 and n2 reporting their damaged copies")
     assert {k for _n, k in reported} <= {f"{k:016x}" for _c, k in keys}
     # flipped bytes (unlike the short file of the first chunk) are found by the client alone
@@ -353,7 +343,7 @@ def test_damage_found_by_the_client_end_to_end_is_reported_and_repaired(fs3):
     # every reported copy is repaired from the healthy replica
     for node, chunk in reported:
         c, k = next(key for key in keys if f"{key[1]:016x}" == chunk)
-        _wait(lambda node=node, c=c, k=k: _replica_read(lc, node, c, k) == data[(c, k)], 20,
+        wait_until(lambda node=node, c=c, k=k: _replica_read(lc, node, c, k) == data[(c, k)], 20,
               f"{node}'s copy of {c}/{chunk} repaired")
     # later reads still return the right bytes (repaired or not)
     for key, view in zip(keys, client.batch_read([ReadIO(c, k) for c, k in keys]), strict=True):
@@ -370,16 +360,16 @@ def test_scrubbing_finds_repairs_and_reports_damage_no_read_met(fs3):
     for node, c, k in (("n2", c0, k0), ("n3", c1, k1)):
         _flip(_chunk_files(lc, node, c, k), 777, 0x10)
     want = {("n2", f"{k0:016x}"), ("n3", f"{k1:016x}")}
-    _wait(lambda: want <= {(f["node"], f["chunk"]) for f in _faults(lc, "ChunkCorrupt")}, 30,
+    wait_until(lambda: want <= {(f["node"], f["chunk"]) for f in _faults(lc, "ChunkCorrupt")}, 30,
           "the scrubbers reporting both damaged copies")
-    _wait(lambda: _replica_read(lc, "n2", c0, k0) == data[(c0, k0)]
+    wait_until(lambda: _replica_read(lc, "n2", c0, k0) == data[(c0, k0)]
           and _replica_read(lc, "n3", c1, k1) == data[(c1, k1)], 30, "both damaged copies repaired")
     corrupt = _faults(lc, "ChunkCorrupt")
     assert {(f["node"], f["chunk"]) for f in corrupt} == want  # no intact copy was reported
     assert all(f["detail"].startswith("scrub: ") for f in corrupt)
     assert client.stats["replica_failovers"] == 0  # no read met the damage: the scrubbers found it
     for node in ("n1", "n2", "n3"):  # every server keeps scrubbing all of its copies
-        _wait(lambda node=node: _direct(lc, node, "storage.stats", {}).result["scrubbed_chunks"] >= 2 * len(data),
+        wait_until(lambda node=node: _direct(lc, node, "storage.stats", {}).result["scrubbed_chunks"] >= 2 * len(data),
               30, f"{node} scrubbing its copies")
     for key, view in zip(data, client.batch_read([ReadIO(c, k) for c, k in data]), strict=True):
         assert bytes(view) == data[key], key
@@ -473,7 +463,7 @@ def test_server_cut_off_from_mgmtd_stops_serving_before_its_chains_move_on(fs3, 
         via_link.write_text(dump_cluster(raw))
         lc.kill("fs3.storage", "n3")
         lc.start("fs3.storage", "n3", cluster_file=via_link)
-        _wait(lambda: _all_serving(lc) and _settled(lc), 60, "n3 (through the link) back in service")
+        wait_until(lambda: _all_serving(lc) and _settled(lc), 60, "n3 (through the link) back in service")
         chain = client.chains()[0]
         client.write(chain, 7, b"old bytes")
         st = _mgmtd_status(lc)
@@ -481,7 +471,7 @@ def test_server_cut_off_from_mgmtd_stops_serving_before_its_chains_move_on(fs3, 
         assert _replica_read(lc, "n3", chain, 7) == b"old bytes"
 
         link.cut()
-        _wait(lambda: _mgmtd_status(lc)["chains"][str(chain)]["version"] > old_cver, 30,
+        wait_until(lambda: _mgmtd_status(lc)["chains"][str(chain)]["version"] > old_cver, 30,
               "mgmtd taking n3's target out of the chain")
         client.write(chain, 7, b"new bytes")  # the chain without n3
         # a reader with the old table asks n3, which cannot know: it refuses instead of
@@ -494,8 +484,8 @@ def test_server_cut_off_from_mgmtd_stops_serving_before_its_chains_move_on(fs3, 
             assert c.call("storage.stats").result["lease_expired"] == 1
 
         link.mend()  # back in contact: resynced, then serving the new bytes
-        _wait(lambda: _all_serving(lc), 60, "n3 resynced and serving again")
-        _wait(lambda: _replica_read(lc, "n3", chain, 7) == b"new bytes", 30, "n3 serving the new bytes")
+        wait_until(lambda: _all_serving(lc), 60, "n3 resynced and serving again")
+        wait_until(lambda: _replica_read(lc, "n3", chain, 7) == b"new bytes", 30, "n3 serving the new bytes")
     finally:
         link.close()
 
@@ -512,7 +502,7 @@ def test_a_full_disk_takes_its_target_out_and_writes_go_on(launch_cluster, tmp_p
         pytest.skip(f"needs permission to mount a tmpfs (root): {mounted.stderr.strip()}")
     try:
         lc = launch_cluster(_cluster_file(tmp_path), services=FS3)
-        _wait(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
+        wait_until(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
         assert 301 in _targets_of(lc, "n3")
         st = _mgmtd_status(lc)
         chain = next(int(c) for c, d in st["chains"].items() if 301 in [t for t, _s in d["members"]])
@@ -520,7 +510,7 @@ def test_a_full_disk_takes_its_target_out_and_writes_go_on(launch_cluster, tmp_p
         with ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0) as client:
             for k, b in data.items():
                 client.write(chain, k, b)  # acknowledged, through the chain without 301 once it failed
-            _wait(lambda: 301 in _mgmtd_status(lc)["offline_targets"], 20, "target 301 offline")
+            wait_until(lambda: 301 in _mgmtd_status(lc)["offline_targets"], 20, "target 301 offline")
             failed = _direct(lc, "n3", "storage.stats", {}).result["failed"]
             assert list(failed) == ["301"] and "ENOSPC" in failed["301"], failed
             assert [(f["node"], f["target"]) for f in _faults(lc, "TargetFailed")] == [("n3", 301)]
@@ -548,7 +538,7 @@ def test_stale_routing_client_recovers(fs3):
         # a storage server restarts (new incarnation): every chain is reconfigured
         lc.kill("fs3.storage", "n3")
         lc.start("fs3.storage", "n3")
-        _wait(lambda: _all_serving(lc) and _mgmtd_status(lc)["chains"][str(chains[0])]["version"] > cv_stale,
+        wait_until(lambda: _all_serving(lc) and _mgmtd_status(lc)["chains"][str(chains[0])]["version"] > cv_stale,
               60, "n3 back in service")
         assert stale.routing.version == v_stale  # still the old table
         refreshes = stale.stats["routing_refreshes"]
@@ -569,7 +559,7 @@ def test_mgmtd_restart_keeps_state(fs3):
 def test_mgmtd_restart_keeps_state_postgres(launch_cluster, tmp_path, pg_url):
     url = pg_url if "+" in pg_url.split("://", 1)[0] else pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
     lc = launch_cluster(_cluster_file(tmp_path, mgmtd_db=url), services=FS3)
-    _wait(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
+    wait_until(lambda: _settled(lc), 20, "every storage server registered and on the current routing table")
     client = ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0)
     try:
         _mgmtd_restart_keeps_state(lc, client)
@@ -584,7 +574,7 @@ def _mgmtd_restart_keeps_state(lc, client):
     client.write(chains[1], 42, payload)
     lc.kill("fs3.storage", "n1")
     n1 = set(_targets_of(lc, "n1"))
-    _wait(lambda: n1 <= set(_mgmtd_status(lc)["offline_targets"]), 20, "n1 offline")
+    wait_until(lambda: n1 <= set(_mgmtd_status(lc)["offline_targets"]), 20, "n1 offline")
     def others_current():
         version = _mgmtd_status(lc)["version"]
         for node in ("n2", "n3"):
@@ -594,7 +584,7 @@ def _mgmtd_restart_keeps_state(lc, client):
         return True
 
     # everybody has learnt the reconfigured chains (mgmtd is what would tell them otherwise)
-    _wait(others_current, 20, "n2 and n3 on the current routing table")
+    wait_until(others_current, 20, "n2 and n3 on the current routing table")
     before = _mgmtd_status(lc)
     client.refresh_routing()
     assert client.routing.version == before["version"]
@@ -610,7 +600,7 @@ def _mgmtd_restart_keeps_state(lc, client):
     # the cluster still works on the persisted table, and n1 rejoins through a resync
     assert bytes(client.read(chains[1], 42)) == payload
     lc.start("fs3.storage", "n1")
-    _wait(lambda: _all_serving(lc), 60, "n1 back in service")
+    wait_until(lambda: _all_serving(lc), 60, "n1 back in service")
     assert _replica_read(lc, "n1", chains[1], 42) == payload
     assert _replica_read(lc, "n1", chains[2], 43) == b"written while mgmtd was down"
 
@@ -700,7 +690,7 @@ def test_pending_chunk_answers_not_committed(fs3):
             rows = _direct(lc, head, "storage.list", {"chain": chain}).result
             return any(x["chunk"] == 5 and x["pending"] for x in rows)
 
-        _wait(pending, 20, "the write to be pending at the head")
+        wait_until(pending, 20, "the write to be pending at the head")
         cver = client.routing.chains[chain]["version"]
         rep = _direct(lc, head, "storage.read", {"items": [[chain, cver, 5, 0, -1]]})
         item = rep.result["items"][0]
@@ -730,7 +720,7 @@ def test_all_replicas_down_lastsrv_restores_the_chain(fs3):
         return [s for d in _mgmtd_status(lc)["chains"].values() for _t, s in d["members"]]
 
     # every chain keeps its last serving replica as lastsrv and serves nothing
-    _wait(lambda: states().count("lastsrv") == 3 and states().count("offline") == 6, 30, "lastsrv everywhere")
+    wait_until(lambda: states().count("lastsrv") == 3 and states().count("offline") == 6, 30, "lastsrv everywhere")
     # n1 comes back first: in a chain whose lastsrv replica is n1's it serves again at once; in
     # the others it waits (there is nobody up to date to resync from)
     lc.start("fs3.storage", "n1")
@@ -740,14 +730,14 @@ def test_all_replicas_down_lastsrv_restores_the_chain(fs3):
         st = _mgmtd_status(lc)
         return all(s != "offline" for d in st["chains"].values() for t, s in d["members"] if t in n1) and st
 
-    st = _wait(n1_back, 30, "n1's targets back")
+    st = wait_until(n1_back, 30, "n1's targets back")
     for d in st["chains"].values():
         mine = next(s for t, s in d["members"] if t in n1)
         others = [s for t, s in d["members"] if t not in n1]
         assert (mine, sorted(others)) in (("serving", ["offline", "offline"]), ("waiting", ["lastsrv", "offline"]))
     lc.start("fs3.storage", "n2")
     lc.start("fs3.storage", "n3")
-    _wait(lambda: _all_serving(lc), 60, "every chain restored from its lastsrv replica")
+    wait_until(lambda: _all_serving(lc), 60, "every chain restored from its lastsrv replica")
     got = client.batch_read([ReadIO(c, k) for c, k in data])
     assert all(bytes(v) == data[key] for key, v in zip(data, got, strict=True))
     for node in ("n1", "n2", "n3"):

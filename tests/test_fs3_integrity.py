@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _waits import wait_until
 from test_fs3_cluster import (  # the fs3 fixture and the helpers of the cluster tests
     _all_serving,
     _chunk_files,
@@ -27,7 +28,6 @@ from test_fs3_cluster import (  # the fs3 fixture and the helpers of the cluster
     _flip,
     _mgmtd_status,
     _replica_read,
-    _wait,
     fs3,  # noqa: F401 - a fixture
 )
 from typer.testing import CliRunner
@@ -177,15 +177,15 @@ def test_misplaced_stale_missing_and_corrupt_copies_are_never_served_and_are_rep
     def reported():
         return {f["chunk"] for f in _faults(lc, "ChunkCorrupt") if f["node"] == "n2"} >= set(want_chunks)
 
-    _wait(reported, 20, "n2 reporting its four damaged copies")
+    wait_until(reported, 20, "n2 reporting its four damaged copies")
     for f in _faults(lc, "ChunkCorrupt"):
         assert f["node"] == "n2" and f["chunk"] in want_chunks, f  # intact copies are never reported
         assert _WHAT[want_chunks[f["chunk"]]] in f["detail"], f
     for kind in kinds:
         chain, chunk, want = damaged[kind]
-        _wait(lambda c=chain, k=chunk, w=want: _replica_read(lc, "n2", c, k) == w, 20, f"n2's {kind} copy repaired")
+        wait_until(lambda c=chain, k=chunk, w=want: _replica_read(lc, "n2", c, k) == w, 20, f"n2's {kind} copy repaired")
         assert _replica_range(lc, "n2", chain, chunk, 1000, 5000) == want[1000:6000]
-    _wait(lambda: {f["chunk"] for f in _faults(lc, "ChunkRepaired") if f["node"] == "n2"} >= set(want_chunks), 20,
+    wait_until(lambda: {f["chunk"] for f in _faults(lc, "ChunkRepaired") if f["node"] == "n2"} >= set(want_chunks), 20,
           "the repairs reported")
     # the admin CLI shows them, by kind
     res = CliRunner().invoke(app, ["stats", "--cluster", str(lc.cluster_file), "--json"])
@@ -208,14 +208,14 @@ def test_scrub_finds_all_four_kinds_of_damage(fs3):  # noqa: F811
     def found():
         return {f["chunk"] for f in _faults(lc, "ChunkCorrupt") if f["node"] == "n3"} >= set(want_chunks)
 
-    _wait(found, 30, "n3's scrubber reporting its four damaged copies")
+    wait_until(found, 30, "n3's scrubber reporting its four damaged copies")
     for f in _faults(lc, "ChunkCorrupt"):
         assert f["node"] == "n3" and f["chunk"] in want_chunks, f
         assert f["detail"].startswith("scrub: ") and _WHAT[want_chunks[f["chunk"]]] in f["detail"], f
     assert client.stats["replica_failovers"] == 0  # no read met the damage
     for kind in kinds:
         chain, chunk, want = damaged[kind]
-        _wait(lambda c=chain, k=chunk, w=want: _replica_read(lc, "n3", c, k) == w, 30, f"n3's {kind} copy repaired")
+        wait_until(lambda c=chain, k=chunk, w=want: _replica_read(lc, "n3", c, k) == w, 30, f"n3's {kind} copy repaired")
     res = CliRunner().invoke(app, ["faults", "--cluster", str(lc.cluster_file), "--json"])
     assert res.exit_code == 0, res.output
     assert {f["chunk"] for f in json.loads(res.output) if f["kind"] == "ChunkRepaired"} >= set(want_chunks)
@@ -272,7 +272,7 @@ def test_frozen_storage_node_stalls_reads_and_writes_only_briefly(fs3):  # noqa:
     for _ in range(3):
         for (key, want), view in zip(new.items(), client.batch_read([ReadIO(c, k) for c, k in new]), strict=True):
             assert bytes(view) == want, key
-    _wait(lambda: _all_serving(lc), 60, "n3 resynced and serving again")
+    wait_until(lambda: _all_serving(lc), 60, "n3 resynced and serving again")
     for (c, k), want in new.items():
         assert _replica_read(lc, "n3", c, k) == want, (c, k)
     for c in chains[:3]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgpack
 import psutil
 import pytest
+from _waits import wait_until
 from crc32c import crc32c
 
 from fs3.client import ChunkClient
@@ -44,15 +45,6 @@ def _cluster_file(tmp_path: Path) -> Path:
     return path
 
 
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     from deploy.local import LocalCluster
@@ -61,7 +53,7 @@ def cluster(tmp_path_factory):
     lc = LocalCluster(_cluster_file(tmp), tmp / "run", ports="auto", services=FS3)
     lc.up()
     try:
-        _wait(lambda: all(n["port"] and n["alive"] for n in _status(lc)["nodes"].values()), 20, "storage registered")
+        wait_until(lambda: all(n["port"] and n["alive"] for n in _status(lc)["nodes"].values()), 20, "storage registered")
         client = ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0)
         yield lc, client
         client.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tomli_w
+from _waits import wait_until
 from typer.testing import CliRunner
 
 from haiplatform.cli import app
@@ -53,17 +54,6 @@ def hai_client(lc, wait_nodes: int = 4):
         assert time.monotonic() < deadline, f"agents did not register: {c.nodes()}"
         time.sleep(0.05)
     return c
-
-
-def wait_for(pred, timeout=30.0, what="condition", poll=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
 
 
 ENV_SCRIPT = """
@@ -149,14 +139,14 @@ signal_ignored = __import__("signal").signal(__import__("signal").SIGTERM, __imp
 time.sleep(300)
 """)
     j = c.submit({"name": "tree", "command": [sys.executable, str(script)], "nodes": 1})
-    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the job's pid file")
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the job's pid file")
     pids = [int(x) for x in pidfile.read_text().split()]
     assert all(alive(p) for p in pids)
     r = hai(c, "stop", str(j["id"]))
     assert r.exit_code == 0, r.output
     done = c.wait(j["id"], timeout=30)
     assert done["status"] == "stopped" and done["stop"] == "manual_stop"
-    wait_for(lambda: not any(alive(p) for p in pids), timeout=10, what="the rank and its child to die")
+    wait_until(lambda: not any(alive(p) for p in pids), timeout=10, what="the rank and its child to die")
     r = hai(c, "stop", str(j["id"]))
     assert r.exit_code == 1 and "already ended" in r.output
 
@@ -165,7 +155,7 @@ def test_scheduler_killed_and_restarted_keeps_queue_and_running_jobs(launch_clus
     lc = launch_cluster(cluster_file())
     c = hai_client(lc)
     long = c.submit({"name": "long", "command": ["sleep", "2"], "nodes": 4})
-    wait_for(lambda: c.job(long["id"])["status"] == "running", what="the 4-node job to run")
+    wait_until(lambda: c.job(long["id"])["status"] == "running", what="the 4-node job to run")
     queued = [c.submit({"name": f"q{i}", "command": ["true"], "nodes": 2})["id"] for i in range(2)]
     lc.kill("haiplatform.scheduler", "n0", signal.SIGKILL)
     late = c.submit({"name": "late", "command": ["true"], "nodes": 1})["id"]  # accepted without a scheduler
@@ -184,7 +174,7 @@ def test_agent_killed_node_goes_lost_and_its_job_fails(launch_cluster, cluster_f
     lc = launch_cluster(cluster_file(heartbeat_timeout=2.0, stop_grace=1.0))
     c = hai_client(lc)
     j = c.submit({"name": "victim", "command": ["sleep", "300"], "nodes": 4})
-    running = wait_for(lambda: (x := c.job(j["id"]))["status"] == "running" and x, what="the job to run")
+    running = wait_until(lambda: (x := c.job(j["id"]))["status"] == "running" and x, what="the job to run")
     pid_on = {r["node"]: r["pid"] for r in running["ranks"]}
     lc.kill("haiplatform.agent", "n1", signal.SIGKILL)
     done = c.wait(j["id"], timeout=30)
@@ -192,7 +182,7 @@ def test_agent_killed_node_goes_lost_and_its_job_fails(launch_cluster, cluster_f
     ranks = {r["node"]: r for r in done["ranks"]}
     assert ranks["n1"]["status"] == "lost" and {ranks[n]["status"] for n in ("n0", "n2", "n3")} == {"killed"}
     assert {n["name"]: n["state"] for n in c.nodes()}["n1"] == "lost"
-    wait_for(lambda: not any(alive(p) for p in pid_on.values()), timeout=10, what="every rank to die")
+    wait_until(lambda: not any(alive(p) for p in pid_on.values()), timeout=10, what="every rank to die")
     # the lost node takes no job; once its agent is back it does
     k = c.submit({"name": "after", "command": ["true"], "nodes": 4})
     time.sleep(0.5)
@@ -270,7 +260,7 @@ def test_suspend_resumes_in_a_new_attempt_with_whole_life_state(launch_cluster, 
     script = tmp_path / "suspendable.py"
     script.write_text(SUSPENDABLE)
     j = c.submit({"name": "sus", "command": [sys.executable, str(script)], "nodes": 2})
-    wait_for(lambda: "started" in c.logs(j["id"]), timeout=30, what="the first attempt to start")
+    wait_until(lambda: "started" in c.logs(j["id"]), timeout=30, what="the first attempt to start")
     r = hai(c, "suspend", str(j["id"]))
     assert r.exit_code == 0, r.output
     done = c.wait(j["id"], timeout=40)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from _waits import wait_until
 
 from haiplatform.config import HaiConfig, load_config
 from haiplatform.errors import AccountError, ConfigError
@@ -61,14 +62,6 @@ def user_client(admin, name):
     return HaiClient(admin.url, admin.add_user(name)["token"])
 
 
-def wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (v := pred()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
-    return v
-
-
 def result(client, job_id) -> dict:
     out = client.logs(job_id)
     assert "RESULT " in out, out
@@ -105,7 +98,7 @@ def test_a_job_runs_as_its_account_and_cannot_reach_secrets_or_other_jobs(launch
     (tmp_path / "probe.py").write_text(PROBE)
     # bob's job runs; alice's job goes looking for everything it must not reach
     b = bob.submit({"name": "bobs", "command": [sys.executable, str(tmp_path / "sleeper.py")], "nodes": 1})
-    bj = wait_for(lambda: (j := bob.job(b["id"]))["status"] == "running" and "up" in bob.logs(b["id"]) and j,
+    bj = wait_until(lambda: (j := bob.job(b["id"]))["status"] == "running" and "up" in bob.logs(b["id"]) and j,
                   what="bob's job to run")
     bob_node, bob_pid = bj["ranks"][0]["node"], bj["ranks"][0]["pid"]
     bob_control = run / "hai-control" / bob_node / f"job-{b['id']}"
