@@ -410,7 +410,8 @@ class RpcClient:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def _connection(self) -> Connection:
+    def _connection(self, timeout: float | None = None) -> Connection:
+        """The open connection, or a new one, authenticated within ``timeout`` (the call's) at most."""
         now = time.monotonic()
         if self._conn is not None and not self._conn.closed and now - self._used > _STALE_CHECK_AFTER \
                 and _stale(self._conn):
@@ -424,7 +425,7 @@ class RpcClient:
                            traffic_class=self.traffic_class, source=self.source, io_timeout=self.timeout)
             if self.credential is not NO_AUTH:
                 conn = client_handshake(conn, self.credential, encrypt=self.encrypt,
-                                        timeout=max(HANDSHAKE_TIMEOUT, self.connect_timeout))
+                                        timeout=_handshake_budget(self.connect_timeout, timeout))
             self._conn = conn
         self._used = now
         return self._conn
@@ -458,7 +459,7 @@ class RpcClient:
         self._lock.acquire()
         conn = None
         try:
-            conn = self._connection()
+            conn = self._connection(t)
             call_id = next(self._ids)
             conn.send(_pack({"m": method, "i": call_id, "a": args or {}}), *payload, timeout=t)
         except BaseException:
@@ -572,6 +573,14 @@ def _stale(conn: Connection) -> bool:
         return bool(p.poll(0)) or conn.buffered > 0
     except (OSError, ValueError):
         return True
+
+
+def _handshake_budget(connect_timeout: float, call_timeout: float | None) -> float:
+    """How long a new connection's handshake may take: the usual budget, but never longer than the
+    call that needs the connection (a read that gives a silent replica 1.7 s must not wait 5 s
+    for a frozen server's handshake before it can move to another one)."""
+    budget = max(HANDSHAKE_TIMEOUT, connect_timeout)
+    return budget if call_timeout is None else max(0.001, min(budget, call_timeout))
 
 
 def _filled(bufs, nbytes: int) -> list[memoryview]:
