@@ -17,7 +17,7 @@ of all its timed repetitions (a barrier before each, WARMUP warm-ups per round, 
 library: first calls on fresh buffers pay set-up costs, and training runs thousands of steps);
 algbw = bytes / time, busbw = algbw x 2(n-1)/n. Targets (issue #3, at 16 MiB and above, 2 ranks):
 own buffers >= 2x gloo and >= 1.2x OpenMPI; arena buffers >= 3.5x gloo and >= 2x OpenMPI;
-2 nodes x 2 ranks: >= 2x gloo. The last line is one JSON object (see DESIGN.md).
+2 nodes x 2 ranks: >= 2x gloo. The last line is one JSON object (bench, figures, ratios, targets, ok).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Exits are reported at once by a reporter thread. Each process leader gets ``PR_S
 (SIGKILL), and the agent records every process group in ``STATE_DIR/agent-NODE.json`` so that a
 restarted agent kills what its predecessor left (the API marks those ranks lost).
 
-Job environment (DESIGN.md, "The job environment"): WORLD_SIZE, RANK, LOCAL_WORLD_SIZE,
+Job environment (docs/haiplatform.md): WORLD_SIZE, RANK, LOCAL_WORLD_SIZE,
 LOCAL_RANK, NNODES, NODE_RANK, GROUP_RANK, MASTER_ADDR, MASTER_PORT, HAI_JOB_ID, HAI_CHAIN_ID,
 HAI_RESTART_COUNT, HAI_NODE_NAME, HAI_CLUSTER_FILE, HAI_WHOLE_LIFE_STATE, HAI_CONTROL; and
 nothing of the agent's own environment but the variables in :data:`PASS_ENV` (see
