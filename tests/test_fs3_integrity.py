@@ -34,9 +34,10 @@ from typer.testing import CliRunner
 
 from fs3.chunkstore import ChunkStore
 from fs3.cli import app
-from fs3.client import ReadIO, WriteIO
+from fs3.client import ChunkClient, ReadIO, WriteIO
 from fs3.config import Fs3Config
 from fs3.errors import ChunkCorrupt, Fs3ConfigError
+from network import TransportTimeout
 
 # -- the chunk store alone ---------------------------------------------------------------------------
 
@@ -277,3 +278,34 @@ def test_frozen_storage_node_stalls_reads_and_writes_only_briefly(fs3):  # noqa:
         assert _replica_read(lc, "n3", c, k) == want, (c, k)
     for c in chains[:3]:
         assert bytes(client.read(c, 900 + c)) == bytes(10) + b"partial"
+
+
+def test_reads_finish_when_every_replica_is_slower_than_the_attempt_timeout_standin(fs3):  # noqa: F811
+    """When every replica lets a read attempt time out, the cluster is slow rather than one node
+    frozen (an overloaded host): the next round gives each attempt twice as long, so the read
+    finishes instead of timing out the same way until the client's deadline. The slowness is a
+    stand-in at the client's batch seam (every replica needs 50 ms; a loaded host cannot be made
+    slow on cue); the reads that then go through are real."""
+    lc, client = fs3
+    chains = client.routing.chain_ids()
+    rng = random.Random(11)
+    data = {(c, 900 + i): rng.randbytes(100_000) for i, c in enumerate(chains)}
+    client.batch_write([WriteIO(c, k, d) for (c, k), d in data.items()])
+    slow = ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=10.0, read_timeout=0.01)
+    real, budgets = slow._read_batch, []
+
+    def every_replica_needs_50ms(r, batch, relaxed, timeout):
+        budgets.append(timeout)
+        if timeout < 0.05:
+            time.sleep(timeout)
+            return [(p, t, TransportTimeout("stand-in: no answer within the attempt timeout")) for p, t in batch]
+        return real(r, batch, relaxed, timeout)
+
+    slow._read_batch = every_replica_needs_50ms
+    try:
+        got = slow.batch_read([ReadIO(c, k) for c, k in data])
+        assert [bytes(v) for v in got] == list(data.values())
+        assert budgets[0] == 0.01 and max(budgets) >= 0.05  # the attempts grew until they fit
+        assert budgets == sorted(budgets)
+    finally:
+        slow.close()

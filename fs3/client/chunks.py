@@ -439,6 +439,7 @@ class ChunkClient:
         deadline = time.monotonic() + self.timeout
         todo = [_Pending(io, i) for i, io in enumerate(ios)]
         delay = 0.02
+        attempt_timeout = self.read_timeout
         last: dict[int, Exception] = {}
         while todo:
             r = self.routing
@@ -470,7 +471,7 @@ class ChunkClient:
             for _node, items in groups.items():
                 for k in range(0, len(items), per):
                     batches.append(items[k:k + per])
-            futs = [self._pool.submit(self._read_batch, r, b, relaxed) for b in batches]
+            futs = [self._pool.submit(self._read_batch, r, b, relaxed, attempt_timeout) for b in batches]
             for f in futs:
                 for p, t, res in f.result():
                     if isinstance(res, memoryview):
@@ -498,6 +499,12 @@ class ChunkClient:
                 if not [t for t in r.serving(p.io.chain) if t not in p.excluded]:
                     refresh = True
                     p.excluded = set(p.corrupt)  # copies known to be corrupt stay out; the rest get another try
+            if refresh and any(isinstance(last.get(p.index), TransportTimeout) for p in retry):
+                # [Note: every replica slow] one frozen replica costs a read one attempt timeout; when
+                # every replica let an attempt time out, the cluster is slow rather than one node
+                # frozen (an overloaded host), so the next round gives each attempt twice as long
+                # (up to the I/O timeout) instead of timing out the same way until the deadline
+                attempt_timeout = min(attempt_timeout * 2, self.io_timeout)
             if refresh or any(isinstance(last.get(p.index), ChunkNotCommitted | TransportError) for p in retry):
                 self.stats["retries"] += 1
                 time.sleep(delay)
@@ -509,7 +516,7 @@ class ChunkClient:
     def _max_batch(self) -> int:
         return self.max_batch_bytes
 
-    def _read_batch(self, r: Routing, batch: list[tuple[_Pending, int]], relaxed: bool) -> list:
+    def _read_batch(self, r: Routing, batch: list[tuple[_Pending, int]], relaxed: bool, timeout: float) -> list:
         t0 = batch[0][1]
         items = [[p.io.chain, r.chains[p.io.chain]["version"], p.io.chunk, p.io.offset, p.io.length]
                  for p, _t in batch]
@@ -533,7 +540,7 @@ class ChunkClient:
         try:
             with self._acquire(self._slots, self._slot(r, t0)):
                 rep = server.call("storage.read", {"items": items, "relaxed": relaxed, "e2e": True}, into=land,
-                                  timeout=self.read_timeout)
+                                  timeout=timeout)
         except RemoteError as exc:
             err = from_remote(exc)
             return [(p, t, err) for p, t in batch]
@@ -546,7 +553,7 @@ class ChunkClient:
                 self.stats["read_timeouts"] += 1
             with self._plock:
                 self._avoid = {k: v for k, v in self._avoid.items() if v > time.monotonic()}
-                self._avoid[r.endpoint(t0)] = time.monotonic() + 3 * self.read_timeout
+                self._avoid[r.endpoint(t0)] = time.monotonic() + 3 * timeout
             return [(p, t, exc) for p, t in batch]
         out = []
         views = iter(rep.payload if isinstance(rep.payload, list) else [])
