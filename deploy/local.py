@@ -146,27 +146,38 @@ def _pick_port(addresses: list[str], taken: set[int], rng: random.Random) -> int
     raise LauncherError("no free port found in 20000-32000 on " + ", ".join(addresses))
 
 
+def _dirs_above(path: str | os.PathLike) -> list[Path]:
+    """The directories above ``path``, from the root down, both as written and with links resolved
+    (a venv's ``bin/python`` is a link: a job must pass the venv's directories and the real Python's)."""
+    out: list[Path] = []
+    for p in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+        out.extend(d for d in reversed(p.parents) if d not in out)
+    return out
+
+
 def blocked_for_others(path: str | os.PathLike) -> Path | None:
     """The first directory above ``path`` that other accounts cannot pass (no o+x), or None."""
-    for parent in reversed(Path(os.path.realpath(path)).parents):
+    for parent in _dirs_above(path):
         with contextlib.suppress(OSError):
             if not os.stat(parent).st_mode & 0o001:
                 return parent
     return None
 
 
-def pass_for_jobs(path: str | os.PathLike) -> list[Path]:
-    """Let other accounts pass (o+x: enter, never list or read) every directory above ``path`` that
-    this account owns; returns the directories changed. Tests and the demo use it so that jobs,
-    which run as their users' accounts, can run this Python (on the development machines it lies
-    under /root) and reach the files of a test."""
-    changed = []
-    for parent in reversed(Path(os.path.realpath(path)).parents):
-        with contextlib.suppress(OSError):
-            st = os.stat(parent)
-            if not st.st_mode & 0o001 and st.st_uid == os.geteuid():
-                os.chmod(parent, stat.S_IMODE(st.st_mode) | 0o001)
-                changed.append(parent)
+def pass_for_jobs(*paths: str | os.PathLike) -> list[Path]:
+    """Let other accounts pass (o+x: enter, never list or read) every directory above each of
+    ``paths`` that this account owns; returns the directories changed. Tests and the demo use it so
+    that jobs, which run as their users' accounts, can run this Python (on the development machines
+    it lies under /root; a fresh clone may lie in a 0700 temporary directory) and reach the
+    repository's code and the files of a test."""
+    changed: list[Path] = []
+    for path in paths:
+        for parent in _dirs_above(path):
+            with contextlib.suppress(OSError):
+                st = os.stat(parent)
+                if not st.st_mode & 0o001 and st.st_uid == os.geteuid():
+                    os.chmod(parent, stat.S_IMODE(st.st_mode) | 0o001)
+                    changed.append(parent)
     return changed
 
 

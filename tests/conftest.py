@@ -44,7 +44,7 @@ def job_tmp_path():
     from deploy.local import pass_for_jobs
 
     if os.geteuid() == 0:
-        pass_for_jobs(sys.executable)
+        pass_for_jobs(sys.executable, ROOT / "pyproject.toml")  # this Python, the venv and the code
     d = Path(tempfile.mkdtemp(prefix="fireflyer-test-"))
     d.chmod(0o711)
     yield d
