@@ -11,7 +11,10 @@ then runs the end-to-end path that exists so far, and stops everything:
    with haiscale DDP on hfreduce, reads its data from fs3 and checkpoints to fs3;
 5. mid-run the job is suspended (``hai suspend``): the ranks agree on a step, checkpoint and exit;
    the platform re-queues it and the next attempt resumes from the fs3 checkpoint and finishes;
-6. everything stops, and nothing is left behind.
+6. hardening: the job ran as alice's Unix account (not root), a stranger's forged chain forward to
+   a storage server is refused at connect, and a storage server killed with SIGKILL is restarted
+   by the launcher;
+7. everything stops, and nothing is left behind.
 
     python -m deploy.demo [--cluster FILE] [--keep-run-dir]
 """
@@ -103,7 +106,7 @@ def fs3_steps(lc: LocalCluster) -> None:
                   f"in {dt * 1000:.0f} ms")
 
 
-def training_steps(lc: LocalCluster, run_dir: Path) -> None:
+def training_steps(lc: LocalCluster, run_dir: Path) -> str:
     import threading
 
     admin = Hai(run_dir)
@@ -164,6 +167,41 @@ def training_steps(lc: LocalCluster, run_dir: Path) -> None:
         raise DemoError("the resumed attempt did not finish the training")
     con.print(f"[green]suspended at step {m.group(1)}, resumed from fs3 in attempt "
               f"{len(final.get('attempts', []))}, finished all 60 steps[/]")
+    return "".join(first) + text
+
+
+def hardening_steps(lc: LocalCluster, run_dir: Path, job_log: str) -> None:
+    """What issue #14 added, shown: the job ran as its user's account, a stranger's forged chain
+    forward is refused at connect, and a crashed storage server comes back by itself."""
+    import signal
+
+    from network import AuthError, RpcClient, new_cluster_key
+
+    m = re.search(r"running as (\S+) \(uid (\d+)\)", job_log)
+    if not m:
+        raise DemoError("the job did not say which account it ran as")
+    con.print(f"the job ran as [bold]{m.group(1)}[/] (uid {m.group(2)}), alice's Unix account: it could not "
+              "read the platform's tokens, keys or database")
+    if os.geteuid() == 0 and m.group(2) == "0":
+        raise DemoError("the job ran as root")
+    host, port = lc.cluster.endpoint("fs3.storage", "n3")
+    try:
+        with RpcClient(host, port, credential=new_cluster_key(), timeout=5, connect_timeout=5) as c:
+            c.call("storage.write", {"fwd": True, "chain": 1, "chunk": 1})
+    except AuthError as exc:
+        con.print(f"a stranger's forged chain forward to fs3.storage@n3: [green]refused[/] ({exc})")
+    else:
+        raise DemoError("a forged storage.write from a stranger was accepted")
+    victim = "fs3.storage@n2"
+    pid = lc.info[victim].pid
+    os.kill(pid, signal.SIGKILL)
+    con.print(f"$ kill -9 {pid}   # {victim} crashes")
+    wait_for(f"{victim} restarted and healthy", lambda: (lambda i: i.pid != pid and i.state == "healthy"
+                                                          and i.restarts >= 1)(
+        {i.key: i for i in lc.status()}[victim]), 60)
+    render_status({"cluster": lc.cluster.name, "state": "up", "run_dir": str(run_dir),
+                   "services": [vars(i) for i in lc.status()]})
+    con.print(f"[green]{victim} was restarted by the launcher (back-off, as systemd's Restart=on-failure)[/]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,13 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         fs3_steps(lc)
 
         step("4. a researcher submits a training job with hai")
-        training_steps(lc, run_dir)
+        job_log = training_steps(lc, run_dir)
+
+        step("6. hardening: jobs run as their users, strangers are refused, crashed services come back")
+        hardening_steps(lc, run_dir, job_log)
         ok = True
     except Exception as exc:  # noqa: BLE001 - the demo reports and exits non-zero
         con.print(f"[red]demo failed: {type(exc).__name__}: {exc}[/]")
         con.print(f"logs: {run_dir / 'logs'}")
     finally:
-        step("6. stop everything")
+        step("7. stop everything")
         lc.down()
         left = [i.key for i in lc.info.values() if i.state != "stopped"]
         con.print("all services stopped" if not left else f"[red]still running: {left}[/]")

@@ -124,8 +124,11 @@ def main() -> int:
         print(f"attempt {attempt}: no checkpoint on fs3, starting at step 0", flush=True)
     if rank == 0:
         nodes = pg.info().get("nodes", [])
+        import pwd
+
         print(f"{world} ranks on {len(nodes)} nodes ({', '.join(nodes)}); hfreduce kernel "
-              f"{hfreduce.info().get('kernel')}", flush=True)
+              f"{hfreduce.info().get('kernel')}; running as {pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})",
+              flush=True)
 
     def save(step: int) -> None:
         if rank == 0:
