@@ -113,16 +113,17 @@ class Slots:
 
 @dataclass
 class Limits:
-    """The API's limits (from the ``[haiplatform]`` section) and the state that enforces them."""
+    """The API's limits (from the ``[haiplatform]`` section, whose defaults are HaiConfig's) and the
+    state that enforces them."""
 
-    max_body_bytes: int = 1 << 20
-    rate_limit: float = 100.0
-    rate_burst: int = 1000
-    max_user_requests: int = 24
+    max_body_bytes: int
+    rate_limit: float
+    rate_burst: int
+    max_user_requests: int
+    max_streams_per_user: int
+    max_streams: int
+    stream_max_seconds: float
     user_queue_timeout: float = 30.0
-    max_streams_per_user: int = 8
-    max_streams: int = 512
-    stream_max_seconds: float = 86400.0
     stream_threads: int = 8
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
     streams: dict[str, int] = field(default_factory=dict)
@@ -136,7 +137,7 @@ class Limits:
     def from_config(cls, cfg: Any) -> Limits:
         names = ("max_body_bytes", "rate_limit", "rate_burst", "max_user_requests", "max_streams_per_user",
                  "max_streams", "stream_max_seconds")
-        return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)})
+        return cls(**{n: getattr(cfg, n) for n in names})
 
     # -- rate ---------------------------------------------------------------------------------------
     def take(self, key: str) -> float:
