@@ -49,11 +49,11 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from .errors import AuthError, PeerClosed, ProtocolError, TransportError
+from ..errors import AuthError, PeerClosed, ProtocolError, TransportError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .topology import Cluster
-    from .transport import Connection
+    from ..topology import Cluster
+    from ..transport import Connection
 
 __all__ = [
     "AuthError", "Authenticator", "Credential", "Principal", "client_credential", "client_handshake",
@@ -414,7 +414,7 @@ def client_handshake(conn: Connection, cred: Credential, *, encrypt: bool = Fals
         conn.close()
         raise
     if encrypt or senc:
-        from .seal import seal
+        from ..seal import seal
         return seal(conn, cred.secret, nc, ns, client=True)
     return conn
 
@@ -446,7 +446,7 @@ def server_handshake(conn: Connection, auth: Authenticator) -> tuple[Connection,
     roles = frozenset({SERVICE, CLIENT}) if kid == CLUSTER_KEY_ID else frozenset({CLIENT})
     _send(conn, {"ok": True, "roles": sorted(roles)}, t)
     if cenc or auth.encrypt:
-        from .seal import seal
+        from ..seal import seal
         conn = seal(conn, key, nc, ns, client=False)
     return conn, Principal(kid, roles, exp)
 
@@ -500,8 +500,3 @@ def main(argv: list[str] | None = None) -> int:
     except AuthError as exc:
         ap.exit(1, f"error: {exc}\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
