@@ -110,8 +110,8 @@ def resolve_account(cfg: HaiConfig, user: str, node: str) -> Account:
             raise AccountError(f"no Unix account {name!r} on {node} for platform user {user!r}, and the agent "
                                "cannot create it (it does not run as root); create the account yourself")
         acct = _create(name, node)
-    if acct.uid == 0 or acct.uid == os.geteuid():
-        raise AccountError(f"platform user {user!r} maps to the Unix account {name!r} (uid {acct.uid}), which is "
-                           "root or the services' account: jobs never run as it; map the user to another account "
-                           "in [haiplatform] accounts")
+    if acct.uid == 0 or acct.uid == os.geteuid() or acct.gid == 0:
+        raise AccountError(f"platform user {user!r} maps to the Unix account {name!r} (uid {acct.uid}, gid "
+                           f"{acct.gid}), which is root or the services' account, or has root's group: jobs never "
+                           "run as it; map the user to another account in [haiplatform] accounts")
     return acct
