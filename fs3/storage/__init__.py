@@ -39,7 +39,8 @@ their own: neither depends on the server.
 the parts share one state (the routing table, the stores, the chunk locks, the counters), and
 their work meets under the same chunk lock (a scrub read never races a write, a resync copy
 never races a commit), so a part is a set of methods over that state rather than an object of
-its own. ``service`` creates the state.
+its own. ``service`` creates the state, with one lock per shared structure (see its ``__init__``);
+a part touches a structure only under its lock.
 """
 
 from .service import StorageServer, main

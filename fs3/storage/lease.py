@@ -53,15 +53,17 @@ class Lease:
             log.warning("routing refresh failed: %s", exc)
             return self.routing
         self._last_refresh = time.monotonic()
-        self.stats["routing_refreshes"] += 1
+        self._count("routing_refreshes")
         if not d.get("unchanged"):
             self._set_routing(d)
         return self.routing
 
     def _heartbeat_once(self) -> None:
         with self._stores_lock:
-            tids = {*self.stores, *self.failed}
-        targets = {str(t): "offline" if t in self.failed else "online" for t in tids}
+            tids = set(self.stores)
+        with self._failed_lock:
+            failed = set(self.failed)
+        targets = {str(t): "offline" if t in failed else "online" for t in tids | failed}
         sent = time.monotonic()
         out = self.mgmtd.call("mgmtd.heartbeat", {
             "node": self.node, "address": self.address, "port": self.port, "incarnation": self.incarnation,
@@ -109,7 +111,7 @@ class Lease:
         with self._failed_lock:
             newly, self._fenced = not self._fenced, True
         if newly:
-            self.stats["lease_expired"] += 1
+            self._count("lease_expired")
             log.error("%s: no heartbeat answered by mgmtd for %.1f s (failure_timeout / 2): not serving until "
                       "mgmtd answers", self.node, self.cfg.failure_timeout / 2 + over)
         raise NotServing(f"{self.node}: out of contact with mgmtd for {self.cfg.failure_timeout / 2 + over:.1f} s "
@@ -131,8 +133,9 @@ class Lease:
             raise StaleRouting(f"{self.node}: chain {chain} is at version {c['version']}, request has {cver}",
                                current=c["version"])
         tid = r.target_on(chain, self.node)
-        if tid in self.failed:
-            raise TargetFailed(f"{self.node}: target {tid} failed ({self.failed[tid]}) and is out of service",
+        why = self.failed.get(tid)  # one read: the dict only grows, under _failed_lock
+        if why is not None:
+            raise TargetFailed(f"{self.node}: target {tid} failed ({why}) and is out of service",
                                current=c["version"])
         state = r.state_of(chain, tid) if tid is not None else None
         if tid is None or state not in want:

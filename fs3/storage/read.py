@@ -45,10 +45,10 @@ class Reads:
                             fds.append(fd)
                             out.append(FileRegion(fd, HEADER_SIZE, n))
                             results.append({"n": n, "v": ver, "t": tid, "c": crc, "u": 1})
-                            self.stats["reads"] += 1
+                            self._count("reads")
                             continue
                     piece, ver, crc = self._read_verified(tid, store, chain, chunk, pend, relaxed, off, length)
-                    self.stats["reads"] += 1
+                    self._count("reads")
                     out.append(piece)
                     results.append({"n": len(piece), "v": ver, "t": tid, "c": crc})
                 except StorageError as exc:

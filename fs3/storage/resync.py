@@ -31,10 +31,12 @@ class ResyncWorker:
                 pred, ps = members[i - 1]
                 if ps == SERVING and r.targets.get(pred) == self.node:
                     job = (cid, t, c["version"])
-                    if job not in self._resyncing:
+                    with self._resync_lock:  # heartbeat and routing refreshes both get here
+                        if job in self._resyncing:
+                            continue
                         self._resyncing.add(job)
-                        threading.Thread(target=self._resync, args=(r, cid, pred, t, c["version"]),
-                                         name=f"resync-{cid}-{t}", daemon=True).start()
+                    threading.Thread(target=self._resync, args=(r, cid, pred, t, c["version"]),
+                                     name=f"resync-{cid}-{t}", daemon=True).start()
 
     def _resync(self, r: Routing, chain: int, mine: int, succ: int, cver: int) -> None:
         """Copy to the syncing successor what differs, remove what it has and we do not, report done."""
@@ -72,8 +74,8 @@ class ResyncWorker:
                 pool.call("storage.sync_remove", {"chain": chain, "cver": cver, "chunks": gone})
                 removed = len(gone)
             self.mgmtd.call("mgmtd.sync_done", {"chain": chain, "target": succ, "chain_version": cver})
-            self.stats["resyncs"] += 1
-            self.stats["resynced_chunks"] += copied
+            self._count("resyncs")
+            self._count("resynced_chunks", copied)
             log.info("resync of target %s (chain %d v%d) done: %d copied, %d removed", succ, chain, cver,
                      copied, removed)
             self.refresh_routing(force=True)
@@ -81,7 +83,8 @@ class ResyncWorker:
             log.warning("resync of target %s (chain %d v%d) failed, will retry: %s", succ, chain, cver, exc)
             time.sleep(min(1.0, self.cfg.heartbeat_interval))
         finally:
-            self._resyncing.discard(job)
+            with self._resync_lock:
+                self._resyncing.discard(job)
 
     def h_sync_meta(self, args: dict, payload, ctx) -> list:
         chain, cver = int(args["chain"]), int(args["cver"])

@@ -56,13 +56,13 @@ class CheckWorker:
         """Count and report a damaged copy (``damage``: see ``ChunkCorrupt``: corrupt bytes, another
         chunk's file, a stale version, a missing file...), then repair it from a healthy replica
         (background)."""
-        self.stats["corrupt"] += 1
-        with self._stores_lock:
+        with self._stats_lock:
+            self.stats["corrupt"] += 1
             self.stats["damage"][damage] = self.stats["damage"].get(damage, 0) + 1
         log.error("corrupt chunk: %s", detail)
         self._report(tid, chain, chunk, "ChunkCorrupt", detail)
         key = (tid, chain, chunk)
-        with self._stores_lock:
+        with self._repair_lock:
             if key in self._repairing:
                 return
             self._repairing.add(key)
@@ -90,7 +90,7 @@ class CheckWorker:
                     if m is None or m.pending or (m.committed != item["v"] and not m.corrupt):
                         return  # a write or a removal got there first: nothing left to repair
                     store.put(chain, chunk, item["v"], c["version"], rep.payload, pending=False)
-                self.stats["repaired"] += 1
+                self._count("repaired")
                 log.warning("repaired chunk %d/%016x on target %d from target %d", chain, chunk, tid, peer)
                 self._report(tid, chain, chunk, "ChunkRepaired", f"copied v{item['v']} from target {peer}")
                 return
@@ -98,7 +98,7 @@ class CheckWorker:
         except Exception:  # pragma: no cover - repair is best effort; the copy stays unreadable
             log.exception("repair of chunk %d/%016x failed", chain, chunk)
         finally:
-            with self._stores_lock:
+            with self._repair_lock:
                 self._repairing.discard((tid, chain, chunk))
 
 
@@ -125,9 +125,7 @@ class CheckWorker:
         rate = self.cfg.scrub_rate_mb * 1e6
         buf = bytearray(HEADER_SIZE + self.cfg.chunk_size)
         began, nbytes, chunks, damaged = time.monotonic(), 0, 0, 0
-        with self._stores_lock:
-            stores = sorted(self.stores.items())  # a routing change may add a store meanwhile
-        for tid, store in stores:
+        for tid, store in self._stores_snapshot():  # a routing change may add a store meanwhile
             for chain, chunk, m in store.list():
                 if tid in self.failed:
                     break
@@ -151,10 +149,10 @@ class CheckWorker:
                 except TargetFailed:
                     break  # out of service (reported by the store)
                 chunks += 1
-                self.stats["scrubbed_chunks"] += 1
+                self._count("scrubbed_chunks")
                 ahead = nbytes / rate - (time.monotonic() - began)
                 if ahead > 0 and self._stop.wait(ahead):
                     return
-        self.stats["scrub_passes"] += 1
+        self._count("scrub_passes")
         log.info("scrub pass: %d chunks (%d bytes) verified, %d damaged, in %.1f s", chunks, nbytes, damaged,
                  time.monotonic() - began)

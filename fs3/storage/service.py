@@ -74,6 +74,13 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         self.write_timeout = min(cfg.write_attempt_timeout, io_timeout)
         self.read_timeout = min(cfg.read_attempt_timeout, io_timeout)
         self.incarnation = uuid.uuid4().hex
+        # [Note: one lock per structure] Handler, heartbeat, scrub, repair and resync threads all
+        # share the structures below; each has its own lock, held only to read or change it (never
+        # across a call to a peer; _stores_lock also while a target's store opens, once), so no
+        # part waits on another's unrelated work: routing (_rlock), failed and _fenced
+        # (_failed_lock), stores (_stores_lock), _dedup, stats, _repairing, _resyncing, _admitted
+        # and _pools (each _<name>_lock). Readers iterate a copy taken under the lock.
+        # The per-chunk locks (self.locks) order the work on one chunk.
         self.routing = Routing(chunk_size=cfg.chunk_size, replication=cfg.replication)
         self._rlock = threading.Lock()
         self._last_refresh = 0.0
@@ -89,6 +96,7 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         # (target, client, channel) -> (seq, result) of the last update, least recently used first;
         # bounded: every client process brings new channels
         self._dedup: OrderedDict[tuple, tuple[int, dict]] = OrderedDict()
+        self._dedup_lock = threading.Lock()
         self._pools: dict[tuple[str, int], RpcPool] = {}
         self._pools_lock = threading.Lock()
         self.mgmtd = RpcPool(*mgmtd, size=2, timeout=10.0, connect_timeout=5.0, credential=self._cred,
@@ -97,9 +105,13 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
                       "routing_refreshes": 0, "scrub_passes": 0, "scrubbed_chunks": 0, "lease_expired": 0,
                       "failed_targets": 0,
                       "damage": {}}  # damaged copies found, by kind (ChunkCorrupt.damage)
-        self._repairing: set[tuple[int, int, int]] = set()
-        self._resyncing: set[tuple[int, int, int]] = set()
+        self._stats_lock = threading.Lock()
+        self._repairing: set[tuple[int, int, int]] = set()  # (target, chain, chunk) being repaired
+        self._repair_lock = threading.Lock()
+        self._resyncing: set[tuple[int, int, int]] = set()  # (chain, successor, chain version) in progress
+        self._resync_lock = threading.Lock()
         self._admitted: dict[tuple[int, int], int] = {}  # (chain, chain version) -> writes in progress
+        self._admit_lock = threading.Lock()
         self._stop = threading.Event()
         bulk = max(cfg.chunk_size, cfg.max_batch_bytes)  # the largest payload a write carries
         # headers up to a batch's size too: a resync's sync_remove lists every chunk to drop
@@ -155,7 +167,9 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         self.server.stop()
         for t in self._threads:
             t.join(5)
-        for p in list(self._pools.values()):
+        with self._pools_lock:
+            pools = list(self._pools.values())
+        for p in pools:
             p.close()
         self.mgmtd.close()
 
@@ -190,6 +204,16 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
                     self.stores[tid] = st
         return st
 
+    def _count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name`` of :meth:`h_stats` (handler threads count concurrently)."""
+        with self._stats_lock:
+            self.stats[name] += n
+
+    def _stores_snapshot(self) -> list[tuple[int, ChunkStore]]:
+        """This server's stores by target id, taken under their lock (a routing change may add one)."""
+        with self._stores_lock:
+            return sorted(self.stores.items())
+
     def _fail_target(self, tid: int, exc: OSError) -> None:
         """Take a target whose disk failed out of service: it answers ``TargetFailed`` from now on,
         and the heartbeat (sent at once) reports it offline, so mgmtd moves it out of its chains
@@ -200,7 +224,7 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
             if tid in self.failed:
                 return
             self.failed[tid] = reason
-        self.stats["failed_targets"] += 1
+        self._count("failed_targets")
         log.error("%s: target %d failed, taken out of service: %s", self.node, tid, reason)
         self._report(tid, 0, 0, "TargetFailed", reason)
         self._beat.set()
@@ -210,18 +234,21 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
     def h_list(self, args: dict, payload, ctx) -> list:
         chain = args.get("chain")
         out = []
-        for tid, st in sorted(self.stores.items()):
+        for tid, st in self._stores_snapshot():
             for c, k, m in st.list(None if chain is None else int(chain)):
                 out.append({"target": tid, "chain": c, "chunk": k, "committed": m.committed, "pending": m.pending,
                             "length": m.length, "crc": m.crc})
         return out
 
     def h_stats(self, args: dict, payload, ctx) -> dict:
+        with self._stats_lock:
+            stats = {**self.stats, "damage": dict(self.stats["damage"])}
+        with self._failed_lock:
+            failed = {str(t): why for t, why in self.failed.items()}
         return {"node": self.node, "incarnation": self.incarnation, "routing_version": self.routing.version,
-                **self.stats, "damage": dict(self.stats["damage"]),
-                "failed": {str(t): why for t, why in self.failed.items()},
+                **stats, "failed": failed,
                 "targets": {str(t): {"chunks": len(metas), "bytes": sum(m.length for m in metas)}
-                            for t, metas in ((t, [m for _c, _k, m in s.list()]) for t, s in self.stores.items())}}
+                            for t, metas in ((t, [m for _c, _k, m in s.list()]) for t, s in self._stores_snapshot())}}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,7 +66,7 @@ class ReliableUpdate:
             if cached is not None:
                 return cached
             self._still_current(chain, cver)
-            self.stats["writes"] += 1
+            self._count("writes")
             if op == "remove":
                 result = self._remove_chain(r, ws, pos, args, chain, chunk, store)
             else:
@@ -94,12 +94,12 @@ class ReliableUpdate:
     def _admit(self, chain: int, cver: int):
         """Count a write in progress at its chain version (before its version check: see the resync)."""
         key = (chain, cver)
-        with self._stores_lock:
+        with self._admit_lock:
             self._admitted[key] = self._admitted.get(key, 0) + 1
         try:
             yield
         finally:
-            with self._stores_lock:
+            with self._admit_lock:
                 n = self._admitted.pop(key) - 1
                 if n:
                     self._admitted[key] = n
@@ -116,7 +116,7 @@ class ReliableUpdate:
         """
         deadline = time.monotonic() + self.lock_timeout + self.io_timeout
         while True:
-            with self._stores_lock:
+            with self._admit_lock:
                 busy = [v for c, v in self._admitted if c == chain and v < cver]
             if not busy:
                 return
@@ -141,7 +141,10 @@ class ReliableUpdate:
 
     def _cached(self, key: tuple, seq: int, fwd_write: bool, ver: int) -> dict | None:
         """The remembered answer when this update is a repeat of the last one on its channel."""
-        cached = self._dedup.get(key) if key[1] else None
+        if not key[1]:
+            return None
+        with self._dedup_lock:
+            cached = self._dedup.get(key)
         if cached is None:
             return None
         # a forwarded retry may carry a new version (the head re-numbered it after a lost ack):
@@ -212,7 +215,7 @@ class ReliableUpdate:
                     if cached is not None:
                         results[i] = cached
                         continue
-                    self.stats["writes"] += 1
+                    self._count("writes")
                     fver, fcrc = (int(it[4]), it[5]) if pos else (0, None)  # forwarded items carry them
                     ver, done = self._hop_version(store.get(chain, chunk), pos, state, chain, chunk, fver, fcrc)
                     if done is not None:
@@ -284,7 +287,7 @@ class ReliableUpdate:
     def _remember(self, key: tuple, seq: int, result: dict) -> None:
         if not key[1]:
             return  # no client id: nothing to deduplicate
-        with self._stores_lock:
+        with self._dedup_lock:
             self._dedup[key] = (seq, result)
             self._dedup.move_to_end(key)
             while len(self._dedup) > _DEDUP_MAX:
