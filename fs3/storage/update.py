@@ -25,6 +25,7 @@ from ..errors import (
     ChunkCorrupt,
     ChunkVersionConflict,
     ForwardFailed,
+    InvalidRequest,
     NotServing,
     StaleRequest,
     StaleRouting,
@@ -47,10 +48,10 @@ class ReliableUpdate:
         fwd = bool(args.get("fwd"))
         op = args.get("op", "write")
         if op not in ("write", "remove"):
-            raise ValueError(f"storage.write: unknown op {op!r} (write, remove)")
+            raise InvalidRequest(f"storage.write: unknown op {op!r} (write, remove)")
         off = int(args.get("off", 0))
         if off < 0 or off + len(payload) > self.cfg.chunk_size:
-            raise ValueError(f"storage.write: bytes [{off}, {off + len(payload)}) do not fit a chunk of "
+            raise InvalidRequest(f"storage.write: bytes [{off}, {off + len(payload)}) do not fit a chunk of "
                              f"{self.cfg.chunk_size} bytes")
         with self._admit(chain, cver):
             return self._write_one(args, payload, chain, cver, chunk, fwd, op, off)
@@ -175,10 +176,10 @@ class ReliableUpdate:
         items = args.get("items") or []  # [chunk, channel, seq, nbytes(, version, crc when forwarded)]
         cs = self.cfg.chunk_size
         if any(not 0 <= int(it[3]) <= cs for it in items) or sum(int(it[3]) for it in items) != len(payload):
-            raise ValueError(f"storage.write_batch: item sizes {[it[3] for it in items]} do not match the "
+            raise InvalidRequest(f"storage.write_batch: item sizes {[it[3] for it in items]} do not match the "
                              f"{len(payload)}-byte payload or exceed the chunk size {cs}")
         if len({int(it[0]) for it in items}) != len(items):
-            raise ValueError("storage.write_batch: a chunk appears twice in one batch")
+            raise InvalidRequest("storage.write_batch: a chunk appears twice in one batch")
         with self._admit(chain, cver):
             return self._write_batch(client, items, payload, chain, cver, fwd, self._budget(args))
 
@@ -188,9 +189,9 @@ class ReliableUpdate:
         try:
             tmo = float(args.get("tmo") or self.write_timeout)
         except (TypeError, ValueError):
-            raise ValueError(f"storage.write: tmo must be a number of seconds, got {args.get('tmo')!r}") from None
+            raise InvalidRequest(f"storage.write: tmo must be a number of seconds, got {args.get('tmo')!r}") from None
         if not 0 < tmo < float("inf"):
-            raise ValueError(f"storage.write: tmo must be a positive number of seconds, got {args.get('tmo')!r}")
+            raise InvalidRequest(f"storage.write: tmo must be a positive number of seconds, got {args.get('tmo')!r}")
         return min(max(tmo, 0.05), self.io_timeout)
 
     def _write_batch(self, client, items, payload, chain, cver, fwd, budget: float) -> dict:
