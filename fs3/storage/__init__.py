@@ -31,6 +31,7 @@ The package splits the server the way 3FS splits ``src/storage/``, one concept p
 | ``scrub`` | the check worker: verify a doubted copy, report and repair damage, the periodic scrub |
 | ``resync`` | the resync worker (predecessor side) and the syncing successor's handlers |
 | ``locks`` | the per-chunk locks |
+| ``request`` | reading a request's arguments: a malformed one is ``InvalidRequest`` |
 
 The chunk store (``fs3.chunkstore``) and the split-phase forward (``fs3.forward``) stay modules of
 their own: neither depends on the server.

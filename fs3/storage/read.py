@@ -11,6 +11,7 @@ from network import FileRegion, Reply
 from ..chunkstore import HEADER_SIZE, ChunkStore, crc32c
 from ..errors import ChunkCorrupt, ChunkNotCommitted, ChunkNotFound, StorageError
 from ..routing import SERVING
+from .request import malformed
 
 __all__ = ["Reads"]
 
@@ -25,7 +26,8 @@ class Reads:
         results, out, fds = [], [], []
         try:
             for it in items:
-                chain, cver, chunk, off, length = (int(x) for x in it)
+                with malformed("storage.read"):
+                    chain, cver, chunk, off, length = (int(x) for x in it)
                 try:
                     _r, tid, _s = self._check_chain(chain, cver, (SERVING,))
                     store = self._store(tid)

@@ -12,6 +12,7 @@ from network import RemoteError, TransportError
 
 from ..errors import ChunkCorrupt, StorageError
 from ..routing import SERVING, SYNCING, Routing
+from .request import malformed
 
 __all__ = ["ResyncWorker"]
 
@@ -87,12 +88,14 @@ class ResyncWorker:
                 self._resyncing.discard(job)
 
     def h_sync_meta(self, args: dict, payload, ctx) -> list:
-        chain, cver = int(args["chain"]), int(args["cver"])
+        with malformed("storage.sync_meta"):
+            chain, cver = int(args["chain"]), int(args["cver"])
         _r, tid, _s = self._check_chain(chain, cver, (SYNCING,))
         return [m.as_list(k) for _c, k, m in self._store(tid).list(chain)]
 
     def h_sync_write(self, args: dict, payload: memoryview, ctx) -> dict:
-        chain, cver, chunk, ver = int(args["chain"]), int(args["cver"]), int(args["chunk"]), int(args["ver"])
+        with malformed("storage.sync_write"):
+            chain, cver, chunk, ver = int(args["chain"]), int(args["cver"]), int(args["chunk"]), int(args["ver"])
         _r, tid, _s = self._check_chain(chain, cver, (SYNCING,))
         store = self._store(tid)
         with self.locks.hold((tid, chain, chunk), self.lock_timeout):
@@ -100,11 +103,13 @@ class ResyncWorker:
         return {"crc": crc}
 
     def h_sync_remove(self, args: dict, payload, ctx) -> dict:
-        chain, cver = int(args["chain"]), int(args["cver"])
+        with malformed("storage.sync_remove"):
+            chain, cver = int(args["chain"]), int(args["cver"])
+            chunks = [int(c) for c in args.get("chunks") or []]
         _r, tid, _s = self._check_chain(chain, cver, (SYNCING,))
         store = self._store(tid)
         n = 0
-        for chunk in args.get("chunks") or []:
-            with self.locks.hold((tid, chain, int(chunk)), self.lock_timeout):
-                n += store.remove(chain, int(chunk))
+        for chunk in chunks:
+            with self.locks.hold((tid, chain, chunk), self.lock_timeout):
+                n += store.remove(chain, chunk)
         return {"removed": n}

@@ -13,6 +13,7 @@ from network import RemoteError, TransportError
 from ..chunkstore import HEADER_SIZE, crc32c
 from ..errors import ChunkBusy, ChunkCorrupt, ChunkNotFound, TargetFailed
 from ..routing import SERVING
+from .request import malformed
 
 __all__ = ["CheckWorker"]
 
@@ -25,7 +26,8 @@ class CheckWorker:
     def h_check(self, args: dict, payload, ctx) -> dict:
         """A reader found this server's copy of a chunk failing its CRC32C (an unverified read):
         verify the copy here, under the chunk lock; a damaged one is reported and repaired."""
-        chain, chunk = int(args["chain"]), int(args["chunk"])
+        with malformed("storage.check"):
+            chain, chunk = int(args["chain"]), int(args["chunk"])
         tid = self.routing.target_on(chain, self.node)
         if tid is None:
             return {"corrupt": False}

@@ -32,6 +32,7 @@ from ..routing import Routing, SingleFlight
 from .lease import Lease
 from .locks import ChunkLocks
 from .read import Reads
+from .request import malformed
 from .resync import ResyncWorker
 from .scrub import CheckWorker
 from .update import ReliableUpdate
@@ -229,13 +230,13 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         self._report(tid, 0, 0, "TargetFailed", reason)
         self._beat.set()
 
-
     # -- admin ------------------------------------------------------------------------------------------
     def h_list(self, args: dict, payload, ctx) -> list:
-        chain = args.get("chain")
+        with malformed("storage.list"):
+            chain = None if args.get("chain") is None else int(args["chain"])
         out = []
         for tid, st in self._stores_snapshot():
-            for c, k, m in st.list(None if chain is None else int(chain)):
+            for c, k, m in st.list(chain):
                 out.append({"target": tid, "chain": c, "chunk": k, "committed": m.committed, "pending": m.pending,
                             "length": m.length, "crc": m.crc})
         return out

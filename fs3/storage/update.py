@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..forward import HOP_SHARE, call_overlapped
 from ..routing import SERVING, SYNCING, Routing
+from .request import malformed
 
 __all__ = ["ReliableUpdate"]
 
@@ -44,15 +45,18 @@ class ReliableUpdate:
     """The write path (a part of :class:`StorageServer`, over its state)."""
 
     def h_write(self, args: dict, payload: memoryview, ctx) -> dict:
-        chain, cver, chunk = int(args["chain"]), int(args["cver"]), int(args["chunk"])
+        with malformed("storage.write"):
+            chain, cver, chunk = int(args["chain"]), int(args["cver"]), int(args["chunk"])
+            off = int(args.get("off", 0))
+            for name in ("channel", "seq", "ver"):  # read where they are used
+                int(args.get(name, 0))
         fwd = bool(args.get("fwd"))
         op = args.get("op", "write")
         if op not in ("write", "remove"):
             raise InvalidRequest(f"storage.write: unknown op {op!r} (write, remove)")
-        off = int(args.get("off", 0))
         if off < 0 or off + len(payload) > self.cfg.chunk_size:
             raise InvalidRequest(f"storage.write: bytes [{off}, {off + len(payload)}) do not fit a chunk of "
-                             f"{self.cfg.chunk_size} bytes")
+                                 f"{self.cfg.chunk_size} bytes")
         with self._admit(chain, cver):
             return self._write_one(args, payload, chain, cver, chunk, fwd, op, off)
 
@@ -170,14 +174,21 @@ class ReliableUpdate:
         its own: ``{version, crc}`` or ``{err, msg, data}``; a whole failed forward fails every
         item still open with ForwardFailed, and the client retries what failed with the same keys.
         """
-        chain, cver = int(args["chain"]), int(args["cver"])
         fwd = bool(args.get("fwd"))
         client = str(args.get("client", ""))
         items = args.get("items") or []  # [chunk, channel, seq, nbytes(, version, crc when forwarded)]
+        with malformed("storage.write_batch"):
+            chain, cver = int(args["chain"]), int(args["cver"])
+            for it in items:
+                if len(it) < (6 if fwd else 4):
+                    raise InvalidRequest(f"storage.write_batch: item {it!r} has {len(it)} fields, expected "
+                                         f"{'6 (forwarded)' if fwd else 4}")
+                for x in it[:5 if fwd else 4]:
+                    int(x)
         cs = self.cfg.chunk_size
         if any(not 0 <= int(it[3]) <= cs for it in items) or sum(int(it[3]) for it in items) != len(payload):
             raise InvalidRequest(f"storage.write_batch: item sizes {[it[3] for it in items]} do not match the "
-                             f"{len(payload)}-byte payload or exceed the chunk size {cs}")
+                                 f"{len(payload)}-byte payload or exceed the chunk size {cs}")
         if len({int(it[0]) for it in items}) != len(items):
             raise InvalidRequest("storage.write_batch: a chunk appears twice in one batch")
         with self._admit(chain, cver):
