@@ -17,6 +17,7 @@ from .errors import (
     ForwardFailed,
     Fs3ConfigError,
     Fs3Error,
+    InvalidRequest,
     MgmtdError,
     NoServingReplica,
     NotServing,
@@ -30,6 +31,6 @@ from .routing import Routing
 __all__ = [
     "ChainTable", "ChainTableError", "ChunkBusy", "ChunkCorrupt", "ChunkNotCommitted", "ChunkNotFound",
     "ChunkVersionConflict", "ClientError", "ForwardFailed", "Fs3Config", "Fs3ConfigError", "Fs3Error",
-    "MgmtdError", "NoServingReplica", "NotServing", "RetryableError", "Routing", "StaleRequest",
+    "InvalidRequest", "MgmtdError", "NoServingReplica", "NotServing", "RetryableError", "Routing", "StaleRequest",
     "StaleRouting", "StorageError", "generate_chain_table",
 ]

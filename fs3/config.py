@@ -23,7 +23,7 @@ progress; a read or write *attempt* gets a much shorter one, tied to the failure
 read that times out moves to another replica at once (the slow server is avoided for a while);
 the data is the same everywhere (CRAQ), so retrying elsewhere never serves a stale copy. A write
 attempt times out in about failure_timeout / 2, and every hop of the chain gives its successor a
-shorter share of the attempt's budget (see fs3.storage), so the hop next to the frozen one
+shorter share of the attempt's budget (see fs3.forward), so the hop next to the frozen one
 answers ForwardFailed first and the head does not wait for it; the client refreshes its routing
 and retries the same idempotency key until mgmtd has moved the frozen node out (after
 ``failure_timeout``): a write stalls for about the failure detection time, not the I/O timeout.

@@ -12,6 +12,7 @@
     │   │   ├── ChunkCorrupt        the replica's copy is damaged, misplaced, stale or missing
     │   │   ├── ChunkBusy           the per-chunk lock was not obtained within the timeout
     │   │   └── ForwardFailed       the successor in the chain did not acknowledge
+    │   ├── InvalidRequest      a request that cannot be valid (bad op, sizes, timeout); never retried
     │   ├── ChunkNotFound       no such chunk on the chain
     │   ├── StaleRequest        a retry older than the last request seen on its channel
     │   └── ChunkVersionConflict a successor holds a newer committed version than the update
@@ -19,7 +20,11 @@
         └── NoServingReplica    no replica of a chain can serve the request now
 
 Errors raised in a storage server travel to the client as ``network.RemoteError`` whose
-``kind`` is the class name; :func:`from_remote` turns them back into these classes.
+``kind`` is the class name; :func:`from_remote` turns them back into these classes, except
+``InvalidRequest``: the chunk client validates its own requests, so only a hand-made request meets
+it, and it stays a ``RemoteError`` (kind ``InvalidRequest``) as the ``ValueError`` that storage
+handlers raised before it did (a successor's refusal of a forward keeps failing the write at once
+instead of becoming a retried ``ForwardFailed``).
 """
 
 from __future__ import annotations
@@ -89,6 +94,11 @@ class ChunkBusy(RetryableError):
 
 class ForwardFailed(RetryableError):
     """The successor in the chain did not acknowledge the update (it died or the chain changed)."""
+
+
+class InvalidRequest(StorageError, ValueError):
+    """A request that cannot be valid (an unknown op, sizes that do not add up, a bad timeout);
+    the message names the field. Retrying it cannot help."""
 
 
 class ChunkNotFound(StorageError, KeyError):

@@ -244,6 +244,36 @@ def test_resync_waits_for_writes_admitted_at_an_older_chain_version(tmp_path):
         srv.mgmtd.close()
 
 
+def test_storage_handlers_refuse_malformed_requests_with_invalid_request(tmp_path):
+    """A missing field, a string for a number or a short item is InvalidRequest (an fs3 error that
+    is also a ValueError), never a bare KeyError / ValueError / IndexError."""
+    from fs3.errors import InvalidRequest, StorageError
+    from fs3.storage import StorageServer
+    from network import new_cluster_key
+
+    srv = StorageServer(Fs3Config(), "n1", "127.0.0.2", 0, ("127.0.0.1", 9), tmp_path, auth=new_cluster_key())
+    empty = memoryview(b"")
+    try:
+        cases = [
+            (srv.h_write, {"cver": 1, "chunk": 1}, "no field 'chain'"),
+            (srv.h_write, {"chain": 1, "cver": 1, "chunk": "x"}, "storage.write: malformed"),
+            (srv.h_write, {"chain": 1, "cver": 1, "chunk": 1, "op": "truncate"}, "unknown op"),
+            (srv.h_write_batch, {"chain": 1, "cver": 1, "items": [[1, 2, 3]]}, "has 3 fields"),
+            (srv.h_write_batch, {"chain": 1, "cver": 1, "items": 5}, "storage.write_batch: malformed"),
+            (srv.h_read, {"items": [[1, 2]]}, "storage.read: malformed"),
+            (srv.h_check, {"chain": 1}, "no field 'chunk'"),
+            (srv.h_sync_remove, {"chain": 1, "cver": 1, "chunks": ["z"]}, "storage.sync_remove: malformed"),
+            (srv.h_list, {"chain": "abc"}, "storage.list: malformed"),
+        ]
+        for handler, args, match in cases:
+            with pytest.raises(InvalidRequest, match=match) as ei:
+                handler(args, empty, None)
+            assert isinstance(ei.value, StorageError) and isinstance(ei.value, ValueError)
+    finally:
+        srv.server.stop()
+        srv.mgmtd.close()
+
+
 # -- coalesced routing refreshes ------------------------------------------------------------------
 def _until(pred, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout

@@ -345,7 +345,7 @@ class ChunkClient:
 
     def _head_budget(self) -> float:
         """The head's share of a write attempt: it must answer (ForwardFailed when its successor did
-        not) before this client stops waiting (fs3.storage's note on hop budgets)."""
+        not) before this client stops waiting (fs3.forward's note on hop budgets)."""
         return self.write_timeout * HOP_SHARE
 
     def _update(self, chain: int, args: dict, payload: list) -> dict:
