@@ -34,7 +34,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .db import JobStatus, RankStatus, StopCode
+from .states import Desired, JobStatus, NodeState, RankStatus, StopCode
 
 __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyConfig", "Decision", "MarkNode",
            "MarkRunning", "StartJob", "StopJob", "CancelJob", "FinishJob", "SetReason", "MarkRanksLost",
@@ -53,7 +53,7 @@ class NodeView:
     zone: str = ""
     leaf: str = ""
     gpus: int = 0
-    state: str = "up"          # up | lost
+    state: str = NodeState.UP
     drained: bool = False
     last_seen: float = 0.0
 
@@ -63,7 +63,7 @@ class RankView:
     rank: int
     node: str
     status: str = RankStatus.CREATED
-    desired: str = "run"
+    desired: str = Desired.RUN
     exit_code: int | None = None
 
 
@@ -144,7 +144,7 @@ class StartJob(Decision):
 class StopJob(Decision):
     job_id: int
     code: int
-    desired: str = "stop"       # stop | suspend (the agent signals a suspend first)
+    desired: str = Desired.STOP  # stop | suspend (the agent signals a suspend first)
     reason: str = ""
 
 
@@ -176,9 +176,9 @@ def node_health(snap: Snapshot, cfg: PolicyConfig) -> list[Decision]:
     """Nodes that stopped heartbeating are lost (an agent's registration brings them back)."""
     out: list[Decision] = []
     for n in snap.nodes:
-        if n.state == "up" and snap.now - n.last_seen > cfg.heartbeat_timeout:
-            out.append(MarkNode(n.name, "lost", f"no heartbeat for {snap.now - n.last_seen:.1f} s "
-                                               f"(timeout {cfg.heartbeat_timeout:g} s)"))
+        if n.state == NodeState.UP and snap.now - n.last_seen > cfg.heartbeat_timeout:
+            out.append(MarkNode(n.name, NodeState.LOST, f"no heartbeat for {snap.now - n.last_seen:.1f} s "
+                                                        f"(timeout {cfg.heartbeat_timeout:g} s)"))
     return out
 
 
@@ -225,18 +225,18 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
         if not stopping:
             why = None
             if any(r.status == RankStatus.LOST for r in views):
-                why = (StopCode.NODE_LOST, "stop", "a node of the job was lost")
+                why = (StopCode.NODE_LOST, Desired.STOP, "a node of the job was lost")
             elif any(r.status == RankStatus.FAILED for r in views):
                 failed = next(r for r in views if r.status == RankStatus.FAILED)
-                why = (StopCode.FAILED, "stop", f"rank {failed.rank} failed (exit code {failed.exit_code})")
+                why = (StopCode.FAILED, Desired.STOP, f"rank {failed.rank} failed (exit code {failed.exit_code})")
             elif job.stop_requested:
-                desired = "suspend" if job.stop_requested & StopCode.INTERRUPT else "stop"
-                why = (job.stop_requested, desired, "suspend requested" if desired == "suspend"
+                desired = Desired.SUSPEND if job.stop_requested & StopCode.INTERRUPT else Desired.STOP
+                why = (job.stop_requested, desired, "suspend requested" if desired == Desired.SUSPEND
                        else "stop requested")
             if why is not None and not all(r.status in RankStatus.DONE for r in views):
                 out.append(StopJob(job.id, why[0], why[1], why[2]))
                 continue
-            if why is not None and why[1] == "stop" and why[2] != "stop requested":
+            if why is not None and why[1] == Desired.STOP and why[2] != "stop requested":
                 stop_code |= why[0]   # a failure seen only now; a late stop request changes nothing
         if views and all(r.status in RankStatus.DONE for r in views):
             done = JobView(**{**job.__dict__, "stop_code": stop_code})
@@ -289,7 +289,7 @@ def _charge(job: JobView, quotas: Iterable[QuotaView], usage: dict) -> None:
 
 def node_filter(nodes: Iterable[NodeView], held: set[str], lost: set[str]) -> list[NodeView]:
     """Nodes a new attempt may take: up, not drained, not held by another attempt."""
-    return [n for n in nodes if n.state == "up" and n.name not in lost and not n.drained and n.name not in held]
+    return [n for n in nodes if n.state == NodeState.UP and n.name not in lost and not n.drained and n.name not in held]
 
 
 def score_nodes(free: list[NodeView], count: int) -> tuple[str, ...] | None:
@@ -334,7 +334,7 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None) -> tuple[list[Decision
     """:func:`decide`, plus how many ready nodes are left free after its decisions."""
     cfg = cfg or PolicyConfig()
     out: list[Decision] = node_health(snap, cfg)
-    lost = {n.name for n in snap.nodes if n.state != "up"} | {d.node for d in out if isinstance(d, MarkNode)}
+    lost = {n.name for n in snap.nodes if n.state != NodeState.UP} | {d.node for d in out if isinstance(d, MarkNode)}
     out += reconcile(snap, cfg, lost)
     # A suspended attempt's nodes stay held until the next cycle, when its successor (inserted by this
     # cycle's writes) is in the queue with the chain's first_id and can win them back.
