@@ -15,12 +15,16 @@ phase               what it does
                     stop / suspend request, finish when every rank has ended (a suspended
                     attempt is re-queued as the next attempt of its chain)
 ``queue_sort``      queued attempts by priority (high first), then ``first_id`` (the chain's
-                    first submission, so a resumed job keeps its place)
-``quota filter``    per user / group and priority: skip what would exceed its quota
+                    first submission, so a resumed job keeps its place) (``PrioritySort``)
 ``node filter``     ready nodes: up, not drained, not held by another attempt
-``score``           topology: fill one leaf, else one zone, else the fewest zones
+``filters``         per user / group and priority: skip what would exceed its quota
+                    (``QuotaFilter``); nothing starts behind a blocked attempt (``StrictOrder``)
+``score``           topology: fill one leaf, else one zone, else the fewest zones (``TopologyScore``)
 ``reserve / bind``  take the nodes, lay out the ranks (``StartJob``)
 ==================  =====================================================================
+
+The queue's phases are plugins composed in a :class:`Profile` (``DEFAULT_PROFILE``); each filter
+and the score answer with a typed :class:`Status` (success, unschedulable, wait) and a reason.
 
 [Note: strict order, no backfill] As in the reference's FIFO, the queue is served in order:
 when the head attempt does not fit the free nodes, nothing behind it starts (they would take
@@ -32,13 +36,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
 
 from .states import Desired, JobStatus, NodeState, RankStatus, StopCode
 
 __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyConfig", "Decision", "MarkNode",
            "MarkRunning", "StartJob", "StopJob", "CancelJob", "FinishJob", "SetReason", "MarkRanksLost",
-           "decide", "plan", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout"]
+           "decide", "plan", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout",
+           "Code", "Status", "CycleState", "QueueSortPlugin", "FilterPlugin", "ScorePlugin", "Profile",
+           "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "DEFAULT_PROFILE"]
 
 
 #: the reason of an attempt waiting for free nodes (also the reason a new submission starts with)
@@ -325,12 +333,124 @@ def rank_layout(job: JobView, nodes: tuple[str, ...], node_views: dict[str, Node
     return tuple((i * ppn + lr, node, lr) for i, node in enumerate(nodes) for lr in range(ppn))
 
 
+# -- plugins --------------------------------------------------------------------------------------
+# [Note: plugins] The queue phases are small named plugins over one cycle's state, as in the
+# Kubernetes scheduling framework: a queue sort orders the queued attempts; each filter answers
+# one attempt with a typed Status (and the reason an attempt waits); a score plugin picks the nodes
+# of an attempt the filters let through. A Profile is one composition of them; DEFAULT_PROFILE is
+# the policy described at the top of this module.
+
+class Code(StrEnum):
+    """A plugin's verdict on one attempt."""
+
+    SUCCESS = "success"
+    UNSCHEDULABLE = "unschedulable"  # held back by its own limits (a quota): the queue goes on behind it
+    WAIT = "wait"                    # no room for it now: in strict order, nothing behind it starts
+
+
+@dataclass(frozen=True)
+class Status:
+    code: Code = Code.SUCCESS
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == Code.SUCCESS
+
+
+SUCCESS = Status()
+
+
+@dataclass
+class CycleState:
+    """What the queue's plugins see and update during one cycle."""
+
+    snap: Snapshot
+    free: list[NodeView]                 # ready nodes not taken yet
+    usage: dict = field(default_factory=dict)  # (quota subject, priority) -> nodes charged
+    blocked: bool = False                # an attempt ahead could not get nodes (strict order)
+
+
+class QueueSortPlugin(Protocol):
+    name: str
+
+    def sort(self, jobs: Iterable[JobView]) -> list[JobView]: ...
+
+
+class FilterPlugin(Protocol):
+    name: str
+
+    def filter(self, job: JobView, cs: CycleState) -> Status: ...
+
+
+class ScorePlugin(Protocol):
+    name: str
+
+    def place(self, job: JobView, cs: CycleState) -> tuple[Status, tuple[str, ...] | None]: ...
+
+
+@dataclass(frozen=True)
+class PrioritySort:
+    """:func:`queue_sort`: priority (high first), then the chain's first submission."""
+
+    name: str = "priority_sort"
+
+    def sort(self, jobs: Iterable[JobView]) -> list[JobView]:
+        return queue_sort(jobs)
+
+
+@dataclass(frozen=True)
+class QuotaFilter:
+    """:func:`quota_filter`: an attempt over its user's or group's quota waits, without blocking others."""
+
+    name: str = "quota"
+
+    def filter(self, job: JobView, cs: CycleState) -> Status:
+        why = quota_filter(job, cs.snap.quotas, cs.usage)
+        return SUCCESS if why is None else Status(Code.UNSCHEDULABLE, why)
+
+
+@dataclass(frozen=True)
+class StrictOrder:
+    """[Note: strict order, no backfill] nothing starts behind an attempt that could not get nodes."""
+
+    name: str = "strict_order"
+
+    def filter(self, job: JobView, cs: CycleState) -> Status:
+        return Status(Code.WAIT, WAITING) if cs.blocked else SUCCESS
+
+
+@dataclass(frozen=True)
+class TopologyScore:
+    """:func:`score_nodes`: the tightest leaf that fits, else the tightest zone, else whole zones."""
+
+    name: str = "topology"
+
+    def place(self, job: JobView, cs: CycleState) -> tuple[Status, tuple[str, ...] | None]:
+        chosen = score_nodes(cs.free, job.nodes)
+        return (Status(Code.WAIT, WAITING), None) if chosen is None else (SUCCESS, chosen)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One policy: a queue sort, filters (in order; the first that does not succeed decides) and a score."""
+
+    name: str
+    queue_sort: QueueSortPlugin
+    filters: tuple[FilterPlugin, ...]
+    score: ScorePlugin
+
+
+DEFAULT_PROFILE = Profile("fireflyer", PrioritySort(), (QuotaFilter(), StrictOrder()), TopologyScore())
+
+
 def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
     """One scheduling cycle: every phase in order, over one snapshot."""
     return plan(snap, cfg)[0]
 
 
-def plan(snap: Snapshot, cfg: PolicyConfig | None = None) -> tuple[list[Decision], int]:
+def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEFAULT_PROFILE
+         ) -> tuple[list[Decision], int]:
     """:func:`decide`, plus how many ready nodes are left free after its decisions."""
     cfg = cfg or PolicyConfig()
     out: list[Decision] = node_health(snap, cfg)
@@ -347,23 +467,19 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None) -> tuple[list[Decision
             held.update(j.assigned_nodes)
             _charge(j, snap.quotas, usage)
     node_views = {n.name: n for n in snap.nodes}
-    free = node_filter(snap.nodes, held, lost)
-    blocked = False
-    for job in queue_sort(snap.jobs):
-        why = quota_filter(job, snap.quotas, usage)
-        if why is None and blocked:
-            why = WAITING
-        if why is None:
-            chosen = score_nodes(free, job.nodes)
-            if chosen is None:
-                blocked = True
-                why = WAITING
-            else:
+    cs = CycleState(snap, node_filter(snap.nodes, held, lost), usage)
+    for job in profile.queue_sort.sort(snap.jobs):
+        status = next((st for f in profile.filters if not (st := f.filter(job, cs)).ok), SUCCESS)
+        if status.ok:
+            status, chosen = profile.score.place(job, cs)
+            if status.ok and chosen is not None:
                 out.append(StartJob(job.id, chosen, rank_layout(job, chosen, node_views)))
                 taken = set(chosen)
-                free = [n for n in free if n.name not in taken]
-                _charge(job, snap.quotas, usage)
+                cs.free = [n for n in cs.free if n.name not in taken]
+                _charge(job, snap.quotas, cs.usage)
                 continue
-        if why != job.reason:
-            out.append(SetReason(job.id, why))
-    return out, len(free)
+        if status.code == Code.WAIT:
+            cs.blocked = True
+        if status.reason != job.reason:
+            out.append(SetReason(job.id, status.reason))
+    return out, len(cs.free)
