@@ -2,8 +2,8 @@
 
 The public face: :class:`HaiClient` (talk to the API from Python) and the exceptions. The
 services run as ``python -m haiplatform.api|scheduler|agent --cluster FILE --node NAME``; the
-policy (:mod:`haiplatform.policy`) and the models (:mod:`haiplatform.db`) are importable for
-tools and tests. See docs/haiplatform.md.
+policy (:mod:`haiplatform.policy`), the states (:mod:`haiplatform.states`) and the models
+(:mod:`haiplatform.db`) are importable for tools and tests. See docs/haiplatform.md.
 """
 
 from .client import HaiClient

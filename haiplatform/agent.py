@@ -63,6 +63,7 @@ from .client import HaiClient
 from .config import HaiConfig, private_dir, shared_dir
 from .errors import AccountError, ApiError, Conflict, NotFound
 from .jobtoken import job_token
+from .states import Desired, RankStatus
 
 __all__ = ["Agent", "node_facts", "job_env", "base_env", "PASS_ENV", "main"]
 
@@ -198,7 +199,7 @@ class Proc:
     control: Path
     account: Account | None = None
     stop_sent: float = 0.0
-    desired: str = "run"
+    desired: str = Desired.RUN
     done: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -338,8 +339,8 @@ class Agent:
             key = (w["job_id"], w["rank"])
             listed.add(key)
             p = self.procs.get(key)
-            if w["desired"] == "run":
-                if p is None and key not in self.finished and w["status"] == "created":
+            if w["desired"] == Desired.RUN:
+                if p is None and key not in self.finished and w["status"] == RankStatus.CREATED:
                     if not w["master_port"] and w["job_id"] in port_reports:  # another local rank's pick
                         w["master_port"] = port_reports[w["job_id"]]
                     elif not w["master_port"] and w["nodes"][0] == self.node.name:
@@ -358,7 +359,7 @@ class Agent:
                     self.stop(p, w["desired"])
                 elif p is None and key not in self.finished:  # decided, stopped before it started
                     self.finished.add(key)
-                    self.reports.put({"job_id": key[0], "rank": key[1], "status": "killed", "exit_code": None,
+                    self.reports.put({"job_id": key[0], "rank": key[1], "status": RankStatus.KILLED, "exit_code": None,
                                       "message": "stopped before it started"})
         with self.lock:
             orphans = [p for k, p in self.procs.items() if k not in listed and not p.done]
@@ -367,7 +368,7 @@ class Agent:
                 del self.procs[k]
             self.finished.intersection_update(listed)
         for p in orphans:  # the server no longer wants it (its node was declared lost)
-            self.stop(p, "stop", grace=0.0)
+            self.stop(p, Desired.STOP, grace=0.0)
 
     def start(self, w: dict) -> None:
         key = (w["job_id"], w["rank"])
@@ -412,12 +413,12 @@ class Agent:
                 out.write(f"[hai agent] {msg}\n".encode())
             proc.done = True
             self.finished.add(key)
-            self.reports.put({"job_id": key[0], "rank": key[1], "status": "failed", "exit_code": 127,
+            self.reports.put({"job_id": key[0], "rank": key[1], "status": RankStatus.FAILED, "exit_code": 127,
                               "message": msg})
             return
         proc.popen = popen
         self._save_state()
-        report = {"job_id": key[0], "rank": key[1], "status": "running", "pid": popen.pid}
+        report = {"job_id": key[0], "rank": key[1], "status": RankStatus.RUNNING, "pid": popen.pid}
         self.reports.put(report)
         threading.Thread(target=self._wait, args=(key, proc), name=f"wait-{key[0]}.{key[1]}", daemon=True).start()
 
@@ -476,7 +477,7 @@ class Agent:
         if p.stop_sent:
             return
         p.desired = desired
-        if desired == "suspend":
+        if desired == Desired.SUSPEND:
             try:
                 _write_file(p.control / "suspend", str(time.time()), p.account)
             except OSError as exc:
@@ -502,11 +503,11 @@ class Agent:
         with contextlib.suppress(OSError, ValueError):
             state = int(_read_small(p.control / "whole_life_state").strip())
         if p.stop_sent:
-            status, msg = "killed", f"stopped ({p.desired}), exit code {rc}"
+            status, msg = RankStatus.KILLED, f"stopped ({p.desired}), exit code {rc}"
         elif rc == 0:
-            status, msg = "succeeded", ""
+            status, msg = RankStatus.SUCCEEDED, ""
         else:
-            status, msg = "failed", (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}")
+            status, msg = RankStatus.FAILED, (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}")
         with self.lock:
             p.done = True
             self.finished.add(key)

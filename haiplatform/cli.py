@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
+from .states import JobStatus, NodeState
+
 app = typer.Typer(help="hai: submit and follow training jobs on a fireflyer cluster.", no_args_is_help=True,
                   add_completion=False)
 cluster_app = typer.Typer(help="Run a cluster description's services on this machine (admin).",
@@ -192,9 +194,10 @@ def _ago(ts) -> str:
 
 
 def _status_color(st: str) -> str:
-    return {"succeeded": "green", "running": "cyan", "scheduled": "cyan", "queued": "yellow",
-            "stopping": "yellow", "failed": "red", "stopped": "magenta", "canceled": "magenta",
-            "suspended": "blue"}.get(st, "white")
+    return {JobStatus.SUCCEEDED: "green", JobStatus.RUNNING: "cyan", JobStatus.SCHEDULED: "cyan",
+            JobStatus.QUEUED: "yellow", JobStatus.STOPPING: "yellow", JobStatus.FAILED: "red",
+            JobStatus.STOPPED: "magenta", JobStatus.CANCELED: "magenta",
+            JobStatus.SUSPENDED: "blue"}.get(st, "white")
 
 
 def _jobs_table(jobs: list[dict]) -> None:
@@ -276,7 +279,7 @@ def _submit_and_show(spec: dict, follow: bool, as_json: bool) -> None:
                 typer.echo(chunk, nl=False)
             final = c.wait(j["id"], timeout=60)
             typer.echo(f"job {final['chain_id']} {final['status']} (exit code {final['exit_code']})", err=True)
-            if final["status"] != "succeeded":
+            if final["status"] != JobStatus.SUCCEEDED:
                 raise typer.Exit(1)
     _call(go)
 
@@ -401,7 +404,7 @@ def nodes_cmd(as_json: bool = JsonOpt) -> None:
     def render(ns):
         t = Table("node", "address", "zone", "leaf", "gpus", "state", "drained", "job", "heartbeat")
         for n in ns:
-            color = "green" if n["state"] == "up" else "red"
+            color = "green" if n["state"] == NodeState.UP else "red"
             t.add_row(n["name"], n["address"], n["zone"], n["leaf"], str(n["gpus"]), f"[{color}]{n['state']}[/]",
                       ("yes: " + n["drain_reason"]) if n["drained"] else "", str(n["job"] or ""),
                       f"{n['heartbeat_age']:.1f}s ago")

@@ -50,65 +50,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .errors import DatabaseError
+from .states import PRIORITIES, Desired, JobStatus, NodeState, RankStatus, StopCode
 
 __all__ = ["Base", "User", "Group", "Quota", "NodeRow", "Job", "Rank", "Event", "Database", "hash_token",
-           "migrate", "HEAD_REVISION", "JobStatus", "RankStatus", "StopCode", "PRIORITIES"]
+           "migrate", "HEAD_REVISION", "JobStatus", "RankStatus", "NodeState", "Desired", "StopCode",
+           "PRIORITIES"]
 
 HEAD_REVISION = "0001"
-
-
-class JobStatus:
-    """An attempt's status (``jobs.status``)."""
-
-    QUEUED = "queued"          # waiting for nodes
-    SCHEDULED = "scheduled"    # nodes assigned, ranks starting
-    RUNNING = "running"        # every rank has started
-    STOPPING = "stopping"      # a stop or suspend was decided; ranks are being killed
-    SUCCEEDED = "succeeded"    # every rank exited 0
-    FAILED = "failed"          # a rank failed, or its node was lost
-    STOPPED = "stopped"        # stopped by its user or an admin while it ran
-    CANCELED = "canceled"      # stopped while still queued
-    SUSPENDED = "suspended"    # suspended; the chain continues in a new queued attempt
-
-    LIVE = (QUEUED, SCHEDULED, RUNNING, STOPPING)
-    ACTIVE = (SCHEDULED, RUNNING, STOPPING)  # holding nodes
-    DONE = (SUCCEEDED, FAILED, STOPPED, CANCELED, SUSPENDED)
-
-
-class RankStatus:
-    """One process's status (``ranks.status``); it only moves forward."""
-
-    CREATED = "created"        # decided; the agent has not started it yet
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"    # exit code 0
-    FAILED = "failed"          # non-zero exit code, or it could not start
-    KILLED = "killed"          # killed on a stop / suspend
-    LOST = "lost"              # its node was lost (or its agent restarted)
-
-    DONE = (SUCCEEDED, FAILED, KILLED, LOST)
-
-
-class StopCode:
-    """Why an attempt ended (bit flags, as in the reference's ``stop_code``)."""
-
-    NONE = 0
-    STOP = 1
-    INTERRUPT = 16        # suspended: the chain is re-queued
-    FAILED = 128          # a rank exited non-zero
-    INIT_FAILED = 256     # a rank could not be started
-    NODE_LOST = 512       # a node of the job stopped heartbeating
-    MANUAL_STOP = 1024    # a user or an admin stopped it
-
-    NAMES = {1: "stop", 16: "interrupt", 128: "failed", 256: "init_failed", 512: "node_lost", 1024: "manual_stop"}
-
-    @classmethod
-    def describe(cls, code: int) -> str:
-        return ",".join(n for b, n in cls.NAMES.items() if code & b) or "-"
-
-
-#: Priority levels (as in the reference); higher runs first.
-PRIORITIES = {"extreme_high": 50, "very_high": 40, "high": 30, "above_normal": 20, "normal": 10,
-              "under_normal": 8, "below_normal": 5, "low": 0}
 
 
 def hash_token(token: str) -> str:
@@ -154,7 +102,7 @@ class NodeRow(Base):
     gpus: Mapped[int] = mapped_column(Integer, default=0)
     cpus: Mapped[int] = mapped_column(Integer, default=0)
     memory_gib: Mapped[float] = mapped_column(Float, default=0.0)
-    state: Mapped[str] = mapped_column(String(16), default="up")  # up | lost
+    state: Mapped[str] = mapped_column(String(16), default=NodeState.UP.value)  # NodeState
     drained: Mapped[bool] = mapped_column(Boolean, default=False)
     drain_reason: Mapped[str] = mapped_column(String(200), default="")
     last_seen: Mapped[float] = mapped_column(Float, default=0.0)
@@ -179,7 +127,7 @@ class Job(Base):
     nodes: Mapped[int] = mapped_column(Integer)
     procs_per_node: Mapped[int] = mapped_column(Integer, default=0)  # 0: the node's GPUs (or 1)
     priority: Mapped[int] = mapped_column(Integer, default=10)
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     reason: Mapped[str] = mapped_column(String(200), default="")   # why it waits / why it ended
     stop_code: Mapped[int] = mapped_column(Integer, default=0)
     stop_requested: Mapped[int] = mapped_column(Integer, default=0)  # StopCode bits asked for
@@ -201,8 +149,8 @@ class Rank(Base):
     rank: Mapped[int] = mapped_column(Integer)
     node: Mapped[str] = mapped_column(String(64), index=True)
     local_rank: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default=RankStatus.CREATED)
-    desired: Mapped[str] = mapped_column(String(16), default="run")  # run | stop | suspend
+    status: Mapped[str] = mapped_column(String(16), default=RankStatus.CREATED.value)
+    desired: Mapped[str] = mapped_column(String(16), default=Desired.RUN.value)  # Desired
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     message: Mapped[str] = mapped_column(String(500), default="")

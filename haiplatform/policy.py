@@ -15,12 +15,16 @@ phase               what it does
                     stop / suspend request, finish when every rank has ended (a suspended
                     attempt is re-queued as the next attempt of its chain)
 ``queue_sort``      queued attempts by priority (high first), then ``first_id`` (the chain's
-                    first submission, so a resumed job keeps its place)
-``quota filter``    per user / group and priority: skip what would exceed its quota
+                    first submission, so a resumed job keeps its place) (``PrioritySort``)
 ``node filter``     ready nodes: up, not drained, not held by another attempt
-``score``           topology: fill one leaf, else one zone, else the fewest zones
+``filters``         per user / group and priority: skip what would exceed its quota
+                    (``QuotaFilter``); nothing starts behind a blocked attempt (``StrictOrder``)
+``score``           topology: fill one leaf, else one zone, else the fewest zones (``TopologyScore``)
 ``reserve / bind``  take the nodes, lay out the ranks (``StartJob``)
 ==================  =====================================================================
+
+The queue's phases are plugins composed in a :class:`Profile` (``DEFAULT_PROFILE``); each filter
+and the score answer with a typed :class:`Status` (success, unschedulable, wait) and a reason.
 
 [Note: strict order, no backfill] As in the reference's FIFO, the queue is served in order:
 when the head attempt does not fit the free nodes, nothing behind it starts (they would take
@@ -32,13 +36,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
 
-from .db import JobStatus, RankStatus, StopCode
+from .states import Desired, JobStatus, NodeState, RankStatus, StopCode
 
 __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyConfig", "Decision", "MarkNode",
            "MarkRunning", "StartJob", "StopJob", "CancelJob", "FinishJob", "SetReason", "MarkRanksLost",
-           "decide", "plan", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout"]
+           "decide", "plan", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout",
+           "Code", "Status", "CycleState", "QueueSortPlugin", "FilterPlugin", "ScorePlugin", "Profile",
+           "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "DEFAULT_PROFILE"]
 
 
 #: the reason of an attempt waiting for free nodes (also the reason a new submission starts with)
@@ -53,7 +61,7 @@ class NodeView:
     zone: str = ""
     leaf: str = ""
     gpus: int = 0
-    state: str = "up"          # up | lost
+    state: str = NodeState.UP
     drained: bool = False
     last_seen: float = 0.0
 
@@ -63,7 +71,7 @@ class RankView:
     rank: int
     node: str
     status: str = RankStatus.CREATED
-    desired: str = "run"
+    desired: str = Desired.RUN
     exit_code: int | None = None
 
 
@@ -144,7 +152,7 @@ class StartJob(Decision):
 class StopJob(Decision):
     job_id: int
     code: int
-    desired: str = "stop"       # stop | suspend (the agent signals a suspend first)
+    desired: str = Desired.STOP  # stop | suspend (the agent signals a suspend first)
     reason: str = ""
 
 
@@ -176,9 +184,9 @@ def node_health(snap: Snapshot, cfg: PolicyConfig) -> list[Decision]:
     """Nodes that stopped heartbeating are lost (an agent's registration brings them back)."""
     out: list[Decision] = []
     for n in snap.nodes:
-        if n.state == "up" and snap.now - n.last_seen > cfg.heartbeat_timeout:
-            out.append(MarkNode(n.name, "lost", f"no heartbeat for {snap.now - n.last_seen:.1f} s "
-                                               f"(timeout {cfg.heartbeat_timeout:g} s)"))
+        if n.state == NodeState.UP and snap.now - n.last_seen > cfg.heartbeat_timeout:
+            out.append(MarkNode(n.name, NodeState.LOST, f"no heartbeat for {snap.now - n.last_seen:.1f} s "
+                                                        f"(timeout {cfg.heartbeat_timeout:g} s)"))
     return out
 
 
@@ -225,18 +233,18 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
         if not stopping:
             why = None
             if any(r.status == RankStatus.LOST for r in views):
-                why = (StopCode.NODE_LOST, "stop", "a node of the job was lost")
+                why = (StopCode.NODE_LOST, Desired.STOP, "a node of the job was lost")
             elif any(r.status == RankStatus.FAILED for r in views):
                 failed = next(r for r in views if r.status == RankStatus.FAILED)
-                why = (StopCode.FAILED, "stop", f"rank {failed.rank} failed (exit code {failed.exit_code})")
+                why = (StopCode.FAILED, Desired.STOP, f"rank {failed.rank} failed (exit code {failed.exit_code})")
             elif job.stop_requested:
-                desired = "suspend" if job.stop_requested & StopCode.INTERRUPT else "stop"
-                why = (job.stop_requested, desired, "suspend requested" if desired == "suspend"
+                desired = Desired.SUSPEND if job.stop_requested & StopCode.INTERRUPT else Desired.STOP
+                why = (job.stop_requested, desired, "suspend requested" if desired == Desired.SUSPEND
                        else "stop requested")
             if why is not None and not all(r.status in RankStatus.DONE for r in views):
                 out.append(StopJob(job.id, why[0], why[1], why[2]))
                 continue
-            if why is not None and why[1] == "stop" and why[2] != "stop requested":
+            if why is not None and why[1] == Desired.STOP and why[2] != "stop requested":
                 stop_code |= why[0]   # a failure seen only now; a late stop request changes nothing
         if views and all(r.status in RankStatus.DONE for r in views):
             done = JobView(**{**job.__dict__, "stop_code": stop_code})
@@ -289,7 +297,7 @@ def _charge(job: JobView, quotas: Iterable[QuotaView], usage: dict) -> None:
 
 def node_filter(nodes: Iterable[NodeView], held: set[str], lost: set[str]) -> list[NodeView]:
     """Nodes a new attempt may take: up, not drained, not held by another attempt."""
-    return [n for n in nodes if n.state == "up" and n.name not in lost and not n.drained and n.name not in held]
+    return [n for n in nodes if n.state == NodeState.UP and n.name not in lost and not n.drained and n.name not in held]
 
 
 def score_nodes(free: list[NodeView], count: int) -> tuple[str, ...] | None:
@@ -325,16 +333,128 @@ def rank_layout(job: JobView, nodes: tuple[str, ...], node_views: dict[str, Node
     return tuple((i * ppn + lr, node, lr) for i, node in enumerate(nodes) for lr in range(ppn))
 
 
+# -- plugins --------------------------------------------------------------------------------------
+# [Note: plugins] The queue phases are small named plugins over one cycle's state, as in the
+# Kubernetes scheduling framework: a queue sort orders the queued attempts; each filter answers
+# one attempt with a typed Status (and the reason an attempt waits); a score plugin picks the nodes
+# of an attempt the filters let through. A Profile is one composition of them; DEFAULT_PROFILE is
+# the policy described at the top of this module.
+
+class Code(StrEnum):
+    """A plugin's verdict on one attempt."""
+
+    SUCCESS = "success"
+    UNSCHEDULABLE = "unschedulable"  # held back by its own limits (a quota): the queue goes on behind it
+    WAIT = "wait"                    # no room for it now: in strict order, nothing behind it starts
+
+
+@dataclass(frozen=True)
+class Status:
+    code: Code = Code.SUCCESS
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == Code.SUCCESS
+
+
+SUCCESS = Status()
+
+
+@dataclass
+class CycleState:
+    """What the queue's plugins see and update during one cycle."""
+
+    snap: Snapshot
+    free: list[NodeView]                 # ready nodes not taken yet
+    usage: dict = field(default_factory=dict)  # (quota subject, priority) -> nodes charged
+    blocked: bool = False                # an attempt ahead could not get nodes (strict order)
+
+
+class QueueSortPlugin(Protocol):
+    name: str
+
+    def sort(self, jobs: Iterable[JobView]) -> list[JobView]: ...
+
+
+class FilterPlugin(Protocol):
+    name: str
+
+    def filter(self, job: JobView, cs: CycleState) -> Status: ...
+
+
+class ScorePlugin(Protocol):
+    name: str
+
+    def place(self, job: JobView, cs: CycleState) -> tuple[Status, tuple[str, ...] | None]: ...
+
+
+@dataclass(frozen=True)
+class PrioritySort:
+    """:func:`queue_sort`: priority (high first), then the chain's first submission."""
+
+    name: str = "priority_sort"
+
+    def sort(self, jobs: Iterable[JobView]) -> list[JobView]:
+        return queue_sort(jobs)
+
+
+@dataclass(frozen=True)
+class QuotaFilter:
+    """:func:`quota_filter`: an attempt over its user's or group's quota waits, without blocking others."""
+
+    name: str = "quota"
+
+    def filter(self, job: JobView, cs: CycleState) -> Status:
+        why = quota_filter(job, cs.snap.quotas, cs.usage)
+        return SUCCESS if why is None else Status(Code.UNSCHEDULABLE, why)
+
+
+@dataclass(frozen=True)
+class StrictOrder:
+    """[Note: strict order, no backfill] nothing starts behind an attempt that could not get nodes."""
+
+    name: str = "strict_order"
+
+    def filter(self, job: JobView, cs: CycleState) -> Status:
+        return Status(Code.WAIT, WAITING) if cs.blocked else SUCCESS
+
+
+@dataclass(frozen=True)
+class TopologyScore:
+    """:func:`score_nodes`: the tightest leaf that fits, else the tightest zone, else whole zones."""
+
+    name: str = "topology"
+
+    def place(self, job: JobView, cs: CycleState) -> tuple[Status, tuple[str, ...] | None]:
+        chosen = score_nodes(cs.free, job.nodes)
+        return (Status(Code.WAIT, WAITING), None) if chosen is None else (SUCCESS, chosen)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One policy: a queue sort, filters (in order; the first that does not succeed decides) and a score."""
+
+    name: str
+    queue_sort: QueueSortPlugin
+    filters: tuple[FilterPlugin, ...]
+    score: ScorePlugin
+
+
+DEFAULT_PROFILE = Profile("fireflyer", PrioritySort(), (QuotaFilter(), StrictOrder()), TopologyScore())
+
+
 def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
     """One scheduling cycle: every phase in order, over one snapshot."""
     return plan(snap, cfg)[0]
 
 
-def plan(snap: Snapshot, cfg: PolicyConfig | None = None) -> tuple[list[Decision], int]:
+def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEFAULT_PROFILE
+         ) -> tuple[list[Decision], int]:
     """:func:`decide`, plus how many ready nodes are left free after its decisions."""
     cfg = cfg or PolicyConfig()
     out: list[Decision] = node_health(snap, cfg)
-    lost = {n.name for n in snap.nodes if n.state != "up"} | {d.node for d in out if isinstance(d, MarkNode)}
+    lost = {n.name for n in snap.nodes if n.state != NodeState.UP} | {d.node for d in out if isinstance(d, MarkNode)}
     out += reconcile(snap, cfg, lost)
     # A suspended attempt's nodes stay held until the next cycle, when its successor (inserted by this
     # cycle's writes) is in the queue with the chain's first_id and can win them back.
@@ -347,23 +467,19 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None) -> tuple[list[Decision
             held.update(j.assigned_nodes)
             _charge(j, snap.quotas, usage)
     node_views = {n.name: n for n in snap.nodes}
-    free = node_filter(snap.nodes, held, lost)
-    blocked = False
-    for job in queue_sort(snap.jobs):
-        why = quota_filter(job, snap.quotas, usage)
-        if why is None and blocked:
-            why = WAITING
-        if why is None:
-            chosen = score_nodes(free, job.nodes)
-            if chosen is None:
-                blocked = True
-                why = WAITING
-            else:
+    cs = CycleState(snap, node_filter(snap.nodes, held, lost), usage)
+    for job in profile.queue_sort.sort(snap.jobs):
+        status = next((st for f in profile.filters if not (st := f.filter(job, cs)).ok), SUCCESS)
+        if status.ok:
+            status, chosen = profile.score.place(job, cs)
+            if status.ok and chosen is not None:
                 out.append(StartJob(job.id, chosen, rank_layout(job, chosen, node_views)))
                 taken = set(chosen)
-                free = [n for n in free if n.name not in taken]
-                _charge(job, snap.quotas, usage)
+                cs.free = [n for n in cs.free if n.name not in taken]
+                _charge(job, snap.quotas, cs.usage)
                 continue
-        if why != job.reason:
-            out.append(SetReason(job.id, why))
-    return out, len(free)
+        if status.code == Code.WAIT:
+            cs.blocked = True
+        if status.reason != job.reason:
+            out.append(SetReason(job.id, status.reason))
+    return out, len(cs.free)

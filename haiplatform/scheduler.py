@@ -27,7 +27,7 @@ from collections import defaultdict
 from sqlalchemy import insert, select, update
 
 from .config import HaiConfig
-from .db import Database, Job, JobStatus, NodeRow, Quota, Rank, RankStatus, StopCode, event_row
+from .db import Database, Job, NodeRow, Quota, Rank, event_row
 from .errors import ApiError
 from .policy import (
     CancelJob,
@@ -47,6 +47,7 @@ from .policy import (
     StopJob,
     plan,
 )
+from .states import Desired, JobStatus, RankStatus, StopCode
 
 __all__ = ["Scheduler", "take_snapshot", "apply_decisions", "main"]
 
@@ -98,7 +99,7 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
             elif isinstance(d, MarkRanksLost):
                 n = s.execute(update(Rank).where(Rank.job_id == d.job_id, Rank.node == d.node, Rank.status.in_(
                     (RankStatus.CREATED, RankStatus.RUNNING))).values(
-                    status=RankStatus.LOST, finished_at=now, desired="stop",
+                    status=RankStatus.LOST, finished_at=now, desired=Desired.STOP,
                     message=f"node {d.node} was lost")).rowcount
             elif isinstance(d, MarkRunning):
                 n = s.execute(update(Job).where(Job.id == d.job_id, Job.status == JobStatus.SCHEDULED)
@@ -111,7 +112,7 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
                                       reason="", procs_per_node=ppn, master_port=0)).rowcount
                 if n:
                     s.execute(insert(Rank), [{"job_id": d.job_id, "rank": rk, "node": nd, "local_rank": lr,
-                                              "status": RankStatus.CREATED, "desired": "run", "message": ""}
+                                              "status": RankStatus.CREATED, "desired": Desired.RUN, "message": ""}
                                              for rk, nd, lr in d.ranks])
                     event_row(s, "scheduled", "on " + ",".join(d.nodes), job_id=d.job_id)
             elif isinstance(d, StopJob):

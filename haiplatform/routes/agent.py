@@ -1,0 +1,151 @@
+"""The node agents' side: register, long-poll for work (with heartbeats) and report ranks
+(``/v1/agent/*``, the cluster secret only)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import bindparam, select, update
+
+from ..db import Job, NodeRow, Rank, event_row
+from ..errors import ApiError, Conflict, NotFound
+from ..states import NodeState, RankStatus
+from .deps import Service_, State_
+from .models import NO_NUL, SEQ_MAX, RegisterSpec, ReportSpec
+from .state import ApiState
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+# an agent's work items: its node's live ranks with their jobs (built once: the agents' hot path)
+_WORK = select(Rank.rank, Rank.local_rank, Rank.status, Rank.desired, Job.id.label("job_id"), Job.command, Job.env,
+               Job.workdir, Job.name, Job.user, Job.chain_id, Job.restart_count, Job.whole_life_state,
+               Job.assigned_nodes, Job.master_port, Job.procs_per_node).join(Job, Job.id == Rank.job_id).where(
+    Rank.node == bindparam("node"), Rank.status.in_(RankStatus.LIVE))
+
+
+@router.post("/v1/agent/register")
+def register(spec: RegisterSpec, p: Service_, st: State_) -> dict:
+    cluster = st.cluster
+    try:
+        cn = cluster.node(spec.node)
+    except KeyError as exc:
+        raise NotFound(f"node {spec.node!r} is not in the cluster description {cluster.source}") from exc
+    now = time.time()
+    with st.db.write() as s:
+        n = s.get(NodeRow, spec.node)
+        if n is None:
+            n = NodeRow(name=spec.node, registered_at=now)
+            s.add(n)
+        restarted = bool(n.agent_epoch) and n.agent_epoch != spec.epoch
+        n.address, n.zone, n.leaf = cn.address, cn.zone, cn.leaf
+        n.gpus, n.cpus, n.memory_gib = spec.gpus, spec.cpus, spec.memory_gib
+        n.facts, n.agent_epoch, n.last_seen = spec.facts, spec.epoch, now
+        was = n.state
+        n.state = NodeState.UP
+        if restarted:  # its old processes are gone: whatever ran there is lost
+            s.execute(update(Rank).where(Rank.node == spec.node, Rank.status.in_(RankStatus.LIVE)).values(
+                status=RankStatus.LOST, finished_at=now, message="the node's agent restarted"))
+        event_row(s, "node_registered", f"agent epoch {spec.epoch}" + (" (restarted)" if restarted else "")
+                  + ("" if was == NodeState.UP else f", was {was}"), node=spec.node)
+    st.epochs[spec.node] = spec.epoch
+    st.last_beat[spec.node] = time.monotonic()
+    st.sched_events.bump()
+    return {"ok": True, "seq": st.agent_events[spec.node].seq}
+
+
+def _beat_due(st: ApiState, node: str, epoch: str) -> bool:
+    """Whether this sync must write a heartbeat (at most one per heartbeat_interval / 2)."""
+    if st.epochs.get(node) not in (None, epoch):
+        raise Conflict(f"agent epoch {epoch} of {node} is stale; register again")
+    return time.monotonic() - st.last_beat.get(node, 0.0) >= st.cfg.heartbeat_interval / 2
+
+
+def _beat(st: ApiState, node: str, epoch: str) -> None:
+    if not _beat_due(st, node, epoch):
+        return
+    st.last_beat[node] = time.monotonic()
+    with st.db.write() as s:
+        n = s.get(NodeRow, node)
+        if n is None:
+            raise NotFound(f"node {node} has not registered")
+        n.last_seen = time.time()
+        back = n.state != NodeState.UP
+        if back:
+            n.state = NodeState.UP
+            event_row(s, "node_back", "heartbeats resumed", node=node)
+    if back:
+        st.sched_events.bump()
+
+
+def _work(st: ApiState, node: str, epoch: str) -> list[dict]:
+    _beat(st, node, epoch)
+    with st.db.ro_engine.begin() as s:  # Core rows: the agents' hot path
+        rows = s.execute(_WORK, {"node": node}).all()
+        out = []
+        for r in rows:
+            j = r
+            nnodes = len(j.assigned_nodes)
+            if nnodes > 1 and not j.master_port and j.assigned_nodes[0] != node:
+                continue  # wait for the master node's agent to pick the port
+            out.append({"job_id": j.job_id, "rank": r.rank, "local_rank": r.local_rank, "status": r.status,
+                        "desired": r.desired, "command": j.command, "env": j.env, "workdir": j.workdir,
+                        "name": j.name, "user": j.user, "chain_id": j.chain_id,
+                        "restart_count": j.restart_count, "whole_life_state": j.whole_life_state,
+                        "nodes": j.assigned_nodes, "master_addr": st.cluster.node(j.assigned_nodes[0]).address,
+                        "master_port": j.master_port, "ppn": j.procs_per_node})
+        return out
+
+
+@router.get("/v1/agent/sync")
+async def sync(p: Service_, st: State_, node: Annotated[str, Query(max_length=64)],
+               epoch: Annotated[str, Query(max_length=40, pattern=NO_NUL)],
+               seq: Annotated[int, Query(ge=-1, le=SEQ_MAX)] = -1,
+               timeout: Annotated[float, Query(ge=0, le=60)] = 2.0) -> dict:
+    if node not in st.agent_events:
+        raise NotFound(f"node {node!r} is not in the cluster description {st.cluster.source}")
+    if _beat_due(st, node, epoch):  # a thread hop only when a heartbeat must be written
+        await run_in_threadpool(_beat, st, node, epoch)
+    cur = await st.agent_events[node].wait(seq, timeout)
+    work = await run_in_threadpool(_work, st, node, epoch)
+    return {"seq": cur, "ranks": work}
+
+
+@router.post("/v1/agent/report")
+def report(spec: ReportSpec, p: Service_, st: State_) -> dict:
+    now = time.time()
+    ended = False
+    with st.db.engine.begin() as s:  # Core: conditional UPDATEs, ranks only move forward
+        for jid, port in spec.master_ports.items():
+            s.execute(update(Job).where(Job.id == jid, Job.master_port == 0).values(master_port=port))
+        for rr in spec.ranks:
+            mine = (Rank.job_id == rr.job_id, Rank.rank == rr.rank, Rank.node == spec.node)
+            if rr.status == RankStatus.RUNNING:
+                s.execute(update(Rank).where(*mine, Rank.status == RankStatus.CREATED).values(
+                    status=RankStatus.RUNNING, pid=rr.pid, started_at=now))
+            elif rr.status in RankStatus.DONE:
+                vals = {"status": rr.status, "exit_code": rr.exit_code, "finished_at": now,
+                        "message": rr.message[:500]}
+                if rr.pid:
+                    vals["pid"] = rr.pid
+                ended |= bool(s.execute(update(Rank).where(*mine, Rank.status.in_(RankStatus.LIVE)).values(
+                    **vals)).rowcount)
+            else:
+                raise ApiError(f"rank status {rr.status!r} cannot be reported (running, "
+                               f"{', '.join(RankStatus.DONE)})", 422)
+            if rr.whole_life_state is not None:
+                s.execute(update(Job).where(Job.id == rr.job_id).values(whole_life_state=rr.whole_life_state))
+    if spec.master_ports:
+        with st.db.read() as s:
+            for jid in spec.master_ports:
+                j = s.get(Job, jid)
+                for n in (j.assigned_nodes if j else ()):
+                    if n in st.agent_events:
+                        st.agent_events[n].bump()
+    if spec.ranks:
+        st.sched_events.bump()
+    return {"ok": True, "ended": ended}

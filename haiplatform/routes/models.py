@@ -1,0 +1,134 @@
+"""The API's request bodies and the bounds of every value a request carries."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Path as PathParam
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..states import PRIORITIES
+
+__all__ = ["JobSpec", "UserSpec", "QuotaSpec", "NotifySpec", "DrainSpec", "RegisterSpec", "RankReport", "ReportSpec",
+           "Text", "JobId", "INT32", "OFFSET_MAX", "SEQ_MAX", "NO_NUL"]
+
+JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
+USER_NAME = r"^[a-z_][a-z0-9_.-]{0,63}$"
+
+# [Note: every integer is bounded] The database's INTEGER columns hold 32 bits on PostgreSQL and
+# 64 on SQLite; a larger value used to reach the driver and come back as a 500. Every integer a
+# request carries (path, query and body) is bounded here, in the schema, so it is a 422 naming the
+# field; strings that land in a VARCHAR column are bounded to its length.
+INT32 = 2**31 - 1
+OFFSET_MAX = 2**53          # a log offset (bytes): well past any log, exact in every JSON parser
+SEQ_MAX = 2**62             # the notification channels' sequence numbers
+NO_NUL = r"^[^\x00]*$"      # PostgreSQL's text cannot hold NUL, nor can an argv, an env or a path
+
+
+def Text(max_length: int, **kw: Any) -> Any:  # noqa: N802 - reads as a type in the models
+    """A string of at most ``max_length`` characters, without NUL."""
+    return Annotated[str, Field(max_length=max_length, pattern=NO_NUL, **kw)]
+
+
+NODE_NAME = Text(64, min_length=1)
+JobId = Annotated[int, PathParam(ge=1, le=INT32, description="a job id (any attempt of the chain)")]
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+class JobSpec(BaseModel):
+    """What a user submits (``hai python ...`` and ``hai run job.yaml`` build one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=JOB_NAME, description="a name for the job (letters, digits, _.@-)")
+    command: list[Text(65536)] = Field(
+        min_length=1, max_length=4096, description="argv of each rank's process")
+    nodes: int = Field(1, ge=1, le=10000, description="whole nodes")
+    procs_per_node: int = Field(0, ge=0, le=256, description="processes per node; 0: the node's GPUs (or 1)")
+    priority: Annotated[int, Field(ge=0, le=50)] | Text(32) = Field(
+        "normal", validate_default=True, description="a level name or its number (0..50)")
+    env: dict[Text(1024), Text(65536)] = Field(
+        default_factory=dict, max_length=4096)
+    workdir: Text(1000) = ""
+    shared_in_group: bool = False
+
+    @field_validator("command")
+    @classmethod
+    def _cmd(cls, v: list[str]) -> list[str]:
+        if not v[0].strip():
+            raise ValueError("command[0] must name a program")
+        return v
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _prio(cls, v: Any) -> Any:
+        """A level's name or a number (also as a string) -> the number, with one clear message when it
+        is neither (before the union's own checks, which would list one complaint per branch)."""
+        if isinstance(v, str):
+            if v.lower() in PRIORITIES:
+                return PRIORITIES[v.lower()]
+            if not (v.isascii() and v.lstrip("-").isdigit() and len(v) <= 8):
+                raise ValueError(f"unknown priority {v[:40]!r}; use one of {', '.join(PRIORITIES)} or 0..50")
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 50:
+            raise ValueError(f"priority {v} is out of range 0..50")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not k or "=" in k or not (k[0].isalpha() or k[0] == "_"):
+                raise ValueError(f"bad environment variable name {k!r}")
+        return v
+
+
+class UserSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=USER_NAME)
+    role: str = Field("user", pattern="^(user|admin)$")
+    group: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class QuotaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subject: str = Field(pattern=r"^(user|group):[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$",
+                         description="user:NAME or group:NAME")
+    max_nodes: int = Field(ge=0, le=INT32)
+    priority: int | None = Field(None, ge=0, le=50)
+
+
+class NotifySpec(BaseModel):
+    nodes: list[NODE_NAME] | None = Field(None, max_length=100000)  # None: every node
+
+
+class DrainSpec(BaseModel):
+    reason: Text(200) = ""
+
+
+class RegisterSpec(BaseModel):
+    node: NODE_NAME
+    epoch: Text(40)
+    address: Text(64) = ""
+    cpus: int = Field(0, ge=0, le=INT32)
+    memory_gib: float = Field(0.0, ge=0, le=1e12, allow_inf_nan=False)
+    gpus: int = Field(0, ge=0, le=INT32)
+    facts: dict[str, Any] = Field(default_factory=dict)
+
+
+class RankReport(BaseModel):
+    job_id: int = Field(ge=1, le=INT32)
+    rank: int = Field(ge=0, le=INT32)
+    status: Text(16)
+    exit_code: int | None = Field(None, ge=-INT32 - 1, le=INT32)
+    pid: int | None = Field(None, ge=0, le=INT32)
+    message: Text(65536) = ""
+    whole_life_state: int | None = Field(None, ge=-INT32 - 1, le=INT32)
+
+
+class ReportSpec(BaseModel):
+    node: NODE_NAME
+    epoch: Text(40)
+    ranks: list[RankReport] = Field(default_factory=list, max_length=100000)
+    master_ports: dict[Annotated[int, Field(ge=1, le=INT32)], Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=dict, max_length=100000)
