@@ -196,6 +196,9 @@ def test_a_job_token_reads_its_own_job_only_and_dies_with_it(launch_cluster, tmp
     k = alice.submit({"name": "k", "command": ["ls"], "nodes": 1, "workdir": str(lc.run_dir / "hai" / "logs")})
     assert alice.wait(k["id"], timeout=30)["status"] == "failed"
     assert "hai-alice cannot enter the working directory" in alice.logs(k["id"])
+    # no working directory at all (an API client): the job starts in the account's home, or /
+    n = alice.submit({"name": "n", "command": ["pwd"], "nodes": 1})
+    assert alice.wait(n["id"], timeout=30)["status"] == "succeeded", alice.logs(n["id"])
     admin.stop(other["id"])
     admin.wait(other["id"], timeout=30)
 
