@@ -35,7 +35,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from deploy.local import LocalCluster, pass_for_jobs, render_status
+from deploy.local import LocalCluster, pass_for_jobs, render_status, wait_until
 from network.probe import probe_matrix, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,15 +74,8 @@ class Hai:
         return json.loads(self(*args, "--json", show=False, **kw))
 
 
-def wait_for(what: str, fn, timeout: float, poll: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
+def wait_for(what: str, fn, timeout: float):
+    return wait_until(fn, timeout, what, poll=0.25, error=DemoError)
 
 
 def fs3_steps(lc: LocalCluster) -> None:
@@ -196,9 +189,12 @@ def hardening_steps(lc: LocalCluster, run_dir: Path, job_log: str) -> None:
     pid = lc.info[victim].pid
     os.kill(pid, signal.SIGKILL)
     con.print(f"$ kill -9 {pid}   # {victim} crashes")
-    wait_for(f"{victim} restarted and healthy", lambda: (lambda i: i.pid != pid and i.state == "healthy"
-                                                          and i.restarts >= 1)(
-        {i.key: i for i in lc.status()}[victim]), 60)
+
+    def restarted() -> bool:
+        i = next(i for i in lc.status() if i.key == victim)
+        return i.pid != pid and i.state == "healthy" and i.restarts >= 1
+
+    wait_for(f"{victim} restarted and healthy", restarted, 60)
     render_status({"cluster": lc.cluster.name, "state": "up", "run_dir": str(run_dir),
                    "services": [vars(i) for i in lc.status()]})
     con.print(f"[green]{victim} was restarted by the launcher (back-off, as systemd's Restart=on-failure)[/]")

@@ -65,7 +65,8 @@ from .restart import History, RestartPolicy, decide, policy_from_options
 from .services import kind_of
 
 __all__ = ["LocalCluster", "LauncherError", "ServiceFailed", "ProcInfo", "RestartPolicy", "check_health",
-           "cluster_restart", "default_run_dir", "health_of", "pid_alive", "status_exit_code"]
+           "cluster_restart", "default_run_dir", "health_of", "pid_alive", "status_exit_code",
+           "wait_until"]
 
 log = logging.getLogger(__name__)
 
@@ -786,6 +787,20 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def wait_until(pred, timeout: float = 30.0, what: str = "condition", poll: float = 0.05,
+               error: type[Exception] = TimeoutError):
+    """Call ``pred`` until it returns something true (returned) or ``timeout`` seconds passed
+    (``error`` naming ``what``): the one bounded wait of the demo and the tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)
+
+
 def _control_dir(run_dir: Path) -> Path:
     return run_dir / "control"
 
@@ -880,8 +895,7 @@ def cluster_up(cluster_file: str, run_dir: Path | None = None, ports: str = "fil
     """Start a detached supervisor for the cluster and wait until it is up (or failed)."""
     if restart not in ("on-failure", "no"):
         raise LauncherError(f"restart must be 'on-failure' or 'no', not {restart!r}")
-    LocalCluster(cluster_file, run_dir, ports=ports, services=services)  # a bad service entry: an error here
-    c = load_cluster(cluster_file)
+    c = LocalCluster(cluster_file, run_dir, ports=ports, services=services).source  # a bad service entry: an error here
     run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
     st = _read_state(run_dir)
     if st and st.get("state") == "up" and pid_alive(st.get("supervisor_pid", -1)):
@@ -986,24 +1000,9 @@ def cluster_restart(cluster_file: str, service: str, node: str | None = None, ru
     if not st or st.get("state") != "up" or not pid or not pid_alive(pid):
         raise LauncherError(f"cluster {c.name} is not up (run dir {run_dir}); start it with "
                             f"'hai cluster up --cluster {cluster_file}'")
-    resolved = Path(st.get("cluster_file") or "")
-    live = load_cluster(resolved) if resolved.is_file() else c
-    if live.service(service) is None:
-        raise LauncherError(f"no service {service!r} in cluster {c.name}; its services: "
-                            f"{', '.join(s.module for s in live.services)}")
-    instances = [s for s in st.get("services", []) if s.get("module") == service]
-    if not instances:
-        raise LauncherError(f"service {service} is not running in cluster {c.name} (the cluster was brought "
-                            f"up with other --service options)")
-    if node is not None:
-        if node not in live.ordered():
-            raise LauncherError(f"no node {node!r} in cluster {c.name}; its nodes: {', '.join(live.ordered())}")
-        if not any(s["node"] == node for s in instances):
-            raise LauncherError(f"service {service} does not run on node {node}; it runs on "
-                                f"{', '.join(s['node'] for s in instances)}")
-        instances = [s for s in instances if s["node"] == node]
-    if timeout is None:
-        timeout = 15.0 + 40.0 * len(instances)
+    if timeout is None:  # the supervisor checks the service and the node (LocalCluster._instance_keys)
+        timeout = 15.0 + 40.0 * max(1, sum(s.get("module") == service and node in (None, s.get("node"))
+                                           for s in st.get("services", [])))
     control = _control_dir(run_dir)
     if not control.is_dir():
         raise LauncherError(f"{control} does not exist: the supervisor (pid {pid}) takes no requests; "

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
+
+from deploy.local import wait_until as _wait_until
 
 
 def wait_until(pred, timeout: float = 30.0, what: str = "condition", poll: float = 0.05):
     """Call ``pred`` until it returns something true (returned) or ``timeout`` seconds passed
-    (AssertionError naming ``what``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
+    (AssertionError naming ``what``): :func:`deploy.local.wait_until`, failing as a test does."""
+    return _wait_until(pred, timeout, what, poll, error=AssertionError)
 
 
 def procs_mentioning(text: str) -> list[int]:
