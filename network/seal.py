@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ProtocolError
-from .transport import Connection, FileRegion, as_bytes
+from .transport import MAX_HEADER, Connection, FileRegion, as_bytes
 
 __all__ = ["SealedConnection", "seal"]
 
@@ -68,7 +68,7 @@ class SealedConnection(Connection):
         super().send(h, *([body] if body else []), timeout=timeout)
         return len(plain)
 
-    def recv_header(self, timeout=..., max_header: int = 16 << 20) -> tuple[bytes, int]:
+    def recv_header(self, timeout=..., max_header: int = MAX_HEADER) -> tuple[bytes, int]:
         h, plen = super().recv_header(timeout, max_header=max_header + _TAG)
         try:
             header = self._rx.decrypt(self._next(False), h, None)
@@ -91,7 +91,7 @@ class SealedConnection(Connection):
         scratch = bytearray(nbytes + _TAG)
         super().recv_payload_into(scratch, nbytes + _TAG, timeout)
         try:
-            plain = self._rx.decrypt(self._next(False), bytes(scratch), None)
+            plain = memoryview(self._rx.decrypt(self._next(False), scratch, None))  # no copies: slices below
         except InvalidTag:
             self.close()
             raise ProtocolError(f"receive from {self.peer}: a sealed payload failed its check", self.peer) from None

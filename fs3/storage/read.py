@@ -11,7 +11,7 @@ from network import FileRegion, Reply
 from ..chunkstore import HEADER_SIZE, ChunkStore, crc32c
 from ..errors import ChunkCorrupt, ChunkNotCommitted, ChunkNotFound, StorageError
 from ..routing import SERVING
-from .request import malformed
+from .request import item_error, malformed
 
 __all__ = ["Reads"]
 
@@ -54,7 +54,7 @@ class Reads:
                     out.append(piece)
                     results.append({"n": len(piece), "v": ver, "t": tid, "c": crc})
                 except StorageError as exc:
-                    results.append({"err": type(exc).__name__, "msg": str(exc), "data": exc.rpc_data or {}})
+                    results.append(item_error(exc))
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -89,13 +89,9 @@ class Reads:
                 if m is not None and m.pending and not relaxed:
                     raise ChunkNotCommitted(f"{self.node}: chunk {chain}/{chunk:016x} has pending "
                                             f"v{m.pending}", target=tid) from None
-                try:
-                    data, ver = store.read(chain, chunk, pending=pend and bool(m and m.pending),
-                                           buf=bytearray(HEADER_SIZE + self.cfg.chunk_size))
-                    crc = crc32c(data)
-                except ChunkCorrupt as exc:
-                    self._report_corrupt(tid, chain, chunk, str(exc), exc.damage)
-                    raise
+                data, ver = self._read_or_report(tid, store, chain, chunk, pending=pend and bool(m and m.pending),
+                                                 buf=bytearray(HEADER_SIZE + self.cfg.chunk_size))
+                crc = crc32c(data)
         end = len(data) if length < 0 else min(len(data), off + length)
         piece = data[min(off, end):end]
         if len(piece) != len(data):

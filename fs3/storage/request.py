@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ..errors import Fs3Error, InvalidRequest
+from ..errors import Fs3Error, InvalidRequest, StorageError
 
-__all__ = ["malformed"]
+__all__ = ["item_error", "malformed"]
 
 
 @contextmanager
@@ -23,3 +23,8 @@ def malformed(method: str):
         raise InvalidRequest(f"{method}: the request has no field {exc}") from None
     except (ValueError, TypeError, IndexError) as exc:
         raise InvalidRequest(f"{method}: malformed request: {exc}") from None
+
+
+def item_error(exc: StorageError) -> dict:
+    """One item's error in a batch answer (read or write; the client turns it back into ``exc``'s class)."""
+    return {"err": type(exc).__name__, "msg": str(exc), "data": exc.rpc_data or {}}

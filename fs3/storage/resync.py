@@ -10,7 +10,7 @@ import time
 
 from network import RemoteError, TransportError
 
-from ..errors import ChunkCorrupt, StorageError
+from ..errors import StorageError
 from ..routing import SERVING, SYNCING, Routing
 from .request import malformed
 
@@ -58,11 +58,7 @@ class ResyncWorker:
                 with self.locks.hold((mine, chain, chunk), self.lock_timeout):
                     if store.get(chain, chunk) is None:
                         continue
-                    try:
-                        data, ver = store.read(chain, chunk)
-                    except ChunkCorrupt as exc:
-                        self._report_corrupt(mine, chain, chunk, str(exc), exc.damage)
-                        raise
+                    data, ver = self._read_or_report(mine, store, chain, chunk)
                     pool.call("storage.sync_write", {"chain": chain, "cver": cver, "chunk": chunk, "ver": ver,
                                                      "target": succ}, [data])
                     copied += 1

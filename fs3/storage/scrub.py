@@ -44,6 +44,15 @@ class CheckWorker:
                 return {"corrupt": True}
         return {"corrupt": False}
 
+    def _read_or_report(self, tid: int, store, chain: int, chunk: int, **kw) -> tuple[memoryview, int]:
+        """``store.read`` of a chunk on target ``tid``; a damaged copy is reported (and repaired)
+        before its ``ChunkCorrupt`` goes on to the caller."""
+        try:
+            return store.read(chain, chunk, **kw)
+        except ChunkCorrupt as exc:
+            self._report_corrupt(tid, chain, chunk, str(exc), exc.damage)
+            raise
+
     def _report(self, tid: int, chain: int, chunk: int, kind: str, detail: str) -> None:
         def send() -> None:
             try:
@@ -102,7 +111,6 @@ class CheckWorker:
         finally:
             with self._repair_lock:
                 self._repairing.discard((tid, chain, chunk))
-
 
     def _scrub_loop(self) -> None:
         """A pass over every committed chunk of this server's serving targets, then one every

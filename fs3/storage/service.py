@@ -114,7 +114,7 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         self._admitted: dict[tuple[int, int], int] = {}  # (chain, chain version) -> writes in progress
         self._admit_lock = threading.Lock()
         self._stop = threading.Event()
-        bulk = max(cfg.chunk_size, cfg.max_batch_bytes)  # the largest payload a write carries
+        self._bulk = bulk = max(cfg.chunk_size, cfg.max_batch_bytes)  # the largest payload a write carries
         # headers up to a batch's size too: a resync's sync_remove lists every chunk to drop
         self.server = RpcServer(address, port, auth=auth, name=f"fs3.storage@{node}",
                                 traffic_class=TrafficClass.STORAGE, max_header=bulk, **(limits or {}))
@@ -179,7 +179,7 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         # handler runs in this same thread and finishes with it (stored, forwarded) before the
         # next request on the connection arrives, so reuse is safe and saves an allocation
         # (and its page faults) per chunk.
-        size = max(self.cfg.chunk_size, self.cfg.max_batch_bytes)  # a chunk or a batch of them
+        size = self._bulk  # a chunk or a batch of them
         if nbytes > size:
             return None  # let rpc allocate; the handler rejects it with a clear error
         buf = getattr(_tls, "wbuf", None)

@@ -22,7 +22,6 @@ from network import RemoteError, TransportError
 
 from ..chunkstore import ChunkMeta, crc32c
 from ..errors import (
-    ChunkCorrupt,
     ChunkVersionConflict,
     ForwardFailed,
     InvalidRequest,
@@ -34,7 +33,7 @@ from ..errors import (
 )
 from ..forward import HOP_SHARE, call_overlapped
 from ..routing import SERVING, SYNCING, Routing
-from .request import malformed
+from .request import item_error, malformed
 
 __all__ = ["ReliableUpdate"]
 
@@ -235,7 +234,7 @@ class ReliableUpdate:
                         self._remember(key, seq, done)
                         continue
                 except StorageError as exc:
-                    results[i] = _item_error(exc)
+                    results[i] = item_error(exc)
                     continue
                 todo.append((i, chunk, ver, views[i], key, seq))
             if pos == len(ws) - 1:
@@ -284,15 +283,15 @@ class ReliableUpdate:
                 try:
                     results[i] = self._write_chain(r, ws, pos, args, chain, cver, chunk, 0, data, store, state)
                 except StorageError as exc:
-                    results[i] = _item_error(exc)
+                    results[i] = item_error(exc)
                     continue
                 self._remember(key, seq, results[i])
             elif "err" in res:
-                results[i] = _item_error(ForwardFailed(
+                results[i] = item_error(ForwardFailed(
                     f"{self.node}: successor {succ} refused chunk {chain}/{chunk:016x}: {res['err']}: "
                     f"{res.get('msg')}", current=cver))
             else:
-                results[i] = _item_error(ForwardFailed(
+                results[i] = item_error(ForwardFailed(
                     f"{self.node}: successor {succ} stored chunk {chain}/{chunk:016x} as v{res.get('version')} "
                     f"CRC {res.get('crc')}, expected v{ver} CRC {crc}", current=cver))
 
@@ -335,17 +334,15 @@ class ReliableUpdate:
                 else:
                     content = payload
             else:
-                try:
-                    old, _ = store.read(chain, chunk)
-                except ChunkCorrupt as exc:  # the head's own copy: report it and have it repaired
-                    self._report_corrupt(store.target, chain, chunk, str(exc), exc.damage)
-                    raise
+                # the head's own copy: a damaged one is reported and repaired
+                old, _ = self._read_or_report(store.target, store, chain, chunk)
                 content = bytearray(max(len(old), off + len(payload)))
                 content[:len(old)] = old
                 content[off:off + len(payload)] = payload
         else:
             content = payload
         tail = pos == len(ws) - 1
+        budget = self._budget(args)
         for attempt in range(3):
             if tail:
                 crc = store.put(chain, chunk, ver, cver, content, pending=False)
@@ -355,7 +352,6 @@ class ReliableUpdate:
             # max(local write, rest of the chain), not the sum. The commit below follows both.
             crc = crc32c(content)
             succ = ws[pos + 1][0]
-            budget = self._budget(args)
             fargs = {"chain": chain, "cver": cver, "chunk": chunk, "off": 0, "full": True, "op": "write",
                      "client": args.get("client", ""), "channel": args.get("channel", 0),
                      "seq": args.get("seq", 0), "ver": ver, "crc": crc, "fwd": True, "tmo": budget * HOP_SHARE}
@@ -397,8 +393,3 @@ class ReliableUpdate:
                 raise ForwardFailed(f"{self.node}: successor {succ} did not acknowledge removal: {exc}") from None
         existed = store.remove(chain, chunk)
         return {"removed": existed}
-
-
-def _item_error(exc: StorageError) -> dict:
-    """One item's error in a batch answer (the client turns it back into ``exc``'s class)."""
-    return {"err": type(exc).__name__, "msg": str(exc), "data": exc.rpc_data or {}}

@@ -75,6 +75,15 @@ _ENV = "FIREFLYER_CREDENTIAL"
 
 # -- credentials -------------------------------------------------------------------------------
 
+_SERVICE_ROLES = frozenset({SERVICE, CLIENT})
+_CLIENT_ROLES = frozenset({CLIENT})
+
+
+def _roles(key_id: str) -> frozenset[str]:
+    """The roles of a key id: the cluster key's holders are services (and clients), anyone else a client."""
+    return _SERVICE_ROLES if key_id == CLUSTER_KEY_ID else _CLIENT_ROLES
+
+
 def fingerprint(secret: bytes) -> str:
     """A short public name of a secret (16 hex digits of a hash; reveals nothing of it)."""
     return hashlib.sha256(b"fireflyer-key-fingerprint\0" + secret).hexdigest()[:16]
@@ -102,7 +111,7 @@ class Credential:
     @property
     def roles(self) -> frozenset[str]:
         """``{"service", "client"}`` for the cluster key, ``{"client"}`` for a derived one."""
-        return frozenset({SERVICE, CLIENT}) if self.key_id == CLUSTER_KEY_ID else frozenset({CLIENT})
+        return _roles(self.key_id)
 
     @property
     def fingerprint(self) -> str:
@@ -308,7 +317,7 @@ class Principal:
     expires: float | None = None
 
 
-SERVICE_PRINCIPAL = Principal(CLUSTER_KEY_ID, frozenset({SERVICE, CLIENT}))
+SERVICE_PRINCIPAL = Principal(CLUSTER_KEY_ID, _SERVICE_ROLES)
 
 
 class Authenticator:
@@ -443,7 +452,7 @@ def server_handshake(conn: Connection, auth: Authenticator) -> tuple[Connection,
     proof = d.get("proof")
     if not isinstance(proof, bytes) or not hmac.compare_digest(proof, _proof(key, b"client", tr)):
         raise _refuse(conn, f"wrong proof for credential {kid!r}", t)
-    roles = frozenset({SERVICE, CLIENT}) if kid == CLUSTER_KEY_ID else frozenset({CLIENT})
+    roles = _roles(kid)
     _send(conn, {"ok": True, "roles": sorted(roles)}, t)
     if cenc or auth.encrypt:
         from ..seal import seal
