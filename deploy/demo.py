@@ -74,8 +74,8 @@ class Hai:
         return json.loads(self(*args, "--json", show=False, **kw))
 
 
-def wait_for(what: str, fn, timeout: float):
-    return wait_until(fn, timeout, what, poll=0.25, error=DemoError)
+def wait_for(what: str, fn, timeout: float, poll: float = 0.25):
+    return wait_until(fn, timeout, what, poll, error=DemoError)
 
 
 def fs3_steps(lc: LocalCluster) -> None:
@@ -190,8 +190,8 @@ def hardening_steps(lc: LocalCluster, run_dir: Path, job_log: str) -> None:
     os.kill(pid, signal.SIGKILL)
     con.print(f"$ kill -9 {pid}   # {victim} crashes")
 
-    def restarted() -> bool:
-        i = next(i for i in lc.status() if i.key == victim)
+    def restarted() -> bool:  # the launcher's monitor thread keeps lc.info current
+        i = lc.info[victim]
         return i.pid != pid and i.state == "healthy" and i.restarts >= 1
 
     wait_for(f"{victim} restarted and healthy", restarted, 60)
