@@ -31,12 +31,14 @@ class JobStatus(StrEnum):
     LIVE = nonmember(())
     ACTIVE = nonmember(())     # holding nodes
     DONE = nonmember(())
+    ENDED = nonmember(())      # its chain has ended with it (every DONE but SUSPENDED)
 
 
 JobStatus.LIVE = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.RUNNING, JobStatus.STOPPING)
 JobStatus.ACTIVE = (JobStatus.SCHEDULED, JobStatus.RUNNING, JobStatus.STOPPING)
 JobStatus.DONE = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED,
                   JobStatus.SUSPENDED)
+JobStatus.ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 
 
 class RankStatus(StrEnum):

@@ -56,6 +56,21 @@ def test_auth_failures_are_401_with_a_message(api):
     assert r.status_code == 401 and r.json() == {"error": "AuthError", "message": "invalid token: no active user has it"}
 
 
+def test_a_request_is_authenticated_once(api, monkeypatch):
+    """The limits middleware authenticates the request; the route's principal is the one it found."""
+    from haiplatform.routes import deps
+
+    calls = []
+    real = deps.authenticate
+    monkeypatch.setattr(deps, "authenticate", lambda st, request: calls.append(request.url.path) or real(st, request))
+    tok = add_user(api, "alice")
+    calls.clear()
+    assert api.get("/v1/whoami", headers=as_(api, tok)).json()["name"] == "alice"
+    assert calls == ["/v1/whoami"]
+    r = api.get("/v1/whoami", headers=as_(api, "nope"))  # no principal to hand on: the route answers 401
+    assert r.status_code == 401 and calls[1:] == ["/v1/whoami", "/v1/whoami"]
+
+
 def test_submit_get_list(api):
     tok = add_user(api, "alice")
     r = api.post("/v1/jobs", json={**JOB, "priority": "high", "env": {"A": "1"}}, headers=as_(api, tok))

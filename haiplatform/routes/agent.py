@@ -87,17 +87,15 @@ def _work(st: ApiState, node: str, epoch: str) -> list[dict]:
     with st.db.ro_engine.begin() as s:  # Core rows: the agents' hot path
         rows = s.execute(_WORK, {"node": node}).all()
         out = []
-        for r in rows:
-            j = r
-            nnodes = len(j.assigned_nodes)
-            if nnodes > 1 and not j.master_port and j.assigned_nodes[0] != node:
+        for r in rows:  # one row: a rank with its job's columns
+            if len(r.assigned_nodes) > 1 and not r.master_port and r.assigned_nodes[0] != node:
                 continue  # wait for the master node's agent to pick the port
-            out.append({"job_id": j.job_id, "rank": r.rank, "local_rank": r.local_rank, "status": r.status,
-                        "desired": r.desired, "command": j.command, "env": j.env, "workdir": j.workdir,
-                        "name": j.name, "user": j.user, "chain_id": j.chain_id,
-                        "restart_count": j.restart_count, "whole_life_state": j.whole_life_state,
-                        "nodes": j.assigned_nodes, "master_addr": st.cluster.node(j.assigned_nodes[0]).address,
-                        "master_port": j.master_port, "ppn": j.procs_per_node})
+            out.append({"job_id": r.job_id, "rank": r.rank, "local_rank": r.local_rank, "status": r.status,
+                        "desired": r.desired, "command": r.command, "env": r.env, "workdir": r.workdir,
+                        "name": r.name, "user": r.user, "chain_id": r.chain_id,
+                        "restart_count": r.restart_count, "whole_life_state": r.whole_life_state,
+                        "nodes": r.assigned_nodes, "master_addr": st.cluster.node(r.assigned_nodes[0]).address,
+                        "master_port": r.master_port, "ppn": r.procs_per_node})
         return out
 
 

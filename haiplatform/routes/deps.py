@@ -79,7 +79,7 @@ def _job_principal(st: ApiState, tok: str) -> Principal | None:
         return None
     with st.db.read() as s:
         j = s.scalars(select(Job).where(Job.chain_id == chain).order_by(Job.id.desc()).limit(1)).first()
-        if j is None or (j.status in JobStatus.DONE and j.status != JobStatus.SUSPENDED):
+        if j is None or j.status in JobStatus.ENDED:
             return None  # a finished job's token is worth nothing
         return Principal(name=j.user, role="job", chain=chain)
 
@@ -95,13 +95,15 @@ def who(request: Request) -> tuple[str, bool]:
         p = authenticate(request.app.state.api, request)
     except ApiError:  # the route answers 401; its rate is its address's
         return f"addr:{request.client.host if request.client else '?'}", False
+    request.state.principal = p  # the route's ``principal`` takes it from here: one authentication a request
     return limit_key(p), p.role == "service"
 
 
 async def principal(request: Request) -> Principal:
     """Who sent the request (401 without a valid token). [Note: async dependencies] A sync dependency
-    costs a thread-pool hop per request; this one touches the database only on a token-cache miss."""
-    p = authenticate(request.app.state.api, request)
+    costs a thread-pool hop per request; this one touches the database only on a token-cache miss.
+    The limits middleware has usually authenticated the request already (:func:`who`)."""
+    p = getattr(request.state, "principal", None) or authenticate(request.app.state.api, request)
     if p.role == "job":
         route = request.scope.get("route")
         if (request.method, getattr(route, "path", None)) not in JOB_ROUTES:

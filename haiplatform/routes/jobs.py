@@ -37,8 +37,7 @@ _INSERT_EVENT = Event.__table__.insert()
 
 
 def job_json(j: Job, ranks: list[Rank] | None = None, attempts: list[Job] | None = None) -> dict:
-    done = j.status in JobStatus.DONE and j.status != JobStatus.SUSPENDED
-    chain = ("finished" if done else "running" if j.status in JobStatus.ACTIVE
+    chain = ("finished" if j.status in JobStatus.ENDED else "running" if j.status in JobStatus.ACTIVE
              else "waiting_init" if j.restart_count == 0 else "suspended")
     out = {"id": j.id, "chain_id": j.chain_id, "first_id": j.first_id, "restart_count": j.restart_count,
            "name": j.name, "user": j.user, "group": j.group, "shared_in_group": j.shared_in_group,
@@ -191,7 +190,7 @@ def _log_target(st: ApiState, job_id: int, p: Principal, rank: int, attempt: int
         if r is None:
             if j.status == JobStatus.QUEUED and not follow:
                 return None
-            if j.status not in (JobStatus.QUEUED,):
+            if j.status != JobStatus.QUEUED:
                 raise NotFound(f"job {job_id} has no rank {rank} (it has "
                                f"{s.scalar(select(func.count()).select_from(Rank).where(Rank.job_id == j.id))})")
         return (r.node if r else None), j.id
