@@ -81,6 +81,26 @@ def test_strict_order_head_blocks_smaller_jobs_behind_it():
     assert {d.job_id for d in ds if isinstance(d, SetReason)} == {1, 2}
 
 
+def test_a_profile_composes_the_queue_plugins():
+    """plan() runs the profile it is given: without StrictOrder a small job backfills behind a blocked
+    one, and a filter's unschedulable reason is the attempt's reason without blocking the queue."""
+    from haiplatform.policy import DEFAULT_PROFILE, Code, Profile, QuotaFilter, Status, plan
+
+    class NoBob:
+        name = "no_bob"
+
+        def filter(self, job, cs):
+            return Status(Code.UNSCHEDULABLE, "bob may not run") if job.user == "bob" else Status()
+
+    jobs = (JobView(1, "a", 4), JobView(2, "bob", 1), JobView(3, "c", 1))
+    backfill = Profile("backfill", DEFAULT_PROFILE.queue_sort, (QuotaFilter(), NoBob()), DEFAULT_PROFILE.score)
+    ds, free = plan(Snapshot(NOW, jobs, nodes(3)), profile=backfill)
+    assert set(starts(ds)) == {3} and free == 2
+    assert {d.job_id: d.reason for d in ds if isinstance(d, SetReason)} == {1: "waiting for nodes",
+                                                                          2: "bob may not run"}
+    assert starts(plan(Snapshot(NOW, jobs, nodes(3)))[0]) == {}  # the default profile: strict order
+
+
 def test_quota_per_user_and_priority():
     q = (QuotaView("user:alice", 1, priority=10),)
     running = JobView(1, "alice", 1, status=JobStatus.RUNNING, assigned_nodes=("n0",),
