@@ -474,10 +474,7 @@ class LocalCluster:
         """
         key = f"{module}@{node}"
         if sig not in _NOT_FATAL:
-            with self._lock:
-                self._held.add(key)
-                self._due.pop(key, None)
-                self._starting.pop(key, None)
+            self._hold([key])
         proc = self.procs[key]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
@@ -493,12 +490,16 @@ class LocalCluster:
         key = f"{module}@{node}"
         self._stop_many([key])
 
-    def _stop_many(self, keys: list[str]) -> None:
+    def _hold(self, keys: list[str]) -> None:
+        """Stopped on purpose: not restarted (no pending back-off, no health follow-up) until start()."""
         with self._lock:
             for k in keys:
                 self._held.add(k)
                 self._due.pop(k, None)
                 self._starting.pop(k, None)
+
+    def _stop_many(self, keys: list[str]) -> None:
+        self._hold(keys)
         live = [(k, self.procs[k]) for k in keys if k in self.procs]
         for _, p in live:
             with contextlib.suppress(ProcessLookupError):
