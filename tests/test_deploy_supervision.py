@@ -115,13 +115,13 @@ def test_crashed_service_comes_back_healthy_and_is_counted(tmp_path, launch_clus
     os.killpg(old, signal.SIGKILL)  # a crash: not lc.kill(), which holds the service down on purpose
     # down for the back-off: the cluster is degraded, the status and the state file say why
     wait_until(lambda: {i.key: i.state for i in lc.degraded()} == {"network.probe@n1": "restarting"}, 10,
-           "the status shows the crashed service restarting")
+               "the status shows the crashed service restarting")
     assert not _alive(old)
     st = _state(lc.run_dir)["network.probe@n1"]
     assert (st["state"], st["last_exit"], st["restarts"]) == ("restarting", -9, 0)
     # ... then it is back: a new process, healthy, the restart counted
     new = wait_until(lambda: lc.info["network.probe@n1"].state == "healthy" and lc.info["network.probe@n1"],
-                 30, "the service restarted and healthy")
+                     30, "the service restarted and healthy")
     assert new.pid != old and _alive(new.pid)
     assert (new.restarts, new.last_exit) == (1, -9) and new.last_exit_at
     assert lc.degraded() == []
