@@ -209,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="fireflyer-demo-"))
     t_start = time.monotonic()
-    if os.geteuid() == 0:  # the job runs as the researcher's account (hai-NAME): it must reach this Python
-        for d in pass_for_jobs(sys.executable, ROOT / "examples" / "demo_train.py"):
-            con.print(f"[dim]jobs run as their users' accounts: gave them passage (o+x, not listing) through {d}, "
-                      "on the way to this Python and the demo's code[/]")
+    # the job runs as the researcher's account (hai-NAME): it must reach this Python and the demo's code
+    for d in pass_for_jobs(sys.executable, ROOT / "examples" / "demo_train.py"):
+        con.print(f"[dim]jobs run as their users' accounts: gave them passage (o+x, not listing) through {d}, "
+                  "on the way to this Python and the demo's code[/]")
     lc = LocalCluster(args.cluster, run_dir, ports="auto", health_timeout=60)
     ok = False
     try:

@@ -43,8 +43,7 @@ def job_tmp_path():
     directories above this Python get o+x too (pass, not list), so jobs can run it."""
     from deploy.local import pass_for_jobs
 
-    if os.geteuid() == 0:
-        pass_for_jobs(sys.executable, ROOT / "pyproject.toml")  # this Python, the venv and the code
+    pass_for_jobs(sys.executable, ROOT / "pyproject.toml")  # this Python, the venv and the code
     d = Path(tempfile.mkdtemp(prefix="fireflyer-test-"))
     d.chmod(0o711)
     yield d

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _waits import wait_until
 from fastapi import Depends
 from fastapi.testclient import TestClient
 
@@ -120,13 +121,6 @@ def served(db, tmp_path):
         srv.stop()
 
 
-def _wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-
-
 def _agent_beats(srv: Served) -> None:
     """An agent's heartbeat path answers, quickly: register, sync, report (as the agent's client
     would, with the heartbeat's own timeout, well under the 10 s heartbeat_timeout)."""
@@ -168,7 +162,7 @@ def test_many_log_followers_of_queued_jobs_starve_nothing_and_end_with_their_cli
 
     for s in followers:
         s.close()
-    _wait_until(lambda: limits.open_streams == 0, 10, "the followers' streams closed after they hung up")
+    wait_until(lambda: limits.open_streams == 0, 10, "the followers' streams closed after they hung up")
     assert httpx.get(f"{srv.url}/healthz", timeout=5.0).json()["limits"]["streams"] == 0
 
 
@@ -192,7 +186,7 @@ def test_open_streams_per_user_are_limited_with_a_clear_429(served):
     assert srv.http.get(f"/v1/jobs/{ja}/logs", headers=_auth(a)).status_code == 200
     mine[0].close()
     limits = srv.app.state.limits
-    _wait_until(lambda: limits.streams.get("alice") == 2, 10, "alice's closed stream released")
+    wait_until(lambda: limits.streams.get("alice") == 2, 10, "alice's closed stream released")
     again = srv.send_raw(f"/v1/jobs/{ja}/logs?follow=true", a)
     served.sockets.append(again)
     assert status_of(again)[0] == 200
@@ -205,7 +199,7 @@ def test_a_stream_ends_after_its_bounded_lifetime(served):
     with srv.http.stream("GET", f"/v1/jobs/{jid}/logs", params={"follow": "true"}, headers=_auth(tok)) as r:
         body = r.read().decode()
     assert r.status_code == 200 and "the stream ends after 0.5 s" in body and "stream_max_seconds" in body
-    _wait_until(lambda: srv.app.state.limits.open_streams == 0, 10, "the ended stream released")
+    wait_until(lambda: srv.app.state.limits.open_streams == 0, 10, "the ended stream released")
 
 
 @pytest.mark.parametrize("slots", [24, 50])
@@ -229,11 +223,11 @@ def test_slow_user_requests_leave_capacity_to_agents(served, db, tmp_path, slots
     try:
         waiting = [srv.send_raw("/v1/test/slow", tok) for _ in range(60)]
         served.sockets.extend(waiting)
-        _wait_until(lambda: len(entered) >= min(slots, 40), 10, "slow requests under way")
+        wait_until(lambda: len(entered) >= min(slots, 40), 10, "slow requests under way")
         assert httpx.get(f"{srv.url}/healthz", timeout=5.0).status_code == 200
         _agent_beats(srv)
         limits = srv.app.state.limits
-        _wait_until(lambda: len(entered) == slots, 10, "every slot in use")
+        wait_until(lambda: len(entered) == slots, 10, "every slot in use")
         assert limits.slots.used == limits.max_user_requests == slots  # the others wait
     finally:
         gate.set()

@@ -14,6 +14,7 @@ from pathlib import Path
 import msgpack
 import psutil
 import pytest
+from _waits import wait_until
 
 from network import (
     Authenticator,
@@ -40,15 +41,6 @@ from network.transport import _PREFIX, MAGIC
 ROOT = Path(__file__).resolve().parent.parent
 KEY = new_cluster_key()
 MiB = 1 << 20
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture
@@ -203,7 +195,7 @@ def test_wrong_keys_are_refused(server, bad):
     with pytest.raises(AuthError, match="not issued by this cluster's key"):
         with RpcClient(*server.address, credential=cred) as c:
             c.call("who")
-    _wait(lambda: server.refused["handshakes"] >= 1, 5, "the refusal counted")
+    wait_until(lambda: server.refused["handshakes"] >= 1, 5, "the refusal counted")
 
 
 def test_expired_credential_is_refused_by_the_server(server, monkeypatch):
@@ -350,7 +342,7 @@ def test_oversized_header_claim_is_refused_before_buffering(server):
     # after it: the server's header limit (256 KiB by default)
     conn = client_handshake(connect(*server.address, timeout=5), KEY)
     conn.socket.sendall(_PREFIX.pack(MAGIC, big, 0) + b"x" * 1000)
-    _wait(lambda: all(len(c._rbuf) <= 64 << 10 for c in list(server._conns)), 5, "no grown read buffers")
+    wait_until(lambda: all(len(c._rbuf) <= 64 << 10 for c in list(server._conns)), 5, "no grown read buffers")
     assert _closed_by_peer(conn.socket)
     conn.close()
 
@@ -379,17 +371,17 @@ def test_connections_are_bounded_per_host_and_idle_ones_closed():
         threads0 = threading.active_count()
         for _ in range(40):
             socks.append(socket.create_connection(srv.address, timeout=5))
-        _wait(lambda: srv.refused["connections"] >= 32, 10, "the excess connections refused")
+        wait_until(lambda: srv.refused["connections"] >= 32, 10, "the excess connections refused")
         assert srv.connections <= 8
         assert threading.active_count() - threads0 <= 8
         # the refused ones are closed at once; the others when the handshake time is up
         assert sum(_closed_by_peer(s, 0.5) for s in socks[8:]) == 32
         assert all(_closed_by_peer(s, 5) for s in socks[:8])
-        _wait(lambda: srv.connections == 0, 5, "unauthenticated connections closed")
+        wait_until(lambda: srv.connections == 0, 5, "unauthenticated connections closed")
         # an authenticated, idle connection is closed after idle_timeout; its client reconnects
         with RpcClient(*srv.address, credential=KEY) as c:
             first = c.call("rpc.ping").result
-            _wait(lambda: srv.connections == 0, 5, "the idle connection closed")
+            wait_until(lambda: srv.connections == 0, 5, "the idle connection closed")
             assert c.call("rpc.ping").result["pid"] == first["pid"]
         # another host is counted on its own
         with RpcClient(*srv.address, credential=KEY, source="127.0.0.2") as c:
