@@ -146,6 +146,9 @@ class ChunkClient:
         self._seqs: dict[int, int] = {}
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="fs3-chunks")
+        # data-path capabilities by inode (fs3.caps): a job's client sends the ones its request needs
+        self._caps: dict[int, dict] = {}
+        self._caps_lock = threading.Lock()
         self.stats = {"retries": 0, "routing_refreshes": 0, "replica_failovers": 0, "read_timeouts": 0,
                       "write_timeouts": 0}
 
@@ -179,6 +182,26 @@ class ChunkClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- capabilities -----------------------------------------------------------------------------
+    def grant(self, cap: dict | None) -> None:
+        """Hold a data-path capability (from the metadata service's open/create, fs3.caps): requests
+        for that file's chunks carry it. A write capability replaces a read one, never the reverse."""
+        if not cap:
+            return
+        ino = int(cap["i"])
+        with self._caps_lock:
+            old = self._caps.get(ino)
+            if old is None or cap["w"] >= old["w"] or old["e"] < time.time():
+                self._caps[ino] = cap
+
+    def _with_caps(self, args: dict, chunks) -> dict:
+        """``args`` with the capabilities of the files ``chunks`` belong to (none held: unchanged)."""
+        if self._caps:
+            caps = {ch >> 24: self._caps.get(ch >> 24) for ch in chunks}
+            if any(caps.values()):
+                args["caps"] = [c for c in caps.values() if c is not None]
+        return args
 
     # -- routing ----------------------------------------------------------------------------------
     @property
@@ -272,14 +295,16 @@ class ChunkClient:
         except queue.Empty:
             return next(self._nchan)
 
-    def write(self, chain: int, chunk: int, data, offset: int = 0) -> WriteResult:
-        """Write ``data`` at ``offset`` of a chunk (offset 0: the chunk becomes exactly ``data``)."""
+    def write(self, chain: int, chunk: int, data, offset: int = 0, *, full: bool | None = None) -> WriteResult:
+        """Write ``data`` at ``offset`` of a chunk. ``full``: the chunk becomes exactly ``data`` (at
+        ``offset``, zeros before it); otherwise the bytes merge with the chunk's committed content.
+        None (the default): full when ``offset`` is 0."""
         self._check_range(chunk, offset, len(data))
         ch = self._take_channel()
         try:
             seq = self._seqs.get(ch, 0) + 1
             self._seqs[ch] = seq
-            args = {"chunk": chunk, "off": offset, "full": offset == 0, "op": "write",
+            args = {"chunk": chunk, "off": offset, "full": offset == 0 if full is None else bool(full), "op": "write",
                     "client": self.client_id, "channel": ch, "seq": seq}
             res = self._update(chain, args, [data] if len(data) else [])
             return WriteResult(res["version"], res["crc"])
@@ -352,7 +377,8 @@ class ChunkClient:
         return self._at_head(
             chain,
             lambda r, c, head: self._server(r, head).call(
-                "storage.write", dict(args, chain=chain, cver=c["version"], tmo=self._head_budget()), payload,
+                "storage.write", self._with_caps(dict(args, chain=chain, cver=c["version"], tmo=self._head_budget()),
+                                                 (args["chunk"],)), payload,
                 timeout=self.write_timeout).result,
             lambda: f"{chain}/{args['chunk']:016x}")
 
@@ -405,6 +431,7 @@ class ChunkClient:
                 nonlocal left
                 args = {"chain": chain, "cver": c["version"], "client": self.client_id, "tmo": self._head_budget(),
                         "items": [[ios[k].chunk, chans[k], seqs[k], len(ios[k].data)] for k in left]}
+                self._with_caps(args, [ios[k].chunk for k in left])
                 rep = self._server(r, head).call("storage.write_batch", args, [ios[k].data for k in left],
                                                  timeout=self.write_timeout).result
                 retry, last = [], None
@@ -433,8 +460,10 @@ class ChunkClient:
         """Read a chunk (or a range of it); returns a view of ``into`` when given."""
         return self.batch_read([ReadIO(chain, chunk, offset, length, into)], relaxed=relaxed)[0]
 
-    def batch_read(self, ios: list[ReadIO], *, relaxed: bool = False) -> list[memoryview]:
-        """Read many chunks: grouped per replica node into batches, ``max_inflight`` at a time."""
+    def batch_read(self, ios: list[ReadIO], *, relaxed: bool = False, missing_ok: bool = False) -> list:
+        """Read many chunks: grouped per replica node into batches, ``max_inflight`` at a time.
+        ``missing_ok``: a chunk that does not exist is None in the result (a hole of a file)
+        instead of failing the whole batch with ChunkNotFound."""
         results: list = [None] * len(ios)
         deadline = time.monotonic() + self.timeout
         todo = [_Pending(io, i) for i, io in enumerate(ios)]
@@ -477,6 +506,8 @@ class ChunkClient:
                     if isinstance(res, memoryview):
                         results[p.index] = res
                         continue
+                    if missing_ok and isinstance(res, ChunkNotFound):
+                        continue  # results[p.index] stays None
                     if isinstance(res, ChunkNotFound | ClientError):
                         raise res
                     last[p.index] = res
@@ -539,7 +570,8 @@ class ChunkClient:
         server = self._server(r, t0)
         try:
             with self._acquire(self._slots, self._slot(r, t0)):
-                rep = server.call("storage.read", {"items": items, "relaxed": relaxed, "e2e": True}, into=land,
+                rep = server.call("storage.read", self._with_caps({"items": items, "relaxed": relaxed, "e2e": True},
+                                                                  [it[2] for it in items]), into=land,
                                   timeout=timeout)
         except RemoteError as exc:
             err = from_remote(exc)
