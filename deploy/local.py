@@ -59,6 +59,7 @@ from pathlib import Path
 from network import AuthError, Credential, client_credential, load_cluster, load_cluster_key, new_cluster_key
 from network.auth import INSECURE_ENV, NO_AUTH, cluster_key_path
 from network.rpc import ping
+from network.rundir import default_run_dir
 from network.topology import Cluster, dump_cluster
 
 from .restart import History, RestartPolicy, decide, policy_from_options
@@ -107,15 +108,6 @@ class ProcInfo:
     @property
     def key(self) -> str:
         return f"{self.module}@{self.node}"
-
-
-def default_run_dir(cluster_name: str) -> Path:
-    """``$FIREFLYER_RUN_DIR/<name>``, else ``$XDG_STATE_HOME/fireflyer/clusters/<name>``."""
-    base = os.environ.get("FIREFLYER_RUN_DIR")
-    if base:
-        return Path(base) / cluster_name
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(state) / "fireflyer" / "clusters" / cluster_name
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec

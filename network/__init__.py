@@ -28,6 +28,7 @@ from .errors import (
     TransportTimeout,
 )
 from .rpc import CallContext, Reply, RpcClient, RpcPool, RpcServer, ping
+from .rundir import default_run_dir, find_cluster
 from .topology import Cluster, Node, Service, dump_cluster, load_cluster
 from .transport import Connection, FileRegion, Listener, TrafficClass, connect, listen
 
@@ -37,5 +38,5 @@ __all__ = [
     "CallContext", "Cluster", "ClusterFileError", "ConnectError", "Connection", "FileRegion", "Listener",
     "NetworkError", "Node", "NoSuchMethod", "PeerClosed", "ProtocolError", "RemoteError", "Reply", "RpcClient",
     "RpcError", "RpcPool", "RpcServer", "Service", "TrafficClass", "TransportError", "TransportTimeout",
-    "connect", "dump_cluster", "listen", "load_cluster", "ping",
+    "connect", "default_run_dir", "dump_cluster", "find_cluster", "listen", "load_cluster", "ping",
 ]
