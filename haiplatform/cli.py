@@ -140,7 +140,7 @@ def _client():
 
         run_dir = _conn.get("run_dir")
         if run_dir is None:
-            from deploy.local import default_run_dir  # the local launcher's convention
+            from network import default_run_dir  # the local launcher's convention
 
             run_dir = default_run_dir(load_cluster(_conn["cluster"]).name)
         resolved = Path(run_dir) / "cluster.toml"
