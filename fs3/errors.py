@@ -14,10 +14,26 @@
     │   │   └── ForwardFailed       the successor in the chain did not acknowledge
     │   ├── InvalidRequest      a request that cannot be valid (bad op, sizes, timeout); never retried
     │   ├── ChunkNotFound       no such chunk on the chain
+    │   ├── CapabilityDenied    a job touched chunks of a file it did not open (fs3.caps)
     │   ├── StaleRequest        a retry older than the last request seen on its channel
     │   └── ChunkVersionConflict a successor holds a newer committed version than the update
-    └── ClientError             the chunk client gave up (deadline passed, bad arguments)
-        └── NoServingReplica    no replica of a chain can serve the request now
+    ├── ClientError             the chunk client gave up (deadline passed, bad arguments)
+    │   └── NoServingReplica    no replica of a chain can serve the request now
+    └── MetaError               the metadata service refused a namespace operation (``errno``)
+        ├── NotFound            ENOENT        no such file or directory
+        ├── Exists              EEXIST        the entry exists (create excl, mkdir, rename noreplace)
+        ├── NotADirectory       ENOTDIR       a path component or a rename target is not a directory
+        ├── IsADirectory        EISDIR        a directory where a file is needed
+        ├── NotEmpty            ENOTEMPTY     rmdir / rename over a directory with entries
+        ├── PermissionDenied    EACCES        a missing read, write or search bit
+        ├── NotPermitted        EPERM         chown/chmod by a non-owner, sticky dirs, hard link to a dir
+        ├── InvalidArgument     EINVAL        a bad name or argument, a directory moved into itself
+        ├── NameTooLong         ENAMETOOLONG  a name over 255 bytes
+        ├── TooManyLinks        ELOOP         more than 40 symlinks on a path
+        ├── CrossDevice         EXDEV         (reserved)
+        ├── NoSpace             ENOSPC        no inode ids or space left
+        ├── StaleHandle         ESTALE        the inode no longer exists
+        └── MetaUnavailable     EIO           no meta server answered within the deadline (retryable)
 
 Errors raised in a storage server travel to the client as ``network.RemoteError`` whose
 ``kind`` is the class name; :func:`from_remote` turns them back into these classes, except
@@ -28,6 +44,8 @@ instead of becoming a retried ``ForwardFailed``).
 """
 
 from __future__ import annotations
+
+import errno as _errno
 
 
 class Fs3Error(Exception):
@@ -108,6 +126,11 @@ class ChunkNotFound(StorageError, KeyError):
         return Exception.__str__(self)
 
 
+class CapabilityDenied(StorageError, PermissionError):
+    """A job's request touched chunks of a file it holds no capability for (fs3.caps): it did not
+    open that file through the metadata service, or not for writing."""
+
+
 class StaleRequest(StorageError):
     """A request whose sequence number is older than the last one seen on its (client, channel)."""
 
@@ -124,19 +147,124 @@ class NoServingReplica(ClientError):
     """No replica of the chain can serve the request (the chain is offline or all copies failed)."""
 
 
+class MetaError(Fs3Error):
+    """The metadata service refused a namespace operation; ``errno`` says why, as POSIX would."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.rpc_data = {"errno": self.errno}
+
+
+class NotFound(MetaError):
+    """No such file or directory (ENOENT)."""
+
+    errno = _errno.ENOENT
+
+
+class Exists(MetaError):
+    """The entry already exists (EEXIST)."""
+
+    errno = _errno.EEXIST
+
+
+class NotADirectory(MetaError):
+    """A directory was needed (ENOTDIR)."""
+
+    errno = _errno.ENOTDIR
+
+
+class IsADirectory(MetaError):
+    """A file was needed, the entry is a directory (EISDIR)."""
+
+    errno = _errno.EISDIR
+
+
+class NotEmpty(MetaError):
+    """The directory has entries (ENOTEMPTY)."""
+
+    errno = _errno.ENOTEMPTY
+
+
+class PermissionDenied(MetaError):
+    """A read, write or search permission bit is missing (EACCES)."""
+
+    errno = _errno.EACCES
+
+
+class NotPermitted(MetaError):
+    """The operation is reserved to the owner or root (EPERM)."""
+
+    errno = _errno.EPERM
+
+
+class InvalidArgument(MetaError):
+    """A bad name or argument (EINVAL)."""
+
+    errno = _errno.EINVAL
+
+
+class NameTooLong(MetaError):
+    """A name over 255 bytes (ENAMETOOLONG)."""
+
+    errno = _errno.ENAMETOOLONG
+
+
+class TooManyLinks(MetaError):
+    """Too many symbolic links on a path: a loop (ELOOP)."""
+
+    errno = _errno.ELOOP
+
+
+class CrossDevice(MetaError):
+    """Across file systems (EXDEV); reserved."""
+
+    errno = _errno.EXDEV
+
+
+class NoSpace(MetaError):
+    """No space or inode ids left (ENOSPC)."""
+
+    errno = _errno.ENOSPC
+
+
+class StaleHandle(MetaError):
+    """The inode no longer exists (ESTALE)."""
+
+    errno = _errno.ESTALE
+
+
+class MetaUnavailable(MetaError):
+    """No meta server answered within the deadline (EIO); retrying later may succeed."""
+
+    errno = _errno.EIO
+
+
+META_ERRORS: tuple[type[MetaError], ...] = (
+    MetaError, NotFound, Exists, NotADirectory, IsADirectory, NotEmpty, PermissionDenied, NotPermitted,
+    InvalidArgument, NameTooLong, TooManyLinks, CrossDevice, NoSpace, StaleHandle, MetaUnavailable)
+_META = {c.__name__: c for c in META_ERRORS}
+
+
 _REMOTE = {c.__name__: c for c in (StaleRouting, NotServing, TargetFailed, ChunkNotCommitted, ChunkCorrupt, ChunkBusy,
-                                   ForwardFailed, ChunkNotFound, StaleRequest, ChunkVersionConflict,
+                                   ForwardFailed, ChunkNotFound, StaleRequest, CapabilityDenied, ChunkVersionConflict,
                                    StorageError, MgmtdError, Fs3ConfigError)}
 
 
 def from_remote(exc: Exception) -> Exception:
     """Map a ``network.RemoteError`` raised by an fs3 server back to the fs3 class it names."""
     kind = getattr(exc, "kind", None)
+    data = getattr(exc, "data", None) or {}
+    meta = _META.get(kind or "")
+    if meta is not None and "errno" in data:
+        out: Exception = meta(str(exc))
+        out.__cause__ = exc
+        return out
     cls = _REMOTE.get(kind or "")
     if cls is None:
         return exc
     msg = str(exc)
-    data = getattr(exc, "data", None) or {}
     if issubclass(cls, StorageError):
         out = cls(msg, **data)
     else:

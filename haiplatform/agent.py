@@ -435,7 +435,7 @@ class Agent:
 
     def _prepare_control(self, w: dict, control: Path, acct: Account | None) -> None:
         """The job's control directory on this node, made once per attempt: fresh, mode 0700, owned by
-        the job's account, holding its fs3 credential (``job:<chain id>``, mode 0600)."""
+        the job's account, holding its fs3 credential (``job:<chain id>/uid=../gid=..``, mode 0600)."""
         jid = w["job_id"]
         if jid in self._prepared and control.is_dir():
             return
@@ -444,7 +444,7 @@ class Agent:
         elif control.exists():  # an earlier agent's: start afresh
             shutil.rmtree(control)
         control.mkdir(mode=0o700)
-        cred = self._fs3_credential(w)
+        cred = self._fs3_credential(w, acct)
         if cred is not None:
             cred.save(control / "credential")
             if acct is not None:
@@ -453,8 +453,11 @@ class Agent:
             os.chown(control, acct.uid, acct.gid)
         self._prepared.add(jid)
 
-    def _fs3_credential(self, w: dict):
-        """A credential ``job:<chain id>`` derived from the cluster key, valid ``job_credential_ttl``."""
+    def _fs3_credential(self, w: dict, acct: Account | None):
+        """A credential ``job:<chain id>/uid=<uid>/gid=<gid>`` derived from the cluster key, valid
+        ``job_credential_ttl``: the ids are those the ranks run as (the job's account, else this
+        agent's), and fs3's metadata service checks file permissions as that user (the key id is
+        bound into the secret, so the job cannot change it)."""
         from network.auth import AuthError, derive, load_cluster_key
 
         if self._fs3_key is None and self._fs3_key_error is None:
@@ -465,7 +468,9 @@ class Agent:
                 log.warning("jobs get no fs3 credential: %s", exc)
         if self._fs3_key is None:
             return None
-        return derive(self._fs3_key, f"job:{w['chain_id']}", time.time() + self.cfg.job_credential_ttl)
+        uid, gid = (acct.uid, acct.gid) if acct is not None else (os.geteuid(), os.getegid())
+        return derive(self._fs3_key, f"job:{w['chain_id']}/uid={uid}/gid={gid}",
+                      time.time() + self.cfg.job_credential_ttl)
 
     def _signal(self, p: Proc, sig: int) -> None:
         if p.popen is None:

@@ -14,7 +14,7 @@ import pytest
 from _waits import wait_until
 from crc32c import crc32c
 
-from fs3.client import ChunkClient
+from fs3.client import ChunkClient, WriteIO
 from network import (
     AuthError,
     RemoteError,
@@ -157,16 +157,40 @@ def test_forged_heartbeat_and_sync_done_are_refused_and_change_nothing(cluster):
     assert after["chains"] == before["chains"] and after["offline_targets"] == []
 
 
-def test_a_job_credential_reads_and_writes_through_the_client(cluster, tmp_path, monkeypatch):
+def test_a_job_reads_and_writes_only_the_files_it_holds_capabilities_for(cluster, tmp_path, monkeypatch):
+    """A job's credential reaches storage only with a capability per file (fs3.caps, minted by the
+    metadata service at open): without one, for another file, read-only for a write, minted for
+    another job, or expired, the request is refused and nothing changes."""
+    from fs3.caps import mint
+    from fs3.client import file_chunk_id
+    from fs3.errors import CapabilityDenied
+
     lc, client = cluster
-    path = derive(lc.credential, "job:3", time.time() + 600).save(tmp_path / "job.cred")
-    monkeypatch.setenv("FIREFLYER_CREDENTIAL", str(path))
+    job = derive(lc.credential, "job:3/uid=1000/gid=1000", time.time() + 600)
+    monkeypatch.setenv("FIREFLYER_CREDENTIAL", str(job.save(tmp_path / "job.cred")))
+    mine, other = file_chunk_id(77, 0), file_chunk_id(78, 0)
+    chain = client.chains()[2]
+    client.write(chain, other, b"someone else's bytes")
     with ChunkClient.from_cluster(lc.cluster_file, node="n0", timeout=40.0) as jc:
-        assert jc.credential.key_id == "job:3"
-        chain = jc.chains()[2]
-        jc.write(chain, 12, b"a job's own bytes")
-        assert bytes(jc.read(chain, 12)) == b"a job's own bytes"
-    assert bytes(client.read(chain, 12)) == b"a job's own bytes"
+        assert jc.credential.key_id == job.key_id
+        with pytest.raises(CapabilityDenied, match="no valid write capability for inode 77"):
+            jc.write(chain, mine, b"no capability yet")
+        jc.grant(mint(lc.credential, 77, False, job.key_id, job.expires))
+        with pytest.raises(CapabilityDenied, match="write capability"):
+            jc.write(chain, mine, b"a read capability does not write")
+        jc.grant(mint(lc.credential, 77, True, job.key_id, job.expires))
+        jc.write(chain, mine, b"a job's own bytes")
+        assert bytes(jc.read(chain, mine)) == b"a job's own bytes"
+        for forged in (mint(lc.credential, 78, True, "job:4/uid=1000/gid=1000", job.expires),  # another job's
+                       mint(lc.credential, 78, True, job.key_id, time.time() - 1),  # expired
+                       mint(new_cluster_key(), 78, True, job.key_id, job.expires)):  # another cluster's key
+            jc.grant(forged)
+            with pytest.raises(CapabilityDenied, match="inode 78"):
+                jc.read(chain, other)
+            with pytest.raises(CapabilityDenied, match="inode 78"):
+                jc.batch_write([WriteIO(chain, other, b"overwritten")])
+    assert bytes(client.read(chain, mine)) == b"a job's own bytes"
+    assert bytes(client.read(chain, other)) == b"someone else's bytes"
 
 
 def test_a_256_mib_claim_allocates_nothing_on_the_server(cluster):

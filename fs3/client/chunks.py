@@ -53,6 +53,7 @@ from network import (
 from network.transport import as_bytes
 
 from ..errors import (
+    CapabilityDenied,
     ChunkCorrupt,
     ChunkNotCommitted,
     ChunkNotFound,
@@ -508,7 +509,7 @@ class ChunkClient:
                         continue
                     if missing_ok and isinstance(res, ChunkNotFound):
                         continue  # results[p.index] stays None
-                    if isinstance(res, ChunkNotFound | ClientError):
+                    if isinstance(res, ChunkNotFound | ClientError | CapabilityDenied):
                         raise res
                     last[p.index] = res
                     if isinstance(res, ChunkCorrupt):

@@ -23,6 +23,8 @@ class Reads:
         items = args.get("items") or []
         relaxed = bool(args.get("relaxed"))
         e2e = bool(args.get("e2e"))  # the caller checks CRCs end to end and reports mismatches
+        with malformed("storage.read"):
+            self._authorize(ctx, args, [int(it[2]) for it in items], False, "storage.read")
         results, out, fds = [], [], []
         try:
             for it in items:

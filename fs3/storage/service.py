@@ -22,9 +22,10 @@ from network import (
     TransportError,
     server_settings,
 )
-from network.auth import ANY
+from network.auth import ANY, SERVICE
 from network.service import parse_service_args, service_parser, wait_for_shutdown
 
+from ..caps import CapChecker
 from ..chunkstore import DISK_ERRNOS, ChunkStore
 from ..config import Fs3Config, node_data_dir
 from ..errors import Fs3ConfigError, StorageError, TargetFailed
@@ -63,6 +64,8 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
                  auth: Authenticator | Credential | None = None, limits: dict | None = None) -> None:
         auth = Authenticator.of(auth)  # the cluster key: serves, and calls mgmtd and chain successors
         self._cred = auth.key
+        # jobs (client principals) need a capability from the metadata service per file (fs3.caps)
+        self._caps = CapChecker(self._cred) if isinstance(self._cred, Credential) else None
         self.cfg = cfg
         self.node = node
         self.address = address
@@ -204,6 +207,14 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
                         raise TargetFailed(f"{self.node}: target {tid}: {exc}", target=tid) from exc
                     self.stores[tid] = st
         return st
+
+    def _authorize(self, ctx, args: dict, chunks, write: bool, where: str) -> None:
+        """A client principal (a job) must hold a capability for every chunk's file (fs3.caps);
+        services pass. Raises CapabilityDenied."""
+        if self._caps is None or ctx is None or SERVICE in ctx.roles:
+            return
+        holder = ctx.principal.key_id if ctx.principal is not None else ""
+        self._caps.check(args.get("caps"), holder, chunks, write, f"{self.node} {where}")
 
     def _count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the counter ``name`` of :meth:`h_stats` (handler threads count concurrently)."""

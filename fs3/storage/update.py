@@ -56,6 +56,7 @@ class ReliableUpdate:
         if off < 0 or off + len(payload) > self.cfg.chunk_size:
             raise InvalidRequest(f"storage.write: bytes [{off}, {off + len(payload)}) do not fit a chunk of "
                                  f"{self.cfg.chunk_size} bytes")
+        self._authorize(ctx, args, (chunk,), True, "storage.write")
         with self._admit(chain, cver):
             return self._write_one(args, payload, chain, cver, chunk, fwd, op, off)
 
@@ -190,6 +191,7 @@ class ReliableUpdate:
                                  f"{len(payload)}-byte payload or exceed the chunk size {cs}")
         if len({int(it[0]) for it in items}) != len(items):
             raise InvalidRequest("storage.write_batch: a chunk appears twice in one batch")
+        self._authorize(ctx, args, [it[0] for it in items], True, "storage.write_batch")
         with self._admit(chain, cver):
             return self._write_batch(client, items, payload, chain, cver, fwd, self._budget(args))
 
