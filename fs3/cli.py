@@ -1,5 +1,7 @@
 """The ``fs3`` command (admin and user tools for the fs3 storage cluster).
 
+Cluster administration (``--cluster`` required):
+
     fs3 status   --cluster FILE         nodes, heartbeat ages, chain states, balance figure
     fs3 chains   --cluster FILE         every chain: version and members head first
     fs3 routing  --cluster FILE --json  the routing table as clients see it
@@ -7,12 +9,33 @@
     fs3 stats    --cluster FILE         per storage server: targets, chunks, bytes, repairs, resyncs, scrubs
     fs3 chaintable --nodes 5 --targets 6 --replication 3   preview a chain table and its balance
     fs3 put / fs3 get                   write a local file into a chunk, read one back
+
+Files (``-c/--cluster`` optional: the running local cluster, $HAI_CLUSTER_FILE or
+$FIREFLYER_CLUSTER, see ``network.find_cluster``). Paths are fs3 paths (``/a/b`` or ``fs3:/a/b``),
+except for ``cp``, where paths starting with ``fs3:`` are fs3 paths and the others local ones:
+
+    fs3 ls [-l] [-a] [-R] [--json] [PATH...]    list directories
+    fs3 cat PATH...                             file contents to stdout
+    fs3 cp [-r] [--quiet] SRC... DST            copy local <-> fs3 (or fs3 -> fs3), with a progress bar
+    fs3 rm [-r] [-f] PATH...                    remove files (and trees with -r)
+    fs3 mkdir [-p] [-m MODE] PATH...            make directories
+    fs3 mv SRC DST                              rename (into DST when it is a directory)
+    fs3 stat [--json] PATH...                   attributes
+    fs3 df [-h] [--json]                        space and files of the cluster
+    fs3 du [-s] [-h] [--json] [PATH...]         bytes used under each path
+    fs3 ln [-s] TARGET LINK                     hard or symbolic link
+    fs3 chmod MODE PATH...                      mode bits (octal)
+    fs3 mount MOUNTPOINT / fs3 umount MOUNTPOINT   the FUSE mount (fs3.fuse)
+
+A user mistake (a missing file, a directory where a file is needed, permission denied, an
+unwritable destination) is one line ``fs3 CMD: PATH: REASON`` on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -259,6 +282,510 @@ def get(chain: int = typer.Option(..., help="chain id"), chunk: int = typer.Opti
         out.write_bytes(data)
     else:
         sys.stdout.buffer.write(data)
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+FsClusterOpt = typer.Option(None, "--cluster", "-c",
+                            help="cluster description (default: the running local cluster, $FIREFLYER_CLUSTER)")
+_CP_BLOCK = 4 << 20  # bytes per read while copying
+
+
+class _UserError(Exception):
+    """One line for the user: ``fs3 CMD: PATH: REASON``."""
+
+    def __init__(self, path: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
+def _shown(path: str | None, fs3_side: bool | None) -> str | None:
+    if path is None or fs3_side is None:
+        return path
+    return f"fs3:{path}" if fs3_side and not str(path).startswith("fs3:") else path
+
+
+@contextmanager
+def _errors(cmd: str, fs3_side: bool | None = None):
+    """Turn what a user can get wrong (and an unreachable cluster) into one line and exit 1."""
+    import errno as _errno
+    import os
+
+    from network import NetworkError
+
+    from .errors import Fs3Error
+
+    def fail(path, reason: str):
+        where = f"{path}: " if path else ""
+        typer.echo(f"fs3 {cmd}: {where}{reason}", err=True)
+        raise typer.Exit(1)
+
+    try:
+        yield
+    except _UserError as exc:
+        fail(exc.path, exc.reason)
+    except OSError as exc:
+        code = exc.errno if isinstance(exc.errno, int) else _errno.EIO
+        reason = os.strerror(code) if exc.filename is not None else (exc.strerror or str(exc))
+        path = exc.filename
+        if exc.filename2 is not None:
+            path = f"{_shown(exc.filename, fs3_side)} -> {_shown(exc.filename2, fs3_side)}"
+        elif isinstance(exc, Fs3Error):
+            path = _shown(path, True if fs3_side is None else fs3_side)
+        fail(path, reason)
+    except (Fs3Error, NetworkError) as exc:
+        fail(None, str(exc))
+
+
+_FS: dict = {}
+
+
+def _fs(cluster: Path | None):
+    """The FileSystem of ``--cluster`` (found by network.find_cluster); one per command."""
+    from network import find_cluster
+
+    from .client.files import FileSystem
+
+    key = str(cluster)
+    if key not in _FS:
+        _FS[key] = FileSystem(find_cluster(cluster))
+    return _FS[key]
+
+
+def _close_fs() -> None:
+    while _FS:
+        _FS.popitem()[1].close()
+
+
+@contextmanager
+def _session(cmd: str, cluster: Path | None, fs3_side: bool | None = None):
+    with _errors(cmd, fs3_side):
+        try:
+            yield _fs(cluster)
+        finally:
+            _close_fs()
+
+
+def _fs3_path(p: str) -> str:
+    return p[4:] if p.startswith("fs3:") else p
+
+
+def _attrs_dict(a) -> dict:
+    import dataclasses
+
+    if dataclasses.is_dataclass(a):
+        d = dataclasses.asdict(a)
+    elif isinstance(a, dict):
+        d = dict(a)
+    else:
+        d = dict(vars(a))
+    return {k: v for k, v in d.items() if not k.startswith("_") and v is not None}
+
+
+def _a(a, key: str, default=None):
+    return a.get(key, default) if isinstance(a, dict) else getattr(a, key, default)
+
+
+def _mode_string(a) -> str:
+    import stat as st
+
+    kind = {"dir": st.S_IFDIR, "symlink": st.S_IFLNK}.get(_a(a, "type"), st.S_IFREG)
+    return st.filemode(kind | (_a(a, "mode", 0) & 0o7777))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T", "P"):
+        if abs(n) < 1024 or unit == "P":
+            return f"{n:.0f}{unit}" if unit == "B" or n >= 10 else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ns: int | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime((ns or 0) / 1e9))
+
+
+@app.command("ls")
+def ls_cmd(paths: list[str] = typer.Argument(None, help="fs3 paths (default /)"),
+           long: bool = typer.Option(False, "-l", help="long listing: mode, links, owner, size, mtime"),
+           all_: bool = typer.Option(False, "-a", help="include names starting with '.'"),
+           recursive: bool = typer.Option(False, "-R", help="list subdirectories recursively"),
+           human: bool = typer.Option(False, "-h", help="sizes in K, M, G"),
+           cluster: Path = FsClusterOpt, as_json: bool = JsonOpt) -> None:
+    """List directories (or name files)."""
+    import posixpath
+
+    out: dict[str, list] = {}
+    with _session("ls", cluster) as fs:
+        for p in [_fs3_path(p) for p in (paths or ["/"])]:
+            a = fs.lstat(p)
+            if _a(a, "type") != "dir":
+                out[p] = [(posixpath.basename(p) or p, a)]
+                continue
+            todo = [p]
+            while todo:
+                d = todo.pop(0)
+                ents = [e for e in fs.scandir(d) if all_ or not e.name.startswith(".")]
+                out[d] = [(e.name, e.stat()) for e in ents]
+                if recursive:
+                    todo[:0] = [posixpath.join(d, e.name) for e in ents if e.is_dir()]
+        if as_json:
+            _print_json({d: [dict(_attrs_dict(a), name=n) for n, a in ents] for d, ents in out.items()})
+            return
+        many = len(out) > 1
+        for i, (d, ents) in enumerate(out.items()):
+            if many:
+                typer.echo(("\n" if i else "") + f"{d}:")
+            for name, a in ents:
+                if not long:
+                    typer.echo(name)
+                    continue
+                size = _a(a, "size", 0)
+                target = f" -> {_a(a, 'target')}" if _a(a, "type") == "symlink" else ""
+                typer.echo(f"{_mode_string(a)} {_a(a, 'nlink', 1):>3} {_a(a, 'uid', 0):>5} {_a(a, 'gid', 0):>5} "
+                           f"{_human(size) if human else size:>10} {_when(_a(a, 'mtime'))} {name}{target}")
+
+
+@app.command("cat")
+def cat_cmd(paths: list[str] = typer.Argument(..., help="fs3 files"), cluster: Path = FsClusterOpt) -> None:
+    """Write files' contents to stdout."""
+    out = sys.stdout.buffer
+    with _session("cat", cluster) as fs:
+        for p in paths:
+            with fs.open(_fs3_path(p), "rb") as f:
+                while True:
+                    b = f.read(_CP_BLOCK)
+                    if not b:
+                        break
+                    out.write(b)
+        out.flush()
+
+
+@app.command("stat")
+def stat_cmd(paths: list[str] = typer.Argument(..., help="fs3 paths"),
+             follow: bool = typer.Option(False, "-L", help="follow symlinks"),
+             cluster: Path = FsClusterOpt, as_json: bool = JsonOpt) -> None:
+    """Attributes of files and directories."""
+    with _session("stat", cluster) as fs:
+        res = {p: fs.stat(_fs3_path(p), follow_symlinks=follow) for p in paths}
+    if as_json:
+        _print_json({p: _attrs_dict(a) for p, a in res.items()})
+        return
+    for p, a in res.items():
+        typer.echo(f"  File: {p}" + (f" -> {_a(a, 'target')}" if _a(a, "type") == "symlink" else ""))
+        typer.echo(f"  Size: {_a(a, 'size', 0):<12} Type: {_a(a, 'type'):<8} Inode: {_a(a, 'ino')}  "
+                   f"Links: {_a(a, 'nlink', 1)}")
+        typer.echo(f"Access: ({_a(a, 'mode', 0) & 0o7777:04o}/{_mode_string(a)})  Uid: {_a(a, 'uid')}  "
+                   f"Gid: {_a(a, 'gid')}")
+        lay = _a(a, "layout")
+        if lay:
+            typer.echo(f"Layout: chunk size {_a(lay, 'chunk_size')}, chains {list(_a(lay, 'chains', []))}")
+        for k in ("atime", "mtime", "ctime"):
+            ns = _a(a, k) or 0
+            typer.echo(f"{k.capitalize()[0]}{k[1:]:>5}: {_when(ns)}:{ns / 1e9 % 60:06.3f}")
+
+
+@app.command("mkdir")
+def mkdir_cmd(paths: list[str] = typer.Argument(..., help="fs3 directories"),
+              parents: bool = typer.Option(False, "-p", help="make parents as needed; no error if it exists"),
+              mode: str = typer.Option("755", "-m", help="mode bits (octal)"),
+              cluster: Path = FsClusterOpt) -> None:
+    """Make directories."""
+    with _session("mkdir", cluster) as fs:
+        bits = _octal(mode)
+        for p in paths:
+            fs.mkdir(_fs3_path(p), bits, parents=parents, exist_ok=parents)
+
+
+def _octal(mode: str) -> int:
+    try:
+        bits = int(mode, 8)
+    except ValueError:
+        raise _UserError(mode, "not an octal mode (like 755)") from None
+    if not 0 <= bits <= 0o7777:
+        raise _UserError(mode, "mode bits must be within 0..7777")
+    return bits
+
+
+@app.command("rm")
+def rm_cmd(paths: list[str] = typer.Argument(..., help="fs3 paths"),
+           recursive: bool = typer.Option(False, "-r", "-R", help="remove directories and their contents"),
+           force: bool = typer.Option(False, "-f", help="ignore paths that do not exist"),
+           cluster: Path = FsClusterOpt) -> None:
+    """Remove files (and directory trees with -r)."""
+    with _session("rm", cluster) as fs:
+        for p in map(_fs3_path, paths):
+            try:
+                a = fs.lstat(p)
+                if _a(a, "type") == "dir":
+                    if not recursive:
+                        raise _UserError(p, "is a directory (use -r)")
+                    fs.rmtree(p)
+                else:
+                    fs.remove(p)
+            except FileNotFoundError:
+                if not force:
+                    raise
+
+
+@app.command("mv")
+def mv_cmd(src: str = typer.Argument(..., help="fs3 path"), dst: str = typer.Argument(..., help="fs3 path"),
+           no_clobber: bool = typer.Option(False, "-n", help="do not replace an existing destination"),
+           cluster: Path = FsClusterOpt) -> None:
+    """Rename (atomically); into DST when it is a directory."""
+    import posixpath
+
+    with _session("mv", cluster) as fs:
+        s, d = _fs3_path(src), _fs3_path(dst)
+        if fs.isdir(d):
+            d = posixpath.join(d, posixpath.basename(s.rstrip("/")))
+        fs.rename(s, d, noreplace=no_clobber)
+
+
+@app.command("ln")
+def ln_cmd(target: str = typer.Argument(..., help="the existing file (or, with -s, the link's target)"),
+           link: str = typer.Argument(..., help="the new name"),
+           symbolic: bool = typer.Option(False, "-s", help="a symbolic link"),
+           cluster: Path = FsClusterOpt) -> None:
+    """Make a hard link (or a symbolic one with -s)."""
+    with _session("ln", cluster) as fs:
+        if symbolic:
+            fs.symlink(target if not target.startswith("fs3:") else target[4:], _fs3_path(link))
+        else:
+            fs.link(_fs3_path(target), _fs3_path(link))
+
+
+@app.command("chmod")
+def chmod_cmd(mode: str = typer.Argument(..., help="octal mode bits, like 644"),
+              paths: list[str] = typer.Argument(..., help="fs3 paths"), cluster: Path = FsClusterOpt) -> None:
+    """Change mode bits."""
+    with _session("chmod", cluster) as fs:
+        bits = _octal(mode)
+        for p in paths:
+            fs.chmod(_fs3_path(p), bits)
+
+
+@app.command("df")
+def df_cmd(human: bool = typer.Option(False, "-h", help="sizes in K, M, G"), cluster: Path = FsClusterOpt,
+           as_json: bool = JsonOpt) -> None:
+    """Space and files of the cluster."""
+    with _session("df", cluster) as fs:
+        st = fs.statfs()
+    if as_json:
+        _print_json(st)
+        return
+    total, used, free = st.get("bytes_total", 0), st.get("bytes_used", 0), st.get("bytes_free", 0)
+    fmt = _human if human else str
+    pct = f"{100 * used / total:.0f}%" if total else "-"
+    typer.echo(f"{'size':>12} {'used':>12} {'avail':>12} {'use%':>5} {'files':>10}")
+    typer.echo(f"{fmt(total):>12} {fmt(used):>12} {fmt(free):>12} {pct:>5} {st.get('files', 0):>10}")
+
+
+@app.command("du")
+def du_cmd(paths: list[str] = typer.Argument(None, help="fs3 paths (default /)"),
+           summarize: bool = typer.Option(False, "-s", help="only a total per path"),
+           human: bool = typer.Option(False, "-h", help="sizes in K, M, G"),
+           cluster: Path = FsClusterOpt, as_json: bool = JsonOpt) -> None:
+    """Bytes used under each path (file sizes; every directory with -s off)."""
+    import posixpath
+
+    rows: list[tuple[str, int]] = []
+    with _session("du", cluster) as fs:
+        for p in [_fs3_path(p) for p in (paths or ["/"])]:
+            a = fs.lstat(p)
+            if _a(a, "type") != "dir":
+                rows.append((p, _a(a, "size", 0) if _a(a, "type") == "file" else 0))
+                continue
+            sizes: dict[str, int] = {}
+            for d, _dirs, _files in fs.walk(p, topdown=False):
+                total = 0
+                for e in fs.scandir(d):
+                    if e.is_dir():
+                        total += sizes.get(posixpath.join(d, e.name), 0)
+                    elif e.is_file():
+                        total += _a(e.stat(), "size", 0)
+                sizes[d] = total
+                if not summarize:
+                    rows.append((d, total))
+            if summarize:
+                rows.append((p, sizes.get(p, 0)))
+    if as_json:
+        _print_json({p: n for p, n in rows})
+        return
+    for p, n in rows:
+        typer.echo(f"{_human(n) if human else n}\t{p}")
+
+
+def _local_kind(p: Path) -> str | None:
+    """'dir', 'file' (anything else that can be read), or None when it does not exist."""
+    if p.is_dir():
+        return "dir"
+    return "file" if p.exists() else None
+
+
+class _Copier:
+    """Copies between local paths (``str``, no prefix) and fs3 paths (``fs3:/...``)."""
+
+    def __init__(self, fs, recursive: bool, progress) -> None:
+        self.fs = fs
+        self.recursive = recursive
+        self.progress = progress
+        self.task = None
+        self.files = 0
+        self.bytes = 0
+
+    def kind(self, p: str) -> str | None:
+        if p.startswith("fs3:"):
+            try:
+                t = _a(self.fs.stat(_fs3_path(p)), "type")
+            except FileNotFoundError:
+                return None
+            return "dir" if t == "dir" else "file"
+        return _local_kind(Path(p))
+
+    def join(self, base: str, name: str) -> str:
+        if base.startswith("fs3:"):
+            import posixpath
+
+            return "fs3:" + posixpath.join(_fs3_path(base), name)
+        return str(Path(base) / name)
+
+    def size(self, p: str) -> int:
+        if p.startswith("fs3:"):
+            return int(_a(self.fs.stat(_fs3_path(p)), "size", 0))
+        return Path(p).stat().st_size
+
+    def listing(self, p: str) -> list[tuple[str, bool]]:
+        if p.startswith("fs3:"):
+            return [(e.name, e.is_dir()) for e in self.fs.scandir(_fs3_path(p))]
+        return [(e.name, e.is_dir()) for e in sorted(Path(p).iterdir())]
+
+    def total(self, src: str) -> int:
+        if self.kind(src) != "dir":
+            return self.size(src)
+        return sum(self.total(self.join(src, n)) for n, _d in self.listing(src))
+
+    def copy(self, src: str, dst: str) -> None:
+        k = self.kind(src)
+        if k is None:
+            raise FileNotFoundError(2, "No such file or directory", _fs3_path(src) if src.startswith("fs3:") else src)
+        if k == "dir":
+            if not self.recursive:
+                raise _UserError(src, "is a directory (use -r)")
+            self.mkdir(dst)
+            for name, _is_dir in self.listing(src):
+                self.copy(self.join(src, name), self.join(dst, name))
+            return
+        self.copy_file(src, dst)
+
+    def mkdir(self, p: str) -> None:
+        if p.startswith("fs3:"):
+            self.fs.mkdir(_fs3_path(p), exist_ok=True)
+        else:
+            Path(p).mkdir(exist_ok=True)
+
+    def open(self, p: str, mode: str):
+        if p.startswith("fs3:"):
+            return self.fs.open(_fs3_path(p), mode)
+        if "w" in mode and Path(p).is_dir():
+            raise IsADirectoryError(21, "Is a directory", p)
+        return open(p, mode)  # noqa: SIM115 - closed by the caller's with
+
+    def copy_file(self, src: str, dst: str) -> None:
+        buf = bytearray(_CP_BLOCK)
+        mv = memoryview(buf)
+        with self.open(src, "rb") as fi, self.open(dst, "wb") as fo:
+            while True:
+                n = fi.readinto(buf)
+                if not n:
+                    break
+                fo.write(mv[:n])
+                self.bytes += n
+                if self.progress is not None:
+                    self.progress.update(self.task, advance=n)
+        self.files += 1
+
+
+@app.command("cp")
+def cp_cmd(paths: list[str] = typer.Argument(..., help="SRC... DST: fs3 paths start with 'fs3:', others are local"),
+           recursive: bool = typer.Option(False, "-r", "-R", help="copy directories recursively"),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+           cluster: Path = FsClusterOpt) -> None:
+    """Copy files between the local file system and fs3 (or within fs3): fs3 paths start with
+    ``fs3:`` (``fs3 cp data.bin fs3:/datasets/``, ``fs3 cp -r fs3:/ckpt ./ckpt``)."""
+    if len(paths) < 2:
+        typer.echo("fs3 cp: give SRC... DST (fs3 paths start with 'fs3:')", err=True)
+        raise typer.Exit(1)
+    *srcs, dst = paths
+    if not any(p.startswith("fs3:") for p in paths):
+        typer.echo("fs3 cp: no fs3 path (they start with 'fs3:'); use cp for local copies", err=True)
+        raise typer.Exit(1)
+    with _session("cp", cluster) as fs:
+        show = not quiet and sys.stderr.isatty()
+        progress = None
+        if show:
+            import rich.progress as rp
+            from rich.console import Console
+
+            progress = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
+                                   rp.TransferSpeedColumn(), rp.TimeRemainingColumn(), console=Console(stderr=True),
+                                   transient=True)
+        cp = _Copier(fs, recursive, progress)
+        dkind = cp.kind(dst)
+        if len(srcs) > 1 and dkind != "dir":
+            raise _UserError(dst, "not a directory (copying several sources needs one)")
+        plan = []
+        for s in srcs:
+            name = Path(_fs3_path(s).rstrip("/")).name
+            plan.append((s, cp.join(dst, name) if dkind == "dir" and name else dst))
+        if progress is not None:
+            with progress:
+                cp.task = progress.add_task("copying", total=sum(cp.total(s) for s, _d in plan))
+                for s, d in plan:
+                    cp.copy(s, d)
+        else:
+            for s, d in plan:
+                cp.copy(s, d)
+    if not quiet:
+        typer.echo(f"copied {cp.files} file(s), {cp.bytes} bytes", err=True)
+
+
+@app.command("mount")
+def mount_cmd(mountpoint: Path = typer.Argument(..., help="an empty local directory"),
+              cluster: Path = FsClusterOpt,
+              foreground: bool = typer.Option(False, "--foreground", "-f", help="stay in the foreground"),
+              options: list[str] = typer.Option(None, "--option", "-o", help="mount option KEY[=VALUE] (repeatable, "
+                                                "or comma-separated)")) -> None:
+    """Mount the fs3 namespace at MOUNTPOINT (FUSE)."""
+    from network import find_cluster
+
+    opts: dict = {}
+    for o in options or []:
+        for kv in o.split(","):
+            if kv:
+                k, _, v = kv.partition("=")
+                opts[k.strip()] = v.strip() if _ else True
+    with _errors("mount"):
+        if not mountpoint.is_dir():
+            raise _UserError(str(mountpoint), "not a directory (make it first)")
+        cluster_file = find_cluster(cluster)
+        from .fuse import run_mount
+
+        rc = run_mount(cluster_file, mountpoint, foreground=foreground, options=opts)
+    raise typer.Exit(int(rc or 0))
+
+
+@app.command("umount")
+def umount_cmd(mountpoint: Path = typer.Argument(..., help="where fs3 is mounted"),
+               timeout: float = typer.Option(10.0, help="seconds to wait for the mount to go")) -> None:
+    """Unmount an fs3 mount."""
+    with _errors("umount"):
+        from .fuse import unmount
+
+        unmount(mountpoint, timeout=timeout)
 
 
 def main() -> None:
