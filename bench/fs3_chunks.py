@@ -13,7 +13,7 @@ references measured in the same run.
   with no software overhead at all, the ceiling for fs3's writes here.
 
 Targets (same-run ratios): read >= 70% of the bare stream; 3-replica write >= 25% of it (a chain
-moves every byte three times). Every process of this run shares the machine's cores, so the bench
+moves every byte three times) and >= 65% of the ideal chain. Every process of this run shares the machine's cores, so the bench
 also prints the CPU bound: cores / the ideal chain's CPU seconds per GB, the fastest any 3-replica
 write can go here however it overlaps its work, as a fraction of the bare stream. Each figure is
 the median of ``--trials`` trials; each fs3 phase is preceded by a bare-stream run (so the bare figure is the median of 4 runs per trial spread
@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import random
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -48,134 +46,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _refs import MiB, References, _cpu  # noqa: E402
+
 from deploy.local import LocalCluster  # noqa: E402
 from fs3.client import ChunkClient, ReadIO, WriteIO  # noqa: E402
 from network.auth import INSECURE_ENV, NO_AUTH  # noqa: E402
 from network.topology import dump_cluster  # noqa: E402
-
-SRC, DST = "127.0.0.2", "127.0.0.3"
-MiB = 1 << 20
-
-
-def _sink(port_q, total: int) -> None:
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((DST, 0))
-    ls.listen(1)
-    port_q.put(ls.getsockname()[1])
-    buf = bytearray(MiB)
-    view = memoryview(buf)
-    while True:
-        s, _ = ls.accept()
-        hdr = s.recv(8)
-        if not hdr or hdr == b"quit....":
-            s.close()
-            break
-        n = int.from_bytes(hdr, "big")
-        got = 0
-        while got < n:
-            k = s.recv_into(view[: min(MiB, n - got)])
-            if not k:
-                break
-            got += k
-        s.sendall(b"k")
-        s.close()
-    ls.close()
-
-
-def _relay(port_q, hop: int, next_q, data_dir: str) -> None:
-    """Hop ``hop`` (0..2) of the ideal chain, on 127.0.0.(3 + hop): per run, an 8-byte length, then
-    1 MiB pieces: receive, CRC32C, forward to the next hop, write into one of 64 cached files
-    (overwritten in place, as the chunk store overwrites recycled files); the acknowledgement
-    goes back once at the end."""
-    import crc32c
-
-    ls = socket.socket()
-    ls.bind((f"127.0.0.{3 + hop}", 0))
-    ls.listen(1)
-    port_q.put((hop, ls.getsockname()[1]))
-    nxt_addr = next_q.get() if next_q is not None else None
-    fds = [os.open(f"{data_dir}/hop{hop}-{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(64)]
-    for fd in fds:  # allocated and cached before any timed run
-        os.pwrite(fd, bytes(MiB), 0)
-    view = memoryview(bytearray(MiB))
-    while True:
-        s, _ = ls.accept()
-        hdr = s.recv(8, socket.MSG_WAITALL)
-        if len(hdr) < 8 or hdr == b"quit....":
-            s.close()
-            break
-        n = int.from_bytes(hdr, "big")
-        nxt = None
-        if nxt_addr is not None:
-            nxt = socket.create_connection(nxt_addr)
-            nxt.sendall(hdr)
-        for i in range(n // MiB):
-            if s.recv_into(view, MiB, socket.MSG_WAITALL) != MiB:
-                raise RuntimeError(f"ideal chain hop {hop}: short receive")
-            crc32c.crc32c(view)
-            if nxt is not None:
-                nxt.sendall(view)
-            os.pwrite(fds[i % 64], view, 0)
-        if nxt is not None:
-            assert nxt.recv(1) == b"k"
-            nxt.close()
-        s.sendall(b"k")
-        s.close()
-    if nxt_addr is not None:  # pass the quit on
-        with socket.create_connection(nxt_addr) as q:
-            q.sendall(b"quit....")
-    for fd in fds:
-        os.close(fd)
-    ls.close()
-
-
-def ideal_chain(port: int, chunks: list[bytes]) -> float:
-    """Bytes per second through the three relays (the client computes each chunk's CRC32C too)."""
-    import crc32c
-
-    total = sum(len(c) for c in chunks)
-    s = socket.create_connection((DST, port), source_address=(SRC, 0))
-    t0 = time.perf_counter()
-    s.sendall(total.to_bytes(8, "big"))
-    for c in chunks:
-        crc32c.crc32c(c)
-        s.sendall(c)
-    assert s.recv(1) == b"k"
-    dt = time.perf_counter() - t0
-    s.close()
-    return total / dt
-
-
-def _cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system, all threads) used so far by this process and ``pids``."""
-    t = os.times()
-    total = t.user + t.system
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            f = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-            total += (int(f[11]) + int(f[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def bare_stream(port: int, chunks: list[bytes], repeat: int = 2) -> float:
-    # sent twice over: a longer run is less at the mercy of one scheduling hiccup
-    chunks = chunks * repeat
-    total = sum(len(c) for c in chunks)
-    s = socket.socket()
-    s.bind((SRC, 0))
-    s.connect((DST, port))
-    t0 = time.perf_counter()
-    s.sendall(total.to_bytes(8, "big"))
-    for c in chunks:
-        s.sendall(c)
-    assert s.recv(1) == b"k"
-    dt = time.perf_counter() - t0
-    s.close()
-    return total / dt
 
 
 def disk(chunks: list[bytes], d: Path) -> tuple[float, float]:
@@ -220,21 +98,7 @@ def main() -> int:
     cf = tmp / "bench.toml"
     cf.write_text(dump_cluster(raw))
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    sink = ctx.Process(target=_sink, args=(q, total), daemon=True)
-    sink.start()
-    port = q.get(timeout=30)
-    relay_dir = tmp / "ideal-chain"
-    relay_dir.mkdir()
-    next_qs = [ctx.Queue() for _ in range(3)]
-    relays = [ctx.Process(target=_relay, args=(q, h, next_qs[h + 1] if h < 2 else None, str(relay_dir)),
-                          daemon=True) for h in range(3)]
-    for r in relays:
-        r.start()
-    relay_ports = dict(q.get(timeout=30) for _ in relays)
-    for h in (1, 2):
-        next_qs[h].put((f"127.0.0.{3 + h}", relay_ports[h]))
+    refs = References()
 
     lc = LocalCluster(cf, tmp / "run", ports="auto", services=["fs3.mgmtd", "fs3.storage"])
     # the same cluster without authentication (benchmark switch), for the auth_effect ratios
@@ -276,9 +140,9 @@ def main() -> int:
         def phase(name: str, fn) -> None:
             pids = fs3_pids_off if name.endswith("_noauth") else fs3_pids
             os.sync()  # the previous phase's dirty pages are written back first, not charged here
-            c0 = _cpu([sink.pid])
-            b = bare_stream(port, chunks)
-            cpu.setdefault("bare_tcp", []).append((_cpu([sink.pid]) - c0) / (2 * total / 1e9))
+            c0 = _cpu(refs.sink_pids)
+            b = refs.bare_stream(chunks)
+            cpu.setdefault("bare_tcp", []).append((_cpu(refs.sink_pids) - c0) / (2 * total / 1e9))
             fig["bare_tcp"].append(b)
             os.sync()
             c0 = _cpu(pids)
@@ -303,9 +167,9 @@ def main() -> int:
             fig["disk_write"].append(w)
             fig["disk_read"].append(r)
             os.sync()
-            c0 = _cpu([r.pid for r in relays])
-            fig["ideal_chain"].append(ideal_chain(relay_ports[0], chunks))
-            cpu.setdefault("ideal_chain", []).append((_cpu([r.pid for r in relays]) - c0) / (total / 1e9))
+            c0 = _cpu(refs.relay_pids)
+            fig["ideal_chain"].append(refs.ideal_chain(chunks))
+            cpu.setdefault("ideal_chain", []).append((_cpu(refs.relay_pids) - c0) / (total / 1e9))
             # with and without authentication, alternating (which goes first alternates by trial)
             both = [("", client), ("_noauth", client_off)]
             if _t % 2:
@@ -322,24 +186,7 @@ def main() -> int:
     finally:
         lc.down()
         lc_off.down()
-        try:
-            s = socket.create_connection((DST, port), timeout=5)
-            s.sendall(b"quit....")
-            s.close()
-        except OSError:
-            pass
-        sink.join(10)
-        if sink.is_alive():
-            sink.terminate()
-        try:
-            with socket.create_connection((DST, relay_ports[0]), timeout=5) as s:
-                s.sendall(b"quit....")
-        except (OSError, NameError):
-            pass
-        for r in relays:
-            r.join(10)
-            if r.is_alive():
-                r.terminate()
+        refs.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(v) / 1e9 for k, v in fig.items()}  # GB/s
@@ -373,8 +220,11 @@ def main() -> int:
     for k in phases:
         ratios[f"auth_effect_{k[4:]}"] = statistics.median(pair[k]) / statistics.median(pair[f"{k}_noauth"])
         ratios[f"auth_cpu_effect_{k[4:]}"] = cpu_med[f"{k}_noauth"] / max(cpu_med[k], 1e-9)
+    # writes against the ideal chain (issue #15): on 2 cores the chain itself is CPU-bound, so what
+    # these measure is the protocol's own CPU cost on top of moving the bytes
     targets = {"seq_read_vs_bare": 0.70, "rand_read_vs_bare": 0.70, "seq_write_vs_bare": 0.25,
-               "rand_write_vs_bare": 0.25, **{f"auth_effect_{k[4:]}": 0.95 for k in phases}}
+               "rand_write_vs_bare": 0.25, "seq_write_vs_ideal_chain": 0.65, "rand_write_vs_ideal_chain": 0.65,
+               **{f"auth_effect_{k[4:]}": 0.95 for k in phases}}
     ok = all(ratios[k] >= v for k, v in targets.items())
     print(f"fs3 chunks: {nmib} x 1 MiB per trial, {trials} trials (median), {args.inflight} in flight, "
           f"read window {args.window}, 3-replica chains on n1..n3, client on n0")
