@@ -1,0 +1,538 @@
+"""The fs3 mount's file system operations (a ``pyfuse3.Operations``), over the meta service
+(:class:`fs3.meta.MetaClient`) and the data path (:class:`fs3.client.filedata.FileData`).
+
+[Note: the mount's threads] The operations run in trio tasks (pyfuse3 starts one per request in
+flight); every MetaClient and FileData call, which blocks, runs in a worker thread
+(``trio.to_thread.run_sync``) under one CapacityLimiter (``threads``), and is bounded by the
+clients' own timeouts and retries (a meta restart or a storage failover is retried inside them,
+so readers see no error). State (inodes, handles, caches) is only touched in the trio thread.
+
+Identity: each request's uid, gid and the caller's supplementary groups (/proc/<pid>/status,
+cached for a second per pid) go to meta as the ``user`` (the mount holds the cluster key, whose
+service principal may assert users); meta checks permissions, and with ``default_permissions``
+the kernel checks our attributes first.
+
+Errors: a :class:`fs3.errors.MetaError` becomes ``FUSEError(its errno)``; anything else a call
+raises (storage, transport, a bug) is logged and becomes EIO.
+
+Data: reads come from the per-inode read-ahead (:mod:`fs3.fuse.readahead`); writes are buffered
+per inode (:mod:`fs3.fuse.wbuf`) and flushed, in order, when a chunk stripe is full (in the
+background: the writer goes on filling the next one, two at most in flight), and before a read of
+the inode, flush (each close(2)), fsync, release and truncate; getattr reports the end of the
+buffered bytes without flushing. Sessions: every open gets one (a read open too, so an unlinked file keeps
+its chunks while open); release closes it, reporting the end of the highest write; flush (each
+close(2)) sends meta.sync when the handle wrote since the last one, so the size is right for
+others once close returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat as st_
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from ..errors import MetaError
+from .handles import DirHandle, FileHandle, Inode
+from .options import MountOptions
+from .readahead import ReadAhead
+
+__all__ = ["Fs3Operations"]
+
+log = logging.getLogger(__name__)
+
+_IFMT = {"file": st_.S_IFREG, "dir": st_.S_IFDIR, "symlink": st_.S_IFLNK}
+_READDIR_PAGE = 1000
+_GROUPS_TTL = 1.0
+_MAX_INFLIGHT_FLUSHES = 2
+
+
+def _get(a: Any, key: str, default: Any = None) -> Any:
+    """A field of attrs given as a dict (the wire form) or an object (fs3.meta.Attrs)."""
+    if isinstance(a, dict):
+        return a.get(key, default)
+    return getattr(a, key, default)
+
+
+def _name(name: bytes) -> str:
+    try:
+        return os.fsdecode(name) if isinstance(name, bytes) else str(name)
+    except UnicodeDecodeError:
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+
+class Fs3Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, meta, data, opts: MountOptions) -> None:
+        """``meta``: a MetaClient (the mount's service principal, its client id owns the
+        sessions); ``data``: a FileData over a ChunkClient."""
+        super().__init__()
+        self.meta = meta
+        self.data = data
+        self.opts = opts
+        self.limiter = trio.CapacityLimiter(opts.threads)
+        self.inodes: dict[int, Inode] = {}
+        self.files: dict[int, FileHandle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._fh = itertools.count(1)
+        self._groups: dict[tuple[int, int, int], tuple[float, list[int]]] = {}
+        self.nursery: trio.Nursery | None = None  # set by the mount's main (background flushes, read-ahead)
+        self.inited = trio.Event()
+        self.stats = {"meta_calls": 0, "data_reads": 0, "data_writes": 0, "flushes": 0}
+
+    def init(self) -> None:
+        self.inited.set()
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    async def _run(self, what: str, fn: Callable, *args, **kw) -> Any:
+        """``fn(*args, **kw)`` in a worker thread; MetaError -> its errno, anything else -> EIO."""
+        try:
+            return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw), limiter=self.limiter)
+        except pyfuse3.FUSEError:
+            raise
+        except MetaError as exc:
+            log.debug("%s: %s", what, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception as exc:  # noqa: BLE001 - every other failure is an I/O error for the caller
+            log.warning("%s failed: %s: %s", what, type(exc).__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _meta(self, op: str, user: dict | None, **kw) -> Any:
+        self.stats["meta_calls"] += 1
+        if user is not None:
+            kw["user"] = user
+        return await self._run(f"meta.{op}", getattr(self.meta, op), **kw)
+
+    def _user(self, ctx) -> dict:
+        """The requester: uid, gid and supplementary groups (cached a second per pid)."""
+        key = (ctx.pid, ctx.uid, ctx.gid)
+        now = time.monotonic()
+        hit = self._groups.get(key)
+        if hit is not None and hit[0] > now:
+            return {"uid": ctx.uid, "gids": hit[1]}
+        gids = [ctx.gid]
+        try:
+            with open(f"/proc/{ctx.pid}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        gids += [int(g) for g in line.split()[1:] if int(g) != ctx.gid]
+                        break
+        except (OSError, ValueError):
+            pass  # the process is gone: its primary group only
+        if len(self._groups) > 4096:
+            self._groups = {k: v for k, v in self._groups.items() if v[0] > now}
+        self._groups[key] = (now + _GROUPS_TTL, gids)
+        return {"uid": ctx.uid, "gids": gids}
+
+    def _spawn(self, fn, *args) -> None:
+        assert self.nursery is not None, "the mount's main sets the nursery"
+        self.nursery.start_soon(fn, *args)
+
+    def _inode(self, ino: int) -> Inode:
+        node = self.inodes.get(ino)
+        if node is None:
+            node = self.inodes[ino] = Inode(ino)
+        return node
+
+    def _drop_if_idle(self, node: Inode) -> None:
+        if node.idle and self.inodes.get(node.ino) is node:
+            del self.inodes[node.ino]
+
+    def _learn(self, a: Any) -> Inode:
+        """Remember what meta said about an inode (its layout and size)."""
+        node = self._inode(_get(a, "ino"))
+        lay = _get(a, "layout")
+        if lay is not None:
+            node.layout = lay
+        node.size = _get(a, "size", 0) or 0
+        return node
+
+    def _entry(self, a: Any, node: Inode | None = None) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = _get(a, "ino")
+        e.generation = 0
+        e.st_mode = _IFMT.get(_get(a, "type"), 0) | (_get(a, "mode", 0) & 0o7777)
+        e.st_nlink = _get(a, "nlink", 1)
+        e.st_uid = _get(a, "uid", 0)
+        e.st_gid = _get(a, "gid", 0)
+        size = _get(a, "size", 0) or 0
+        if node is not None:
+            size = max(size, node.local_end, node.wbuf.end) if node.handles else size
+        if _get(a, "type") == "symlink":
+            size = len(os.fsencode(_get(a, "target", "") or ""))
+        e.st_size = size
+        e.st_atime_ns = _get(a, "atime", 0)
+        e.st_mtime_ns = _get(a, "mtime", 0)
+        e.st_ctime_ns = _get(a, "ctime", 0)
+        lay = _get(a, "layout")
+        e.st_blksize = (lay.get("chunk_size") if isinstance(lay, dict) else getattr(lay, "chunk_size", 0)) or 1 << 20
+        e.st_blocks = (size + 511) // 512
+        e.attr_timeout = self.opts.attr_timeout
+        e.entry_timeout = self.opts.entry_timeout
+        return e
+
+    def _looked_up(self, a: Any) -> pyfuse3.EntryAttributes:
+        """An entry handed to the kernel (its lookup count grows by one)."""
+        node = self._learn(a)
+        node.lookups += 1
+        return self._entry(a, node)
+
+    def _chunk_size(self, node: Inode) -> int:
+        lay = node.layout
+        return (lay.get("chunk_size") if isinstance(lay, dict) else lay.chunk_size) if lay else 1 << 20
+
+    def _stripe_bytes(self, node: Inode) -> int:
+        if self.opts.write_buffer:
+            return self.opts.write_buffer
+        lay = node.layout
+        chains = (lay.get("chains") if isinstance(lay, dict) else lay.chains) if lay else [0]
+        return min(len(chains), 16) * self._chunk_size(node)
+
+    # -- names ---------------------------------------------------------------------------------------
+    async def lookup(self, parent_inode, name, ctx=None):
+        a = await self._meta("lookup", self._user(ctx) if ctx else None, parent=parent_inode, name=_name(name))
+        return self._looked_up(a)
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            node = self.inodes.get(ino)
+            if node is None:
+                continue
+            node.lookups = max(0, node.lookups - n)
+            self._drop_if_idle(node)
+
+    async def getattr(self, inode, ctx=None):
+        a = await self._meta("stat", self._user(ctx) if ctx else None, ino=inode)
+        node = self.inodes.get(inode)
+        if node is not None:
+            node.size = _get(a, "size", 0) or 0
+        return self._entry(a, node)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        user = self._user(ctx)
+        node = self._inode(inode)
+        try:
+            a = None
+            if fields.update_size:
+                await self._flush(node)
+                h = self.files.get(fh) if fh is not None else None
+                kw = {"session": h.session} if h is not None and h.session else {}
+                a = await self._meta("truncate", user, ino=inode, size=attr.st_size, **kw)
+                node.wbuf.truncate(attr.st_size)
+                node.local_end = min(node.local_end, attr.st_size)
+                for h2 in self.files.values():
+                    if h2.ino == inode:
+                        h2.end = min(h2.end, attr.st_size)
+                if node.ra is not None:
+                    node.ra.invalidate()
+                node.size = attr.st_size
+            kw = {}
+            if fields.update_mode:
+                kw["mode"] = attr.st_mode & 0o7777
+            if fields.update_uid:
+                kw["uid"] = attr.st_uid
+            if fields.update_gid:
+                kw["gid"] = attr.st_gid
+            if fields.update_atime:
+                kw["atime"] = attr.st_atime_ns
+            if fields.update_mtime:
+                kw["mtime"] = attr.st_mtime_ns
+            if kw or a is None:
+                a = await self._meta("setattr", user, ino=inode, **kw)
+            node.cached = None  # the kernel's pages of a truncated file are its own business; ours go
+            return self._entry(a, node)
+        finally:
+            self._drop_if_idle(node)
+
+    async def readlink(self, inode, ctx):
+        r = await self._meta("readlink", self._user(ctx), ino=inode)
+        target = r["target"] if isinstance(r, dict) else r
+        return os.fsencode(target)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        a = await self._meta("mkdir", self._user(ctx), parent=parent_inode, name=_name(name), mode=mode & 0o7777)
+        return self._looked_up(a)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        a = await self._meta("symlink", self._user(ctx), parent=parent_inode, name=_name(name),
+                             target=os.fsdecode(target))
+        return self._looked_up(a)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        a = await self._meta("link", self._user(ctx), ino=inode, new_parent=new_parent_inode,
+                             new_name=_name(new_name))
+        return self._looked_up(a)
+
+    async def unlink(self, parent_inode, name, ctx):
+        await self._meta("unlink", self._user(ctx), parent=parent_inode, name=_name(name))
+
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._meta("rmdir", self._user(ctx), parent=parent_inode, name=_name(name))
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self._meta("rename", self._user(ctx), src_parent=parent_inode_old, src_name=_name(name_old),
+                         dst_parent=parent_inode_new, dst_name=_name(name_new),
+                         noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if not st_.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # devices, fifos and sockets: not in fs3
+        r = await self._meta("create", self._user(ctx), parent=parent_inode, name=_name(name),
+                             mode=mode & 0o7777, excl=True, trunc=False, write=False)
+        return self._looked_up(_get(r, "attrs"))
+
+    async def statfs(self, ctx):
+        r = await self._meta("statfs", self._user(ctx))
+        s = pyfuse3.StatvfsData()
+        bs = 4096
+        s.f_bsize = _get(r, "chunk_size", 1 << 20) or 1 << 20
+        s.f_frsize = bs
+        s.f_blocks = (_get(r, "bytes_total", 0) or 0) // bs
+        s.f_bfree = (_get(r, "bytes_free", 0) or 0) // bs
+        s.f_bavail = s.f_bfree
+        files = _get(r, "files", 0) or 0
+        s.f_files = files + (1 << 32)
+        s.f_ffree = s.f_favail = 1 << 32
+        s.f_namemax = 255
+        return s
+
+    # -- directories ---------------------------------------------------------------------------------
+    async def opendir(self, inode, ctx):
+        fh = next(self._fh)
+        self.dirs[fh] = DirHandle(fh, inode, self._user(ctx))
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        d = self.dirs[fh]
+        i = start_id
+        while True:
+            if i >= len(d.entries):
+                if not d.more:
+                    return
+                after = d.entries[-1][0] if d.entries else ""
+                r = await self._meta("readdir", d.user, ino=d.ino, after=after, limit=_READDIR_PAGE, plus=True)
+                ents = _get(r, "entries", [])
+                d.more = bool(_get(r, "more", False)) and bool(ents)
+                d.entries += [(_get(e, "name"), _get(e, "attrs")) for e in ents]
+                if i >= len(d.entries):
+                    return
+            name, a = d.entries[i]
+            # readdirplus: the kernel counts an entry it takes as a lookup
+            node = self._learn(a)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(a, node), i + 1):
+                self._drop_if_idle(node)
+                return
+            node.lookups += 1
+            i += 1
+
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        return None
+
+    # -- files: open and close -----------------------------------------------------------------------
+    def _ra(self, node: Inode) -> ReadAhead:
+        if node.ra is None:
+            ino = node.ino
+            node.ra = ReadAhead(self._chunk_size(node), self.opts.readahead,
+                                functools.partial(self._fetch, node, ino), self._spawn)
+        return node.ra
+
+    async def _fetch(self, node: Inode, ino: int, offset: int, length: int, size: int) -> bytearray:
+        n = max(0, min(length, size - offset))
+        buf = bytearray(n)
+        if n:
+            self.stats["data_reads"] += 1
+            await self._run(f"read of inode {ino} [{offset}, +{n})", self.data.readinto, ino, node.layout,
+                            offset, buf, size)
+        return buf
+
+    def _opened(self, a: Any, session: Any, flags: int, user: dict, *, fresh: bool) -> pyfuse3.FileInfo:
+        """Book an open (meta said ``a``) and tell the kernel whether its cached pages are good."""
+        node = self._learn(a)
+        stamp = (_get(a, "mtime", 0), _get(a, "size", 0))
+        keep = not fresh and node.cached == stamp
+        if not keep and node.ra is not None:
+            node.ra.invalidate()
+        node.cached = stamp
+        node.handles += 1
+        acc = flags & os.O_ACCMODE
+        fh = next(self._fh)
+        self.files[fh] = FileHandle(fh, node.ino, session, acc != os.O_RDONLY, user,
+                                    append=bool(flags & os.O_APPEND))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=bool(flags & os.O_DIRECT))
+
+    async def open(self, inode, flags, ctx):
+        user = self._user(ctx)
+        write = flags & os.O_ACCMODE != os.O_RDONLY
+        trunc = bool(flags & os.O_TRUNC) and write
+        node = self._inode(inode)
+        if trunc:
+            await self._flush(node)
+        try:
+            r = await self._meta("open", user, ino=inode, write=write, trunc=trunc, session=True)
+        finally:
+            self._drop_if_idle(node)
+        if trunc:
+            node.wbuf.truncate(0)
+            node.local_end = 0
+            for h in self.files.values():
+                if h.ino == inode:
+                    h.end = 0
+        return self._opened(_get(r, "attrs"), _get(r, "session"), flags, user, fresh=trunc)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        user = self._user(ctx)
+        write = flags & os.O_ACCMODE != os.O_RDONLY
+        r = await self._meta("create", user, parent=parent_inode, name=_name(name), mode=mode & 0o7777,
+                             excl=bool(flags & os.O_EXCL), trunc=bool(flags & os.O_TRUNC) and write, write=write)
+        a = _get(r, "attrs")
+        fi = self._opened(a, _get(r, "session"), flags, user, fresh=True)
+        node = self.inodes[_get(a, "ino")]
+        node.lookups += 1
+        return fi, self._entry(a, node)
+
+    async def flush(self, fh):
+        h = self.files.get(fh)
+        if h is None:
+            return
+        node = self.inodes[h.ino]
+        await self._flush(node)
+        if h.unsynced and h.session:
+            h.unsynced = False
+            a = await self._meta("sync", None, ino=h.ino, session=h.session, wrote=True, length=h.end)
+            self._after_meta_write(node, a)
+
+    async def fsync(self, fh, datasync):
+        await self.flush(fh)
+
+    async def release(self, fh):
+        h = self.files.pop(fh, None)
+        if h is None:
+            return
+        node = self.inodes[h.ino]
+        try:
+            err: pyfuse3.FUSEError | None = None
+            try:
+                await self._flush(node)
+            except pyfuse3.FUSEError as exc:
+                err = exc
+            if h.session:
+                a = await self._meta("close", None, ino=h.ino, session=h.session, wrote=h.wrote,
+                                     length=h.end if h.wrote else None, mtime=h.mtime if h.wrote else None)
+                if a is not None:
+                    self._after_meta_write(node, a)
+            if err is not None:
+                raise err
+        finally:
+            node.handles -= 1
+            if not node.handles:
+                node.local_end = 0
+                node.ra = None
+            self._drop_if_idle(node)
+
+    def _after_meta_write(self, node: Inode, a: Any) -> None:
+        """meta answered a sync or close with the inode's attrs: our pages are what it now has."""
+        attrs = _get(a, "attrs", a) if isinstance(a, dict) and "attrs" in a else a
+        if _get(attrs, "ino") is None:
+            return
+        node.size = _get(attrs, "size", node.size) or 0
+        node.cached = (_get(attrs, "mtime", 0), node.size)
+
+    # -- files: data ---------------------------------------------------------------------------------
+    async def read(self, fh, off, size):
+        h = self.files[fh]
+        node = self.inodes[h.ino]
+        if node.wbuf or node.flushes:
+            await self._flush(node)  # read what was written here
+        if node.layout is None:
+            return b""
+        return await self._ra(node).read(off, size, node.known_size)
+
+    async def write(self, fh, off, buf):
+        h = self.files[fh]
+        if not h.write:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        node = self.inodes[h.ino]
+        if node.error is not None:
+            self._raise_flush_error(node)
+        n = len(buf)
+        if node.ra is not None:
+            node.ra.invalidate()
+        if not node.wbuf.add(off, buf):
+            await self._flush(node)
+            node.wbuf.add(off, buf)
+        end = off + n
+        h.end = max(h.end, end)
+        h.wrote = h.unsynced = True
+        h.mtime = time.time_ns()
+        node.local_end = max(node.local_end, end)
+        if node.wbuf.nbytes >= self._stripe_bytes(node):
+            while len(node.flushes) >= _MAX_INFLIGHT_FLUSHES:
+                await node.flushes[0].wait()  # back-pressure: two stripes in flight at most
+            self._queue_flush(node, node.wbuf.take_whole(self._chunk_size(node)))
+        return n
+
+    def _queue_flush(self, node: Inode, extents: list) -> trio.Event:
+        """Send ``extents`` after every flush queued before (the order is fixed here, at once)."""
+        prev, done = (node.flushes[-1] if node.flushes else None), trio.Event()
+        node.flushes.append(done)
+        self._spawn(self._send, node, extents, prev, done)
+        return done
+
+    async def _send(self, node: Inode, extents: list, prev: trio.Event | None, done: trio.Event) -> None:
+        try:
+            if prev is not None:
+                await prev.wait()
+            for off, data in extents:
+                self.stats["data_writes"] += 1
+                await self._run(f"write of inode {node.ino} [{off}, +{len(data)})", self.data.write, node.ino,
+                                node.layout, off, data, node.known_size)
+        except pyfuse3.FUSEError as exc:
+            node.error = node.error or exc
+        finally:
+            node.flushes.popleft()  # the oldest: flushes end in the order they were queued
+            self.stats["flushes"] += 1
+            done.set()
+            self._drop_if_idle(node)
+
+    async def _flush(self, node: Inode) -> None:
+        """Everything buffered for ``node`` is on storage when this returns (or raises its error)."""
+        if node.wbuf:
+            self._queue_flush(node, node.wbuf.take())
+        if node.flushes:
+            await node.flushes[-1].wait()
+        if node.error is not None:
+            self._raise_flush_error(node)
+
+    def _raise_flush_error(self, node: Inode) -> None:
+        err, node.error = node.error, None
+        raise err
+
+    # -- the end ---------------------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Before unmounting: send what is buffered and close the sessions still open (the kernel
+        sends no release once the session ends)."""
+        for node in list(self.inodes.values()):
+            try:
+                await self._flush(node)
+            except pyfuse3.FUSEError as exc:
+                log.error("unmount: buffered writes of inode %d lost: %s", node.ino, os.strerror(exc.errno))
+        for fh in list(self.files):
+            try:
+                await self.release(fh)
+            except pyfuse3.FUSEError as exc:
+                log.warning("unmount: closing handle %d: %s", fh, os.strerror(exc.errno))
