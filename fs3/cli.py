@@ -300,15 +300,16 @@ class _UserError(Exception):
         self.reason = reason
 
 
-def _shown(path: str | None, fs3_side: bool | None) -> str | None:
-    if path is None or fs3_side is None:
+def _shown(path: str | None, prefix: bool) -> str | None:
+    if path is None or not prefix or str(path).startswith("fs3:"):
         return path
-    return f"fs3:{path}" if fs3_side and not str(path).startswith("fs3:") else path
+    return f"fs3:{path}"
 
 
 @contextmanager
-def _errors(cmd: str, fs3_side: bool | None = None):
-    """Turn what a user can get wrong (and an unreachable cluster) into one line and exit 1."""
+def _errors(cmd: str, fs3_prefix: bool = False):
+    """Turn what a user can get wrong (and an unreachable cluster) into one line and exit 1.
+    ``fs3_prefix``: name fs3 paths ``fs3:/...`` (cp, whose other paths are local)."""
     import errno as _errno
     import os
 
@@ -328,11 +329,10 @@ def _errors(cmd: str, fs3_side: bool | None = None):
     except OSError as exc:
         code = exc.errno if isinstance(exc.errno, int) else _errno.EIO
         reason = os.strerror(code) if exc.filename is not None else (exc.strerror or str(exc))
-        path = exc.filename
+        prefix = fs3_prefix and isinstance(exc, Fs3Error)  # an fs3 path, not a local one
+        path = _shown(exc.filename, prefix)
         if exc.filename2 is not None:
-            path = f"{_shown(exc.filename, fs3_side)} -> {_shown(exc.filename2, fs3_side)}"
-        elif isinstance(exc, Fs3Error):
-            path = _shown(path, True if fs3_side is None else fs3_side)
+            path = f"{path} -> {_shown(exc.filename2, prefix)}"
         fail(path, reason)
     except (Fs3Error, NetworkError) as exc:
         fail(None, str(exc))
@@ -359,8 +359,8 @@ def _close_fs() -> None:
 
 
 @contextmanager
-def _session(cmd: str, cluster: Path | None, fs3_side: bool | None = None):
-    with _errors(cmd, fs3_side):
+def _session(cmd: str, cluster: Path | None, fs3_prefix: bool = False):
+    with _errors(cmd, fs3_prefix):
         try:
             yield _fs(cluster)
         finally:
@@ -671,7 +671,7 @@ class _Copier:
     def copy(self, src: str, dst: str) -> None:
         k = self.kind(src)
         if k is None:
-            raise FileNotFoundError(2, "No such file or directory", _fs3_path(src) if src.startswith("fs3:") else src)
+            raise FileNotFoundError(2, "No such file or directory", src)
         if k == "dir":
             if not self.recursive:
                 raise _UserError(src, "is a directory (use -r)")
@@ -723,7 +723,7 @@ def cp_cmd(paths: list[str] = typer.Argument(..., help="SRC... DST: fs3 paths st
     if not any(p.startswith("fs3:") for p in paths):
         typer.echo("fs3 cp: no fs3 path (they start with 'fs3:'); use cp for local copies", err=True)
         raise typer.Exit(1)
-    with _session("cp", cluster) as fs:
+    with _session("cp", cluster, fs3_prefix=True) as fs:
         show = not quiet and sys.stderr.isatty()
         progress = None
         if show:
