@@ -124,7 +124,8 @@ class FileSystem:
     ``cluster``: a cluster description (path), a loaded ``network.Cluster``, or None for the running
     local cluster (``network.find_cluster``). ``credential``: the principal (default: the job's
     ``$FIREFLYER_CREDENTIAL``, else the cluster key); ``user``: ``{"uid", "gids"}`` to act as
-    (honoured for service principals only). ``read_sessions``: read opens take a meta session so
+    (default: this process's; honoured for service principals only, a job's credential carries its
+    own). ``read_sessions``: read opens take a meta session so
     that the file's chunks outlive an unlink until the close (POSIX; one more meta call per open)."""
 
     def __init__(self, cluster: Any = None, *, credential: Any = None, user: dict | None = None,
@@ -148,6 +149,8 @@ class FileSystem:
         if meta is None:
             from ..meta import MetaClient
 
+            if user is None:  # act as this process's user (a service credential may assert anyone)
+                user = {"uid": os.geteuid(), "gids": list(dict.fromkeys([os.getegid(), *os.getgroups()]))}
             meta = MetaClient(self.cluster, credential=credential, user=user)
             self._own.append(meta)
         self.meta = meta
@@ -206,13 +209,10 @@ class FileSystem:
         p = _norm(path)
         kind, plus = m[0], m.endswith("+")
         readable, writable = kind == "r" or plus, kind != "r" or plus
-        client = self.client_id
         if kind == "r":
-            rep = self._call("open", p, path=p, write=writable, trunc=False,
-                             session=writable or self.read_sessions, client=client)
+            rep = self._call("open", p, path=p, write=writable, trunc=False, session=writable or self.read_sessions)
         else:
-            rep = self._call("create", p, path=p, mode=perm, excl=kind == "x", trunc=kind == "w", write=True,
-                             client=client)
+            rep = self._call("create", p, path=p, mode=perm, excl=kind == "x", trunc=kind == "w", write=True)
         attrs = _get(rep, "attrs")
         if _get(attrs, "type") != "file":
             sess = _get(rep, "session")
@@ -247,6 +247,8 @@ class FileSystem:
         items = _get(rep, "items", rep)
         by_path: dict[str, Any] = {}
         for p, it in zip(uniq, items, strict=True):
+            if isinstance(it, BaseException):
+                raise to_oserror(it, p)
             if isinstance(it, dict) and "error" in it:
                 raise to_oserror(_remote_meta_error(it), p)
             if _get(it, "type") != "file":
@@ -357,7 +359,8 @@ class FileSystem:
     def rmtree(self, path: str | os.PathLike) -> int:
         """Remove a directory tree (or a file); the number of entries removed."""
         p = _norm(path)
-        return int(_get(self._call("remove", p, path=p, recursive=True), "removed", 0) or 0)
+        rep = self._call("remove", p, path=p, recursive=True)
+        return int(rep if isinstance(rep, int) else _get(rep, "removed", 0) or 0)
 
     def rename(self, src: str | os.PathLike, dst: str | os.PathLike, *, noreplace: bool = False) -> None:
         """Rename atomically; an existing destination file (or empty directory) is replaced unless
