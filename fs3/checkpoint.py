@@ -524,6 +524,18 @@ def _empty_like_entry(e: dict) -> Any:
     return np.empty(tuple(e["shape"]), np.dtype(e["dtype"]))
 
 
+def _prefault(objs: list[Any]) -> None:
+    """Touch fresh memory before the kernel reads into it: a page fault taken inside ``preadv``'s
+    copy costs several times one taken by a plain memset (measured 1.9 s against 0.23 + 0.17 s
+    for 1 GiB), and torch's fill runs on all intra-op threads."""
+    for o in objs:
+        if isinstance(o, np.ndarray):
+            if o.nbytes >= (1 << 20):
+                o.fill(0)
+        elif o.numel() * o.element_size() >= (1 << 20):
+            o.zero_()
+
+
 def load(path: str | os.PathLike, fs: Any = None, map_location: Any = "cpu") -> Any:
     """Read a checkpoint back: every tensor read straight into its memory with one batched read,
     each CRC32C checked (``ChecksumError`` names the tensor). ``map_location``: "cpu" (default),
@@ -535,6 +547,8 @@ def load(path: str | os.PathLike, fs: Any = None, map_location: Any = "cpu") -> 
         base = meta["data_offset"]
         entries = meta["tensors"]
         objs = [_empty_like_entry(e) for e in entries]
+        if isinstance(backend, LocalBackend):
+            _prefault(objs)
         ranges = []  # (path, offset, buffer) pieces, PIECE bytes at most, for a parallel read
         for e, obj in zip(entries, objs, strict=True):
             if e["nbytes"] == 0:
