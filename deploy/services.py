@@ -45,6 +45,8 @@ register(ServiceKind("network.probe", health="rpc", argv=("serve",), order=10))
 # fs3: the cluster manager before the storage servers that heartbeat it.
 register(ServiceKind("fs3.mgmtd", health="rpc", order=20))
 register(ServiceKind("fs3.storage", health="rpc", order=30))
+# the metadata service reads mgmtd's routing table to place files and asks storage for lengths
+register(ServiceKind("fs3.meta", health="rpc", order=35))
 # haiplatform: the API (and its database) first, then the scheduler, then one agent per node.
 register(ServiceKind("haiplatform.api", health="http:/healthz", order=40))
 register(ServiceKind("haiplatform.scheduler", health="rpc", order=41))

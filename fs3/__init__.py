@@ -1,7 +1,6 @@
 """fs3: 3FS-style storage: the cluster manager (``fs3.mgmtd``), CRAQ chain-replicated storage
-servers (``fs3.storage``) and the chunk client (``fs3.client.chunks``). See docs/fs3.md.
-
-The metadata service and the FUSE mount come with a later issue.
+servers (``fs3.storage``), the chunk client (``fs3.client.chunks``) and the metadata service
+(``fs3.meta``: the namespace, its Python stub ``fs3.meta.MetaClient``). See docs/fs3.md.
 """
 
 from .chaintable import ChainTable, generate_chain_table
@@ -14,17 +13,32 @@ from .errors import (
     ChunkNotFound,
     ChunkVersionConflict,
     ClientError,
+    CrossDevice,
+    Exists,
     ForwardFailed,
     Fs3ConfigError,
     Fs3Error,
+    InvalidArgument,
     InvalidRequest,
+    IsADirectory,
+    MetaError,
+    MetaUnavailable,
     MgmtdError,
+    NameTooLong,
     NoServingReplica,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
     NotServing,
+    PermissionDenied,
     RetryableError,
+    StaleHandle,
     StaleRequest,
     StaleRouting,
     StorageError,
+    TooManyLinks,
 )
 from .routing import Routing
 
@@ -33,4 +47,8 @@ __all__ = [
     "ChunkVersionConflict", "ClientError", "ForwardFailed", "Fs3Config", "Fs3ConfigError", "Fs3Error",
     "InvalidRequest", "MgmtdError", "NoServingReplica", "NotServing", "RetryableError", "Routing", "StaleRequest",
     "StaleRouting", "StorageError", "generate_chain_table",
+    # the metadata service's errors (fs3.meta)
+    "CrossDevice", "Exists", "InvalidArgument", "IsADirectory", "MetaError", "MetaUnavailable", "NameTooLong",
+    "NoSpace", "NotADirectory", "NotEmpty", "NotFound", "NotPermitted", "PermissionDenied", "StaleHandle",
+    "TooManyLinks",
 ]

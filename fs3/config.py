@@ -16,6 +16,11 @@
                                  #   0: failure_timeout / 3 (at least 0.5 s)
     write_timeout = 0.0          # s one write attempt waits for the chain before refreshing routing
                                  #   and retrying; 0: failure_timeout / 2 (at least 1 s)
+    meta_db = ""                 # the metadata service's SQLAlchemy URL; "" = sqlite file in the meta
+                                 #   node's data dir (several meta servers share one PostgreSQL URL)
+    stripe = 16                  # chains a new file stripes over (at most the number of chains)
+    gc_delay = 300.0             # s an unlinked, closed file's chunks are kept before GC removes them
+    session_ttl = 60.0           # s a file session lives without a renewal (clients renew every ttl/3)
 
 [Note: attempt timeouts] A frozen (SIGSTOP) or wedged peer keeps its connections open and
 answers nothing: only a timeout ends the wait. The 60 s I/O timeout is for a transfer that makes
@@ -45,7 +50,7 @@ __all__ = ["Fs3Config", "node_data_dir"]
 
 _KEYS = {"replication", "chunk_size", "targets_per_node", "heartbeat_interval", "failure_timeout",
          "mgmtd_db", "data_dir", "fsync", "max_batch_bytes", "scrub_interval", "scrub_rate_mb", "read_timeout",
-         "write_timeout"}
+         "write_timeout", "meta_db", "stripe", "gc_delay", "session_ttl"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ class Fs3Config:
     scrub_rate_mb: float = 64.0
     read_timeout: float = 0.0
     write_timeout: float = 0.0
+    meta_db: str = ""
+    stripe: int = 16
+    gc_delay: float = 300.0
+    session_ttl: float = 60.0
 
     @classmethod
     def from_section(cls, sec: dict, source: str = "[fs3]") -> Fs3Config:
@@ -75,7 +84,8 @@ class Fs3Config:
                           ("heartbeat_interval", float), ("failure_timeout", float), ("mgmtd_db", str),
                           ("data_dir", str), ("fsync", bool), ("max_batch_bytes", int),
                           ("scrub_interval", float), ("scrub_rate_mb", float), ("read_timeout", float),
-                          ("write_timeout", float)):
+                          ("write_timeout", float), ("meta_db", str), ("stripe", int), ("gc_delay", float),
+                          ("session_ttl", float)):
             if name not in sec:
                 continue
             v = sec[name]
@@ -113,6 +123,12 @@ class Fs3Config:
             if not 0 <= v <= 3600:
                 raise Fs3ConfigError(f"{source}.{name}: expected seconds in [0, 3600] (0: derived from "
                                      f"failure_timeout), got {v}")
+        if self.stripe < 1:
+            raise Fs3ConfigError(f"{source}.stripe: expected >= 1 chains per file, got {self.stripe}")
+        if self.gc_delay < 0:
+            raise Fs3ConfigError(f"{source}.gc_delay: expected >= 0 seconds, got {self.gc_delay}")
+        if self.session_ttl <= 0:
+            raise Fs3ConfigError(f"{source}.session_ttl: expected > 0 seconds, got {self.session_ttl}")
 
     @property
     def read_attempt_timeout(self) -> float:

@@ -99,3 +99,17 @@ class Reads:
         if len(piece) != len(data):
             crc = crc32c(piece)
         return piece, ver, crc
+
+    def h_last_chunk(self, args: dict, payload, ctx) -> dict:
+        """``storage.last_chunk {chain, cver, lo, hi}`` (services: the metadata service): the highest
+        committed chunk id in ``[lo, hi)`` on this serving copy of the chain and its committed
+        length, ``{"chunk": id or None, "length": n}`` (a file's chunks are one such range; see
+        fs3.meta.length)."""
+        with malformed("storage.last_chunk"):
+            chain, cver, lo, hi = int(args["chain"]), int(args["cver"]), int(args["lo"]), int(args["hi"])
+        _r, tid, _s = self._check_chain(chain, cver, (SERVING,))
+        best, length = None, 0
+        for _c, k, m in self._store(tid).list(chain):
+            if lo <= k < hi and m.committed and (best is None or k > best):
+                best, length = k, m.length
+        return {"chunk": best, "length": length}

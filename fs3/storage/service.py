@@ -135,6 +135,7 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         s.register("storage.sync_write", self.h_sync_write, payload_into=self._payload_buffer, max_payload=bulk)
         s.register("storage.sync_remove", self.h_sync_remove)
         s.register("storage.list", self.h_list)
+        s.register("storage.last_chunk", self.h_last_chunk)  # fs3.meta: a file's exact length
         s.register("storage.stats", self.h_stats, roles=ANY)
         self._threads: list[threading.Thread] = []
 
