@@ -62,7 +62,8 @@ _TRAILER = struct.Struct("<QI4s")  # index length, index crc32c, "FEND"
 _TRAILER_MAGIC = b"FEND"
 DATA_OFFSET = 4096
 ALIGN = 64
-PIECE = 16 << 20  # bytes per background write piece
+PIECE = 16 << 20  # bytes per background write piece (local files: parallel pwrite)
+FS3_PIECE = 64 << 20  # bytes per write on fs3 (rounded to whole chunks)
 
 # msgpack extension types of the structure
 _EXT_TUPLE, _EXT_TENSOR, _EXT_ODICT, _EXT_NPSCALAR, _EXT_COMPLEX, _EXT_BIGINT, _EXT_DTYPE = range(1, 8)
@@ -450,9 +451,16 @@ def _write_file(backend: Backend, tmp: str, tree: bytes, entries: list[_Entry], 
                                                   for off, n in _pieces(data_len, DATA_OFFSET)]
             backend.pwrite_pieces(tmp, f, pieces)
         else:
+            # fs3: after the header, the rest of the first chunk, then pieces of whole chunks that start
+            # on chunk boundaries (the client sends those from our memory, chunks to chains in parallel)
+            cs = int(getattr(getattr(f, "layout", None), "chunk_size", 0) or 0)
             f.write(header)
-            for off, n in _pieces(data_len, DATA_OFFSET):
-                f.write(mv[off - DATA_OFFSET: off - DATA_OFFSET + n])
+            first = min(data_len, cs - DATA_OFFSET) if cs > DATA_OFFSET else 0
+            if first:
+                f.write(mv[:first])
+            step = max(1, FS3_PIECE // cs) * cs if cs else FS3_PIECE
+            for off in range(first, data_len, step):
+                f.write(mv[off: min(data_len, off + step)])
         crc_thread.join()
         if crc_thread_error:
             raise crc_thread_error[0]

@@ -10,6 +10,7 @@ an existing ``Backend`` -> itself.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import posixpath
@@ -258,6 +259,7 @@ class Fs3Backend(Backend):
         self._factory = factory
         self._fs = fs if fs is not None else factory()  # type: ignore[misc]
         self._pid = os.getpid()
+        self._has_into: bool | None = None
 
     @property
     def fs(self) -> Any:
@@ -279,6 +281,8 @@ class Fs3Backend(Backend):
 
     def size(self, path: str) -> int:
         st = self.fs.stat(path)
+        if isinstance(st, dict):
+            return int(st["size"])
         size = getattr(st, "st_size", None)
         return int(st.size if size is None else size)
 
@@ -297,10 +301,14 @@ class Fs3Backend(Backend):
         return int(mode)
 
     def isdir(self, path: str) -> bool:
+        if hasattr(self.fs, "isdir"):
+            return bool(self.fs.isdir(path))
         mode = self._mode(path)
         return mode is not None and stat_mod.S_ISDIR(mode)
 
     def exists(self, path: str) -> bool:
+        if hasattr(self.fs, "exists"):
+            return bool(self.fs.exists(path))
         return self._mode(path) is not None
 
     def listdir(self, path: str) -> list[str]:
@@ -310,6 +318,20 @@ class Fs3Backend(Backend):
         if not ranges:
             return []
         return list(self.fs.read_batch([(p, int(off), int(n)) for p, off, n in ranges]))
+
+    def readinto_ranges(self, ranges: Sequence[tuple[str, int, memoryview]]) -> list[int]:
+        if not ranges:
+            return []
+        fs = self.fs
+        if self._has_into is None:
+            try:
+                self._has_into = "into" in inspect.signature(fs.read_batch).parameters
+            except (TypeError, ValueError):
+                self._has_into = False
+        if not self._has_into:
+            return super().readinto_ranges(ranges)
+        got = fs.read_batch([(p, int(off), len(buf)) for p, off, buf in ranges], into=[buf for _, _, buf in ranges])
+        return [g if isinstance(g, int) else len(g) for g in got]
 
     def open_write(self, path: str) -> BinaryIO:
         return self.fs.open(path, "wb")
@@ -355,6 +377,7 @@ class Fs3Backend(Backend):
     def __setstate__(self, state: dict) -> None:
         self._factory = state["factory"]
         self._pid = os.getpid()
+        self._has_into = None
         if self._factory is not None:
             self._fs = self._factory()
         elif state.get("fs_type") is not None:
