@@ -173,9 +173,7 @@ def _serve_here(cluster_file: Path, mp: Path, opts: MountOptions, ready_fd: int 
                 pf.unlink()
         data.close()
         chunks.close()
-        close = getattr(meta, "close", None)
-        if close is not None:
-            close()
+        meta.shutdown()
 
 
 async def _main(ops, mp: Path, opts: MountOptions) -> None:

@@ -53,6 +53,7 @@ _IFMT = {"file": st_.S_IFREG, "dir": st_.S_IFDIR, "symlink": st_.S_IFLNK}
 _READDIR_PAGE = 1000
 _GROUPS_TTL = 1.0
 _MAX_INFLIGHT_FLUSHES = 2
+_NOW_NS = 50_000_000
 
 
 def _get(a: Any, key: str, default: Any = None) -> Any:
@@ -60,6 +61,20 @@ def _get(a: Any, key: str, default: Any = None) -> Any:
     if isinstance(a, dict):
         return a.get(key, default)
     return getattr(a, key, default)
+
+
+def _attrs(r: Any) -> Any:
+    """The attrs in a reply: the reply itself (an Attrs or an attrs dict) or its "attrs" item."""
+    if isinstance(r, dict) and "attrs" in r:
+        return r["attrs"]
+    return getattr(r, "attrs", r) if not hasattr(r, "ino") else r
+
+
+def _when(ns: int) -> int | str:
+    """A time for meta.setattr: "now" when it is (pyfuse3 turns the kernel's UTIME_NOW into the
+    current time; meta lets anyone with write permission set "now", only the owner other times;
+    the kernel has checked which it was already, with default_permissions)."""
+    return "now" if abs(time.time_ns() - ns) < _NOW_NS else ns
 
 
 def _name(name: bytes) -> str:
@@ -201,7 +216,7 @@ class Fs3Operations(pyfuse3.Operations):
     # -- names ---------------------------------------------------------------------------------------
     async def lookup(self, parent_inode, name, ctx=None):
         a = await self._meta("lookup", self._user(ctx) if ctx else None, parent=parent_inode, name=_name(name))
-        return self._looked_up(a)
+        return self._looked_up(_attrs(a))
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
@@ -212,7 +227,7 @@ class Fs3Operations(pyfuse3.Operations):
             self._drop_if_idle(node)
 
     async def getattr(self, inode, ctx=None):
-        a = await self._meta("stat", self._user(ctx) if ctx else None, ino=inode)
+        a = _attrs(await self._meta("stat", self._user(ctx) if ctx else None, ino=inode))
         node = self.inodes.get(inode)
         if node is not None:
             node.size = _get(a, "size", 0) or 0
@@ -227,7 +242,7 @@ class Fs3Operations(pyfuse3.Operations):
                 await self._flush(node)
                 h = self.files.get(fh) if fh is not None else None
                 kw = {"session": h.session} if h is not None and h.session else {}
-                a = await self._meta("truncate", user, ino=inode, size=attr.st_size, **kw)
+                a = _attrs(await self._meta("truncate", user, ino=inode, size=attr.st_size, **kw))
                 node.wbuf.truncate(attr.st_size)
                 node.local_end = min(node.local_end, attr.st_size)
                 for h2 in self.files.values():
@@ -244,11 +259,11 @@ class Fs3Operations(pyfuse3.Operations):
             if fields.update_gid:
                 kw["gid"] = attr.st_gid
             if fields.update_atime:
-                kw["atime"] = attr.st_atime_ns
+                kw["atime"] = _when(attr.st_atime_ns)
             if fields.update_mtime:
-                kw["mtime"] = attr.st_mtime_ns
+                kw["mtime"] = _when(attr.st_mtime_ns)
             if kw or a is None:
-                a = await self._meta("setattr", user, ino=inode, **kw)
+                a = _attrs(await self._meta("setattr", user, ino=inode, **kw))
             node.cached = None  # the kernel's pages of a truncated file are its own business; ours go
             return self._entry(a, node)
         finally:
@@ -261,17 +276,17 @@ class Fs3Operations(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         a = await self._meta("mkdir", self._user(ctx), parent=parent_inode, name=_name(name), mode=mode & 0o7777)
-        return self._looked_up(a)
+        return self._looked_up(_attrs(a))
 
     async def symlink(self, parent_inode, name, target, ctx):
         a = await self._meta("symlink", self._user(ctx), parent=parent_inode, name=_name(name),
                              target=os.fsdecode(target))
-        return self._looked_up(a)
+        return self._looked_up(_attrs(a))
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         a = await self._meta("link", self._user(ctx), ino=inode, new_parent=new_parent_inode,
                              new_name=_name(new_name))
-        return self._looked_up(a)
+        return self._looked_up(_attrs(a))
 
     async def unlink(self, parent_inode, name, ctx):
         await self._meta("unlink", self._user(ctx), parent=parent_inode, name=_name(name))
@@ -291,7 +306,7 @@ class Fs3Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)  # devices, fifos and sockets: not in fs3
         r = await self._meta("create", self._user(ctx), parent=parent_inode, name=_name(name),
                              mode=mode & 0o7777, excl=True, trunc=False, write=False)
-        return self._looked_up(_get(r, "attrs"))
+        return self._looked_up(_attrs(r))
 
     async def statfs(self, ctx):
         r = await self._meta("statfs", self._user(ctx))
@@ -392,14 +407,14 @@ class Fs3Operations(pyfuse3.Operations):
             for h in self.files.values():
                 if h.ino == inode:
                     h.end = 0
-        return self._opened(_get(r, "attrs"), _get(r, "session"), flags, user, fresh=trunc)
+        return self._opened(_attrs(r), _get(r, "session"), flags, user, fresh=trunc)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         user = self._user(ctx)
         write = flags & os.O_ACCMODE != os.O_RDONLY
         r = await self._meta("create", user, parent=parent_inode, name=_name(name), mode=mode & 0o7777,
                              excl=bool(flags & os.O_EXCL), trunc=bool(flags & os.O_TRUNC) and write, write=write)
-        a = _get(r, "attrs")
+        a = _attrs(r)
         fi = self._opened(a, _get(r, "session"), flags, user, fresh=True)
         node = self.inodes[_get(a, "ino")]
         node.lookups += 1
@@ -446,7 +461,7 @@ class Fs3Operations(pyfuse3.Operations):
 
     def _after_meta_write(self, node: Inode, a: Any) -> None:
         """meta answered a sync or close with the inode's attrs: our pages are what it now has."""
-        attrs = _get(a, "attrs", a) if isinstance(a, dict) and "attrs" in a else a
+        attrs = _attrs(a)
         if _get(attrs, "ino") is None:
             return
         node.size = _get(attrs, "size", node.size) or 0
