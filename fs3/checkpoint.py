@@ -544,6 +544,59 @@ def _prefault(objs: list[Any]) -> None:
             o.zero_()
 
 
+def _short(path: str, e: dict, n: int) -> ChecksumError:
+    return ChecksumError(f"checkpoint {path}: tensor {e['name']}: read {n} of {e['nbytes']} bytes: the file is truncated")
+
+
+def _read_local(backend: Backend, path: str, base: int, entries: list[dict]) -> list[Any]:
+    """Local files: preadv straight into each fresh (pre-touched) tensor, PIECE bytes per read, in parallel."""
+    objs = [_empty_like_entry(e) for e in entries]
+    _prefault(objs)
+    ranges, owners = [], []
+    for e, obj in zip(entries, objs, strict=True):
+        if e["nbytes"] == 0:
+            continue
+        view = memoryview(_bytes_of(obj))
+        if len(view) != e["nbytes"]:
+            raise ChecksumError(f"checkpoint {path}: tensor {e['name']}: the index says {e['nbytes']} bytes for "
+                                f"{e['dtype']}{tuple(e['shape'])}, which holds {len(view)}: the index is damaged")
+        for off in range(0, len(view), PIECE):
+            ranges.append((path, base + e["offset"] + off, view[off: off + PIECE]))
+            owners.append(e)
+    got = backend.readinto_ranges(ranges)
+    for (_, _, v), n, e in zip(ranges, got, owners, strict=True):
+        if n != len(v):
+            raise _short(path, e, n)
+    return objs
+
+
+def _read_batched(backend: Backend, path: str, base: int, entries: list[dict]) -> list[Any]:
+    """fs3: one ``read_batch`` of every tensor's range; each tensor is made over the buffer the
+    client read into (no copy) when that buffer is writable, else over a copy."""
+    torch = _torch()
+    want = [e for e in entries if e["nbytes"]]
+    datas = iter(backend.read_ranges([(path, base + e["offset"], e["nbytes"]) for e in want]))
+    objs = []
+    for e in entries:
+        if e["nbytes"] == 0:
+            objs.append(_empty_like_entry(e))
+            continue
+        data = next(datas)
+        if len(data) != e["nbytes"]:
+            raise _short(path, e, len(data))
+        mv = memoryview(data)
+        if mv.readonly:
+            mv = memoryview(bytearray(mv))
+        shape = tuple(e["shape"])
+        if e["kind"] == "torch":
+            if torch is None:
+                raise CheckpointError(f"checkpoint tensor {e['name']} is a torch tensor: install torch to load it")
+            objs.append(torch.frombuffer(mv, dtype=torch.uint8).view(getattr(torch, e["dtype"])).view(shape))
+        else:
+            objs.append(np.frombuffer(mv, np.dtype(e["dtype"])).reshape(shape))
+    return objs
+
+
 def load(path: str | os.PathLike, fs: Any = None, map_location: Any = "cpu") -> Any:
     """Read a checkpoint back: every tensor read straight into its memory with one batched read,
     each CRC32C checked (``ChecksumError`` names the tensor). ``map_location``: "cpu" (default),
@@ -554,24 +607,10 @@ def load(path: str | os.PathLike, fs: Any = None, map_location: Any = "cpu") -> 
         _, meta = _read_index(backend, path)
         base = meta["data_offset"]
         entries = meta["tensors"]
-        objs = [_empty_like_entry(e) for e in entries]
         if isinstance(backend, LocalBackend):
-            _prefault(objs)
-        ranges = []  # (path, offset, buffer) pieces, PIECE bytes at most, for a parallel read
-        for e, obj in zip(entries, objs, strict=True):
-            if e["nbytes"] == 0:
-                continue
-            view = memoryview(_bytes_of(obj))
-            if len(view) != e["nbytes"]:
-                raise ChecksumError(f"checkpoint {path}: tensor {e['name']}: the index says {e['nbytes']} bytes for "
-                                    f"{e['dtype']}{tuple(e['shape'])}, which holds {len(view)}: the index is damaged")
-            for off in range(0, len(view), PIECE):
-                ranges.append((path, base + e["offset"] + off, view[off: off + PIECE]))
-        got = backend.readinto_ranges(ranges)
-        for (_, off, v), n in zip(ranges, got, strict=True):
-            if n != len(v):
-                raise ChecksumError(f"checkpoint {path}: short read at offset {off} ({n} of {len(v)} bytes): "
-                                    f"the file is truncated")
+            objs = _read_local(backend, path, base, entries)
+        else:
+            objs = _read_batched(backend, path, base, entries)
         for e, obj in zip(entries, objs, strict=True):
             crc = _crc(memoryview(_bytes_of(obj))) if e["nbytes"] else 0
             if crc != e["crc32c"]:

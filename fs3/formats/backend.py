@@ -10,7 +10,6 @@ an existing ``Backend`` -> itself.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import posixpath
@@ -259,7 +258,6 @@ class Fs3Backend(Backend):
         self._factory = factory
         self._fs = fs if fs is not None else factory()  # type: ignore[misc]
         self._pid = os.getpid()
-        self._has_into: bool | None = None
 
     @property
     def fs(self) -> Any:
@@ -319,20 +317,6 @@ class Fs3Backend(Backend):
             return []
         return list(self.fs.read_batch([(p, int(off), int(n)) for p, off, n in ranges]))
 
-    def readinto_ranges(self, ranges: Sequence[tuple[str, int, memoryview]]) -> list[int]:
-        if not ranges:
-            return []
-        fs = self.fs
-        if self._has_into is None:
-            try:
-                self._has_into = "into" in inspect.signature(fs.read_batch).parameters
-            except (TypeError, ValueError):
-                self._has_into = False
-        if not self._has_into:
-            return super().readinto_ranges(ranges)
-        got = fs.read_batch([(p, int(off), len(buf)) for p, off, buf in ranges], into=[buf for _, _, buf in ranges])
-        return [g if isinstance(g, int) else len(g) for g in got]
-
     def open_write(self, path: str) -> BinaryIO:
         return self.fs.open(path, "wb")
 
@@ -377,7 +361,6 @@ class Fs3Backend(Backend):
     def __setstate__(self, state: dict) -> None:
         self._factory = state["factory"]
         self._pid = os.getpid()
-        self._has_into = None
         if self._factory is not None:
             self._fs = self._factory()
         elif state.get("fs_type") is not None:
