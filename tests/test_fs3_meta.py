@@ -253,7 +253,7 @@ def _bulk_files(s: MetaStore, parent: int, names: list[str]) -> None:
     now = time.time_ns()
     base = s._alloc_ino()
     ids = [base] + [s._alloc_ino() for _ in names[1:]]
-    with s._wengine.begin() as c:
+    with s.engine.begin() as c:
         c.execute(inodes.insert(), [{"ino": i, "type": "file", "mode": 0o644, "uid": 0, "gid": 0, "nlink": 1, "size": 0,
                                      "atime": now, "mtime": now, "ctime": now, "target": None, "parent": None,
                                      "layout": '{"chunk_size":1048576,"chains":[1]}', "tver": 0} for i in ids])
