@@ -2,6 +2,8 @@
 
 Two zones, each a two-layer fat-tree of 20 spine and 40 leaf switches (800 ports of 200 Gbps);
 1,250 nodes of 8 PCIe A100s, 625 per zone, spread evenly over the leaves (15 or 16 per leaf).
+fs3 runs on it: mgmtd on the first node, a storage server on the first node of every leaf
+(80 nodes), and three metadata servers (two zones) sharing one PostgreSQL database.
 
     python -m deploy.gen_fireflyer2 > deploy/clusters/fireflyer2.toml
 """
@@ -47,6 +49,17 @@ def generate(nodes: int = NODES, zones: tuple[str, ...] = ZONES, leaves: int = L
     nl.append("]")
     out[out.index("@NODES@")] = "\n".join(nl)
     out += ["[[service]]", 'module = "network.probe"', 'nodes = "*"', "port = 17100", ""]
+    storage = [f"{z[-1]}{li:02d}n00" for z in zones for li in range(leaves)]
+    meta = [f"{zones[0][-1]}00n01", f"{zones[0][-1]}{leaves // 2:02d}n01", f"{zones[-1][-1]}00n01"]
+    out += ["# fs3: the cluster manager, a storage server per leaf, three metadata servers on one PostgreSQL",
+            "[[service]]", 'module = "fs3.mgmtd"', f'nodes = ["{zones[0][-1]}00n00"]', "port = 17200", "",
+            "[[service]]", 'module = "fs3.storage"', "nodes = [" + ", ".join(f'"{n}"' for n in storage) + "]",
+            "port = 17210", "",
+            "[[service]]", 'module = "fs3.meta"', "nodes = [" + ", ".join(f'"{n}"' for n in meta) + "]",
+            "port = 17220", "",
+            "[fs3]", "replication = 3", "chunk_size = 1048576", "targets_per_node = 3",
+            'meta_db = "postgresql+psycopg://fs3@10.1.0.10/fs3meta"   # shared by the metadata servers',
+            "stripe = 16", ""]
     return "\n".join(out)
 
 
