@@ -3,17 +3,24 @@
 Submitted by ``make demo`` through the platform (``hai python examples/demo_train.py -- --nodes 2``);
 every rank gets the job environment from its node's agent. The job:
 
-- reads its dataset (a regression problem: y = X @ w_true + noise) from fs3 chunks;
+- reads its training data (a regression problem: y = tanh(X @ w) + noise) from an FFRecord dataset
+  on fs3 (``/demo/train/part-*.ffr``, one sample = the 32 float32 features and the float32 target),
+  each step reading its ranks' samples with one batched read (``fs3.formats.torch.FFRecordDataset``);
 - trains a small MLP with haiscale DDP (gradients averaged by hfreduce across all ranks and nodes);
-- checkpoints model + optimizer + step to fs3 every ``--ckpt-every`` steps (rank 0 writes; any
-  rank of any later attempt reads it back: that is what shared storage is for);
+- checkpoints model + optimizer + step through ``fs3.checkpoint`` every ``--ckpt-every`` steps
+  (rank 0 saves; ``save`` copies the tensors and returns, the write goes on in the background,
+  atomically renamed into place; any rank of any later attempt loads it: shared storage);
 - on a suspend (the agent writes ``suspend`` into ``$HAI_CONTROL`` and sends SIGTERM), all ranks
-  agree on the step to stop at (an allreduce of the flag), rank 0 checkpoints, and they exit; the
-  platform re-queues the job, and the next attempt resumes from the checkpoint.
+  agree on the step to stop at (an allreduce of the flag), rank 0 checkpoints and waits for the
+  write, and they exit; the platform re-queues the job, and the next attempt resumes from it.
 
-Files on fs3 are "blobs" here (the metadata service and FUSE mount arrive with a later issue): blob
-``inode`` is chunk 0 = header (magic, length), chunks 1.. = the bytes, chunk i on chain
-``chains[(inode + i) % len(chains)]``.
+Files are reached through the fs3 Python client (``fs3.FileSystem`` on ``$HAI_CLUSTER_FILE``), or
+through a FUSE mount of fs3 when ``--mount DIR`` (or ``$FS3_MOUNT``) names one. ``prepare_fs3``
+(called by the demo before it submits the job) writes the dataset and makes the checkpoint
+directory, world-writable and sticky like /tmp: the job runs as the researcher's account.
+
+Until the demo calls ``prepare_fs3``, a job that finds no dataset falls back to the "blob" of the
+previous demo (``blob_write``/``blob_read``: chunks of inode ``DATA_INODE`` on the chains).
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+DATA_PATH = "/demo/train"
+CKPT_DIR = "/demo/ckpt"
+FEATURES = 32
 _HDR = struct.Struct("<8sQ")
 _MAGIC = b"FFBLOB01"
 DATA_INODE = 1001
@@ -80,19 +90,134 @@ def make_dataset(n: int = 4096, d: int = 32, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def prepare_fs3(fs, root: str = "/demo", files: int = 2) -> dict:
+    """Write the training set as FFRecord files under ``root/train`` and make ``root/ckpt`` (mode
+    1777). ``fs``: an ``fs3.FileSystem``, or None for a local path (an fs3 mount). Returns a summary."""
+    from fs3.formats import write_samples
+
+    data = np.load(io.BytesIO(make_dataset()))
+    rows = np.concatenate([data["x"], data["y"]], axis=1).astype(np.float32)
+    train, ckpt = f"{root}/train", f"{root}/ckpt"
+    for d, mode in ((train, 0o755), (ckpt, 0o1777)):
+        if fs is None:
+            os.makedirs(d, exist_ok=True)
+            os.chmod(d, mode)
+        else:
+            fs.makedirs(d, exist_ok=True)
+            fs.chmod(d, mode)
+    parts = np.array_split(np.arange(len(rows)), files)
+    for k, idx in enumerate(parts):
+        write_samples(f"{train}/part-{k:02d}.ffr", [rows[i].tobytes() for i in idx], fs=fs)
+    return {"dataset": train, "samples": len(rows), "files": files, "bytes": rows.nbytes, "ckpt_dir": ckpt}
+
+
+def decode(sample: bytes) -> np.ndarray:
+    """One FFRecord sample -> float32[FEATURES + 1] (features, then the target)."""
+    return np.frombuffer(sample, np.float32)
+
+
+class JobData:
+    """Where the job's data and checkpoints live: the FFRecord dataset and ``fs3.checkpoint`` (or,
+    when the dataset is not there, the previous demo's blobs)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.mount = args.mount
+        self.fs = self.client = None
+        if self.mount:
+            self.data, self.ckpt = self.mount.rstrip("/") + args.data, self.mount.rstrip("/") + args.ckpt
+            self.legacy = not os.path.exists(self.data)
+        else:
+            from fs3.client.files import FileSystem
+
+            self.fs = FileSystem(os.environ["HAI_CLUSTER_FILE"])
+            self.data, self.ckpt = args.data, args.ckpt
+            self.legacy = not self.fs.exists(self.data)
+        self.pending = None  # the checkpoint save in flight
+        if self.legacy:
+            from fs3.client import ChunkClient
+
+            self.client = ChunkClient.from_cluster(os.environ["HAI_CLUSTER_FILE"], os.environ.get("HAI_NODE_NAME"))
+            arr = np.load(io.BytesIO(blob_read(self.client, DATA_INODE)))
+            self.rows = np.concatenate([arr["x"], arr["y"]], axis=1).astype(np.float32)
+            self.where = f"the fs3 blob {DATA_INODE} (no FFRecord dataset at {self.data})"
+        else:
+            from fs3.formats.torch import FFRecordDataset
+
+            self.ds = FFRecordDataset(self.data, fs=self.fs, transform=decode)
+            self.where = f"the FFRecord dataset {self.data} on fs3 ({len(self.ds.reader.paths)} files)"
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.legacy else len(self.ds)
+
+    def batch(self, indices: list[int]) -> np.ndarray:
+        """Rows (features + target) of ``indices``: one batched read from fs3."""
+        if self.legacy:
+            return self.rows[indices]
+        return np.stack(self.ds[indices]) if indices else np.empty((0, FEATURES + 1), np.float32)
+
+    def load(self) -> dict | None:
+        from fs3 import checkpoint
+
+        if self.legacy:
+            import torch
+
+            blob = blob_read(self.client, CKPT_INODE)
+            return None if blob is None else torch.load(io.BytesIO(blob), weights_only=True)
+        exists = os.path.exists(self.ckpt) if self.mount else self.fs.exists(self.ckpt)
+        return checkpoint.load(self.ckpt, fs=self.fs) if exists else None
+
+    def save(self, state: dict, wait: bool) -> None:
+        """Start a checkpoint (the loop goes on while it is written); ``wait``: until it is on fs3."""
+        from fs3 import checkpoint
+
+        step = state["step"]
+        if self.legacy:
+            import torch
+
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            blob_write(self.client, CKPT_INODE, buf.getvalue())
+            print(f"step {step}: checkpoint saved to fs3 ({buf.tell()} bytes)", flush=True)
+            return
+        self.poll(wait=True)
+        self.pending = (step, checkpoint.save(state, self.ckpt, fs=self.fs))
+        self.poll(wait=wait)
+
+    def poll(self, wait: bool = False) -> None:
+        """Report the save in flight once it is done (raising its error)."""
+        if self.pending is None or not (wait or self.pending[1].done()):
+            return
+        step, h = self.pending
+        self.pending = None
+        manifest = h.wait(300)
+        print(f"step {step}: checkpoint saved to fs3 ({manifest['bytes']} bytes of tensors, {self.ckpt}; "
+              f"the loop was held {h.blocked_s * 1000:.1f} ms, the write took {h.write_s * 1000:.0f} ms)", flush=True)
+
+    def close(self) -> None:
+        self.poll(wait=True)
+        for c in (self.client, self.fs):
+            if c is not None:
+                c.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=256, help="global batch (split over the ranks)")
     ap.add_argument("--ckpt-every", type=int, default=10)
     ap.add_argument("--step-sleep", type=float, default=0.1, help="pace the demo so a suspend lands mid-run")
+    ap.add_argument("--data", default=DATA_PATH, help="the FFRecord dataset (a directory of .ffr files) on fs3")
+    ap.add_argument("--ckpt", default=None, help=f"the checkpoint file on fs3 (default {CKPT_DIR}/chain-$HAI_CHAIN_ID)")
+    ap.add_argument("--mount", default=os.environ.get("FS3_MOUNT"),
+                    help="where fs3 is mounted (FUSE); without it the job uses the fs3 Python client")
     args = ap.parse_args()
+    if args.ckpt is None:
+        args.ckpt = f"{CKPT_DIR}/chain-{os.environ.get('HAI_CHAIN_ID') or os.environ.get('HAI_JOB_ID') or 'local'}"
 
     import torch
     from torch import nn
 
     import hfreduce
-    from fs3.client import ChunkClient
     from haiscale.ddp import DistributedDataParallel
 
     torch.set_num_threads(1)
@@ -103,18 +228,16 @@ def main() -> int:
     pg = hfreduce.init()
     rank, world = pg.rank, pg.world_size
     attempt = int(os.environ.get("HAI_RESTART_COUNT", "0"))
-    client = ChunkClient.from_cluster(os.environ["HAI_CLUSTER_FILE"], os.environ.get("HAI_NODE_NAME"))
+    data = JobData(args)
+    n = len(data)
 
-    data = np.load(io.BytesIO(blob_read(client, DATA_INODE)))
-    x_all, y_all = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
     torch.manual_seed(0)
-    model = DistributedDataParallel(nn.Sequential(nn.Linear(x_all.shape[1], 64), nn.Tanh(), nn.Linear(64, 1)))
+    model = DistributedDataParallel(nn.Sequential(nn.Linear(FEATURES, 64), nn.Tanh(), nn.Linear(64, 1)))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     start = 0
-    ckpt = blob_read(client, CKPT_INODE)
-    if ckpt is not None:
-        state = torch.load(io.BytesIO(ckpt), weights_only=True)
+    state = data.load()
+    if state is not None:
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = int(state["step"])
@@ -127,15 +250,16 @@ def main() -> int:
         import pwd
 
         print(f"{world} ranks on {len(nodes)} nodes ({', '.join(nodes)}); hfreduce kernel "
-              f"{hfreduce.info().get('kernel')}; running as {pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})",
-              flush=True)
+              f"{hfreduce.info().get('kernel')}; running as {pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()}); "
+              f"data: {n} samples from {data.where}", flush=True)
 
-    def save(step: int) -> None:
+    def save(step: int, wait: bool = False) -> None:
         if rank == 0:
-            buf = io.BytesIO()
-            torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "step": step}, buf)
-            blob_write(client, CKPT_INODE, buf.getvalue())
-            print(f"step {step}: checkpoint saved to fs3 ({buf.tell()} bytes)", flush=True)
+            data.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "step": step}, wait=wait)
+
+    def tensors(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(np.ascontiguousarray(rows))
+        return t[:, :FEATURES], t[:, FEATURES:]
 
     flag = np.zeros(1, np.int32)
     loss_v = float("nan")
@@ -144,31 +268,37 @@ def main() -> int:
         flag[0] = int(stop["flag"] or bool(control and os.path.exists(os.path.join(control, "suspend"))))
         hfreduce.allreduce(flag, op=hfreduce.ReduceOp.MAX)
         if flag[0]:
-            save(step)
+            save(step, wait=True)
             if rank == 0:
                 print(f"step {step}: suspend requested, checkpointed, exiting", flush=True)
             model.reducer.stop()
+            data.close()
             hfreduce.destroy()
             return 0
         g = torch.Generator().manual_seed(step)
-        idx = torch.randint(0, x_all.shape[0], (args.batch,), generator=g)
-        xb, yb = x_all[idx].chunk(world)[rank], y_all[idx].chunk(world)[rank]
+        idx = torch.randint(0, n, (args.batch,), generator=g)
+        xb, yb = tensors(data.batch(idx.chunk(world)[rank].tolist()))  # this rank's share, one batched read
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(xb), yb)
         loss.backward()
         opt.step()
         loss_v = loss.item()
-        if rank == 0 and step % 5 == 0:
-            print(f"step {step:3d} loss {loss_v:.4f}", flush=True)
+        if rank == 0:
+            data.poll()
+            if step % 5 == 0:
+                print(f"step {step:3d} loss {loss_v:.4f}", flush=True)
         if (step + 1) % args.ckpt_every == 0:
             save(step + 1)
         time.sleep(args.step_sleep)
+    if rank == 0:
+        data.poll(wait=True)
+    x_all, y_all = tensors(data.batch(list(range(n))))
     with torch.no_grad():
         full = nn.functional.mse_loss(model(x_all), y_all).item()
     if rank == 0:
         print(f"done: {args.steps} steps, last batch loss {loss_v:.4f}, full-data loss {full:.4f}", flush=True)
     model.reducer.stop()
-    client.close()
+    data.close()
     hfreduce.destroy()
     return 0
 

@@ -52,6 +52,7 @@ def fs(tmp_path_factory):
     try:
         wait_until(lambda: _serving(lc), 30, "every storage server registered and serving")
         f = FileSystem(lc.cluster_file)
+        f.test_cluster_file = lc.cluster_file  # for the demo job's $HAI_CLUSTER_FILE
         try:
             yield f
         finally:
@@ -133,3 +134,37 @@ def test_checkpoint_on_fs3(fs):
     checkpoint.load("/ck/big", fs=fs)
     load_s = time.monotonic() - t
     print(f"64 MiB on fs3: sync save {sync_s:.2f}s, save() blocked {h.blocked_s:.3f}s, load {64 / 1.048576 / load_s:.0f} MB/s")
+
+
+def test_the_demo_job_reads_ffrecord_and_resumes_from_its_fs3_checkpoint(fs):
+    """examples/demo_train.py as one rank (hfreduce from torchrun's variables): the dataset that
+    prepare_fs3 writes, a checkpoint through fs3.checkpoint, and a second run resuming from it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from examples.demo_train import prepare_fs3
+
+    summary = prepare_fs3(fs, root="/demo")
+    assert summary["samples"] == 4096 and sorted(fs.listdir("/demo/train")) == ["part-00.ffr", "part-01.ffr"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HAI_CHAIN_ID": "77",
+           "HAI_CLUSTER_FILE": str(fs.test_cluster_file)}
+
+    def run(steps: int) -> str:
+        r = subprocess.run([sys.executable, str(ROOT / "examples" / "demo_train.py"), "--steps", str(steps),
+                            "--ckpt-every", "5", "--step-sleep", "0", "--batch", "64"],
+                           env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    out = run(12)
+    assert "no checkpoint on fs3, starting at step 0" in out and "from the FFRecord dataset /demo/train" in out
+    assert "step 10: checkpoint saved to fs3" in out and "done: 12 steps" in out
+    assert fs.exists("/demo/ckpt/chain-77")
+    out = run(15)
+    assert "resumed from the fs3 checkpoint at step 10" in out and "done: 15 steps" in out
