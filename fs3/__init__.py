@@ -52,3 +52,40 @@ __all__ = [
     "NoSpace", "NotADirectory", "NotEmpty", "NotFound", "NotPermitted", "PermissionDenied", "StaleHandle",
     "TooManyLinks",
 ]
+
+# the file client (fs3.client.files): fs3.open("/path", "rb") and friends over a default FileSystem
+# (the running local cluster, or $HAI_CLUSTER_FILE / $FIREFLYER_CLUSTER)
+from .client.files import (  # noqa: E402 - after the errors the client's modules import
+    FileSystem,
+    chmod,
+    exists,
+    link,
+    listdir,
+    lstat,
+    makedirs,
+    mkdir,
+    open,  # noqa: A004 - fs3.open, like io.open
+    read_batch,
+    read_file,
+    readlink,
+    remove,
+    rename,
+    replace,
+    rmdir,
+    rmtree,
+    scandir,
+    stat,
+    statfs,
+    symlink,
+    truncate,
+    unlink,
+    utime,
+    walk,
+    write_file,
+)
+
+__all__ += [
+    "FileSystem", "chmod", "exists", "link", "listdir", "lstat", "makedirs", "mkdir", "open", "read_batch",
+    "read_file", "readlink", "remove", "rename", "replace", "rmdir", "rmtree", "scandir", "stat", "statfs",
+    "symlink", "truncate", "unlink", "utime", "walk", "write_file",
+]
