@@ -377,6 +377,9 @@ class Checkpointer:
         try:
             if event is not None:
                 event.synchronize()
+            d = backend.split(path)[0]
+            if d and not backend.exists(d):
+                backend.makedirs(d)
             _clean_tmp(backend, path, keep=tmp)
             manifest = _write_file(backend, tmp, tree, entries, buf, data_len)
             backend.replace(tmp, path)

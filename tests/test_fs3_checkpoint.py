@@ -226,3 +226,15 @@ def test_through_the_fs3_seam(tmp_path):
     assert_same(back["model"], state["model"])
     assert_same(back["optim"], state["optim"])
     assert (tmp_path / "ck" / "latest").exists() and not [x for x in os.listdir(tmp_path / "ck") if ".tmp-" in x]
+
+
+def test_missing_directories_are_made_and_errors_come_back_on_wait(tmp_path):
+    checkpoint.save({"x": torch.ones(3)}, tmp_path / "a" / "b" / "ck").wait(30)
+    assert torch.equal(checkpoint.load(tmp_path / "a" / "b" / "ck")["x"], torch.ones(3))
+    (tmp_path / "file").write_text("not a directory")
+    h = checkpoint.save({"x": torch.ones(3)}, tmp_path / "file" / "ck")
+    with pytest.raises(checkpoint.CheckpointError, match="file/ck"):
+        h.wait(30)
+    assert h.done()
+    with pytest.raises(FileNotFoundError):
+        checkpoint.load(tmp_path / "nothing")
