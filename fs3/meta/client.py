@@ -339,7 +339,7 @@ class MetaClient:
         self._session_opened(r.get("session"))
         return r
 
-    def close(self, ino: int | None = None, session: str | None = None, wrote: bool = False,
+    def close(self, ino: int | None = None, session: int | None = None, wrote: bool = False,
               length: int | None = None, mtime: int | None = None, *, user: dict | None = None) -> Attrs | None:
         """``meta.close`` of a file's session; without ``ino``, :meth:`shutdown` (closes this client)."""
         if ino is None:
@@ -347,14 +347,14 @@ class MetaClient:
             return None
         return self.close_file(ino, session, wrote, length, mtime, user=user)
 
-    def close_file(self, ino: int, session: str | None, wrote: bool = False, length: int | None = None,
+    def close_file(self, ino: int, session: int | None, wrote: bool = False, length: int | None = None,
                    mtime: int | None = None, *, user: dict | None = None) -> Attrs:
         """``meta.close``: end a session (``wrote``: make the length exact; ``length``: the end of
         the highest write; ``mtime`` in ns)."""
         return _attrs(self.call("close", {"ino": ino, "session": session, "wrote": wrote, "length": length,
                                           "mtime": mtime}, user=user))
 
-    def sync(self, ino: int, session: str | None, wrote: bool = True, length: int | None = None, *,
+    def sync(self, ino: int, session: int | None, wrote: bool = True, length: int | None = None, *,
              mtime: int | None = None, user: dict | None = None) -> Attrs:
         return _attrs(self.call("sync", {"ino": ino, "session": session, "wrote": wrote, "length": length,
                                          "mtime": mtime}, user=user))
@@ -362,7 +362,7 @@ class MetaClient:
     def renew(self) -> int:
         return self.call("renew", {"client": self.client_id})["renewed"]
 
-    def truncate(self, path: str | None = None, size: int = 0, *, ino: int | None = None, session: str | None = None,
+    def truncate(self, path: str | None = None, size: int = 0, *, ino: int | None = None, session: int | None = None,
                  user: dict | None = None) -> Attrs:
         return _attrs(self.call("truncate", {**self._inode(ino, path), "size": size, "session": session}, user=user))
 

@@ -5,7 +5,7 @@
   opened before the last truncate does not push the length back out);
 - ``fs3_dirents``: ``(parent, name) -> ino, type``; the primary key orders a directory's entries
   by name, bytewise (``COLLATE "C"`` on PostgreSQL), so readdir pages by key;
-- ``fs3_sessions``: open files (``id -> ino, client, write, expires, tver``);
+- ``fs3_sessions``: open files (``id`` (a random 63-bit integer) ``-> ino, client, write, expires, tver``);
 - ``fs3_gc``: inodes whose link count reached 0 (removed with their chunks once closed, after
   ``gc_delay``);
 - ``fs3_counters``: named counters (``ino``: the next unallocated inode id, taken in blocks).
@@ -24,6 +24,8 @@ MAX_INO = (1 << 40) - 1
 
 # names sort bytewise on both backends: SQLite compares TEXT with memcmp, PostgreSQL needs "C"
 _Name = String(1024).with_variant(String(1024, collation="C"), "postgresql")
+# a 64-bit key that is SQLite's rowid ("INTEGER PRIMARY KEY"; "BIGINT PRIMARY KEY" would add an index)
+_Id = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -32,7 +34,7 @@ class Base(DeclarativeBase):
 
 class Inode(Base):
     __tablename__ = "fs3_inodes"
-    ino: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    ino: Mapped[int] = mapped_column(_Id, primary_key=True, autoincrement=False)
     type: Mapped[str] = mapped_column(String(8))
     mode: Mapped[int] = mapped_column(Integer)
     uid: Mapped[int] = mapped_column(BigInteger)
@@ -55,22 +57,23 @@ class Dirent(Base):
     ino: Mapped[int] = mapped_column(BigInteger)
     type: Mapped[str] = mapped_column(String(8))
 
-    __table_args__ = (Index("fs3_dirents_ino", "ino"),)
+    # clustered by (parent, name) on SQLite too: a directory's entries are one range of one b-tree
+    __table_args__ = (Index("fs3_dirents_ino", "ino"), {"sqlite_with_rowid": False})
 
 
 class Session(Base):
     __tablename__ = "fs3_sessions"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    id: Mapped[int] = mapped_column(_Id, primary_key=True, autoincrement=False)  # random 63-bit
     ino: Mapped[int] = mapped_column(BigInteger, index=True)
     client: Mapped[str] = mapped_column(String(200), index=True)
     write: Mapped[bool] = mapped_column(Boolean)
-    expires: Mapped[float] = mapped_column(Float, index=True)
+    expires: Mapped[float] = mapped_column(Float)  # pruning scans: few sessions, once a second
     tver: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class GcEntry(Base):
     __tablename__ = "fs3_gc"
-    ino: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    ino: Mapped[int] = mapped_column(_Id, primary_key=True, autoincrement=False)
     since: Mapped[float] = mapped_column(Float)
 
 

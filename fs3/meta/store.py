@@ -271,6 +271,9 @@ class MetaStore:
             self._conn_exc: tuple = (psycopg.OperationalError, psycopg.InterfaceError)
         self._free: list = []
         self._free_lock = threading.Lock()
+        # SQLite: one writer at a time in this process, handed over by a lock (SQLite's own busy
+        # handler polls with sleeps of 1 ms and more: a queue of writers would mostly sleep)
+        self._write_lock = threading.Lock() if self.sqlite else None
         self._max_idle = max_idle
         self._ids_lock = threading.Lock()
         self._next_id = 0
@@ -342,13 +345,21 @@ class MetaStore:
             keep = True
             try:
                 if self.sqlite:
-                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    wl = self._write_lock if write else None
+                    if wl is not None and not wl.acquire(timeout=30.0):
+                        raise MetaUnavailable(f"meta store {what}: no turn to write within 30 s (a stuck "
+                                              f"transaction?)")
                     try:
-                        out = fn(_Conn(conn.cursor(), self.dialect))
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        conn.execute("ROLLBACK")
-                        raise
+                        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                        try:
+                            out = fn(_Conn(conn.cursor(), self.dialect))
+                            conn.execute("COMMIT")
+                        except BaseException:
+                            conn.execute("ROLLBACK")
+                            raise
+                    finally:
+                        if wl is not None:
+                            wl.release()
                 else:
                     try:
                         out = fn(_Conn(conn.cursor(), self.dialect))
@@ -512,8 +523,8 @@ class MetaStore:
         c.execute(_INS_INODE, row)
         return row
 
-    def _add_session(self, c, ino: int, client: str, write: bool, tver: int) -> str:
-        sid = secrets.token_hex(8)
+    def _add_session(self, c, ino: int, client: str, write: bool, tver: int) -> int:
+        sid = secrets.randbits(63) or 1
         c.execute(_INS_SESSION, {"id": sid, "ino": ino, "client": str(client or "")[:200], "write": bool(write),
                                  "expires": time.time() + self.session_ttl, "tver": tver})
         return sid
@@ -674,7 +685,7 @@ class MetaStore:
 
         return self._tx(run, write=True, what="open")
 
-    def close(self, user: User, *, ino: Any, session: str | None, wrote: bool = False, length: int | None = None,
+    def close(self, user: User, *, ino: Any, session: Any, wrote: bool = False, length: int | None = None,
               mtime: int | None = None, storage_length: int | None = None, keep: bool = False) -> dict:
         """End a session (``keep``: a sync, the session stays and is renewed); a session that wrote
         sets the length: the larger of the file's size, the exact length from storage and, unless
@@ -683,7 +694,7 @@ class MetaStore:
 
         def run(c) -> dict:
             r = self._inode(c, ino, f"meta.{what}")
-            s = c.execute(_SEL_SESSION, {"id": session}).first() if session else None
+            s = c.execute(_SEL_SESSION, {"id": _sid(session, f"meta.{what}")}).first() if session else None
             if s is not None and s.ino != r.ino:
                 raise InvalidArgument(f"meta.{what}: session {session} belongs to inode {s.ino}, not {r.ino}")
             if s is not None:
@@ -705,7 +716,7 @@ class MetaStore:
 
         return self._tx(run, write=True, what=what)
 
-    def sync(self, user: User, *, ino: Any, session: str | None, wrote: bool = False, length: int | None = None,
+    def sync(self, user: User, *, ino: Any, session: Any, wrote: bool = False, length: int | None = None,
              mtime: int | None = None, storage_length: int | None = None) -> dict:
         return self.close(user, ino=ino, session=session, wrote=wrote, length=length, mtime=mtime,
                           storage_length=storage_length, keep=True)
@@ -716,15 +727,15 @@ class MetaStore:
                                                             "exp": time.time() + self.session_ttl}).rowcount,
                         write=True, what="renew")
 
-    def drop_session(self, sid: str) -> None:
+    def drop_session(self, sid: int) -> None:
         self._tx(lambda c: c.execute(_DEL_SESSION, {"id": sid}), write=True, what="drop session")
 
-    def session(self, sid: str) -> dict | None:
-        r = self._tx(lambda c: c.execute(_SEL_SESSION, {"id": sid}).first(), write=False, what="session")
+    def session(self, sid: int) -> dict | None:
+        r = self._tx(lambda c: c.execute(_SEL_SESSION, {"id": _sid(sid, 'meta.session')}).first(), write=False, what="session")
         return None if r is None else r._asdict()
 
     def truncate(self, user: User, *, ino: Any = None, path: str | None = None, size: int,
-                 session: str | None = None) -> dict:
+                 session: Any = None) -> dict:
         """Set a file's size: ``{"attrs", "trim": (old size, layout)}``; a truncate through a
         write session needs no permission check (it was checked at open, like ftruncate)."""
         size = _size(size, "meta.truncate")
@@ -735,7 +746,7 @@ class MetaStore:
                 raise IsADirectory(f"meta.truncate: inode {r.ino} is a directory")
             if r.type != "file":
                 raise InvalidArgument(f"meta.truncate: inode {r.ino} is a {r.type}")
-            s = c.execute(_SEL_SESSION, {"id": session}).first() if session else None
+            s = c.execute(_SEL_SESSION, {"id": _sid(session, "meta.truncate")}).first() if session else None
             if s is None or not s.write or s.ino != r.ino:
                 perm.check(user, r, W, f"meta.truncate of inode {r.ino}")
             _check_size_fits(size, r)
@@ -1091,6 +1102,13 @@ def _symlink_path(c, store: MetaStore, parent: int, name: str, target: str) -> s
         names.append(r.name)
         p = r.parent
     return "/" + "/".join([*reversed(names), target])
+
+
+def _sid(session: Any, where: str) -> int:
+    try:
+        return int(session)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{where}: session must be the integer id meta gave, got {session!r:.40}") from None
 
 
 def _size(size: Any, where: str) -> int:
