@@ -155,9 +155,9 @@ def test_the_demo_job_reads_ffrecord_and_resumes_from_its_fs3_checkpoint(fs):
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HAI_CHAIN_ID": "77",
            "HAI_CLUSTER_FILE": str(fs.test_cluster_file)}
 
-    def run(steps: int) -> str:
+    def run(steps: int, *more: str) -> str:
         r = subprocess.run([sys.executable, str(ROOT / "examples" / "demo_train.py"), "--steps", str(steps),
-                            "--ckpt-every", "5", "--step-sleep", "0", "--batch", "64"],
+                            "--ckpt-every", "5", "--step-sleep", "0", "--batch", "64", *more],
                            env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 0, r.stdout + r.stderr
         return r.stdout
@@ -168,3 +168,12 @@ def test_the_demo_job_reads_ffrecord_and_resumes_from_its_fs3_checkpoint(fs):
     assert fs.exists("/demo/ckpt/chain-77")
     out = run(15)
     assert "resumed from the fs3 checkpoint at step 10" in out and "done: 15 steps" in out
+
+    # a demo that still writes the previous blob (no FFRecord dataset): the job falls back to it
+    from examples.demo_train import DATA_INODE, blob_write, make_dataset
+    from fs3.client import ChunkClient
+
+    with ChunkClient.from_cluster(fs.test_cluster_file) as client:
+        blob_write(client, DATA_INODE, make_dataset())
+    out = run(6, "--data", "/no-such-dataset")
+    assert f"from the fs3 blob {DATA_INODE}" in out and "step 5: checkpoint saved to fs3" in out
