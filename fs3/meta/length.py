@@ -34,7 +34,7 @@ class LengthProbe:
         self.chunks = chunks
         self.timeout = timeout
         self._pools: dict[tuple[str, int], RpcPool] = {}
-        self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fs3-meta-trim")
+        self._workers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fs3-meta-storage")
 
     def close(self) -> None:
         self._workers.shutdown(wait=True)
@@ -85,9 +85,13 @@ class LengthProbe:
             return 0
         cs = int(layout["chunk_size"])
         lo, hi = file_chunk_id(ino, 0), (ino + 1) << INDEX_BITS
+        chains = list(dict.fromkeys(layout["chains"]))
+        if len(chains) == 1:
+            found = [self.last_chunk(chains[0], lo, hi)]
+        else:  # one question per chain, asked at once
+            found = list(self._workers.map(lambda ch: self.last_chunk(ch, lo, hi), chains))
         end = 0
-        for chain in dict.fromkeys(layout["chains"]):
-            chunk, length = self.last_chunk(chain, lo, hi)
+        for chunk, length in found:
             if chunk is not None:
                 end = max(end, (chunk - lo) * cs + length)
         return end
