@@ -268,3 +268,14 @@ def test_two_meta_servers_on_postgres_create_and_rename_in_one_directory(launch_
         # both servers see one namespace
         with MetaClient([eps[0]], credential=lc.credential, timeout=30) as m0:
             assert m0.stat("/shared/same0").ino == m1.stat("/shared/same0").ino
+
+
+def test_a_credential_no_server_accepts_fails_at_once(cluster):
+    from network import AuthError
+    from network.auth import new_cluster_key
+
+    with MetaClient(cluster.cluster_file, credential=new_cluster_key(), timeout=20) as m:
+        t = time.monotonic()
+        with pytest.raises(AuthError):
+            m.stat("/")
+        assert time.monotonic() - t < 10

@@ -39,7 +39,7 @@ from network import (
     client_credential,
     load_cluster,
 )
-from network.errors import NoSuchMethod
+from network.errors import AuthError, NoSuchMethod
 
 from ..config import Fs3Config
 from ..errors import MetaError, MetaUnavailable, from_remote
@@ -203,7 +203,7 @@ class MetaClient:
         start = self._preferred
         delay = 0.05
         last: Exception | None = None
-        attempt = 0
+        attempt = refused = 0
         while True:
             i = (start + attempt) % n
             try:
@@ -214,17 +214,21 @@ class MetaClient:
                 return res
             except RemoteError as exc:
                 err = from_remote(exc)
-                if isinstance(err, MetaError) and not isinstance(err, MetaUnavailable):
-                    raise err from None
-                if not isinstance(err, MetaUnavailable) and exc.kind not in ("AuthError",):
+                if not isinstance(err, MetaUnavailable):
                     raise err from None
                 last = err
             except NoSuchMethod:
                 raise
             except (TransportError, RpcError, OSError) as exc:
                 last = exc
+                if isinstance(exc, AuthError):
+                    refused += 1
             attempt += 1
             self.stats["failovers"] += 1
+            if attempt % n == 0:
+                if refused == n:  # every server refused the credential: waiting will not help
+                    raise last  # type: ignore[misc]
+                refused = 0
             if time.monotonic() >= deadline:
                 raise MetaUnavailable(f"meta.{op}: no meta server answered within "
                                       f"{self.timeout if timeout is None else timeout} s "

@@ -26,7 +26,15 @@ from network.service import parse_service_args, service_parser, wait_for_shutdow
 
 from ..client.chunks import ChunkClient
 from ..config import Fs3Config, node_data_dir
-from ..errors import ClientError, Fs3ConfigError, Fs3Error, InvalidArgument, MetaError, MetaUnavailable
+from ..errors import (
+    ClientError,
+    Fs3ConfigError,
+    Fs3Error,
+    InvalidArgument,
+    MetaError,
+    MetaUnavailable,
+    NoSpace,
+)
 from .gc import GcWorker
 from .layout import choose_layout
 from .length import LengthProbe
@@ -126,9 +134,13 @@ class MetaServer:
     # -- helpers --------------------------------------------------------------------------------------
     def _layout(self, ino: int) -> dict:
         try:
-            return choose_layout(ino, self.chunks.routing, self.cfg.stripe)  # type: ignore[union-attr]
+            lay = choose_layout(ino, self.chunks.routing, self.cfg.stripe)  # type: ignore[union-attr]
         except ClientError as exc:
             raise MetaUnavailable(f"fs3.meta: no routing table to place a new file: {exc}") from None
+        if not lay["chains"]:
+            raise NoSpace("fs3.meta: the routing table has no chains to place a new file on (are the storage "
+                          "servers registered with mgmtd?)")
+        return lay
 
     def _layout_of(self, ino: int) -> dict | None:
         """A file's layout (immutable, so kept; the store is asked once per inode)."""
