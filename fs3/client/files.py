@@ -504,6 +504,9 @@ class File(io.RawIOBase):
         self._cache: memoryview | None = None
         self._cstart = 0
         self._last_read_end = 0
+        self._streak = 0  # sequential reads in a row
+        self._prefetch: tuple[int, int, Future] | None = None  # (start, length, the window's bytes)
+        self._spare: list[bytearray] = []  # read-ahead buffers to reuse
 
     # -- io.RawIOBase --------------------------------------------------------------------------------
     def readable(self) -> bool:
@@ -566,22 +569,79 @@ class File(io.RawIOBase):
             n = max(0, min(mv.nbytes, size - pos))
             if n == 0:
                 return 0
-            c = self._cache
-            if c is not None and self._cstart <= pos and pos + n <= self._cstart + c.nbytes:
-                a = pos - self._cstart
-                mv[:n] = c[a:a + n]
-            elif n >= self._ra or self._ra == 0 or (pos != self._last_read_end and pos != 0):
-                # large, or random: straight into the caller's buffer
-                self.fs.data.readinto(self.ino, self.layout, pos, mv[:n], size)
-            else:
+            sequential = pos == self._last_read_end
+            self._streak = self._streak + 1 if sequential else 0
+            done = 0
+            while done < n:
+                p = pos + done
+                c = self._cache
+                if c is not None and self._cstart <= p < self._cstart + c.nbytes:
+                    a = p - self._cstart
+                    k = min(n - done, c.nbytes - a)
+                    mv[done:done + k] = c[a:a + k]
+                    done += k
+                    continue
+                pf = self._prefetch
+                if pf is not None and pf[0] <= p < pf[0] + pf[1]:
+                    self._prefetch = None
+                    window = pf[2].result(timeout=2 * self.fs.chunks.timeout + 10)
+                    self._recycle()
+                    self._cache, self._cstart = window, pf[0]
+                    continue
+                rest = n - done
+                if rest >= self._ra or self._ra == 0 or not (sequential or p == 0):
+                    # large, or random: straight into the caller's buffer
+                    self.fs.data.readinto(self.ino, self.layout, p, mv[done:n], size)
+                    done = n
+                    break
                 # sequential and small: read ahead (one batched read of several chunks)
-                want = min(self._ra, size - pos)
-                buf = bytearray(want)
-                self.fs.data.readinto(self.ino, self.layout, pos, buf, size)
-                self._cache, self._cstart = memoryview(buf), pos
-                mv[:n] = self._cache[:n]
+                self._recycle()
+                self._cache, self._cstart = self._read_window(p, min(self._ra, size - p)), p
             self._pos = self._last_read_end = pos + n
+            if self._streak >= 1 and 0 < n < self._ra:  # a large read brings its own parallelism
+                self._start_prefetch(pos + n, n)
             return n
+
+    def _forget_reads(self) -> None:
+        """Drop what was read ahead (a write or truncate of this handle changed the file)."""
+        self._cache = None
+        self._prefetch = None  # a window in flight lands in its own buffer, unused
+
+    def _recycle(self) -> None:
+        """Keep the read-ahead buffer being replaced for the next window (memory the kernel has
+        already mapped: a fresh buffer per window costs page faults on every byte received)."""
+        if self._cache is not None:
+            buf = self._cache.obj
+            self._cache = None
+            if len(self._spare) < 2:
+                self._spare.append(buf)
+
+    def _buffer(self, n: int) -> memoryview:
+        while self._spare:
+            buf = self._spare.pop()
+            if len(buf) >= n:
+                return memoryview(buf)[:n]
+        return memoryview(bytearray(n))
+
+    def _read_window(self, start: int, n: int, buf: memoryview | None = None) -> memoryview:
+        buf = self._buffer(n) if buf is None else buf
+        self.fs.data.readinto(self.ino, self.layout, start, buf, self._size)
+        return buf
+
+    def _start_prefetch(self, at: int, last: int) -> None:
+        """[Note: sequential prefetch] A sequential reader of pieces smaller than the read-ahead gets
+        the next window (four times its last read, the read-ahead at least, 64 MiB at most)
+        fetched in the background while it works on what it has: the chains stay busy between its
+        calls (one copy per byte; measured 1.3x on 1 MiB reads). Reads of the read-ahead or more go
+        straight into the caller's buffer instead: a prefetch's copy made them slower."""
+        c = self._cache
+        if c is not None and self._cstart <= at < self._cstart + c.nbytes:
+            at = self._cstart + c.nbytes  # what the cache holds needs no fetching
+        window = min(max(self._ra, 4 * last), 64 << 20)
+        if self._prefetch is not None or at >= self._size or at - self._pos > window:
+            return  # one window in flight at a time, started when less than a window is left
+        want = min(window, self._size - at)
+        self._prefetch = (at, want, self.fs._flushers.submit(self._read_window, at, want, self._buffer(want)))
 
     def read1(self, size: int = -1) -> bytes:
         return self.read(size)
@@ -626,7 +686,7 @@ class File(io.RawIOBase):
             if self._append:
                 self._pos = self._size
             pos = self._pos
-            self._cache = None
+            self._forget_reads()
             if self._wbuf and pos != self._wstart + len(self._wbuf):
                 self._send_buffer(whole_only=False)  # not contiguous with the buffer: send it first
             cs = self._cs
@@ -728,7 +788,7 @@ class File(io.RawIOBase):
             kw = {"session": self.session} if self.session is not None else {}
             self.fs._call("truncate", self.name, ino=self.ino, size=size, **kw)
             self._size = size
-            self._cache = None
+            self._forget_reads()
             if self._end is not None and self._end > size:
                 self._end = size
             return size
@@ -750,7 +810,7 @@ class File(io.RawIOBase):
                     self.fs._call("close", self.name, ino=self.ino, session=self.session, wrote=self._wrote,
                                   length=self._end, mtime=None)
             finally:
-                self._cache = None
+                self._forget_reads()
                 super().close()
             if err is not None:
                 raise err
