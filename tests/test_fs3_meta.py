@@ -392,3 +392,14 @@ def test_identity_of_key_ids():
     assert user_of_key_id("job:42") == User(65534, (65534,))
     assert user_of_key_id("job:42/uid=x") == User(65534, (65534,))
     assert user_of_key_id("user:alice") == User(65534, (65534,))
+
+
+def test_atime_is_relatime(store):
+    s = store
+    f = _file(s, "/f", length=1)
+    a1 = s.open(ROOT_USER, path="/f")["attrs"]["atime"]
+    assert a1 > f["mtime"] and s.stat(ROOT_USER, path="/f")["atime"] == a1  # first read after a write
+    assert s.open(ROOT_USER, path="/f")["attrs"]["atime"] == a1  # then not again (until the next write)
+    r = s.open(ROOT_USER, path="/f", write=True, client="w")
+    s.close(ROOT_USER, ino=f["ino"], session=r["session"], wrote=True, length=2)
+    assert s.open(ROOT_USER, path="/f")["attrs"]["atime"] > a1

@@ -677,13 +677,23 @@ class MetaStore:
                 c.execute(_SET_TRUNC, {"k": r.ino, "size": 0, "tv": tver, "now": now})
                 r = self._row(c, r.ino)
             elif not write and (r.atime <= r.mtime or now - r.atime > _RELATIME_NS):
+                if not writing:
+                    return {"attrs": attrs_of(r), "session": None, "trim": None, "atime": r.ino}
                 c.execute(_SET_ATIME, {"k": r.ino, "now": now})  # relatime
                 r = self._row(c, r.ino)
             sid = self._add_session(c, r.ino, client, write, tver) if (write or session) and r.type == "file" \
                 else None
             return {"attrs": attrs_of(r), "session": sid, "trim": trim}
 
-        return self._tx(run, write=True, what="open")
+        # a plain read open only reads (relatime: its atime update, when due, follows on its own)
+        writing = bool(write or trunc or session)
+        out = self._tx(run, write=writing, what="open")
+        k = out.pop("atime", None)
+        if k is not None:
+            now = time.time_ns()
+            self._tx(lambda c: c.execute(_SET_ATIME, {"k": k, "now": now}), write=True, what="open (atime)")
+            out["attrs"]["atime"] = now
+        return out
 
     def close(self, user: User, *, ino: Any, session: Any, wrote: bool = False, length: int | None = None,
               mtime: int | None = None, storage_length: int | None = None, keep: bool = False) -> dict:
