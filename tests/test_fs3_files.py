@@ -239,6 +239,30 @@ def test_many_chunks_and_chains(fs, d):
             assert f.read(5000) == data[off:min(off + 5000, 32 * CS)]
 
 
+def test_read_ahead_sees_own_writes(fs, d):
+    p = f"{d}/ra"
+    data = bytearray(_blob(12 * CS, 6))
+    fs.write_file(p, data)
+    with fs.open(p, "r+b") as f:
+        got = bytearray()
+        for k in range(40):  # sequential small reads: read-ahead and a prefetched window
+            got += f.read(1000)
+        pos = f.tell()
+        f.seek(pos + 5000)  # a write just ahead of the reader, inside what was read ahead
+        f.write(b"W" * 100)
+        data[pos + 5000:pos + 5100] = b"W" * 100
+        f.seek(pos)
+        while len(got) < len(data):
+            b = f.read(7000)
+            assert b
+            got += b
+        assert got == data
+        f.seek(3 * CS)
+        f.truncate()
+        assert f.read(10) == b""
+    assert fs.read_file(p) == data[:3 * CS]
+
+
 def test_concurrent_writers(fs, d):
     errors: list[BaseException] = []
     blobs = {i: _blob(rng_n, i) for i, rng_n in enumerate([3 * CS + 1, 5 * CS, 7, CS, 2 * CS + 9, 11 * CS])}
@@ -347,6 +371,10 @@ def test_permissions_with_a_job_credential(cluster, fs, d):
         with pytest.raises(PermissionError):
             job.open(f"{d}/public", "r+b")
         assert job.read_file(f"{d}/public") == b"for all"
+        with FileSystem(cluster.cluster_file, credential=cred) as job2:  # no open before: read_batch alone
+            assert [bytes(v) for v in job2.read_batch([(f"{d}/public", 4, 3)])] == [b"all"]
+            with pytest.raises(PermissionError):
+                job2.read_batch([(f"{d}/private", 0, 1)])
         fs.mkdir(f"{d}/shared", 0o777)
         job.write_file(f"{d}/shared/mine", b"job data")
         assert job.stat(f"{d}/shared/mine").uid == 1234

@@ -161,6 +161,8 @@ class FileSystem:
         self.chunks = chunks
         self.data = FileData(chunks)
         self._flushers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fs3-flush")
+        self._lock = threading.Lock()
+        self._readable: set[int] = set()  # inodes read_batch has opened for reading
         self._closed = False
 
     @property
@@ -238,7 +240,12 @@ class FileSystem:
 
     def read_batch(self, requests: list[tuple[str | os.PathLike, int, int]]) -> list[memoryview]:
         """Many ``(path, offset, length)`` ranges (of many files) in one batched stat and one batched
-        chunk read; a view per range, clipped at its file's end."""
+        chunk read; a view per range (of a fresh, writable buffer), clipped at its file's end.
+
+        [Note: read_batch and permissions] The first read of a file by this FileSystem opens it
+        for reading (``meta.open`` without a session: the read permission check, and a job's
+        data-path capability); later batches only stat it, like reads through an open file
+        descriptor, which keeps its access after a chmod."""
         paths = [_norm(r[0]) for r in requests]
         uniq = list(dict.fromkeys(paths))
         if not uniq:
@@ -253,7 +260,13 @@ class FileSystem:
                 raise to_oserror(_remote_meta_error(it), p)
             if _get(it, "type") != "file":
                 raise to_oserror(_isdir_error(p), p)
-            self._grant(it)
+            ino = _get(it, "ino")
+            if ino not in self._readable:
+                self._grant(self._call("open", p, ino=ino, write=False, trunc=False, session=False))
+                with self._lock:
+                    if len(self._readable) >= 1 << 16:
+                        self._readable.clear()
+                    self._readable.add(ino)
             by_path[p] = it
         reqs = []
         for p, (_, offset, length) in zip(paths, requests, strict=True):
