@@ -189,6 +189,18 @@ _DEL_GC = _Q(delete(gc).where(gc.c.ino == bindparam("k")))
 _LAYOUT = _Q(select(_I.layout).where(_I.ino == bindparam("k")))
 _TAKE_IDS = _Q(update(counters).where(counters.c.name == bindparam("n")).values(value=bindparam("v")))
 
+_SETATTR: dict[tuple, _Q] = {}
+
+
+def _set_attrs(cols: tuple[str, ...]) -> _Q:
+    """``UPDATE inodes SET <cols> WHERE ino = :k`` (values ``v_<col>``), one per set of columns."""
+    q = _SETATTR.get(cols)
+    if q is None:
+        q = _SETATTR[cols] = _Q(update(inodes).where(_I.ino == bindparam("k")).values(
+            **{col: bindparam(f"v_{col}") for col in cols}))
+    return q
+
+
 _layouts: dict[str, dict] = {}  # layout text -> parsed (layouts never change)
 
 
@@ -804,7 +816,7 @@ class MetaStore:
                 trim = (r.size, _layout(r.layout))
             if vals:
                 vals["ctime"] = now
-                c.execute(update(inodes).where(_I.ino == r.ino).values(**vals))
+                c.execute(_set_attrs(tuple(sorted(vals))), {"k": r.ino, **{f"v_{k}": v for k, v in vals.items()}})
                 r = self._row(c, r.ino)
             return {"attrs": attrs_of(r), "trim": trim}
 
