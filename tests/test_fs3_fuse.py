@@ -1,7 +1,8 @@
 """The fs3 FUSE mount end to end: mgmtd, three storage servers and a meta server as real processes
 (local launcher), one mount (a daemon process) per module, plain ``open``/``os`` calls through it.
 
-Skipped, with the reason, without /dev/fuse, pyfuse3 or the right to mount (root here).
+Skipped, with the reason, without /dev/fuse, pyfuse3 or the right to mount (root here). The unit
+tests of the write buffer and the read-ahead at the end need neither.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _why_not() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.fuse, pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))]
+_needs_mount = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
 
 
 def _cluster_file(tmp: Path) -> Path:
@@ -116,6 +117,8 @@ def _as_user(uid: int, script: str) -> subprocess.CompletedProcess:
 
 
 # -- files ------------------------------------------------------------------------------------------------
+@pytest.mark.fuse
+@_needs_mount
 def test_create_write_read_append_overwrite(mnt):
     p = mnt / "a.txt"
     with open(p, "wb") as f:
@@ -148,6 +151,8 @@ def test_create_write_read_append_overwrite(mnt):
     assert p.read_bytes() == b"x12"
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_truncate_up_and_down(mnt):
     p = mnt / "t.bin"
     data = random.Random(1).randbytes(5 * CHUNK + 123)
@@ -165,6 +170,8 @@ def test_truncate_up_and_down(mnt):
     assert p.read_bytes() == b""
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_rename_over_an_existing_file(mnt):
     (mnt / "r1").write_bytes(b"one")
     (mnt / "r2").write_bytes(b"two")
@@ -183,6 +190,8 @@ def test_rename_over_an_existing_file(mnt):
     assert e.value.errno == errno.EINVAL
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_unlink_while_open_keeps_the_data_until_close(mnt, cluster):
     from fs3.client import ChunkClient
     from fs3.client.chunks import file_chunk_id
@@ -213,6 +222,8 @@ def test_unlink_while_open_keeps_the_data_until_close(mnt, cluster):
         wait_until(gone, 20, "the unlinked file's chunks are removed once it is closed (gc_delay 0)")
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_hard_links_and_symlinks(mnt):
     (mnt / "h1").write_bytes(b"linked")
     os.link(mnt / "h1", mnt / "h2")
@@ -232,6 +243,8 @@ def test_hard_links_and_symlinks(mnt):
         os.link(mnt / "ldir", mnt / "ldir2")
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_files_spanning_many_chunks_and_chains(mnt, cluster):
     rng = random.Random(3)
     big = rng.randbytes(40 * CHUNK + 1000)  # 41 chunks over every chain of the stripe
@@ -262,6 +275,8 @@ def test_files_spanning_many_chunks_and_chains(mnt, cluster):
     assert len(got) == 10 * CHUNK + 8 and got[-3:] == b"end" and not any(got[:-3])
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_concurrent_writers_to_different_files(mnt):
     os.mkdir(mnt / "conc")
     errors: list[BaseException] = []
@@ -285,6 +300,8 @@ def test_concurrent_writers_to_different_files(mnt):
         assert (mnt / "conc" / f"f{i}").read_bytes() == d
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_directory_listing(mnt):
     d = mnt / "many"
     os.mkdir(d)
@@ -304,6 +321,8 @@ def test_directory_listing(mnt):
     assert v.f_namemax == 255 and v.f_bsize > 0
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_permissions_refused(mnt):
     d = mnt / "private"
     os.mkdir(d, 0o700)
@@ -335,6 +354,8 @@ def test_permissions_refused(mnt):
     assert r.returncode != 0 and "Operation not permitted" in r.stderr
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_timestamps(mnt):
     p = mnt / "times"
     p.write_bytes(b"1")
@@ -351,6 +372,8 @@ def test_timestamps(mnt):
 
 
 # -- failures ---------------------------------------------------------------------------------------------
+@pytest.mark.fuse
+@_needs_mount
 def test_meta_restart_during_reads_and_writes(mnt, cluster):
     data = random.Random(5).randbytes(2 * CHUNK + 5)
     (mnt / "mr").mkdir()
@@ -386,6 +409,8 @@ def test_meta_restart_during_reads_and_writes(mnt, cluster):
     assert not errors, errors
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_storage_kill9_during_reads(mnt, cluster):
     data = random.Random(6).randbytes(24 * CHUNK)
     p = mnt / "sk.bin"
@@ -433,6 +458,8 @@ def _foreground_mount(cluster, mp: Path, log: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.fuse
+@_needs_mount
 def test_unmount_on_sigterm_and_with_fs3_umount(cluster, tmp_path):
     from fs3.fuse import unmount
     from fs3.fuse.options import is_mounted
@@ -460,3 +487,68 @@ def test_unmount_on_sigterm_and_with_fs3_umount(cluster, tmp_path):
         unmount(mp)
     assert proc.wait(30) == 0
     assert not is_mounted(mp)
+
+
+# -- units: the write buffer and the read-ahead (no mount) ---------------------------------------------------
+def test_write_buffer_merges_refuses_overlaps_and_hands_out_whole_chunks():
+    from fs3.fuse.wbuf import WriteBuffer
+
+    wb = WriteBuffer()
+    assert wb.add(0, b"a" * 10) and wb.add(10, b"b" * 10) and wb.add(5, b"c" * 3)  # append, overwrite inside
+    assert len(wb.extents) == 1 and bytes(wb.extents[0][1]) == b"aaaaacccaabbbbbbbbbb" and wb.nbytes == 20
+    assert wb.add(100, b"x" * 5) and len(wb.extents) == 2 and wb.end == 105
+    assert not wb.add(98, b"y" * 4)  # overlaps the extent at 100, which is not the last one merged into
+    assert wb.add(105, b"z")  # the end of the last extent
+    assert not wb.add(2, b"q")  # inside the first extent: flush first
+    parts = wb.take()
+    assert [(o, bytes(b)) for o, b in parts] == [(0, b"aaaaacccaabbbbbbbbbb"), (100, b"xxxxxz")] and not wb
+    wb.add(3, b"0123456789")
+    whole = wb.take_whole(4)  # bytes up to the last chunk boundary (12) go, the rest stays
+    assert [(o, bytes(b)) for o, b in whole] == [(3, b"012345678")] and [(o, bytes(b)) for o, b in wb.extents] == [
+        (12, b"9")]
+    wb.add(13, b"abc")
+    wb.truncate(14)
+    assert [(o, bytes(b)) for o, b in wb.extents] == [(12, b"9a")] and wb.nbytes == 2
+
+
+def test_read_ahead_serves_concurrent_readers_the_right_bytes():
+    import trio
+
+    from fs3.fuse.readahead import ReadAhead
+
+    cs = 1000
+    data = random.Random(7).randbytes(50 * cs + 123)
+    fetches = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def fetch(off, length, size, into):
+                n = max(0, min(length, size - off))
+                fetches.append((off, n))
+                await trio.sleep(random.random() / 500)
+                buf = memoryview(into)[:n] if into is not None else memoryview(bytearray(n))
+                buf[:] = data[off:off + n]
+                return buf
+
+            ra = ReadAhead(cs, 6, fetch, nursery.start_soon)
+
+            async def reader(seed: int, sequential: bool) -> None:
+                rng = random.Random(seed)
+                off = 0
+                for _ in range(60):
+                    n = rng.choice([1, 100, cs, 2 * cs + 7, 4096])
+                    if not sequential:
+                        off = rng.randrange(len(data))
+                    got = bytes(await ra.read(off, n, len(data)))
+                    assert got == data[off:off + n], (seed, off, n)
+                    off = (off + n) % len(data)
+                    if rng.random() < 0.05:
+                        ra.invalidate()
+
+            async with trio.open_nursery() as readers:
+                for seed in range(8):
+                    readers.start_soon(reader, seed, seed % 2 == 0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert any(n > cs for _o, n in fetches)  # whole runs of chunks fetched at once

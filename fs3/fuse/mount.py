@@ -131,7 +131,7 @@ def _make_clients(cluster_file: Path, opts: MountOptions):
     cluster = load_cluster(path)
     key = load_cluster_key(cluster)
     meta = MetaClient(cluster, credential=key)
-    chunks = ChunkClient.from_cluster(cluster, node=opts.node or None, credential=key, max_inflight=32, per_server=8,
+    chunks = ChunkClient.from_cluster(cluster, node=opts.node or None, credential=key, max_inflight=opts.inflight, per_server=8,
                                       timeout=60.0)
     return meta, chunks, FileData(chunks)
 

@@ -103,7 +103,15 @@ class Fs3Operations(pyfuse3.Operations):
         self._groups: dict[tuple[int, int, int], tuple[float, list[int]]] = {}
         self.nursery: trio.Nursery | None = None  # set by the mount's main (background flushes, read-ahead)
         self.inited = trio.Event()
-        self.stats = {"meta_calls": 0, "data_reads": 0, "data_writes": 0, "flushes": 0}
+        # [Note: directory attributes] The kernel drops a directory's attributes whenever an entry
+        # in it changes and asks again at the next permission check (default_permissions): one
+        # getattr per create in a directory. Those of directories are kept here for attr_timeout
+        # (what the kernel would have kept otherwise), refreshed by every reply that carries them.
+        self._dir_ttl = opts.attr_timeout
+        self._dir_attrs: dict[int, tuple[float, Any]] = {}
+        self.meta_ops: dict[str, int] = {}
+        self.stats = {"meta_calls": 0, "reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0, "data_reads": 0,
+                      "data_writes": 0, "flushes": 0, "read_wait_s": 0.0}
 
     def init(self) -> None:
         self.inited.set()
@@ -124,6 +132,7 @@ class Fs3Operations(pyfuse3.Operations):
 
     async def _meta(self, op: str, user: dict | None, **kw) -> Any:
         self.stats["meta_calls"] += 1
+        self.meta_ops[op] = self.meta_ops.get(op, 0) + 1
         if user is not None:
             kw["user"] = user
         return await self._run(f"meta.{op}", getattr(self.meta, op), **kw)
@@ -165,7 +174,13 @@ class Fs3Operations(pyfuse3.Operations):
 
     def _learn(self, a: Any) -> Inode:
         """Remember what meta said about an inode (its layout and size)."""
-        node = self._inode(_get(a, "ino"))
+        ino = _get(a, "ino")
+        if self._dir_ttl and _get(a, "type") == "dir":
+            self._dir_attrs[ino] = (time.monotonic() + self._dir_ttl, a)
+            if len(self._dir_attrs) > 65536:
+                now = time.monotonic()
+                self._dir_attrs = {k: v for k, v in self._dir_attrs.items() if v[0] > now}
+        node = self._inode(ino)
         lay = _get(a, "layout")
         if lay is not None:
             node.layout = lay
@@ -224,10 +239,17 @@ class Fs3Operations(pyfuse3.Operations):
             if node is None:
                 continue
             node.lookups = max(0, node.lookups - n)
+            if not node.lookups:
+                self._dir_attrs.pop(ino, None)
             self._drop_if_idle(node)
 
     async def getattr(self, inode, ctx=None):
+        hit = self._dir_attrs.get(inode)
+        if hit is not None and hit[0] > time.monotonic():
+            return self._entry(hit[1])
         a = _attrs(await self._meta("stat", self._user(ctx) if ctx else None, ino=inode))
+        if _get(a, "type") == "dir":
+            self._learn(a)
         node = self.inodes.get(inode)
         if node is not None:
             node.size = _get(a, "size", 0) or 0
@@ -235,6 +257,7 @@ class Fs3Operations(pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         user = self._user(ctx)
+        self._dir_attrs.pop(inode, None)
         node = self._inode(inode)
         try:
             a = None
@@ -366,9 +389,10 @@ class Fs3Operations(pyfuse3.Operations):
                                 functools.partial(self._fetch, node, ino), self._spawn)
         return node.ra
 
-    async def _fetch(self, node: Inode, ino: int, offset: int, length: int, size: int) -> bytearray:
+    async def _fetch(self, node: Inode, ino: int, offset: int, length: int, size: int,
+                     into: bytearray | None) -> bytearray | memoryview:
         n = max(0, min(length, size - offset))
-        buf = bytearray(n)
+        buf = bytearray(n) if into is None else memoryview(into)[:n]
         if n:
             self.stats["data_reads"] += 1
             await self._run(f"read of inode {ino} [{offset}, +{n})", self.data.readinto, ino, node.layout,
@@ -475,7 +499,12 @@ class Fs3Operations(pyfuse3.Operations):
             await self._flush(node)  # read what was written here
         if node.layout is None:
             return b""
-        return await self._ra(node).read(off, size, node.known_size)
+        t = time.perf_counter()
+        out = await self._ra(node).read(off, size, node.known_size)
+        self.stats["read_wait_s"] += time.perf_counter() - t
+        self.stats["reads"] += 1
+        self.stats["read_bytes"] += len(out)
+        return out
 
     async def write(self, fh, off, buf):
         h = self.files[fh]
@@ -485,6 +514,8 @@ class Fs3Operations(pyfuse3.Operations):
         if node.error is not None:
             self._raise_flush_error(node)
         n = len(buf)
+        self.stats["writes"] += 1
+        self.stats["write_bytes"] += n
         if node.ra is not None:
             node.ra.invalidate()
         if not node.wbuf.add(off, buf):
@@ -541,6 +572,9 @@ class Fs3Operations(pyfuse3.Operations):
     async def shutdown(self) -> None:
         """Before unmounting: send what is buffered and close the sessions still open (the kernel
         sends no release once the session ends)."""
+        log.info("requests: %s", " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in self.stats.items()))
+        log.info("meta calls: %s", " ".join(f"{k}={v}" for k, v in sorted(self.meta_ops.items())))
         for node in list(self.inodes.values()):
             try:
                 await self._flush(node)

@@ -11,6 +11,7 @@ compared under the same kernel settings).
     readahead = 8                chunks the mount prefetches ahead of a sequential reader
     write_buffer = 0             bytes buffered per inode before a flush; 0: one chunk stripe
     threads = 32                 worker threads for meta and data calls (trio CapacityLimiter)
+    inflight = 16                chunk requests in flight to storage at once (ChunkClient max_inflight)
     max_tasks = 64               concurrent FUSE requests (pyfuse3 worker tasks)
     debug = false                log every request (DEBUG)
     log = ""                     the daemon's log file ("" : <run dir>/fs3-mount.log or /dev/null)
@@ -47,6 +48,7 @@ class MountOptions:
     readahead: int = 8
     write_buffer: int = 0
     threads: int = 32
+    inflight: int = 16
     max_tasks: int = 64
     debug: bool = False
     log: str = ""
@@ -66,7 +68,7 @@ class MountOptions:
             kw[name] = _convert(key, value, typ)
         opts = cls(**kw)
         for name, lo in (("attr_timeout", 0.0), ("entry_timeout", 0.0), ("read_ahead_kb", 0),
-                         ("readahead", 0), ("write_buffer", 0), ("threads", 1), ("max_tasks", 1)):
+                         ("readahead", 0), ("write_buffer", 0), ("threads", 1), ("inflight", 1), ("max_tasks", 1)):
             if getattr(opts, name) < lo:
                 raise Fs3ConfigError(f"mount option {name} = {getattr(opts, name)} must be >= {lo}")
         if not opts.fsname or any(c in opts.fsname for c in ", \t\n"):
