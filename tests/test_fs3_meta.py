@@ -403,3 +403,15 @@ def test_atime_is_relatime(store):
     r = s.open(ROOT_USER, path="/f", write=True, client="w")
     s.close(ROOT_USER, ino=f["ino"], session=r["session"], wrote=True, length=2)
     assert s.open(ROOT_USER, path="/f")["attrs"]["atime"] > a1
+
+
+def test_a_length_report_needs_a_write_session_or_write_permission(store):
+    s = store
+    f = _file(s, "/f", mode=0o644, length=1)
+    with pytest.raises(PermissionDenied):
+        s.close(BOB, ino=f["ino"], session=None, wrote=True, length=1 << 30)
+    ro = s.open(BOB, path="/f", session=True, client="b")
+    with pytest.raises(PermissionDenied):
+        s.close(BOB, ino=f["ino"], session=ro["session"], wrote=True, length=1 << 30)
+    assert s.stat(ROOT_USER, path="/f")["size"] == 1
+    assert s.close(ROOT_USER, ino=f["ino"], session=None, wrote=True, length=5)["size"] == 5

@@ -726,6 +726,8 @@ class MetaStore:
                     c.execute(_DEL_SESSION, {"id": s.id})
             if not wrote or r.type != "file":
                 return attrs_of(r)
+            if s is None or not s.write:  # no write session of its own (pruned, or none): a writer's rights
+                perm.check(user, r, W, f"meta.{what} of inode {r.ino} without a write session")
             size = r.size
             if storage_length is not None:
                 size = max(size, int(storage_length))
