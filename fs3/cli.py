@@ -780,7 +780,8 @@ def mount_cmd(mountpoint: Path = typer.Argument(..., help="an empty local direct
 
 @app.command("umount")
 def umount_cmd(mountpoint: Path = typer.Argument(..., help="where fs3 is mounted"),
-               timeout: float = typer.Option(10.0, help="seconds to wait for the mount to go")) -> None:
+               timeout: float = typer.Option(10.0, help="seconds to wait for the mount to go"),
+               cluster: Path = typer.Option(None, "--cluster", "-c", hidden=True)) -> None:
     """Unmount an fs3 mount."""
     with _errors("umount"):
         from .fuse import unmount

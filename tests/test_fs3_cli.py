@@ -161,6 +161,8 @@ def test_cp_both_ways_cat_du_df_ln(fs3cli, tmp_path):
     (["cp", "a", "b"], "fs3 cp: no fs3 path (they start with 'fs3:'); use cp for local copies"),
     (["chmod", "9z", "/errs"], "fs3 chmod: 9z: not an octal mode (like 755)"),
     (["mv", "/missing", "/errs2"], "fs3 mv: /missing -> /errs2: No such file or directory"),
+    (["mount", "{tmp}/no-such-mountpoint"], "fs3 mount: {tmp}/no-such-mountpoint: not a directory (make it first)"),
+    (["umount", "{tmp}"], "fs3 umount: {tmp}: not mounted"),
 ])
 def test_one_line_errors(fs3cli, tmp_path, args, line):
     fs3cli("mkdir", "-p", "/errs")
@@ -173,7 +175,7 @@ def test_one_line_errors(fs3cli, tmp_path, args, line):
         assert (tmp_path / "f").read_bytes() == Path(__file__).read_bytes()
         return
     assert res.exit_code == 1, res.output
-    assert res.stderr.strip() == line
+    assert res.stderr.strip() == line.replace("{tmp}", str(tmp_path))
     assert "Traceback" not in res.output
 
 
