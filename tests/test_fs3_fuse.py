@@ -33,17 +33,12 @@ CHUNK = 64 * 1024  # small chunks: a file of a few hundred KiB spans many chunks
 
 
 def _why_not() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse (load the fuse module, or pass the device to the container)"
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as exc:
-        return f"pyfuse3 is not installed ({exc}): make EXTRAS=...,fuse"
-    if os.geteuid() != 0:
-        return "mounting with allow_other and asserting other users needs root"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "/dev/fuse is not readable and writable"
-    return None
+    from fs3.fuse import unavailable
+
+    why = unavailable()
+    if why is None and os.geteuid() != 0:
+        return "the permission tests run commands as other uids: root only"
+    return why
 
 
 _needs_mount = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))

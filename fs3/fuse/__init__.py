@@ -10,7 +10,7 @@ FileData), ``handles`` (per-inode and per-open state), ``wbuf`` (per-inode write
 ``readahead`` (per-inode prefetch of whole chunks). See docs/fs3.md, "The FUSE mount".
 """
 
-from .mount import MountError, pid_file, run_mount, unmount
+from .mount import MountError, pid_file, run_mount, unavailable, unmount
 from .options import MountOptions
 
-__all__ = ["MountError", "MountOptions", "pid_file", "run_mount", "unmount"]
+__all__ = ["MountError", "MountOptions", "pid_file", "run_mount", "unavailable", "unmount"]

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..errors import Fs3Error
 from .options import MountOptions, fuse_options, is_mounted, tune_kernel
 
-__all__ = ["MountError", "run_mount", "unmount", "pid_file"]
+__all__ = ["MountError", "pid_file", "run_mount", "unavailable", "unmount"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,37 @@ START_TIMEOUT = 60.0
 
 class MountError(Fs3Error):
     """The mount could not be set up or taken down (the message says where and what to do)."""
+
+
+def unavailable(allow_other: bool = True) -> str | None:
+    """None when an fs3 mount can be made here, else why not (what is missing, what to do)."""
+    import shutil
+
+    if not os.path.exists("/dev/fuse"):
+        return ("no /dev/fuse: load the fuse module (modprobe fuse), or in a container pass the device "
+                "(--device /dev/fuse --cap-add SYS_ADMIN)")
+    try:
+        import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
+    except ImportError as exc:
+        return f"pyfuse3 is not installed ({exc}): install the fuse extra (make EXTRAS=dev,fuse, or pip install pyfuse3)"
+    if os.geteuid() == 0:
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            return "/dev/fuse is not readable and writable, even for root (a container without the device?)"
+        return None
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (apt-get install fuse3): a non-root mount needs it"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not readable and writable for this user"
+    if allow_other:
+        try:
+            conf = Path("/etc/fuse.conf").read_text()
+        except OSError:
+            conf = ""
+        if not any(line.strip() == "user_allow_other" for line in conf.splitlines()):
+            return ("a mount with allow_other (other accounts: jobs) by a non-root user needs user_allow_other "
+                    "in /etc/fuse.conf; or run the mount as root, or mount with -o allow_other=false")
+    return None
 
 
 def _state_dir() -> Path:
