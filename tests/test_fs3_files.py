@@ -245,7 +245,7 @@ def test_read_ahead_sees_own_writes(fs, d):
     fs.write_file(p, data)
     with fs.open(p, "r+b") as f:
         got = bytearray()
-        for k in range(40):  # sequential small reads: read-ahead and a prefetched window
+        for _ in range(40):  # sequential small reads: read-ahead and a prefetched window
             got += f.read(1000)
         pos = f.tell()
         f.seek(pos + 5000)  # a write just ahead of the reader, inside what was read ahead
