@@ -137,6 +137,9 @@ class ChunkStore:
         self.chunk_size = chunk_size
         self.fsync = fsync
         self.meta: dict[tuple[int, int], ChunkMeta] = {}
+        # (chain, chunk id >> 24) -> that file's chunk ids here (fs3.client.chunks.file_chunk_id):
+        # the last chunk of a file (storage.last_chunk) without a scan of every chunk
+        self._files: dict[tuple[int, int], set[int]] = {}
         self._mlock = threading.RLock()
         self._spares: list[str] = []
         self.max_spares = max_spares
@@ -219,10 +222,16 @@ class ChunkStore:
                 if path not in keep:
                     path.unlink(missing_ok=True)  # superseded versions left by a crash
             self.meta[(chain, chunk)] = m
+            self._files.setdefault((chain, chunk >> 24), set()).add(chunk)
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, chain: int, chunk: int) -> ChunkMeta | None:
         return self.meta.get((chain, chunk))
+
+    def file_chunks(self, chain: int, inode: int) -> list[tuple[int, ChunkMeta]]:
+        """The chunks of file ``inode`` (chunk id >> 24) on ``chain`` here, with their metadata."""
+        with self._mlock:
+            return [(k, self.meta[(chain, k)]) for k in self._files.get((chain, inode), ())]
 
     def list(self, chain: int | None = None) -> list[tuple[int, int, ChunkMeta]]:
         with self._mlock:
@@ -424,7 +433,10 @@ class ChunkStore:
         self._write_file(self._p(chain, chunk, version, pending),
                          _header(chain, chunk, version, chain_ver, len(data), crc), data)
         with self._mlock:
-            m = self.meta.setdefault((chain, chunk), ChunkMeta())
+            m = self.meta.get((chain, chunk))
+            if m is None:
+                m = self.meta[(chain, chunk)] = ChunkMeta()
+                self._files.setdefault((chain, chunk >> 24), set()).add(chunk)
             if pending:
                 if m.pending and m.pending != version:
                     self._discard(self._p(chain, chunk, m.pending, True))
@@ -466,6 +478,12 @@ class ChunkStore:
         """Delete every version of the chunk; False when it did not exist."""
         with self._mlock:
             m = self.meta.pop((chain, chunk), None)
+            if m is not None:
+                f = self._files.get((chain, chunk >> 24))
+                if f is not None:
+                    f.discard(chunk)
+                    if not f:
+                        del self._files[(chain, chunk >> 24)]
         d = self._dir(chain)
         prefix = f"{chunk:016x}."
         try:

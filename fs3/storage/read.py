@@ -109,7 +109,12 @@ class Reads:
             chain, cver, lo, hi = int(args["chain"]), int(args["cver"]), int(args["lo"]), int(args["hi"])
         _r, tid, _s = self._check_chain(chain, cver, (SERVING,))
         best, length = None, 0
-        for _c, k, m in self._store(tid).list(chain):
+        store = self._store(tid)
+        if hi - lo <= 1 << 24 and lo >> 24 == (hi - 1) >> 24:  # one file's range: its own index
+            found = store.file_chunks(chain, lo >> 24)
+        else:
+            found = [(k, m) for _c, k, m in store.list(chain)]
+        for k, m in found:
             if lo <= k < hi and m.committed and (best is None or k > best):
                 best, length = k, m.length
         return {"chunk": best, "length": length}
