@@ -274,8 +274,14 @@ class MetaServer:
             self.gc.wake()
             return {}
 
+        statfs_cache: list = [0.0, None]  # [when, counts]: a count over every inode is a table scan
+
         def statfs(u, a, ctx):
-            r = s.statfs(u)
+            now = time.monotonic()
+            r = statfs_cache[1]
+            if r is None or now - statfs_cache[0] > 5.0:  # df and statfs(2) callers poll; 5 s old is fine
+                r = s.statfs(u)
+                statfs_cache[:] = [now, r]
             cs = self.cfg.chunk_size
             total = 1 << 50  # nominal: storage does not report capacity yet
             return {"bytes_total": total, "bytes_free": max(0, total - r["bytes_used"]), "bytes_used": r["bytes_used"],
