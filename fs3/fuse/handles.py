@@ -25,8 +25,8 @@ __all__ = ["DirHandle", "FileHandle", "Inode"]
 
 
 class Inode:
-    __slots__ = ("cached", "error", "flushes", "handles", "ino", "layout", "local_end", "lookups", "ra", "size",
-                 "wbuf")
+    __slots__ = ("cached", "error", "flushes", "handles", "ino", "layout", "local_end", "lookups", "mtime", "ra",
+                 "size", "wbuf")
 
     def __init__(self, ino: int) -> None:
         self.ino = ino
@@ -35,6 +35,7 @@ class Inode:
         self.layout: Any = None
         self.size = 0
         self.local_end = 0
+        self.mtime = 0  # ns of the last write here while open
         self.cached: tuple[int, int] | None = None
         self.wbuf = WriteBuffer()
         self.flushes: deque[trio.Event] = deque()  # flushes queued or running, oldest first (set when done)

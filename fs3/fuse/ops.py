@@ -203,6 +203,8 @@ class Fs3Operations(pyfuse3.Operations):
         e.st_size = size
         e.st_atime_ns = _get(a, "atime", 0)
         e.st_mtime_ns = _get(a, "mtime", 0)
+        if node is not None and node.handles and node.mtime > e.st_mtime_ns:
+            e.st_mtime_ns = node.mtime  # written here, not yet closed: meta learns it at close
         e.st_ctime_ns = _get(a, "ctime", 0)
         lay = _get(a, "layout")
         e.st_blksize = (lay.get("chunk_size") if isinstance(lay, dict) else getattr(lay, "chunk_size", 0)) or 1 << 20
@@ -222,11 +224,14 @@ class Fs3Operations(pyfuse3.Operations):
         return (lay.get("chunk_size") if isinstance(lay, dict) else lay.chunk_size) if lay else 1 << 20
 
     def _stripe_bytes(self, node: Inode) -> int:
+        """Buffered bytes that start a flush: the ``write_buffer`` option, else a chunk stripe (a
+        chunk on every chain of the layout), at least 8 chunks: the data path does best with
+        several chunks per chain in flight."""
         if self.opts.write_buffer:
             return self.opts.write_buffer
         lay = node.layout
         chains = (lay.get("chains") if isinstance(lay, dict) else lay.chains) if lay else [0]
-        return min(len(chains), 16) * self._chunk_size(node)
+        return max(len(chains), 8) * self._chunk_size(node)
 
     # -- names ---------------------------------------------------------------------------------------
     async def lookup(self, parent_inode, name, ctx=None):
@@ -452,7 +457,7 @@ class Fs3Operations(pyfuse3.Operations):
         await self._flush(node)
         if h.unsynced and h.session:
             h.unsynced = False
-            a = await self._meta("sync", None, ino=h.ino, session=h.session, wrote=True, length=h.end)
+            a = await self._meta("sync", None, ino=h.ino, session=h.session, wrote=True, length=h.end, mtime=h.mtime)
             self._after_meta_write(node, a)
 
     async def fsync(self, fh, datasync):
@@ -470,8 +475,10 @@ class Fs3Operations(pyfuse3.Operations):
             except pyfuse3.FUSEError as exc:
                 err = exc
             if h.session:
-                a = await self._meta("close", None, ino=h.ino, session=h.session, wrote=h.wrote,
-                                     length=h.end if h.wrote else None, mtime=h.mtime if h.wrote else None)
+                # written since the last sync (flush syncs at every close(2)): the length again;
+                # else the session just ends (a close that wrote asks storage for the length)
+                a = await self._meta("close", None, ino=h.ino, session=h.session, wrote=h.unsynced,
+                                     length=h.end if h.unsynced else None, mtime=h.mtime if h.unsynced else None)
                 if a is not None:
                     self._after_meta_write(node, a)
             if err is not None:
@@ -479,7 +486,7 @@ class Fs3Operations(pyfuse3.Operations):
         finally:
             node.handles -= 1
             if not node.handles:
-                node.local_end = 0
+                node.local_end = node.mtime = 0
                 node.ra = None
             self._drop_if_idle(node)
 
@@ -524,7 +531,7 @@ class Fs3Operations(pyfuse3.Operations):
         end = off + n
         h.end = max(h.end, end)
         h.wrote = h.unsynced = True
-        h.mtime = time.time_ns()
+        h.mtime = node.mtime = time.time_ns()
         node.local_end = max(node.local_end, end)
         if node.wbuf.nbytes >= self._stripe_bytes(node):
             while len(node.flushes) >= _MAX_INFLIGHT_FLUSHES:

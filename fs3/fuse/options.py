@@ -9,7 +9,7 @@ compared under the same kernel settings).
     entry_timeout = 1.0          s the kernel trusts names (and negative lookups)
     read_ahead_kb = 1024         the kernel's readahead window for the mount (its bdi)
     readahead = 8                chunks the mount prefetches ahead of a sequential reader
-    write_buffer = 0             bytes buffered per inode before a flush; 0: one chunk stripe
+    write_buffer = 0             bytes buffered per inode before a flush; 0: a chunk stripe, >= 8 chunks
     threads = 32                 worker threads for meta and data calls (trio CapacityLimiter)
     inflight = 16                chunk requests in flight to storage at once (ChunkClient max_inflight)
     max_tasks = 64               concurrent FUSE requests (pyfuse3 worker tasks)
