@@ -173,7 +173,9 @@ class ChunkClient:
         return cls(mg, source=c.node(node).address if node else None, **kw)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Close the connections; requests not started yet are cancelled, those in flight end
+        within their attempt timeouts (their connections close under them)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for p in list(self._pools.values()):
             p.close()
         self._mgmtd.close()

@@ -123,8 +123,10 @@ class MetaServer:
         return self
 
     def stop(self) -> None:
-        self.server.stop()
-        self.gc.stop()
+        """Stop serving, then the GC (a removal in progress is abandoned: it is retried by the next
+        start) and the clients, within a few seconds (the launcher's stop timeout is longer)."""
+        self.gc.stop(timeout=2.0)
+        self.server.stop(timeout=3.0)
         if self.probe is not None:
             self.probe.close()
         if self.chunks is not None:
