@@ -366,6 +366,32 @@ def test_timestamps(mnt):
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
 
 
+@pytest.mark.fuse
+@_needs_mount
+def test_page_cache_kept_while_unchanged_dropped_when_changed_elsewhere(mnt, cluster):
+    from fs3.client.chunks import ChunkClient
+    from fs3.client.filedata import FileData
+    from network.auth import load_cluster_key
+
+    p = mnt / "cached.bin"
+    p.write_bytes(b"A" * 5000)
+    assert p.read_bytes() == b"A" * 5000
+    assert p.read_bytes() == b"A" * 5000  # (kept: nothing changed)
+    # another client rewrites and extends the file behind the mount's back
+    meta = _meta(cluster)
+    r = meta.open(path="/cached.bin", write=True, session=True)
+    a = r["attrs"]
+    with ChunkClient.from_cluster(cluster.cluster, credential=load_cluster_key(cluster.cluster), timeout=20) as cc:
+        fd = FileData(cc)
+        try:
+            fd.write(a.ino, a.layout, 0, b"B" * 7000)
+        finally:
+            fd.close()
+    meta.close(a.ino, r["session"], wrote=True, length=7000, mtime=time.time_ns())
+    meta.shutdown()
+    assert p.read_bytes() == b"B" * 7000  # the next open sees the new bytes and size
+
+
 # -- failures ---------------------------------------------------------------------------------------------
 @pytest.mark.fuse
 @_needs_mount

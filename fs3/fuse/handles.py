@@ -3,8 +3,9 @@
 - :class:`Inode`: one per inode the kernel knows (lookup count > 0) or has open: its layout, the
   size meta last reported, the end of the bytes written here since (``local_end``: the size the
   kernel must see before meta knows it), the write buffer and the ordered chain of flushes, the
-  read-ahead cache, and the (mtime, size) the kernel's page cache holds (``cached``: open keeps
-  the cache when meta still reports that).
+  read-ahead cache, the (mtime, size) the kernel's page cache holds (``cached``: open keeps the
+  cache when meta still reports that) and the one its attributes hold (``kattr``: open makes it
+  ask again when meta reports another).
 - :class:`FileHandle`: one per open(2): the meta session, whether it writes, the end of its
   highest write (reported on sync and close), the user who opened it.
 - :class:`DirHandle`: the entries of a directory listed so far (readdir offsets index them).
@@ -25,8 +26,8 @@ __all__ = ["DirHandle", "FileHandle", "Inode"]
 
 
 class Inode:
-    __slots__ = ("cached", "error", "flushes", "handles", "ino", "layout", "local_end", "lookups", "mtime", "ra",
-                 "size", "wbuf")
+    __slots__ = ("cached", "error", "flushes", "handles", "ino", "kattr", "layout", "local_end", "lookups", "mtime",
+                 "ra", "size", "wbuf")
 
     def __init__(self, ino: int) -> None:
         self.ino = ino
@@ -37,6 +38,7 @@ class Inode:
         self.local_end = 0
         self.mtime = 0  # ns of the last write here while open
         self.cached: tuple[int, int] | None = None
+        self.kattr: tuple[int, int] | None = None  # the (mtime, size) last handed to the kernel
         self.wbuf = WriteBuffer()
         self.flushes: deque[trio.Event] = deque()  # flushes queued or running, oldest first (set when done)
         self.error: BaseException | None = None  # a background flush's failure, for the next caller

@@ -205,6 +205,8 @@ class Fs3Operations(pyfuse3.Operations):
         e.st_mtime_ns = _get(a, "mtime", 0)
         if node is not None and node.handles and node.mtime > e.st_mtime_ns:
             e.st_mtime_ns = node.mtime  # written here, not yet closed: meta learns it at close
+        if node is not None:
+            node.kattr = (e.st_mtime_ns, size)  # what the kernel holds now
         e.st_ctime_ns = _get(a, "ctime", 0)
         lay = _get(a, "layout")
         e.st_blksize = (lay.get("chunk_size") if isinstance(lay, dict) else getattr(lay, "chunk_size", 0)) or 1 << 20
@@ -290,6 +292,10 @@ class Fs3Operations(pyfuse3.Operations):
                 kw["atime"] = _when(attr.st_atime_ns)
             if fields.update_mtime:
                 kw["mtime"] = _when(attr.st_mtime_ns)
+                node.mtime = 0  # the time set wins over the writes before it
+                for h2 in self.files.values():
+                    if h2.ino == inode:
+                        h2.mtime = None
             if kw or a is None:
                 a = _attrs(await self._meta("setattr", user, ino=inode, **kw))
             node.cached = None  # the kernel's pages of a truncated file are its own business; ours go
@@ -411,6 +417,14 @@ class Fs3Operations(pyfuse3.Operations):
         keep = not fresh and node.cached == stamp
         if not keep and node.ra is not None:
             node.ra.invalidate()
+        if node.kattr is not None and node.kattr != stamp and not fresh:
+            # changed elsewhere since the kernel got its attributes: without keep_cache it drops
+            # its pages, but it would go on with the size it holds until attr_timeout; make it
+            # ask (attributes only: no lock the open holds is needed)
+            try:
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError as exc:
+                log.debug("invalidating the attributes of inode %d: %s", node.ino, exc)
         node.cached = stamp
         node.handles += 1
         acc = flags & os.O_ACCMODE
