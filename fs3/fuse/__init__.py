@@ -7,7 +7,7 @@
 Modules, one concept each: ``options`` (mount options, FUSE options, kernel readahead tuning),
 ``mount`` (start, daemon, signals, unmount), ``ops`` (the pyfuse3 Operations over MetaClient and
 FileData), ``handles`` (per-inode and per-open state), ``wbuf`` (per-inode write buffers),
-``readahead`` (per-inode prefetch of whole chunks). See docs/fs3.md, "The FUSE mount".
+``readahead`` (per-inode prefetch of whole chunks). See docs/fs3-files.md, "The FUSE mount".
 """
 
 from .mount import MountError, pid_file, run_mount, unavailable, unmount
