@@ -273,14 +273,7 @@ class Fs3Operations(pyfuse3.Operations):
                 h = self.files.get(fh) if fh is not None else None
                 kw = {"session": h.session} if h is not None and h.session else {}
                 a = _attrs(await self._meta("truncate", user, ino=inode, size=attr.st_size, **kw))
-                node.wbuf.truncate(attr.st_size)
-                node.local_end = min(node.local_end, attr.st_size)
-                for h2 in self.files.values():
-                    if h2.ino == inode:
-                        h2.end = min(h2.end, attr.st_size)
-                if node.ra is not None:
-                    node.ra.invalidate()
-                node.size = attr.st_size
+                self._truncated(node, attr.st_size)
             kw = {}
             if fields.update_mode:
                 kw["mode"] = attr.st_mode & 0o7777
@@ -445,11 +438,7 @@ class Fs3Operations(pyfuse3.Operations):
         finally:
             self._drop_if_idle(node)
         if trunc:
-            node.wbuf.truncate(0)
-            node.local_end = 0
-            for h in self.files.values():
-                if h.ino == inode:
-                    h.end = 0
+            self._truncated(node, 0)
         return self._opened(_attrs(r), _get(r, "session"), flags, user, fresh=trunc)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -458,10 +447,24 @@ class Fs3Operations(pyfuse3.Operations):
         r = await self._meta("create", user, parent=parent_inode, name=_name(name), mode=mode & 0o7777,
                              excl=bool(flags & os.O_EXCL), trunc=bool(flags & os.O_TRUNC) and write, write=write)
         a = _attrs(r)
+        old = self.inodes.get(_get(a, "ino"))
+        if old is not None and not _get(r, "created", True) and flags & os.O_TRUNC and write:
+            self._truncated(old, 0)  # an existing file we had open here too
         fi = self._opened(a, _get(r, "session"), flags, user, fresh=True)
         node = self.inodes[_get(a, "ino")]
         node.lookups += 1
         return fi, self._entry(a, node)
+
+    def _truncated(self, node: Inode, size: int) -> None:
+        """meta truncated the file to ``size``: drop what is buffered or cached here past it."""
+        node.wbuf.truncate(size)
+        node.local_end = min(node.local_end, size)
+        for h in self.files.values():
+            if h.ino == node.ino:
+                h.end = min(h.end, size)
+        if node.ra is not None:
+            node.ra.invalidate()
+        node.size = size
 
     async def flush(self, fh):
         h = self.files.get(fh)
