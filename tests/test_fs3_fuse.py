@@ -510,6 +510,28 @@ def test_unmount_on_sigterm_and_with_fs3_umount(cluster, tmp_path):
     assert not is_mounted(mp)
 
 
+@pytest.mark.fuse
+@_needs_mount
+def test_memfs_reference_serves_its_file_and_unmounts_on_sigterm(tmp_path):
+    """bench/_fuse_memfs.py, the benchmark's in-memory reference, with the mount's options."""
+    from fs3.fuse.options import is_mounted
+
+    mp = tmp_path / "memfs"
+    mp.mkdir()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_fuse_memfs.py"), str(mp), "--size", "3000000",
+                             "-o", "attr_timeout=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        wait_until(lambda: is_mounted(mp), 20, "the memfs mount")
+        data = (mp / "data").read_bytes()
+        assert len(data) == 3_000_000 and data[:1 << 20] == data[1 << 20:2 << 20]
+        assert os.listdir(mp) == ["data"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert not is_mounted(mp)
+
+
 # -- units: the write buffer and the read-ahead (no mount) ---------------------------------------------------
 def test_write_buffer_merges_refuses_overlaps_and_hands_out_whole_chunks():
     from fs3.fuse.wbuf import WriteBuffer
