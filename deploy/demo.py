@@ -1,19 +1,22 @@
 """`make demo`: the stack's showcase on one machine.
 
 Brings up the local cluster (deploy/clusters/local.toml: 4 emulated nodes on 127.0.0.x, 2 zones;
-fs3 cluster manager and 3 storage servers; HAI-Platform API, scheduler and an agent per node),
+fs3 cluster manager, metadata service and 3 storage servers; HAI-Platform API, scheduler and an agent per node),
 then runs the end-to-end path that exists so far, and stops everything:
 
 1. the cluster comes up: every service, each node on its own loopback address;
 2. the link probe measures bandwidth and latency between the nodes;
-3. fs3: the routing table (3-replica chains) and the training data written to storage chunks;
+3. fs3: the routing table (3-replica chains), the training data written as FFRecord files, and
+   the namespace mounted with FUSE (when this machine allows it; else the job uses the client);
 4. a researcher is added and submits a 2-node x 2-rank training job with ``hai python``; it trains
-   with haiscale DDP on hfreduce, reads its data from fs3 and checkpoints to fs3;
+   with haiscale DDP on hfreduce, reads its data from the fs3 mount and checkpoints through
+   fs3.checkpoint (in the background); ``fs3 ls -l`` lists the checkpoint;
 5. mid-run the job is suspended (``hai suspend``): the ranks agree on a step, checkpoint and exit;
    the platform re-queues it and the next attempt resumes from the fs3 checkpoint and finishes;
 6. hardening: the job ran as alice's Unix account (not root), a stranger's forged chain forward to
-   a storage server is refused at connect, and a storage server killed with SIGKILL is restarted
-   by the launcher;
+   a storage server is refused at connect, another user's job can neither open alice's checkpoint
+   for writing nor write its chunks straight to storage, and a storage server killed with SIGKILL
+   is restarted by the launcher;
 7. everything stops, and nothing is left behind.
 
     python -m deploy.demo [--cluster FILE] [--keep-run-dir]
@@ -78,28 +81,66 @@ def wait_for(what: str, fn, timeout: float, poll: float = 0.25):
     return wait_until(fn, timeout, what, poll, error=DemoError)
 
 
-def fs3_steps(lc: LocalCluster) -> None:
-    from examples.demo_train import DATA_INODE, blob_read, blob_write, make_dataset
-    from fs3.client import ChunkClient
+class Fs3Mount:
+    """The fs3 namespace mounted at RUN_DIR/mnt with ``fs3 mount`` (FUSE), as an admin mounts it on
+    every node; None of it when FUSE is not usable here (the job then reads with the Python client)."""
 
-    with ChunkClient.from_cluster(lc.cluster) as client:
-        r = client.refresh_routing()
-        chains = client.chains()
-        con.print(f"routing version {r.version}: {len(chains)} chains, chunk size {client.chunk_size >> 10} KiB")
-        subprocess.run([sys.executable, "-m", "fs3.cli", "chains", "--cluster", str(lc.cluster_file)],
-                       cwd=ROOT, timeout=60, check=False)
-        data = make_dataset()
+    def __init__(self, lc: LocalCluster, run_dir: Path) -> None:
+        from fs3.fuse import unavailable
+
+        self.lc, self.path = lc, run_dir / "mnt"
+        self.why_not = unavailable()
+        self.mounted = False
+
+    def fs3(self, *args: str, check: bool = True, show: bool = True) -> str:
+        cmd = [sys.executable, "-m", "fs3.cli", *args]
+        if show:
+            con.print(f"[dim]$ fs3 {' '.join(args)}[/]")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                           env={**os.environ, "FIREFLYER_CLUSTER": str(self.lc.cluster_file), "COLUMNS": "120"})
+        if show and r.stdout.strip():
+            con.print(r.stdout.rstrip(), markup=False, highlight=False)
+        if check and r.returncode != 0:
+            raise DemoError(f"fs3 {' '.join(args)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+        return r.stdout
+
+    def mount(self) -> None:
+        if self.why_not:
+            con.print(f"[yellow]FUSE is not usable here ({self.why_not}): the job reads its data with the "
+                      "Python client instead of the mount[/]")
+            return
+        self.path.mkdir()
+        self.fs3("mount", str(self.path))
+        self.mounted = True
+
+    def umount(self) -> None:
+        if self.mounted:
+            self.fs3("umount", str(self.path), check=False)
+            self.mounted = False
+
+
+def fs3_steps(lc: LocalCluster, mnt: Fs3Mount) -> None:
+    from examples.demo_train import prepare_fs3
+    from fs3 import FileSystem
+
+    with FileSystem(lc.cluster) as fs:
+        r = fs.chunks.refresh_routing()
+        con.print(f"routing version {r.version}: {len(r.chain_ids())} chains, chunk size {r.chunk_size >> 10} KiB")
+        mnt.fs3("chains", "--cluster", str(lc.cluster_file))
         t0 = time.perf_counter()
-        blob_write(client, DATA_INODE, data)
-        back = blob_read(client, DATA_INODE)
+        made = prepare_fs3(fs)  # the FFRecord dataset and the checkpoint directory
         dt = time.perf_counter() - t0
-        if back != data:
-            raise DemoError("fs3 read back different bytes than were written")
-        con.print(f"training data: {len(data) / 1e6:.1f} MB written to fs3 (3 replicas) and read back intact "
-                  f"in {dt * 1000:.0f} ms")
+    con.print(f"training data: {made['samples']} samples in {made['files']} FFRecord files "
+              f"({made['bytes'] / 1e6:.2f} MB, 3 replicas) written to {made['dataset']} in {dt * 1000:.0f} ms")
+    mnt.mount()
+    if mnt.mounted:
+        listing = sorted(os.listdir(mnt.path / made["dataset"].lstrip("/")))
+        con.print(f"[dim]$ ls {mnt.path}{made['dataset']}[/]\n{'  '.join(listing)}")
+        con.print(f"fs3 is mounted at {mnt.path}: the job reads its dataset through the mount")
+    mnt.fs3("ls", "-l", made["dataset"])
 
 
-def training_steps(lc: LocalCluster, run_dir: Path) -> str:
+def training_steps(lc: LocalCluster, run_dir: Path, mnt: Fs3Mount) -> str:
     import threading
 
     admin = Hai(run_dir)
@@ -108,8 +149,9 @@ def training_steps(lc: LocalCluster, run_dir: Path) -> str:
     con.print("added researcher alice (group vision); she submits with her own token")
     hai = Hai(run_dir, token=user["token"])
     hai("whoami")
-    job = hai.json("python", "examples/demo_train.py", "--steps", "60", "--ckpt-every", "10", "--step-sleep", "0.3", "--",
-                   "--nodes", "2", "--procs-per-node", "2", "--name", "demo-train")
+    via_mount = ["--mount", str(mnt.path)] if mnt.mounted else []
+    job = hai.json("python", "examples/demo_train.py", "--steps", "60", "--ckpt-every", "10", "--step-sleep", "0.3",
+                   *via_mount, "--", "--nodes", "2", "--procs-per-node", "2", "--name", "demo-train")
     jid = job["id"]
     con.print(f"submitted job {jid}: 2 nodes x 2 ranks, haiscale DDP on hfreduce, data and checkpoints on fs3")
 
@@ -160,7 +202,36 @@ def training_steps(lc: LocalCluster, run_dir: Path) -> str:
         raise DemoError("the resumed attempt did not finish the training")
     con.print(f"[green]suspended at step {m.group(1)}, resumed from fs3 in attempt "
               f"{len(final.get('attempts', []))}, finished all 60 steps[/]")
+    mnt.fs3("ls", "-l", "/demo/ckpt")
     return "".join(first) + text
+
+
+def fs3_isolation(lc: LocalCluster) -> None:
+    """Another user's job (bob's credential, as the agent would derive it) may read alice's
+    checkpoint (mode 0644) but not overwrite it, and storage refuses its direct chunk writes."""
+    from fs3 import FileSystem
+    from fs3.client import file_chunk_id
+    from fs3.errors import CapabilityDenied
+    from network import derive
+
+    ckpt = "/demo/ckpt/chain-1"
+    bob = derive(lc.credential, "job:999/uid=12345/gid=12345", time.time() + 600)
+    with FileSystem(lc.cluster, credential=bob) as fs:
+        a = fs.meta.stat(path=ckpt)
+        try:
+            fs.open(ckpt, "r+b").close()
+        except PermissionError as exc:
+            con.print(f"bob's job opening alice's checkpoint for writing: [green]refused[/] ({exc.strerror})")
+        else:
+            raise DemoError("another user's job could open alice's checkpoint for writing")
+        chain = a.layout["chains"][0]
+        try:
+            fs.chunks.write(chain, file_chunk_id(a.ino, 0), b"overwritten")
+        except CapabilityDenied:
+            con.print(f"bob's job writing chunk 0 of inode {a.ino} straight to storage: [green]refused[/] "
+                      "(no capability for that file)")
+        else:
+            raise DemoError("storage accepted a chunk write without a capability")
 
 
 def hardening_steps(lc: LocalCluster, run_dir: Path, job_log: str) -> None:
@@ -185,6 +256,7 @@ def hardening_steps(lc: LocalCluster, run_dir: Path, job_log: str) -> None:
         con.print(f"a stranger's forged chain forward to fs3.storage@n3: [green]refused[/] ({exc})")
     else:
         raise DemoError("a forged storage.write from a stranger was accepted")
+    fs3_isolation(lc)
     victim = "fs3.storage@n2"
     pid = lc.info[victim].pid
     os.kill(pid, signal.SIGKILL)
@@ -214,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         con.print(f"[dim]jobs run as their users' accounts: gave them passage (o+x, not listing) through {d}, "
                   "on the way to this Python and the demo's code[/]")
     lc = LocalCluster(args.cluster, run_dir, ports="auto", health_timeout=60)
+    mnt = Fs3Mount(lc, run_dir)
     ok = False
     try:
         step("1. bring up the local cluster")
@@ -228,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         if any(r.error for r in res):
             raise DemoError("some links failed")
 
-        step("3. fs3: chains and the training data")
-        fs3_steps(lc)
+        step("3. fs3: chains, the training dataset (FFRecord) and the mount")
+        fs3_steps(lc, mnt)
 
         step("4. a researcher submits a training job with hai")
-        job_log = training_steps(lc, run_dir)
+        job_log = training_steps(lc, run_dir, mnt)
 
         step("6. hardening: jobs run as their users, strangers are refused, crashed services come back")
         hardening_steps(lc, run_dir, job_log)
@@ -242,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         con.print(f"logs: {run_dir / 'logs'}")
     finally:
         step("7. stop everything")
+        mnt.umount()
         lc.down()
         left = [i.key for i in lc.info.values() if i.state != "stopped"]
         con.print("all services stopped" if not left else f"[red]still running: {left}[/]")

@@ -258,7 +258,13 @@ def from_remote(exc: Exception) -> Exception:
     data = getattr(exc, "data", None) or {}
     meta = _META.get(kind or "")
     if meta is not None and "errno" in data:
-        out: Exception = meta(str(exc))
+        # a namespace error reaches users (an OSError's strerror): the server's own words, without
+        # the RPC layer's "ADDRESS METHOD: KIND: " prefix
+        msg = str(exc)
+        prefix = f": {kind}: "
+        if prefix in msg:
+            msg = msg.split(prefix, 1)[1]
+        out: Exception = meta(msg)
         out.__cause__ = exc
         return out
     cls = _REMOTE.get(kind or "")
