@@ -445,8 +445,28 @@ def ls_cmd(paths: list[str] = typer.Argument(None, help="fs3 paths (default /)")
                     continue
                 size = _a(a, "size", 0)
                 target = f" -> {_a(a, 'target')}" if _a(a, "type") == "symlink" else ""
-                typer.echo(f"{_mode_string(a)} {_a(a, 'nlink', 1):>3} {_a(a, 'uid', 0):>5} {_a(a, 'gid', 0):>5} "
+                typer.echo(f"{_mode_string(a)} {_a(a, 'nlink', 1):>3} {_owner(_a(a, 'uid', 0)):>8} "
+                           f"{_group(_a(a, 'gid', 0)):>8} "
                            f"{_human(size) if human else size:>10} {_when(_a(a, 'mtime'))} {name}{target}")
+
+
+def _owner(uid: int) -> str:
+    """A uid as ls shows it: this machine's account name, else the number."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except (KeyError, OverflowError):
+        return str(gid)
 
 
 @app.command("cat")
@@ -478,8 +498,8 @@ def stat_cmd(paths: list[str] = typer.Argument(..., help="fs3 paths"),
         typer.echo(f"  File: {p}" + (f" -> {_a(a, 'target')}" if _a(a, "type") == "symlink" else ""))
         typer.echo(f"  Size: {_a(a, 'size', 0):<12} Type: {_a(a, 'type'):<8} Inode: {_a(a, 'ino')}  "
                    f"Links: {_a(a, 'nlink', 1)}")
-        typer.echo(f"Access: ({_a(a, 'mode', 0) & 0o7777:04o}/{_mode_string(a)})  Uid: {_a(a, 'uid')}  "
-                   f"Gid: {_a(a, 'gid')}")
+        typer.echo(f"Access: ({_a(a, 'mode', 0) & 0o7777:04o}/{_mode_string(a)})  Uid: ({_a(a, 'uid')}/"
+                   f"{_owner(_a(a, 'uid', 0))})  Gid: ({_a(a, 'gid')}/{_group(_a(a, 'gid', 0))})")
         lay = _a(a, "layout")
         if lay:
             typer.echo(f"Layout: chunk size {_a(lay, 'chunk_size')}, chains {list(_a(lay, 'chains', []))}")
