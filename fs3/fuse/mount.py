@@ -274,6 +274,8 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
             log.warning("%s: unmounted, but its daemon (pid %d) has not exited after %s s", mp, pid, timeout)
             return
         time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        pid_file(mp).unlink()  # a daemon that died (kill -9) left it
 
 
 def _alive(pid: int) -> bool:
