@@ -132,9 +132,11 @@ def test_a_job_runs_as_its_account_and_cannot_reach_secrets_or_other_jobs(launch
     secrets = {AGENT_SECRET, (hai / "admin.token").read_text().strip(), (hai / "cluster.secret").read_text().strip()}
     assert not [k for k, v in env.items() if any(s in v for s in secrets)]
     assert env["HAI_TOKEN"] == env["HAI_JOB_TOKEN"].strip() and env["HAI_JOB_TOKEN"].startswith("job.")
-    # its fs3 credential: job:<chain>, with an expiry, in its control directory (gone once it ended)
+    # its fs3 credential: job:<chain> with the account's ids (fs3 checks file permissions as that
+    # user), with an expiry, in its control directory (gone once it ended)
     assert env["FIREFLYER_CREDENTIAL"] == str(ctl / "credential")
-    assert r["credential"][0] == f"job:{a['id']}" and r["credential"][1] > time.time()
+    assert r["credential"][0] == f"job:{a['id']}/uid={acct.pw_uid}/gid={acct.pw_gid}"
+    assert r["credential"][1] > time.time()
     assert not (ctl / "credential").exists()
     bob.stop(b["id"])
     assert bob.wait(b["id"], timeout=30)["status"] == "stopped"
