@@ -19,6 +19,7 @@ from pathlib import Path
 
 SRC, DST = "127.0.0.2", "127.0.0.3"
 MiB = 1 << 20
+_FRESH = 1 << 62  # top bit of a run's length: the relays write new files
 
 
 def _sink(port_q, total: int) -> None:
@@ -51,7 +52,8 @@ def _relay(port_q, hop: int, next_q, data_dir: str) -> None:
     """Hop ``hop`` (0..2) of the ideal chain, on 127.0.0.(3 + hop): per run, an 8-byte length, then
     1 MiB pieces: receive, CRC32C, forward to the next hop, write into one of 64 cached files
     (overwritten in place, as the chunk store overwrites recycled files); the acknowledgement
-    goes back once at the end."""
+    goes back once at the end. With the length's top bit set (a *fresh* run) each piece goes to a
+    new file instead, as new data does in any store (removed before the next run)."""
     import crc32c
 
     ls = socket.socket()
@@ -63,6 +65,7 @@ def _relay(port_q, hop: int, next_q, data_dir: str) -> None:
     for fd in fds:  # allocated and cached before any timed run
         os.pwrite(fd, bytes(MiB), 0)
     view = memoryview(bytearray(MiB))
+    made: list[str] = []
     while True:
         s, _ = ls.accept()
         hdr = s.recv(8, socket.MSG_WAITALL)
@@ -70,6 +73,8 @@ def _relay(port_q, hop: int, next_q, data_dir: str) -> None:
             s.close()
             break
         n = int.from_bytes(hdr, "big")
+        fresh = bool(n & _FRESH)
+        n &= _FRESH - 1
         nxt = None
         if nxt_addr is not None:
             nxt = socket.create_connection(nxt_addr)
@@ -80,12 +85,22 @@ def _relay(port_q, hop: int, next_q, data_dir: str) -> None:
             crc32c.crc32c(view)
             if nxt is not None:
                 nxt.sendall(view)
-            os.pwrite(fds[i % 64], view, 0)
+            if fresh:
+                path = f"{data_dir}/hop{hop}-fresh-{i}"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(fd, view, 0)
+                os.close(fd)
+                made.append(path)
+            else:
+                os.pwrite(fds[i % 64], view, 0)
         if nxt is not None:
             assert nxt.recv(1) == b"k"
             nxt.close()
         s.sendall(b"k")
         s.close()
+        for path in made:  # after the acknowledgement: not part of the timed run
+            os.unlink(path)
+        made.clear()
     if nxt_addr is not None:  # pass the quit on
         with socket.create_connection(nxt_addr) as q:
             q.sendall(b"quit....")
@@ -94,14 +109,15 @@ def _relay(port_q, hop: int, next_q, data_dir: str) -> None:
     ls.close()
 
 
-def ideal_chain(port: int, chunks: list[bytes]) -> float:
-    """Bytes per second through the three relays (the client computes each chunk's CRC32C too)."""
+def ideal_chain(port: int, chunks: list[bytes], fresh: bool = False) -> float:
+    """Bytes per second through the three relays (the client computes each chunk's CRC32C too);
+    ``fresh``: every hop writes each piece into a new file (see _relay)."""
     import crc32c
 
     total = sum(len(c) for c in chunks)
     s = socket.create_connection((DST, port), source_address=(SRC, 0))
     t0 = time.perf_counter()
-    s.sendall(total.to_bytes(8, "big"))
+    s.sendall((total | (_FRESH if fresh else 0)).to_bytes(8, "big"))
     for c in chunks:
         crc32c.crc32c(c)
         s.sendall(c)
@@ -178,8 +194,8 @@ class References:
     def bare_stream(self, chunks: list[bytes], repeat: int = 2) -> float:
         return bare_stream(self.port, chunks, repeat)
 
-    def ideal_chain(self, chunks: list[bytes]) -> float:
-        return ideal_chain(self.relay_ports[0], chunks)
+    def ideal_chain(self, chunks: list[bytes], fresh: bool = False) -> float:
+        return ideal_chain(self.relay_ports[0], chunks, fresh)
 
     def close(self) -> None:
         for port in (self.port, self.relay_ports.get(0)):

@@ -7,7 +7,11 @@ FUSE mount, each against a reference measured in the same run.
   pyfuse3 file system serving the same bytes from memory with the same mount options
   (bench/_fuse_memfs.py), the kernel's page cache dropped for the file before each read: >= 0.6;
 - write: a 1 GiB single-file write through ``fs3.open(..., "wb")`` against the ideal chain (three
-  bare relays, bench/_refs.py): >= 0.65;
+  bare relays, bench/_refs.py, each overwriting 64 cached files): >= 0.65. Shown beside it, not a
+  target: the same relays writing every piece into a new file. On a machine whose memory was
+  never touched (a fresh VM: each new page of the page cache costs a fault in the host), storing
+  new bytes costs ~3 CPU s/GiB per replica in the kernel that overwriting cached files does not;
+  fs3 stores a new file's chunks in new files, so this is the like-for-like reference;
 - metadata: several client processes at once, each creating and closing files in its own
   directory, then stat-ing them (SQLite metadata store): create+close >= 3,000/s, stat >=
   10,000/s; create+close through the mount (several processes) >= 1,500/s;
@@ -271,9 +275,14 @@ def main() -> int:
         for t in range(trials):
             ideal = refs.ideal_chain(ref_chunks)
             add("ideal_chain", ideal)
+            # the same relays writing every piece into a new file, as a store must for new data:
+            # shown for the explanation (fs3 writes new files; the target is against the above)
+            fresh = refs.ideal_chain(ref_chunks, fresh=True)
+            add("ideal_chain_new_files", fresh)
             w = client_write(fs, f"/bench/big{t}", data)
             add("client_write", w)
             pair.setdefault("client_write_vs_ideal_chain", []).append(w / ideal)
+            pair.setdefault("client_write_vs_ideal_chain_new_files", []).append(w / fresh)
             bare = refs.bare_stream(ref_chunks, repeat=1)
             add("bare_tcp", bare)
             r = client_read(fs, f"/bench/big{t}", total, buf)
@@ -331,7 +340,8 @@ def main() -> int:
     ok = all(ratios[k] >= v for k, v in targets.items()) and ratios["ckpt_blocked_vs_sync"] <= 0.1
     print(f"fs3 files: {nmib} MiB file, {trials} trial(s) (median), {args.procs} metadata clients x {nfiles} files, "
           f"1 MiB chunks on 3-replica chains")
-    for k in ("bare_tcp", "client_read", "memfs_read", "mount_read", "ideal_chain", "client_write", "ckpt_load"):
+    for k in ("bare_tcp", "client_read", "memfs_read", "mount_read", "ideal_chain", "ideal_chain_new_files",
+              "client_write", "ckpt_load"):
         if k in med:
             print(f"{k:<28}{med[k] / 1e9:>8.3f} GB/s")
     for k in ("meta_create_close_per_s", "meta_stat_per_s", "mount_create_close_per_s"):
@@ -342,6 +352,8 @@ def main() -> int:
         print(f"target {k:<30} >= {v:g}: {ratios[k]:.3g} {'ok' if ratios[k] >= v else 'MISSED'}")
     b = ratios["ckpt_blocked_vs_sync"]
     print(f"target {'ckpt_blocked_vs_sync':<30} <= 0.1: {b:.3g} {'ok' if b <= 0.1 else 'MISSED'}")
+    print(f"write against the ideal chain writing new files (as fs3 must): "
+          f"{ratios['client_write_vs_ideal_chain_new_files']:.3g} (not a target; see the docstring)")
     if why_no_mount:
         print(f"mount phases skipped: {why_no_mount}")
     targets["ckpt_blocked_vs_sync"] = 0.1
