@@ -110,6 +110,33 @@ class ProcInfo:
         return f"{self.module}@{self.node}"
 
 
+LOCAL_CLUSTER = Path(__file__).resolve().parent / "clusters" / "local.toml"
+_OPTIONAL_SECTIONS = {"haiplatform": "haiplatform.", "hfreduce": None, "haiscale": None}
+
+
+def derived_cluster(dest: str | os.PathLike, modules: Iterable[str], *, fs3: dict | None = None,
+                    nodes: dict[str, list[str]] | None = None, base: str | os.PathLike = LOCAL_CLUSTER) -> Path:
+    """Write a copy of the cluster description ``base`` (default: the local cluster) to ``dest``
+    with only the services in ``modules`` (``nodes`` moves some of them: module -> node names),
+    without the sections of the packages whose services are left out (haiplatform, hfreduce,
+    haiscale), and with ``fs3`` applied over its ``[fs3]`` section. For tests and benchmarks that
+    run a part of the stack."""
+    import tomllib
+
+    modules = set(modules)
+    raw = tomllib.loads(Path(base).read_text())
+    raw["service"] = [dict(sv, nodes=(nodes or {}).get(sv["module"], sv["nodes"])) for sv in raw.get("service", [])
+                      if sv["module"] in modules]
+    for section, prefix in _OPTIONAL_SECTIONS.items():
+        if prefix is None or not any(m.startswith(prefix) for m in modules):
+            raw.pop(section, None)
+    if fs3:
+        raw.setdefault("fs3", {}).update(fs3)
+    dest = Path(dest)
+    dest.write_text(dump_cluster(raw))
+    return dest
+
+
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from typer.testing import CliRunner
 
 from fs3.cli import app
 from network import ClusterFileError, RpcClient, find_cluster
-from network.topology import dump_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ["fs3.mgmtd", "fs3.storage", "fs3.meta"]
@@ -60,16 +58,11 @@ def test_find_cluster(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from deploy.local import LocalCluster
+    from deploy.local import LocalCluster, derived_cluster
 
     tmp = tmp_path_factory.mktemp("cli")
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"] in SERVICES]
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
-    raw["fs3"].update({"heartbeat_interval": 0.25, "failure_timeout": 3.0, "chunk_size": CS, "gc_delay": 0.0})
-    path = tmp / "fs3-cli.toml"
-    path.write_text(dump_cluster(raw))
+    path = derived_cluster(tmp / "fs3-cli.toml", SERVICES, fs3={"heartbeat_interval": 0.25, "failure_timeout": 3.0,
+                                                                 "chunk_size": CS, "gc_delay": 0.0})
     lc = LocalCluster(path, tmp / "run", ports="auto", services=SERVICES).up()
     try:
         def settled() -> bool:

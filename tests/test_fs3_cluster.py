@@ -27,15 +27,11 @@ FS3 = ["fs3.mgmtd", "fs3.storage"]
 
 def _cluster_file(tmp_path: Path, **fs3) -> Path:
     """local.toml with only the fs3 services and short heartbeat / failure timeouts."""
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"] in FS3]
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
+    from deploy.local import derived_cluster
+
     # short, but well above a heartbeat period even when the machine is busy
-    raw["fs3"].update({"heartbeat_interval": 0.25, "failure_timeout": 3.0, **fs3})
-    path = tmp_path / "fs3-test.toml"
-    path.write_text(dump_cluster(raw))
-    return path
+    return derived_cluster(tmp_path / "fs3-test.toml", FS3, fs3={"heartbeat_interval": 0.25, "failure_timeout": 3.0,
+                                                                 **fs3})
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import random
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from _waits import wait_until
 from fs3.client import ChunkClient
 from fs3.client.filedata import FileData, Layout
 from network import RpcClient
-from network.topology import dump_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 FS3 = ["fs3.mgmtd", "fs3.storage"]
@@ -22,17 +20,11 @@ CS = 64 << 10
 
 @pytest.fixture(scope="module")
 def fd(tmp_path_factory):
-    from deploy.local import LocalCluster
+    from deploy.local import LocalCluster, derived_cluster
 
     tmp = tmp_path_factory.mktemp("filedata")
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"] in FS3]
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
-    raw["fs3"].update({"heartbeat_interval": 0.25, "failure_timeout": 3.0, "chunk_size": CS,
-                       "max_batch_bytes": 4 * CS})
-    path = tmp / "fs3-filedata.toml"
-    path.write_text(dump_cluster(raw))
+    path = derived_cluster(tmp / "fs3-filedata.toml", FS3, fs3={"heartbeat_interval": 0.25, "failure_timeout": 3.0,
+                                                                "chunk_size": CS, "max_batch_bytes": 4 * CS})
     lc = LocalCluster(path, tmp / "run", ports="auto", services=FS3).up()
     try:
         def settled() -> bool:

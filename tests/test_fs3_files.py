@@ -8,7 +8,6 @@ import io
 import random
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from _waits import wait_until
 import fs3
 from fs3.client.files import FileSystem, set_default_fs
 from network import RpcClient
-from network.topology import dump_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ["fs3.mgmtd", "fs3.storage", "fs3.meta"]
@@ -25,15 +23,11 @@ CS = 64 << 10
 
 
 def _cluster_file(tmp: Path) -> Path:
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"] in SERVICES]
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
-    raw["fs3"].update({"heartbeat_interval": 0.25, "failure_timeout": 3.0, "chunk_size": CS,
-                       "max_batch_bytes": 4 * CS, "gc_delay": 0.0, "targets_per_node": 2})
-    path = tmp / "fs3-files.toml"
-    path.write_text(dump_cluster(raw))
-    return path
+    from deploy.local import derived_cluster
+
+    return derived_cluster(tmp / "fs3-files.toml", SERVICES, fs3={
+        "heartbeat_interval": 0.25, "failure_timeout": 3.0, "chunk_size": CS, "max_batch_bytes": 4 * CS,
+        "gc_delay": 0.0, "targets_per_node": 2})
 
 
 def _mgmtd_status(lc) -> dict:

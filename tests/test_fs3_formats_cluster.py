@@ -5,7 +5,6 @@ code paths on local files are in test_fs3_ffrecord.py and test_fs3_checkpoint.py
 from __future__ import annotations
 
 import time
-import tomllib
 import zlib
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from _waits import wait_until
 
 from fs3.formats import ChecksumError, FileReader, FileWriter, write_samples
 from network import RpcClient
-from network.topology import dump_cluster
 
 torch = pytest.importorskip("torch")
 
@@ -24,15 +22,11 @@ CS = 64 << 10
 
 
 def _cluster_file(tmp: Path) -> Path:
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"] in SERVICES]
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
-    raw["fs3"].update({"heartbeat_interval": 0.25, "failure_timeout": 3.0, "chunk_size": CS,
-                       "max_batch_bytes": 16 * CS, "gc_delay": 0.0, "targets_per_node": 2})
-    path = tmp / "fs3-formats.toml"
-    path.write_text(dump_cluster(raw))
-    return path
+    from deploy.local import derived_cluster
+
+    return derived_cluster(tmp / "fs3-formats.toml", SERVICES, fs3={
+        "heartbeat_interval": 0.25, "failure_timeout": 3.0, "chunk_size": CS, "max_batch_bytes": 16 * CS,
+        "gc_delay": 0.0, "targets_per_node": 2})
 
 
 def _serving(lc) -> bool:

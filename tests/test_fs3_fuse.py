@@ -19,13 +19,10 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
 from _waits import wait_until
-
-from network.topology import dump_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ["fs3.mgmtd", "fs3.storage", "fs3.meta"]
@@ -45,18 +42,11 @@ _needs_mount = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not())
 
 
 def _cluster_file(tmp: Path) -> Path:
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    services = [s for s in raw["service"] if s["module"] in SERVICES]
-    if not any(s["module"] == "fs3.meta" for s in services):
-        services.append({"module": "fs3.meta", "nodes": ["n0"], "port": 17220})
-    raw["service"] = services
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
-    raw["fs3"].update({"heartbeat_interval": 0.25, "failure_timeout": 3.0, "chunk_size": CHUNK,
-                       "max_batch_bytes": 1 << 20, "gc_delay": 0.0, "session_ttl": 30.0})
-    path = tmp / "fs3-fuse.toml"
-    path.write_text(dump_cluster(raw))
-    return path
+    from deploy.local import derived_cluster
+
+    return derived_cluster(tmp / "fs3-fuse.toml", SERVICES, fs3={
+        "heartbeat_interval": 0.25, "failure_timeout": 3.0, "chunk_size": CHUNK, "max_batch_bytes": 1 << 20,
+        "gc_delay": 0.0, "session_ttl": 30.0})
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,25 +14,17 @@ from fs3.client.chunks import file_chunk_id
 from fs3.errors import ChunkNotFound, Exists, MetaUnavailable, NotFound, NotPermitted, PermissionDenied
 from fs3.meta import MetaClient
 from network.auth import derive, load_cluster_key
-from network.topology import dump_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 FS3 = ["fs3.mgmtd", "fs3.storage", "fs3.meta"]
 
 
 def _cluster_file(tmp_path: Path, meta_nodes=("n0",), **fs3) -> Path:
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"] in FS3]
-    for s in raw["service"]:
-        if s["module"] == "fs3.meta":
-            s["nodes"] = list(meta_nodes)
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
-    raw["fs3"].update({"heartbeat_interval": 0.25, "failure_timeout": 3.0, "gc_delay": 0.0, "session_ttl": 3.0,
-                       "stripe": 4, **fs3})
-    path = tmp_path / "fs3-meta-test.toml"
-    path.write_text(dump_cluster(raw))
-    return path
+    from deploy.local import derived_cluster
+
+    return derived_cluster(tmp_path / "fs3-meta-test.toml", FS3, nodes={"fs3.meta": list(meta_nodes)},
+                           fs3={"heartbeat_interval": 0.25, "failure_timeout": 3.0, "gc_delay": 0.0,
+                                "session_ttl": 3.0, "stripe": 4, **fs3})
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ what the services alone may do, and a header claims 256 MiB."""
 from __future__ import annotations
 
 import time
-import tomllib
 from pathlib import Path
 
 import msgpack
@@ -26,7 +25,6 @@ from network import (
     new_cluster_key,
 )
 from network.auth import client_handshake
-from network.topology import dump_cluster
 from network.transport import _PREFIX, MAGIC
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,14 +33,10 @@ MiB = 1 << 20
 
 
 def _cluster_file(tmp_path: Path) -> Path:
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"] in FS3]
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
-    raw["fs3"].update({"heartbeat_interval": 0.25, "failure_timeout": 3.0})
-    path = tmp_path / "fs3-security.toml"
-    path.write_text(dump_cluster(raw))
-    return path
+    from deploy.local import derived_cluster
+
+    return derived_cluster(tmp_path / "fs3-security.toml", FS3, fs3={"heartbeat_interval": 0.25,
+                                                                     "failure_timeout": 3.0})
 
 
 @pytest.fixture(scope="module")
