@@ -40,7 +40,6 @@ import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,10 +49,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _refs import MiB, References, _cpu  # noqa: E402
 
-from deploy.local import LocalCluster  # noqa: E402
+from deploy.local import LocalCluster, derived_cluster  # noqa: E402
 from fs3.client import ChunkClient, ReadIO, WriteIO  # noqa: E402
 from network.auth import INSECURE_ENV, NO_AUTH  # noqa: E402
-from network.topology import dump_cluster  # noqa: E402
 
 
 def disk(chunks: list[bytes], d: Path) -> tuple[float, float]:
@@ -90,13 +88,7 @@ def main() -> int:
     total = nmib * MiB
 
     tmp = Path(tempfile.mkdtemp(prefix="fs3bench-"))
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"] in ("fs3.mgmtd", "fs3.storage")]
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
-    raw["fs3"]["chunk_size"] = MiB
-    cf = tmp / "bench.toml"
-    cf.write_text(dump_cluster(raw))
+    cf = derived_cluster(tmp / "bench.toml", ["fs3.mgmtd", "fs3.storage"], fs3={"chunk_size": MiB})
 
     refs = References()
 
