@@ -59,7 +59,7 @@ from pathlib import Path
 from network import AuthError, Credential, client_credential, load_cluster, load_cluster_key, new_cluster_key
 from network.auth import INSECURE_ENV, NO_AUTH, cluster_key_path
 from network.rpc import ping
-from network.rundir import default_run_dir
+from network.rundir import default_run_dir, pid_alive  # noqa: F401 - pid_alive: deploy.local's public name too
 from network.topology import Cluster, dump_cluster
 
 from .restart import History, RestartPolicy, decide, policy_from_options
@@ -791,22 +791,6 @@ def _wait_group_stopped(pgid: int, timeout: float) -> None:
                                 f"{', '.join(running[:8])} still run")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not alive
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_until(pred, timeout: float = 30.0, what: str = "condition", poll: float = 0.05,

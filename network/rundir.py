@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import ClusterFileError
 
-__all__ = ["default_run_dir", "find_cluster", "run_dir_base", "running_clusters"]
+__all__ = ["default_run_dir", "find_cluster", "pid_alive", "run_dir_base", "running_clusters"]
 
 
 def run_dir_base() -> Path:
@@ -31,16 +31,21 @@ def default_run_dir(cluster_name: str) -> Path:
     return run_dir_base() / cluster_name
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an exited child not reaped yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    except (OSError, ValueError):
+    except (OSError, ValueError, OverflowError):
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _is_up(run_dir: Path) -> bool:
@@ -50,7 +55,7 @@ def _is_up(run_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     pid = state.get("supervisor_pid")
-    return (state.get("state") == "up" and isinstance(pid, int) and _pid_alive(pid)
+    return (state.get("state") == "up" and isinstance(pid, int) and pid_alive(pid)
             and (run_dir / "cluster.toml").is_file())
 
 

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from network.rundir import pid_alive
+
 from ..errors import Fs3Error
 from .options import MountOptions, fuse_options, is_mounted, tune_kernel
 
@@ -269,7 +271,7 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
             raise MountError(f"{mp}: still mounted after {timeout} s ({'; '.join(errors) or 'no error'}); "
                              f"`umount -l {mp}` as root detaches it")
         time.sleep(0.05)
-    while pid is not None and _alive(pid):
+    while pid is not None and pid_alive(pid):
         if time.monotonic() > deadline:
             log.warning("%s: unmounted, but its daemon (pid %d) has not exited after %s s", mp, pid, timeout)
             return
@@ -278,16 +280,3 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
         pid_file(mp).unlink()  # a daemon that died (kill -9) left it
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (our own child not reaped yet) has exited
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-    return True
