@@ -422,3 +422,88 @@ def test_storage_kill_during_reads_and_writes(cluster, fs, d):
     per = len(chunk)
     assert all(got[k:k + per] == chunk for k in range(0, end, per))
     wait_until(lambda: _all_serving(cluster), 60, "n3 back and serving")
+
+
+def test_timestamps(fs, d):
+    p = f"{d}/times"
+    fs.write_file(p, b"1")
+    created = fs.stat(p)
+    assert created.mtime == created.ctime and created.mtime > time.time_ns() - 60 * 10**9
+    fs.utime(p, ns=(1_000_000_000_123, 2_000_000_000_456))
+    st = fs.stat(p)
+    assert (st.atime, st.mtime) == (1_000_000_000_123, 2_000_000_000_456)
+    assert st.ctime >= created.ctime  # a change of attributes is a change
+    before = time.time_ns()
+    with fs.open(p, "ab") as f:
+        f.write(b"2")
+    st = fs.stat(p)
+    assert st.size == 2 and st.mtime >= before - 10**9 and st.ctime >= st.mtime - 10**9
+    parent = fs.stat(d)
+    fs.write_file(f"{d}/another", b"")
+    assert fs.stat(d).mtime >= parent.mtime  # a new entry changes its directory
+
+
+def test_a_directory_of_10000_entries_is_listed_in_pages(fs, d):
+    """10,000 names come back complete and in order, page by page (the client asks for pages of
+    at most 1,000), through listdir, scandir and the meta service's own paging."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = f"{d}/big"
+    fs.mkdir(big)
+    names = [f"e{i:05d}" for i in range(10_000)]
+
+    def make(part: list[str]) -> None:
+        for n in part:
+            fs.open(f"{big}/{n}", "wb").close()
+
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(make, [names[k::4] for k in range(4)]))
+    assert fs.listdir(big) == names
+    assert sum(1 for e in fs.scandir(big) if e.is_file()) == 10_000
+    pages, after = [], ""
+    while True:
+        page = fs.meta.readdir(path=big, after=after, limit=1000)
+        pages.append([e["name"] for e in page["entries"]])
+        if not page["more"]:
+            break
+        after = pages[-1][-1]
+    assert len(pages) == 10 and all(len(p) == 1000 for p in pages) and sum(pages, []) == names
+    assert fs.stat(big).nlink == 2
+    assert fs.rmtree(big) >= 10_000 and not fs.exists(big)
+
+
+def test_meta_restart_during_reads_and_writes(cluster, fs, d):
+    """SIGKILL of the meta server while a client writes, fsyncs, closes and reads files: the client
+    retries until the restarted server answers, and every file reads back as written."""
+    data = _blob(2 * CS + 5, 30)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    done = [0]
+
+    def loop() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                p = f"{d}/f{i % 5}"
+                with fs.open(p, "wb") as f:
+                    f.write(data)
+                    f.fsync()
+                assert fs.read_file(p) == data and fs.stat(p).size == len(data)
+                done[0] += 1
+                i += 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        wait_until(lambda: done[0] >= 3 or errors, 30, "the first rounds")
+        cluster.kill("fs3.meta", "n0")
+        time.sleep(0.5)
+        cluster.start("fs3.meta", "n0")
+        n = done[0]
+        wait_until(lambda: done[0] >= n + 3 or errors, 60, "rounds after the meta restart")
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors, errors

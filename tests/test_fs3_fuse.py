@@ -287,21 +287,31 @@ def test_concurrent_writers_to_different_files(mnt):
 
 @pytest.mark.fuse
 @_needs_mount
-def test_directory_listing(mnt):
+def test_directory_listing(mnt, cluster):
+    """10,000 entries (readdir pages of 1,000): 200 made through the mount, the rest through the
+    Python client (faster), all listed through the mount."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fs3 import FileSystem
+
     d = mnt / "many"
     os.mkdir(d)
-    names = {f"n{i:04d}" for i in range(1200)}  # more than one readdir page (1000)
-    for n in names:
+    names = {f"n{i:05d}" for i in range(10_000)}
+    mine = sorted(names)[:200]
+    for n in mine:
         os.close(os.open(d / n, os.O_CREAT | os.O_WRONLY, 0o644))
+    rest = sorted(names)[200:]
+    with FileSystem(cluster.cluster_file) as fs, ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda part: [fs.open(f"/many/{n}", "wb").close() for n in part], [rest[k::4] for k in range(4)]))
     os.mkdir(d / "sub")
     assert set(os.listdir(d)) == names | {"sub"}
     kinds = {e.name: e.is_dir() for e in os.scandir(d)}
-    assert kinds["sub"] and not kinds["n0001"]
+    assert kinds["sub"] and not kinds["n00001"] and len(kinds) == 10_001
     with pytest.raises(OSError) as e:
         os.rmdir(d)
     assert e.value.errno == errno.ENOTEMPTY
     with pytest.raises(NotADirectoryError):
-        os.listdir(d / "n0001")
+        os.listdir(d / "n00001")
     v = os.statvfs(mnt)
     assert v.f_namemax == 255 and v.f_bsize > 0
 
@@ -422,13 +432,36 @@ def test_meta_restart_during_reads_and_writes(mnt, cluster):
 
 @pytest.mark.fuse
 @_needs_mount
-def test_storage_kill9_during_reads(mnt, cluster):
+def test_storage_kill9_during_reads_and_writes(mnt, cluster):
+    """SIGKILL of a storage server while one thread reads a file and another writes and fsyncs
+    files through the mount: the reads go on without an error, and every file whose fsync
+    returned reads back as written."""
     data = random.Random(6).randbytes(24 * CHUNK)
     p = mnt / "sk.bin"
     p.write_bytes(data)
     errors: list[BaseException] = []
     stop = threading.Event()
     done = [0]
+    piece = random.Random(7).randbytes(3 * CHUNK + 11)
+    synced: list[Path] = []
+    (mnt / "skw").mkdir()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set() and i < 200:
+            w = mnt / "skw" / f"w{i}"
+            try:
+                fd = os.open(w, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, piece)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+            synced.append(w)
+            i += 1
 
     def reader() -> None:
         while not stop.is_set():
@@ -444,18 +477,27 @@ def test_storage_kill9_during_reads(mnt, cluster):
                 return
             done[0] += 1
 
-    t = threading.Thread(target=reader)
-    t.start()
+    ts = [threading.Thread(target=reader), threading.Thread(target=writer)]
+    for t in ts:
+        t.start()
     try:
-        wait_until(lambda: done[0] >= 2 or errors, 30, "the first reads")
+        wait_until(lambda: (done[0] >= 2 and len(synced) >= 2) or errors, 30, "the first reads and writes")
         cluster.kill("fs3.storage", "n2")
-        n = done[0]
-        wait_until(lambda: done[0] >= n + 3 or errors, 60, "reads after storage n2 was killed")
+        n, m = done[0], len(synced)
+        wait_until(lambda: (done[0] >= n + 3 and len(synced) >= m + 3) or errors, 60,
+                   "reads and writes after storage n2 was killed")
     finally:
         stop.set()
-        t.join(60)
+        for t in ts:
+            t.join(60)
         cluster.start("fs3.storage", "n2")
     assert not errors, errors
+    for w in synced:
+        fd = os.open(w, os.O_RDONLY | os.O_DIRECT)  # from storage, not the page cache
+        try:
+            assert os.pread(fd, len(piece) + 4096, 0) == piece, w
+        finally:
+            os.close(fd)
 
 
 # -- unmount ----------------------------------------------------------------------------------------------
