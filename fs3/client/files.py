@@ -820,8 +820,12 @@ class File(io.RawIOBase):
                 err = exc
             try:
                 if self.session is not None:
-                    self.fs._call("close", self.name, ino=self.ino, session=self.session, wrote=self._wrote,
-                                  length=self._end, mtime=None)
+                    later = getattr(self.fs.meta, "close_later", None)
+                    if not self._wrote and err is None and later is not None:
+                        later(self.ino, self.session)  # nothing to report: no need to wait
+                    else:
+                        self.fs._call("close", self.name, ino=self.ino, session=self.session, wrote=self._wrote,
+                                      length=self._end, mtime=None)
             finally:
                 self._forget_reads()
                 super().close()

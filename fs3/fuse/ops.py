@@ -491,7 +491,12 @@ class Fs3Operations(pyfuse3.Operations):
                 await self._flush(node)
             except pyfuse3.FUSEError as exc:
                 err = exc
-            if h.session:
+            later = getattr(self.meta, "close_later", None)
+            if h.session and not h.unsynced and later is not None:
+                # nothing to report: the session ends with the next meta call (or within
+                # fs3.meta.client.CLOSE_DELAY), and the release is answered now
+                later(h.ino, h.session)
+            elif h.session:
                 # written since the last sync (flush syncs at every close(2)): the length again;
                 # else the session just ends (a close that wrote asks storage for the length)
                 a = await self._meta("close", None, ino=h.ino, session=h.session, wrote=h.unsynced,

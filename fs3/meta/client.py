@@ -49,6 +49,7 @@ __all__ = ["MetaClient", "Attrs", "ROOT"]
 
 log = logging.getLogger(__name__)
 
+CLOSE_DELAY = 0.05  # s a deferred close waits for another call to carry it
 _IFMT = {"file": stat_mod.S_IFREG, "dir": stat_mod.S_IFDIR, "symlink": stat_mod.S_IFLNK}
 
 
@@ -175,12 +176,23 @@ class MetaClient:
         self._renew_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # [Note: deferred closes] sessions that wrote nothing end with the client's next call
+        # (whatever it is: "closes" in its arguments) or, at the latest, CLOSE_DELAY later
+        self._closes: list[list[int]] = []
+        self._closes_cv = threading.Condition(threading.Lock())
+        self._closer: threading.Thread | None = None
         self.stats = {"failovers": 0, "renewals": 0}
 
     # -- plumbing ---------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Stop renewing sessions and close the connections (also ``close()`` without arguments)."""
+        """End the deferred closes, stop renewing sessions and close the connections (also
+        ``close()`` without arguments)."""
         self._stop.set()
+        with self._closes_cv:
+            self._closes_cv.notify_all()
+        if self._closer is not None:
+            self._closer.join(5)
+        self._send_closes(timeout=min(self.timeout, 5.0))
         if self._renew_thread is not None:
             self._renew_thread.join(5)
         for p in self._pools:
@@ -198,6 +210,21 @@ class MetaClient:
         u = user if user is not None else self.user
         if u is not None:
             args = {**args, "user": u}
+        closes = None
+        if self._closes:
+            with self._closes_cv:
+                closes, self._closes = self._closes, []
+            if closes:
+                args = {**args, "closes": closes}
+        try:
+            return self._call(op, args, timeout)
+        except BaseException:
+            if closes:  # maybe not ended: again with the next call (ending one twice is harmless)
+                with self._closes_cv:
+                    self._closes[:0] = closes
+            raise
+
+    def _call(self, op: str, args: dict, timeout: float | None) -> Any:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         n = len(self._pools)
         start = self._preferred
@@ -245,6 +272,36 @@ class MetaClient:
             if self._renew_thread is None:
                 self._renew_thread = threading.Thread(target=self._renew_loop, name="fs3-meta-renew", daemon=True)
                 self._renew_thread.start()
+
+    def close_later(self, ino: int, session: int) -> None:
+        """End a session that wrote nothing without waiting (see [Note: deferred closes]): with
+        this client's next call, or within ``CLOSE_DELAY`` s; :meth:`shutdown` ends the rest.
+        Until then the session only keeps an unlinked file's chunks a moment longer."""
+        with self._closes_cv:
+            self._closes.append([int(ino), int(session)])
+            if self._closer is None:
+                self._closer = threading.Thread(target=self._close_loop, name="fs3-meta-closes", daemon=True)
+                self._closer.start()
+            elif len(self._closes) == 1:
+                self._closes_cv.notify()
+
+    def _close_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._closes_cv:
+                while not self._closes and not self._stop.is_set():
+                    self._closes_cv.wait()
+            if self._stop.wait(CLOSE_DELAY):
+                return  # shutdown sends what is left
+            self._send_closes()
+
+    def _send_closes(self, timeout: float | None = None) -> None:
+        if not self._closes:
+            return
+        try:
+            self.call("closes", {}, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - logged  # kept: tried again with the next call
+            log.warning("fs3.meta: ending %d sessions of %s failed (retrying): %s", len(self._closes),
+                        self.client_id, exc)
 
     def _renew_loop(self) -> None:
         period = max(0.05, self.session_ttl / 3)

@@ -184,6 +184,10 @@ class MetaServer:
         def handler(args: dict, payload, ctx) -> Any:
             user = self.user(args, ctx.principal if ctx is not None else None)
             try:
+                closes = args.get("closes")
+                if closes and op != "create":  # a create ends them in its own transaction
+                    if self.store.drop_sessions(closes)["unlinked"]:
+                        self.gc.wake()
                 return fn(user, args, ctx)
             except Fs3Error:
                 raise
@@ -224,7 +228,9 @@ class MetaServer:
         def create(u, a, ctx):
             r = s.create(u, **entry(a), mode=int(a.get("mode", 0o644)), excl=bool(a.get("excl")),
                          trunc=bool(a.get("trunc")), write=bool(a.get("write", True)),
-                         session=a.get("session"), client=str(a.get("client") or ""))
+                         session=a.get("session"), client=str(a.get("client") or ""), closes=a.get("closes"))
+            if r.pop("unlinked", False):
+                self.gc.wake()
             self._cut(r["attrs"]["ino"], r["attrs"], r.pop("trim"))
             cap = self._cap(ctx, r["attrs"]["ino"], bool(a.get("write", True)))
             if cap is not None:
@@ -297,6 +303,7 @@ class MetaServer:
             "open": open_,
             "close": close,
             "sync": lambda u, a, c: close(u, a, c, keep=True),
+            "closes": lambda u, a, c: {},  # deferred closes only (args["closes"], ended by the wrapper)
             "renew": lambda u, a, c: {"renewed": s.renew(str(a["client"]))},
             "mkdir": lambda u, a, c: s.mkdir(u, **entry(a), mode=int(a.get("mode", 0o755)),
                                              parents=bool(a.get("parents"))),

@@ -168,6 +168,8 @@ _SET_PARENT = _Q(update(inodes).where(_I.ino == bindparam("k")).values(parent=bi
 _INS_SESSION = _Q(insert(sessions))
 _SEL_SESSION = _Q(select(sessions).where(_S.id == bindparam("id")))
 _DEL_SESSION = _Q(delete(sessions).where(_S.id == bindparam("id")))
+_DEL_SESSION_OF = _Q(delete(sessions).where(_S.id == bindparam("id"), _S.ino == bindparam("k")))
+_IN_GC = _Q(select(gc.c.ino).where(gc.c.ino == bindparam("k")))
 _RENEW_SESSION = _Q(update(sessions).where(_S.id == bindparam("k")).values(expires=bindparam("exp")))
 _RENEW_CLIENT = _Q(update(sessions).where(_S.client == bindparam("k")).values(expires=bindparam("exp")))
 _INS_GC = _Q(insert(gc))
@@ -632,9 +634,12 @@ class MetaStore:
     # -- files ---------------------------------------------------------------------------------------
     def create(self, user: User, *, path: str | None = None, parent: Any = None, name: str | None = None,
                mode: int = 0o644, excl: bool = False, trunc: bool = False, write: bool = True,
-               session: bool | None = None, client: str = "") -> dict:
+               session: bool | None = None, client: str = "", closes: list | None = None) -> dict:
         """Create (or open an existing) file: ``{"attrs", "session", "created", "trim"}``; ``trim`` is
-        ``(old size, layout)`` when an existing file was truncated (the service cuts its chunks)."""
+        ``(old size, layout)`` when an existing file was truncated (the service cuts its chunks).
+        ``closes``: sessions that wrote nothing to end first, in the same transaction (see
+        :meth:`drop_sessions`); ``"unlinked"`` in the answer says whether one was of an unlinked
+        inode. They end even when the create fails."""
         ino = self._alloc_ino()
         want_session = write if session is None else (session or write)
 
@@ -666,6 +671,13 @@ class MetaStore:
             sid = self._add_session(c, r.ino, client, write, tver) if want_session else None
             return {"attrs": attrs_of(r), "session": sid, "created": False, "trim": trim}
 
+        if closes:
+            try:
+                out = self._tx(lambda c: self._drop_sessions(c, closes) | run(c), write=True, what="create")
+            except MetaError:
+                self.drop_sessions(closes)
+                raise
+            return out
         return self._tx(run, write=True, what="create")
 
     def open(self, user: User, *, ino: Any = None, path: str | None = None, write: bool = False,
@@ -750,6 +762,23 @@ class MetaStore:
         return self._tx(lambda c: c.execute(_RENEW_CLIENT, {"k": client,
                                                             "exp": time.time() + self.session_ttl}).rowcount,
                         write=True, what="renew")
+
+    def drop_sessions(self, closes: list) -> dict:
+        """End sessions that wrote nothing, ``[[ino, session], ...]`` (a client's deferred closes);
+        one not found (ended already, or pruned) is skipped. ``{"unlinked": bool}``: whether one
+        was of an unlinked inode (GC may now remove it)."""
+        return self._tx(lambda c: self._drop_sessions(c, closes), write=True, what="close")
+
+    def _drop_sessions(self, c, closes: list) -> dict:
+        unlinked = False
+        for item in closes:
+            try:
+                ino, sid = int(item[0]), int(item[1])
+            except (TypeError, ValueError, IndexError):
+                raise InvalidArgument(f"meta.close: a deferred close must be [ino, session], got {item!r:.80}") from None
+            if c.execute(_DEL_SESSION_OF, {"id": sid, "k": ino}).rowcount and not unlinked:
+                unlinked = c.execute(_IN_GC, {"k": ino}).first() is not None
+        return {"unlinked": unlinked}
 
     def drop_session(self, sid: int) -> None:
         self._tx(lambda c: c.execute(_DEL_SESSION, {"id": sid}), write=True, what="drop session")
