@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 import uuid
@@ -258,8 +259,13 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
             stats = {**self.stats, "damage": dict(self.stats["damage"])}
         with self._failed_lock:
             failed = {str(t): why for t, why in self.failed.items()}
+        try:
+            vfs = os.statvfs(self.data_dir)
+            disk = {"total": vfs.f_blocks * vfs.f_frsize, "free": vfs.f_bavail * vfs.f_frsize}
+        except OSError:
+            disk = None
         return {"node": self.node, "incarnation": self.incarnation, "routing_version": self.routing.version,
-                **stats, "failed": failed,
+                **stats, "failed": failed, "disk": disk,
                 "targets": {str(t): {"chunks": len(metas), "bytes": sum(m.length for m in metas)}
                             for t, metas in ((t, [m for _c, _k, m in s.list()]) for t, s in self._stores_snapshot())}}
 
