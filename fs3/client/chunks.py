@@ -498,11 +498,15 @@ class ChunkClient:
             # [Note: batched reads into caller buffers] a batch is one request per replica node of
             # up to max_batch_bytes; its reply header gives each item's length first, so the reply's
             # bytes are received straight into the callers' buffers (a scatter receive: no copy)
+            # [Note: even batches] a node's items are split into as few batches as the cap allows,
+            # of even sizes (6 chunks with a cap of 4: 3 + 3, not 4 + 2): the batches of a read
+            # run side by side, and the read ends with its longest one
             batches = []
             per = max(1, self._max_batch() // r.chunk_size)
             for _node, items in groups.items():
-                for k in range(0, len(items), per):
-                    batches.append(items[k:k + per])
+                nb = -(-len(items) // per)
+                for k in range(nb):
+                    batches.append(items[k * len(items) // nb:(k + 1) * len(items) // nb])
             futs = [self._pool.submit(self._read_batch, r, b, relaxed, attempt_timeout) for b in batches]
             for f in futs:
                 for p, t, res in f.result():
