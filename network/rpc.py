@@ -376,6 +376,19 @@ class PendingCall:
         self._done = False
         self.on_done: Callable[[], None] | None = None  # run once the reply is read (pools reuse the client)
 
+    def fileno(self) -> int:
+        """The connection's socket: readable once the reply starts to arrive (an event loop waits
+        on it, then calls :meth:`wait`, which no longer blocks for long)."""
+        return self._conn.fileno()
+
+    def abandon(self) -> None:
+        """Give up on the reply (a cancelled waiter): the connection is closed, the client freed."""
+        self._conn.close()
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - the closed connection's error, expected
+            pass
+
     def wait(self, into=None) -> Reply:
         """Read the reply (into ``into`` when given); raises as :meth:`RpcClient.call` does. Once only."""
         if self._done:
@@ -533,13 +546,25 @@ class RpcPool:
         return self.begin(method, args, payload, timeout=timeout).wait(into)
 
     def begin(self, method: str, args: dict | None = None, payload=(), *,
-              timeout: float | None = None) -> PendingCall:
-        """:meth:`RpcClient.begin` on a free connection; it returns to the pool at ``wait()``."""
+              timeout: float | None = None, nowait: bool = False) -> PendingCall | None:
+        """:meth:`RpcClient.begin` on a free connection; it returns to the pool at ``wait()``.
+
+        ``nowait``: only if that cannot block (an event loop's thread calls): a free connection,
+        open and in use within the last second (no reconnect, no stale check); else None."""
         t = timeout or self._kwargs.get("timeout", 30.0)
-        if not self._sem.acquire(timeout=t):
+        if nowait:
+            if not self._sem.acquire(blocking=False):
+                return None
+        elif not self._sem.acquire(timeout=t):
             raise RpcError(f"{self.host}:{self.port}: no free connection within {t} s")
         with self._lock:
             client = self._free.pop() if self._free else None
+            if nowait and (client is None or client._conn is None or client._conn.closed
+                           or time.monotonic() - client._used > _STALE_CHECK_AFTER):
+                if client is not None:
+                    self._free.append(client)
+                self._sem.release()
+                return None
             if client is None:
                 client = RpcClient(self.host, self.port, **self._kwargs)
                 self._all.append(client)

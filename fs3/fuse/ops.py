@@ -5,7 +5,9 @@
 flight); every MetaClient and FileData call, which blocks, runs in a worker thread
 (``trio.to_thread.run_sync``) under one CapacityLimiter (``threads``), and is bounded by the
 clients' own timeouts and retries (a meta restart or a storage failover is retried inside them,
-so readers see no error). State (inodes, handles, caches) is only touched in the trio thread.
+so readers see no error), except the hot meta calls, sent split-phase from the trio thread when they
+can be (see [Note: split-phase meta calls]). State (inodes, handles, caches) is only touched in the
+trio thread.
 
 Identity: each request's uid, gid and the caller's supplementary groups (/proc/<pid>/status,
 cached for a second per pid) go to meta as the ``user`` (the mount holds the cluster key, whose
@@ -40,7 +42,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from ..errors import MetaError
+from ..errors import MetaError, MetaUnavailable
 from .handles import DirHandle, FileHandle, Inode
 from .options import MountOptions
 from .readahead import ReadAhead
@@ -133,9 +135,44 @@ class Fs3Operations(pyfuse3.Operations):
     async def _meta(self, op: str, user: dict | None, **kw) -> Any:
         self.stats["meta_calls"] += 1
         self.meta_ops[op] = self.meta_ops.get(op, 0) + 1
+        prepare = getattr(self.meta, "prepare", None)
+        split = prepare(op, **kw) if prepare is not None else None
+        if split is not None:
+            args, done = split
+            return done(await self._meta_split(op, args, user))
         if user is not None:
             kw["user"] = user
         return await self._run(f"meta.{op}", getattr(self.meta, op), **kw)
+
+    async def _meta_split(self, op: str, args: dict, user: dict | None) -> Any:
+        """[Note: split-phase meta calls] The hot ops (lookup, stat, create, open, close, sync) are
+        sent from the trio thread when a pooled connection is free and open (sending a small
+        request does not block), and their reply awaited on the socket: no worker thread, no two
+        thread hand-offs per call. Anything else (no free connection, a transport failure, a
+        timeout) goes the usual way: ``MetaClient.call`` in a worker thread, with its failover
+        and retries (the request may be sent again, as after any failover)."""
+        what = f"meta.{op}"
+        pending = self.meta.begin(op, args, user=user)
+        if pending is not None:
+            try:
+                with trio.move_on_after(self.meta.call_timeout) as scope:
+                    await trio.lowlevel.wait_readable(pending.fileno())
+            except BaseException:
+                self.meta.abandon(pending)
+                raise
+            if scope.cancelled_caught:
+                self.meta.abandon(pending)
+            else:
+                try:
+                    return self.meta.finish(pending)
+                except MetaUnavailable as exc:  # the server cannot answer now: retried in a thread
+                    log.debug("%s split-phase: %s; calling again", what, exc)
+                except MetaError as exc:
+                    log.debug("%s: %s", what, exc)
+                    raise pyfuse3.FUSEError(exc.errno) from None
+                except Exception as exc:  # noqa: BLE001 - retried in a thread, with failover
+                    log.debug("%s split-phase failed (%s: %s); calling again", what, type(exc).__name__, exc)
+        return await self._run(what, self.meta.call, op, args, user=user)
 
     def _user(self, ctx) -> dict:
         """The requester: uid, gid and supplementary groups (cached a second per pid)."""

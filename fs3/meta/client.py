@@ -230,7 +230,7 @@ class MetaClient:
         start = self._preferred
         delay = 0.05
         last: Exception | None = None
-        attempt = refused = 0
+        attempt = refused = refused_rounds = 0
         while True:
             i = (start + attempt) % n
             try:
@@ -253,7 +253,10 @@ class MetaClient:
             attempt += 1
             self.stats["failovers"] += 1
             if attempt % n == 0:
-                if refused == n:  # every server refused the credential: waiting will not help
+                # every server refused the credential two rounds in a row: waiting will not help
+                # (one round may be a dying server resetting a connection in its handshake)
+                refused_rounds = refused_rounds + 1 if refused == n else 0
+                if refused_rounds == 2:
                     raise last  # type: ignore[misc]
                 refused = 0
             if time.monotonic() >= deadline:
@@ -263,6 +266,84 @@ class MetaClient:
             if attempt % n == 0:
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 1.0)
+
+    # -- split-phase calls (an event loop's thread: the FUSE daemon) ------------------------------
+    def prepare(self, op: str, **kw) -> tuple[dict, Any] | None:
+        """The wire arguments of method ``op`` called with ``kw`` (``user`` apart) and the function
+        that turns the reply into that method's result, for the ops a caller may run split-phase
+        (:meth:`begin`); None for the others (call the method)."""
+        if op == "lookup":
+            return {"parent": kw["parent"], "name": kw["name"]}, _attrs
+        if op == "stat":
+            return {**self._inode(kw.get("ino"), kw.get("path")), "follow": kw.get("follow", True)}, _attrs
+        if op == "create":
+            args = {**self._named(kw.get("path"), kw.get("parent"), kw.get("name")), "mode": kw.get("mode", 0o644),
+                    "excl": kw.get("excl", False), "trunc": kw.get("trunc", False), "write": kw.get("write", True),
+                    "client": self.client_id}
+            if kw.get("session") is not None:
+                args["session"] = kw["session"]
+            return args, self._opened
+        if op == "open":
+            args = {**self._inode(kw.get("ino"), kw.get("path")), "write": kw.get("write", False),
+                    "trunc": kw.get("trunc", False), "session": kw.get("session", False), "client": self.client_id}
+            if kw.get("read") is not None:
+                args["read"] = kw["read"]
+            return args, self._opened
+        if op in ("close", "sync") and kw.get("ino") is not None:
+            return {"ino": kw["ino"], "session": kw.get("session"), "wrote": kw.get("wrote", op == "sync"),
+                    "length": kw.get("length"), "mtime": kw.get("mtime")}, _attrs
+        return None
+
+    def _opened(self, r: dict) -> dict:
+        r["attrs"] = _attrs(r["attrs"])
+        self._session_opened(r.get("session"))
+        return r
+
+    def begin(self, op: str, args: dict, *, user: dict | None = None) -> Any:
+        """Send ``meta.<op>`` to the preferred server if that cannot block (a free connection, open
+        and recently used): a pending call whose ``fileno()`` turns readable when the reply comes;
+        :meth:`finish` reads it. None when it could block: call :meth:`call` instead (in a thread).
+        No failover here: a failed split-phase call is for the caller to retry with :meth:`call`."""
+        u = user if user is not None else self.user
+        if u is not None:
+            args = {**args, "user": u}
+        closes = None
+        if self._closes:
+            with self._closes_cv:
+                closes, self._closes = self._closes, []
+            if closes:
+                args = {**args, "closes": closes}
+        try:
+            pending = self._pools[self._preferred].begin(f"meta.{op}", args, timeout=self.call_timeout, nowait=True)
+        except BaseException:
+            pending = None
+        if pending is None:
+            if closes:
+                with self._closes_cv:
+                    self._closes[:0] = closes
+            return None
+        pending.closes = closes
+        return pending
+
+    def finish(self, pending: Any) -> Any:
+        """The result of a :meth:`begin` call: raises the server's :class:`MetaError`, or the
+        transport's error (the call may or may not have been applied; retry with :meth:`call`)."""
+        try:
+            return pending.wait().result
+        except RemoteError as exc:
+            raise from_remote(exc) from None
+        except BaseException:
+            if pending.closes:
+                with self._closes_cv:
+                    self._closes[:0] = pending.closes
+            raise
+
+    def abandon(self, pending: Any) -> None:
+        """Give up on a :meth:`begin` call (its waiter was cancelled): its connection is closed."""
+        pending.abandon()
+        if pending.closes:
+            with self._closes_cv:
+                self._closes[:0] = pending.closes
 
     def _session_opened(self, sid: str | None) -> None:
         if sid is None:
@@ -326,7 +407,8 @@ class MetaClient:
     # -- reads ------------------------------------------------------------------------------------
     def stat(self, path: str | None = None, ino: int | None = None, follow: bool = True, *,
              user: dict | None = None) -> Attrs:
-        return _attrs(self.call("stat", {**self._inode(ino, path), "follow": follow}, user=user))
+        args, done = self.prepare("stat", ino=ino, path=path, follow=follow)
+        return done(self.call("stat", args, user=user))
 
     def batch_stat(self, inos: list[int] | None = None, paths: list[str] | None = None, *,
                    user: dict | None = None) -> list[Attrs | MetaError]:
@@ -343,7 +425,8 @@ class MetaClient:
         return out
 
     def lookup(self, parent: int, name: str, *, user: dict | None = None) -> Attrs:
-        return _attrs(self.call("lookup", {"parent": parent, "name": name}, user=user))
+        args, done = self.prepare("lookup", parent=parent, name=name)
+        return done(self.call("lookup", args, user=user))
 
     def readdir(self, ino: int | None = None, path: str | None = None, after: str = "", limit: int = 1000,
                 plus: bool = False, *, user: dict | None = None) -> dict:
@@ -379,26 +462,15 @@ class MetaClient:
                write: bool = True, *, parent: int | None = None, name: str | None = None, session: bool | None = None,
                user: dict | None = None) -> dict:
         """``{"attrs": Attrs, "session": id or None, "created": bool, "cap"?: dict}``."""
-        args = {**self._named(path, parent, name), "mode": mode, "excl": excl, "trunc": trunc, "write": write,
-                "client": self.client_id}
-        if session is not None:
-            args["session"] = session
-        r = self.call("create", args, user=user)
-        r["attrs"] = _attrs(r["attrs"])
-        self._session_opened(r.get("session"))
-        return r
+        args, done = self.prepare("create", path=path, parent=parent, name=name, mode=mode, excl=excl, trunc=trunc,
+                                  write=write, session=session)
+        return done(self.call("create", args, user=user))
 
     def open(self, path: str | None = None, ino: int | None = None, write: bool = False, trunc: bool = False,
              session: bool = False, *, read: bool | None = None, user: dict | None = None) -> dict:
         """``{"attrs": Attrs, "session": id or None, "cap"?: dict}``."""
-        args = {**self._inode(ino, path), "write": write, "trunc": trunc, "session": session,
-                "client": self.client_id}
-        if read is not None:
-            args["read"] = read
-        r = self.call("open", args, user=user)
-        r["attrs"] = _attrs(r["attrs"])
-        self._session_opened(r.get("session"))
-        return r
+        args, done = self.prepare("open", ino=ino, path=path, write=write, trunc=trunc, session=session, read=read)
+        return done(self.call("open", args, user=user))
 
     def close(self, ino: int | None = None, session: int | None = None, wrote: bool = False,
               length: int | None = None, mtime: int | None = None, *, user: dict | None = None) -> Attrs | None:
