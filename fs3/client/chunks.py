@@ -507,9 +507,13 @@ class ChunkClient:
                 nb = -(-len(items) // per)
                 for k in range(nb):
                     batches.append(items[k * len(items) // nb:(k + 1) * len(items) // nb])
-            futs = [self._pool.submit(self._read_batch, r, b, relaxed, attempt_timeout) for b in batches]
-            for f in futs:
-                for p, t, res in f.result():
+            # the first batch runs in this thread, which would only wait otherwise (one thread
+            # handoff less per read: it shows at a GiB per second in 4 MiB reads)
+            futs = [self._pool.submit(self._read_batch, r, b, relaxed, attempt_timeout) for b in batches[1:]]
+            outs = itertools.chain([self._read_batch(r, batches[0], relaxed, attempt_timeout)] if batches else [],
+                                   (f.result() for f in futs))
+            for out in outs:
+                for p, t, res in out:
                     if isinstance(res, memoryview):
                         results[p.index] = res
                         continue
