@@ -139,7 +139,11 @@ class Fs3Operations(pyfuse3.Operations):
         split = prepare(op, **kw) if prepare is not None else None
         if split is not None:
             args, done = split
-            return done(await self._meta_split(op, args, user))
+            r = await self._meta_split(op, args, user)
+            try:
+                return done(r)
+            except MetaError as exc:  # an answer that is an error (a lookup's absent name)
+                raise pyfuse3.FUSEError(exc.errno) from None
         if user is not None:
             kw["user"] = user
         return await self._run(f"meta.{op}", getattr(self.meta, op), **kw)

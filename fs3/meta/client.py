@@ -42,7 +42,7 @@ from network import (
 from network.errors import AuthError, NoSuchMethod
 
 from ..config import Fs3Config
-from ..errors import MetaError, MetaUnavailable, from_remote
+from ..errors import MetaError, MetaUnavailable, NotFound, from_remote
 from .schema import ROOT
 
 __all__ = ["MetaClient", "Attrs", "ROOT"]
@@ -126,6 +126,13 @@ class Attrs:
 
 
 def _attrs(d: dict) -> Attrs:
+    return Attrs.from_dict(d)
+
+
+def _looked_up(d: dict) -> Attrs:
+    """A lookup's answer: the attributes, or NotFound (answered as ``{"absent": message}``)."""
+    if "absent" in d:
+        raise NotFound(d["absent"])
     return Attrs.from_dict(d)
 
 
@@ -273,7 +280,7 @@ class MetaClient:
         that turns the reply into that method's result, for the ops a caller may run split-phase
         (:meth:`begin`); None for the others (call the method)."""
         if op == "lookup":
-            return {"parent": kw["parent"], "name": kw["name"]}, _attrs
+            return {"parent": kw["parent"], "name": kw["name"], "absent_ok": True}, _looked_up
         if op == "stat":
             return {**self._inode(kw.get("ino"), kw.get("path")), "follow": kw.get("follow", True)}, _attrs
         if op == "create":

@@ -34,6 +34,7 @@ from ..errors import (
     MetaError,
     MetaUnavailable,
     NoSpace,
+    NotFound,
 )
 from .gc import GcWorker
 from .layout import choose_layout
@@ -282,6 +283,14 @@ class MetaServer:
             self.gc.wake()
             return {}
 
+        def lookup(u, a, ctx):
+            try:
+                return s.lookup(u, parent=a["parent"], name=a["name"])
+            except NotFound as exc:
+                if a.get("absent_ok"):  # an answer, not an error: cheaper on both sides (the mount's
+                    return {"absent": str(exc)}  # lookup before each create)
+                raise
+
         statfs_cache: list = [0.0, None]  # [when, counts]: a count over every inode is a table scan
 
         def statfs(u, a, ctx):
@@ -298,7 +307,7 @@ class MetaServer:
         return {
             "stat": lambda u, a, c: s.stat(u, **target(a), follow=bool(a.get("follow", True))),
             "batch_stat": lambda u, a, c: {"items": s.batch_stat(u, inos=a.get("inos"), paths=a.get("paths"))},
-            "lookup": lambda u, a, c: s.lookup(u, parent=a["parent"], name=a["name"]),
+            "lookup": lookup,
             "create": create,
             "open": open_,
             "close": close,

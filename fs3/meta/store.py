@@ -96,10 +96,11 @@ class _Q:
 
 
 def _compile(stmt, dialect) -> tuple:
-    """``(sql, positional names or None, default params, row type or None)``."""
+    """``(sql, positional names or None, default params, row type or None)``; positional: the
+    defaults that are not None (a parameter not given is None); named: every parameter."""
     comp = stmt.compile(dialect=dialect)
-    defaults = dict(comp.params)
     pos = tuple(comp.positiontup) if comp.positional else None
+    defaults = dict(comp.params) if pos is None else {k: v for k, v in comp.params.items() if v is not None}
     rowtype = None
     if getattr(stmt, "is_select", False):
         rowtype = namedtuple("Row", [c.key for c in stmt.selected_columns], rename=True)
@@ -140,12 +141,13 @@ class _Conn:
         sql, pos, defaults, rowtype = q.compiled(self.dialect) if isinstance(q, _Q) else _compile(q, self.dialect)
         if defaults:
             params = {**defaults, **(params or {})}
+        elif params is None:
+            params = {}
         cur = self.cur
         if pos is not None:
-            p = params or {}
-            cur.execute(sql, tuple([p[k] for k in pos]))
+            cur.execute(sql, tuple(map(params.get, pos)))
         else:
-            cur.execute(sql, params or {})
+            cur.execute(sql, params)
         return _Res(cur, rowtype)
 
 
