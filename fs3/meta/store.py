@@ -460,13 +460,14 @@ class MetaStore:
             if cur.type != "dir":
                 raise NotADirectory(f"{where}: {'/' + '/'.join(n for n, _ in stack)!r} in {path!r} is not a "
                                     f"directory")
-            perm.check(user, cur, X, f"{where}: {path!r}")
+            if not perm.allowed(user, cur.type, cur.mode, cur.uid, cur.gid, X):  # the message only when refused
+                perm.check(user, cur, X, f"{where}: {path!r}")
             if name == "..":
                 if stack:
                     stack.pop()
                 cur = self._inode(c, stack[-1][1] if stack else ROOT, where)
                 continue
-            if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+            if len(name) > MAX_NAME // 4 and len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
                 raise NameTooLong(f"{where}: component {name[:40]!r}... of {path[:200]!r} is over {MAX_NAME} bytes")
             r = c.execute(_SEL_CHILD_INODE, {"p": cur.ino, "n": name}).first()
             if r is None:
