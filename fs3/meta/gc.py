@@ -5,8 +5,9 @@ Every ``interval`` seconds (or at once when woken: an unlink, a close of an unli
 1. sessions not renewed within ``session_ttl`` are closed as a close with ``wrote=True`` would
    (a write session's file gets its exact length from storage), so a crashed client's files end
    where their data ends and their unlinked files become collectable;
-2. inodes whose link count reached 0, unlinked at least ``gc_delay`` seconds ago and with no
-   session left, lose their chunks (``fs3.meta.length``) and then their rows.
+2. inodes whose link count reached 0, unlinked at least ``gc_delay`` seconds ago (at once when
+   less than 5% of the storage is free, as 3FS does) and with no session left, lose their chunks
+   (``fs3.meta.length``) and then their rows.
 
 Several meta servers on one database may run it at once: both steps are idempotent (a chunk
 removed twice is gone; the rows go in one transaction that re-checks for sessions).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from ..errors import Fs3Error
 from .length import LengthProbe
@@ -28,10 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class GcWorker:
-    def __init__(self, store: MetaStore, probe: LengthProbe | None, *, gc_delay: float, interval: float = 1.0) -> None:
+    def __init__(self, store: MetaStore, probe: LengthProbe | None, *, gc_delay: float, interval: float = 1.0,
+                 space_short: Callable[[], bool] | None = None) -> None:
         self.store = store
         self.probe = probe
         self.gc_delay = gc_delay
+        self.space_short = space_short  # true: storage is nearly full, collect without the delay
         self.interval = interval
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -85,7 +89,10 @@ class GcWorker:
             pruned += 1
             log.info("meta gc: pruned expired session %s of inode %d (client %s)", s["id"], s["ino"], s["client"])
         collected = 0
-        for ino, layout in self.store.gc_candidates(self.gc_delay):
+        delay = self.gc_delay
+        if delay and self.space_short is not None and self.space_short():
+            delay = 0.0
+        for ino, layout in self.store.gc_candidates(delay):
             if self.probe is not None and layout:
                 self.probe.remove_all(ino, layout)
             if self.store.gc_done(ino):

@@ -49,6 +49,28 @@ class LengthProbe:
                                                      traffic_class=TrafficClass.STORAGE))
         return p
 
+    def disks(self) -> tuple[int, int] | None:
+        """``(total, free)`` bytes of file data the storage servers can hold: the sum of their data
+        directories' disks (``storage.stats``) over the replication factor; None when none answers.
+        (Servers that share a disk, as the local cluster's do, count it once each: the replication
+        factor then cancels it out.)"""
+        r = self.chunks.routing
+        ends = {r.endpoint(t) for c in r.chains.values() for t, _s in c["members"]}
+        total = free = 0
+        seen = 0
+        for end in ends:
+            try:
+                d = self._pool(end).call("storage.stats", {}, timeout=3.0).result.get("disk")
+            except (TransportError, RemoteError) as exc:
+                log.debug("storage.stats of %s:%d: %s", *end, exc)
+                continue
+            if d:
+                total, free, seen = total + int(d["total"]), free + int(d["free"]), seen + 1
+        if not seen:
+            return None
+        rep = max(1, r.replication)
+        return total // rep, free // rep
+
     def last_chunk(self, chain: int, lo: int, hi: int) -> tuple[int | None, int]:
         """``(highest chunk id in [lo, hi) on the chain, its committed length)``, retried over
         routing changes until the timeout."""

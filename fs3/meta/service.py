@@ -45,6 +45,7 @@ from .store import MetaStore
 __all__ = ["MetaServer", "main", "user_of_key_id", "default_db_url"]
 
 log = logging.getLogger(__name__)
+SPACE_SHORT = 0.05  # free share of the storage under which GC removes unlinked files at once
 
 
 class _QuietMetaErrors(logging.Filter):
@@ -103,7 +104,9 @@ class MetaServer:
         self.probe = LengthProbe(self.chunks, timeout=15.0) if self.chunks is not None else None
         self.store = MetaStore(db_url, layout_fn=self._layout if self.chunks is not None else None,
                                session_ttl=cfg.session_ttl)
-        self.gc = GcWorker(self.store, self.probe, gc_delay=cfg.gc_delay,
+        self._disk_cache: tuple[float, tuple[int, int] | None] = (-1e9, None)
+        self._disk_lock = threading.Lock()
+        self.gc = GcWorker(self.store, self.probe, gc_delay=cfg.gc_delay, space_short=self._space_short,
                            interval=gc_interval if gc_interval is not None else min(1.0, max(0.2, cfg.session_ttl / 10)))
         self._users: dict[str, User] = {}
         self._layouts: OrderedDict[int, dict | None] = OrderedDict()
@@ -133,6 +136,25 @@ class MetaServer:
         if self.chunks is not None:
             self.chunks.close()
         self.store.dispose()
+
+    # -- capacity ---------------------------------------------------------------------------------------
+    def disk(self) -> tuple[int, int] | None:
+        """``(total, free)`` bytes for files (fs3.meta.length.LengthProbe.disks), asked of the
+        storage servers at most every 5 s; None when unknown."""
+        with self._disk_lock:
+            when, value = self._disk_cache
+            if time.monotonic() - when < 5.0 or self.probe is None:
+                return value
+            self._disk_cache = (time.monotonic(), value)  # one asker at a time; others take the old value
+        value = self.probe.disks()
+        with self._disk_lock:
+            self._disk_cache = (time.monotonic(), value)
+        return value
+
+    def _space_short(self) -> bool:
+        """Less than SPACE_SHORT of the storage's space is free: GC drops its delay (3FS's rule)."""
+        d = self.disk()
+        return d is not None and d[0] > 0 and d[1] / d[0] < SPACE_SHORT
 
     # -- helpers --------------------------------------------------------------------------------------
     def _layout(self, ino: int) -> dict:
@@ -299,10 +321,10 @@ class MetaServer:
             if r is None or now - statfs_cache[0] > 5.0:  # df and statfs(2) callers poll; 5 s old is fine
                 r = s.statfs(u)
                 statfs_cache[:] = [now, r]
-            cs = self.cfg.chunk_size
-            total = 1 << 50  # nominal: storage does not report capacity yet
-            return {"bytes_total": total, "bytes_free": max(0, total - r["bytes_used"]), "bytes_used": r["bytes_used"],
-                    "files": r["files"], "chunk_size": cs}
+            disk = self.disk()
+            total, free = disk if disk is not None else (0, 0)  # 0: unknown (no storage server answered)
+            return {"bytes_total": total, "bytes_free": free, "bytes_used": r["bytes_used"],
+                    "files": r["files"], "chunk_size": self.cfg.chunk_size}
 
         return {
             "stat": lambda u, a, c: s.stat(u, **target(a), follow=bool(a.get("follow", True))),
