@@ -205,6 +205,11 @@ def test_reply_with_file_regions_runs_done_after_sending(tmp_path):
         with RpcClient(*srv.address, credential=KEY) as c:
             r = c.call("read", {"off": 1000, "n": 1 << 20})
             assert bytes(r.payload) == b"<" + path.read_bytes()[1000:1000 + (1 << 20)] + b">"
+            # done runs once the reply is sent, which the client can see before the server's
+            # thread gets there: wait for it (bounded)
+            deadline = time.monotonic() + 5
+            while not closed and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert len(closed) == 1
             # a region past the end of the file: the call fails, the file is still closed, the
             # client reconnects for the next call
