@@ -214,6 +214,15 @@ class MetaClient:
     def call(self, op: str, args: dict, *, user: dict | None = None, timeout: float | None = None) -> Any:
         """Call ``meta.<op>`` on a meta server, failing over until ``timeout`` (default: the
         client's); raises the :class:`MetaError` the server raised, or :class:`MetaUnavailable`."""
+        args, closes = self._with(args, user)
+        try:
+            return self._call(op, args, timeout)
+        except BaseException:
+            self._unsent(closes)  # maybe not ended: again with the next call (ending one twice is harmless)
+            raise
+
+    def _with(self, args: dict, user: dict | None) -> tuple[dict, list | None]:
+        """``args`` with the user to act as and the deferred closes waiting to ride along (taken)."""
         u = user if user is not None else self.user
         if u is not None:
             args = {**args, "user": u}
@@ -223,13 +232,13 @@ class MetaClient:
                 closes, self._closes = self._closes, []
             if closes:
                 args = {**args, "closes": closes}
-        try:
-            return self._call(op, args, timeout)
-        except BaseException:
-            if closes:  # maybe not ended: again with the next call (ending one twice is harmless)
-                with self._closes_cv:
-                    self._closes[:0] = closes
-            raise
+        return args, closes
+
+    def _unsent(self, closes: list | None) -> None:
+        """Deferred closes whose call failed go back to the front of the queue."""
+        if closes:
+            with self._closes_cv:
+                self._closes[:0] = closes
 
     def _call(self, op: str, args: dict, timeout: float | None) -> Any:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -311,23 +320,13 @@ class MetaClient:
         and recently used): a pending call whose ``fileno()`` turns readable when the reply comes;
         :meth:`finish` reads it. None when it could block: call :meth:`call` instead (in a thread).
         No failover here: a failed split-phase call is for the caller to retry with :meth:`call`."""
-        u = user if user is not None else self.user
-        if u is not None:
-            args = {**args, "user": u}
-        closes = None
-        if self._closes:
-            with self._closes_cv:
-                closes, self._closes = self._closes, []
-            if closes:
-                args = {**args, "closes": closes}
+        args, closes = self._with(args, user)
         try:
             pending = self._pools[self._preferred].begin(f"meta.{op}", args, timeout=self.call_timeout, nowait=True)
         except BaseException:
             pending = None
         if pending is None:
-            if closes:
-                with self._closes_cv:
-                    self._closes[:0] = closes
+            self._unsent(closes)
             return None
         pending.closes = closes
         return pending
@@ -340,17 +339,13 @@ class MetaClient:
         except RemoteError as exc:
             raise from_remote(exc) from None
         except BaseException:
-            if pending.closes:
-                with self._closes_cv:
-                    self._closes[:0] = pending.closes
+            self._unsent(pending.closes)
             raise
 
     def abandon(self, pending: Any) -> None:
         """Give up on a :meth:`begin` call (its waiter was cancelled): its connection is closed."""
         pending.abandon()
-        if pending.closes:
-            with self._closes_cv:
-                self._closes[:0] = pending.closes
+        self._unsent(pending.closes)
 
     def _session_opened(self, sid: str | None) -> None:
         if sid is None:
