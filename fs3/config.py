@@ -40,13 +40,15 @@ local launcher started the service, else ``--data-dir``, else ``data_dir`` above
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import Fs3ConfigError
 
-__all__ = ["Fs3Config", "node_data_dir"]
+__all__ = ["Fs3Config", "ServiceStart", "node_data_dir", "service_start"]
 
 _KEYS = {"replication", "chunk_size", "targets_per_node", "heartbeat_interval", "failure_timeout",
          "mgmtd_db", "data_dir", "fsync", "max_batch_bytes", "scrub_interval", "scrub_rate_mb", "read_timeout",
@@ -159,3 +161,35 @@ def node_data_dir(cfg: Fs3Config, node: str, override: str | None = None) -> Pat
     d = base / node
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@dataclass
+class ServiceStart:
+    """What every fs3 service's ``main`` reads first (:func:`service_start`)."""
+
+    args: argparse.Namespace
+    cluster: Any      # network.Cluster
+    node: Any         # network.topology.Node: this service's node
+    cfg: Fs3Config
+    port: int         # the [[service]] port of ``module`` (0: any)
+    mgmtd: tuple[str, int] | None
+    security: dict    # network.server_settings: auth and limits for the RpcServer
+
+
+def service_start(ap: argparse.ArgumentParser, argv: list[str] | None, module: str, *,
+                  mgmtd: bool = True) -> ServiceStart:
+    """Parse a service's command line and read what it needs from the cluster description: the
+    ``[fs3]`` section, its port, mgmtd's endpoint (``mgmtd``), the server's security settings.
+    A mistake exits with one line (status 2), as ``network.service.parse_service_args`` does."""
+    from network import AuthError, server_settings
+    from network.service import parse_service_args
+
+    args, cluster, node = parse_service_args(ap, argv)
+    try:
+        cfg = Fs3Config.from_cluster(cluster)
+        mg = cluster.endpoint("fs3.mgmtd") if mgmtd else None
+        security = server_settings(cluster)
+    except (Fs3ConfigError, KeyError, AuthError) as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    svc = cluster.service(module)
+    return ServiceStart(args, cluster, node, cfg, svc.port if svc else 0, mg, security)

@@ -24,12 +24,12 @@ import threading
 import time
 from pathlib import Path
 
-from network import AuthError, RpcServer, TrafficClass, server_settings
+from network import RpcServer, TrafficClass
 from network.auth import ANY
-from network.service import parse_service_args, service_parser, wait_for_shutdown
+from network.service import service_parser, wait_for_shutdown
 
 from .chaintable import generate_chain_table
-from .config import Fs3Config, node_data_dir
+from .config import Fs3Config, node_data_dir, service_start
 from .errors import Fs3ConfigError, MgmtdError, StaleRouting
 from .mgmtd_store import MgmtdStore
 from .routing import OFFLINE, SERVING, TargetInput, next_chain
@@ -255,25 +255,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: [fs3].mgmtd_db, else a SQLite file "
                     "in the node's data directory)")
     ap.add_argument("--data-dir", default=None, help="base data directory (see docs/fs3.md)")
-    args, cluster, node = parse_service_args(ap, argv)
-    try:
-        cfg = Fs3Config.from_cluster(cluster)
-    except Fs3ConfigError as exc:
-        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    st = service_start(ap, argv, "fs3.mgmtd", mgmtd=False)
+    args, cluster, node, cfg = st.args, st.cluster, st.node, st.cfg
     svc = cluster.service("fs3.storage")
     if svc is None or not svc.nodes:
         ap.exit(2, f"{ap.prog}: error: {cluster.source}: no [[service]] with module = \"fs3.storage\"\n")
-    port = cluster.service("fs3.mgmtd").port if cluster.service("fs3.mgmtd") else 0
     url = args.db or cfg.mgmtd_db or default_db_url(node_data_dir(cfg, node.name, args.data_dir))
     try:
         mg = Mgmtd(cfg, cluster.ordered(svc.nodes), url)
     except Exception as exc:  # bad DB URL, mismatched table: one clear line
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    try:
-        security = server_settings(cluster)
-    except AuthError as exc:
-        ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    server = RpcServer(node.address, port, name="fs3.mgmtd", traffic_class=TrafficClass.STORAGE, **security)
+    server = RpcServer(node.address, st.port, name="fs3.mgmtd", traffic_class=TrafficClass.STORAGE, **st.security)
     mg.register_on(server)
     mg.start()
     server.start()

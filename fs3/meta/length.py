@@ -51,7 +51,7 @@ class LengthProbe:
 
     def disks(self) -> tuple[int, int] | None:
         """``(total, free)`` bytes of file data the storage servers can hold: the sum of their data
-        directories' disks (``storage.stats``) over the replication factor; None when none answers.
+        directories' disks (``storage.disk``) over the replication factor; None when none answers.
         (Servers that share a disk, as the local cluster's do, count it once each: the replication
         factor then cancels it out.)"""
         r = self.chunks.routing
@@ -60,9 +60,9 @@ class LengthProbe:
         seen = 0
         for end in ends:
             try:
-                d = self._pool(end).call("storage.stats", {}, timeout=3.0).result.get("disk")
+                d = self._pool(end).call("storage.disk", {}, timeout=3.0).result["disk"]
             except (TransportError, RemoteError) as exc:
-                log.debug("storage.stats of %s:%d: %s", *end, exc)
+                log.debug("storage.disk of %s:%d: %s", *end, exc)
                 continue
             if d:
                 total, free, seen = total + int(d["total"]), free + int(d["free"]), seen + 1

@@ -20,15 +20,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from network import Authenticator, AuthError, Credential, RpcServer, TrafficClass, server_settings
+from network import Authenticator, Credential, RpcServer, TrafficClass
 from network.auth import ANY, SERVICE, Principal
-from network.service import parse_service_args, service_parser, wait_for_shutdown
+from network.service import service_parser, wait_for_shutdown
 
 from ..client.chunks import ChunkClient
-from ..config import Fs3Config, node_data_dir
+from ..config import Fs3Config, node_data_dir, service_start
 from ..errors import (
     ClientError,
-    Fs3ConfigError,
     Fs3Error,
     InvalidArgument,
     MetaError,
@@ -360,21 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: [fs3].meta_db, else a SQLite file in the "
                     "node's data directory)")
     ap.add_argument("--data-dir", default=None, help="base data directory (see docs/fs3.md)")
-    args, cluster, node = parse_service_args(ap, argv)
+    st = service_start(ap, argv, "fs3.meta")
+    node, mg, limits = st.node, st.mgmtd, st.security
+    url = st.args.db or st.cfg.meta_db or default_db_url(node_data_dir(st.cfg, node.name, st.args.data_dir))
     try:
-        cfg = Fs3Config.from_cluster(cluster)
-        mg = cluster.endpoint("fs3.mgmtd")
-    except (Fs3ConfigError, KeyError) as exc:
-        ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    svc = cluster.service("fs3.meta")
-    port = svc.port if svc else 0
-    url = args.db or cfg.meta_db or default_db_url(node_data_dir(cfg, node.name, args.data_dir))
-    try:
-        limits = server_settings(cluster)
-    except AuthError as exc:
-        ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    try:
-        srv = MetaServer(cfg, url, node.address, port, mgmtd=mg, auth=limits.pop("auth"), limits=limits,
+        srv = MetaServer(st.cfg, url, node.address, st.port, mgmtd=mg, auth=limits.pop("auth"), limits=limits,
                          name=f"fs3.meta@{node.name}")
     except Exception as exc:  # a bad DB URL, an unreachable database: one clear line
         ap.exit(2, f"{ap.prog}: error: cannot open the metadata database {url}: {exc}\n")

@@ -14,22 +14,20 @@ from collections import OrderedDict
 
 from network import (
     Authenticator,
-    AuthError,
     Credential,
     RemoteError,
     RpcPool,
     RpcServer,
     TrafficClass,
     TransportError,
-    server_settings,
 )
 from network.auth import ANY, SERVICE
-from network.service import parse_service_args, service_parser, wait_for_shutdown
+from network.service import service_parser, wait_for_shutdown
 
 from ..caps import CapChecker
 from ..chunkstore import DISK_ERRNOS, ChunkStore
-from ..config import Fs3Config, node_data_dir
-from ..errors import Fs3ConfigError, StorageError, TargetFailed
+from ..config import Fs3Config, node_data_dir, service_start
+from ..errors import StorageError, TargetFailed
 from ..routing import Routing, SingleFlight
 from .lease import Lease
 from .locks import ChunkLocks
@@ -138,6 +136,7 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         s.register("storage.list", self.h_list)
         s.register("storage.last_chunk", self.h_last_chunk)  # fs3.meta: a file's exact length
         s.register("storage.stats", self.h_stats, roles=ANY)
+        s.register("storage.disk", self.h_disk)
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -254,18 +253,22 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
                             "length": m.length, "crc": m.crc})
         return out
 
+    def h_disk(self, args: dict, payload, ctx) -> dict:
+        """``storage.disk``: the data directory's disk, ``{"disk": {"total", "free"} or None}`` (the
+        metadata service's statfs and GC ask it often: no walk over the chunks, unlike stats)."""
+        try:
+            vfs = os.statvfs(self.data_dir)
+        except OSError:
+            return {"disk": None}
+        return {"disk": {"total": vfs.f_blocks * vfs.f_frsize, "free": vfs.f_bavail * vfs.f_frsize}}
+
     def h_stats(self, args: dict, payload, ctx) -> dict:
         with self._stats_lock:
             stats = {**self.stats, "damage": dict(self.stats["damage"])}
         with self._failed_lock:
             failed = {str(t): why for t, why in self.failed.items()}
-        try:
-            vfs = os.statvfs(self.data_dir)
-            disk = {"total": vfs.f_blocks * vfs.f_frsize, "free": vfs.f_bavail * vfs.f_frsize}
-        except OSError:
-            disk = None
         return {"node": self.node, "incarnation": self.incarnation, "routing_version": self.routing.version,
-                **stats, "failed": failed, "disk": disk,
+                **stats, "failed": failed, "disk": self.h_disk(args, payload, ctx)["disk"],
                 "targets": {str(t): {"chunks": len(metas), "bytes": sum(m.length for m in metas)}
                             for t, metas in ((t, [m for _c, _k, m in s.list()]) for t, s in self._stores_snapshot())}}
 
@@ -273,20 +276,10 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
 def main(argv: list[str] | None = None) -> None:
     ap = service_parser("fs3.storage", "an fs3 storage server (CRAQ chain replication)")
     ap.add_argument("--data-dir", default=None, help="base data directory (see docs/fs3.md)")
-    args, cluster, node = parse_service_args(ap, argv)
-    try:
-        cfg = Fs3Config.from_cluster(cluster)
-        mg = cluster.endpoint("fs3.mgmtd")
-    except (Fs3ConfigError, KeyError) as exc:
-        ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    svc = cluster.service("fs3.storage")
-    port = svc.port if svc else 0
-    data = node_data_dir(cfg, node.name, args.data_dir)
-    try:
-        limits = server_settings(cluster)
-    except AuthError as exc:
-        ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    srv = StorageServer(cfg, node.name, node.address, port, mg, data, auth=limits.pop("auth"), limits=limits)
+    st = service_start(ap, argv, "fs3.storage")
+    node, mg, limits = st.node, st.mgmtd, st.security
+    data = node_data_dir(st.cfg, node.name, st.args.data_dir)
+    srv = StorageServer(st.cfg, node.name, node.address, st.port, mg, data, auth=limits.pop("auth"), limits=limits)
     try:
         srv.start()
     except StorageError as exc:
