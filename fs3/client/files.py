@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ..meta import field
 from .filedata import FileData, Layout, as_layout
 
 __all__ = ["DirEntry", "File", "FileSystem", "chmod", "chown", "default_fs", "exists", "link", "listdir", "lstat",
@@ -96,13 +97,6 @@ def _meta_errors() -> tuple[type, ...]:
     except ImportError:  # pragma: no cover - the meta service's errors are not there yet
         return ()
     return (MetaError,)
-
-
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    """A field of a reply that may be a dict or an object (Attrs)."""
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
 
 
 def _norm(path: str | os.PathLike) -> str:
@@ -193,7 +187,7 @@ class FileSystem:
 
     def _grant(self, reply: Any) -> None:
         """Hand the chunk client the data-path capability meta returned with an open (if any)."""
-        cap = _get(reply, "cap")
+        cap = field(reply, "cap")
         if cap and hasattr(self.chunks, "grant"):
             self.chunks.grant(cap)
 
@@ -215,14 +209,14 @@ class FileSystem:
             rep = self._call("open", p, path=p, write=writable, trunc=False, session=writable or self.read_sessions)
         else:
             rep = self._call("create", p, path=p, mode=perm, excl=kind == "x", trunc=kind == "w", write=True)
-        attrs = _get(rep, "attrs")
-        if _get(attrs, "type") != "file":
-            sess = _get(rep, "session")
+        attrs = field(rep, "attrs")
+        if field(attrs, "type") != "file":
+            sess = field(rep, "session")
             if sess is not None:  # pragma: no cover - meta refuses to open a directory for writing
-                self._call("close", p, ino=_get(attrs, "ino"), session=sess, wrote=False, length=None, mtime=None)
+                self._call("close", p, ino=field(attrs, "ino"), session=sess, wrote=False, length=None, mtime=None)
             raise to_oserror(_isdir_error(p), p)
         self._grant(rep)
-        f = File(self, p, mode if not text else mode.replace("t", "") + "b", attrs, _get(rep, "session"),
+        f = File(self, p, mode if not text else mode.replace("t", "") + "b", attrs, field(rep, "session"),
                  readable=readable, writable=writable, append=kind == "a",
                  buffer_chunks=buffer_chunks or self.buffer_chunks)
         if text:
@@ -251,16 +245,16 @@ class FileSystem:
         if not uniq:
             return []
         rep = self._call("batch_stat", uniq[0], paths=uniq)
-        items = _get(rep, "items", rep)
+        items = field(rep, "items", rep)
         by_path: dict[str, Any] = {}
         for p, it in zip(uniq, items, strict=True):
             if isinstance(it, BaseException):
                 raise to_oserror(it, p)
             if isinstance(it, dict) and "error" in it:
                 raise to_oserror(_remote_meta_error(it), p)
-            if _get(it, "type") != "file":
+            if field(it, "type") != "file":
                 raise to_oserror(_isdir_error(p), p)
-            ino = _get(it, "ino")
+            ino = field(it, "ino")
             if ino not in self._readable:
                 self._grant(self._call("open", p, ino=ino, write=False, trunc=False, session=False))
                 with self._lock:
@@ -271,7 +265,7 @@ class FileSystem:
         reqs = []
         for p, (_, offset, length) in zip(paths, requests, strict=True):
             a = by_path[p]
-            reqs.append((_get(a, "ino"), _get(a, "layout"), int(offset), int(length), _get(a, "size")))
+            reqs.append((field(a, "ino"), field(a, "layout"), int(offset), int(length), field(a, "size")))
         return self.data.readv(reqs)
 
     # -- names ---------------------------------------------------------------------------------------
@@ -291,13 +285,13 @@ class FileSystem:
 
     def isdir(self, path: str | os.PathLike) -> bool:
         try:
-            return _get(self.stat(path), "type") == "dir"
+            return field(self.stat(path), "type") == "dir"
         except FileNotFoundError:
             return False
 
     def isfile(self, path: str | os.PathLike) -> bool:
         try:
-            return _get(self.stat(path), "type") == "file"
+            return field(self.stat(path), "type") == "file"
         except FileNotFoundError:
             return False
 
@@ -305,20 +299,20 @@ class FileSystem:
         after = ""
         while True:
             rep = self._call("readdir", p, path=p, after=after, limit=1000, plus=plus)
-            entries = _get(rep, "entries", [])
+            entries = field(rep, "entries", [])
             yield from entries
-            if not _get(rep, "more") or not entries:
+            if not field(rep, "more") or not entries:
                 return
-            after = _get(entries[-1], "name")
+            after = field(entries[-1], "name")
 
     def listdir(self, path: str | os.PathLike = "/") -> list[str]:
         p = _norm(path)
-        return [_get(e, "name") for e in self._readdir(p, False)]
+        return [field(e, "name") for e in self._readdir(p, False)]
 
     def scandir(self, path: str | os.PathLike = "/") -> Iterator[DirEntry]:
         p = _norm(path)
         for e in self._readdir(p, True):
-            yield DirEntry(self, posixpath.join(p, _get(e, "name")), e)
+            yield DirEntry(self, posixpath.join(p, field(e, "name")), e)
 
     def walk(self, top: str | os.PathLike = "/", topdown: bool = True,
              onerror=None) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -373,7 +367,7 @@ class FileSystem:
         """Remove a directory tree (or a file); the number of entries removed."""
         p = _norm(path)
         rep = self._call("remove", p, path=p, recursive=True)
-        return int(rep if isinstance(rep, int) else _get(rep, "removed", 0) or 0)
+        return int(rep if isinstance(rep, int) else field(rep, "removed", 0) or 0)
 
     def rename(self, src: str | os.PathLike, dst: str | os.PathLike, *, noreplace: bool = False) -> None:
         """Rename atomically; an existing destination file (or empty directory) is replaced unless
@@ -392,7 +386,7 @@ class FileSystem:
     def readlink(self, path: str | os.PathLike) -> str:
         p = _norm(path)
         rep = self._call("readlink", p, path=p)
-        return rep if isinstance(rep, str) else _get(rep, "target")
+        return rep if isinstance(rep, str) else field(rep, "target")
 
     def link(self, src: str | os.PathLike, dst: str | os.PathLike) -> Any:
         """A hard link ``dst`` to the file ``src``."""
@@ -458,10 +452,10 @@ class DirEntry:
     def __init__(self, fs: FileSystem, path: str, entry: dict) -> None:
         self._fs = fs
         self.path = path
-        self.name = _get(entry, "name")
-        self.ino = _get(entry, "ino")
-        self.type = _get(entry, "type")
-        self._attrs = _get(entry, "attrs")
+        self.name = field(entry, "name")
+        self.ino = field(entry, "ino")
+        self.type = field(entry, "type")
+        self._attrs = field(entry, "attrs")
 
     def is_dir(self, *, follow_symlinks: bool = False) -> bool:
         if self.type == "symlink" and follow_symlinks:
@@ -497,14 +491,14 @@ class File(io.RawIOBase):
         self.name = path
         self.mode = mode
         self.attrs = attrs
-        self.ino: int = _get(attrs, "ino")
-        self.layout: Layout = as_layout(_get(attrs, "layout"))
+        self.ino: int = field(attrs, "ino")
+        self.layout: Layout = as_layout(field(attrs, "layout"))
         self.session = session
         self._readable, self._writable, self._append = readable, writable, append
         self._lock = threading.RLock()
         cs = self.layout.chunk_size
         self._cs = cs
-        self._size: int = int(_get(attrs, "size") or 0)  # as this handle knows it (its writes included)
+        self._size: int = int(field(attrs, "size") or 0)  # as this handle knows it (its writes included)
         self._pos = self._size if append else 0
         self._end: int | None = None  # end of the highest write (reported to meta)
         self._wrote = False
@@ -789,7 +783,7 @@ class File(io.RawIOBase):
             if self.session is not None and self._writable:
                 attrs = self.fs._call("sync", self.name, ino=self.ino, session=self.session, wrote=self._wrote,
                                       length=self._end)
-                self._size = max(self._size, int(_get(attrs, "size", self._size) or 0))
+                self._size = max(self._size, int(field(attrs, "size", self._size) or 0))
 
     def truncate(self, size: int | None = None) -> int:
         with self._lock:

@@ -17,10 +17,10 @@ database serve one namespace. See docs/fs3.md ("Metadata service") and the share
 | ``length`` | exact lengths from ``storage.last_chunk``; cutting chunks at truncate |
 """
 
-from .client import Attrs, MetaClient
+from .client import Attrs, MetaClient, field
 from .perm import User
 from .schema import ROOT
 from .service import MetaServer
 from .store import MetaStore
 
-__all__ = ["Attrs", "MetaClient", "MetaServer", "MetaStore", "ROOT", "User"]
+__all__ = ["Attrs", "MetaClient", "MetaServer", "MetaStore", "ROOT", "User", "field"]

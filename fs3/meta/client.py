@@ -26,7 +26,8 @@ import stat as stat_mod
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as _dc_field
 from typing import Any
 
 from network import (
@@ -45,7 +46,7 @@ from ..config import Fs3Config
 from ..errors import MetaError, MetaUnavailable, NotFound, from_remote
 from .schema import ROOT
 
-__all__ = ["MetaClient", "Attrs", "ROOT"]
+__all__ = ["MetaClient", "Attrs", "ROOT", "field"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Attrs:
     ctime: int
     target: str | None = None
     parent: int | None = None
-    layout: dict | None = field(default=None, compare=False)
+    layout: dict | None = _dc_field(default=None, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> Attrs:
@@ -123,6 +124,13 @@ class Attrs:
                 "st_gid": self.gid, "st_size": self.size, "st_atime_ns": self.atime, "st_mtime_ns": self.mtime,
                 "st_ctime_ns": self.ctime, "st_blocks": self.blocks, "st_blksize": (self.layout or {}).get(
                     "chunk_size", 1 << 20)}
+
+
+def field(obj: Any, key: str, default: Any = None) -> Any:
+    """A field of a reply that may be a dict or an object (:class:`Attrs`): ``obj[key]`` or ``obj.key``."""
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
 
 
 def _attrs(d: dict) -> Attrs:
