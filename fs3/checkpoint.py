@@ -340,31 +340,37 @@ class Checkpointer:
         t0 = time.monotonic()
         path = os.fspath(path)
         backend = backend_for(fs)
-        with self._lock:
-            prev = self._inflight
-            if prev is not None and not prev.done():
-                log.info("checkpoint save to %s waits for the save to %s in flight", path, prev.path)
-                if not prev._done.wait(wait_previous):
-                    raise CheckpointError(f"checkpoint save to {path}: the previous save to {prev.path} is still "
-                                          f"running after {wait_previous} s; not starting another")
-            if prev is not None and prev._error is not None:
-                log.warning("the previous checkpoint save to %s failed: %s", prev.path, prev._error)
-            entries: list[_Entry] = []
-            tree = _pack_tree(state, entries)
-            data_len = _layout(entries)
-            torch = _torch()
-            pinned = bool(torch is not None and torch.cuda.is_available()
-                          and any(e.kind == "torch" and e.obj.is_cuda for e in entries))
-            buf = self._buffer.ensure(data_len, pinned)
-            event = self._buffer.copy_in(entries)
-            for e in entries:
-                e.obj = None  # the caller's tensors are free to change now
-            handle = SaveHandle(path)
-            handle.blocked_s = time.monotonic() - t0
-            self._inflight = handle
-            th = threading.Thread(target=self._write, name=f"fs3-checkpoint-save {path}",
-                                  args=(handle, backend, fs is None, path, tree, entries, buf, data_len, event))
-            th.start()  # not a daemon: an exiting interpreter finishes the save first
+        own = not isinstance(fs, Backend)  # made here (with any FileSystem it made): closed after the write
+        try:
+            with self._lock:
+                prev = self._inflight
+                if prev is not None and not prev.done():
+                    log.info("checkpoint save to %s waits for the save to %s in flight", path, prev.path)
+                    if not prev._done.wait(wait_previous):
+                        raise CheckpointError(f"checkpoint save to {path}: the previous save to {prev.path} is still "
+                                              f"running after {wait_previous} s; not starting another")
+                if prev is not None and prev._error is not None:
+                    log.warning("the previous checkpoint save to %s failed: %s", prev.path, prev._error)
+                entries: list[_Entry] = []
+                tree = _pack_tree(state, entries)
+                data_len = _layout(entries)
+                torch = _torch()
+                pinned = bool(torch is not None and torch.cuda.is_available()
+                              and any(e.kind == "torch" and e.obj.is_cuda for e in entries))
+                buf = self._buffer.ensure(data_len, pinned)
+                event = self._buffer.copy_in(entries)
+                for e in entries:
+                    e.obj = None  # the caller's tensors are free to change now
+                handle = SaveHandle(path)
+                handle.blocked_s = time.monotonic() - t0
+                self._inflight = handle
+                th = threading.Thread(target=self._write, name=f"fs3-checkpoint-save {path}",
+                                      args=(handle, backend, own, path, tree, entries, buf, data_len, event))
+                th.start()  # not a daemon: an exiting interpreter finishes the save first
+        except BaseException:
+            if own:  # the write thread never started: nothing else closes it
+                backend.close()
+            raise
         return handle
 
     def save_sync(self, state: Any, path: str | os.PathLike, fs: Any = None, timeout: float = 3600.0) -> dict:
@@ -487,14 +493,7 @@ def _write_file(backend: Backend, tmp: str, tree: bytes, entries: list[_Entry], 
 
 
 def _read_index(backend: Backend, path: str) -> tuple[int, dict]:
-    try:
-        size = backend.size(path)
-    except FileNotFoundError:
-        raise
-    except (OSError, Fs3Error) as exc:
-        if type(exc).__name__ == "NotFound":
-            raise FileNotFoundError(f"no checkpoint at {path} ({backend.name} files)") from exc
-        raise
+    size = backend.size(path)  # FileNotFoundError (fs3's NotFound is one) when there is none
     if size < DATA_OFFSET + _TRAILER.size:
         raise CheckpointError(f"checkpoint {path}: {size} bytes is too short to be a checkpoint")
     head = bytes(backend.read_ranges([(path, 0, HEADER_SIZE)])[0])
@@ -521,7 +520,7 @@ def info(path: str | os.PathLike, fs: Any = None) -> dict:
     try:
         _, meta = _read_index(backend, os.fspath(path))
     finally:
-        if fs is None:
+        if not isinstance(fs, Backend):  # made here (with any FileSystem it made)
             backend.close()
     return {"manifest": meta["manifest"], "tensors": meta["tensors"]}
 
@@ -620,7 +619,7 @@ def load(path: str | os.PathLike, fs: Any = None, map_location: Any = "cpu") -> 
                 raise ChecksumError(f"checkpoint {path}: tensor {e['name']} checksum mismatch (stored "
                                     f"{e['crc32c']:#010x}, read {crc:#010x}): the checkpoint is damaged")
     finally:
-        if fs is None:
+        if not isinstance(fs, Backend):  # made here (with any FileSystem it made)
             backend.close()
     torch = _torch()
     if torch is not None and map_location not in (None, "cpu"):

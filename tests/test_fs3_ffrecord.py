@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat as stat_mod
 import struct
 import zlib
+from types import SimpleNamespace
 
 import pytest
 
@@ -150,7 +152,17 @@ class StandInFs:
         return os.path.join(self.root, path.lstrip("/"))
 
     def stat(self, path):
-        return os.stat(self._p(path))
+        st = os.stat(self._p(path))
+        return SimpleNamespace(size=st.st_size, type="dir" if stat_mod.S_ISDIR(st.st_mode) else "file")
+
+    def isdir(self, path):
+        return os.path.isdir(self._p(path))
+
+    def exists(self, path):
+        return os.path.exists(self._p(path))
+
+    def replace(self, a, b):
+        os.replace(self._p(a), self._p(b))
 
     def listdir(self, path):
         return os.listdir(self._p(path))
@@ -176,6 +188,9 @@ class StandInFs:
     def makedirs(self, path, exist_ok=False):
         os.makedirs(self._p(path), exist_ok=exist_ok)
 
+    def close(self):
+        self.closed = True
+
 
 def test_through_the_fs3_seam(tmp_path):
     fs = StandInFs(tmp_path)
@@ -188,6 +203,29 @@ def test_through_the_fs3_seam(tmp_path):
     before = fs.batches
     assert r.read([9, 0, 4, 5]) == [parts[1][4], parts[0][0], parts[0][4], parts[1][0]]
     assert fs.batches == before + 1  # one batched read for the whole list
+
+
+def test_an_fs3_backend_closes_only_the_filesystem_it_made(tmp_path):
+    from fs3.formats import Fs3Backend
+
+    (tmp_path / "ds").mkdir()
+    write_samples(str(tmp_path / "ds" / "0.ffr"), samples(3))
+    made = []
+
+    def factory():
+        made.append(StandInFs(tmp_path))
+        return made[-1]
+
+    r = FileReader("/ds", fs=factory)
+    assert r.read([1]) == [samples(3)[1]]
+    r.close()
+    assert getattr(made[0], "closed", False)  # the reader's backend made it: closed with the reader
+    mine = StandInFs(tmp_path)
+    with FileReader("/ds", fs=mine) as r:
+        r.read([0])
+    assert not hasattr(mine, "closed")  # the caller's: left open
+    b = Fs3Backend(mine)
+    assert not b.exists("/nope") and b.isdir("/ds") and b.size("/ds/0.ffr") > 0
 
 
 def _decode(b: bytes) -> int:

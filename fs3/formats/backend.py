@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import stat as stat_mod
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -257,12 +256,16 @@ class Fs3Backend(Backend):
             raise ValueError("Fs3Backend needs an fs3.FileSystem or a factory that makes one")
         self._factory = factory
         self._fs = fs if fs is not None else factory()  # type: ignore[misc]
+        #: this backend made ``_fs`` (a factory, a rebuild after a fork, unpickling): close() closes it
+        self._owned = fs is None
         self._pid = os.getpid()
 
     @property
     def fs(self) -> Any:
         if self._pid != os.getpid():
+            old = self._fs
             self._fs = self._remake()
+            self._owned = self._fs is not old
             self._pid = os.getpid()
         return self._fs
 
@@ -277,37 +280,21 @@ class Fs3Backend(Backend):
                 pass
         return self._fs
 
-    def size(self, path: str) -> int:
-        st = self.fs.stat(path)
-        if isinstance(st, dict):
-            return int(st["size"])
-        size = getattr(st, "st_size", None)
-        return int(st.size if size is None else size)
+    def close(self) -> None:
+        """Close the FileSystem this backend made itself (never one the caller passed in, nor the
+        parent's after a fork)."""
+        if self._owned and self._pid == os.getpid():
+            self._owned = False
+            self._fs.close()
 
-    def _mode(self, path: str) -> int | None:
-        try:
-            st = self.fs.stat(path)
-        except (FileNotFoundError, OSError):
-            return None
-        except Exception as exc:  # fs3.errors.NotFound when the client does not map it
-            if type(exc).__name__ == "NotFound":
-                return None
-            raise
-        mode = getattr(st, "st_mode", None)
-        if mode is None:
-            return stat_mod.S_IFDIR if getattr(st, "is_dir", False) else stat_mod.S_IFREG
-        return int(mode)
+    def size(self, path: str) -> int:
+        return int(self.fs.stat(path).size)
 
     def isdir(self, path: str) -> bool:
-        if hasattr(self.fs, "isdir"):
-            return bool(self.fs.isdir(path))
-        mode = self._mode(path)
-        return mode is not None and stat_mod.S_ISDIR(mode)
+        return bool(self.fs.isdir(path))
 
     def exists(self, path: str) -> bool:
-        if hasattr(self.fs, "exists"):
-            return bool(self.fs.exists(path))
-        return self._mode(path) is not None
+        return bool(self.fs.exists(path))
 
     def listdir(self, path: str) -> list[str]:
         return list(self.fs.listdir(path))
@@ -327,17 +314,13 @@ class Fs3Backend(Backend):
             fsync()
 
     def replace(self, src: str, dst: str) -> None:
-        fs = self.fs
-        (fs.replace if hasattr(fs, "replace") else fs.rename)(src, dst)
+        self.fs.replace(src, dst)
 
     def remove(self, path: str) -> None:
         try:
             self.fs.remove(path)
-        except FileNotFoundError:
+        except FileNotFoundError:  # fs3's NotFound is one too
             pass
-        except Exception as exc:
-            if type(exc).__name__ != "NotFound":
-                raise
 
     def makedirs(self, path: str) -> None:
         if path and path != "/":
@@ -361,6 +344,7 @@ class Fs3Backend(Backend):
     def __setstate__(self, state: dict) -> None:
         self._factory = state["factory"]
         self._pid = os.getpid()
+        self._owned = True
         if self._factory is not None:
             self._fs = self._factory()
         elif state.get("fs_type") is not None:

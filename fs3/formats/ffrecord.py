@@ -52,11 +52,24 @@ def header_size(n: int) -> int:
     return HEAD_SIZE + 12 * n
 
 
+def _meta_crc(n: int, meta: bytes | memoryview) -> int:
+    """checksum_meta: the CRC32 of N (8 bytes) followed by the index (crc32[N] then offsets[N])."""
+    return zlib.crc32(meta, zlib.crc32(struct.pack("<q", n)))
+
+
+def _check_meta_crc(path: str, n: int, stored: int, meta: bytes | memoryview) -> None:
+    """Raise ChecksumError when the index of ``path`` does not match its stored checksum_meta."""
+    crc = _meta_crc(n, meta)
+    if crc != stored:
+        raise ChecksumError(f"FFRecord file {path}: header checksum mismatch (stored {stored:#010x}, "
+                            f"computed {crc:#010x}): the header is damaged; rewrite the file")
+
+
 def build_header(checksums: np.ndarray, offsets: np.ndarray) -> bytes:
     """The header bytes of a file with these per-sample CRC32s and absolute offsets."""
     n = len(checksums)
-    body = struct.pack("<q", n) + np.asarray(checksums, "<u4").tobytes() + np.asarray(offsets, "<i8").tobytes()
-    return struct.pack("<I", zlib.crc32(body)) + body
+    meta = np.asarray(checksums, "<u4").tobytes() + np.asarray(offsets, "<i8").tobytes()
+    return _HEAD.pack(_meta_crc(n, meta), n) + meta
 
 
 class FileWriter:
@@ -71,6 +84,7 @@ class FileWriter:
         self.n = int(n)
         self.count = 0
         self._backend: Backend = backend_for(fs)
+        self._own_backend = not isinstance(fs, Backend)  # made here (with any FileSystem it made)
         self._checksums = np.zeros(self.n, "<u4")
         self._offsets = np.zeros(self.n, "<i8")
         self._pos = header_size(self.n)
@@ -105,12 +119,22 @@ class FileWriter:
             f.write(build_header(self._checksums, self._offsets))
             self._backend.sync(f)
         finally:
-            f.close()
+            try:
+                f.close()
+            finally:
+                self._release()
 
     def _abort(self) -> None:
         if self._f is not None:
             f, self._f = self._f, None
-            f.close()
+            try:
+                f.close()
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        if self._own_backend:
+            self._backend.close()
 
     def __enter__(self) -> FileWriter:
         return self
@@ -147,10 +171,7 @@ class _FileHeader:
             raise ChecksumError(f"FFRecord file {path}: header is damaged: it announces {n} samples but "
                                 f"the file ends inside the index")
         if check_data and self.checksum_meta != 0:
-            crc = zlib.crc32(meta, zlib.crc32(struct.pack("<q", n)))
-            if crc != self.checksum_meta:
-                raise ChecksumError(f"FFRecord file {path}: header checksum mismatch (stored {self.checksum_meta:#010x}, "
-                                    f"computed {crc:#010x}): the header is damaged; rewrite the file")
+            _check_meta_crc(path, n, self.checksum_meta, meta)
         self.checksums = np.frombuffer(meta, "<u4", n, 0)
         offs = np.empty(n + 1, np.int64)
         offs[:n] = np.frombuffer(meta, "<i8", n, 4 * n)
@@ -265,9 +286,7 @@ class FileReader:
         for h in self.headers:
             if h.checksum_meta != 0:
                 meta = self._backend.read_ranges([(h.path, HEAD_SIZE, 12 * h.n)])[0]
-                crc = zlib.crc32(meta, zlib.crc32(struct.pack("<q", h.n)))
-                if crc != h.checksum_meta:
-                    raise ChecksumError(f"FFRecord file {h.path}: header checksum mismatch: the header is damaged")
+                _check_meta_crc(h.path, h.n, h.checksum_meta, meta)
         saved, self.check_data = self.check_data, True
         try:
             step = 1024
@@ -292,9 +311,6 @@ class FileReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__)
 
     def __repr__(self) -> str:
         return f"FileReader({self._where()}, n={self.n}, {self._backend.name})"
