@@ -54,38 +54,23 @@ __all__ = [
 ]
 
 # the file client (fs3.client.files): fs3.open("/path", "rb") and friends over a default FileSystem
-# (the running local cluster, or $HAI_CLUSTER_FILE / $FIREFLYER_CLUSTER)
-from .client.files import (  # noqa: E402 - after the errors the client's modules import
-    FileSystem,
-    chmod,
-    exists,
-    link,
-    listdir,
-    lstat,
-    makedirs,
-    mkdir,
-    open,  # noqa: A004 - fs3.open, like io.open
-    read_batch,
-    read_file,
-    readlink,
-    remove,
-    rename,
-    replace,
-    rmdir,
-    rmtree,
-    scandir,
-    stat,
-    statfs,
-    symlink,
-    truncate,
-    unlink,
-    utime,
-    walk,
-    write_file,
-)
-
-__all__ += [
+# (the running local cluster, or $HAI_CLUSTER_FILE / $FIREFLYER_CLUSTER). Imported on first use:
+# the services (``python -m fs3.storage`` ...) and ``from fs3.errors import ...`` do not pay for
+# the client, its metadata stub and their imports.
+_FILE_API = (
     "FileSystem", "chmod", "exists", "link", "listdir", "lstat", "makedirs", "mkdir", "open", "read_batch",
     "read_file", "readlink", "remove", "rename", "replace", "rmdir", "rmtree", "scandir", "stat", "statfs",
     "symlink", "truncate", "unlink", "utime", "walk", "write_file",
-]
+)
+__all__ += list(_FILE_API)
+
+
+def __getattr__(name: str):
+    if name in _FILE_API:
+        from .client import files
+
+        value = getattr(files, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fs3' has no attribute {name!r}")
+

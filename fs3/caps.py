@@ -27,17 +27,13 @@ import time
 
 from network import Credential
 
+from .chunkid import inode_of
 from .errors import CapabilityDenied
 
-__all__ = ["CHUNK_INODE_SHIFT", "CapChecker", "inode_of", "mint"]
+__all__ = ["CapChecker", "CapMinter", "mint"]
 
-CHUNK_INODE_SHIFT = 24  # fs3.client.chunks.file_chunk_id: inode << 24 | index
 _LABEL = b"fs3-capability\0"
 _MAC_BYTES = 16
-
-
-def inode_of(chunk: int) -> int:
-    return chunk >> CHUNK_INODE_SHIFT
 
 
 def _cap_keys(key: Credential) -> tuple[bytes, ...]:
@@ -49,12 +45,23 @@ def _mac(cap_key: bytes, ino: int, w: int, e: int, holder: str) -> bytes:
     return hmac.new(cap_key, msg, hashlib.sha256).digest()[:_MAC_BYTES]
 
 
+class CapMinter:
+    """What the metadata service holds to mint capabilities (the cap key, derived once)."""
+
+    def __init__(self, key: Credential) -> None:
+        self._key = _cap_keys(key)[0]  # the cluster key's first secret mints; every one verifies
+
+    def mint(self, ino: int, write: bool, holder: str, expires: float | None) -> dict:
+        """A capability on inode ``ino`` for the credential ``holder``, valid until ``expires``
+        (default one day)."""
+        e = int(expires if expires is not None else time.time() + 86400)
+        w = 1 if write else 0
+        return {"i": int(ino), "w": w, "e": e, "m": _mac(self._key, int(ino), w, e, holder)}
+
+
 def mint(key: Credential, ino: int, write: bool, holder: str, expires: float | None) -> dict:
-    """A capability on inode ``ino`` for the credential ``holder`` (minted under the cluster key's
-    first secret; valid until ``expires``, default one day)."""
-    e = int(expires if expires is not None else time.time() + 86400)
-    w = 1 if write else 0
-    return {"i": int(ino), "w": w, "e": e, "m": _mac(_cap_keys(key)[0], int(ino), w, e, holder)}
+    """:meth:`CapMinter.mint` under ``key`` (the cluster key)."""
+    return CapMinter(key).mint(ino, write, holder, expires)
 
 
 class CapChecker:

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import crc32c as _crc
 
+from .chunkid import inode_of
 from .errors import ChunkCorrupt, ChunkNotFound, TargetFailed
 
 __all__ = ["ChunkStore", "ChunkMeta", "HEADER_SIZE", "crc32c"]
@@ -137,7 +138,7 @@ class ChunkStore:
         self.chunk_size = chunk_size
         self.fsync = fsync
         self.meta: dict[tuple[int, int], ChunkMeta] = {}
-        # (chain, chunk id >> 24) -> that file's chunk ids here (fs3.client.chunks.file_chunk_id):
+        # (chain, inode_of(chunk id)) -> that file's chunk ids here (fs3.chunkid):
         # the last chunk of a file (storage.last_chunk) without a scan of every chunk
         self._files: dict[tuple[int, int], set[int]] = {}
         self._mlock = threading.RLock()
@@ -222,14 +223,14 @@ class ChunkStore:
                 if path not in keep:
                     path.unlink(missing_ok=True)  # superseded versions left by a crash
             self.meta[(chain, chunk)] = m
-            self._files.setdefault((chain, chunk >> 24), set()).add(chunk)
+            self._files.setdefault((chain, inode_of(chunk)), set()).add(chunk)
 
     # -- reading --------------------------------------------------------------------------------
     def get(self, chain: int, chunk: int) -> ChunkMeta | None:
         return self.meta.get((chain, chunk))
 
     def file_chunks(self, chain: int, inode: int) -> list[tuple[int, ChunkMeta]]:
-        """The chunks of file ``inode`` (chunk id >> 24) on ``chain`` here, with their metadata."""
+        """The chunks of file ``inode`` (fs3.chunkid.inode_of) on ``chain`` here, with their metadata."""
         with self._mlock:
             return [(k, self.meta[(chain, k)]) for k in self._files.get((chain, inode), ())]
 
@@ -436,7 +437,7 @@ class ChunkStore:
             m = self.meta.get((chain, chunk))
             if m is None:
                 m = self.meta[(chain, chunk)] = ChunkMeta()
-                self._files.setdefault((chain, chunk >> 24), set()).add(chunk)
+                self._files.setdefault((chain, inode_of(chunk)), set()).add(chunk)
             if pending:
                 if m.pending and m.pending != version:
                     self._discard(self._p(chain, chunk, m.pending, True))
@@ -479,11 +480,11 @@ class ChunkStore:
         with self._mlock:
             m = self.meta.pop((chain, chunk), None)
             if m is not None:
-                f = self._files.get((chain, chunk >> 24))
+                f = self._files.get((chain, inode_of(chunk)))
                 if f is not None:
                     f.discard(chunk)
                     if not f:
-                        del self._files[(chain, chunk >> 24)]
+                        del self._files[(chain, inode_of(chunk))]
         d = self._dir(chain)
         prefix = f"{chunk:016x}."
         try:

@@ -161,7 +161,7 @@ def test_rename_rules(store):
     with pytest.raises(NotFound):
         s.rename(ROOT_USER, src="/nope", dst="/x")
     # a file replaces a file: the old inode loses its link and goes to GC
-    s.rename(ROOT_USER, src="/f", dst="/g")
+    assert s.rename(ROOT_USER, src="/f", dst="/g") == {"unlinked": g["ino"]}  # the service wakes GC then
     assert s.stat(ROOT_USER, path="/g")["ino"] == f["ino"]
     assert s.stat(ROOT_USER, ino=g["ino"])["nlink"] == 0
     assert [c[0] for c in s.gc_candidates(0)] == [g["ino"]]
@@ -169,7 +169,7 @@ def test_rename_rules(store):
         s.stat(ROOT_USER, path="/f")
     # a directory moves under another: link counts and its parent follow
     root = s.stat(ROOT_USER, ino=ROOT)["nlink"]
-    s.rename(ROOT_USER, src="/a/b", dst="/e/b")
+    assert s.rename(ROOT_USER, src="/a/b", dst="/e/b") == {}  # nothing for GC
     assert s.stat(ROOT_USER, path="/a")["nlink"] == 2
     assert s.stat(ROOT_USER, path="/e")["nlink"] == 3
     assert s.stat(ROOT_USER, path="/e/b")["parent"] == s.stat(ROOT_USER, path="/e")["ino"]

@@ -52,6 +52,7 @@ from network import (
 )
 from network.transport import as_bytes
 
+from ..chunkid import file_chunk_id, inode_of
 from ..errors import (
     CapabilityDenied,
     ChunkCorrupt,
@@ -69,13 +70,6 @@ from ..routing import Routing, SingleFlight
 __all__ = ["ChunkClient", "ReadIO", "WriteIO", "WriteResult", "file_chunk_id"]
 
 log = logging.getLogger(__name__)
-
-
-def file_chunk_id(inode: int, index: int) -> int:
-    """The chunk id of chunk ``index`` of file ``inode`` (40-bit inode, 24-bit index)."""
-    if not 0 <= inode < 1 << 40 or not 0 <= index < 1 << 24:
-        raise ValueError(f"file_chunk_id: inode {inode} must be < 2**40 and index {index} < 2**24")
-    return inode << 24 | index
 
 
 @dataclass
@@ -193,17 +187,33 @@ class ChunkClient:
         if not cap:
             return
         ino = int(cap["i"])
+        now = time.time()
         with self._caps_lock:
             old = self._caps.get(ino)
-            if old is None or cap["w"] >= old["w"] or old["e"] < time.time():
+            if old is None or cap["w"] >= old["w"] or old["e"] < now:
+                self._caps.pop(ino, None)  # re-inserted last: the dict's order is oldest grant first
                 self._caps[ino] = cap
+                if len(self._caps) > MAX_CAPS:
+                    self._prune_caps(now)
+
+    def _prune_caps(self, now: float) -> None:
+        """Drop expired capabilities; still over MAX_CAPS: the oldest grants (caller holds the lock)."""
+        for ino in [i for i, c in self._caps.items() if c["e"] < now]:
+            del self._caps[ino]
+        extra = len(self._caps) - MAX_CAPS
+        if extra > 0:
+            for ino in list(itertools.islice(self._caps, extra)):
+                del self._caps[ino]
 
     def _with_caps(self, args: dict, chunks) -> dict:
-        """``args`` with the capabilities of the files ``chunks`` belong to (none held: unchanged)."""
+        """``args`` with the unexpired capabilities of the files ``chunks`` belong to (none held:
+        unchanged)."""
         if self._caps:
-            caps = {ch >> 24: self._caps.get(ch >> 24) for ch in chunks}
-            if any(caps.values()):
-                args["caps"] = [c for c in caps.values() if c is not None]
+            now = time.time()
+            caps = {inode_of(ch): self._caps.get(inode_of(ch)) for ch in chunks}
+            held = [c for c in caps.values() if c is not None and c["e"] >= now]
+            if held:
+                args["caps"] = held
         return args
 
     # -- routing ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from ..errors import Fs3Error
@@ -89,10 +90,13 @@ class GcWorker:
             pruned += 1
             log.info("meta gc: pruned expired session %s of inode %d (client %s)", s["id"], s["ino"], s["client"])
         collected = 0
-        delay = self.gc_delay
-        if delay and self.space_short is not None and self.space_short():
-            delay = 0.0
-        for ino, layout in self.store.gc_candidates(delay):
+        waiting = self.store.gc_waiting()
+        due = time.time() - self.gc_delay
+        if any(since > due for _i, _l, since in waiting) and self.space_short is not None and self.space_short():
+            due = float("inf")  # nearly full: no delay (asked only when something waits for it)
+        for ino, layout, since in waiting:
+            if since > due:
+                continue
             if self.probe is not None and layout:
                 self.probe.remove_all(ino, layout)
             if self.store.gc_done(ino):

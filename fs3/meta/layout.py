@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..routing import Routing
 
-__all__ = ["choose_layout", "chunk_chain"]
+__all__ = ["choose_layout"]
 
 
 def choose_layout(ino: int, routing: Routing, stripe: int) -> dict:
@@ -22,9 +22,3 @@ def choose_layout(ino: int, routing: Routing, stripe: int) -> dict:
     k = max(1, min(stripe, n))
     start = ino % n
     return {"chunk_size": routing.chunk_size, "chains": [ids[(start + j) % n] for j in range(k)]}
-
-
-def chunk_chain(layout: dict, index: int) -> int:
-    """The chain of chunk ``index`` of a file with ``layout``."""
-    chains = layout["chains"]
-    return chains[index % len(chains)]

@@ -11,19 +11,20 @@ A file extended by truncate-up may end past its data: the caller keeps the large
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from network import RemoteError, RpcPool, TrafficClass, TransportError
 
-from ..client.chunks import ChunkClient, file_chunk_id
+from ..chunkid import INDEX_BITS, file_chunk_id
+from ..client.chunks import ChunkClient
+from ..client.filedata import as_layout
 from ..errors import ChunkNotFound, MetaUnavailable, RetryableError, from_remote
-from .layout import chunk_chain
 
-__all__ = ["LengthProbe", "INDEX_BITS"]
+__all__ = ["LengthProbe"]
 
 log = logging.getLogger(__name__)
-INDEX_BITS = 24
 
 
 class LengthProbe:
@@ -34,6 +35,7 @@ class LengthProbe:
         self.chunks = chunks
         self.timeout = timeout
         self._pools: dict[tuple[str, int], RpcPool] = {}
+        self._pools_lock = threading.Lock()
         self._workers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fs3-meta-storage")
 
     def close(self) -> None:
@@ -44,9 +46,12 @@ class LengthProbe:
     def _pool(self, addr: tuple[str, int]) -> RpcPool:
         p = self._pools.get(addr)
         if p is None:
-            p = self._pools.setdefault(addr, RpcPool(*addr, size=4, timeout=10.0, connect_timeout=3.0,
-                                                     credential=self.chunks.credential,
-                                                     traffic_class=TrafficClass.STORAGE))
+            with self._pools_lock:  # one pool per server: a racing second one would never be closed
+                p = self._pools.get(addr)
+                if p is None:
+                    p = self._pools[addr] = RpcPool(*addr, size=4, timeout=10.0, connect_timeout=3.0,
+                                                    credential=self.chunks.credential,
+                                                    traffic_class=TrafficClass.STORAGE)
         return p
 
     def disks(self) -> tuple[int, int] | None:
@@ -126,7 +131,8 @@ class LengthProbe:
         cs = int(layout["chunk_size"])
         first = -(-new_size // cs)
         last = -(-old_end // cs)  # exclusive
-        ids = [(chunk_chain(layout, i), file_chunk_id(ino, i)) for i in range(first, last)]
+        lay = as_layout(layout)
+        ids = [lay.place(ino, i) for i in range(first, last)]
         n = 0
         if ids:
             for _ in self._workers.map(lambda cc: self.chunks.remove(*cc), ids):
@@ -134,7 +140,7 @@ class LengthProbe:
         keep = new_size % cs
         if keep and new_size < old_end:
             b = new_size // cs
-            chain, chunk = chunk_chain(layout, b), file_chunk_id(ino, b)
+            chain, chunk = lay.place(ino, b)
             try:
                 data = bytes(self.chunks.read(chain, chunk))
             except ChunkNotFound:

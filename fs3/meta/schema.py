@@ -16,11 +16,13 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ..chunkid import MAX_INODE
+
 __all__ = ["Base", "Inode", "Dirent", "Session", "GcEntry", "Counter", "inodes", "dirents", "sessions", "gc",
            "counters", "ROOT", "MAX_INO"]
 
 ROOT = 1
-MAX_INO = (1 << 40) - 1
+MAX_INO = MAX_INODE
 
 # names sort bytewise on both backends: SQLite compares TEXT with memcmp, PostgreSQL needs "C"
 _Name = String(1024).with_variant(String(1024, collation="C"), "postgresql")

@@ -24,6 +24,7 @@ from network import Authenticator, Credential, RpcServer, TrafficClass
 from network.auth import ANY, SERVICE, Principal
 from network.service import service_parser, wait_for_shutdown
 
+from ..caps import CapMinter
 from ..client.chunks import ChunkClient
 from ..config import Fs3Config, node_data_dir, service_start
 from ..errors import (
@@ -94,6 +95,7 @@ class MetaServer:
                  gc_interval: float | None = None) -> None:
         auth = Authenticator.of(auth)
         self._key = auth.key  # the cluster key: storage calls, and the capabilities jobs get
+        self._minter = CapMinter(self._key) if isinstance(self._key, Credential) else None
         self.cfg = cfg
         self.chunks = chunks
         if self.chunks is None and mgmtd is not None:
@@ -196,11 +198,9 @@ class MetaServer:
     def _cap(self, ctx, ino: int, write: bool) -> dict | None:
         """A data-path capability for a client principal (fs3.caps); None for services."""
         p = ctx.principal if ctx is not None else None
-        if p is None or SERVICE in p.roles or not isinstance(self._key, Credential):
+        if p is None or SERVICE in p.roles or self._minter is None:
             return None
-        from ..caps import mint
-
-        return mint(self._key, ino, write, p.key_id, p.expires if p.expires is not None else time.time() + 86400)
+        return self._minter.mint(ino, write, p.key_id, p.expires)
 
     def _wrap(self, op: str, fn: Callable) -> Callable:
         def handler(args: dict, payload, ctx) -> Any:
@@ -298,10 +298,11 @@ class MetaServer:
             return r["attrs"]
 
         def rename(u, a, ctx):
-            s.rename(u, src_parent=a.get("src_parent"), src_name=a.get("src_name"), dst_parent=a.get("dst_parent"),
-                     dst_name=a.get("dst_name"), src=a.get("src"), dst=a.get("dst"),
-                     noreplace=bool(a.get("noreplace")))
-            self.gc.wake()
+            r = s.rename(u, src_parent=a.get("src_parent"), src_name=a.get("src_name"),
+                         dst_parent=a.get("dst_parent"), dst_name=a.get("dst_name"), src=a.get("src"),
+                         dst=a.get("dst"), noreplace=bool(a.get("noreplace")))
+            if r.get("unlinked"):  # a replaced file lost its last name
+                self.gc.wake()
             return {}
 
         def lookup(u, a, ctx):

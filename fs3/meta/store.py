@@ -41,6 +41,7 @@ from typing import Any
 from sqlalchemy import bindparam, create_engine, delete, exists, func, insert, select, update
 from sqlalchemy.pool import NullPool
 
+from ..chunkid import INDEX_BITS
 from ..errors import (
     Exists,
     InvalidArgument,
@@ -189,6 +190,8 @@ _SET_SIZE = _Q(update(inodes).where(_I.ino == bindparam("k")).values(
 _SET_ATIME = _Q(update(inodes).where(_I.ino == bindparam("k")).values(atime=bindparam("now")))
 _INO_OF_DIR = _Q(select(_D.name, _D.parent).where(_D.ino == bindparam("k")).limit(1))
 _SESSION_OF = _Q(select(_S.id).where(_S.ino == bindparam("k")).limit(1))
+_GC_WAITING = _Q(select(gc.c.ino, _I.layout, gc.c.since).join(inodes, _I.ino == gc.c.ino, isouter=True)
+                 .where(~exists().where(_S.ino == gc.c.ino)).order_by(gc.c.since).limit(bindparam("n")))
 _DEL_GC = _Q(delete(gc).where(gc.c.ino == bindparam("k")))
 _LAYOUT = _Q(select(_I.layout).where(_I.ino == bindparam("k")))
 _TAKE_IDS = _Q(update(counters).where(counters.c.name == bindparam("n")).values(value=bindparam("v")))
@@ -1034,8 +1037,10 @@ class MetaStore:
     def rename(self, user: User, *, src_parent: Any = None, src_name: str | None = None, dst_parent: Any = None,
                dst_name: str | None = None, src: str | None = None, dst: str | None = None,
                noreplace: bool = False) -> dict:
-        """Move an entry atomically, replacing a file or an empty directory at the destination."""
+        """Move an entry atomically, replacing a file or an empty directory at the destination;
+        ``{"unlinked": ino}`` when the replaced file lost its last link (GC has work), else ``{}``."""
         def run(c) -> dict:
+            out: dict = {}
             now = time.time_ns()
             sp, sn = self._entry(c, user, "meta.rename (source)", src_parent, src_name, src)
             dp, dn = self._entry(c, user, "meta.rename (destination)", dst_parent, dst_name, dst)
@@ -1079,6 +1084,8 @@ class MetaStore:
                     c.execute(_TOUCH_DIR, {"k": dp.ino, "now": now, "d": -1})
                 else:
                     self._drop_link(c, d, now)
+                    if d.nlink <= 1:
+                        out["unlinked"] = d.ino
             c.execute(_DEL_DIRENT, {"p": sp.ino, "n": sn})
             c.execute(_INS_DIRENT, {"parent": dp.ino, "name": dn, "ino": s.ino, "type": s.type})
             if moving_dir and dp.ino != sp.ino:
@@ -1090,7 +1097,7 @@ class MetaStore:
                 c.execute(_TOUCH_DIR, {"k": sp.ino, "now": now, "d": 0})
                 if dp.ino != sp.ino:
                     c.execute(_TOUCH_DIR, {"k": dp.ino, "now": now, "d": 0})
-            return {}
+            return out
 
         return self._tx(run, write=True, what="rename")
 
@@ -1106,13 +1113,15 @@ class MetaStore:
                      what="layout")
         return None if r is None else _layout(r.layout)
 
+    def gc_waiting(self, limit: int = 100) -> list[tuple[int, dict | None, float]]:
+        """Unlinked inodes with no session, oldest first: ``[(ino, layout, unlinked at), ...]``."""
+        rows = self._tx(lambda c: c.execute(_GC_WAITING, {"n": limit}).all(), write=False, what="gc candidates")
+        return [(r.ino, _layout(r.layout), r.since) for r in rows]
+
     def gc_candidates(self, delay: float, limit: int = 100) -> list[tuple[int, dict | None]]:
         """Unlinked inodes past ``delay`` seconds with no session: ``[(ino, layout), ...]``."""
         t = time.time() - delay
-        q = (select(gc.c.ino, _I.layout).join(inodes, _I.ino == gc.c.ino, isouter=True)
-             .where(gc.c.since <= t, ~exists().where(_S.ino == gc.c.ino)).limit(limit))
-        rows = self._tx(lambda c: c.execute(q).all(), write=False, what="gc candidates")
-        return [(r.ino, _layout(r.layout)) for r in rows]
+        return [(ino, lay) for ino, lay, since in self.gc_waiting(limit) if since <= t]
 
     def gc_pending(self) -> int:
         return self._tx(lambda c: c.execute(select(func.count()).select_from(gc)).scalar_one(), write=False,
@@ -1180,7 +1189,7 @@ def _size(size: Any, where: str) -> int:
 def _check_size_fits(size: int, r) -> None:
     lay = _layout(r.layout) or {}
     cs = int(lay.get("chunk_size", 1 << 20))
-    if size > cs << 24:
-        raise InvalidArgument(f"size {size} exceeds the largest file of {cs << 24} bytes ({1 << 24} chunks of "
+    if size > cs << INDEX_BITS:
+        raise InvalidArgument(f"size {size} exceeds the largest file of {cs << INDEX_BITS} bytes ({1 << INDEX_BITS} chunks of "
                               f"{cs})")
 

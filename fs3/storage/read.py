@@ -8,6 +8,7 @@ import os
 
 from network import FileRegion, Reply
 
+from ..chunkid import inode_of
 from ..chunkstore import HEADER_SIZE, ChunkStore, crc32c
 from ..errors import ChunkCorrupt, ChunkNotCommitted, ChunkNotFound, StorageError
 from ..routing import SERVING
@@ -110,8 +111,8 @@ class Reads:
         _r, tid, _s = self._check_chain(chain, cver, (SERVING,))
         best, length = None, 0
         store = self._store(tid)
-        if hi - lo <= 1 << 24 and lo >> 24 == (hi - 1) >> 24:  # one file's range: its own index
-            found = store.file_chunks(chain, lo >> 24)
+        if hi > lo and inode_of(lo) == inode_of(hi - 1):  # one file's range: its own index
+            found = store.file_chunks(chain, inode_of(lo))
         else:
             found = [(k, m) for _c, k, m in store.list(chain)]
         for k, m in found:
