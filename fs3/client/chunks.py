@@ -69,6 +69,9 @@ from ..routing import Routing, SingleFlight
 
 __all__ = ["ChunkClient", "ReadIO", "WriteIO", "WriteResult", "file_chunk_id"]
 
+#: capabilities a ChunkClient holds before it drops expired ones (then the oldest grants)
+MAX_CAPS = 4096
+
 log = logging.getLogger(__name__)
 
 
