@@ -259,12 +259,8 @@ def from_remote(exc: Exception) -> Exception:
     meta = _META.get(kind or "")
     if meta is not None and "errno" in data:
         # a namespace error reaches users (an OSError's strerror): the server's own words, without
-        # the RPC layer's "ADDRESS METHOD: KIND: " prefix
-        msg = str(exc)
-        prefix = f": {kind}: "
-        if prefix in msg:
-            msg = msg.split(prefix, 1)[1]
-        out: Exception = meta(msg)
+        # where and which call
+        out: Exception = meta(getattr(exc, "remote_message", str(exc)))
         out.__cause__ = exc
         return out
     cls = _REMOTE.get(kind or "")

@@ -71,12 +71,14 @@ class RpcError(TransportError):
 
 
 class RemoteError(RpcError):
-    """The server ran the request and its handler raised; ``kind`` is the remote exception's name."""
+    """The server ran the request and its handler raised; ``kind`` is the remote exception's name,
+    ``remote_message`` its own message (the error's text adds where and which call)."""
 
     def __init__(self, message: str, peer: str | None = None, kind: str = "Exception",
-                 data: dict | None = None) -> None:
+                 data: dict | None = None, remote_message: str | None = None) -> None:
         self.kind = kind
         self.data = data or {}
+        self.remote_message = message if remote_message is None else remote_message
         super().__init__(message, peer)
 
 

@@ -423,11 +423,16 @@ class RpcClient:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def fresh(self, now: float | None = None) -> bool:
+        """Whether the connection is open and was used within ``_STALE_CHECK_AFTER`` s: usable
+        without the stale check (a server that closes idle connections has not closed it yet)."""
+        return self._conn is not None and not self._conn.closed and \
+            (time.monotonic() if now is None else now) - self._used <= _STALE_CHECK_AFTER
+
     def _connection(self, timeout: float | None = None) -> Connection:
         """The open connection, or a new one, authenticated within ``timeout`` (the call's) at most."""
         now = time.monotonic()
-        if self._conn is not None and not self._conn.closed and now - self._used > _STALE_CHECK_AFTER \
-                and _stale(self._conn):
+        if self._conn is not None and not self._conn.closed and not self.fresh(now) and _stale(self._conn):
             self._conn.close()  # the server closed it (idle) meanwhile: reconnect instead of failing
         if self._conn is None or self._conn.closed:
             if self.credential is None:
@@ -511,7 +516,8 @@ class RpcClient:
             if err.get("kind") == "NoSuchMethod":
                 raise NoSuchMethod(err.get("msg", method), self.address)
             raise RemoteError(f"{self.address} {method}: {err.get('kind')}: {err.get('msg')}", self.address,
-                              kind=err.get("kind", "Exception"), data=err.get("data"))
+                              kind=err.get("kind", "Exception"), data=err.get("data"),
+                              remote_message=str(err.get("msg")))
         return Reply(resp.get("r"), body)
 
     def close(self) -> None:
@@ -559,8 +565,7 @@ class RpcPool:
             raise RpcError(f"{self.host}:{self.port}: no free connection within {t} s")
         with self._lock:
             client = self._free.pop() if self._free else None
-            if nowait and (client is None or client._conn is None or client._conn.closed
-                           or time.monotonic() - client._used > _STALE_CHECK_AFTER):
+            if nowait and (client is None or not client.fresh()):
                 if client is not None:
                     self._free.append(client)
                 self._sem.release()
