@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from network.transport import as_bytes
+
 from .chunks import ChunkClient, ReadIO, WriteIO, file_chunk_id
 
 __all__ = ["FileData", "Layout", "as_layout"]
@@ -56,13 +58,6 @@ def as_layout(layout: Layout | Mapping[str, Any] | Any) -> Layout:
     if isinstance(layout, Mapping):
         return Layout(layout["chunk_size"], layout["chains"])
     return Layout(layout.chunk_size, layout.chains)
-
-
-def _bytes_view(buf) -> memoryview:
-    mv = memoryview(buf)
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
 
 
 _MAP_MIN = 1 << 20  # smaller buffers are bytearrays
@@ -144,7 +139,7 @@ class FileData:
         """Read into ``buf`` from ``offset`` up to ``len(buf)`` bytes or ``size``; the bytes read."""
         if offset < 0:
             raise ValueError(f"read of inode {ino}: negative offset {offset}")
-        mv = _bytes_view(buf)
+        mv = as_bytes(buf)
         n = max(0, min(mv.nbytes, size - offset))
         if n == 0:
             return 0
@@ -210,7 +205,7 @@ class FileData:
         the mount's sake and not needed: merging is always safe."""
         if offset < 0:
             raise ValueError(f"write of inode {ino}: negative offset {offset}")
-        mv = _bytes_view(data)
+        mv = as_bytes(data)
         n = mv.nbytes
         if n == 0:
             return offset

@@ -38,6 +38,9 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from network.transport import as_bytes
+
+from ..errors import IsADirectory, MetaError
 from ..meta import field
 from .filedata import FileData, Layout, as_layout
 
@@ -89,14 +92,6 @@ def to_oserror(err: BaseException, path: str | None = None, path2: str | None = 
     out.__cause__ = err
     out.__suppress_context__ = True
     return out
-
-
-def _meta_errors() -> tuple[type, ...]:
-    try:
-        from ..errors import MetaError
-    except ImportError:  # pragma: no cover - the meta service's errors are not there yet
-        return ()
-    return (MetaError,)
 
 
 def _norm(path: str | os.PathLike) -> str:
@@ -182,7 +177,7 @@ class FileSystem:
     def _call(self, op: str, path: str | None, path2: str | None = None, /, **kw) -> Any:
         try:
             return getattr(self.meta, op)(**kw)
-        except _meta_errors() as exc:
+        except MetaError as exc:
             raise to_oserror(exc, path, path2) from None
 
     def _grant(self, reply: Any) -> None:
@@ -250,8 +245,6 @@ class FileSystem:
         for p, it in zip(uniq, items, strict=True):
             if isinstance(it, BaseException):
                 raise to_oserror(it, p)
-            if isinstance(it, dict) and "error" in it:
-                raise to_oserror(_remote_meta_error(it), p)
             if field(it, "type") != "file":
                 raise to_oserror(_isdir_error(p), p)
             ino = field(it, "ino")
@@ -424,24 +417,7 @@ class FileSystem:
 
 
 def _isdir_error(path: str) -> BaseException:
-    from .. import errors
-
-    cls = getattr(errors, "IsADirectory", None)
-    if cls is None:  # pragma: no cover
-        return IsADirectoryError(_errno.EISDIR, "is a directory", path)
-    return cls(f"{path}: is a directory, not a file")
-
-
-def _remote_meta_error(item: dict) -> BaseException:
-    """A batch_stat item's error as the MetaError class it names."""
-    from .. import errors
-
-    cls = getattr(errors, str(item.get("error")), None)
-    msg = str(item.get("message") or item.get("error"))
-    if isinstance(cls, type) and issubclass(cls, Exception) and isinstance(getattr(cls, "errno", None), int):
-        return cls(msg)
-    code = int(item.get("errno") or _errno.EIO)
-    return OSError(code, msg)
+    return IsADirectory(f"{path}: is a directory, not a file")
 
 
 class DirEntry:
@@ -511,7 +487,6 @@ class File(io.RawIOBase):
         self._cache: memoryview | None = None
         self._cstart = 0
         self._last_read_end = 0
-        self._streak = 0  # sequential reads in a row
         self._prefetch: tuple[int, int, Future] | None = None  # (start, length, the window's bytes)
         self._spare: list[bytearray] = []  # read-ahead buffers to reuse
 
@@ -569,15 +544,12 @@ class File(io.RawIOBase):
         with self._lock:
             self._check(True)
             self._drain()
-            mv = memoryview(b)
-            if mv.format != "B" or mv.ndim != 1:
-                mv = mv.cast("B")
+            mv = as_bytes(b)
             pos, size = self._pos, self._size
             n = max(0, min(mv.nbytes, size - pos))
             if n == 0:
                 return 0
             sequential = pos == self._last_read_end
-            self._streak = self._streak + 1 if sequential else 0
             done = 0
             while done < n:
                 p = pos + done
@@ -605,7 +577,7 @@ class File(io.RawIOBase):
                 self._recycle()
                 self._cache, self._cstart = self._read_window(p, min(self._ra, size - p)), p
             self._pos = self._last_read_end = pos + n
-            if self._streak >= 1 and 0 < n < self._ra:  # a large read brings its own parallelism
+            if sequential and 0 < n < self._ra:  # a large read brings its own parallelism
                 self._start_prefetch(pos + n, n)
             return n
 
@@ -684,9 +656,7 @@ class File(io.RawIOBase):
         with self._lock:
             self._check(False)
             self._raise_pending()
-            mv = memoryview(b)
-            if mv.format != "B" or mv.ndim != 1:
-                mv = mv.cast("B")
+            mv = as_bytes(b)
             n = mv.nbytes
             if n == 0:
                 return 0
