@@ -32,13 +32,11 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,24 +45,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _refs import MiB, References  # noqa: E402
 
-from deploy.local import LocalCluster  # noqa: E402
+from deploy.local import LocalCluster, derived_cluster, wait_until  # noqa: E402
+from fs3.fuse import MountError, run_mount, unmount  # noqa: E402
 from fs3.fuse import unavailable as fuse_unavailable  # noqa: E402
-from network.topology import dump_cluster  # noqa: E402
 
 FS3 = ["fs3.mgmtd", "fs3.storage", "fs3.meta"]
 PIECE = 16 * MiB  # bytes per write/read call of the large-file phases
 
 
 def _cluster_file(tmp: Path) -> Path:
-    raw = tomllib.loads((ROOT / "deploy" / "clusters" / "local.toml").read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"] in FS3]
-    for k in ("haiplatform", "hfreduce", "haiscale"):
-        raw.pop(k, None)
-    raw["fs3"]["chunk_size"] = MiB
-    raw["fs3"]["gc_delay"] = 0.0
-    cf = tmp / "bench.toml"
-    cf.write_text(dump_cluster(raw))
-    return cf
+    return derived_cluster(tmp / "bench.toml", FS3, fs3={"chunk_size": MiB, "gc_delay": 0.0})
 
 
 # -- metadata workers (processes: the client is what is measured, with its own GIL) --------------
@@ -177,21 +167,19 @@ def posix_read(path: Path, buf: bytearray) -> float:
 
 
 def _wait_mounted(mnt: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.ismount(mnt):
-            return
+    def up() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"the mount process for {mnt} exited with {proc.returncode}")
-        time.sleep(0.1)
-    raise RuntimeError(f"{mnt} was not mounted within {timeout} s")
+        return os.path.ismount(mnt)
+
+    wait_until(up, timeout, f"{mnt} to be mounted", poll=0.1, error=RuntimeError)
 
 
-def _stop_mount(mnt: Path, proc: subprocess.Popen | None) -> None:
+def _stop_memfs(mnt: Path, proc: subprocess.Popen | None) -> None:
     if proc is None:
         return
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -266,7 +254,8 @@ def main() -> int:
     refs = References()
     lc = LocalCluster(cf, tmp / "run", ports="auto", services=FS3)
     mnt, mem_mnt = tmp / "mnt", tmp / "memfs"
-    mount_p = mem_p = None
+    mounted = False
+    mem_p = None
     try:
         lc.up()
         import fs3
@@ -308,12 +297,11 @@ def main() -> int:
             mnt.mkdir()
             mem_mnt.mkdir()
             env = dict(os.environ, PYTHONPATH=str(ROOT))
-            mount_p = subprocess.Popen([sys.executable, "-m", "fs3.fuse", str(mnt), "--cluster", str(lc.cluster_file)],
-                                       env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "mount.log", "wb"))
+            run_mount(lc.cluster_file, mnt, foreground=False, options={})
+            mounted = True
             mem_p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_fuse_memfs.py"), str(mem_mnt),
                                       "--size", str(total)], env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(tmp / "memfs.log", "wb"))
-            _wait_mounted(mnt, mount_p)
             _wait_mounted(mem_mnt, mem_p)
             last = f"big{trials - 1}"
             for _t in range(trials):
@@ -327,8 +315,12 @@ def main() -> int:
                     add("mount_create_close_per_s", mount_create_rate(ctx, mnt, args.procs, nfiles))
         fs.close()
     finally:
-        _stop_mount(mnt, mount_p)
-        _stop_mount(mem_mnt, mem_p)
+        if mounted:
+            try:
+                unmount(mnt, timeout=30.0)
+            except MountError as exc:  # a mount that died already: the phases' error is the one to see
+                print(f"unmounting {mnt}: {exc}", file=sys.stderr)
+        _stop_memfs(mem_mnt, mem_p)
         lc.down()
         refs.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,11 +34,14 @@ unwritable destination) is one line ``fs3 CMD: PATH: REASON`` on stderr and exit
 from __future__ import annotations
 
 import json
+import stat
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+
+from .meta import field
 
 app = typer.Typer(help="fs3: the fireflyer storage cluster (3FS-style).", no_args_is_help=True,
                   add_completion=False)
@@ -338,33 +341,16 @@ def _errors(cmd: str, fs3_prefix: bool = False):
         fail(None, str(exc))
 
 
-_FS: dict = {}
-
-
-def _fs(cluster: Path | None):
-    """The FileSystem of ``--cluster`` (found by network.find_cluster); one per command."""
+@contextmanager
+def _session(cmd: str, cluster: Path | None, fs3_prefix: bool = False):
+    """The command's FileSystem of ``--cluster`` (found by network.find_cluster), inside its error
+    context."""
     from network import find_cluster
 
     from .client.files import FileSystem
 
-    key = str(cluster)
-    if key not in _FS:
-        _FS[key] = FileSystem(find_cluster(cluster))
-    return _FS[key]
-
-
-def _close_fs() -> None:
-    while _FS:
-        _FS.popitem()[1].close()
-
-
-@contextmanager
-def _session(cmd: str, cluster: Path | None, fs3_prefix: bool = False):
-    with _errors(cmd, fs3_prefix):
-        try:
-            yield _fs(cluster)
-        finally:
-            _close_fs()
+    with _errors(cmd, fs3_prefix), FileSystem(find_cluster(cluster)) as fs:
+        yield fs
 
 
 def _fs3_path(p: str) -> str:
@@ -381,17 +367,6 @@ def _attrs_dict(a) -> dict:
     else:
         d = dict(vars(a))
     return {k: v for k, v in d.items() if not k.startswith("_") and v is not None}
-
-
-def _a(a, key: str, default=None):
-    return a.get(key, default) if isinstance(a, dict) else getattr(a, key, default)
-
-
-def _mode_string(a) -> str:
-    import stat as st
-
-    kind = {"dir": st.S_IFDIR, "symlink": st.S_IFLNK}.get(_a(a, "type"), st.S_IFREG)
-    return st.filemode(kind | (_a(a, "mode", 0) & 0o7777))
 
 
 def _human(n: float) -> str:
@@ -422,7 +397,7 @@ def ls_cmd(paths: list[str] = typer.Argument(None, help="fs3 paths (default /)")
     with _session("ls", cluster) as fs:
         for p in [_fs3_path(p) for p in (paths or ["/"])]:
             a = fs.lstat(p)
-            if _a(a, "type") != "dir":
+            if field(a, "type") != "dir":
                 out[p] = [(posixpath.basename(p) or p, a)]
                 continue
             todo = [p]
@@ -443,11 +418,11 @@ def ls_cmd(paths: list[str] = typer.Argument(None, help="fs3 paths (default /)")
                 if not long:
                     typer.echo(name)
                     continue
-                size = _a(a, "size", 0)
-                target = f" -> {_a(a, 'target')}" if _a(a, "type") == "symlink" else ""
-                typer.echo(f"{_mode_string(a)} {_a(a, 'nlink', 1):>3} {_owner(_a(a, 'uid', 0)):>8} "
-                           f"{_group(_a(a, 'gid', 0)):>8} "
-                           f"{_human(size) if human else size:>10} {_when(_a(a, 'mtime'))} {name}{target}")
+                size = field(a, "size", 0)
+                target = f" -> {field(a, 'target')}" if field(a, "type") == "symlink" else ""
+                typer.echo(f"{stat.filemode(a.st_mode)} {field(a, 'nlink', 1):>3} {_owner(field(a, 'uid', 0)):>8} "
+                           f"{_group(field(a, 'gid', 0)):>8} "
+                           f"{_human(size) if human else size:>10} {_when(field(a, 'mtime'))} {name}{target}")
 
 
 def _owner(uid: int) -> str:
@@ -495,16 +470,16 @@ def stat_cmd(paths: list[str] = typer.Argument(..., help="fs3 paths"),
         _print_json({p: _attrs_dict(a) for p, a in res.items()})
         return
     for p, a in res.items():
-        typer.echo(f"  File: {p}" + (f" -> {_a(a, 'target')}" if _a(a, "type") == "symlink" else ""))
-        typer.echo(f"  Size: {_a(a, 'size', 0):<12} Type: {_a(a, 'type'):<8} Inode: {_a(a, 'ino')}  "
-                   f"Links: {_a(a, 'nlink', 1)}")
-        typer.echo(f"Access: ({_a(a, 'mode', 0) & 0o7777:04o}/{_mode_string(a)})  Uid: ({_a(a, 'uid')}/"
-                   f"{_owner(_a(a, 'uid', 0))})  Gid: ({_a(a, 'gid')}/{_group(_a(a, 'gid', 0))})")
-        lay = _a(a, "layout")
+        typer.echo(f"  File: {p}" + (f" -> {field(a, 'target')}" if field(a, "type") == "symlink" else ""))
+        typer.echo(f"  Size: {field(a, 'size', 0):<12} Type: {field(a, 'type'):<8} Inode: {field(a, 'ino')}  "
+                   f"Links: {field(a, 'nlink', 1)}")
+        typer.echo(f"Access: ({field(a, 'mode', 0) & 0o7777:04o}/{stat.filemode(a.st_mode)})  Uid: ({field(a, 'uid')}/"
+                   f"{_owner(field(a, 'uid', 0))})  Gid: ({field(a, 'gid')}/{_group(field(a, 'gid', 0))})")
+        lay = field(a, "layout")
         if lay:
-            typer.echo(f"Layout: chunk size {_a(lay, 'chunk_size')}, chains {list(_a(lay, 'chains', []))}")
+            typer.echo(f"Layout: chunk size {field(lay, 'chunk_size')}, chains {list(field(lay, 'chains', []))}")
         for k in ("atime", "mtime", "ctime"):
-            ns = _a(a, k) or 0
+            ns = field(a, k) or 0
             typer.echo(f"{k.capitalize()[0]}{k[1:]:>5}: {_when(ns)}:{ns / 1e9 % 60:06.3f}")
 
 
@@ -540,7 +515,7 @@ def rm_cmd(paths: list[str] = typer.Argument(..., help="fs3 paths"),
         for p in map(_fs3_path, paths):
             try:
                 a = fs.lstat(p)
-                if _a(a, "type") == "dir":
+                if field(a, "type") == "dir":
                     if not recursive:
                         raise _UserError(p, "is a directory (use -r)")
                     fs.rmtree(p)
@@ -616,22 +591,28 @@ def du_cmd(paths: list[str] = typer.Argument(None, help="fs3 paths (default /)")
     with _session("du", cluster) as fs:
         for p in [_fs3_path(p) for p in (paths or ["/"])]:
             a = fs.lstat(p)
-            if _a(a, "type") != "dir":
-                rows.append((p, _a(a, "size", 0) if _a(a, "type") == "file" else 0))
+            if field(a, "type") != "dir":
+                rows.append((p, field(a, "size", 0) if field(a, "type") == "file" else 0))
                 continue
-            sizes: dict[str, int] = {}
-            for d, _dirs, _files in fs.walk(p, topdown=False):
-                total = 0
-                for e in fs.scandir(d):
+
+            def total(d: str) -> int:  # post-order: a directory's row after its subdirectories'
+                try:
+                    entries = list(fs.scandir(d))
+                except OSError:  # as fs.walk did: an unreadable directory counts 0, without a row
+                    return 0
+                n = 0
+                for e in entries:
                     if e.is_dir():
-                        total += sizes.get(posixpath.join(d, e.name), 0)
+                        n += total(posixpath.join(d, e.name))
                     elif e.is_file():
-                        total += _a(e.stat(), "size", 0)
-                sizes[d] = total
+                        n += field(e.stat(), "size", 0)
                 if not summarize:
-                    rows.append((d, total))
+                    rows.append((d, n))
+                return n
+
+            n = total(posixpath.normpath("/" + p.lstrip("/")))
             if summarize:
-                rows.append((p, sizes.get(p, 0)))
+                rows.append((p, n))
     if as_json:
         _print_json({p: n for p, n in rows})
         return
@@ -660,7 +641,7 @@ class _Copier:
     def kind(self, p: str) -> str | None:
         if p.startswith("fs3:"):
             try:
-                t = _a(self.fs.stat(_fs3_path(p)), "type")
+                t = field(self.fs.stat(_fs3_path(p)), "type")
             except FileNotFoundError:
                 return None
             return "dir" if t == "dir" else "file"
@@ -675,7 +656,7 @@ class _Copier:
 
     def size(self, p: str) -> int:
         if p.startswith("fs3:"):
-            return int(_a(self.fs.stat(_fs3_path(p)), "size", 0))
+            return int(field(self.fs.stat(_fs3_path(p)), "size", 0))
         return Path(p).stat().st_size
 
     def listing(self, p: str) -> list[tuple[str, bool]]:
@@ -782,17 +763,12 @@ def mount_cmd(mountpoint: Path = typer.Argument(..., help="an empty local direct
     """Mount the fs3 namespace at MOUNTPOINT (FUSE)."""
     from network import find_cluster
 
-    opts: dict = {}
-    for o in options or []:
-        for kv in o.split(","):
-            if kv:
-                k, _, v = kv.partition("=")
-                opts[k.strip()] = v.strip() if _ else True
+    from .fuse import run_mount
+    from .fuse.options import parse_option_args
+
+    opts = parse_option_args(options)
     with _errors("mount"):
-        if not mountpoint.is_dir():
-            raise _UserError(str(mountpoint), "not a directory (make it first)")
         cluster_file = find_cluster(cluster)
-        from .fuse import run_mount
 
         rc = run_mount(cluster_file, mountpoint, foreground=foreground, options=opts)
     raise typer.Exit(int(rc or 0))

@@ -24,14 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--daemon", action="store_true", help="run in the background once mounted")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    options: dict[str, str] = {}
-    for o in a.options:
-        for item in o.split(","):
-            if item:
-                k, _, v = item.partition("=")
-                options[k.strip()] = v.strip()
     from .mount import _check_mountpoint, _serve_here, run_mount
-    from .options import MountOptions
+    from .options import MountOptions, parse_option_args
+
+    options = parse_option_args(a.options)
 
     try:
         opts = MountOptions.from_dict(options)

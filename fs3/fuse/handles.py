@@ -61,7 +61,6 @@ class FileHandle:
     write: bool
     user: dict | None
     append: bool = False
-    wrote: bool = False  # written through this handle since it opened
     unsynced: bool = False  # written since the last meta.sync
     end: int = 0  # the end of the highest write through this handle
     mtime: int | None = None  # ns of the last write

@@ -93,10 +93,10 @@ def _check_mountpoint(mountpoint: Path) -> Path:
     if is_mounted(mp):
         raise MountError(f"{mp}: something is mounted there already (fs3 umount {mp}, or umount it)")
     if not mp.is_dir():
-        raise MountError(f"{mp}: no such directory (create the mount point first)")
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse does not exist: load the fuse module (modprobe fuse) or, in a container, "
-                         "pass the device (--device /dev/fuse --cap-add SYS_ADMIN)")
+        raise MountError(f"{mp}: not a directory (make it first)")
+    why = unavailable(allow_other=False)  # allow_other: libfuse names it when it is refused
+    if why:
+        raise MountError(why)
     return mp
 
 
@@ -157,11 +157,7 @@ def _make_clients(cluster_file: Path, opts: MountOptions):
     from ..client.filedata import FileData
     from ..meta import MetaClient
 
-    try:
-        path = find_cluster(cluster_file)
-    except Exception:  # noqa: BLE001 - the given file is used as it is
-        path = cluster_file
-    cluster = load_cluster(path)
+    cluster = load_cluster(find_cluster(cluster_file))
     key = load_cluster_key(cluster)
     meta = MetaClient(cluster, credential=key)
     chunks = ChunkClient.from_cluster(cluster, node=opts.node or None, credential=key, max_inflight=opts.inflight, per_server=8,
@@ -235,17 +231,11 @@ async def _main(ops, mp: Path, opts: MountOptions) -> None:
 
 
 def _pid_of(mp: Path) -> int | None:
+    """The pid in the pid file of ``mp`` (the caller checks it with pid_alive), None without one."""
     try:
-        pid = int(pid_file(mp).read_text().strip())
+        return int(pid_file(mp).read_text().strip())
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return pid
 
 
 def unmount(mountpoint: Path, timeout: float = 10.0) -> None:

@@ -43,6 +43,7 @@ import pyfuse3
 import trio
 
 from ..errors import MetaError, MetaUnavailable
+from ..meta import field
 from .handles import DirHandle, FileHandle, Inode
 from .options import MountOptions
 from .readahead import ReadAhead
@@ -56,13 +57,6 @@ _READDIR_PAGE = 1000
 _GROUPS_TTL = 1.0
 _MAX_INFLIGHT_FLUSHES = 2
 _NOW_NS = 50_000_000
-
-
-def _get(a: Any, key: str, default: Any = None) -> Any:
-    """A field of attrs given as a dict (the wire form) or an object (fs3.meta.Attrs)."""
-    if isinstance(a, dict):
-        return a.get(key, default)
-    return getattr(a, key, default)
 
 
 def _attrs(r: Any) -> Any:
@@ -135,8 +129,7 @@ class Fs3Operations(pyfuse3.Operations):
     async def _meta(self, op: str, user: dict | None, **kw) -> Any:
         self.stats["meta_calls"] += 1
         self.meta_ops[op] = self.meta_ops.get(op, 0) + 1
-        prepare = getattr(self.meta, "prepare", None)
-        split = prepare(op, **kw) if prepare is not None else None
+        split = self.meta.prepare(op, **kw)
         if split is not None:
             args, done = split
             r = await self._meta_split(op, args, user)
@@ -215,42 +208,42 @@ class Fs3Operations(pyfuse3.Operations):
 
     def _learn(self, a: Any) -> Inode:
         """Remember what meta said about an inode (its layout and size)."""
-        ino = _get(a, "ino")
-        if self._dir_ttl and _get(a, "type") == "dir":
+        ino = field(a, "ino")
+        if self._dir_ttl and field(a, "type") == "dir":
             self._dir_attrs[ino] = (time.monotonic() + self._dir_ttl, a)
             if len(self._dir_attrs) > 65536:
                 now = time.monotonic()
                 self._dir_attrs = {k: v for k, v in self._dir_attrs.items() if v[0] > now}
         node = self._inode(ino)
-        lay = _get(a, "layout")
+        lay = field(a, "layout")
         if lay is not None:
             node.layout = lay
-        node.size = _get(a, "size", 0) or 0
+        node.size = field(a, "size", 0) or 0
         return node
 
     def _entry(self, a: Any, node: Inode | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
-        e.st_ino = _get(a, "ino")
+        e.st_ino = field(a, "ino")
         e.generation = 0
-        e.st_mode = _IFMT.get(_get(a, "type"), 0) | (_get(a, "mode", 0) & 0o7777)
-        e.st_nlink = _get(a, "nlink", 1)
-        e.st_uid = _get(a, "uid", 0)
-        e.st_gid = _get(a, "gid", 0)
-        size = _get(a, "size", 0) or 0
+        e.st_mode = _IFMT.get(field(a, "type"), 0) | (field(a, "mode", 0) & 0o7777)
+        e.st_nlink = field(a, "nlink", 1)
+        e.st_uid = field(a, "uid", 0)
+        e.st_gid = field(a, "gid", 0)
+        size = field(a, "size", 0) or 0
         if node is not None:
             size = max(size, node.local_end, node.wbuf.end) if node.handles else size
-        if _get(a, "type") == "symlink":
-            size = len(os.fsencode(_get(a, "target", "") or ""))
+        if field(a, "type") == "symlink":
+            size = len(os.fsencode(field(a, "target", "") or ""))
         e.st_size = size
-        e.st_atime_ns = _get(a, "atime", 0)
-        e.st_mtime_ns = _get(a, "mtime", 0)
+        e.st_atime_ns = field(a, "atime", 0)
+        e.st_mtime_ns = field(a, "mtime", 0)
         if node is not None and node.handles and node.mtime > e.st_mtime_ns:
             e.st_mtime_ns = node.mtime  # written here, not yet closed: meta learns it at close
         if node is not None:
             node.kattr = (e.st_mtime_ns, size)  # what the kernel holds now
-        e.st_ctime_ns = _get(a, "ctime", 0)
-        lay = _get(a, "layout")
-        e.st_blksize = (lay.get("chunk_size") if isinstance(lay, dict) else getattr(lay, "chunk_size", 0)) or 1 << 20
+        e.st_ctime_ns = field(a, "ctime", 0)
+        lay = field(a, "layout")
+        e.st_blksize = field(lay, "chunk_size", 0) or 1 << 20
         e.st_blocks = (size + 511) // 512
         e.attr_timeout = self.opts.attr_timeout
         e.entry_timeout = self.opts.entry_timeout
@@ -264,7 +257,7 @@ class Fs3Operations(pyfuse3.Operations):
 
     def _chunk_size(self, node: Inode) -> int:
         lay = node.layout
-        return (lay.get("chunk_size") if isinstance(lay, dict) else lay.chunk_size) if lay else 1 << 20
+        return field(lay, "chunk_size") if lay else 1 << 20
 
     def _stripe_bytes(self, node: Inode) -> int:
         """Buffered bytes that start a flush: the ``write_buffer`` option, else a chunk stripe (a
@@ -273,7 +266,7 @@ class Fs3Operations(pyfuse3.Operations):
         if self.opts.write_buffer:
             return self.opts.write_buffer
         lay = node.layout
-        chains = (lay.get("chains") if isinstance(lay, dict) else lay.chains) if lay else [0]
+        chains = field(lay, "chains") if lay else [0]
         return max(len(chains), 8) * self._chunk_size(node)
 
     # -- names ---------------------------------------------------------------------------------------
@@ -296,11 +289,11 @@ class Fs3Operations(pyfuse3.Operations):
         if hit is not None and hit[0] > time.monotonic():
             return self._entry(hit[1])
         a = _attrs(await self._meta("stat", self._user(ctx) if ctx else None, ino=inode))
-        if _get(a, "type") == "dir":
+        if field(a, "type") == "dir":
             self._learn(a)
         node = self.inodes.get(inode)
         if node is not None:
-            node.size = _get(a, "size", 0) or 0
+            node.size = field(a, "size", 0) or 0
         return self._entry(a, node)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -380,12 +373,12 @@ class Fs3Operations(pyfuse3.Operations):
         r = await self._meta("statfs", self._user(ctx))
         s = pyfuse3.StatvfsData()
         bs = 4096
-        s.f_bsize = _get(r, "chunk_size", 1 << 20) or 1 << 20
+        s.f_bsize = field(r, "chunk_size", 1 << 20) or 1 << 20
         s.f_frsize = bs
-        s.f_blocks = (_get(r, "bytes_total", 0) or 0) // bs
-        s.f_bfree = (_get(r, "bytes_free", 0) or 0) // bs
+        s.f_blocks = (field(r, "bytes_total", 0) or 0) // bs
+        s.f_bfree = (field(r, "bytes_free", 0) or 0) // bs
         s.f_bavail = s.f_bfree
-        files = _get(r, "files", 0) or 0
+        files = field(r, "files", 0) or 0
         s.f_files = files + (1 << 32)
         s.f_ffree = s.f_favail = 1 << 32
         s.f_namemax = 255
@@ -406,9 +399,9 @@ class Fs3Operations(pyfuse3.Operations):
                     return
                 after = d.entries[-1][0] if d.entries else ""
                 r = await self._meta("readdir", d.user, ino=d.ino, after=after, limit=_READDIR_PAGE, plus=True)
-                ents = _get(r, "entries", [])
-                d.more = bool(_get(r, "more", False)) and bool(ents)
-                d.entries += [(_get(e, "name"), _get(e, "attrs")) for e in ents]
+                ents = field(r, "entries", [])
+                d.more = bool(field(r, "more", False)) and bool(ents)
+                d.entries += [(field(e, "name"), field(e, "attrs")) for e in ents]
                 if i >= len(d.entries):
                     return
             name, a = d.entries[i]
@@ -447,7 +440,7 @@ class Fs3Operations(pyfuse3.Operations):
     def _opened(self, a: Any, session: Any, flags: int, user: dict, *, fresh: bool) -> pyfuse3.FileInfo:
         """Book an open (meta said ``a``) and tell the kernel whether its cached pages are good."""
         node = self._learn(a)
-        stamp = (_get(a, "mtime", 0), _get(a, "size", 0))
+        stamp = (field(a, "mtime", 0), field(a, "size", 0))
         keep = not fresh and node.cached == stamp
         if not keep and node.ra is not None:
             node.ra.invalidate()
@@ -480,7 +473,7 @@ class Fs3Operations(pyfuse3.Operations):
             self._drop_if_idle(node)
         if trunc:
             self._truncated(node, 0)
-        return self._opened(_attrs(r), _get(r, "session"), flags, user, fresh=trunc)
+        return self._opened(_attrs(r), field(r, "session"), flags, user, fresh=trunc)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         user = self._user(ctx)
@@ -488,11 +481,11 @@ class Fs3Operations(pyfuse3.Operations):
         r = await self._meta("create", user, parent=parent_inode, name=_name(name), mode=mode & 0o7777,
                              excl=bool(flags & os.O_EXCL), trunc=bool(flags & os.O_TRUNC) and write, write=write)
         a = _attrs(r)
-        old = self.inodes.get(_get(a, "ino"))
-        if old is not None and not _get(r, "created", True) and flags & os.O_TRUNC and write:
+        old = self.inodes.get(field(a, "ino"))
+        if old is not None and not field(r, "created", True) and flags & os.O_TRUNC and write:
             self._truncated(old, 0)  # an existing file we had open here too
-        fi = self._opened(a, _get(r, "session"), flags, user, fresh=True)
-        node = self.inodes[_get(a, "ino")]
+        fi = self._opened(a, field(r, "session"), flags, user, fresh=True)
+        node = self.inodes[field(a, "ino")]
         node.lookups += 1
         return fi, self._entry(a, node)
 
@@ -532,11 +525,10 @@ class Fs3Operations(pyfuse3.Operations):
                 await self._flush(node)
             except pyfuse3.FUSEError as exc:
                 err = exc
-            later = getattr(self.meta, "close_later", None)
-            if h.session and not h.unsynced and later is not None:
+            if h.session and not h.unsynced:
                 # nothing to report: the session ends with the next meta call (or within
                 # fs3.meta.client.CLOSE_DELAY), and the release is answered now
-                later(h.ino, h.session)
+                self.meta.close_later(h.ino, h.session)
             elif h.session:
                 # written since the last sync (flush syncs at every close(2)): the length again;
                 # else the session just ends (a close that wrote asks storage for the length)
@@ -556,10 +548,10 @@ class Fs3Operations(pyfuse3.Operations):
     def _after_meta_write(self, node: Inode, a: Any) -> None:
         """meta answered a sync or close with the inode's attrs: our pages are what it now has."""
         attrs = _attrs(a)
-        if _get(attrs, "ino") is None:
+        if field(attrs, "ino") is None:
             return
-        node.size = _get(attrs, "size", node.size) or 0
-        node.cached = (_get(attrs, "mtime", 0), node.size)
+        node.size = field(attrs, "size", node.size) or 0
+        node.cached = (field(attrs, "mtime", 0), node.size)
 
     # -- files: data ---------------------------------------------------------------------------------
     async def read(self, fh, off, size):
@@ -593,7 +585,7 @@ class Fs3Operations(pyfuse3.Operations):
             node.wbuf.add(off, buf)
         end = off + n
         h.end = max(h.end, end)
-        h.wrote = h.unsynced = True
+        h.unsynced = True
         h.mtime = node.mtime = time.time_ns()
         node.local_end = max(node.local_end, end)
         if node.wbuf.nbytes >= self._stripe_bytes(node):

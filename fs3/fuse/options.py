@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import Fs3ConfigError
 
-__all__ = ["MountOptions", "fuse_options", "tune_kernel"]
+__all__ = ["MountOptions", "fuse_options", "parse_option_args", "tune_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,19 @@ class MountOptions:
         if not opts.fsname or any(c in opts.fsname for c in ", \t\n"):
             raise Fs3ConfigError(f"mount option fsname {opts.fsname!r} must be one word without commas")
         return opts
+
+
+def parse_option_args(args: list[str] | None) -> dict[str, Any]:
+    """The ``-o`` arguments of ``fs3 mount`` and ``python -m fs3.fuse`` (each ``key=value`` or a bare
+    ``key``, comma-separated lists too) as a dict: a bare key is True; MountOptions.from_dict
+    converts the values."""
+    options: dict[str, Any] = {}
+    for o in args or []:
+        for item in o.split(","):
+            if item:
+                k, eq, v = item.partition("=")
+                options[k.strip()] = v.strip() if eq else True
+    return options
 
 
 def _convert(key: str, value: Any, typ: type) -> Any:

@@ -60,16 +60,12 @@ class ReadAhead:
         self._free: list[_Buf] = []
         self.next_off = 0
         self.gen = 0
-        self.stats = {"hits": 0, "misses": 0, "prefetched": 0, "direct": 0}
 
     def invalidate(self) -> None:
         for i in list(self.chunks):
             self._drop(i)
         self.pending.clear()
         self.gen += 1
-
-    def cached_bytes(self) -> int:
-        return sum(v.nbytes for v, _b in self.chunks.values())
 
     def _drop(self, i: int) -> None:
         _mv, b = self.chunks.pop(i)
@@ -92,7 +88,6 @@ class ReadAhead:
         sequential = off == self.next_off or off // self.cs in self.chunks or off // self.cs in self.pending
         self.next_off = end
         if not sequential or not self.window:
-            self.stats["direct"] += 1
             buf = await self.fetch(off, end - off, size, None)
             return memoryview(buf)
         cs = self.cs
@@ -121,7 +116,7 @@ class ReadAhead:
                 parts.append(hit[0][max(off, i * cs) - i * cs:min(end, (i + 1) * cs) - i * cs])
             else:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
-        self.stats["direct"] += 1  # chunks dropped again and again under us: read the range itself
+        # chunks dropped again and again under us: read the range itself
         return memoryview(await self.fetch(off, end - off, size, None))
 
     def _covers(self, i: int, mv: memoryview, end: int) -> bool:
@@ -182,7 +177,6 @@ class ReadAhead:
                     b.refs += 1
             if not b.refs:
                 self._release(b)
-            self.stats["prefetched"] += count
         finally:
             f.done.set()
             if isinstance(f.error, trio.Cancelled):
@@ -193,11 +187,9 @@ class ReadAhead:
         by the time the caller runs (see the note in :meth:`read`)."""
         hit = self.chunks.get(i)
         if hit is not None and self._covers(i, hit[0], end):
-            self.stats["hits"] += 1
             return
         f = self.pending.get(i)
         if f is None:
-            self.stats["misses"] += 1
             self._ensure(i, i, size, need_end=end)
             f = self.pending[i]
         await f.done.wait()
