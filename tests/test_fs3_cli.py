@@ -9,11 +9,12 @@ import random
 from pathlib import Path
 
 import pytest
+from _fs3 import fs3_serving
 from _waits import wait_until
 from typer.testing import CliRunner
 
 from fs3.cli import app
-from network import ClusterFileError, RpcClient, find_cluster
+from network import ClusterFileError, find_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ["fs3.mgmtd", "fs3.storage", "fs3.meta"]
@@ -65,12 +66,7 @@ def cluster(tmp_path_factory):
                                                                  "chunk_size": CS, "gc_delay": 0.0})
     lc = LocalCluster(path, tmp / "run", ports="auto", services=SERVICES).up()
     try:
-        def settled() -> bool:
-            with RpcClient(*lc.cluster.endpoint("fs3.mgmtd"), credential=lc.credential, timeout=5) as c:
-                st = c.call("mgmtd.status").result
-            return len(st["nodes"]) == 3 and all(s == "serving" for ch in st["chains"].values()
-                                                  for _t, s in ch["members"])
-        wait_until(settled, 30, "every storage server registered and serving")
+        wait_until(lambda: fs3_serving(lc), 30, "every storage server registered and serving")
         yield lc
     finally:
         lc.down()

@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from _fs3 import fs3_serving
 from _waits import wait_until
 from typer.testing import CliRunner
 
@@ -65,11 +66,6 @@ def _settled(lc) -> bool:
             if c.call("storage.stats").result["routing_version"] != st["version"]:
                 return False
     return True
-
-
-def _all_serving(lc) -> bool:
-    st = _mgmtd_status(lc)
-    return all(s == "serving" for c in st["chains"].values() for _t, s in c["members"])
 
 
 def _targets_of(lc, node: str) -> list[int]:
@@ -211,7 +207,7 @@ def test_kill9_storage_during_writes_then_resync(fs3):
         for c, k in doomed:
             assert client.remove(c, k)
         lc.start("fs3.storage", "n2")
-        wait_until(lambda: _all_serving(lc), 60, "n2 resynced and serving again")
+        wait_until(lambda: fs3_serving(lc), 60, "n2 resynced and serving again")
         n_at_back = len(acked)
         wait_until(lambda: len(acked) >= n_at_back + 10, 30, "writes after the resync")
     finally:
@@ -459,7 +455,7 @@ def test_server_cut_off_from_mgmtd_stops_serving_before_its_chains_move_on(fs3, 
         via_link.write_text(dump_cluster(raw))
         lc.kill("fs3.storage", "n3")
         lc.start("fs3.storage", "n3", cluster_file=via_link)
-        wait_until(lambda: _all_serving(lc) and _settled(lc), 60, "n3 (through the link) back in service")
+        wait_until(lambda: fs3_serving(lc) and _settled(lc), 60, "n3 (through the link) back in service")
         chain = client.chains()[0]
         client.write(chain, 7, b"old bytes")
         st = _mgmtd_status(lc)
@@ -480,7 +476,7 @@ def test_server_cut_off_from_mgmtd_stops_serving_before_its_chains_move_on(fs3, 
             assert c.call("storage.stats").result["lease_expired"] == 1
 
         link.mend()  # back in contact: resynced, then serving the new bytes
-        wait_until(lambda: _all_serving(lc), 60, "n3 resynced and serving again")
+        wait_until(lambda: fs3_serving(lc), 60, "n3 resynced and serving again")
         wait_until(lambda: _replica_read(lc, "n3", chain, 7) == b"new bytes", 30, "n3 serving the new bytes")
     finally:
         link.close()
@@ -534,7 +530,7 @@ def test_stale_routing_client_recovers(fs3):
         # a storage server restarts (new incarnation): every chain is reconfigured
         lc.kill("fs3.storage", "n3")
         lc.start("fs3.storage", "n3")
-        wait_until(lambda: _all_serving(lc) and _mgmtd_status(lc)["chains"][str(chains[0])]["version"] > cv_stale,
+        wait_until(lambda: fs3_serving(lc) and _mgmtd_status(lc)["chains"][str(chains[0])]["version"] > cv_stale,
               60, "n3 back in service")
         assert stale.routing.version == v_stale  # still the old table
         refreshes = stale.stats["routing_refreshes"]
@@ -596,7 +592,7 @@ def _mgmtd_restart_keeps_state(lc, client):
     # the cluster still works on the persisted table, and n1 rejoins through a resync
     assert bytes(client.read(chains[1], 42)) == payload
     lc.start("fs3.storage", "n1")
-    wait_until(lambda: _all_serving(lc), 60, "n1 back in service")
+    wait_until(lambda: fs3_serving(lc), 60, "n1 back in service")
     assert _replica_read(lc, "n1", chains[1], 42) == payload
     assert _replica_read(lc, "n1", chains[2], 43) == b"written while mgmtd was down"
 
@@ -733,7 +729,7 @@ def test_all_replicas_down_lastsrv_restores_the_chain(fs3):
         assert (mine, sorted(others)) in (("serving", ["offline", "offline"]), ("waiting", ["lastsrv", "offline"]))
     lc.start("fs3.storage", "n2")
     lc.start("fs3.storage", "n3")
-    wait_until(lambda: _all_serving(lc), 60, "every chain restored from its lastsrv replica")
+    wait_until(lambda: fs3_serving(lc), 60, "every chain restored from its lastsrv replica")
     got = client.batch_read([ReadIO(c, k) for c, k in data])
     assert all(bytes(v) == data[key] for key, v in zip(data, got, strict=True))
     for node in ("n1", "n2", "n3"):

@@ -9,10 +9,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+from _fs3 import fs3_serving
 from _waits import wait_until
 
 from fs3.formats import ChecksumError, FileReader, FileWriter, write_samples
-from network import RpcClient
 
 torch = pytest.importorskip("torch")
 
@@ -29,13 +29,6 @@ def _cluster_file(tmp: Path) -> Path:
         "gc_delay": 0.0, "targets_per_node": 2})
 
 
-def _serving(lc) -> bool:
-    with RpcClient(*lc.cluster.endpoint("fs3.mgmtd"), credential=lc.credential, timeout=5) as c:
-        st = c.call("mgmtd.status").result
-    return len(st["nodes"]) == 3 and all(n["alive"] for n in st["nodes"].values()) and all(
-        s == "serving" for c in st["chains"].values() for _t, s in c["members"])
-
-
 @pytest.fixture(scope="module")
 def fs(tmp_path_factory):
     from deploy.local import LocalCluster
@@ -44,7 +37,7 @@ def fs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("formats")
     lc = LocalCluster(_cluster_file(tmp), tmp / "run", ports="auto", services=SERVICES).up()
     try:
-        wait_until(lambda: _serving(lc), 30, "every storage server registered and serving")
+        wait_until(lambda: fs3_serving(lc), 30, "every storage server registered and serving")
         f = FileSystem(lc.cluster_file)
         f.test_cluster_file = lc.cluster_file  # for the demo job's $HAI_CLUSTER_FILE
         try:

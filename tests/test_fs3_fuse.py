@@ -95,6 +95,18 @@ def _meta(cluster):
     return MetaClient(cluster.cluster_file, credential=load_cluster_key(cluster.cluster))
 
 
+def _storage_reads(cluster) -> int:
+    """The chunk reads the storage servers (n1..n3) have served, all together (``storage.stats``)."""
+    from network import RpcClient
+
+    total = 0
+    for node in ("n1", "n2", "n3"):
+        with RpcClient(*cluster.cluster.endpoint("fs3.storage", node), credential=cluster.credential,
+                       timeout=5) as c:
+            total += c.call("storage.stats").result["reads"]
+    return total
+
+
 def _as_user(uid: int, script: str) -> subprocess.CompletedProcess:
     """Run a shell snippet as ``uid`` (gid ``uid``, no supplementary groups)."""
     return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sh", "-c", script],
@@ -374,9 +386,11 @@ def test_page_cache_kept_while_unchanged_dropped_when_changed_elsewhere(mnt, clu
     from network.auth import load_cluster_key
 
     p = mnt / "cached.bin"
-    p.write_bytes(b"A" * 5000)
-    assert p.read_bytes() == b"A" * 5000
-    assert p.read_bytes() == b"A" * 5000  # (kept: nothing changed)
+    p.write_bytes(b"A" * 5000)  # one chunk: the mount's read-ahead stops at the file's end
+    assert p.read_bytes() == b"A" * 5000  # read once in full: now cached
+    reads = _storage_reads(cluster)
+    assert p.read_bytes() == b"A" * 5000  # kept: nothing changed, so no storage server is asked
+    assert _storage_reads(cluster) == reads
     # another client rewrites and extends the file behind the mount's back
     meta = _meta(cluster)
     r = meta.open(path="/cached.bin", write=True, session=True)
@@ -389,7 +403,9 @@ def test_page_cache_kept_while_unchanged_dropped_when_changed_elsewhere(mnt, clu
             fd.close()
     meta.close(a.ino, r["session"], wrote=True, length=7000, mtime=time.time_ns())
     meta.shutdown()
+    reads = _storage_reads(cluster)  # after the other client's write (which may read to merge)
     assert p.read_bytes() == b"B" * 7000  # the next open sees the new bytes and size
+    assert _storage_reads(cluster) > reads  # ... read from the storage servers, not the dropped cache
 
 
 # -- failures ---------------------------------------------------------------------------------------------
@@ -514,7 +530,6 @@ def _foreground_mount(cluster, mp: Path, log: Path) -> subprocess.Popen:
 @pytest.mark.fuse
 @_needs_mount
 def test_unmount_on_sigterm_and_with_fs3_umount(cluster, tmp_path):
-    from fs3.fuse import unmount
     from fs3.fuse.options import is_mounted
 
     mp = tmp_path / "m2"
@@ -533,11 +548,8 @@ def test_unmount_on_sigterm_and_with_fs3_umount(cluster, tmp_path):
 
     from fs3.cli import app
 
-    if any("umount" in (c.name, getattr(c.callback, "__name__", "")) for c in app.registered_commands):
-        r = CliRunner().invoke(app, ["umount", str(mp)])
-        assert r.exit_code == 0, r.output
-    else:
-        unmount(mp)
+    r = CliRunner().invoke(app, ["umount", str(mp)])
+    assert r.exit_code == 0, r.output
     assert proc.wait(30) == 0
     assert not is_mounted(mp)
 

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _fs3 import fs3_serving
 from _waits import wait_until
 from test_fs3_cluster import (  # the fs3 fixture and the helpers of the cluster tests
-    _all_serving,
     _chunk_files,
     _direct,
     _faults,
@@ -273,7 +273,7 @@ def test_frozen_storage_node_stalls_reads_and_writes_only_briefly(fs3):  # noqa:
     for _ in range(3):
         for (key, want), view in zip(new.items(), client.batch_read([ReadIO(c, k) for c, k in new]), strict=True):
             assert bytes(view) == want, key
-    wait_until(lambda: _all_serving(lc), 60, "n3 resynced and serving again")
+    wait_until(lambda: fs3_serving(lc), 60, "n3 resynced and serving again")
     for (c, k), want in new.items():
         assert _replica_read(lc, "n3", c, k) == want, (c, k)
     for c in chains[:3]:

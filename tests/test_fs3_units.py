@@ -9,6 +9,7 @@ import time
 from itertools import combinations
 
 import pytest
+from _waits import wait_until
 
 from fs3.chaintable import generate_chain_table
 from fs3.chunkstore import HEADER_SIZE, ChunkStore
@@ -212,7 +213,6 @@ def test_resync_waits_for_writes_admitted_at_an_older_chain_version(tmp_path):
     """A write that passed its chain-version check before the version with a syncing successor
     arrived may still create a chunk: the resync starts only after such writes are done."""
     import threading
-    import time
 
     from fs3.storage import StorageServer
     from network import new_cluster_key
@@ -275,13 +275,6 @@ def test_storage_handlers_refuse_malformed_requests_with_invalid_request(tmp_pat
 
 
 # -- coalesced routing refreshes ------------------------------------------------------------------
-def _until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def _first_call_held(gate: threading.Event, error: Exception | None = None):
     """A fetch returning 1, 2, 3, ...; its first call waits for ``gate`` (then raises ``error``)."""
     count = itertools.count(1)
@@ -307,11 +300,11 @@ def test_single_flight_serves_a_burst_with_one_fresh_call():
 
     first = threading.Thread(target=call, args=(0,))
     first.start()
-    _until(lambda: sf.calls == 1)
+    wait_until(lambda: sf.calls == 1, 10, "the first call running", poll=0.005)
     burst = [threading.Thread(target=call, args=(i,)) for i in range(1, 16)]
     for t in burst:
         t.start()
-    _until(lambda: sf.waiting == 15)  # all 15 arrived while call 1 runs
+    wait_until(lambda: sf.waiting == 15, 10, "all 15 callers waiting", poll=0.005)  # all 15 arrived while call 1 runs
     gate.set()
     for t in [first, *burst]:
         t.join(10)
@@ -335,10 +328,10 @@ def test_single_flight_failed_call_and_timeout():
 
     t1 = threading.Thread(target=first)
     t1.start()
-    _until(lambda: sf.calls == 1)
+    wait_until(lambda: sf.calls == 1, 10, "the first (failing) call running", poll=0.005)
     t2 = threading.Thread(target=lambda: got.append(sf()))
     t2.start()
-    _until(lambda: sf.waiting == 1)
+    wait_until(lambda: sf.waiting == 1, 10, "the second caller waiting", poll=0.005)
     gate.set()
     t1.join(10)
     t2.join(10)
@@ -349,7 +342,7 @@ def test_single_flight_failed_call_and_timeout():
     slow = SingleFlight(lambda: hold.wait(10), timeout=0.2)
     t3 = threading.Thread(target=slow)
     t3.start()
-    _until(lambda: slow.calls == 1)
+    wait_until(lambda: slow.calls == 1, 10, "the slow call running", poll=0.005)
     with pytest.raises(TimeoutError, match="did not end within 0.2 s"):
         slow()
     hold.set()

@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+from _waits import wait_until
 
 from network import (
     FileRegion,
@@ -207,17 +208,14 @@ def test_reply_with_file_regions_runs_done_after_sending(tmp_path):
             assert bytes(r.payload) == b"<" + path.read_bytes()[1000:1000 + (1 << 20)] + b">"
             # done runs once the reply is sent, which the client can see before the server's
             # thread gets there: wait for it (bounded)
-            deadline = time.monotonic() + 5
-            while not closed and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: closed, 5, "done (closing the file) after the first reply", poll=0.01)
             assert len(closed) == 1
             # a region past the end of the file: the call fails, the file is still closed, the
             # client reconnects for the next call
             with pytest.raises(TransportError):
                 c.call("read", {"off": 1 << 21, "n": 10}, timeout=5)
-            deadline = time.monotonic() + 5  # the server closes the connection, then runs done
-            while len(closed) < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            # the server closes the connection, then runs done
+            wait_until(lambda: len(closed) >= 2, 5, "done (closing the file) after the failed reply", poll=0.01)
             assert len(closed) == 2
             assert bytes(c.call("read", {"off": 0, "n": 3}).payload) == b"<\x00\x01\x02>"
     finally:
