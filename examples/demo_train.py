@@ -18,9 +18,6 @@ Files are reached through the fs3 Python client (``fs3.FileSystem`` on ``$HAI_CL
 through a FUSE mount of fs3 when ``--mount DIR`` (or ``$FS3_MOUNT``) names one. ``prepare_fs3``
 (called by the demo before it submits the job) writes the dataset and makes the checkpoint
 directory, world-writable and sticky like /tmp: the job runs as the researcher's account.
-
-Until the demo calls ``prepare_fs3``, a job that finds no dataset falls back to the "blob" of the
-previous demo (``blob_write``/``blob_read``: chunks of inode ``DATA_INODE`` on the chains).
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import argparse
 import io
 import os
 import signal
-import struct
 import sys
 import time
 from pathlib import Path
@@ -41,43 +37,6 @@ import numpy as np  # noqa: E402
 DATA_PATH = "/demo/train"
 CKPT_DIR = "/demo/ckpt"
 FEATURES = 32
-_HDR = struct.Struct("<8sQ")
-_MAGIC = b"FFBLOB01"
-DATA_INODE = 1001
-CKPT_INODE = 2001
-
-
-def blob_write(client, inode: int, data: bytes) -> None:
-    """Store ``data`` as blob ``inode`` (chunks striped over the chains, header last)."""
-    from fs3.client import WriteIO, file_chunk_id
-
-    chains, cs = client.chains(), client.chunk_size
-    ios = [WriteIO(chains[(inode + i) % len(chains)], file_chunk_id(inode, i), data[(i - 1) * cs: i * cs])
-           for i in range(1, (len(data) + cs - 1) // cs + 1)]
-    client.batch_write(ios)
-    # the header goes last: a reader never sees a length whose chunks are not all written
-    client.write(chains[inode % len(chains)], file_chunk_id(inode, 0), _HDR.pack(_MAGIC, len(data)))
-
-
-def blob_read(client, inode: int) -> bytes | None:
-    """Blob ``inode``'s bytes, or None when it does not exist."""
-    from fs3.client import ReadIO, file_chunk_id
-    from fs3.errors import ChunkNotFound
-
-    chains, cs = client.chains(), client.chunk_size
-    try:
-        hdr = bytes(client.read(chains[inode % len(chains)], file_chunk_id(inode, 0)))
-    except ChunkNotFound:
-        return None
-    magic, length = _HDR.unpack(hdr[: _HDR.size])
-    if magic != _MAGIC:
-        raise ValueError(f"blob {inode}: bad header")
-    out = bytearray(length)
-    ios = [ReadIO(chains[(inode + i) % len(chains)], file_chunk_id(inode, i),
-                  into=memoryview(out)[(i - 1) * cs: min(i * cs, length)])
-           for i in range(1, (length + cs - 1) // cs + 1)]
-    client.batch_read(ios)
-    return bytes(out)
 
 
 def make_dataset(n: int = 4096, d: int = 32, seed: int = 0) -> bytes:
@@ -117,70 +76,46 @@ def decode(sample: bytes) -> np.ndarray:
 
 
 class JobData:
-    """Where the job's data and checkpoints live: the FFRecord dataset and ``fs3.checkpoint`` (or,
-    when the dataset is not there, the previous demo's blobs)."""
+    """Where the job's data and checkpoints live: the FFRecord dataset and ``fs3.checkpoint``."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        from fs3.formats.torch import FFRecordDataset
+
         self.mount = args.mount
-        self.fs = self.client = None
+        self.fs = None
         if self.mount:
             self.data, self.ckpt = self.mount.rstrip("/") + args.data, self.mount.rstrip("/") + args.ckpt
-            self.legacy = not os.path.exists(self.data)
         else:
             from fs3.client.files import FileSystem
 
             self.fs = FileSystem(os.environ["HAI_CLUSTER_FILE"])
             self.data, self.ckpt = args.data, args.ckpt
-            self.legacy = not self.fs.exists(self.data)
         self.pending = None  # the checkpoint save in flight
-        if self.legacy:
-            from fs3.client import ChunkClient
-
-            self.client = ChunkClient.from_cluster(os.environ["HAI_CLUSTER_FILE"], os.environ.get("HAI_NODE_NAME"))
-            arr = np.load(io.BytesIO(blob_read(self.client, DATA_INODE)))
-            self.rows = np.concatenate([arr["x"], arr["y"]], axis=1).astype(np.float32)
-            self.where = f"the fs3 blob {DATA_INODE} (no FFRecord dataset at {self.data})"
-        else:
-            from fs3.formats.torch import FFRecordDataset
-
-            self.ds = FFRecordDataset(self.data, fs=self.fs, transform=decode)
-            self.where = f"the FFRecord dataset {self.data} on fs3 ({len(self.ds.reader.paths)} files)"
+        self.ds = FFRecordDataset(self.data, fs=self.fs, transform=decode)
+        self.where = f"the FFRecord dataset {self.data} on fs3 ({len(self.ds.reader.paths)} files)"
 
     def __len__(self) -> int:
-        return len(self.rows) if self.legacy else len(self.ds)
+        return len(self.ds)
 
     def batch(self, indices: list[int]) -> np.ndarray:
         """Rows (features + target) of ``indices``: one batched read from fs3."""
-        if self.legacy:
-            return self.rows[indices]
         return np.stack(self.ds[indices]) if indices else np.empty((0, FEATURES + 1), np.float32)
 
     def load(self) -> dict | None:
+        """The last checkpoint, or None when there is none yet."""
         from fs3 import checkpoint
 
-        if self.legacy:
-            import torch
-
-            blob = blob_read(self.client, CKPT_INODE)
-            return None if blob is None else torch.load(io.BytesIO(blob), weights_only=True)
-        exists = os.path.exists(self.ckpt) if self.mount else self.fs.exists(self.ckpt)
-        return checkpoint.load(self.ckpt, fs=self.fs) if exists else None
+        try:
+            return checkpoint.load(self.ckpt, fs=self.fs)
+        except FileNotFoundError:
+            return None
 
     def save(self, state: dict, wait: bool) -> None:
         """Start a checkpoint (the loop goes on while it is written); ``wait``: until it is on fs3."""
         from fs3 import checkpoint
 
-        step = state["step"]
-        if self.legacy:
-            import torch
-
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            blob_write(self.client, CKPT_INODE, buf.getvalue())
-            print(f"step {step}: checkpoint saved to fs3 ({buf.tell()} bytes)", flush=True)
-            return
         self.poll(wait=True)
-        self.pending = (step, checkpoint.save(state, self.ckpt, fs=self.fs))
+        self.pending = (state["step"], checkpoint.save(state, self.ckpt, fs=self.fs))
         self.poll(wait=wait)
 
     def poll(self, wait: bool = False) -> None:
@@ -195,9 +130,8 @@ class JobData:
 
     def close(self) -> None:
         self.poll(wait=True)
-        for c in (self.client, self.fs):
-            if c is not None:
-                c.close()
+        if self.fs is not None:
+            self.fs.close()
 
 
 def main() -> int:

@@ -155,12 +155,3 @@ def test_the_demo_job_reads_ffrecord_and_resumes_from_its_fs3_checkpoint(fs):
     assert fs.exists("/demo/ckpt/chain-77")
     out = run(15)
     assert "resumed from the fs3 checkpoint at step 10" in out and "done: 15 steps" in out
-
-    # a demo that still writes the previous blob (no FFRecord dataset): the job falls back to it
-    from examples.demo_train import DATA_INODE, blob_write, make_dataset
-    from fs3.client import ChunkClient
-
-    with ChunkClient.from_cluster(fs.test_cluster_file) as client:
-        blob_write(client, DATA_INODE, make_dataset())
-    out = run(6, "--data", "/no-such-dataset")
-    assert f"from the fs3 blob {DATA_INODE}" in out and "step 5: checkpoint saved to fs3" in out
