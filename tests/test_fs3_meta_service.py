@@ -155,6 +155,7 @@ def test_sessions_not_renewed_are_pruned_with_exact_lengths(cluster, meta):
     # a renewed session stays
     r2 = meta.create("/alive", 0o644)
     time.sleep(4.5)
+    assert meta.renew() == 1  # still there after more than session_ttl: the thread renewed it
     assert meta.sync(r2["attrs"].ino, r2["session"], wrote=True, length=7).size == 7
 
 

@@ -18,7 +18,6 @@ every ``session_ttl / 3`` (one ``meta.renew`` for all of them); ``close()`` stop
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import socket
@@ -77,17 +76,6 @@ class Attrs:
         return cls(d["ino"], d["type"], d["mode"], d["uid"], d["gid"], d["nlink"], d["size"], d["atime"], d["mtime"],
                    d["ctime"], d.get("target"), d.get("parent"), d.get("layout"))
 
-    def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("ino", "type", "mode", "uid", "gid", "nlink", "size", "atime", "mtime",
-                                           "ctime")}
-        if self.type == "file":
-            d["layout"] = self.layout
-        elif self.type == "symlink":
-            d["target"] = self.target
-        else:
-            d["parent"] = self.parent
-        return d
-
     @property
     def is_dir(self) -> bool:
         return self.type == "dir"
@@ -118,12 +106,6 @@ class Attrs:
                                self.atime / ns, self.mtime / ns, self.ctime / ns,
                                self.atime, self.mtime, self.ctime))
 
-    def to_stat_dict(self) -> dict:
-        """The attributes as ``st_*`` keys (what a FUSE getattr returns)."""
-        return {"st_ino": self.ino, "st_mode": self.st_mode, "st_nlink": self.nlink, "st_uid": self.uid,
-                "st_gid": self.gid, "st_size": self.size, "st_atime_ns": self.atime, "st_mtime_ns": self.mtime,
-                "st_ctime_ns": self.ctime, "st_blocks": self.blocks, "st_blksize": (self.layout or {}).get(
-                    "chunk_size", 1 << 20)}
 
 
 def field(obj: Any, key: str, default: Any = None) -> Any:
@@ -185,9 +167,7 @@ class MetaClient:
         self._pools = [RpcPool(h, p, size=pool_size, credential=credential, timeout=call_timeout,
                                connect_timeout=min(3.0, call_timeout), traffic_class=TrafficClass.OTHER)
                        for h, p in endpoints]
-        self._rr = itertools.count()
         self._preferred = 0
-        self._sessions = 0  # sessions opened (the renew thread starts with the first)
         self._renew_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -359,7 +339,6 @@ class MetaClient:
         if sid is None:
             return
         with self._lock:
-            self._sessions += 1
             if self._renew_thread is None:
                 self._renew_thread = threading.Thread(target=self._renew_loop, name="fs3-meta-renew", daemon=True)
                 self._renew_thread.start()
