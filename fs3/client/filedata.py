@@ -197,12 +197,11 @@ class FileData:
         return ios, spans
 
     # -- writes --------------------------------------------------------------------------------------
-    def write(self, ino: int, layout, offset: int, data, size_hint: int | None = None) -> int:
+    def write(self, ino: int, layout, offset: int, data) -> int:
         """Write ``data`` at ``offset``; returns the end of the write (``offset + len(data)``).
 
         Whole chunks go in parallel batches over the chains; a partial chunk merges with the
-        chunk's existing bytes. ``size_hint`` (the file size the caller knows) is accepted for
-        the mount's sake and not needed: merging is always safe."""
+        chunk's existing bytes."""
         if offset < 0:
             raise ValueError(f"write of inode {ino}: negative offset {offset}")
         mv = as_bytes(data)

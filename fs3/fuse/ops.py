@@ -608,7 +608,7 @@ class Fs3Operations(pyfuse3.Operations):
             for off, data in extents:
                 self.stats["data_writes"] += 1
                 await self._run(f"write of inode {node.ino} [{off}, +{len(data)})", self.data.write, node.ino,
-                                node.layout, off, data, node.known_size)
+                                node.layout, off, data)
         except pyfuse3.FUSEError as exc:
             node.error = node.error or exc
         finally:
