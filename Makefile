@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-EXTRAS ?= dev,torch,mpi,postgres,fuse
+EXTRAS ?= dev,torch,mpi,postgres,fuse,sim
 # Reinstall when the packaging or a C source changes.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py $(wildcard */*.c */*/*.c) 2>/dev/null | md5sum | cut -c1-10)
 PYTEST_ARGS ?=

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import StrEnum, nonmember
 
-__all__ = ["JobStatus", "RankStatus", "NodeState", "Desired", "StopCode", "PRIORITIES"]
+__all__ = ["JobStatus", "RankStatus", "NodeState", "Desired", "StopCode", "PRIORITIES", "AUTO"]
 
 
 class JobStatus(StrEnum):
@@ -79,13 +79,16 @@ class StopCode:
 
     NONE = 0
     STOP = 1
-    INTERRUPT = 16        # suspended: the chain is re-queued
+    INTERRUPT = 16        # suspended or preempted (or its node was lost): the chain is re-queued
+    TIMEOUT = 64          # the chain's wall-clock limit (``--time``) was reached
     FAILED = 128          # a rank exited non-zero
     INIT_FAILED = 256     # a rank could not be started
     NODE_LOST = 512       # a node of the job stopped heartbeating
     MANUAL_STOP = 1024    # a user or an admin stopped it
+    HUNG = 2048           # no output from any rank for its watchdog time
 
-    NAMES = {1: "stop", 16: "interrupt", 128: "failed", 256: "init_failed", 512: "node_lost", 1024: "manual_stop"}
+    NAMES = {1: "stop", 16: "interrupt", 64: "timeout", 128: "failed", 256: "init_failed", 512: "node_lost",
+             1024: "manual_stop", 2048: "hung"}
 
     @classmethod
     def describe(cls, code: int) -> str:
@@ -95,3 +98,7 @@ class StopCode:
 #: Priority levels (as in the reference); higher runs first.
 PRIORITIES = {"extreme_high": 50, "very_high": 40, "high": 30, "above_normal": 20, "normal": 10,
               "under_normal": 8, "below_normal": 5, "low": 0}
+
+#: A submission's priority "auto": each time the job is queued, the policy picks the highest level
+#: at which its user (or group) still has quota (NORMAL when no per-priority quota applies).
+AUTO = -1
