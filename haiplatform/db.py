@@ -9,7 +9,9 @@ Tables (one concept each, see docs/haiplatform.md):
 - ``nodes``: what each agent registered (facts), its health and whether an admin drained it.
 - ``jobs``: one row per *attempt*. A resumed job is a new row with the same ``chain_id`` and
   ``first_id`` (the id of the chain's first attempt) and ``restart_count + 1``; the queue orders
-  by ``first_id``, so a resumed job keeps its place.
+  by ``first_id``, so a resumed job keeps its place. The time-sharing columns (``submitted_priority``,
+  ``time_limit``, ``grace``, ``watchdog``, ``chain_run_s``, ``submitted_at``) are copied to each
+  new attempt; ``priority`` is the effective level the policy sets (AUTO resolved, demotion).
 - ``ranks``: one row per process of an attempt (rank, node, status, exit code).
 - ``events``: an append-only log of what happened (submitted, started, node lost...).
 
@@ -56,7 +58,7 @@ __all__ = ["Base", "User", "Group", "Quota", "NodeRow", "Job", "Rank", "Event", 
            "migrate", "HEAD_REVISION", "JobStatus", "RankStatus", "NodeState", "Desired", "StopCode",
            "PRIORITIES"]
 
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 
 def hash_token(token: str) -> str:
@@ -139,6 +141,18 @@ class Job(Base):
     scheduled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # time-sharing (migration 0002): what the user asked (AUTO: -1; ``priority`` is the effective
+    # level the policy sets), the chain's limits, and what the agents report of its activity
+    submitted_priority: Mapped[int] = mapped_column(Integer, default=10)
+    submitted_at: Mapped[float] = mapped_column(Float, default=0.0)     # the chain's first submission
+    time_limit: Mapped[float] = mapped_column(Float, default=0.0)       # the chain's run time limit; 0: none
+    grace: Mapped[float] = mapped_column(Float, default=0.0)            # finish time after a suspend; 0: default
+    watchdog: Mapped[float] = mapped_column(Float, default=0.0)         # no output this long -> hung; 0: off
+    chain_run_s: Mapped[float] = mapped_column(Float, default=0.0)      # run time of the earlier attempts
+    last_output: Mapped[float] = mapped_column(Float, default=0.0)      # newest output of any rank (ts)
+    last_checkpoint: Mapped[float] = mapped_column(Float, default=0.0)  # newest reported checkpoint (ts)
+    suspend_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    suspend_acked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Rank(Base):
