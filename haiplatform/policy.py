@@ -34,19 +34,22 @@ blocking: their owner's quota, not the cluster, holds them back.
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from .states import Desired, JobStatus, NodeState, RankStatus, StopCode
+from .states import AUTO, PRIORITIES, Desired, JobStatus, NodeState, RankStatus, StopCode
 
 __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyConfig", "Decision", "MarkNode",
            "MarkRunning", "StartJob", "StopJob", "CancelJob", "FinishJob", "SetReason", "MarkRanksLost",
+           "SetPriority", "DrainNode", "PROFILES", "queue_position", "never_fits",
            "decide", "plan", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout",
            "Code", "Status", "CycleState", "QueueSortPlugin", "FilterPlugin", "ScorePlugin", "Profile",
-           "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "DEFAULT_PROFILE"]
+           "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "RandomScore", "DEFAULT_PROFILE",
+           "REFERENCE_FIFO"]
 
 
 #: the reason of an attempt waiting for free nodes (also the reason a new submission starts with)
@@ -90,6 +93,16 @@ class JobView:
     assigned_nodes: tuple[str, ...] = ()
     ranks: tuple[RankView, ...] = ()
     reason: str = ""
+    submitted_priority: int = 10      # what the user asked; AUTO (-1) for "auto"
+    created_at: float = 0.0           # this attempt's creation (its queue entry)
+    submitted_at: float = 0.0         # the chain's first submission
+    started_at: float | None = None   # this attempt started (scheduled_at); None while queued
+    chain_run_s: float = 0.0          # run time of the chain's earlier attempts
+    time_limit: float = 0.0           # the chain's total run time limit, 0 = none
+    watchdog: float = 0.0             # no output for this long -> hung; 0 = off
+    last_output: float = 0.0          # newest output of any rank (ts), 0 = none
+    last_checkpoint: float = 0.0      # newest reported checkpoint (ts), 0 = never
+    restart_count: int = 0
 
     @property
     def rank_key(self) -> int:
@@ -114,6 +127,12 @@ class Snapshot:
 @dataclass(frozen=True)
 class PolicyConfig:
     heartbeat_timeout: float = 10.0
+    min_run_time: float = 300.0       # a running attempt is not preempted before it ran this long
+    demote_after: float = 1800.0      # ABOVE_NORMAL -> NORMAL after this much chain run time
+    max_node_requeues: int = 10       # a lost node re-queues the attempt while restart_count < this
+    reservations: int = 16            # how many blocked attempts get a backfill reservation
+    cross_zone_jobs: int = 1          # running attempts that may span zones at a time
+    seed: int = 0                     # reference-fifo's random node choice
 
 
 # -- the decisions --------------------------------------------------------------------------------
@@ -146,6 +165,7 @@ class StartJob(Decision):
     job_id: int
     nodes: tuple[str, ...]
     ranks: tuple[tuple[int, str, int], ...]   # (rank, node, local_rank)
+    priority: int | None = None               # the effective level it starts at (AUTO resolved)
 
 
 @dataclass(frozen=True)
@@ -176,6 +196,23 @@ class FinishJob(Decision):
 class SetReason(Decision):
     job_id: int
     reason: str
+
+
+@dataclass(frozen=True)
+class SetPriority(Decision):
+    """The effective level of a queued or running attempt changes (AUTO resolution, demotion)."""
+
+    job_id: int
+    priority: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DrainNode(Decision):
+    """Drain a node (one lost under a running attempt), so nothing new is placed on it."""
+
+    node: str
+    reason: str = ""
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -369,6 +406,8 @@ class CycleState:
     free: list[NodeView]                 # ready nodes not taken yet
     usage: dict = field(default_factory=dict)  # (quota subject, priority) -> nodes charged
     blocked: bool = False                # an attempt ahead could not get nodes (strict order)
+    cfg: PolicyConfig = field(default_factory=PolicyConfig)
+    rng: random.Random = field(default_factory=random.Random)  # seeded from cfg.seed by plan()
 
 
 class QueueSortPlugin(Protocol):
@@ -441,7 +480,53 @@ class Profile:
     score: ScorePlugin
 
 
+@dataclass(frozen=True)
+class RandomScore:
+    """The reference matcher's placement: random free nodes (seeded by ``PolicyConfig.seed``), no topology."""
+
+    name: str = "random"
+
+    def place(self, job: JobView, cs: CycleState) -> tuple[Status, tuple[str, ...] | None]:
+        if len(cs.free) < job.nodes:
+            return Status(Code.WAIT, WAITING), None
+        return SUCCESS, tuple(sorted(n.name for n in cs.rng.sample(cs.free, job.nodes)))
+
+
 DEFAULT_PROFILE = Profile("fireflyer", PrioritySort(), (QuotaFilter(), StrictOrder()), TopologyScore())
+REFERENCE_FIFO = Profile("reference-fifo", PrioritySort(), (QuotaFilter(), StrictOrder()), RandomScore())
+#: the policies by name (``[haiplatform] policy`` in the cluster file, ``hai sim --policy``)
+PROFILES: dict[str, Profile] = {p.name: p for p in (DEFAULT_PROFILE, REFERENCE_FIFO)}
+
+
+def queue_position(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEFAULT_PROFILE
+                   ) -> dict[int, int]:
+    """The 1-based place of each queued attempt in the order ``profile`` serves the queue (``hai list``)."""
+    return {j.id: i for i, j in enumerate(profile.queue_sort.sort(snap.jobs), 1)}
+
+
+def never_fits(nodes: int, user: str, group: str | None, priority: int, node_views: Iterable[NodeView],
+               quotas: Iterable[QuotaView]) -> str | None:
+    """Why a submission of ``nodes`` nodes can never run (the API refuses it), or None.
+
+    It never runs when it asks more nodes than the cluster has, or more than a quota that applies to
+    it at every level it could run at (``priority``; for AUTO: the levels of its per-priority quotas
+    and NORMAL)."""
+    total = sum(1 for _ in node_views)
+    if nodes > total:
+        return f"asks {nodes} nodes, the cluster has {total}"
+    subjects = {f"user:{user}"} | ({f"group:{group}"} if group else set())
+    mine = [q for q in quotas if q.subject in subjects]
+    levels = ({q.priority for q in mine if q.priority is not None} | {PRIORITIES["normal"]}) if priority == AUTO \
+        else {priority}
+    whys = []
+    for level in sorted(levels, reverse=True):
+        over = [q for q in mine if (q.priority is None or q.priority == level) and nodes > q.max_nodes]
+        if not over:
+            return None
+        q = min(over, key=lambda q: q.max_nodes)
+        whys.append(f"quota {q.subject}{'' if q.priority is None else f' at priority {q.priority}'} "
+                    f"is {q.max_nodes}")
+    return f"asks {nodes} nodes, " + "; ".join(whys)
 
 
 def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
@@ -467,13 +552,13 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
             held.update(j.assigned_nodes)
             _charge(j, snap.quotas, usage)
     node_views = {n.name: n for n in snap.nodes}
-    cs = CycleState(snap, node_filter(snap.nodes, held, lost), usage)
+    cs = CycleState(snap, node_filter(snap.nodes, held, lost), usage, cfg=cfg, rng=random.Random(cfg.seed))
     for job in profile.queue_sort.sort(snap.jobs):
         status = next((st for f in profile.filters if not (st := f.filter(job, cs)).ok), SUCCESS)
         if status.ok:
             status, chosen = profile.score.place(job, cs)
             if status.ok and chosen is not None:
-                out.append(StartJob(job.id, chosen, rank_layout(job, chosen, node_views)))
+                out.append(StartJob(job.id, chosen, rank_layout(job, chosen, node_views), job.priority))
                 taken = set(chosen)
                 cs.free = [n for n in cs.free if n.name not in taken]
                 _charge(job, snap.quotas, cs.usage)
