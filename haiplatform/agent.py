@@ -8,9 +8,28 @@ of them (``run``, ``stop`` or ``suspend``). The agent reconciles:
 - a rank to run that it has not started: start it as its user's Unix account (``accounts``), in
   its own session and process group; stdout and stderr to ``STATE_DIR/logs/NODE/job-ID/rank-R.log``;
   the job environment below);
-- a rank to stop: SIGTERM to its process group, SIGKILL after ``stop_grace``; for a suspend the
-  agent first writes ``suspend`` into the job's ``HAI_CONTROL`` directory;
+- a rank to stop: SIGTERM to its process group, SIGKILL after ``stop_grace``;
+- a rank to suspend: the suspend protocol below;
 - a process the server no longer lists (its node was declared lost): killed.
+
+[Note: the suspend protocol] A suspend sends no signal at first: a SIGTERM would kill a job that
+does not handle it before it could save. At t0 (the agent sees ``desired = suspend``) it writes
+``$HAI_CONTROL/suspend``, JSON ``{"t": t0, "ack_by": t0 + ack_timeout, "grace": grace}``; the job
+(:mod:`haiplatform.job`) notices it, writes ``suspend_ack``, saves, writes ``suspend_done`` and
+exits. The agent's watch thread (every 0.1 s) then sends SIGTERM to the job's process groups
+on this node at the first of: no ``suspend_ack`` by ``ack_by``; ``suspend_ack`` time + grace;
+``suspend_done`` seen; and SIGKILL one second after the SIGTERM. So from the decision to every
+rank stopped takes at most ack_timeout + grace + ~1 s (plus a sync's latency). ``grace`` and
+``ack_timeout`` come with each rank in the sync answer (the job's own grace, capped by the
+cluster); until the API sends them the cluster's defaults stand.
+
+[Note: activity] The watch thread also reports, per job running here, when its ranks last wrote
+output (the newest mtime of their log files: the agent's own files), the time of the job's last
+``checkpoint`` (the file :func:`haiplatform.job.report_checkpoint` writes) and when it
+acknowledged a suspend: the scheduler's watchdog and its choice of preemption victims (least work
+lost) read them. They are sent when they change, at most every ``ACTIVITY_EVERY`` seconds, in the
+same request as rank reports. What the job writes is read as hostile: never through a link, a
+few bytes at most, finite and no later than now.
 
 Exits are reported at once by a reporter thread. Each process leader gets ``PR_SET_PDEATHSIG``
 (SIGKILL), and the agent records every process group in ``STATE_DIR/agent-NODE.json`` so that a
@@ -190,6 +209,14 @@ def _free_port(address: str) -> int:
         return s.getsockname()[1]
 
 
+#: seconds between two activity reports of the agent (when something changed)
+ACTIVITY_EVERY = 2.0
+#: the watch thread's period: suspend files and stop deadlines are checked this often
+WATCH_EVERY = 0.1
+#: SIGTERM -> SIGKILL at the end of a suspend
+SUSPEND_KILL_AFTER = 1.0
+
+
 @dataclass
 class Proc:
     job_id: int
@@ -198,10 +225,45 @@ class Proc:
     log: Path
     control: Path
     account: Account | None = None
-    stop_sent: float = 0.0
+    stop_sent: float = 0.0     # monotonic time a stop or suspend was decided (0: none)
     desired: str = Desired.RUN
     done: bool = False
+    term_at: float = 0.0       # monotonic time SIGTERM was sent (0: not yet)
+    kill_at: float = 0.0       # monotonic deadline for SIGKILL after the SIGTERM (0: none)
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Suspend:
+    """A suspend in progress for one job on this node (its control directory is shared by its ranks here)."""
+
+    control: Path
+    t0: float                  # wall clock, written into the suspend file
+    ack_by: float              # monotonic: no suspend_ack by then -> SIGTERM
+    grace: float               # seconds after the ack
+    acked_at: float | None = None  # wall clock of the job's suspend_ack (clamped to [t0, now])
+    term_by: float | None = None   # monotonic: SIGTERM then (ack + grace, or now on suspend_done)
+    why: str = ""
+
+
+def _plain_file_mtime(path: Path) -> float | None:
+    """The mtime of a regular file (not a link, not a FIFO) or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_mtime if stat.S_ISREG(st.st_mode) else None
+
+
+def _read_ts(path: Path, now: float) -> float | None:
+    """A timestamp a job wrote (text, a float): None when absent or not a finite time; never later than now."""
+    try:
+        v = float(_read_small(path, 32).strip())
+    except (OSError, ValueError):
+        return None
+    if not (v == v and 0.0 < v < float("inf")):
+        return None
+    return min(v, now)
 
 
 class Agent:
@@ -226,7 +288,12 @@ class Agent:
         self.lock = threading.Lock()
         self._state_lock = threading.Lock()
         self.stopping = threading.Event()
+        self.suspends: dict[int, Suspend] = {}  # job id -> its suspend in progress here
+        self._activity: dict[int, dict] = {}    # job id -> fields not yet sent
+        self._activity_sent: dict[int, dict] = {}
+        self._activity_at = 0.0
         self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
+        self._watcher = threading.Thread(target=self._watch_loop, name="watcher", daemon=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def kill_leftovers(self) -> int:
@@ -290,6 +357,7 @@ class Agent:
                         self.node.name, _whoami())
         self._save_state()
         self._reporter.start()
+        self._watcher.start()
         self.register(stop)
         seq = -1
         # each sync is a heartbeat: poll often enough that a live node is never taken for lost
@@ -310,7 +378,6 @@ class Agent:
             seq = resp["seq"]
             try:
                 self.reconcile(resp["ranks"])
-                self._check_stops()
             except Exception:  # a bug here must not take the node down: log it, keep syncing
                 log.exception("reconciling failed; retrying on the next sync")
                 seq = -1
@@ -356,7 +423,7 @@ class Agent:
                     self.start(w)
             else:
                 if p is not None and not p.done:
-                    self.stop(p, w["desired"])
+                    self.stop(p, w["desired"], work=w)
                 elif p is None and key not in self.finished:  # decided, stopped before it started
                     self.finished.add(key)
                     self.reports.put({"job_id": key[0], "rank": key[1], "status": RankStatus.KILLED, "exit_code": None,
@@ -478,28 +545,139 @@ class Agent:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.popen.pid, sig)
 
-    def stop(self, p: Proc, desired: str, grace: float | None = None) -> None:
+    def stop(self, p: Proc, desired: str, grace: float | None = None, work: dict | None = None) -> None:
+        """Carry out a stop (SIGTERM now, SIGKILL after ``grace``, default ``stop_grace``) or a
+        suspend (see the note on the suspend protocol: the suspend file, no signal yet)."""
         if p.stop_sent:
-            return
+            if not (p.desired == Desired.SUSPEND and desired == Desired.STOP and not p.term_at):
+                return
+            # a stop decided while a suspend is pending: it does not wait for the job any more
         p.desired = desired
+        p.stop_sent = p.stop_sent or time.monotonic()
         if desired == Desired.SUSPEND:
-            try:
-                _write_file(p.control / "suspend", str(time.time()), p.account)
-            except OSError as exc:
-                log.warning("job %s: could not write its suspend signal: %s", p.job_id, exc)
-        p.stop_sent = time.monotonic()
-        p.extra["grace"] = self.cfg.stop_grace if grace is None else grace
+            self._begin_suspend(p, work or {})
+            return
+        self._terminate(p, self.cfg.stop_grace if grace is None else grace)
+
+    def _terminate(self, p: Proc, grace: float) -> None:
+        """SIGTERM to the rank's process group now, SIGKILL after ``grace`` (at once when 0)."""
+        now = time.monotonic()
+        p.term_at = now
+        p.kill_at = now + grace
         self._signal(p, signal.SIGTERM)
-        if p.extra["grace"] == 0.0:
+        if grace <= 0.0:
             self._signal(p, signal.SIGKILL)
 
-    def _check_stops(self) -> None:
-        now = time.monotonic()
+    def _begin_suspend(self, p: Proc, w: dict) -> None:
         with self.lock:
-            late = [p for p in self.procs.values() if p.stop_sent and not p.done
-                    and now - p.stop_sent > p.extra.get("grace", self.cfg.stop_grace)]
+            if p.job_id in self.suspends:  # another rank of the job here: the file is written
+                return
+            ack_timeout = float(w.get("ack_timeout") or getattr(self.cfg, "suspend_ack_timeout", 5.0))
+            grace = float(w.get("grace") or getattr(self.cfg, "suspend_grace", 5.0))
+            grace = min(grace, float(getattr(self.cfg, "max_suspend_grace", 300.0)))
+            t0, mono = time.time(), time.monotonic()
+            sp = Suspend(p.control, t0, mono + ack_timeout, grace)
+            self.suspends[p.job_id] = sp
+        try:
+            _write_file(p.control / "suspend", json.dumps({"t": t0, "ack_by": t0 + ack_timeout, "grace": grace}),
+                        p.account)
+        except OSError as exc:  # the job's directory is its own: a link or a FIFO there is its loss
+            log.warning("job %s: could not write its suspend file (%s); it is stopped at once", p.job_id, exc)
+            sp.term_by, sp.why = mono, "no suspend file"
+
+    def _check_suspends(self, now: float, wall: float) -> list[Proc]:
+        """Advance each suspend in progress; the ranks to SIGTERM now."""
+        due: list[Proc] = []
+        with self.lock:
+            live: dict[int, list[Proc]] = {}
+            for p in self.procs.values():
+                if not p.done and p.popen is not None:
+                    live.setdefault(p.job_id, []).append(p)
+            for jid in [j for j in self.suspends if j not in live]:
+                del self.suspends[jid]  # every rank of it here has ended
+            items = list(self.suspends.items())
+        for jid, sp in items:
+            if sp.acked_at is None:
+                m = _plain_file_mtime(sp.control / "suspend_ack")
+                if m is not None:
+                    sp.acked_at = min(max(m, sp.t0), wall)
+                    self._note_activity(jid, suspend_acked_at=sp.acked_at)
+                    sp.term_by = min(sp.term_by or float("inf"), now + max(0.0, sp.acked_at + sp.grace - wall))
+                    sp.why = sp.why or f"grace of {sp.grace:g} s after its acknowledgement over"
+            if sp.term_by is None or sp.term_by > now:
+                if _plain_file_mtime(sp.control / "suspend_done") is not None:
+                    sp.term_by, sp.why = now, "it is done (suspend_done)"
+                elif sp.acked_at is None and now >= sp.ack_by:
+                    sp.term_by, sp.why = now, "no acknowledgement of the suspend in time"
+            if sp.term_by is not None and now >= sp.term_by:
+                todo = [p for p in live[jid] if not p.term_at]
+                if todo:
+                    log.info("job %s: suspend: SIGTERM to %d rank(s) here (%s)", jid, len(todo), sp.why)
+                due += todo
+        return due
+
+    def _watch_loop(self) -> None:
+        """Suspends and stop deadlines every WATCH_EVERY seconds; activity every ACTIVITY_EVERY."""
+        while not self.stopping.wait(WATCH_EVERY):
+            try:
+                self.watch_once()
+            except Exception:  # a bug here must not stop the watching: log it, go on
+                log.exception("watching the ranks failed")
+
+    def watch_once(self) -> None:
+        now, wall = time.monotonic(), time.time()
+        for p in self._check_suspends(now, wall):
+            self._terminate(p, SUSPEND_KILL_AFTER)
+        with self.lock:
+            late = [p for p in self.procs.values() if p.kill_at and not p.done and now >= p.kill_at]
         for p in late:
             self._signal(p, signal.SIGKILL)
+            p.kill_at = 0.0
+        if now - self._activity_at >= ACTIVITY_EVERY:
+            self._activity_at = now
+            self._scan_activity(wall)
+
+    def _scan_activity(self, wall: float) -> None:
+        """Each running job's newest rank output and last reported checkpoint, sent when changed."""
+        with self.lock:
+            jobs: dict[int, list[Proc]] = {}
+            for p in self.procs.values():
+                if not p.done and p.popen is not None:
+                    jobs.setdefault(p.job_id, []).append(p)
+            for jid in [j for j in self._activity_sent if j not in jobs]:
+                del self._activity_sent[jid]
+        changed = False
+        for jid, ps in jobs.items():
+            out = max((m for m in (_plain_file_mtime(p.log) for p in ps) if m is not None), default=None)
+            ckpt = _read_ts(ps[0].control / "checkpoint", wall)
+            fields = {k: v for k, v in (("last_output", out), ("last_checkpoint", ckpt)) if v is not None}
+            changed |= self._note_activity(jid, wake=False, **fields)
+        if changed:
+            self.reports.put(None)  # wake the reporter: the activity travels with the next request
+
+    def _note_activity(self, job_id: int, wake: bool = True, **fields: float) -> bool:
+        """Queue the fields of ``job_id`` that changed since they were last sent."""
+        with self.lock:
+            sent = self._activity_sent.setdefault(job_id, {})
+            new = {k: v for k, v in fields.items() if sent.get(k) != v}
+            if not new:
+                return False
+            sent.update(new)
+            self._activity.setdefault(job_id, {}).update(new)
+        if wake:
+            self.reports.put(None)
+        return True
+
+    def _take_activity(self) -> dict[str, dict]:
+        with self.lock:
+            act, self._activity = self._activity, {}
+        return {str(k): v for k, v in act.items()}
+
+    def _give_back_activity(self, act: dict[str, dict]) -> None:
+        """A failed report's activity goes back (newer values noted since win)."""
+        with self.lock:
+            for k, v in act.items():
+                self._activity[int(k)] = {**v, **self._activity.get(int(k), {})}
 
     def _wait(self, key: tuple[int, int], p: Proc) -> None:
         rc = p.popen.wait()
@@ -539,7 +717,9 @@ class Agent:
                     pending.append(self.reports.get_nowait())
             except queue.Empty:
                 pass
-            if not pending:
+            pending = [r for r in pending if r is not None]  # None: a wake-up for the activity
+            activity = self._take_activity()
+            if not pending and not activity:
                 if self.stopping.is_set():
                     return
                 continue
@@ -549,12 +729,15 @@ class Agent:
                 prev = merged.get(key)
                 merged[key] = {**rep, "pid": rep.get("pid") or (prev or {}).get("pid")} if prev else rep
             pending = list(merged.values())
+            body = {"node": self.node.name, "epoch": self.epoch, "ranks": pending}
+            if activity:
+                body["activity"] = activity
             try:
-                self.api.request("POST", "/v1/agent/report", json={"node": self.node.name, "epoch": self.epoch,
-                                                                   "ranks": pending}, timeout=10)
+                self.api.request("POST", "/v1/agent/report", json=body, timeout=10)
                 pending = []
             except ApiError as exc:
                 log.warning("report failed (%s); retrying", exc)
+                self._give_back_activity(activity)
                 if self.stopping.is_set():
                     return
                 time.sleep(0.3)
