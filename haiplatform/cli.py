@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from .states import JobStatus, NodeState
+from .states import AUTO, JobStatus, NodeState
 
 app = typer.Typer(help="hai: submit and follow training jobs on a fireflyer cluster.", no_args_is_help=True,
                   add_completion=False)
@@ -204,14 +204,51 @@ def _jobs_table(jobs: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("id", "name", "user", "nodes", "prio", "status", "where / why", "submitted")
+    t = Table("id", "name", "user", "nodes", "prio", "status", "pos", "where / why", "submitted")
     for j in jobs:
         where = ",".join(j["assigned_nodes"]) if j["assigned_nodes"] else j["reason"]
         st = j["status"] + (f" ({j['exit_code']})" if j["exit_code"] not in (None, 0) else "")
         t.add_row(str(j["chain_id"]) + (f".{j['restart_count']}" if j["restart_count"] else ""), j["name"], j["user"],
-                  str(j["nodes"]), str(j["priority"]), f"[{_status_color(j['status'])}]{st}[/]", where or "",
-                  _ago(j["created_at"]))
+                  str(j["nodes"]), _prio(j), f"[{_status_color(j['status'])}]{st}[/]",
+                  "" if j.get("position") is None else str(j["position"]), where or "",
+                  _ago(j.get("submitted_at") or j["created_at"]))
     Console().print(t)
+
+
+def _prio(j: dict) -> str:
+    """The effective level, with what was asked when it differs (auto, a demotion)."""
+    asked = j.get("submitted_priority", j["priority"])
+    if asked == AUTO:
+        return f"{j['priority']} (auto)"
+    return str(j["priority"]) if asked == j["priority"] else f"{j['priority']} (asked {asked})"
+
+
+def _hms(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    return f"{s // 86400}-{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 86400 \
+        else f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _clock(ts: float | None) -> str:
+    import time
+
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _history(con, attempts: list[dict]) -> None:
+    """The chain's restart history: one row per attempt."""
+    from rich.table import Table
+
+    t = Table("attempt", "id", "status", "why it ended", "nodes", "started", "ended", "ran")
+    for a in attempts:
+        why = a["reason"] if a["status"] in JobStatus.DONE else ""
+        t.add_row(str(a["restart_count"]), str(a["id"]), f"[{_status_color(a['status'])}]{a['status']}[/]",
+                  (f"{a['stop']}: " if a["stop"] != "-" else "") + why if why else "",
+                  ",".join(a["nodes"] or ()), _clock(a["started_at"] or a["scheduled_at"]), _clock(a["finished_at"]),
+                  _hms(a["run_s"]))
+    con.print(t)
 
 
 def _job_detail(j: dict) -> None:
@@ -224,8 +261,15 @@ def _job_detail(j: dict) -> None:
               + (f", exit code {j['exit_code']}" if j["exit_code"] is not None else "")
               + (f" - {j['reason']}" if j["reason"] else ""))
     con.print(f"  command: {' '.join(j['command'])}")
-    con.print(f"  nodes: {j['nodes']} {j['assigned_nodes'] or ''}  priority {j['priority']}  "
-              f"stop: {j['stop']}  chain: {j['chain_status']}")
+    con.print(f"  nodes: {j['nodes']} {j['assigned_nodes'] or ''}  priority {_prio(j)}  "
+              f"stop: {j['stop']}  chain: {j['chain_status']}"
+              + (f"  queue position {j['position']}" if j.get("position") else ""))
+    limits = [f"time limit {_hms(j['time_limit'])} (used {_hms(j['chain_run_s'])})" if j.get("time_limit") else "",
+              f"grace {j['grace']:g} s" if j.get("grace") else "",
+              f"watchdog {j['watchdog']:g} s" if j.get("watchdog") else "",
+              f"last checkpoint {_ago(j['last_checkpoint'])}" if j.get("last_checkpoint") else ""]
+    if any(limits):
+        con.print("  " + "  ".join(x for x in limits if x))
     if j.get("ranks"):
         t = Table("rank", "node", "local", "status", "exit", "pid", "message")
         for r in j["ranks"]:
@@ -233,7 +277,8 @@ def _job_detail(j: dict) -> None:
                       "" if r["exit_code"] is None else str(r["exit_code"]), str(r["pid"] or ""), r["message"])
         con.print(t)
     if len(j.get("attempts", [])) > 1:
-        con.print("  attempts: " + ", ".join(f"{a['id']}:{a['status']}" for a in j["attempts"]))
+        con.print("  restart history:")
+        _history(con, j["attempts"])
 
 
 # -- jobs -------------------------------------------------------------------------------------------
@@ -244,6 +289,9 @@ def _parse_submit_opts(opts: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="hai python SCRIPT [ARGS] --", add_help=False, exit_on_error=False)
     ap.add_argument("-n", "--nodes", type=int, default=1)
     ap.add_argument("-p", "--priority", default="normal")
+    ap.add_argument("-t", "--time", default=None)
+    ap.add_argument("--grace", type=float, default=0.0)
+    ap.add_argument("--watchdog", type=float, default=0.0)
     ap.add_argument("--name", default=None)
     ap.add_argument("--procs-per-node", type=int, default=0)
     ap.add_argument("-e", "--env", action="append", default=[])
@@ -256,7 +304,12 @@ def _parse_submit_opts(opts: list[str]) -> dict:
         raise typer.BadParameter(f"after '--': {exc}") from None
     if extra:
         raise typer.BadParameter(f"after '--': unknown option(s) {' '.join(extra)} (known: --nodes N, --priority P, "
-                                 "--name X, --procs-per-node K, --env K=V, --shared, --follow, --json)")
+                                 "--time T, --grace S, --watchdog S, --name X, --procs-per-node K, --env K=V, "
+                                 "--shared, --follow, --json)")
+    try:
+        time_limit = parse_time(ns.time) if ns.time else 0.0
+    except ValueError as exc:
+        raise typer.BadParameter(f"after '--': {exc}") from None
     env = {}
     for kv in ns.env:
         if "=" not in kv:
@@ -264,7 +317,35 @@ def _parse_submit_opts(opts: list[str]) -> dict:
         k, v = kv.split("=", 1)
         env[k] = v
     return {"nodes": ns.nodes, "priority": ns.priority, "name": ns.name, "procs_per_node": ns.procs_per_node,
-            "env": env, "shared_in_group": ns.shared, "_follow": ns.follow, "_json": ns.json}
+            "env": env, "shared_in_group": ns.shared, "time_limit": time_limit, "grace": ns.grace,
+            "watchdog": ns.watchdog, "_follow": ns.follow, "_json": ns.json}
+
+
+def parse_time(text: str) -> float:
+    """Slurm's ``--time`` formats -> seconds: MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS (ValueError
+    naming them otherwise). As in Slurm, a lone number is minutes."""
+    formats = "MM, MM:SS, H:MM:SS, D-H, D-H:MM or D-H:MM:SS"
+    t = text.strip()
+    days, rest = (t.split("-", 1) if "-" in t else ("0", t))
+    parts = rest.split(":")
+    if not (days.isdigit() and all(p.isdigit() for p in parts) and len(parts) <= 3 and len(days) <= 5
+            and all(len(p) <= 6 for p in parts)):
+        raise ValueError(f"--time {text!r}: expected {formats}")
+    n = [int(p) for p in parts]
+    if "-" in t:  # D-H, D-H:MM, D-H:MM:SS
+        h, m, sec = (n + [0, 0])[:3]
+    elif len(n) == 3:
+        h, m, sec = n
+    else:  # MM, MM:SS
+        h, m, sec = 0, n[0], (n[1] if len(n) == 2 else 0)
+    total = ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if total <= 0:
+        raise ValueError(f"--time {text!r}: the limit must be above 0 ({formats})")
+    return float(total)
+
+
+def _limits(o: dict) -> dict:
+    return {k: o[k] for k in ("time_limit", "grace", "watchdog")}
 
 
 def _submit_and_show(spec: dict, follow: bool, as_json: bool) -> None:
@@ -305,7 +386,12 @@ _RAW = {"allow_extra_args": True, "ignore_unknown_options": True, "allow_intersp
 
 @app.command("python", cls=_RawArgs, context_settings=_RAW)
 def python_cmd(ctx: typer.Context, script: str = typer.Argument(..., help="the training script")) -> None:
-    """Submit `python SCRIPT ARGS` as a job: hai python train.py --lr 1 -- --nodes 2 --name x [--follow]."""
+    """Submit `python SCRIPT ARGS` as a job: hai python train.py --lr 1 -- --nodes 2 --name x [--follow].
+
+    Options after '--': --nodes N, --priority P (a level name, 0..50 or auto), --time T (the chain's run
+    time limit, Slurm formats: MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS), --grace S (seconds to save after
+    acknowledging a suspend), --watchdog S (stop as hung after S seconds without output), --name X,
+    --procs-per-node K, --env K=V, --shared, --follow, --json."""
     import os
     import sys
 
@@ -315,20 +401,35 @@ def python_cmd(ctx: typer.Context, script: str = typer.Argument(..., help="the t
         _fail(FileNotFoundError(f"no such script {script!r} (relative to {os.getcwd()})"))
     spec = {"name": o["name"] or Path(script).stem, "command": [sys.executable, "-u", script, *args],
             "nodes": o["nodes"], "priority": o["priority"], "procs_per_node": o["procs_per_node"], "env": o["env"],
-            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"]}
+            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"], **_limits(o)}
     _submit_and_show(spec, o["_follow"], o["_json"])
 
 
 @app.command("exec", cls=_RawArgs, context_settings=_RAW)
 def exec_cmd(ctx: typer.Context, program: str = typer.Argument(..., help="a program on the nodes' PATH")) -> None:
-    """Submit any program as a job: hai exec true -- --nodes 1."""
+    """Submit any program as a job: hai exec true -- --nodes 1 --time 30:00 -p auto (options: see 'hai python')."""
     import os
 
     args, ours = _split_raw(ctx)
     o = _parse_submit_opts(ours)
     spec = {"name": o["name"] or Path(program).name, "command": [program, *args], "nodes": o["nodes"],
             "priority": o["priority"], "procs_per_node": o["procs_per_node"], "env": o["env"],
-            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"]}
+            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"], **_limits(o)}
+    _submit_and_show(spec, o["_follow"], o["_json"])
+
+
+@app.command("bash", cls=_RawArgs, context_settings=_RAW)
+def bash_cmd(ctx: typer.Context, script: str = typer.Argument(..., help="a shell script")) -> None:
+    """Submit `bash SCRIPT ARGS` as a job: hai bash run.sh -- --nodes 2 --time 1:00:00 (options: see 'hai python')."""
+    import os
+
+    args, ours = _split_raw(ctx)
+    o = _parse_submit_opts(ours)
+    if not Path(script).exists():
+        _fail(FileNotFoundError(f"no such script {script!r} (relative to {os.getcwd()})"))
+    spec = {"name": o["name"] or Path(script).stem, "command": ["bash", script, *args], "nodes": o["nodes"],
+            "priority": o["priority"], "procs_per_node": o["procs_per_node"], "env": o["env"],
+            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"], **_limits(o)}
     _submit_and_show(spec, o["_follow"], o["_json"])
 
 
@@ -336,7 +437,8 @@ def exec_cmd(ctx: typer.Context, program: str = typer.Argument(..., help="a prog
 def run_cmd(job_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="job.yaml"),
             follow: bool = typer.Option(False, "--follow", "-f", help="follow rank 0's log until the end"),
             as_json: bool = JsonOpt) -> None:
-    """Submit a job described in YAML (keys: name, command, nodes, procs_per_node, priority, env, workdir)."""
+    """Submit a job described in YAML (keys: name, command, nodes, procs_per_node, priority, env, workdir,
+    time_limit (seconds), grace, watchdog)."""
     import os
     import shlex
 
@@ -356,7 +458,8 @@ def run_cmd(job_file: Path = typer.Argument(..., exists=True, dir_okay=False, he
 
 @app.command("status")
 def status_cmd(job_id: int, as_json: bool = JsonOpt) -> None:
-    """One job: its latest attempt, its ranks and where they run."""
+    """One job: its latest attempt, its ranks and where they run, and the chain's restart history
+    (each attempt: status, why it ended, nodes, start, end, run time)."""
     _out(_call(lambda c: c.job(job_id)), as_json, _job_detail)
 
 
@@ -364,7 +467,10 @@ def status_cmd(job_id: int, as_json: bool = JsonOpt) -> None:
 def list_cmd(all_users: bool = typer.Option(False, "--all", help="every user's jobs (admins)"),
              status: str = typer.Option(None, help="only this status"),
              limit: int = typer.Option(50, help="at most this many, newest first"), as_json: bool = JsonOpt) -> None:
-    """Your jobs (and those shared with your group), newest first."""
+    """Your jobs (and those shared with your group), newest first.
+
+    For a queued job, POS is its place in the queue (1: the next to start) and WHERE / WHY says why it
+    waits (see docs/haiplatform.md, "Why a job waits")."""
     _out(_call(lambda c: c.jobs(all_users=all_users, status=status, limit=limit)), as_json, _jobs_table)
 
 
@@ -393,6 +499,35 @@ def stop_cmd(job_id: int, as_json: bool = JsonOpt) -> None:
 def suspend_cmd(job_id: int, as_json: bool = JsonOpt) -> None:
     """Suspend a running job: it is stopped and re-queued, keeping its place."""
     _out(_call(lambda c: c.suspend(job_id)), as_json, lambda j: typer.echo(f"suspending job {job_id}"))
+
+
+@app.command("priority")
+def priority_cmd(job_id: int, level: str = typer.Argument(..., help="a level name, 0..50, or auto"),
+                 as_json: bool = JsonOpt) -> None:
+    """Change a live job's priority (yours; admins: any). Its later attempts start from it too."""
+    _out(_call(lambda c: c.set_priority(job_id, level)), as_json,
+         lambda j: typer.echo(f"job {j['chain_id']}: priority {_prio(j)}"))
+
+
+_PASS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command("sim", cls=_RawArgs, context_settings=_PASS, add_help_option=False)
+def sim_cmd(ctx: typer.Context) -> None:
+    """Simulate a scheduling policy on a trace: hai sim --cluster FILE --trace FILE.csv --policy NAME
+    (hai sim --help: every option; docs/scheduling.md)."""
+    from . import sim
+
+    raise typer.Exit(sim.main(ctx.meta["raw_args"]) or 0)
+
+
+@app.command("local", cls=_RawArgs, context_settings=_PASS, add_help_option=False)
+def local_cmd(ctx: typer.Context) -> None:
+    """Run a command here as a job would run (job environment, simulated suspends and resumes):
+    hai local [--suspend-after N] -- CMD (hai local --help: every option)."""
+    from . import job
+
+    raise typer.Exit(job.local_main(ctx.meta["raw_args"]) or 0)
 
 
 @app.command("nodes")

@@ -146,6 +146,10 @@ class HaiClient:
     def stop(self, job_id: int) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/stop")
 
+    def set_priority(self, job_id: int, priority: int | str) -> dict:
+        """Change a live chain's priority (a level name, a number, or "auto")."""
+        return self.request("POST", f"/v1/jobs/{job_id}/priority", json={"priority": priority})
+
     def suspend(self, job_id: int) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/suspend")
 

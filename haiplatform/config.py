@@ -25,6 +25,13 @@
     create_accounts = false     # an agent running as root creates a missing account (useradd --system)
     control_dir = ""            # "" -> STATE_DIR + "-control": the jobs' HAI_CONTROL directories
     job_credential_ttl = 604800.0  # lifetime of a job's fs3 credential (s)
+    policy = "fireflyer"        # the scheduling policy: "fireflyer" or "reference-fifo" (haiplatform.policy.PROFILES)
+    min_run_time = 300.0        # a running job is not preempted before it has run this long (0: any time)
+    suspend_ack_timeout = 5.0   # a suspended job has this long to acknowledge before it is stopped
+    suspend_grace = 5.0         # ... and this long after its acknowledgement to save (a job's default grace)
+    max_suspend_grace = 300.0   # the largest grace a job may ask for (JobSpec.grace)
+    demote_after = 1800.0       # an above_normal chain runs at normal after this much run time
+    max_node_requeues = 10      # a chain re-queued after this many lost nodes fails instead
 
 STATE_DIR is ``$FIREFLYER_RUN_DIR_CLUSTER/hai`` when the local launcher runs the service,
 else ``state_dir`` from the section, else ``~/.local/state/fireflyer/hai/<cluster name>``.
@@ -78,6 +85,24 @@ class HaiConfig:
     create_accounts: bool = False
     control_dir: str = ""
     job_credential_ttl: float = 7 * 24 * 3600.0
+    policy: str = "fireflyer"
+    min_run_time: float = 300.0
+    suspend_ack_timeout: float = 5.0
+    suspend_grace: float = 5.0
+    max_suspend_grace: float = 300.0
+    demote_after: float = 1800.0
+    max_node_requeues: int = 10
+
+    def policy_config(self):
+        """The policy's :class:`~haiplatform.policy.PolicyConfig` from this section."""
+        from .policy import PolicyConfig
+
+        return PolicyConfig(heartbeat_timeout=self.heartbeat_timeout, min_run_time=self.min_run_time,
+                            demote_after=self.demote_after, max_node_requeues=self.max_node_requeues)
+
+    def job_grace(self, asked: float) -> float:
+        """A job's finish grace after a suspend: what it asked (0: suspend_grace), at most max_suspend_grace."""
+        return min(asked or self.suspend_grace, self.max_suspend_grace)
 
     def resolved_db_url(self) -> str:
         if self.db_url:
@@ -124,14 +149,31 @@ def load_config(cluster: Cluster) -> HaiConfig:
         want = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,), "dict": (dict,)}[typ]
         if (isinstance(val, bool) and typ != "bool") or not isinstance(val, want):
             raise ConfigError(f"{cluster.source}: haiplatform.{key}: expected {typ}, got {val!r}")
-        if typ in ("float", "int") and val <= 0:
+        if typ in ("float", "int") and (val < 0 if key in _MAY_BE_ZERO else val <= 0):
             raise ConfigError(f"{cluster.source}: haiplatform.{key}: expected a positive number, got {val!r}")
         kw[key] = float(val) if typ == "float" else val
+    _check_policy(cluster, kw)
     _check_accounts(cluster, kw)
     _check_no_secrets(cluster, kw)
     cfg = HaiConfig(state_dir=state_dir_for(cluster, sec), **kw)
     private_dir(cfg.state_dir)
     return cfg
+
+
+#: keys for which 0 is a meaningful setting (no minimum run time, no requeue after a lost node)
+_MAY_BE_ZERO = frozenset({"min_run_time", "max_node_requeues"})
+
+
+def _check_policy(cluster: Cluster, kw: dict) -> None:
+    from .policy import PROFILES
+
+    if kw.get("policy", "fireflyer") not in PROFILES:
+        raise ConfigError(f"{cluster.source}: haiplatform.policy: unknown policy {kw['policy']!r} "
+                          f"(one of {', '.join(PROFILES)})")
+    grace, most = kw.get("suspend_grace", 5.0), kw.get("max_suspend_grace", 300.0)
+    if grace > most:
+        raise ConfigError(f"{cluster.source}: haiplatform.suspend_grace: {grace:g} s is above "
+                          f"max_suspend_grace ({most:g} s)")
 
 
 def _check_accounts(cluster: Cluster, kw: dict) -> None:

@@ -30,8 +30,10 @@ from .config import HaiConfig
 from .db import Database, Job, NodeRow, Quota, Rank, event_row
 from .errors import ApiError
 from .policy import (
+    PROFILES,
     CancelJob,
     Decision,
+    DrainNode,
     FinishJob,
     JobView,
     MarkNode,
@@ -41,13 +43,14 @@ from .policy import (
     PolicyConfig,
     QuotaView,
     RankView,
+    SetPriority,
     SetReason,
     Snapshot,
     StartJob,
     StopJob,
     plan,
 )
-from .states import Desired, JobStatus, RankStatus, StopCode
+from .states import AUTO, PRIORITIES, Desired, JobStatus, RankStatus, StopCode
 
 __all__ = ["Scheduler", "take_snapshot", "apply_decisions", "main"]
 
@@ -56,13 +59,17 @@ log = logging.getLogger(__name__)
 #: decisions an agent must hear about at once
 _AGENT_VISIBLE = (StartJob, StopJob, MarkRanksLost)
 
+_NORMAL = PRIORITIES["normal"]
+
 
 def take_snapshot(db: Database, now: float | None = None) -> Snapshot:
     """One consistent read of everything the policy looks at."""
     with db.read() as s:
         jobs = s.execute(select(Job.id, Job.user, Job.group, Job.nodes, Job.priority, Job.status, Job.first_id,
                                 Job.procs_per_node, Job.stop_requested, Job.stop_code, Job.assigned_nodes,
-                                Job.reason).where(Job.status.in_(JobStatus.LIVE))).all()
+                                Job.reason, Job.submitted_priority, Job.created_at, Job.submitted_at,
+                                Job.scheduled_at, Job.chain_run_s, Job.time_limit, Job.watchdog, Job.last_output,
+                                Job.last_checkpoint, Job.restart_count).where(Job.status.in_(JobStatus.LIVE))).all()
         active = [j.id for j in jobs if j.status in JobStatus.ACTIVE]
         ranks: dict[int, list[RankView]] = defaultdict(list)
         if active:
@@ -76,7 +83,12 @@ def take_snapshot(db: Database, now: float | None = None) -> Snapshot:
                           first_id=j.first_id, group=j.group, procs_per_node=j.procs_per_node,
                           stop_requested=j.stop_requested, stop_code=j.stop_code,
                           assigned_nodes=tuple(j.assigned_nodes or ()),
-                          ranks=tuple(sorted(ranks.get(j.id, ()), key=lambda r: r.rank)), reason=j.reason)
+                          ranks=tuple(sorted(ranks.get(j.id, ()), key=lambda r: r.rank)), reason=j.reason,
+                          submitted_priority=j.submitted_priority, created_at=j.created_at,
+                          submitted_at=j.submitted_at or j.created_at, started_at=j.scheduled_at,
+                          chain_run_s=j.chain_run_s, time_limit=j.time_limit, watchdog=j.watchdog,
+                          last_output=j.last_output, last_checkpoint=j.last_checkpoint,
+                          restart_count=j.restart_count)
                   for j in jobs)
     return Snapshot(now=time.time() if now is None else now, jobs=views, nodes=nodes, quotas=quotas)
 
@@ -106,19 +118,23 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
                               .values(status=JobStatus.RUNNING, started_at=now)).rowcount
             elif isinstance(d, StartJob):
                 ppn = len(d.ranks) // len(d.nodes)
+                vals = {} if d.priority is None else {"priority": d.priority}
                 n = s.execute(update(Job).where(Job.id == d.job_id, Job.status == JobStatus.QUEUED,
                                                 Job.stop_requested == 0)
                               .values(status=JobStatus.SCHEDULED, assigned_nodes=list(d.nodes), scheduled_at=now,
-                                      reason="", procs_per_node=ppn, master_port=0)).rowcount
+                                      reason="", procs_per_node=ppn, master_port=0, **vals)).rowcount
                 if n:
                     s.execute(insert(Rank), [{"job_id": d.job_id, "rank": rk, "node": nd, "local_rank": lr,
                                               "status": RankStatus.CREATED, "desired": Desired.RUN, "message": ""}
                                              for rk, nd, lr in d.ranks])
                     event_row(s, "scheduled", "on " + ",".join(d.nodes), job_id=d.job_id)
             elif isinstance(d, StopJob):
+                # a suspend's start is kept: the agents' ack timeout and grace run from it
+                vals = {"suspend_sent_at": now} if d.desired == Desired.SUSPEND else {}
                 n = s.execute(update(Job).where(Job.id == d.job_id, Job.status.in_(
                     (JobStatus.SCHEDULED, JobStatus.RUNNING))).values(
-                    status=JobStatus.STOPPING, stop_code=Job.stop_code.op("|")(d.code), reason=d.reason)).rowcount
+                    status=JobStatus.STOPPING, stop_code=Job.stop_code.op("|")(d.code), reason=d.reason,
+                    **vals)).rowcount
                 if n:
                     s.execute(update(Rank).where(Rank.job_id == d.job_id, Rank.status.in_(
                         (RankStatus.CREATED, RankStatus.RUNNING))).values(desired=d.desired))
@@ -137,6 +153,16 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
                     event_row(s, d.status, d.reason, job_id=d.job_id)
                     if d.requeue:
                         _requeue(s, d.job_id, now)
+            elif isinstance(d, SetPriority):
+                n = s.execute(update(Job).where(Job.id == d.job_id, Job.status.in_(JobStatus.LIVE),
+                                                Job.priority != d.priority).values(priority=d.priority)).rowcount
+                if n:
+                    event_row(s, "priority", f"priority {d.priority}: {d.reason}", job_id=d.job_id)
+            elif isinstance(d, DrainNode):
+                n = s.execute(update(NodeRow).where(NodeRow.name == d.node, NodeRow.drained.is_(False))
+                              .values(drained=True, drain_reason=d.reason[:200])).rowcount
+                if n:
+                    event_row(s, "node_drained", d.reason, node=d.node)
             elif isinstance(d, SetReason):
                 n = s.execute(update(Job).where(Job.id == d.job_id, Job.status == JobStatus.QUEUED)
                               .values(reason=d.reason)).rowcount
@@ -147,16 +173,26 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
 
 
 def _requeue(s, job_id: int, now: float) -> None:
-    """Insert the chain's next attempt: same chain and first id (so it keeps its queue place), and the
-    same processes per node as the attempt it replaces."""
+    """Insert the chain's next attempt: same chain and first id (so it keeps its queue place), the same
+    processes per node, limits and submission as the attempt it replaces, and the chain's run time so
+    far. Its priority starts again from the submitted one (AUTO: NORMAL until the policy resolves it);
+    the policy demotes it again when its chain has run long enough."""
     old = s.execute(select(Job.__table__).where(Job.id == job_id)).mappings().one()
+    began = old["started_at"] or old["scheduled_at"]
+    ran = max(0.0, (old["finished_at"] or now) - began) if began else 0.0
+    submitted = old["submitted_priority"]
+    lost = bool(old["stop_code"] & StopCode.NODE_LOST)
     new_id = s.execute(insert(Job).values(
         chain_id=old["chain_id"], first_id=old["first_id"], restart_count=old["restart_count"] + 1,
         name=old["name"], user=old["user"], group=old["group"], shared_in_group=old["shared_in_group"],
         command=old["command"], env=old["env"], workdir=old["workdir"], nodes=old["nodes"],
-        procs_per_node=old["procs_per_node"], priority=old["priority"], status=JobStatus.QUEUED,
-        whole_life_state=old["whole_life_state"], created_at=now, assigned_nodes=[],
-        reason="resumed after suspend", stop_code=0, stop_requested=0, master_port=0).returning(Job.id)).scalar_one()
+        procs_per_node=old["procs_per_node"], priority=_NORMAL if submitted == AUTO else submitted,
+        submitted_priority=submitted, submitted_at=old["submitted_at"] or old["created_at"],
+        time_limit=old["time_limit"], grace=old["grace"], watchdog=old["watchdog"],
+        chain_run_s=old["chain_run_s"] + ran, last_output=0.0, last_checkpoint=old["last_checkpoint"],
+        status=JobStatus.QUEUED, whole_life_state=old["whole_life_state"], created_at=now, assigned_nodes=[],
+        reason="re-queued after a lost node" if lost else "resumed after suspend", stop_code=0, stop_requested=0,
+        master_port=0).returning(Job.id)).scalar_one()
     event_row(s, "requeued", f"attempt {new_id} continues chain {old['chain_id']}", job_id=new_id)
 
 
@@ -167,11 +203,13 @@ class Scheduler:
         self.db = db
         self.cfg = cfg
         self.api = api  # a HaiClient with the cluster secret, or None (tick only)
-        self.policy_cfg = PolicyConfig(heartbeat_timeout=cfg.heartbeat_timeout)
+        self.policy_cfg: PolicyConfig = cfg.policy_config()
+        self.profile = PROFILES[cfg.policy]
         self.cycles = 0
         self.decisions = 0
         self.last_cycle_s = 0.0
         self.free_nodes = 1
+        self.floor = -1  # the lowest effective priority holding nodes after the last cycle (see run's note)
         self.skipped = 0
         self.last_cycle_end = 0.0
         self.woken = set()
@@ -179,8 +217,9 @@ class Scheduler:
     def cycle(self) -> list[Decision]:
         t0 = time.perf_counter()
         snap = take_snapshot(self.db)
-        decisions, self.free_nodes = plan(snap, self.policy_cfg)
+        decisions, self.free_nodes = plan(snap, self.policy_cfg, self.profile)
         held = {j.id: j.assigned_nodes for j in snap.jobs}
+        self.floor = _floor(snap, decisions)
         self.woken: set[str] = set()
         for d in decisions:
             if isinstance(d, StartJob):
@@ -198,6 +237,8 @@ class Scheduler:
 
     def run(self, stop: threading.Event) -> None:
         seq, cap, seen_cap, last_full = -1, -1, -2, 0.0
+        levels: dict[str, int] = {}
+        seen_levels: dict[str, int] = {}
         again = False
         poll = min(self.cfg.tick, 2.0)  # bounded waits: a shutdown is seen within 2 s whatever the tick
         while not stop.is_set():
@@ -210,10 +251,10 @@ class Scheduler:
                     r = self.api.request("GET", "/v1/internal/wait", params={"seq": seq, "timeout": poll},
                                          timeout=poll + 10)
                     event = r["seq"] != seq
-                    seq, cap = r["seq"], r.get("cap", -1)
+                    seq, cap, levels = r["seq"], r.get("cap", -1), r.get("levels", {})
                 except ApiError as exc:
                     log.warning("API unavailable (%s); ticking on the database alone", exc)
-                    seq, cap = -1, -1
+                    seq, cap, levels = -1, -1, {}
                     stop.wait(poll)
             else:
                 stop.wait(poll)
@@ -223,15 +264,18 @@ class Scheduler:
             now = time.monotonic()
             if not event and now - last_full < self.cfg.tick:
                 continue  # a long-poll ran out before the tick did
-            # [Note: submissions into a full cluster] Without preemption, a submission can only
-            # start a job when a ready node is free. When the last cycle left none and nothing but
-            # submissions happened since, a cycle would decide nothing (bar waiting reasons), so it
-            # waits for the tick or an event that may free capacity. During a burst of thousands of
-            # submissions this keeps the scheduler from re-reading the growing queue each time.
-            if cap == seen_cap and cap != -1 and self.free_nodes == 0 and now - last_full < self.cfg.tick:
+            # [Note: submissions into a full cluster] A submission can start a job only on a free
+            # ready node, or by preempting a running job of a strictly lower priority. When the last
+            # cycle left no node free and nothing but submissions at levels no higher than the lowest
+            # running one (``floor``) happened since, a cycle would decide nothing (bar waiting
+            # reasons), so it waits for the tick or an event that may free capacity. During a burst
+            # of thousands of submissions this keeps the scheduler from re-reading the growing queue
+            # each time. AUTO (-1) may resolve to any level: it always counts as above the floor.
+            if (cap == seen_cap and cap != -1 and self.free_nodes == 0 and now - last_full < self.cfg.tick
+                    and not _above(levels, seen_levels, self.floor)):
                 self.skipped += 1
                 continue
-            seen_cap, last_full = cap, now
+            seen_cap, seen_levels, last_full = cap, levels, now
             # [Note: batching] Events closer together than min_cycle are decided together: a burst
             # of job ends or submissions costs one cycle per min_cycle, not one per event.
             rest = self.cfg.min_cycle - (now - self.last_cycle_end)
@@ -250,6 +294,22 @@ class Scheduler:
                     self.api.request("POST", "/v1/internal/notify", json={"nodes": sorted(self.woken)}, timeout=10)
                 except ApiError as exc:
                     log.warning("could not notify the agents (%s); they will see it on their next poll", exc)
+
+
+def _floor(snap: Snapshot, decisions: list[Decision]) -> int:
+    """The lowest effective priority of the attempts holding nodes after ``decisions`` (a submission
+    above it may preempt); 99 when none holds a node (nothing to preempt)."""
+    ended = {d.job_id for d in decisions if isinstance(d, FinishJob | StopJob)}
+    prios = [j.priority for j in snap.jobs if j.status in JobStatus.ACTIVE and j.id not in ended]
+    level = {j.id: j.priority for j in snap.jobs}
+    prios += [level.get(d.job_id, 0) if d.priority is None else d.priority
+              for d in decisions if isinstance(d, StartJob)]
+    return min(prios, default=99)
+
+
+def _above(levels: dict[str, int], seen: dict[str, int], floor: int) -> bool:
+    """Whether a submission (or priority change) since ``seen`` came at a level above ``floor`` (or AUTO)."""
+    return any(n != seen.get(k) and (int(k) == AUTO or int(k) > floor) for k, n in levels.items())
 
 
 def main(argv: list[str] | None = None) -> None:

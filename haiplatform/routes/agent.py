@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, case, select, update
 
 from ..db import Job, NodeRow, Rank, event_row
 from ..errors import ApiError, Conflict, NotFound
@@ -24,7 +24,7 @@ router = APIRouter()
 # an agent's work items: its node's live ranks with their jobs (built once: the agents' hot path)
 _WORK = select(Rank.rank, Rank.local_rank, Rank.status, Rank.desired, Job.id.label("job_id"), Job.command, Job.env,
                Job.workdir, Job.name, Job.user, Job.chain_id, Job.restart_count, Job.whole_life_state,
-               Job.assigned_nodes, Job.master_port, Job.procs_per_node).join(Job, Job.id == Rank.job_id).where(
+               Job.assigned_nodes, Job.master_port, Job.procs_per_node, Job.grace, Job.watchdog).join(Job, Job.id == Rank.job_id).where(
     Rank.node == bindparam("node"), Rank.status.in_(RankStatus.LIVE))
 
 
@@ -86,6 +86,7 @@ def _work(st: ApiState, node: str, epoch: str) -> list[dict]:
     _beat(st, node, epoch)
     with st.db.ro_engine.begin() as s:  # Core rows: the agents' hot path
         rows = s.execute(_WORK, {"node": node}).all()
+        cfg = st.cfg
         out = []
         for r in rows:  # one row: a rank with its job's columns
             if len(r.assigned_nodes) > 1 and not r.master_port and r.assigned_nodes[0] != node:
@@ -95,7 +96,9 @@ def _work(st: ApiState, node: str, epoch: str) -> list[dict]:
                         "name": r.name, "user": r.user, "chain_id": r.chain_id,
                         "restart_count": r.restart_count, "whole_life_state": r.whole_life_state,
                         "nodes": r.assigned_nodes, "master_addr": st.cluster.node(r.assigned_nodes[0]).address,
-                        "master_port": r.master_port, "ppn": r.procs_per_node})
+                        "master_port": r.master_port, "ppn": r.procs_per_node,
+                        "grace": cfg.job_grace(r.grace), "ack_timeout": cfg.suspend_ack_timeout,
+                        "watchdog": r.watchdog})
         return out
 
 
@@ -111,6 +114,19 @@ async def sync(p: Service_, st: State_, node: Annotated[str, Query(max_length=64
     cur = await st.agent_events[node].wait(seq, timeout)
     work = await run_in_threadpool(_work, st, node, epoch)
     return {"seq": cur, "ranks": work}
+
+
+def _activity(s, job_id: int, act) -> None:
+    """Keep the newest of what the agents saw of a job: each column only moves forward (several nodes
+    report on one job, and a report may arrive late)."""
+    vals = {}
+    for col in ("last_output", "last_checkpoint", "suspend_acked_at"):
+        v = getattr(act, col)
+        if v is not None:
+            c = getattr(Job, col)
+            vals[col] = case((c.is_(None), v), (c < v, v), else_=c)
+    if vals:
+        s.execute(update(Job).where(Job.id == job_id).values(**vals))
 
 
 @router.post("/v1/agent/report")
@@ -137,6 +153,8 @@ def report(spec: ReportSpec, p: Service_, st: State_) -> dict:
                                f"{', '.join(RankStatus.DONE)})", 422)
             if rr.whole_life_state is not None:
                 s.execute(update(Job).where(Job.id == rr.job_id).values(whole_life_state=rr.whole_life_state))
+        for jid, act in spec.activity.items():
+            _activity(s, jid, act)
     if spec.master_ports:
         with st.db.read() as s:
             for jid in spec.master_ports:

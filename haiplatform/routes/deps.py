@@ -38,9 +38,11 @@ class Principal(BaseModel):
         return self.role in ("admin", "service")
 
 
-#: what a job's own token may call (method, route): its job's status and logs, and who it is. A
-#: route not listed here (every other, including routes added later) answers a job token with 403.
-JOB_ROUTES = frozenset({("GET", "/v1/jobs/{job_id}"), ("GET", "/v1/jobs/{job_id}/logs"), ("GET", "/v1/whoami")})
+#: what a job's own token may call (method, route): its job's status and logs, its own chain's
+#: priority (hfai's ``set_priority``), and who it is. A route not listed here (every other,
+#: including routes added later) answers a job token with 403.
+JOB_ROUTES = frozenset({("GET", "/v1/jobs/{job_id}"), ("GET", "/v1/jobs/{job_id}/logs"), ("GET", "/v1/whoami"),
+                        ("POST", "/v1/jobs/{job_id}/priority")})
 
 
 def authenticate(st: ApiState, request: Request) -> Principal:
@@ -107,7 +109,8 @@ async def principal(request: Request) -> Principal:
     if p.role == "job":
         route = request.scope.get("route")
         if (request.method, getattr(route, "path", None)) not in JOB_ROUTES:
-            raise Forbidden(f"a job's token (job {p.chain}) may only read its own job's status and logs; "
+            raise Forbidden(f"a job's token (job {p.chain}) may only read its own job's status and logs and set "
+                            "its priority; "
                             f"{request.method} {request.url.path} needs a user's token")
     return p
 

@@ -22,8 +22,8 @@ async def healthz(st: State_) -> dict:  # on the event loop: it answers whatever
 @router.get("/v1/internal/wait")
 async def internal_wait(p: Service_, st: State_, seq: Annotated[int, Query(ge=-1, le=SEQ_MAX)] = -1,
                         timeout: Annotated[float, Query(ge=0, le=60)] = 1.0) -> dict:
-    seq = await st.sched_events.wait(seq, timeout)
-    return {"seq": seq, "cap": st.sched_events.cap}
+    await st.sched_events.wait(seq, timeout)
+    return st.sched_events.counts()
 
 
 @router.post("/v1/internal/notify")

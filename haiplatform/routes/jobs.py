@@ -12,13 +12,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import bindparam, func, select
 
-from ..db import Event, Job, Rank, event_row
+from ..db import Event, Job, Quota, Rank, event_row
 from ..errors import ApiError, Conflict, Forbidden, NotFound
 from ..limits import GuardedStream
-from ..policy import WAITING
-from ..states import JobStatus, RankStatus, StopCode
+from ..policy import WAITING, QuotaView, never_fits
+from ..states import AUTO, PRIORITIES, JobStatus, RankStatus, StopCode
 from .deps import Principal, State_, User_, limit_key
-from .models import INT32, OFFSET_MAX, JobId, JobSpec
+from .models import INT32, OFFSET_MAX, JobId, JobSpec, PrioritySpec
 from .state import ApiState
 
 __all__ = ["router", "job_json"]
@@ -36,7 +36,15 @@ _SET_CHAIN = _JOBS.update().where(_JOBS.c.id == bindparam("b_id")).values(
 _INSERT_EVENT = Event.__table__.insert()
 
 
-def job_json(j: Job, ranks: list[Rank] | None = None, attempts: list[Job] | None = None) -> dict:
+def _run_s(a: Job) -> float:
+    """How long an attempt ran (until now while it runs)."""
+    if a.started_at is None:
+        return 0.0
+    return max(0.0, (a.finished_at or time.time()) - a.started_at)
+
+
+def job_json(j: Job, ranks: list[Rank] | None = None, attempts: list[Job] | None = None,
+             position: int | None = None) -> dict:
     chain = ("finished" if j.status in JobStatus.ENDED else "running" if j.status in JobStatus.ACTIVE
              else "waiting_init" if j.restart_count == 0 else "suspended")
     out = {"id": j.id, "chain_id": j.chain_id, "first_id": j.first_id, "restart_count": j.restart_count,
@@ -47,14 +55,38 @@ def job_json(j: Job, ranks: list[Rank] | None = None, attempts: list[Job] | None
            "stop": StopCode.describe(j.stop_code), "assigned_nodes": j.assigned_nodes,
            "master_port": j.master_port, "exit_code": j.exit_code, "whole_life_state": j.whole_life_state,
            "created_at": j.created_at, "scheduled_at": j.scheduled_at, "started_at": j.started_at,
-           "finished_at": j.finished_at}
+           "finished_at": j.finished_at, "submitted_priority": j.submitted_priority,
+           "auto_priority": j.submitted_priority == AUTO, "submitted_at": j.submitted_at,
+           "time_limit": j.time_limit, "grace": j.grace, "watchdog": j.watchdog,
+           "chain_run_s": j.chain_run_s + (_run_s(j) if j.status in JobStatus.ACTIVE else 0.0),
+           "last_output": j.last_output, "last_checkpoint": j.last_checkpoint,
+           "suspend_sent_at": j.suspend_sent_at, "suspend_acked_at": j.suspend_acked_at,
+           "position": position}
     if ranks is not None:
         out["ranks"] = [{"rank": r.rank, "node": r.node, "local_rank": r.local_rank, "status": r.status,
                          "exit_code": r.exit_code, "pid": r.pid, "message": r.message} for r in ranks]
     if attempts is not None:
-        out["attempts"] = [{"id": a.id, "status": a.status, "stop": StopCode.describe(a.stop_code),
-                            "exit_code": a.exit_code} for a in attempts]
+        out["attempts"] = [{"id": a.id, "restart_count": a.restart_count, "status": a.status,
+                            "stop": StopCode.describe(a.stop_code), "stop_code": a.stop_code, "reason": a.reason,
+                            "exit_code": a.exit_code, "nodes": a.assigned_nodes, "priority": a.priority,
+                            "created_at": a.created_at, "scheduled_at": a.scheduled_at,
+                            "started_at": a.started_at, "finished_at": a.finished_at, "run_s": _run_s(a)}
+                           for a in attempts]
     return out
+
+
+def _positions(st: ApiState, jobs: list[Job]) -> dict[int, int]:
+    """Queued attempts' places in the queue as the policy serves it (1 = next); {} when none is queued.
+
+    [Note: a snapshot for positions] A place depends on every queued attempt (priorities, first
+    submissions, the policy's order), so it takes the scheduler's own snapshot; only a listing that
+    shows a queued attempt pays for it."""
+    if not any(j.status == JobStatus.QUEUED for j in jobs):
+        return {}
+    from ..policy import queue_position
+    from ..scheduler import take_snapshot
+
+    return queue_position(take_snapshot(st.db), st.cfg.policy_config(), st.profile)
 
 
 def _may_see(p: Principal, j: Job) -> bool:
@@ -73,6 +105,25 @@ def _chain_latest(s, job_id: int, p: Principal) -> Job:
     return latest or j
 
 
+PRIORITY_NORMAL = PRIORITIES["normal"]
+_QUOTAS = select(Quota.subject, Quota.max_nodes, Quota.priority).where(Quota.subject.in_(bindparam("subjects")))
+
+
+def _check_fits(st: ApiState, s, user: str, group: str | None, nodes: int, priority: int) -> None:
+    """422 when a job of ``nodes`` nodes can never start: more than the cluster has, or more than every
+    quota that applies to it at ``priority`` (AUTO: at every level) allows.
+
+    [Note: the cluster's size] Agents can only register nodes of the cluster description, so the
+    description's node count bounds the registered ones; a drained or lost node still counts (it
+    may come back). Quotas are read in the submission's own transaction (``s``: a Connection or a
+    Session): one query on a small table."""
+    subjects = [f"user:{user}"] + ([f"group:{group}"] if group else [])
+    quotas = tuple(QuotaView(q.subject, q.max_nodes, q.priority) for q in s.execute(_QUOTAS, {"subjects": subjects}))
+    why = never_fits(nodes, user, group, priority, st.cluster.nodes, quotas)
+    if why:
+        raise ApiError(f"this job can never start: {why}", 422)
+
+
 @router.post("/v1/jobs", status_code=201)
 async def submit(spec: JobSpec, p: User_, st: State_) -> JSONResponse:
     # [Note: submissions on the event loop] A submission is two short statements in one SQLite
@@ -83,9 +134,13 @@ async def submit(spec: JobSpec, p: User_, st: State_) -> JSONResponse:
         raise Forbidden("the cluster secret cannot submit jobs; use a user's token")
     now = time.time()
     cfg = st.cfg
+    if spec.grace > cfg.max_suspend_grace:
+        raise ApiError(f"grace {spec.grace:g} s is above this cluster's maximum of {cfg.max_suspend_grace:g} s "
+                       "(haiplatform.max_suspend_grace)", 422)
     # [Note: a lean submission] Core statements and a small answer: submissions come in bursts
     # (the bench submits 200 back to back) and the ORM's unit of work costs twice as much here.
     with st.db.engine.begin() as s:  # a Core connection: no ORM session to set up
+        _check_fits(st, s, p.name, p.group, spec.nodes, spec.priority)
         live = s.scalar(_COUNT_LIVE, {"user": p.name})
         if live >= cfg.max_unfinished_per_user:
             raise Conflict(f"user {p.name} already has {live} unfinished jobs "
@@ -93,16 +148,21 @@ async def submit(spec: JobSpec, p: User_, st: State_) -> JSONResponse:
         jid = s.execute(_INSERT_JOB, {
             "name": spec.name, "user": p.name, "group": p.group, "shared_in_group": spec.shared_in_group,
             "command": list(spec.command), "env": dict(spec.env), "workdir": spec.workdir, "nodes": spec.nodes,
-            "procs_per_node": spec.procs_per_node, "priority": spec.priority, "status": JobStatus.QUEUED,
-            "created_at": now, "assigned_nodes": [], "chain_id": 0, "first_id": 0, "restart_count": 0,
+            "procs_per_node": spec.procs_per_node, "status": JobStatus.QUEUED,
+            # AUTO starts at NORMAL until the policy resolves it (it does before the job can start)
+            "priority": PRIORITY_NORMAL if spec.priority == AUTO else spec.priority,
+            "submitted_priority": spec.priority, "submitted_at": now, "time_limit": spec.time_limit,
+            "grace": spec.grace, "watchdog": spec.watchdog, "chain_run_s": 0.0, "last_output": 0.0,
+            "last_checkpoint": 0.0, "created_at": now, "assigned_nodes": [], "chain_id": 0, "first_id": 0, "restart_count": 0,
             "reason": WAITING, "stop_code": 0, "stop_requested": 0, "master_port": 0, "whole_life_state": 0,
         }).scalar_one()
         s.execute(_SET_CHAIN, {"b_id": jid})
         s.execute(_INSERT_EVENT, {"ts": now, "kind": "submitted", "job_id": jid, "node": None,
                                   "message": f"{p.name} submitted {spec.name} ({spec.nodes} nodes)"})
-    st.sched_events.bump(capacity=False)
+    st.sched_events.bump(capacity=False, priority=spec.priority)
     return JSONResponse({"id": jid, "chain_id": jid, "first_id": jid, "restart_count": 0, "name": spec.name,
                          "user": p.name, "group": p.group, "nodes": spec.nodes, "priority": spec.priority,
+                         "time_limit": spec.time_limit, "grace": spec.grace, "watchdog": spec.watchdog,
                          "status": JobStatus.QUEUED, "chain_status": "waiting_init", "reason": WAITING,
                          "created_at": now}, status_code=201)
 
@@ -123,7 +183,9 @@ def list_jobs(p: User_, st: State_, all: bool = False, status: Annotated[str | N
             q = q.where(cond)
         if status:
             q = q.where(Job.status == status)
-        return [job_json(j) for j in s.scalars(q)]
+        jobs = list(s.scalars(q))
+    pos = _positions(st, jobs)
+    return [job_json(j, position=pos.get(j.id)) for j in jobs]
 
 
 @router.get("/v1/jobs/{job_id}")
@@ -132,7 +194,7 @@ def get_job(job_id: JobId, p: User_, st: State_) -> dict:
         j = _chain_latest(s, job_id, p)
         ranks = list(s.scalars(select(Rank).where(Rank.job_id == j.id).order_by(Rank.rank)))
         attempts = list(s.scalars(select(Job).where(Job.chain_id == j.chain_id).order_by(Job.id)))
-        return job_json(j, ranks, attempts)
+    return job_json(j, ranks, attempts, _positions(st, [j]).get(j.id))
 
 
 def _request_stop(st: ApiState, job_id: int, p: Principal, code: int, verb: str) -> dict:
@@ -159,6 +221,34 @@ def stop_job(job_id: JobId, p: User_, st: State_) -> dict:
 @router.post("/v1/jobs/{job_id}/suspend", status_code=202)
 def suspend_job(job_id: JobId, p: User_, st: State_) -> dict:
     return _request_stop(st, job_id, p, StopCode.INTERRUPT, "suspend")
+
+
+@router.post("/v1/jobs/{job_id}/priority")
+def set_priority(job_id: JobId, body: PrioritySpec, p: User_, st: State_) -> dict:
+    """Change a live chain's priority (its owner, an admin, or the job's own token).
+
+    [Note: who may set which level] A user may set any level the job could have been submitted at:
+    a level whose quotas can never hold the job is refused, as at submission (admins are not held
+    back). The level becomes the chain's submitted priority (its later attempts start from it) and,
+    unless it is AUTO, the attempt's effective one at once; the next cycle decides with it (it may
+    preempt for it, or demote it again)."""
+    level = body.priority
+    with st.db.write() as s:
+        j = _chain_latest(s, job_id, p)
+        if p.role == "user" and j.user != p.name:
+            raise Forbidden(f"job {job_id} belongs to {j.user}; only its owner or an admin may change its priority")
+        if j.status in JobStatus.DONE:
+            raise Conflict(f"job {job_id} has already ended ({j.status}); its priority cannot change")
+        if not p.admin:
+            _check_fits(st, s, j.user, j.group, j.nodes, level)
+        j.submitted_priority = level
+        if level != AUTO:
+            j.priority = level
+        who = f"job {p.chain}" if p.role == "job" else p.name
+        event_row(s, "priority", f"{who} set priority {'auto' if level == AUTO else level}", job_id=j.id)
+        out = job_json(j)
+    st.sched_events.bump(priority=level)
+    return out
 
 
 # -- logs -----------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..states import PRIORITIES
+from ..states import AUTO, PRIORITIES
 
-__all__ = ["JobSpec", "UserSpec", "QuotaSpec", "NotifySpec", "DrainSpec", "RegisterSpec", "RankReport", "ReportSpec",
+__all__ = ["JobSpec", "PrioritySpec", "ActivitySpec", "TIME_MAX", "UserSpec", "QuotaSpec", "NotifySpec", "DrainSpec", "RegisterSpec", "RankReport", "ReportSpec",
            "Text", "JobId", "INT32", "OFFSET_MAX", "SEQ_MAX", "NO_NUL"]
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
@@ -23,6 +23,8 @@ INT32 = 2**31 - 1
 OFFSET_MAX = 2**53          # a log offset (bytes): well past any log, exact in every JSON parser
 SEQ_MAX = 2**62             # the notification channels' sequence numbers
 NO_NUL = r"^[^\x00]*$"      # PostgreSQL's text cannot hold NUL, nor can an argv, an env or a path
+TIME_MAX = 1e9              # a duration (s): about 31 years
+TS_MAX = 1e11               # a timestamp (s since the epoch): year 5138
 
 
 def Text(max_length: int, **kw: Any) -> Any:  # noqa: N802 - reads as a type in the models
@@ -46,7 +48,15 @@ class JobSpec(BaseModel):
     nodes: int = Field(1, ge=1, le=10000, description="whole nodes")
     procs_per_node: int = Field(0, ge=0, le=256, description="processes per node; 0: the node's GPUs (or 1)")
     priority: Annotated[int, Field(ge=0, le=50)] | Text(32) = Field(
-        "normal", validate_default=True, description="a level name or its number (0..50)")
+        "normal", validate_default=True,
+        description="a level name, its number (0..50), or 'auto': the highest level the quotas have room for")
+    time_limit: float = Field(0.0, ge=0, le=TIME_MAX, allow_inf_nan=False,
+                              description="the chain's total run time limit in seconds (0: none)")
+    grace: float = Field(0.0, ge=0, le=TIME_MAX, allow_inf_nan=False,
+                         description="seconds to finish after acknowledging a suspend (0: the cluster's "
+                                     "suspend_grace; at most its max_suspend_grace)")
+    watchdog: float = Field(0.0, ge=0, le=TIME_MAX, allow_inf_nan=False,
+                            description="stop the job as hung after this many seconds without output (0: off)")
     env: dict[Text(1024), Text(65536)] = Field(
         default_factory=dict, max_length=4096)
     workdir: Text(1000) = ""
@@ -62,17 +72,12 @@ class JobSpec(BaseModel):
     @field_validator("priority", mode="before")
     @classmethod
     def _prio(cls, v: Any) -> Any:
-        """A level's name or a number (also as a string) -> the number, with one clear message when it
-        is neither (before the union's own checks, which would list one complaint per branch)."""
-        if isinstance(v, str):
-            if v.lower() in PRIORITIES:
-                return PRIORITIES[v.lower()]
-            if not (v.isascii() and v.lstrip("-").isdigit() and len(v) <= 8):
-                raise ValueError(f"unknown priority {v[:40]!r}; use one of {', '.join(PRIORITIES)} or 0..50")
-            v = int(v)
-        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 50:
-            raise ValueError(f"priority {v} is out of range 0..50")
-        return v
+        return parse_priority(v)
+
+    @field_validator("priority", mode="after")
+    @classmethod
+    def _auto(cls, v: Any) -> int:
+        return AUTO if v == "auto" else v
 
     @field_validator("env")
     @classmethod
@@ -81,6 +86,49 @@ class JobSpec(BaseModel):
             if not k or "=" in k or not (k[0].isalpha() or k[0] == "_"):
                 raise ValueError(f"bad environment variable name {k!r}")
         return v
+
+
+def parse_priority(v: Any) -> Any:
+    """A level's name or a number (also as a string) -> the number ("auto" stays "auto"), with one clear
+    message when it is neither (before the union's own checks, which would list one complaint per branch)."""
+    if isinstance(v, str):
+        if v.lower() == "auto":
+            return "auto"
+        if v.lower() in PRIORITIES:
+            return PRIORITIES[v.lower()]
+        if not (v.isascii() and v.lstrip("-").isdigit() and len(v) <= 8):
+            raise ValueError(f"unknown priority {v[:40]!r}; use auto, one of {', '.join(PRIORITIES)} or 0..50")
+        v = int(v)
+    if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 50:
+        raise ValueError(f"priority {v} is out of range 0..50")
+    return v
+
+
+class PrioritySpec(BaseModel):
+    """``POST /v1/jobs/{id}/priority``: the chain's new level."""
+
+    model_config = ConfigDict(extra="forbid")
+    priority: Annotated[int, Field(ge=0, le=50)] | Text(32) = Field(
+        description="a level name, its number (0..50), or 'auto'")
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _prio(cls, v: Any) -> Any:
+        return parse_priority(v)
+
+    @field_validator("priority", mode="after")
+    @classmethod
+    def _auto(cls, v: Any) -> int:
+        return AUTO if v == "auto" else v
+
+
+class ActivitySpec(BaseModel):
+    """What an agent saw of one job since its last report (timestamps; each optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+    last_output: float | None = Field(None, ge=0, le=TS_MAX, allow_inf_nan=False)
+    last_checkpoint: float | None = Field(None, ge=0, le=TS_MAX, allow_inf_nan=False)
+    suspend_acked_at: float | None = Field(None, ge=0, le=TS_MAX, allow_inf_nan=False)
 
 
 class UserSpec(BaseModel):
@@ -132,3 +180,6 @@ class ReportSpec(BaseModel):
     ranks: list[RankReport] = Field(default_factory=list, max_length=100000)
     master_ports: dict[Annotated[int, Field(ge=1, le=INT32)], Annotated[int, Field(ge=1, le=65535)]] = Field(
         default_factory=dict, max_length=100000)
+    activity: dict[Annotated[int, Field(ge=1, le=INT32)], ActivitySpec] = Field(
+        default_factory=dict, max_length=100000, description="job id -> its ranks' newest output, "
+                                                             "checkpoint and suspend acknowledgement")

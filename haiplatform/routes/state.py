@@ -3,7 +3,9 @@
 [Note: events, not polling] Two notification channels live in the API process. ``sched`` is
 bumped after every commit the scheduler must react to (a submission, a rank's end, a node change,
 a stop request); the scheduler long-polls ``/v1/internal/wait`` on it. Its second counter, ``cap``,
-counts the bumps that may free capacity (all but submissions): see the scheduler's note.
+counts the bumps that may free capacity (all but submissions), and ``levels`` counts submissions and
+priority changes per priority level (a submission may preempt a lower level): see the scheduler's
+note.
 ``agents`` is bumped when the scheduler reports new decisions (``/v1/internal/notify``) or a
 master port is known; agents long-poll ``/v1/agent/sync`` on it. A bump always follows the
 commit, and a waiter passes the last sequence number it saw, so no wake-up is lost; the tick (and
@@ -34,20 +36,28 @@ class Notifier:
     def __init__(self) -> None:
         self.seq = 0
         self.cap = 0  # bumps that may free capacity (everything but a submission)
+        self.levels: dict[int, int] = {}  # priority level -> bumps at it (submissions, priority changes)
         self._lock = threading.Lock()
         self._waiters: set[asyncio.Future] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def bump(self, capacity: bool = True) -> int:
+    def bump(self, capacity: bool = True, priority: int | None = None) -> int:
         with self._lock:
             self.seq += 1
             self.cap += capacity
+            if priority is not None:
+                self.levels[priority] = self.levels.get(priority, 0) + 1
             waiters, self._waiters = self._waiters, set()
             seq = self.seq
         for fut in waiters:
             loop = fut.get_loop()
             loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
         return seq
+
+    def counts(self) -> dict:
+        """The counters at one instant: ``seq``, ``cap`` and ``levels`` (a copy)."""
+        with self._lock:
+            return {"seq": self.seq, "cap": self.cap, "levels": {str(k): v for k, v in self.levels.items()}}
 
     async def wait(self, seen: int, timeout: float) -> int:
         """Return the sequence number as soon as it differs from ``seen`` (or after ``timeout``)."""
@@ -82,6 +92,13 @@ class ApiState:
     last_beat: dict[str, float] = field(default_factory=dict)  # node -> when its last_seen was written
     agent_rpc: dict[str, Any] = field(default_factory=dict)    # node -> RpcPool to its agent (logs)
     rpc_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def profile(self):
+        """The scheduling policy's profile (``haiplatform.policy``), for queue positions."""
+        from ..policy import PROFILES
+
+        return PROFILES[self.cfg.policy]
 
     @classmethod
     def build(cls, cluster: Cluster, cfg: HaiConfig, db: Database) -> ApiState:
