@@ -34,10 +34,12 @@ blocking: their owner's quota, not the cluster, holds them back.
 
 from __future__ import annotations
 
+import math
 import random
+import re
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -237,7 +239,7 @@ def _final_status(job: JobView, ranks: Iterable[RankView]) -> tuple[str, int | N
     code = job.stop_code
     if code & StopCode.INTERRUPT:
         return JobStatus.SUSPENDED, exit_code
-    if code & (StopCode.NODE_LOST | StopCode.FAILED | StopCode.INIT_FAILED):
+    if code & (StopCode.NODE_LOST | StopCode.FAILED | StopCode.INIT_FAILED | StopCode.TIMEOUT | StopCode.HUNG):
         return JobStatus.FAILED, exit_code
     if code & (StopCode.MANUAL_STOP | StopCode.STOP):
         return JobStatus.STOPPED, exit_code
@@ -246,8 +248,29 @@ def _final_status(job: JobView, ranks: Iterable[RankView]) -> tuple[str, int | N
     return JobStatus.SUCCEEDED, exit_code
 
 
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _limit(job: JobView, cfg: PolicyConfig, now: float) -> tuple[int, str, str] | None:
+    """The wall-clock limit and the hang watchdog of a started attempt: (code, desired, reason) or None."""
+    if job.started_at is None:
+        return None
+    if job.time_limit > 0 and job.chain_run_s + now - job.started_at >= job.time_limit:
+        return StopCode.TIMEOUT, Desired.STOP, f"time limit {_hms(job.time_limit)} reached"
+    if job.watchdog > 0 and now - max(job.last_output, job.started_at) > job.watchdog:
+        return StopCode.HUNG, Desired.STOP, f"no output for {job.watchdog:g} s (watchdog)"
+    return None
+
+
 def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[Decision]:
-    """Move attempts that hold nodes along their lifecycle; cancel stopped queued ones."""
+    """Move attempts that hold nodes along their lifecycle; cancel stopped queued ones.
+
+    A node lost under an attempt drains the node and ends the attempt ``suspended`` (stop code
+    NODE_LOST|INTERRUPT, re-queued to resume from its checkpoint) while its chain has restarted fewer
+    than ``max_node_requeues`` times, else ``failed``. A started attempt past its chain's time limit or
+    silent for longer than its watchdog is stopped and ends ``failed`` (TIMEOUT / HUNG)."""
     out: list[Decision] = []
     for job in snap.jobs:
         if job.status == JobStatus.QUEUED:
@@ -263,14 +286,20 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
         for node in sorted({r.node for r in ranks.values() if r.node in lost_nodes
                             and r.status not in RankStatus.DONE}):
             out.append(MarkRanksLost(job.id, node))
+            out.append(DrainNode(node, f"lost under job {job.id}"))
             for k, r in ranks.items():
                 if r.node == node and r.status not in RankStatus.DONE:
                     ranks[k] = RankView(r.rank, r.node, RankStatus.LOST, r.desired, r.exit_code)
         views = list(ranks.values())
         if not stopping:
             why = None
-            if any(r.status == RankStatus.LOST for r in views):
-                why = (StopCode.NODE_LOST, Desired.STOP, "a node of the job was lost")
+            lost_at = sorted({r.node for r in views if r.status == RankStatus.LOST})
+            if lost_at and job.restart_count < cfg.max_node_requeues:
+                why = (StopCode.NODE_LOST | StopCode.INTERRUPT, Desired.STOP,
+                       f"node {','.join(lost_at)} lost; re-queued")
+            elif lost_at:
+                why = (StopCode.NODE_LOST, Desired.STOP, f"node {','.join(lost_at)} lost "
+                                                         f"(after {job.restart_count} restarts)")
             elif any(r.status == RankStatus.FAILED for r in views):
                 failed = next(r for r in views if r.status == RankStatus.FAILED)
                 why = (StopCode.FAILED, Desired.STOP, f"rank {failed.rank} failed (exit code {failed.exit_code})")
@@ -278,17 +307,26 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
                 desired = Desired.SUSPEND if job.stop_requested & StopCode.INTERRUPT else Desired.STOP
                 why = (job.stop_requested, desired, "suspend requested" if desired == Desired.SUSPEND
                        else "stop requested")
+            else:
+                why = _limit(job, cfg, snap.now)
             if why is not None and not all(r.status in RankStatus.DONE for r in views):
                 out.append(StopJob(job.id, why[0], why[1], why[2]))
                 continue
-            if why is not None and why[1] == Desired.STOP and why[2] != "stop requested":
-                stop_code |= why[0]   # a failure seen only now; a late stop request changes nothing
+            if why is not None and why[0] & (StopCode.NODE_LOST | StopCode.FAILED):
+                stop_code |= why[0]   # a failure seen only now; a late stop request or limit changes nothing
         if views and all(r.status in RankStatus.DONE for r in views):
             done = JobView(**{**job.__dict__, "stop_code": stop_code})
             status, exit_code = _final_status(done, views)
-            reason = {JobStatus.SUCCEEDED: "every rank exited 0",
-                      JobStatus.SUSPENDED: "suspended; the chain continues in a new attempt"}.get(
-                status, StopCode.describe(stop_code))
+            lost_at = sorted({r.node for r in views if r.status == RankStatus.LOST})
+            if status == JobStatus.SUSPENDED:
+                reason = (f"node {','.join(lost_at)} lost; re-queued" if stop_code & StopCode.NODE_LOST
+                          else "suspended; the chain continues in a new attempt")
+            elif status == JobStatus.SUCCEEDED:
+                reason = "every rank exited 0"
+            elif stop_code & (StopCode.TIMEOUT | StopCode.HUNG) and job.reason:
+                reason = job.reason   # the StopJob's reason: which limit, how long
+            else:
+                reason = StopCode.describe(stop_code)
             out.append(FinishJob(job.id, status, stop_code, exit_code, reason,
                                  requeue=status == JobStatus.SUSPENDED))
             continue
@@ -370,12 +408,131 @@ def rank_layout(job: JobView, nodes: tuple[str, ...], node_views: dict[str, Node
     return tuple((i * ppn + lr, node, lr) for i, node in enumerate(nodes) for lr in range(ppn))
 
 
+# -- the free nodes of one cycle ------------------------------------------------------------------
+
+INF = math.inf
+NORMAL = PRIORITIES["normal"]
+ABOVE_NORMAL = PRIORITIES["above_normal"]
+_PREEMPTED_BY = re.compile(r"preempted by job (\d+)\b")
+
+
+def _fill(n: int, usable: dict[str, list[str]], leaves: Iterable[str]) -> list[str]:
+    """``n`` nodes from ``leaves`` in as few leaves as possible: whole leaves, fullest first, then the
+    remainder from the leaf with the fewest usable nodes that holds it (so no other leaf is broken)."""
+    order = sorted(leaves, key=lambda leaf: (-len(usable[leaf]), leaf))
+    picked: list[str] = []
+    rest = []
+    for leaf in order:
+        if n - len(picked) >= len(usable[leaf]):
+            picked += sorted(usable[leaf])
+        else:
+            rest.append(leaf)
+        if len(picked) == n:
+            return picked
+    need = n - len(picked)
+    _, leaf = min((len(usable[leaf]), leaf) for leaf in rest if len(usable[leaf]) >= need)
+    return picked + sorted(usable[leaf])[:need]
+
+
+def place_topology(n: int, usable: dict[str, list[str]], leaf_zone: dict[str, str], leaf_size: int,
+                   cross_ok: bool) -> tuple[tuple[str, ...] | None, str]:
+    """Choose ``n`` of the ``usable`` nodes (by leaf) as the topology rules say: (nodes, "") or (None, why).
+
+    A job of at most ``leaf_size`` nodes goes inside one leaf, the leaf with the fewest usable nodes
+    that holds it (best fit: larger holes stay whole for larger jobs; why "leaf"); a bigger one inside
+    one zone, the zone with the fewest usable nodes that holds it, filling leaves; only when no zone
+    holds it and ``cross_ok`` (a cross-zone slot is free) across zones, fullest zones first (why
+    "cross"). Why "nodes": fewer than ``n`` usable nodes in all."""
+    total = sum(len(v) for v in usable.values())
+    if total < n:
+        return None, "nodes"
+    if n <= leaf_size:
+        best = min(((len(v), leaf) for leaf, v in usable.items() if len(v) >= n), default=None)
+        if best is None:
+            return None, "leaf"
+        return tuple(sorted(usable[best[1]])[:n]), ""
+    zones: dict[str, list[str]] = defaultdict(list)
+    for leaf in usable:
+        zones[leaf_zone.get(leaf, "")].append(leaf)
+    counts = {z: sum(len(usable[leaf]) for leaf in leaves) for z, leaves in zones.items()}
+    fits = [(c, z) for z, c in counts.items() if c >= n]
+    if fits:
+        return tuple(_fill(n, usable, zones[min(fits)[1]])), ""
+    if not cross_ok:
+        return None, "cross"
+    picked: list[str] = []
+    for _, z in sorted((-c, z) for z, c in counts.items()):
+        need = n - len(picked)
+        picked += _fill(min(need, counts[z]), usable, zones[z])
+        if len(picked) == n:
+            break
+    return tuple(picked), ""
+
+
+class Pool:
+    """The ready nodes not taken yet in one cycle, by leaf, with the backfill reservations on them.
+
+    [Note: incremental counts] A cycle builds the free sets once and removes the nodes each decision
+    takes, so a placement reads per-leaf sets instead of rescanning 1,250 nodes per queued job."""
+
+    def __init__(self, nodes: Iterable[NodeView], free: Iterable[str]) -> None:
+        self.views: dict[str, NodeView] = {}
+        self.leaf_of: dict[str, str] = {}
+        self.leaf_zone: dict[str, str] = {}
+        size: dict[str, int] = defaultdict(int)
+        for n in nodes:
+            self.views[n.name] = n
+            self.leaf_of[n.name] = n.leaf
+            self.leaf_zone[n.leaf] = n.zone
+            size[n.leaf] += 1
+        self.leaf_size = max(size.values(), default=0)
+        self.zone_of: dict[str, str] = {x: self.leaf_zone[leaf] for x, leaf in self.leaf_of.items()}
+        zsize: dict[str, int] = defaultdict(int)
+        for z in self.zone_of.values():
+            zsize[z] += 1
+        self.zone_size = max(zsize.values(), default=0)
+        self.by_leaf: dict[str, set[str]] = defaultdict(set)
+        for x in free:
+            self.by_leaf[self.leaf_of[x]].add(x)
+        self.count = sum(len(v) for v in self.by_leaf.values())
+        #: node -> the reserved start (a backfill reservation) that needs it; free nodes only matter
+        self.res_t: dict[str, float] = {}
+
+    def take(self, names: Iterable[str]) -> None:
+        for x in names:
+            s = self.by_leaf.get(self.leaf_of.get(x, ""))
+            if s is not None and x in s:
+                s.discard(x)
+                self.count -= 1
+
+    def names(self) -> list[str]:
+        return sorted(x for s in self.by_leaf.values() for x in s)
+
+    def usable(self, end: float = -INF) -> dict[str, list[str]]:
+        """leaf -> the free nodes an attempt expected to end at ``end`` may take: none that a
+        reservation needs before then (``end=INF``: no reserved node at all)."""
+        res = self.res_t
+        out: dict[str, list[str]] = {}
+        for leaf, s in self.by_leaf.items():
+            if s:
+                v = [x for x in s if res.get(x, INF) >= end] if res else list(s)
+                if v:
+                    out[leaf] = v
+        return out
+
+
+def _zones_of(names: Iterable[str], views: dict[str, NodeView]) -> int:
+    return len({views[x].zone for x in names if x in views})
+
+
 # -- plugins --------------------------------------------------------------------------------------
 # [Note: plugins] The queue phases are small named plugins over one cycle's state, as in the
 # Kubernetes scheduling framework: a queue sort orders the queued attempts; each filter answers
 # one attempt with a typed Status (and the reason an attempt waits); a score plugin picks the nodes
-# of an attempt the filters let through. A Profile is one composition of them; DEFAULT_PROFILE is
-# the policy described at the top of this module.
+# of an attempt the filters let through; a preemption plugin frees nodes for an attempt that did not
+# get any; a reservation plugin holds nodes for a blocked attempt against later ones (backfill).
+# A Profile is one composition of them: PROFILES["fireflyer"] (DEFAULT_PROFILE) and
+# PROFILES["reference-fifo"].
 
 class Code(StrEnum):
     """A plugin's verdict on one attempt."""
@@ -403,11 +560,29 @@ class CycleState:
     """What the queue's plugins see and update during one cycle."""
 
     snap: Snapshot
-    free: list[NodeView]                 # ready nodes not taken yet
+    pool: Pool                           # ready nodes not taken yet
     usage: dict = field(default_factory=dict)  # (quota subject, priority) -> nodes charged
     blocked: bool = False                # an attempt ahead could not get nodes (strict order)
     cfg: PolicyConfig = field(default_factory=PolicyConfig)
     rng: random.Random = field(default_factory=random.Random)  # seeded from cfg.seed by plan()
+    ready: set[str] = field(default_factory=set)     # up, not drained, not lost
+    active: list[JobView] = field(default_factory=list)  # attempts holding nodes (effective priority)
+    stopping: set[int] = field(default_factory=set)  # attempts stopping, or told to stop this cycle
+    cross_used: int = 0                  # running attempts that span zones
+    out: list[Decision] = field(default_factory=list)  # decisions of the plugins (preemptions)
+    scratch: dict = field(default_factory=dict)      # per-plugin state for this cycle, by plugin name
+
+    @property
+    def free(self) -> list[NodeView]:
+        """The free nodes (by name)."""
+        return [self.pool.views[x] for x in self.pool.names()]
+
+    def expected_end(self, job: JobView) -> float:
+        """When ``job`` would end if started now (or started at ``started_at``): its time limit left;
+        INF without a limit."""
+        if job.time_limit <= 0:
+            return INF
+        return (job.started_at if job.started_at is not None else self.snap.now) + job.time_limit - job.chain_run_s
 
 
 class QueueSortPlugin(Protocol):
@@ -428,6 +603,22 @@ class ScorePlugin(Protocol):
     def place(self, job: JobView, cs: CycleState) -> tuple[Status, tuple[str, ...] | None]: ...
 
 
+class PreemptPlugin(Protocol):
+    name: str
+
+    def prepare(self, cs: CycleState, queue: list[JobView]) -> None: ...
+
+    def preempt(self, job: JobView, cs: CycleState) -> Status | None: ...
+
+
+class ReservePlugin(Protocol):
+    name: str
+
+    def open(self, cs: CycleState) -> bool: ...
+
+    def reserve(self, job: JobView, cs: CycleState) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class PrioritySort:
     """:func:`queue_sort`: priority (high first), then the chain's first submission."""
@@ -445,39 +636,62 @@ class QuotaFilter:
     name: str = "quota"
 
     def filter(self, job: JobView, cs: CycleState) -> Status:
+        if not cs.snap.quotas:
+            return SUCCESS
         why = quota_filter(job, cs.snap.quotas, cs.usage)
         return SUCCESS if why is None else Status(Code.UNSCHEDULABLE, why)
 
 
 @dataclass(frozen=True)
 class StrictOrder:
-    """[Note: strict order, no backfill] nothing starts behind an attempt that could not get nodes."""
+    """[Note: strict order] nothing starts behind an attempt that could not get nodes."""
 
     name: str = "strict_order"
 
     def filter(self, job: JobView, cs: CycleState) -> Status:
-        return Status(Code.WAIT, WAITING) if cs.blocked else SUCCESS
+        return Status(Code.WAIT, _needs(job.nodes, cs.pool.count)) if cs.blocked else SUCCESS
+
+
+def _needs(n: int, free: int) -> str:
+    return f"{WAITING}: needs {n}, {free} free"
+
+
+def _why(kind: str, n: int, free: int) -> str:
+    return {"leaf": f"waiting for {n} free nodes in one leaf",
+            "cross": "waiting for a cross-zone slot"}.get(kind) or _needs(n, free)
 
 
 @dataclass(frozen=True)
 class TopologyScore:
-    """:func:`score_nodes`: the tightest leaf that fits, else the tightest zone, else whole zones."""
+    """:func:`place_topology` over the free nodes the attempt may take: none a backfill reservation
+    needs before the attempt's expected end; a cross-zone placement only while a slot is free.
+
+    [Note: failure cache] Nodes are only taken during a cycle, never given back, so an attempt that
+    found no place rules out every later one at least as big that ends no earlier (within one size
+    class: a leaf-sized job, or bigger); the 10,000-job queue then costs a comparison per job."""
 
     name: str = "topology"
 
     def place(self, job: JobView, cs: CycleState) -> tuple[Status, tuple[str, ...] | None]:
-        chosen = score_nodes(cs.free, job.nodes)
-        return (Status(Code.WAIT, WAITING), None) if chosen is None else (SUCCESS, chosen)
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One policy: a queue sort, filters (in order; the first that does not succeed decides) and a score."""
-
-    name: str
-    queue_sort: QueueSortPlugin
-    filters: tuple[FilterPlugin, ...]
-    score: ScorePlugin
+        pool = cs.pool
+        n = job.nodes
+        if n > pool.count:
+            return Status(Code.WAIT, _needs(n, pool.count)), None
+        end = cs.expected_end(job)
+        big = n > pool.leaf_size
+        fails = cs.scratch.setdefault(self.name, [])
+        for fb, fn, fe, kind, tot in fails:
+            if fb == big and n >= fn and (end >= fe or not pool.res_t):
+                return Status(Code.WAIT, _why("nodes" if n > tot else kind, n, tot)), None
+        usable = pool.usable(end)
+        chosen, kind = place_topology(n, usable, pool.leaf_zone, pool.leaf_size,
+                                      cs.cross_used < cs.cfg.cross_zone_jobs)
+        if chosen is None:
+            tot = sum(len(v) for v in usable.values())
+            if len(fails) < 64:
+                fails.append((big, n, end, kind, tot))
+            return Status(Code.WAIT, _why(kind, n, tot)), None
+        return SUCCESS, chosen
 
 
 @dataclass(frozen=True)
@@ -487,21 +701,349 @@ class RandomScore:
     name: str = "random"
 
     def place(self, job: JobView, cs: CycleState) -> tuple[Status, tuple[str, ...] | None]:
-        if len(cs.free) < job.nodes:
-            return Status(Code.WAIT, WAITING), None
-        return SUCCESS, tuple(sorted(n.name for n in cs.rng.sample(cs.free, job.nodes)))
+        if cs.pool.count < job.nodes:
+            return Status(Code.WAIT, _needs(job.nodes, cs.pool.count)), None
+        return SUCCESS, tuple(sorted(cs.rng.sample(cs.pool.names(), job.nodes)))
 
 
-DEFAULT_PROFILE = Profile("fireflyer", PrioritySort(), (QuotaFilter(), StrictOrder()), TopologyScore())
-REFERENCE_FIFO = Profile("reference-fifo", PrioritySort(), (QuotaFilter(), StrictOrder()), RandomScore())
+def _preempted_reason(job: JobView) -> str:
+    return f"preempted by job {job.id} (user {job.user}, priority {job.priority})"
+
+
+def _preempting(ids: Iterable[int]) -> str:
+    ids = sorted(ids)
+    return f"preempting job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+
+
+@dataclass(frozen=True)
+class LeastWorkLost:
+    """Preemption: free the nodes a blocked attempt needs by suspending lower-priority attempts.
+
+    Only a strictly higher effective priority preempts (so never a job of the same user at the same
+    priority), and only attempts that have run ``min_run_time``. Victims are ranked by the work they
+    would lose (now - max(last checkpoint, start)), then the lowest priority, then the newest; for each
+    leaf (a leaf-sized job), zone (a bigger one) or, with a cross-zone slot free, the whole cluster,
+    the fewest victims in that order that make room, and the group needing the fewest wins.
+
+    [Note: victims are reserved] A victim's nodes are the preemptor's: while its victims are stopping
+    (their reason "preempted by job N"), the preemptor picks no more victims, waits for them, and keeps
+    the free nodes its placement needs from every later attempt."""
+
+    name: str = "least_work_lost"
+
+    def prepare(self, cs: CycleState, queue: list[JobView]) -> None:
+        now, cfg = cs.snap.now, cs.cfg
+        pending: dict[int, list[JobView]] = defaultdict(list)
+        cands = []
+        for j in cs.active:
+            if j.status == JobStatus.STOPPING:
+                m = _PREEMPTED_BY.match(j.reason)
+                if m:
+                    pending[int(m.group(1))].append(j)
+            elif j.id not in cs.stopping and j.started_at is not None and now - j.started_at >= cfg.min_run_time:
+                cands.append(((now - max(j.last_checkpoint, j.started_at), j.priority, -j.rank_key), j))
+        cands.sort(key=lambda c: c[0])
+        cs.scratch[self.name] = {"pending": pending, "victims": [j for _, j in cands],
+                                 "floor": min((j.priority for _, j in cands), default=INF),
+                                 "taken": set(), "fails": []}
+        # the free nodes of a waiting preemptor's placement are claimed before any attempt is placed
+        # (it may sort behind higher-priority ones, which must not take them either)
+
+    def _groups(self, job: JobView, cs: CycleState):
+        pool = cs.pool
+        if job.nodes <= pool.leaf_size:
+            return lambda x: pool.leaf_of.get(x, "")
+        if cs.cross_used < cs.cfg.cross_zone_jobs:
+            return None   # zone first; whole cluster as the fallback
+        return lambda x: pool.leaf_zone.get(pool.leaf_of.get(x, ""), "")
+
+    def preempt(self, job: JobView, cs: CycleState) -> Status | None:
+        st = cs.scratch[self.name]
+        pool = cs.pool
+        end = cs.expected_end(job)
+        if job.id in st["pending"]:
+            victims = st["pending"][job.id]
+            extra = [x for v in victims for x in v.assigned_nodes if x in cs.ready]
+            usable = pool.usable(end)
+            for x in extra:
+                usable.setdefault(pool.leaf_of.get(x, ""), []).append(x)
+            chosen, _ = place_topology(job.nodes, usable, pool.leaf_zone, pool.leaf_size,
+                                       cs.cross_used < cs.cfg.cross_zone_jobs)
+            if chosen is not None:
+                pool.take(chosen)
+            return Status(Code.WAIT, _preempting(v.id for v in victims))
+        p, n = job.priority, job.nodes
+        if p <= st["floor"]:
+            return None
+        big = n > pool.leaf_size
+        for fp, fb, fn, fe in st["fails"]:
+            if fp >= p and fb == big and n >= fn and (end >= fe or not pool.res_t):
+                return None
+        best = None
+        usable = pool.usable(end)
+        leaf_zone, leaf_of = pool.leaf_zone, pool.leaf_of
+        zone_of = pool.zone_of
+        keys = [("leaf", leaf_of)] if not big else [("zone", zone_of)]
+        if big and cs.cross_used < cs.cfg.cross_zone_jobs:
+            keys.append(("all", None))
+        for scope, key in keys:
+            have: dict[str, int] = defaultdict(int)
+            for leaf, v in usable.items():
+                have[leaf if scope == "leaf" else "" if scope == "all" else leaf_zone.get(leaf, "")] += len(v)
+            gained: dict[str, list[JobView]] = defaultdict(list)
+            count: dict[str, int] = defaultdict(int)
+            done: set[str] = set()
+            for v in st["victims"]:
+                if v.priority >= p or v.id in st["taken"] or (v.user == job.user and v.priority == p):
+                    continue
+                per: dict[str, int] = defaultdict(int)
+                for x in v.assigned_nodes:
+                    if x in cs.ready:
+                        per["" if key is None else key.get(x, "")] += 1
+                for g, k in per.items():
+                    if g in done:
+                        continue
+                    gained[g].append(v)
+                    count[g] += k
+                    if have[g] + count[g] >= n:
+                        done.add(g)
+                        cand = (len(gained[g]), g, list(gained[g]))
+                        if best is None or cand[:1] < best[:1]:
+                            best = cand + (scope,)
+            if best is not None:
+                break
+        if best is None:
+            if len(st["fails"]) < 64:
+                st["fails"].append((p, big, n, end))
+            return None
+        _, g, victims, scope = best
+        grp = (lambda x: leaf_of.get(x, "")) if scope == "leaf" else \
+            (lambda x: zone_of.get(x, "")) if scope == "zone" else (lambda x: "")
+        # drop victims not needed (a later, bigger one may make an earlier one unnecessary)
+        have_g = sum(len(v) for leaf, v in usable.items() if grp(next(iter(v))) == g)
+        gain = {v.id: sum(1 for x in v.assigned_nodes if x in cs.ready and grp(x) == g) for v in victims}
+        total = have_g + sum(gain.values())
+        for v in list(reversed(victims)):
+            if total - gain[v.id] >= n:
+                victims.remove(v)
+                total -= gain[v.id]
+        # the placement: the victims' nodes, then free nodes of the group as the topology rules pick
+        mine = {leaf: [x for x in xs if grp(x) == g] for leaf, xs in usable.items()}
+        vn = [x for v in victims for x in v.assigned_nodes if x in cs.ready and grp(x) == g]
+        for x in vn:
+            mine.setdefault(leaf_of.get(x, ""), []).append(x)
+        chosen, _ = place_topology(n, {k: v for k, v in mine.items() if v}, leaf_zone, pool.leaf_size,
+                                   scope == "all")
+        if chosen is None:   # the group's nodes are enough but not in a valid shape: no preemption
+            return None
+        pool.take(chosen)
+        reason = _preempted_reason(job)
+        for v in victims:
+            st["taken"].add(v.id)
+            cs.stopping.add(v.id)
+            cs.out.append(StopJob(v.id, StopCode.INTERRUPT, Desired.SUSPEND, reason))
+        return Status(Code.WAIT, _preempting(v.id for v in victims))
+
+
+@dataclass(frozen=True)
+class PrefixPreempt:
+    """The reference matcher's preemption: order every attempt that holds or wants nodes by priority
+    then first submission; the prefix whose node counts fit the ready nodes may run; a running
+    attempt outside it is suspended, a queued one outside it waits (no minimum run time)."""
+
+    name: str = "prefix"
+
+    def prepare(self, cs: CycleState, queue: list[JobView]) -> None:
+        usage = dict(cs.usage)
+        entries = [j for j in cs.active if j.status != JobStatus.STOPPING and j.id not in cs.stopping]
+        for j in queue:
+            if not cs.snap.quotas or quota_filter(j, cs.snap.quotas, usage) is None:
+                _charge(j, cs.snap.quotas, usage)
+                entries.append(j)
+        entries.sort(key=lambda j: (-j.priority, j.rank_key, j.id))
+        room = len(cs.ready)
+        prefix: set[int] = set()
+        for j in entries:
+            if j.nodes > room:
+                break
+            room -= j.nodes
+            prefix.add(j.id)
+        first = next((j for j in entries if j.status == JobStatus.QUEUED and j.id in prefix), None)
+        for j in cs.active:
+            if j.status != JobStatus.STOPPING and j.id not in cs.stopping and j.id not in prefix:
+                cs.stopping.add(j.id)
+                cs.out.append(StopJob(j.id, StopCode.INTERRUPT, Desired.SUSPEND,
+                                      _preempted_reason(first) if first else "suspended: no longer fits"))
+        cs.scratch[self.name] = prefix
+
+    def preempt(self, job: JobView, cs: CycleState) -> Status | None:
+        return None
+
+
+@dataclass(frozen=True)
+class PrefixFilter:
+    """With :class:`PrefixPreempt`: a queued attempt outside the prefix that fits waits."""
+
+    name: str = "prefix_filter"
+
+    def filter(self, job: JobView, cs: CycleState) -> Status:
+        return SUCCESS if job.id in cs.scratch.get("prefix", ()) else Status(Code.WAIT, _needs(job.nodes,
+                                                                                             cs.pool.count))
+
+
+@dataclass(frozen=True)
+class BackfillReserve:
+    """Reservations for the first ``PolicyConfig.reservations`` blocked attempts (EASY/conservative
+    backfill): the earliest time the running attempts' expected ends (start + time limit left; none:
+    never) free enough nodes in a valid placement, and those nodes. A later attempt may take a reserved
+    free node only if it is expected to end by then, so it delays no reserved start. Reservations do
+    not share nodes; an attempt with no reservation (no known end frees room for it) holds nothing.
+
+    [Note: unknown ends] Without time limits no end is known and nothing is reserved: the queue is then
+    served greedily (a smaller attempt takes free nodes a bigger one ahead waits for); time limits are
+    what make the reservations, as in Slurm."""
+
+    name: str = "backfill"
+
+    def _ends(self, cs: CycleState) -> list[tuple[float, int, list[str]]]:
+        ends = cs.scratch.get(self.name)
+        if ends is None:
+            now = cs.snap.now
+            ends = []
+            for j in cs.active:
+                e = now if j.status == JobStatus.STOPPING or j.id in cs.stopping else cs.expected_end(j)
+                if e < INF:
+                    ends.append((max(e, now), j.id, [x for x in j.assigned_nodes if x in cs.ready]))
+            ends.sort()
+            cs.scratch[self.name] = ends
+            cs.scratch[self.name + ".n"] = 0
+            cs.scratch[self.name + ".claimed"] = set()
+        return ends
+
+    def open(self, cs: CycleState) -> bool:
+        """Whether a later blocked attempt may still get a reservation in this cycle."""
+        return bool(self._ends(cs)) and cs.scratch[self.name + ".n"] < cs.cfg.reservations
+
+    def reserve(self, job: JobView, cs: CycleState) -> str | None:
+        ends = self._ends(cs)
+        if cs.scratch[self.name + ".n"] >= cs.cfg.reservations or not ends:
+            return None
+        cs.scratch[self.name + ".n"] += 1
+        pool, claimed = cs.pool, cs.scratch[self.name + ".claimed"]
+        n = job.nodes
+        avail: dict[str, list[str]] = {leaf: [x for x in xs if x not in claimed]
+                                       for leaf, xs in pool.usable().items()}
+        big = n > pool.leaf_size
+        zone = pool.leaf_zone
+        count: dict[str, int] = defaultdict(int)   # by leaf (small jobs) or zone (big ones)
+        for leaf, xs in avail.items():
+            count[zone.get(leaf, "") if big else leaf] += len(xs)
+        total = sum(count.values())
+        for t, jid, xs in ends:
+            touched = set()
+            for x in xs:
+                if x in claimed:
+                    continue
+                leaf = pool.leaf_of.get(x, "")
+                avail.setdefault(leaf, []).append(x)
+                g = zone.get(leaf, "") if big else leaf
+                count[g] += 1
+                total += 1
+                touched.add(g)
+            if not touched or total < n or not (any(count[g] >= n for g in touched) or n > pool.zone_size):
+                continue
+            chosen, _ = place_topology(n, {k: v for k, v in avail.items() if v}, zone, pool.leaf_size, True)
+            if chosen is None:
+                continue
+            claimed.update(chosen)
+            for x in chosen:
+                pool.res_t[x] = min(pool.res_t.get(x, INF), t)
+            return f"reserved: starts when job {jid} ends"
+        return None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One policy: a queue sort, filters (in order; the first that does not succeed decides), a score,
+    and optionally a preemption and a reservation (backfill) plugin; ``demote``: ABOVE_NORMAL ages to
+    NORMAL after ``PolicyConfig.demote_after`` of run time."""
+
+    name: str
+    queue_sort: QueueSortPlugin
+    filters: tuple[FilterPlugin, ...]
+    score: ScorePlugin
+    preempt: PreemptPlugin | None = None
+    reserve: ReservePlugin | None = None
+    demote: bool = False
+
+
+DEFAULT_PROFILE = Profile("fireflyer", PrioritySort(), (QuotaFilter(),), TopologyScore(), LeastWorkLost(),
+                          BackfillReserve(), demote=True)
+REFERENCE_FIFO = Profile("reference-fifo", PrioritySort(), (QuotaFilter(), PrefixFilter(), StrictOrder()),
+                         RandomScore(), PrefixPreempt())
 #: the policies by name (``[haiplatform] policy`` in the cluster file, ``hai sim --policy``)
 PROFILES: dict[str, Profile] = {p.name: p for p in (DEFAULT_PROFILE, REFERENCE_FIFO)}
+
+
+# -- effective priority ---------------------------------------------------------------------------
+
+def _run_s(job: JobView, now: float) -> float:
+    """The chain's run time so far: earlier attempts and this one."""
+    return job.chain_run_s + (now - job.started_at if job.started_at is not None and job.status in JobStatus.ACTIVE
+                              else 0.0)
+
+
+def auto_level(job: JobView, quotas: Iterable[QuotaView], usage: dict) -> int:
+    """AUTO: the highest level at which every per-priority quota of the job's user (and group) at that
+    level has room for it; NORMAL when none has (or none exists)."""
+    subjects = {f"user:{job.user}"} | ({f"group:{job.group}"} if job.group else set())
+    mine = [q for q in quotas if q.subject in subjects and q.priority is not None]
+    for level in sorted({q.priority for q in mine}, reverse=True):
+        if all(usage.get(_quota_usage_key(q), 0) + job.nodes <= q.max_nodes for q in mine if q.priority == level):
+            return level
+    return NORMAL
+
+
+def _effective(snap: Snapshot, cfg: PolicyConfig, profile: Profile, skip: set[int]
+               ) -> tuple[list[JobView], list[JobView], list[Decision], dict]:
+    """The attempts holding nodes and the queued ones at their effective priority, the SetPriority
+    decisions for those whose level changes, and the quota usage of the attempts holding nodes.
+
+    An attempt's level is ``priority`` (what the applier last wrote), except: a queued AUTO attempt
+    takes :func:`auto_level` (re-checked each cycle while it waits; a running one keeps its level), and
+    ABOVE_NORMAL drops to NORMAL once the chain has run ``demote_after`` (when the profile ages)."""
+    now = snap.now
+    out: list[Decision] = []
+    active: list[JobView] = []
+    queued: list[JobView] = []
+    usage: dict = {}
+    for j in snap.jobs:
+        if j.status in JobStatus.ACTIVE and j.id not in skip:
+            if profile.demote and j.priority == ABOVE_NORMAL and _run_s(j, now) >= cfg.demote_after:
+                out.append(SetPriority(j.id, NORMAL, f"above_normal -> normal after {_hms(cfg.demote_after)} "
+                                                     "of run time"))
+                j = replace(j, priority=NORMAL)
+            active.append(j)
+            _charge(j, snap.quotas, usage)
+    for j in snap.jobs:
+        if j.status != JobStatus.QUEUED or j.stop_requested:
+            continue
+        p = auto_level(j, snap.quotas, usage) if j.submitted_priority == AUTO else j.priority
+        why = "auto"
+        if profile.demote and p == ABOVE_NORMAL and j.chain_run_s >= cfg.demote_after:
+            p, why = NORMAL, f"above_normal -> normal after {_hms(cfg.demote_after)} of run time"
+        if p != j.priority:
+            out.append(SetPriority(j.id, p, why))
+            j = replace(j, priority=p)
+        queued.append(j)
+    return active, queued, out, usage
 
 
 def queue_position(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEFAULT_PROFILE
                    ) -> dict[int, int]:
     """The 1-based place of each queued attempt in the order ``profile`` serves the queue (``hai list``)."""
-    return {j.id: i for i, j in enumerate(profile.queue_sort.sort(snap.jobs), 1)}
+    _, queued, _, _ = _effective(snap, cfg or PolicyConfig(), profile, set())
+    return {j.id: i for i, j in enumerate(profile.queue_sort.sort(queued), 1)}
 
 
 def never_fits(nodes: int, user: str, group: str | None, priority: int, node_views: Iterable[NodeView],
@@ -516,8 +1058,7 @@ def never_fits(nodes: int, user: str, group: str | None, priority: int, node_vie
         return f"asks {nodes} nodes, the cluster has {total}"
     subjects = {f"user:{user}"} | ({f"group:{group}"} if group else set())
     mine = [q for q in quotas if q.subject in subjects]
-    levels = ({q.priority for q in mine if q.priority is not None} | {PRIORITIES["normal"]}) if priority == AUTO \
-        else {priority}
+    levels = ({q.priority for q in mine if q.priority is not None} | {NORMAL}) if priority == AUTO else {priority}
     whys = []
     for level in sorted(levels, reverse=True):
         over = [q for q in mine if (q.priority is None or q.priority == level) and nodes > q.max_nodes]
@@ -529,6 +1070,8 @@ def never_fits(nodes: int, user: str, group: str | None, priority: int, node_vie
     return f"asks {nodes} nodes, " + "; ".join(whys)
 
 
+# -- one cycle ------------------------------------------------------------------------------------
+
 def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
     """One scheduling cycle: every phase in order, over one snapshot."""
     return plan(snap, cfg)[0]
@@ -536,7 +1079,7 @@ def decide(snap: Snapshot, cfg: PolicyConfig | None = None) -> list[Decision]:
 
 def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEFAULT_PROFILE
          ) -> tuple[list[Decision], int]:
-    """:func:`decide`, plus how many ready nodes are left free after its decisions."""
+    """:func:`decide` with ``profile``, plus how many ready nodes are left free after its decisions."""
     cfg = cfg or PolicyConfig()
     out: list[Decision] = node_health(snap, cfg)
     lost = {n.name for n in snap.nodes if n.state != NodeState.UP} | {d.node for d in out if isinstance(d, MarkNode)}
@@ -544,27 +1087,69 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
     # A suspended attempt's nodes stay held until the next cycle, when its successor (inserted by this
     # cycle's writes) is in the queue with the chain's first_id and can win them back.
     finished = {d.job_id for d in out if isinstance(d, FinishJob) and not d.requeue}
-    # nodes held: by every attempt holding nodes that is not finishing in this cycle
+    drained = {d.node for d in out if isinstance(d, DrainNode)}
+    active, queued, prio, usage = _effective(snap, cfg, profile, finished)
+    out += prio
     held: set[str] = set()
-    usage: dict = {}
-    for j in snap.jobs:
-        if j.status in JobStatus.ACTIVE and j.id not in finished:
-            held.update(j.assigned_nodes)
-            _charge(j, snap.quotas, usage)
-    node_views = {n.name: n for n in snap.nodes}
-    cs = CycleState(snap, node_filter(snap.nodes, held, lost), usage, cfg=cfg, rng=random.Random(cfg.seed))
-    for job in profile.queue_sort.sort(snap.jobs):
+    for j in active:
+        held.update(j.assigned_nodes)
+    ready = {n.name for n in snap.nodes if n.state == NodeState.UP and n.name not in lost and not n.drained
+             and n.name not in drained}
+    pool = Pool(snap.nodes, ready - held)
+    cs = CycleState(snap, pool, usage, cfg=cfg, rng=random.Random(cfg.seed), ready=ready, active=active,
+                    stopping={d.job_id for d in out if isinstance(d, StopJob)})
+    cs.cross_used = sum(1 for j in active if len(j.assigned_nodes) > 1 and _zones_of(j.assigned_nodes, pool.views) > 1)
+    order = profile.queue_sort.sort(queued)
+    if profile.preempt is not None:
+        profile.preempt.prepare(cs, order)
+    pre = cs.scratch.get(getattr(profile.preempt, "name", ""), {})
+    pending = pre.get("pending", {}) if isinstance(pre, dict) else {}
+    floor = pre.get("floor", INF) if isinstance(pre, dict) else INF
+    # [Note: waiting preemptors first] the free nodes a waiting preemptor's placement needs are
+    # claimed before the queue is walked, so no attempt (even one sorted ahead) takes them.
+    early: dict[int, Status] = {}
+    for job in order:
+        if job.id in pending:
+            st, chosen = profile.score.place(job, cs)
+            if st.ok and chosen is not None:
+                early[job.id] = st
+                _start(job, chosen, cs, out)
+            else:
+                early[job.id] = profile.preempt.preempt(job, cs)
+    reserve_open = profile.reserve is not None
+    for job in order:
+        if job.id in early:
+            status = early[job.id]
+            if not status.ok and status.reason != job.reason:
+                out.append(SetReason(job.id, status.reason))
+            continue
         status = next((st for f in profile.filters if not (st := f.filter(job, cs)).ok), SUCCESS)
         if status.ok:
-            status, chosen = profile.score.place(job, cs)
-            if status.ok and chosen is not None:
-                out.append(StartJob(job.id, chosen, rank_layout(job, chosen, node_views), job.priority))
-                taken = set(chosen)
-                cs.free = [n for n in cs.free if n.name not in taken]
-                _charge(job, snap.quotas, cs.usage)
-                continue
+            if pool.count == 0 and job.priority <= floor and not reserve_open:
+                status = Status(Code.WAIT, _needs(job.nodes, 0))   # [Note: nothing left to try]
+            else:
+                status, chosen = profile.score.place(job, cs)
+                if status.ok and chosen is not None:
+                    _start(job, chosen, cs, out)
+                    continue
+                pst = profile.preempt.preempt(job, cs) if profile.preempt is not None else None
+                if pst is not None:
+                    status = pst
+                elif profile.reserve is not None and reserve_open:
+                    why = profile.reserve.reserve(job, cs)
+                    reserve_open = profile.reserve.open(cs)
+                    if why:
+                        status = Status(Code.WAIT, why)
         if status.code == Code.WAIT:
             cs.blocked = True
         if status.reason != job.reason:
             out.append(SetReason(job.id, status.reason))
-    return out, len(cs.free)
+    return out + cs.out, pool.count
+
+
+def _start(job: JobView, chosen: tuple[str, ...], cs: CycleState, out: list[Decision]) -> None:
+    out.append(StartJob(job.id, chosen, rank_layout(job, chosen, cs.pool.views), job.priority))
+    cs.pool.take(chosen)
+    _charge(job, cs.snap.quotas, cs.usage)
+    if len(chosen) > 1 and _zones_of(chosen, cs.pool.views) > 1:
+        cs.cross_used += 1

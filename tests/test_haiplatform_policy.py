@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from haiplatform.db import JobStatus, RankStatus, StopCode
 from haiplatform.policy import (
+    PROFILES,
     CancelJob,
+    DrainNode,
     FinishJob,
     JobView,
     MarkNode,
@@ -19,6 +23,7 @@ from haiplatform.policy import (
     StartJob,
     StopJob,
     decide,
+    plan,
     score_nodes,
 )
 
@@ -35,13 +40,24 @@ def starts(ds):
     return {d.job_id: d.nodes for d in ds if isinstance(d, StartJob)}
 
 
+def stops(ds):
+    return {d.job_id: d.reason for d in ds if isinstance(d, StopJob)}
+
+
+def run(i, user, on, priority=10, **kw):
+    """A running attempt on nodes ``on``, one rank per node."""
+    kw.setdefault("started_at", NOW - 3600)
+    return JobView(i, user, len(on), priority=priority, status=JobStatus.RUNNING, assigned_nodes=tuple(on),
+                   ranks=tuple(RankView(k, x, RankStatus.RUNNING) for k, x in enumerate(on)), **kw)
+
+
 def test_priority_first_then_first_submission():
     jobs = (JobView(1, "alice", 1, priority=10), JobView(2, "bob", 1, priority=30),
             JobView(3, "carol", 1, priority=10), JobView(4, "dave", 1, priority=10))
     ds = decide(Snapshot(NOW, jobs, nodes(2)))
     assert set(starts(ds)) == {2, 1}  # the high-priority job and the oldest normal one
     reasons = {d.job_id: d.reason for d in ds if isinstance(d, SetReason)}
-    assert reasons == {3: "waiting for nodes", 4: "waiting for nodes"}
+    assert reasons == {3: "waiting for nodes: needs 1, 0 free", 4: "waiting for nodes: needs 1, 0 free"}
 
 
 def test_resumed_attempt_keeps_its_place():
@@ -74,17 +90,31 @@ def test_held_drained_and_lost_nodes_are_not_used():
     assert starts(ds) == {2: ("n3",)}
 
 
-def test_strict_order_head_blocks_smaller_jobs_behind_it():
+def test_reference_fifo_strict_order_and_seeded_random_nodes():
     jobs = (JobView(1, "a", 4), JobView(2, "b", 1))
-    ds = decide(Snapshot(NOW, jobs, nodes(3)))
-    assert starts(ds) == {}
+    ds, _ = plan(Snapshot(NOW, jobs, nodes(3)), profile=PROFILES["reference-fifo"])
+    assert starts(ds) == {}   # the blocked head holds back everything behind it (no backfill)
     assert {d.job_id for d in ds if isinstance(d, SetReason)} == {1, 2}
+    # random free nodes (no topology), the same for the same seed
+    many = tuple(NodeView(f"n{i:02d}", "z", "l", last_seen=NOW) for i in range(20))
+    picks = {starts(plan(Snapshot(NOW, (JobView(1, "a", 3),), many), PolicyConfig(seed=s),
+                         PROFILES["reference-fifo"])[0])[1] for s in range(5)}
+    assert len(picks) > 1
+    again = plan(Snapshot(NOW, (JobView(1, "a", 3),), many), PolicyConfig(seed=3), PROFILES["reference-fifo"])[0]
+    assert starts(again)[1] in picks
+
+
+def test_reference_fifo_suspends_running_jobs_outside_the_fitting_prefix():
+    """No minimum run time: a job that started a second ago is suspended for a higher-priority one."""
+    low = run(1, "a", ("n0", "n1"), started_at=NOW - 1)
+    ds, _ = plan(Snapshot(NOW, (low, JobView(2, "b", 1, priority=30)), nodes(2)), profile=PROFILES["reference-fifo"])
+    assert stops(ds) == {1: "preempted by job 2 (user b, priority 30)"} and starts(ds) == {}
 
 
 def test_a_profile_composes_the_queue_plugins():
     """plan() runs the profile it is given: without StrictOrder a small job backfills behind a blocked
     one, and a filter's unschedulable reason is the attempt's reason without blocking the queue."""
-    from haiplatform.policy import DEFAULT_PROFILE, Code, Profile, QuotaFilter, Status, plan
+    from haiplatform.policy import DEFAULT_PROFILE, Code, Profile, QuotaFilter, Status
 
     class NoBob:
         name = "no_bob"
@@ -96,9 +126,9 @@ def test_a_profile_composes_the_queue_plugins():
     backfill = Profile("backfill", DEFAULT_PROFILE.queue_sort, (QuotaFilter(), NoBob()), DEFAULT_PROFILE.score)
     ds, free = plan(Snapshot(NOW, jobs, nodes(3)), profile=backfill)
     assert set(starts(ds)) == {3} and free == 2
-    assert {d.job_id: d.reason for d in ds if isinstance(d, SetReason)} == {1: "waiting for nodes",
+    assert {d.job_id: d.reason for d in ds if isinstance(d, SetReason)} == {1: "waiting for nodes: needs 4, 3 free",
                                                                           2: "bob may not run"}
-    assert starts(plan(Snapshot(NOW, jobs, nodes(3)))[0]) == {}  # the default profile: strict order
+    assert starts(plan(Snapshot(NOW, jobs, nodes(3)), profile=PROFILES["reference-fifo"])[0]) == {}
 
 
 def test_quota_per_user_and_priority():
@@ -124,7 +154,7 @@ def test_group_quota_and_quota_exceeded():
 
 
 def test_unchanged_reason_is_not_rewritten():
-    ds = decide(Snapshot(NOW, (JobView(1, "a", 9, reason="waiting for nodes"),), nodes(4)))
+    ds = decide(Snapshot(NOW, (JobView(1, "a", 9, reason="waiting for nodes: needs 9, 4 free"),), nodes(4)))
     assert ds == []
 
 
@@ -152,17 +182,49 @@ def test_failed_rank_stops_the_others_then_job_fails_with_its_exit_code():
     assert f.status == JobStatus.FAILED and f.exit_code == 3  # rank 1's own failure, not the SIGTERM
 
 
-def test_missed_heartbeats_lose_the_node_and_fail_its_job():
+def test_missed_heartbeats_lose_the_node_drain_it_and_requeue_its_job():
     ns = (NodeView("n0", last_seen=NOW), NodeView("n1", last_seen=NOW - 30))
     ranks = (RankView(0, "n0", RankStatus.RUNNING), RankView(1, "n1", RankStatus.RUNNING))
-    j = JobView(1, "a", 2, status=JobStatus.RUNNING, assigned_nodes=("n0", "n1"), ranks=ranks)
+    j = JobView(1, "a", 2, status=JobStatus.RUNNING, assigned_nodes=("n0", "n1"), ranks=ranks, restart_count=3)
     ds = decide(Snapshot(NOW, (j,), ns), PolicyConfig(heartbeat_timeout=10))
     assert MarkNode("n1", "lost", ds[0].reason) in ds
-    assert MarkRanksLost(1, "n1") in ds
+    assert MarkRanksLost(1, "n1") in ds and DrainNode("n1", "lost under job 1") in ds
+    (s,) = [d for d in ds if isinstance(d, StopJob)]
+    assert s.code == StopCode.NODE_LOST | StopCode.INTERRUPT and s.reason == "node n1 lost; re-queued"
+    # once every rank has ended: suspended and re-queued (resumes from its checkpoint elsewhere)
+    done = (RankView(0, "n0", RankStatus.KILLED, exit_code=-15), RankView(1, "n1", RankStatus.LOST))
+    j2 = JobView(1, "a", 2, status=JobStatus.STOPPING, stop_code=s.code, assigned_nodes=("n0", "n1"), ranks=done)
+    (f,) = [d for d in decide(Snapshot(NOW, (j2,), ns)) if isinstance(d, FinishJob)]
+    assert (f.status, f.requeue, f.reason) == (JobStatus.SUSPENDED, True, "node n1 lost; re-queued")
+    # a chain that has restarted max_node_requeues times fails instead
+    ds = decide(Snapshot(NOW, (j,), ns), PolicyConfig(heartbeat_timeout=10, max_node_requeues=3))
     (s,) = [d for d in ds if isinstance(d, StopJob)]
     assert s.code == StopCode.NODE_LOST
+    j3 = JobView(1, "a", 2, status=JobStatus.STOPPING, stop_code=s.code, assigned_nodes=("n0", "n1"), ranks=done)
+    (f,) = [d for d in decide(Snapshot(NOW, (j3,), ns)) if isinstance(d, FinishJob)]
+    assert (f.status, f.requeue) == (JobStatus.FAILED, False)
     # within the timeout nothing happens
     assert decide(Snapshot(NOW, (j,), ns), PolicyConfig(heartbeat_timeout=60)) == []
+
+
+def test_time_limit_and_watchdog_stop_the_job_and_it_fails_with_the_reason():
+    # 3000 s in earlier attempts + 600 s now reaches a 1 h limit
+    j = run(1, "a", ("n0",), started_at=NOW - 600, chain_run_s=3000, time_limit=3600, last_output=NOW)
+    (s,) = [d for d in decide(Snapshot(NOW, (j,), nodes(1))) if isinstance(d, StopJob)]
+    assert (s.code, s.desired, s.reason) == (StopCode.TIMEOUT, "stop", "time limit 1:00:00 reached")
+    assert not [d for d in decide(Snapshot(NOW - 1, (j,), nodes(1))) if isinstance(d, StopJob)]
+    # the watchdog: no output for longer than 60 s (counted from the start when there was none)
+    j = run(1, "a", ("n0",), started_at=NOW - 100, watchdog=60, last_output=NOW - 61)
+    (s,) = [d for d in decide(Snapshot(NOW, (j,), nodes(1))) if isinstance(d, StopJob)]
+    assert (s.code, s.reason) == (StopCode.HUNG, "no output for 60 s (watchdog)")
+    assert not decide(Snapshot(NOW, (replace(j, last_output=NOW - 59),), nodes(1)))
+    assert not decide(Snapshot(NOW, (replace(j, last_output=0, started_at=NOW - 59),), nodes(1)))
+    # the attempt ends failed, with the limit's reason
+    for code, why in ((StopCode.TIMEOUT, "time limit 1:00:00 reached"), (StopCode.HUNG, "no output for 60 s (watchdog)")):
+        j = JobView(1, "a", 1, status=JobStatus.STOPPING, stop_code=code, reason=why, assigned_nodes=("n0",),
+                    ranks=(RankView(0, "n0", RankStatus.KILLED, exit_code=-15),), started_at=NOW - 100)
+        (f,) = [d for d in decide(Snapshot(NOW, (j,), nodes(1))) if isinstance(d, FinishJob)]
+        assert (f.status, f.requeue, f.reason) == (JobStatus.FAILED, False, why)
 
 
 def test_stop_requests_cancel_queued_and_stop_running():
