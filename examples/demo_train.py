@@ -10,9 +10,15 @@ every rank gets the job environment from its node's agent. The job:
 - checkpoints model + optimizer + step through ``fs3.checkpoint`` every ``--ckpt-every`` steps
   (rank 0 saves; ``save`` copies the tensors and returns, the write goes on in the background,
   atomically renamed into place; any rank of any later attempt loads it: shared storage);
-- on a suspend (the agent writes ``suspend`` into ``$HAI_CONTROL`` and sends SIGTERM), all ranks
-  agree on the step to stop at (an allreduce of the flag), rank 0 checkpoints and waits for the
-  write, and they exit; the platform re-queues the job, and the next attempt resumes from it.
+- is time-shared through :mod:`haiplatform.job`: when the scheduler preempts it (or its user
+  types ``hai suspend``), ``receive_suspend_command()`` turns True on the ranks (the agent writes
+  ``suspend`` into ``$HAI_CONTROL``; no signal) and acknowledges it; all ranks agree on the step
+  to stop at (an allreduce of the flag), rank 0 checkpoints and waits for the write, every rank
+  waits for it (a second allreduce), and each calls ``go_suspend()``; the platform re-queues the
+  job, and the next attempt resumes from the checkpoint. Every checkpoint is reported
+  (``report_checkpoint()``): the scheduler prefers to preempt the job that loses least work;
+- ends by printing a digest of its final parameters (``params sha256 ...``), so that a run that was
+  suspended and resumed can be compared bit for bit with one that was not.
 
 Files are reached through the fs3 Python client (``fs3.FileSystem`` on ``$HAI_CLUSTER_FILE``), or
 through a FUSE mount of fs3 when ``--mount DIR`` (or ``$FS3_MOUNT``) names one. ``prepare_fs3``
@@ -23,9 +29,9 @@ directory, world-writable and sticky like /tmp: the job runs as the researcher's
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -33,6 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+
+from haiplatform import job  # noqa: E402
 
 DATA_PATH = "/demo/train"
 CKPT_DIR = "/demo/ckpt"
@@ -125,6 +133,7 @@ class JobData:
         step, h = self.pending
         self.pending = None
         manifest = h.wait(300)
+        job.report_checkpoint()
         print(f"step {step}: checkpoint saved to fs3 ({manifest['bytes']} bytes of tensors, {self.ckpt}; "
               f"the loop was held {h.blocked_s * 1000:.1f} ms, the write took {h.write_s * 1000:.0f} ms)", flush=True)
 
@@ -132,6 +141,16 @@ class JobData:
         self.poll(wait=True)
         if self.fs is not None:
             self.fs.close()
+
+
+def params_digest(module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, bytes), in state_dict order."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(f"{name} {a.dtype} {a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def main() -> int:
@@ -155,9 +174,6 @@ def main() -> int:
     from haiscale.ddp import DistributedDataParallel
 
     torch.set_num_threads(1)
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    control = os.environ.get("HAI_CONTROL")
 
     pg = hfreduce.init()
     rank, world = pg.rank, pg.world_size
@@ -198,17 +214,18 @@ def main() -> int:
     flag = np.zeros(1, np.int32)
     loss_v = float("nan")
     for step in range(start, args.steps):
-        # all ranks agree on stopping at the same step (suspend: the agent signals every rank)
-        flag[0] = int(stop["flag"] or bool(control and os.path.exists(os.path.join(control, "suspend"))))
+        # all ranks agree on stopping at the same step (each node's agent tells its own ranks)
+        flag[0] = int(job.receive_suspend_command())
         hfreduce.allreduce(flag, op=hfreduce.ReduceOp.MAX)
         if flag[0]:
             save(step, wait=True)
+            hfreduce.allreduce(flag, op=hfreduce.ReduceOp.MAX)  # every rank waits for rank 0's save
             if rank == 0:
                 print(f"step {step}: suspend requested, checkpointed, exiting", flush=True)
             model.reducer.stop()
             data.close()
             hfreduce.destroy()
-            return 0
+            job.go_suspend()
         g = torch.Generator().manual_seed(step)
         idx = torch.randint(0, n, (args.batch,), generator=g)
         xb, yb = tensors(data.batch(idx.chunk(world)[rank].tolist()))  # this rank's share, one batched read
@@ -231,6 +248,7 @@ def main() -> int:
         full = nn.functional.mse_loss(model(x_all), y_all).item()
     if rank == 0:
         print(f"done: {args.steps} steps, last batch loss {loss_v:.4f}, full-data loss {full:.4f}", flush=True)
+        print(f"params sha256 {params_digest(model.module)}", flush=True)
     model.reducer.stop()
     data.close()
     hfreduce.destroy()

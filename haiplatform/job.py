@@ -254,7 +254,9 @@ class Checkpointer:
     (``rank0_only``: data-parallel ranks hold the same state); every rank may resume.
     ``agree``: for multi-rank jobs, a MAX all-reduce of an int over every rank (see the module's
     note): it is called once per :meth:`maybe_save` on every rank, so every rank must call
-    :meth:`maybe_save` at every step. ``exit``: passed to :func:`go_suspend`.
+    :meth:`maybe_save` at every step. ``exit=False``: on a suspend :meth:`maybe_save` only saves,
+    reports, sets :attr:`suspended` and returns True; the caller cleans up (stops its communication
+    threads) and then calls :func:`go_suspend` itself.
     """
 
     NAME = "checkpoint"
@@ -270,6 +272,7 @@ class Checkpointer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.last_save = time.monotonic()
         self.last_step: int | None = None
+        self.suspended = False
         self._fs = None
 
     def _filesystem(self):
@@ -323,7 +326,9 @@ class Checkpointer:
             if self.agree is not None:
                 self.agree(0)  # a barrier: rank 0's save is complete before any rank says done
             report_checkpoint()
-            go_suspend(exit=self.exit)
+            self.suspended = True
+            if self.exit:
+                go_suspend()
         return True
 
     def close(self) -> None:

@@ -236,20 +236,17 @@ def test_cli_run_yaml_nodes_whoami_and_admin(launch_cluster, cluster_file, tmp_p
 
 
 SUSPENDABLE = """
-import os, pathlib, signal, sys, time
-ctl = pathlib.Path(os.environ["HAI_CONTROL"])
+import os, sys, time
+from haiplatform import job
 if os.environ["HAI_RESTART_COUNT"] != "0":
-    print("resumed attempt", os.environ["HAI_RESTART_COUNT"], "state", os.environ["HAI_WHOLE_LIFE_STATE"])
+    print("resumed attempt", os.environ["HAI_RESTART_COUNT"], "state", job.get_whole_life_state())
     sys.exit(0)
-def on_term(*_):
-    if (ctl / "suspend").exists():
-        (ctl / "whole_life_state").write_text("42")
-        print("suspending", flush=True)
-    sys.exit(0)
-signal.signal(signal.SIGTERM, on_term)
 print("started", flush=True)
-while True:
+while not job.receive_suspend_command():  # the agent sends no signal: the job is told by a file
     time.sleep(0.05)
+job.set_whole_life_state(42)
+print("suspending", flush=True)
+job.go_suspend()
 """
 
 
@@ -270,4 +267,6 @@ def test_suspend_resumes_in_a_new_attempt_with_whole_life_state(launch_cluster, 
     assert "resumed attempt 1 state 42" in c.logs(j["id"])
     first = [a["id"] for a in done["attempts"]][0]
     assert "suspending" in c.logs(j["id"], attempt=first)
+    # every rank left by itself (go_suspend: exit code 0), none was signalled
+    assert [r["exit_code"] for r in c.job(first)["ranks"]] == [0, 0]
     assert "suspending" in hai(c, "logs", str(j["id"]), "--attempt", str(first)).output

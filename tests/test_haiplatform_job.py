@@ -141,10 +141,12 @@ def test_checkpointer_local_dir_every_n_steps_and_on_suspend(ctl, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["checkpoint"]  # renamed into place
     (ctl / "suspend").write_text("{}")
     assert ck.maybe_save(7, lambda: {"step": 7}) is True  # suspend pending: saved off-schedule
-    assert ck.resume() == {"step": 7} and (ctl / "suspend_done").is_file() and (ctl / "suspend_ack").is_file()
+    assert ck.resume() == {"step": 7} and ck.suspended and (ctl / "suspend_ack").is_file()
+    assert not (ctl / "suspend_done").exists()  # exit=False: the caller says done after its cleanup
     ck.exit = True
     with pytest.raises(SystemExit):
         ck.maybe_save(8, lambda: {"step": 8})
+    assert (ctl / "suspend_done").is_file() and ck.resume() == {"step": 8}
 
 
 def test_checkpointer_agrees_across_ranks(ctl, tmp_path, monkeypatch):
@@ -159,7 +161,7 @@ def test_checkpointer_agrees_across_ranks(ctl, tmp_path, monkeypatch):
     state_fn_called = []
     assert ck.maybe_save(1, lambda: state_fn_called.append(1)) is True
     assert calls == [0, 0] and state_fn_called == []  # rank 1 does not save; one more agree = the barrier
-    assert (ctl / "suspend_done").is_file()
+    assert ck.suspended and (ctl / "suspend_ack").exists() is False  # this rank never saw the file
     assert job.suspend_agreed(lambda x: 1) is True and job.suspend_agreed(lambda x: x) is False  # none here
 
 
