@@ -570,6 +570,7 @@ class CycleState:
     stopping: set[int] = field(default_factory=set)  # attempts stopping, or told to stop this cycle
     cross_used: int = 0                  # running attempts that span zones
     out: list[Decision] = field(default_factory=list)  # decisions of the plugins (preemptions)
+    claimed: set[str] = field(default_factory=set)   # held nodes promised to a preemptor or a reservation
     scratch: dict = field(default_factory=dict)      # per-plugin state for this cycle, by plugin name
 
     @property
@@ -715,6 +716,35 @@ def _preempting(ids: Iterable[int]) -> str:
     return f"preempting job{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
 
 
+def _fewest(cands: list[tuple[JobView, int]], need: int) -> list[JobView]:
+    """The fewest victims (of ``cands``: (victim, nodes it frees), in rank order) that free ``need``
+    nodes, preferring earlier-ranked ones: a victim is taken when, with it, the slots left can still
+    be filled by the biggest ones after it."""
+    if len(cands) > 64:   # a long list: the greedy prefix in rank order (bounded work per cycle)
+        out, got = [], 0
+        for v, k in cands:
+            out.append(v)
+            got += k
+            if got >= need:
+                return out
+        return out
+    gains = sorted((k for _, k in cands), reverse=True)
+    slots, got = 0, 0
+    while got < need:
+        got += gains[slots]
+        slots += 1
+    out, left = [], need
+    for i, (v, k) in enumerate(cands):
+        if left <= 0:
+            break
+        rest = sorted((k2 for _, k2 in cands[i + 1:]), reverse=True)[:slots - 1]
+        if k + sum(rest) >= left:
+            out.append(v)
+            left -= k
+            slots -= 1
+    return out
+
+
 @dataclass(frozen=True)
 class LeastWorkLost:
     """Preemption: free the nodes a blocked attempt needs by suspending lower-priority attempts.
@@ -743,7 +773,7 @@ class LeastWorkLost:
             elif j.id not in cs.stopping and j.started_at is not None and now - j.started_at >= cfg.min_run_time:
                 cands.append(((now - max(j.last_checkpoint, j.started_at), j.priority, -j.rank_key), j))
         cands.sort(key=lambda c: c[0])
-        cs.scratch[self.name] = {"pending": pending, "victims": [j for _, j in cands],
+        cs.scratch[self.name] = {"pending": pending, "victims": [j for _, j in cands], "start": 0,
                                  "floor": min((j.priority for _, j in cands), default=INF),
                                  "taken": set(), "fails": []}
         # the free nodes of a waiting preemptor's placement are claimed before any attempt is placed
@@ -764,6 +794,7 @@ class LeastWorkLost:
         if job.id in st["pending"]:
             victims = st["pending"][job.id]
             extra = [x for v in victims for x in v.assigned_nodes if x in cs.ready]
+            cs.claimed.update(extra)
             usable = pool.usable(end)
             for x in extra:
                 usable.setdefault(pool.leaf_of.get(x, ""), []).append(x)
@@ -779,21 +810,23 @@ class LeastWorkLost:
         for fp, fb, fn, fe in st["fails"]:
             if fp >= p and fb == big and n >= fn and (end >= fe or not pool.res_t):
                 return None
-        best = None
+        now = cs.snap.now
         usable = pool.usable(end)
-        leaf_zone, leaf_of = pool.leaf_zone, pool.leaf_of
-        zone_of = pool.zone_of
-        keys = [("leaf", leaf_of)] if not big else [("zone", zone_of)]
-        if big and cs.cross_used < cs.cfg.cross_zone_jobs:
-            keys.append(("all", None))
-        for scope, key in keys:
+        leaf_zone, leaf_of, zone_of = pool.leaf_zone, pool.leaf_of, pool.zone_of
+        scopes = ["zone", "all"] if big and cs.cross_used < cs.cfg.cross_zone_jobs else ["zone"] if big else ["leaf"]
+        victims = st["victims"]
+        while st["start"] < len(victims) and victims[st["start"]].id in st["taken"]:
+            st["start"] += 1   # victims are mostly taken in rank order: skip the taken head once
+        best = None
+        for scope in scopes:
+            key = leaf_of if scope == "leaf" else zone_of if scope == "zone" else None
             have: dict[str, int] = defaultdict(int)
             for leaf, v in usable.items():
                 have[leaf if scope == "leaf" else "" if scope == "all" else leaf_zone.get(leaf, "")] += len(v)
-            gained: dict[str, list[JobView]] = defaultdict(list)
+            cands: dict[str, list[tuple[JobView, int]]] = defaultdict(list)
             count: dict[str, int] = defaultdict(int)
-            done: set[str] = set()
-            for v in st["victims"]:
+            for i in range(st["start"], len(victims)):
+                v = victims[i]
                 if v.priority >= p or v.id in st["taken"] or (v.user == job.user and v.priority == p):
                     continue
                 per: dict[str, int] = defaultdict(int)
@@ -801,32 +834,29 @@ class LeastWorkLost:
                     if x in cs.ready:
                         per["" if key is None else key.get(x, "")] += 1
                 for g, k in per.items():
-                    if g in done:
-                        continue
-                    gained[g].append(v)
+                    cands[g].append((v, k))
                     count[g] += k
-                    if have[g] + count[g] >= n:
-                        done.add(g)
-                        cand = (len(gained[g]), g, list(gained[g]))
-                        if best is None or cand[:1] < best[:1]:
-                            best = cand + (scope,)
+                    if k >= n - have[g] and len(cands[g]) == 1:
+                        break   # one victim, the least work lost, makes room: nothing beats it
+                else:
+                    continue
+                break
+            for g, cs_g in cands.items():
+                if have[g] + count[g] >= n:
+                    chosen_v = _fewest(cs_g, n - have[g])
+                    lost = sum(now - max(v.last_checkpoint, v.started_at or now) for v in chosen_v)
+                    cand = (len(chosen_v), lost, g, chosen_v, scope)
+                    if best is None or cand[:2] < best[:2]:
+                        best = cand
             if best is not None:
                 break
         if best is None:
             if len(st["fails"]) < 64:
                 st["fails"].append((p, big, n, end))
             return None
-        _, g, victims, scope = best
+        _, _, g, victims, scope = best
         grp = (lambda x: leaf_of.get(x, "")) if scope == "leaf" else \
             (lambda x: zone_of.get(x, "")) if scope == "zone" else (lambda x: "")
-        # drop victims not needed (a later, bigger one may make an earlier one unnecessary)
-        have_g = sum(len(v) for leaf, v in usable.items() if grp(next(iter(v))) == g)
-        gain = {v.id: sum(1 for x in v.assigned_nodes if x in cs.ready and grp(x) == g) for v in victims}
-        total = have_g + sum(gain.values())
-        for v in list(reversed(victims)):
-            if total - gain[v.id] >= n:
-                victims.remove(v)
-                total -= gain[v.id]
         # the placement: the victims' nodes, then free nodes of the group as the topology rules pick
         mine = {leaf: [x for x in xs if grp(x) == g] for leaf, xs in usable.items()}
         vn = [x for v in victims for x in v.assigned_nodes if x in cs.ready and grp(x) == g]
@@ -837,6 +867,7 @@ class LeastWorkLost:
         if chosen is None:   # the group's nodes are enough but not in a valid shape: no preemption
             return None
         pool.take(chosen)
+        cs.claimed.update(chosen)
         reason = _preempted_reason(job)
         for v in victims:
             st["taken"].add(v.id)
@@ -917,7 +948,6 @@ class BackfillReserve:
             ends.sort()
             cs.scratch[self.name] = ends
             cs.scratch[self.name + ".n"] = 0
-            cs.scratch[self.name + ".claimed"] = set()
         return ends
 
     def open(self, cs: CycleState) -> bool:
@@ -929,7 +959,7 @@ class BackfillReserve:
         if cs.scratch[self.name + ".n"] >= cs.cfg.reservations or not ends:
             return None
         cs.scratch[self.name + ".n"] += 1
-        pool, claimed = cs.pool, cs.scratch[self.name + ".claimed"]
+        pool, claimed = cs.pool, cs.claimed
         n = job.nodes
         avail: dict[str, list[str]] = {leaf: [x for x in xs if x not in claimed]
                                        for leaf, xs in pool.usable().items()}

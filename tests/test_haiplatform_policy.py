@@ -18,14 +18,18 @@ from haiplatform.policy import (
     PolicyConfig,
     QuotaView,
     RankView,
+    SetPriority,
     SetReason,
     Snapshot,
     StartJob,
     StopJob,
     decide,
+    never_fits,
     plan,
+    queue_position,
     score_nodes,
 )
+from haiplatform.states import AUTO
 
 NOW = 1000.0
 
@@ -268,3 +272,140 @@ def test_suspended_attempt_holds_its_nodes_for_one_cycle_so_its_successor_wins_t
     assert any(isinstance(d, FinishJob) and d.requeue for d in ds) and starts(ds) == {}
     resumed = JobView(4, "b", 1, first_id=2)
     assert starts(decide(Snapshot(NOW, (JobView(3, "c", 1), resumed), nodes(1)))) == {4: ("n0",)}
+
+
+# -- #16 time-sharing rules ------------------------------------------------------------------------
+
+def topo(zones="ab", leaves=2, per=4):
+    """``zones`` x ``leaves`` leaves x ``per`` nodes, named like a00n1 (zone a, leaf 0, node 1)."""
+    return tuple(NodeView(f"{z}{lf}n{i}", zone=f"zone-{z}", leaf=f"{z}-leaf{lf}", last_seen=NOW)
+                 for z in zones for lf in range(leaves) for i in range(per))
+
+
+def reasons(ds):
+    return {d.job_id: d.reason for d in ds if isinstance(d, SetReason)}
+
+
+def test_topology_best_fit_leaf_one_zone_and_one_cross_zone_job():
+    busy = run(1, "x", ("a0n0", "a0n1", "a0n2"))              # leaf a-0 keeps 1 free node
+    ds = decide(Snapshot(NOW, (busy, JobView(2, "a", 1), JobView(3, "b", 2)), topo()))
+    assert starts(ds) == {2: ("a0n3",), 3: ("a1n0", "a1n1")}  # the tightest leaf that holds each
+    # a job bigger than a leaf stays in one zone, in as few leaves as possible
+    ds = decide(Snapshot(NOW, (busy, JobView(4, "a", 6)), topo()))
+    assert starts(ds) == {4: ("b0n0", "b0n1", "b0n2", "b0n3", "b1n0", "b1n1")}
+    # a leaf-sized job never spreads over leaves, even with enough free nodes in all
+    spread = (run(1, "x", ("a0n0",)), run(5, "x", ("a1n0",)), run(6, "x", ("b0n0",)), run(7, "x", ("b1n0",)))
+    ds = decide(Snapshot(NOW, (*spread, JobView(8, "a", 4)), topo()))
+    assert starts(ds) == {} and reasons(ds) == {8: "waiting for 4 free nodes in one leaf"}
+    # bigger than a zone: one cross-zone job at a time
+    (d,) = [d for d in decide(Snapshot(NOW, (busy, JobView(9, "a", 10)), topo())) if isinstance(d, StartJob)]
+    assert d.nodes[:8] == tuple(n.name for n in topo("b")) and d.nodes[8:] == ("a0n3", "a1n0")  # fragments first
+    cross = run(11, "x", ("a1n3", "b1n3"))
+    ds = decide(Snapshot(NOW, (cross, JobView(9, "a", 10)), topo()))
+    assert starts(ds) == {} and reasons(ds) == {9: "waiting for a cross-zone slot"}
+    assert starts(decide(Snapshot(NOW, (cross, JobView(9, "a", 10)), topo()), PolicyConfig(cross_zone_jobs=2)))
+
+
+def test_preemption_least_work_lost_strictly_higher_and_min_run_time():
+    ns = topo("a", 1, 4)
+    jobs = (run(1, "a", ("a0n0",), started_at=NOW - 1000, last_checkpoint=NOW - 10),   # loses 10 s
+            run(2, "b", ("a0n1",), started_at=NOW - 1000),                             # loses 1000 s
+            run(3, "c", ("a0n2",), started_at=NOW - 10),                               # ran < min_run_time
+            run(4, "d", ("a0n3",), priority=30, started_at=NOW - 5000))                # same priority
+    ds = decide(Snapshot(NOW, (*jobs, JobView(5, "e", 1, priority=30)), ns))
+    assert stops(ds) == {1: "preempted by job 5 (user e, priority 30)"}
+    (s,) = [d for d in ds if isinstance(d, StopJob)]
+    assert (s.code, s.desired) == (StopCode.INTERRUPT, "suspend") and reasons(ds) == {5: "preempting job 1"}
+    # the fewest victims that make room: two nodes, two victims (never the young or the equal one)
+    ds = decide(Snapshot(NOW, (*jobs, JobView(5, "e", 2, priority=30)), ns))
+    assert set(stops(ds)) == {1, 2} and reasons(ds) == {5: "preempting jobs 1, 2"}
+    assert not stops(decide(Snapshot(NOW, (*jobs, JobView(5, "e", 3, priority=30)), ns)))
+    # equal priority (same user or not) never preempts; min_run_time=0 makes job 3 a victim
+    assert not stops(decide(Snapshot(NOW, (*jobs, JobView(5, "a", 1, priority=10)), ns)))
+    ds = decide(Snapshot(NOW, (*jobs, JobView(5, "e", 3, priority=30)), ns), PolicyConfig(min_run_time=0))
+    assert set(stops(ds)) == {1, 2, 3}
+    # one bigger victim instead of two small ones
+    big = (run(1, "a", ("a0n0",), started_at=NOW - 100), run(2, "b", ("a0n1",), started_at=NOW - 100),
+           run(3, "c", ("a0n2", "a0n3"), started_at=NOW - 900))
+    ds = decide(Snapshot(NOW, (*big, JobView(5, "e", 2, priority=20)), ns), PolicyConfig(min_run_time=0))
+    assert set(stops(ds)) == {3}
+
+
+def test_victims_tie_break_lowest_priority_then_newest():
+    same = dict(started_at=NOW - 1000)
+    jobs = (run(1, "a", ("a0n0",), priority=8, **same), run(2, "b", ("a0n1",), priority=5, **same))
+    assert set(stops(decide(Snapshot(NOW, (*jobs, JobView(9, "e", 1, priority=20)), topo("a", 1, 2))))) == {2}
+    ns = topo("a", 1, 3)
+    jobs = (run(1, "a", ("a0n0",), **same), run(2, "b", ("a0n1",), first_id=0, **same),
+            run(3, "c", ("a0n2",), **same))
+    assert set(stops(decide(Snapshot(NOW, (*jobs, JobView(9, "e", 1, priority=20)), ns)))) == {3}
+
+
+def test_preemptor_waits_for_its_victims_and_keeps_the_nodes_it_needs():
+    ns = topo("a", 1, 4)
+    victim = replace(run(1, "a", ("a0n0", "a0n1")), status=JobStatus.STOPPING, stop_code=StopCode.INTERRUPT,
+                     reason="preempted by job 5 (user e, priority 20)")
+    other = run(2, "b", ("a0n3",), started_at=NOW - 5000)                 # a victim it could pick
+    jobs = (victim, other, JobView(5, "e", 3, priority=20, reason="preempting job 1"), JobView(6, "f", 1))
+    ds = decide(Snapshot(NOW, jobs, ns))
+    assert stops(ds) == {} and starts(ds) == {}  # no more victims; a0n2 stays free for job 5
+    assert reasons(ds) == {6: "waiting for nodes: needs 1, 0 free"}
+    # once the victim is gone the preemptor starts on its nodes
+    ds = decide(Snapshot(NOW, (other, JobView(5, "e", 3, priority=20), JobView(6, "f", 1)), ns))
+    assert starts(ds) == {5: ("a0n0", "a0n1", "a0n2")}
+
+
+def test_backfill_starts_only_jobs_that_end_before_the_reserved_start():
+    ns = topo("a", 1, 4)
+    r = run(1, "a", ("a0n0", "a0n1"), started_at=NOW - 100, time_limit=200)    # ends at NOW + 100
+    jobs = (r, JobView(2, "b", 4), JobView(3, "c", 1, time_limit=50), JobView(4, "d", 1))
+    ds = decide(Snapshot(NOW, jobs, ns))
+    assert starts(ds) == {3: ("a0n2",)}       # ends at NOW + 50: delays nobody
+    assert reasons(ds)[2] == "reserved: starts when job 1 ends"
+    assert 4 in reasons(ds)                   # no end known: it would delay job 2
+    # a limit that ends after the reserved start does not backfill either
+    ds = decide(Snapshot(NOW, (r, JobView(2, "b", 4), JobView(3, "c", 1, time_limit=150)), ns))
+    assert starts(ds) == {}
+    # [Note: unknown ends] with no known end nothing is reserved: the small job starts
+    ds = decide(Snapshot(NOW, (replace(r, time_limit=0), JobView(2, "b", 4), JobView(4, "d", 1)), ns))
+    assert set(starts(ds)) == {4}
+
+
+def test_above_normal_is_demoted_after_demote_after_of_run_time():
+    r = run(1, "a", ("n0",), priority=20, started_at=NOW - 1000, chain_run_s=900)
+    q_old = JobView(2, "b", 1, priority=20, chain_run_s=2000)
+    q_new = JobView(3, "c", 1, priority=20)
+    ds = decide(Snapshot(NOW, (r, q_old, q_new), nodes(4)))
+    prio = {d.job_id: d.priority for d in ds if isinstance(d, SetPriority)}
+    assert prio == {1: 10, 2: 10}
+    assert {d.job_id: d.priority for d in ds if isinstance(d, StartJob)} == {2: 10, 3: 20}
+    assert not [d for d in decide(Snapshot(NOW, (r,), nodes(4)), PolicyConfig(demote_after=2000))
+                if isinstance(d, SetPriority)]
+    # the reference policy does not age
+    assert not [d for d in plan(Snapshot(NOW, (r,), nodes(4)), profile=PROFILES["reference-fifo"])[0]
+                if isinstance(d, SetPriority)]
+
+
+def test_auto_takes_the_highest_level_with_quota_room():
+    q = (QuotaView("user:alice", 1, priority=30), QuotaView("user:alice", 4, priority=20))
+    r = run(1, "alice", ("n0",), priority=30)
+    auto = JobView(2, "alice", 1, priority=10, submitted_priority=AUTO)
+    ds = decide(Snapshot(NOW, (r, auto, JobView(3, "bob", 1, submitted_priority=AUTO)), nodes(4), q))
+    assert [d for d in ds if isinstance(d, SetPriority)] == [SetPriority(2, 20, "auto")]
+    assert {d.job_id: d.priority for d in ds if isinstance(d, StartJob)} == {2: 20, 3: 10}
+    # with room at 30 it takes 30
+    assert SetPriority(2, 30, "auto") in decide(Snapshot(NOW, (auto,), nodes(4), q))
+
+
+def test_never_fits_and_queue_position():
+    ns = nodes(4)
+    assert never_fits(5, "a", None, 10, ns, ()) == "asks 5 nodes, the cluster has 4"
+    assert never_fits(3, "a", "g", 10, ns, (QuotaView("group:g", 2),)) == "asks 3 nodes, quota group:g is 2"
+    assert never_fits(2, "a", "g", 10, ns, (QuotaView("group:g", 2),)) is None
+    q = (QuotaView("user:a", 1, priority=30), QuotaView("user:a", 1, priority=10))
+    assert never_fits(2, "a", None, AUTO, ns, q) == ("asks 2 nodes, quota user:a at priority 30 is 1; "
+                                                     "quota user:a at priority 10 is 1")
+    assert never_fits(2, "a", None, AUTO, ns, (*q, QuotaView("user:a", 4, priority=20))) is None
+    assert never_fits(2, "a", None, 20, ns, q) is None
+    jobs = (JobView(1, "a", 1), JobView(2, "b", 1, priority=30), JobView(7, "c", 1, first_id=3), run(4, "d", ("n0",)))
+    assert queue_position(Snapshot(NOW, jobs, ns)) == {2: 1, 1: 2, 7: 3}
