@@ -7,29 +7,49 @@ simulator run this same code.
 
 One scheduling cycle is a pipeline of named phases, as in the Kubernetes scheduling framework:
 
-==================  =====================================================================
-phase               what it does
-==================  =====================================================================
-``node_health``     nodes whose agent missed heartbeats for ``heartbeat_timeout`` -> lost
-``reconcile``       running attempts: mark running, stop on a failed / lost rank or a
-                    stop / suspend request, finish when every rank has ended (a suspended
-                    attempt is re-queued as the next attempt of its chain)
-``queue_sort``      queued attempts by priority (high first), then ``first_id`` (the chain's
-                    first submission, so a resumed job keeps its place) (``PrioritySort``)
-``node filter``     ready nodes: up, not drained, not held by another attempt
-``filters``         per user / group and priority: skip what would exceed its quota
-                    (``QuotaFilter``); nothing starts behind a blocked attempt (``StrictOrder``)
-``score``           topology: fill one leaf, else one zone, else the fewest zones (``TopologyScore``)
-``reserve / bind``  take the nodes, lay out the ranks (``StartJob``)
-==================  =====================================================================
+====================  ===================================================================
+phase                 what it does
+====================  ===================================================================
+``node_health``       nodes whose agent missed heartbeats for ``heartbeat_timeout`` -> lost
+``reconcile``         attempts holding nodes: mark running; stop on a failed rank, a stop /
+                      suspend request, the chain's time limit (TIMEOUT) or the watchdog
+                      (HUNG); a node lost under one is drained (``DrainNode``) and the
+                      attempt re-queued (NODE_LOST|INTERRUPT) while ``restart_count <
+                      max_node_requeues``, else failed; finish when every rank has ended (a
+                      suspended attempt is re-queued as the next attempt of its chain)
+``priority``          the effective level: AUTO -> the highest level with per-priority quota
+                      room (NORMAL without one), ABOVE_NORMAL -> NORMAL after
+                      ``demote_after`` of chain run time (``SetPriority`` when it changes)
+``queue_sort``        queued attempts by effective priority (high first), then ``first_id``
+                      (the chain's first submission: a resumed job keeps its place)
+``filters``           quota per user / group at the effective level (``QuotaFilter``: skipped,
+                      not blocking); reference-fifo: the fitting prefix and strict order
+``score``             fireflyer: one leaf if it fits a leaf (best fit), else one zone filling
+                      leaves, else across zones if a cross-zone slot is free; backfill
+                      reservations honoured (``TopologyScore``); reference-fifo: random
+``preempt``           fireflyer: strictly higher priority, victims that ran ``min_run_time``,
+                      least work lost, the fewest that make room; their nodes reserved for
+                      the preemptor (``LeastWorkLost``); reference-fifo: running attempts
+                      outside the priority-ordered prefix that fits are suspended
+``reserve``           fireflyer: reservations for the first ``reservations`` blocked
+                      attempts from the running ones' time limits (``BackfillReserve``)
+``bind``              take the nodes, lay out the ranks (``StartJob``)
+====================  ===================================================================
 
-The queue's phases are plugins composed in a :class:`Profile` (``DEFAULT_PROFILE``); each filter
-and the score answer with a typed :class:`Status` (success, unschedulable, wait) and a reason.
+The queue's phases are plugins composed in a :class:`Profile` (``PROFILES``: "fireflyer", the
+default, and "reference-fifo", the open reference's matcher); each filter and the score answer
+with a typed :class:`Status` (success, unschedulable, wait) and a reason. Reasons carry no clock
+values, so a waiting attempt's reason is only rewritten when its situation changes.
 
-[Note: strict order, no backfill] As in the reference's FIFO, the queue is served in order:
-when the head attempt does not fit the free nodes, nothing behind it starts (they would take
-nodes the head waits for and could starve it forever). Quota-blocked attempts are skipped, not
-blocking: their owner's quota, not the cluster, holds them back.
+[Note: backfill, not strict order] The fireflyer profile lets an attempt start behind a blocked one
+only where it delays no reserved start: a blocked attempt at the head of the queue gets a
+reservation (when known ends free room for it) and later attempts may take its reserved free nodes
+only if they are expected to end first. Quota-blocked attempts are skipped, not blocking: their
+owner's quota, not the cluster, holds them back.
+
+[Note: simulator] :func:`plan` needs nothing but the snapshot: nodes with ``last_seen = now`` and
+attempts whose ranks are all RUNNING are what a simulator passes; a stopping victim's ``reason``
+(written by the StopJob) tells which preemptor it frees nodes for.
 """
 
 from __future__ import annotations
@@ -773,7 +793,18 @@ class LeastWorkLost:
             elif j.id not in cs.stopping and j.started_at is not None and now - j.started_at >= cfg.min_run_time:
                 cands.append(((now - max(j.last_checkpoint, j.started_at), j.priority, -j.rank_key), j))
         cands.sort(key=lambda c: c[0])
-        cs.scratch[self.name] = {"pending": pending, "victims": [j for _, j in cands], "start": 0,
+        # the ready nodes each victim would free, by leaf, zone and in all (computed once per cycle)
+        per: dict[str, dict[int, tuple[tuple[str, int], ...]]] = {"leaf": {}, "zone": {}, "all": {}}
+        pool = cs.pool
+        for _, j in cands:
+            mine = [x for x in j.assigned_nodes if x in cs.ready]
+            for scope, key in (("leaf", pool.leaf_of), ("zone", pool.zone_of)):
+                c: dict[str, int] = defaultdict(int)
+                for x in mine:
+                    c[key.get(x, "")] += 1
+                per[scope][j.id] = tuple(c.items())
+            per["all"][j.id] = (("", len(mine)),) if mine else ()
+        cs.scratch[self.name] = {"pending": pending, "victims": [j for _, j in cands], "start": 0, **per,
                                  "floor": min((j.priority for _, j in cands), default=INF),
                                  "taken": set(), "fails": []}
         # the free nodes of a waiting preemptor's placement are claimed before any attempt is placed
@@ -819,7 +850,7 @@ class LeastWorkLost:
             st["start"] += 1   # victims are mostly taken in rank order: skip the taken head once
         best = None
         for scope in scopes:
-            key = leaf_of if scope == "leaf" else zone_of if scope == "zone" else None
+            per_of = st[scope]
             have: dict[str, int] = defaultdict(int)
             for leaf, v in usable.items():
                 have[leaf if scope == "leaf" else "" if scope == "all" else leaf_zone.get(leaf, "")] += len(v)
@@ -829,11 +860,7 @@ class LeastWorkLost:
                 v = victims[i]
                 if v.priority >= p or v.id in st["taken"] or (v.user == job.user and v.priority == p):
                     continue
-                per: dict[str, int] = defaultdict(int)
-                for x in v.assigned_nodes:
-                    if x in cs.ready:
-                        per["" if key is None else key.get(x, "")] += 1
-                for g, k in per.items():
+                for g, k in per_of[v.id]:
                     cands[g].append((v, k))
                     count[g] += k
                     if k >= n - have[g] and len(cands[g]) == 1:
@@ -851,7 +878,9 @@ class LeastWorkLost:
             if best is not None:
                 break
         if best is None:
-            if len(st["fails"]) < 64:
+            if n == 1:
+                st["floor"] = max(st["floor"], p)   # not one victim left below p: nothing below p can preempt
+            elif len(st["fails"]) < 64:
                 st["fails"].append((p, big, n, end))
             return None
         _, _, g, victims, scope = best
@@ -948,6 +977,21 @@ class BackfillReserve:
             ends.sort()
             cs.scratch[self.name] = ends
             cs.scratch[self.name + ".n"] = 0
+            # the most nodes a leaf (a zone, all) could ever offer: its free nodes and those of
+            # attempts with a known end
+            by_leaf: dict[str, int] = defaultdict(int)
+            for leaf, xs in cs.pool.usable().items():
+                by_leaf[leaf] += len(xs)
+            for _, _, xs in ends:
+                for x in xs:
+                    by_leaf[cs.pool.leaf_of.get(x, "")] += 1
+            by_zone: dict[str, int] = defaultdict(int)
+            for leaf, k in by_leaf.items():
+                by_zone[cs.pool.leaf_zone.get(leaf, "")] += k
+            total = sum(by_leaf.values())
+            cs.scratch[self.name + ".reach"] = {"leaf": max(by_leaf.values(), default=0),
+                                                "zone": max(max(by_zone.values(), default=0),
+                                                            total if cs.cfg.cross_zone_jobs > 0 else 0)}
         return ends
 
     def open(self, cs: CycleState) -> bool:
@@ -961,6 +1005,9 @@ class BackfillReserve:
         cs.scratch[self.name + ".n"] += 1
         pool, claimed = cs.pool, cs.claimed
         n = job.nodes
+        reach = cs.scratch[self.name + ".reach"]
+        if n > (reach["zone"] if n > pool.leaf_size else reach["leaf"]):
+            return None   # no leaf (zone) ever frees enough nodes with known ends: no reservation
         avail: dict[str, list[str]] = {leaf: [x for x in xs if x not in claimed]
                                        for leaf, xs in pool.usable().items()}
         big = n > pool.leaf_size
@@ -1133,8 +1180,8 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
     if profile.preempt is not None:
         profile.preempt.prepare(cs, order)
     pre = cs.scratch.get(getattr(profile.preempt, "name", ""), {})
-    pending = pre.get("pending", {}) if isinstance(pre, dict) else {}
-    floor = pre.get("floor", INF) if isinstance(pre, dict) else INF
+    pre = pre if isinstance(pre, dict) else {"floor": INF}
+    pending = pre.get("pending", {})
     # [Note: waiting preemptors first] the free nodes a waiting preemptor's placement needs are
     # claimed before the queue is walked, so no attempt (even one sorted ahead) takes them.
     early: dict[int, Status] = {}
@@ -1147,16 +1194,24 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
             else:
                 early[job.id] = profile.preempt.preempt(job, cs)
     reserve_open = profile.reserve is not None
+    filters = profile.filters
     for job in order:
         if job.id in early:
             status = early[job.id]
             if not status.ok and status.reason != job.reason:
                 out.append(SetReason(job.id, status.reason))
             continue
-        status = next((st for f in profile.filters if not (st := f.filter(job, cs)).ok), SUCCESS)
-        if status.ok:
-            if pool.count == 0 and job.priority <= floor and not reserve_open:
-                status = Status(Code.WAIT, _needs(job.nodes, 0))   # [Note: nothing left to try]
+        status = SUCCESS
+        for f in filters:
+            st = f.filter(job, cs)
+            if st.code is not Code.SUCCESS:
+                status = st
+                break
+        if status is SUCCESS:
+            if pool.count == 0 and job.priority <= pre["floor"] and not reserve_open:
+                # [Note: nothing left to try] no free node, no victim below this level, no reservation
+                # left to make: this attempt and every one behind it only wait
+                status = Status(Code.WAIT, _needs(job.nodes, 0))
             else:
                 status, chosen = profile.score.place(job, cs)
                 if status.ok and chosen is not None:
