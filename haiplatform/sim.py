@@ -366,8 +366,7 @@ class Simulator:
             self.queue_t.append(now)
             self.queue_v.append(self.queued)
             if self.queued:
-                if self.active == 0 and self.arrivals_left == 0 and started == self.active and \
-                        not any(k == _STOPPED for _, _, k, _, _ in heap):
+                if self.active == 0 and self.arrivals_left == 0 and started == self.active:
                     break   # nothing runs, nothing comes, nothing starts: the rest can never run
                 if self.wake_at <= now:
                     self.wake_at = now + self.p.resync
