@@ -203,3 +203,20 @@ def test_apply_decisions_for_the_new_decisions_is_conditional(api, db):
         assert (new.time_limit, new.grace, new.watchdog, new.submitted_at) == (100, 7, 9, old.submitted_at)
         assert new.chain_run_s == pytest.approx(old.finished_at - ran_from)
         assert new.reason == "re-queued after a lost node"
+
+
+def test_a_full_cluster_cycle_is_skipped_only_for_submissions_that_cannot_preempt(api, db):
+    """The scheduler's floor is the lowest effective priority holding nodes; a submission above it (or
+    auto) since the last cycle must run a cycle, one at or below it may wait for the tick."""
+    from haiplatform.scheduler import _above, _floor
+
+    register_nodes(api, 1)
+    submit(api, priority="normal")
+    api.post("/v1/jobs", json={**JOB, "nodes": 1, "priority": "high"})
+    ds = run(api, db)
+    assert _floor(take_snapshot(db), []) == 30 and _floor(take_snapshot(db), ds) == 30
+    seen = api.get("/v1/internal/wait", params={"timeout": 0}, headers=SECRET).json()["levels"]
+    assert seen == {"10": 1, "30": 1}
+    assert not _above({**seen, "10": 2}, seen, 30) and not _above({**seen, "30": 2}, seen, 30)
+    assert _above({**seen, "40": 1}, seen, 30) and _above({**seen, str(AUTO): 1}, seen, 30)
+    assert _floor(take_snapshot(db).__class__(now=0), []) == 99  # nothing holds nodes: nothing to preempt

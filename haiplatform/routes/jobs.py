@@ -161,7 +161,9 @@ async def submit(spec: JobSpec, p: User_, st: State_) -> JSONResponse:
                                   "message": f"{p.name} submitted {spec.name} ({spec.nodes} nodes)"})
     st.sched_events.bump(capacity=False, priority=spec.priority)
     return JSONResponse({"id": jid, "chain_id": jid, "first_id": jid, "restart_count": 0, "name": spec.name,
-                         "user": p.name, "group": p.group, "nodes": spec.nodes, "priority": spec.priority,
+                         "user": p.name, "group": p.group, "nodes": spec.nodes,
+                         "priority": PRIORITY_NORMAL if spec.priority == AUTO else spec.priority,
+                         "submitted_priority": spec.priority,
                          "time_limit": spec.time_limit, "grace": spec.grace, "watchdog": spec.watchdog,
                          "status": JobStatus.QUEUED, "chain_status": "waiting_init", "reason": WAITING,
                          "created_at": now}, status_code=201)
