@@ -804,19 +804,33 @@ class LeastWorkLost:
                     c[key.get(x, "")] += 1
                 per[scope][j.id] = tuple(c.items())
             per["all"][j.id] = (("", len(mine)),) if mine else ()
-        cs.scratch[self.name] = {"pending": pending, "victims": [j for _, j in cands], "start": 0, **per,
+        cs.scratch[self.name] = {"pending": pending, "victims": [j for _, j in cands], "scans": {}, **per,
                                  "floor": min((j.priority for _, j in cands), default=INF),
                                  "taken": set(), "fails": []}
         # the free nodes of a waiting preemptor's placement are claimed before any attempt is placed
         # (it may sort behind higher-priority ones, which must not take them either)
 
-    def _groups(self, job: JobView, cs: CycleState):
-        pool = cs.pool
-        if job.nodes <= pool.leaf_size:
-            return lambda x: pool.leaf_of.get(x, "")
-        if cs.cross_used < cs.cfg.cross_zone_jobs:
-            return None   # zone first; whole cluster as the fallback
-        return lambda x: pool.leaf_zone.get(pool.leaf_of.get(x, ""), "")
+    def _scan(self, st: dict, scope: str, p: int):
+        """The victims below priority ``p`` by group of ``scope`` (leaf, zone, all), each list in rank
+        order as (rank, victim, nodes it frees there), the nodes they free per group and the most one
+        frees; built once per (scope, p) in a cycle, then kept current as victims are taken.
+
+        [Note: one scan per level] Without it every blocked job would rescan the ~1,000 running ones."""
+        key = (scope, p)
+        if key not in st["scans"]:
+            cands: dict[str, list[tuple[int, JobView, int]]] = defaultdict(list)
+            count: dict[str, int] = defaultdict(int)
+            maxgain: dict[str, int] = defaultdict(int)
+            per_of, taken = st[scope], st["taken"]
+            for i, v in enumerate(st["victims"]):
+                if v.priority >= p or v.id in taken:
+                    continue   # strictly lower only: never a job of the preemptor's user at its priority
+                for g, k in per_of[v.id]:
+                    cands[g].append((i, v, k))
+                    count[g] += k
+                    maxgain[g] = max(maxgain[g], k)
+            st["scans"][key] = (cands, count, maxgain)
+        return st["scans"][key]
 
     def preempt(self, job: JobView, cs: CycleState) -> Status | None:
         st = cs.scratch[self.name]
@@ -845,32 +859,50 @@ class LeastWorkLost:
         usable = pool.usable(end)
         leaf_zone, leaf_of, zone_of = pool.leaf_zone, pool.leaf_of, pool.zone_of
         scopes = ["zone", "all"] if big and cs.cross_used < cs.cfg.cross_zone_jobs else ["zone"] if big else ["leaf"]
-        victims = st["victims"]
-        while st["start"] < len(victims) and victims[st["start"]].id in st["taken"]:
-            st["start"] += 1   # victims are mostly taken in rank order: skip the taken head once
+        taken = st["taken"]
         best = None
         for scope in scopes:
-            per_of = st[scope]
             have: dict[str, int] = defaultdict(int)
             for leaf, v in usable.items():
                 have[leaf if scope == "leaf" else "" if scope == "all" else leaf_zone.get(leaf, "")] += len(v)
-            cands: dict[str, list[tuple[JobView, int]]] = defaultdict(list)
-            count: dict[str, int] = defaultdict(int)
-            for i in range(st["start"], len(victims)):
-                v = victims[i]
-                if v.priority >= p or v.id in st["taken"] or (v.user == job.user and v.priority == p):
+            cands, count, maxgain = self._scan(st, scope, p)
+            # one victim that makes room alone, the first in rank order: nothing beats it
+            single = None
+            for g, lst in cands.items():
+                need = n - have[g]
+                if maxgain[g] < need or count[g] < need:
                     continue
-                for g, k in per_of[v.id]:
-                    cands[g].append((v, k))
-                    count[g] += k
-                    if k >= n - have[g] and len(cands[g]) == 1:
-                        break   # one victim, the least work lost, makes room: nothing beats it
-                else:
-                    continue
+                for i, v, k in lst:
+                    if k >= need and v.id not in taken:
+                        if single is None or i < single[0]:
+                            single = (i, v, g)
+                        break
+            if single is not None:
+                best = (1, 0.0, single[2], [single[1]], scope)
                 break
-            for g, cs_g in cands.items():
-                if have[g] + count[g] >= n:
-                    chosen_v = _fewest(cs_g, n - have[g])
+            # the fewest victims a group needs (its biggest gains first); only the groups that need
+            # the fewest are worked out victim by victim
+            fewest: dict[str, int] = {}
+            least_yet = INF
+            for g, lst in cands.items():
+                need = n - have[g]
+                if count[g] >= need:
+                    if maxgain[g] == 1 or -(-need // maxgain[g]) > least_yet:
+                        fewest[g] = need if maxgain[g] == 1 else -(-need // maxgain[g])   # exact / a bound
+                        least_yet = min(least_yet, fewest[g]) if maxgain[g] == 1 else least_yet
+                        continue
+                    got = k = 0
+                    for gain in sorted((c[2] for c in lst if c[1].id not in taken), reverse=True):
+                        got += gain
+                        k += 1
+                        if got >= need:
+                            break
+                    fewest[g] = k
+                    least_yet = min(least_yet, k)
+            least = min(fewest.values(), default=0)
+            for g, k in fewest.items():
+                if k == least:
+                    chosen_v = _fewest([(v, k) for _, v, k in cands[g] if v.id not in taken], n - have[g])
                     lost = sum(now - max(v.last_checkpoint, v.started_at or now) for v in chosen_v)
                     cand = (len(chosen_v), lost, g, chosen_v, scope)
                     if best is None or cand[:2] < best[:2]:
@@ -900,6 +932,10 @@ class LeastWorkLost:
         reason = _preempted_reason(job)
         for v in victims:
             st["taken"].add(v.id)
+            for (scope2, p2), (_, count2, _) in st["scans"].items():
+                if v.priority < p2:
+                    for g2, k2 in st[scope2][v.id]:
+                        count2[g2] -= k2
             cs.stopping.add(v.id)
             cs.out.append(StopJob(v.id, StopCode.INTERRUPT, Desired.SUSPEND, reason))
         return Status(Code.WAIT, _preempting(v.id for v in victims))
@@ -973,7 +1009,8 @@ class BackfillReserve:
             for j in cs.active:
                 e = now if j.status == JobStatus.STOPPING or j.id in cs.stopping else cs.expected_end(j)
                 if e < INF:
-                    ends.append((max(e, now), j.id, [x for x in j.assigned_nodes if x in cs.ready]))
+                    ends.append((max(e, now), j.id, [(x, cs.pool.leaf_of.get(x, ""), cs.pool.zone_of.get(x, ""))
+                                                     for x in j.assigned_nodes if x in cs.ready]))
             ends.sort()
             cs.scratch[self.name] = ends
             cs.scratch[self.name + ".n"] = 0
@@ -983,8 +1020,8 @@ class BackfillReserve:
             for leaf, xs in cs.pool.usable().items():
                 by_leaf[leaf] += len(xs)
             for _, _, xs in ends:
-                for x in xs:
-                    by_leaf[cs.pool.leaf_of.get(x, "")] += 1
+                for _, leaf, _ in xs:
+                    by_leaf[leaf] += 1
             by_zone: dict[str, int] = defaultdict(int)
             for leaf, k in by_leaf.items():
                 by_zone[cs.pool.leaf_zone.get(leaf, "")] += k
@@ -1016,18 +1053,19 @@ class BackfillReserve:
         for leaf, xs in avail.items():
             count[zone.get(leaf, "") if big else leaf] += len(xs)
         total = sum(count.values())
+        anywhere = n > pool.zone_size   # spans zones: any n nodes will do
+        gi = 2 if big else 1
         for t, jid, xs in ends:
-            touched = set()
-            for x in xs:
-                if x in claimed:
+            hit = False
+            for node in xs:   # (name, leaf, zone)
+                if node[0] in claimed:
                     continue
-                leaf = pool.leaf_of.get(x, "")
-                avail.setdefault(leaf, []).append(x)
-                g = zone.get(leaf, "") if big else leaf
+                avail.setdefault(node[1], []).append(node[0])
+                g = node[gi]
                 count[g] += 1
                 total += 1
-                touched.add(g)
-            if not touched or total < n or not (any(count[g] >= n for g in touched) or n > pool.zone_size):
+                hit = hit or count[g] >= n
+            if not (hit or (anywhere and total >= n)):
                 continue
             chosen, _ = place_topology(n, {k: v for k, v in avail.items() if v}, zone, pool.leaf_size, True)
             if chosen is None:
