@@ -329,7 +329,7 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
                        else "stop requested")
             else:
                 why = _limit(job, cfg, snap.now)
-            if why is not None and not all(r.status in RankStatus.DONE for r in views):
+            if why is not None and not (views and all(r.status in RankStatus.DONE for r in views)):
                 out.append(StopJob(job.id, why[0], why[1], why[2]))
                 continue
             if why is not None and why[0] & (StopCode.NODE_LOST | StopCode.FAILED):

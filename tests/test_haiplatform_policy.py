@@ -409,3 +409,11 @@ def test_never_fits_and_queue_position():
     assert never_fits(2, "a", None, 20, ns, q) is None
     jobs = (JobView(1, "a", 1), JobView(2, "b", 1, priority=30), JobView(7, "c", 1, first_id=3), run(4, "d", ("n0",)))
     assert queue_position(Snapshot(NOW, jobs, ns)) == {2: 1, 1: 2, 7: 3}
+
+
+def test_simulator_snapshots_without_ranks_still_hit_limits_and_preempt():
+    """A simulator passes running attempts without ranks (and nodes seen ``now``)."""
+    j = JobView(1, "a", 1, status=JobStatus.RUNNING, assigned_nodes=("n0",), started_at=NOW - 100, time_limit=60)
+    assert [d.code for d in decide(Snapshot(NOW, (j,), nodes(1))) if isinstance(d, StopJob)] == [StopCode.TIMEOUT]
+    low = JobView(2, "b", 1, status=JobStatus.RUNNING, assigned_nodes=("n0",), started_at=NOW - 1000)
+    assert set(stops(decide(Snapshot(NOW, (low, JobView(3, "c", 1, priority=30)), nodes(1))))) == {2}
