@@ -220,3 +220,15 @@ def test_a_full_cluster_cycle_is_skipped_only_for_submissions_that_cannot_preemp
     assert not _above({**seen, "10": 2}, seen, 30) and not _above({**seen, "30": 2}, seen, 30)
     assert _above({**seen, "40": 1}, seen, 30) and _above({**seen, str(AUTO): 1}, seen, 30)
     assert _floor(take_snapshot(db).__class__(now=0), []) == 99  # nothing holds nodes: nothing to preempt
+
+
+def test_the_snapshot_fills_every_jobview_field(api, db):
+    """take_snapshot builds views without JobView.__init__: every field must be set from the row."""
+    from dataclasses import fields
+
+    from haiplatform.policy import JobView
+
+    jid = submit(api, priority="auto", time_limit=60, watchdog=5)
+    (v,) = take_snapshot(db).jobs
+    assert set(v.__dict__) == {f.name for f in fields(JobView)}
+    assert v == JobView(**v.__dict__) and (v.id, v.submitted_priority, v.time_limit, v.watchdog) == (jid, AUTO, 60, 5)
