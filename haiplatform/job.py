@@ -136,9 +136,13 @@ def go_suspend(exit: bool = True) -> None:
 
     Call it on every rank once every rank's saving is done (the agent stops all of the job's ranks
     on a node when one of them writes ``suspend_done``). ``exit=False``: return instead (the
-    caller exits soon; the agent sends SIGTERM at once anyway). From the main thread the exit is
-    ``sys.exit(0)`` (``finally`` blocks run); from another thread the process ends at once
-    (``os._exit``) after flushing stdout and stderr.
+    caller exits soon; the agent sends SIGTERM at once anyway).
+
+    [Note: the exit is immediate] The process ends with ``os._exit(0)`` after flushing stdout and
+    stderr: ``finally`` blocks and ``atexit`` handlers do not run, so finish everything (the
+    checkpoint's write, communication threads) first. An interpreter's ordinary shutdown (torch's
+    takes a few hundred ms) would only be cut short by the SIGTERM that ``suspend_done`` asks the
+    agent for, and the rank would end "killed by signal 15" instead of with code 0.
     """
     ctl = _control()
     if ctl is not None:
@@ -149,8 +153,6 @@ def go_suspend(exit: bool = True) -> None:
     for f in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             f.flush()
-    if threading.current_thread() is threading.main_thread():
-        sys.exit(0)
     os._exit(0)
 
 

@@ -20,6 +20,10 @@ from haiplatform.states import AUTO, PRIORITIES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class Exited(Exception):
+    """go_suspend's os._exit, caught (the test process goes on)."""
+
+
 @pytest.fixture
 def ctl(tmp_path, monkeypatch):
     """A fresh control directory as $HAI_CONTROL, and the module's per-process memory reset."""
@@ -32,6 +36,10 @@ def ctl(tmp_path, monkeypatch):
     monkeypatch.setenv("HAI_WHOLE_LIFE_STATE", "0")  # set_whole_life_state changes it: restored after
     monkeypatch.setattr(job, "_acked", False)
     monkeypatch.setattr(job, "_first_call", None)
+
+    def exit_(code):
+        raise Exited(code)
+    monkeypatch.setattr(job.os, "_exit", exit_)
     return d
 
 
@@ -47,9 +55,9 @@ def test_suspend_ack_done_and_the_files_the_agent_reads(ctl):
     assert abs(float(job.report_checkpoint() and (ctl / "checkpoint").read_text()) - time.time()) < 5
     job.go_suspend(exit=False)
     assert (ctl / "suspend_done").is_file()
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(Exited) as e:
         job.go_suspend()
-    assert e.value.code == 0
+    assert e.value.args == (0,)
     assert not [p for p in ctl.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
@@ -144,7 +152,7 @@ def test_checkpointer_local_dir_every_n_steps_and_on_suspend(ctl, tmp_path):
     assert ck.resume() == {"step": 7} and ck.suspended and (ctl / "suspend_ack").is_file()
     assert not (ctl / "suspend_done").exists()  # exit=False: the caller says done after its cleanup
     ck.exit = True
-    with pytest.raises(SystemExit):
+    with pytest.raises(Exited):
         ck.maybe_save(8, lambda: {"step": 8})
     assert (ctl / "suspend_done").is_file() and ck.resume() == {"step": 8}
 
