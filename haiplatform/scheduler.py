@@ -112,6 +112,7 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
         return 0
     now = time.time()
     applied = 0
+    reasons: dict[str, list[int]] = defaultdict(list)
     # [Note: Core writes] a Connection, not a Session: ORM-enabled UPDATEs cost twice as much
     # (session synchronisation), and nothing here needs objects.
     with db.engine.begin() as s:
@@ -177,11 +178,18 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
                 if n:
                     event_row(s, "node_drained", d.reason, node=d.node)
             elif isinstance(d, SetReason):
-                n = s.execute(update(Job).where(Job.id == d.job_id, Job.status == JobStatus.QUEUED)
-                              .values(reason=d.reason)).rowcount
+                reasons[d.reason[:200]].append(d.job_id)
+                continue
             else:  # pragma: no cover - a new decision type without an applier is a bug
                 raise TypeError(f"no applier for {d!r}")
             applied += bool(n)
+        # [Note: reasons in bulk] Waiting reasons name counts ("needs 3, 1 free"), so a burst of
+        # submissions or a node freeing changes many at once: one UPDATE per distinct reason.
+        # (in chunks: SQLite bounds a statement's parameters)
+        for reason, ids in reasons.items():
+            for i in range(0, len(ids), 500):
+                applied += s.execute(update(Job).where(Job.id.in_(ids[i:i + 500]), Job.status == JobStatus.QUEUED)
+                                     .values(reason=reason)).rowcount
     return applied
 
 
