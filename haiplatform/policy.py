@@ -306,7 +306,7 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
         for node in sorted({r.node for r in ranks.values() if r.node in lost_nodes
                             and r.status not in RankStatus.DONE}):
             out.append(MarkRanksLost(job.id, node))
-            out.append(DrainNode(node, f"lost under job {job.id}"))
+            out.append(DrainNode(node, f"node {node} lost under job {job.id}"))
             for k, r in ranks.items():
                 if r.node == node and r.status not in RankStatus.DONE:
                     ranks[k] = RankView(r.rank, r.node, RankStatus.LOST, r.desired, r.exit_code)
@@ -1231,6 +1231,7 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
                 _start(job, chosen, cs, out)
             else:
                 early[job.id] = profile.preempt.preempt(job, cs)
+                _charge(job, snap.quotas, cs.usage)   # its quota share is held while its victims stop
     reserve_open = profile.reserve is not None
     filters = profile.filters
     for job in order:
@@ -1258,6 +1259,7 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
                 pst = profile.preempt.preempt(job, cs) if profile.preempt is not None else None
                 if pst is not None:
                     status = pst
+                    _charge(job, snap.quotas, cs.usage)
                 elif profile.reserve is not None and reserve_open:
                     why = profile.reserve.reserve(job, cs)
                     reserve_open = profile.reserve.open(cs)

@@ -192,7 +192,7 @@ def test_missed_heartbeats_lose_the_node_drain_it_and_requeue_its_job():
     j = JobView(1, "a", 2, status=JobStatus.RUNNING, assigned_nodes=("n0", "n1"), ranks=ranks, restart_count=3)
     ds = decide(Snapshot(NOW, (j,), ns), PolicyConfig(heartbeat_timeout=10))
     assert MarkNode("n1", "lost", ds[0].reason) in ds
-    assert MarkRanksLost(1, "n1") in ds and DrainNode("n1", "lost under job 1") in ds
+    assert MarkRanksLost(1, "n1") in ds and DrainNode("n1", "node n1 lost under job 1") in ds
     (s,) = [d for d in ds if isinstance(d, StopJob)]
     assert s.code == StopCode.NODE_LOST | StopCode.INTERRUPT and s.reason == "node n1 lost; re-queued"
     # once every rank has ended: suspended and re-queued (resumes from its checkpoint elsewhere)
@@ -417,3 +417,12 @@ def test_simulator_snapshots_without_ranks_still_hit_limits_and_preempt():
     assert [d.code for d in decide(Snapshot(NOW, (j,), nodes(1))) if isinstance(d, StopJob)] == [StopCode.TIMEOUT]
     low = JobView(2, "b", 1, status=JobStatus.RUNNING, assigned_nodes=("n0",), started_at=NOW - 1000)
     assert set(stops(decide(Snapshot(NOW, (low, JobView(3, "c", 1, priority=30)), nodes(1))))) == {2}
+
+
+def test_a_preemptor_holds_its_quota_share_while_its_victims_stop():
+    ns = topo("a", 1, 3)
+    q = (QuotaView("user:e", 2, priority=30),)
+    jobs = (run(1, "a", ("a0n0", "a0n1")), JobView(5, "e", 2, priority=30), JobView(6, "e", 1, priority=30))
+    ds = decide(Snapshot(NOW, jobs, ns, q))
+    assert set(stops(ds)) == {1} and starts(ds) == {}   # a0n2 is not given to job 6: over e's quota
+    assert reasons(ds)[6].startswith("out_of_quota: user:e at priority 30 uses 2 of 2")
