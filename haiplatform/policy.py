@@ -71,7 +71,8 @@ __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyCo
            "decide", "plan", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout",
            "Code", "Status", "CycleState", "QueueSortPlugin", "FilterPlugin", "ScorePlugin", "Profile",
            "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "RandomScore", "DEFAULT_PROFILE",
-           "REFERENCE_FIFO"]
+           "REFERENCE_FIFO", "PreemptPlugin", "ReservePlugin", "LeastWorkLost", "PrefixPreempt", "PrefixFilter",
+           "BackfillReserve", "Pool", "place_topology", "auto_level"]
 
 
 #: the reason of an attempt waiting for free nodes (also the reason a new submission starts with)
@@ -1218,7 +1219,7 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
     if profile.preempt is not None:
         profile.preempt.prepare(cs, order)
     pre = cs.scratch.get(getattr(profile.preempt, "name", ""), {})
-    pre = pre if isinstance(pre, dict) else {"floor": INF}
+    pre = pre if isinstance(pre, dict) else {}
     pending = pre.get("pending", {})
     # [Note: waiting preemptors first] the free nodes a waiting preemptor's placement needs are
     # claimed before the queue is walked, so no attempt (even one sorted ahead) takes them.
@@ -1247,7 +1248,7 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
                 status = st
                 break
         if status is SUCCESS:
-            if pool.count == 0 and job.priority <= pre["floor"] and not reserve_open:
+            if pool.count == 0 and job.priority <= pre.get("floor", INF) and not reserve_open:
                 # [Note: nothing left to try] no free node, no victim below this level, no reservation
                 # left to make: this attempt and every one behind it only wait
                 status = Status(Code.WAIT, _needs(job.nodes, 0))

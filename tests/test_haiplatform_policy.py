@@ -133,6 +133,8 @@ def test_a_profile_composes_the_queue_plugins():
     assert {d.job_id: d.reason for d in ds if isinstance(d, SetReason)} == {1: "waiting for nodes: needs 4, 3 free",
                                                                           2: "bob may not run"}
     assert starts(plan(Snapshot(NOW, jobs, nodes(3)), profile=PROFILES["reference-fifo"])[0]) == {}
+    full = (run(9, "x", ("n0", "n1", "n2")), JobView(3, "c", 1, priority=50))   # no preemption plugin
+    assert reasons(plan(Snapshot(NOW, full, nodes(3)), profile=backfill)[0]) == {3: "waiting for nodes: needs 1, 0 free"}
 
 
 def test_quota_per_user_and_priority():
