@@ -754,6 +754,8 @@ def _fewest(cands: list[tuple[JobView, int]], need: int) -> list[JobView]:
     while got < need:
         got += gains[slots]
         slots += 1
+    if gains[0] == gains[-1]:   # all free as many nodes (most often one each): the first ones in rank order
+        return [v for v, _ in cands[:slots]]
     out, left = [], need
     for i, (v, k) in enumerate(cands):
         if left <= 0:
@@ -805,7 +807,7 @@ class LeastWorkLost:
                     c[key.get(x, "")] += 1
                 per[scope][j.id] = tuple(c.items())
             per["all"][j.id] = (("", len(mine)),) if mine else ()
-        cs.scratch[self.name] = {"pending": pending, "victims": [j for _, j in cands], "scans": {}, **per,
+        cs.scratch[self.name] = {"pending": pending, "victims": [j for _, j in cands], "scans": {}, "head": 0, **per,
                                  "floor": min((j.priority for _, j in cands), default=INF),
                                  "taken": set(), "fails": []}
         # the free nodes of a waiting preemptor's placement are claimed before any attempt is placed
@@ -866,9 +868,23 @@ class LeastWorkLost:
             have: dict[str, int] = defaultdict(int)
             for leaf, v in usable.items():
                 have[leaf if scope == "leaf" else "" if scope == "all" else leaf_zone.get(leaf, "")] += len(v)
-            cands, count, maxgain = self._scan(st, scope, p)
-            # one victim that makes room alone, the first in rank order: nothing beats it
+            # one victim that makes room alone, the first in rank order: nothing beats it (most often
+            # among the first few victims: look there before going group by group)
             single = None
+            victims, per_of = st["victims"], st[scope]
+            while st["head"] < len(victims) and victims[st["head"]].id in taken:
+                st["head"] += 1
+            for i in range(st["head"], min(st["head"] + 32, len(victims))):
+                v = victims[i]
+                if v.priority < p and v.id not in taken:
+                    g = next((g for g, k in per_of[v.id] if k >= n - have[g]), None)
+                    if g is not None:
+                        single = (i, v, g)
+                        break
+            if single is not None:
+                best = (1, 0.0, single[2], [single[1]], scope)
+                break
+            cands, count, maxgain = self._scan(st, scope, p)
             for g, lst in cands.items():
                 need = n - have[g]
                 if maxgain[g] < need or count[g] < need:
@@ -1248,10 +1264,14 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
                 status = st
                 break
         if status is SUCCESS:
-            if pool.count == 0 and job.priority <= pre.get("floor", INF) and not reserve_open:
+            if pool.count == 0 and not reserve_open and job.priority <= pre.get("floor", INF):
                 # [Note: nothing left to try] no free node, no victim below this level, no reservation
-                # left to make: this attempt and every one behind it only wait
-                status = Status(Code.WAIT, _needs(job.nodes, 0))
+                # left to make: this attempt only waits
+                cs.blocked = True
+                why = _needs(job.nodes, 0)
+                if why != job.reason:
+                    out.append(SetReason(job.id, why))
+                continue
             else:
                 status, chosen = profile.score.place(job, cs)
                 if status.ok and chosen is not None:
