@@ -156,6 +156,10 @@ class PolicyConfig:
     reservations: int = 16            # how many blocked attempts get a backfill reservation
     cross_zone_jobs: int = 1          # running attempts that may span zones at a time
     seed: int = 0                     # reference-fifo's random node choice
+    #: backfill's estimate of a running attempt's length when it has no time limit (as a Slurm
+    #: partition's MaxTime): with no estimate at all nothing could be reserved, and a big attempt
+    #: could wait forever behind a stream of small ones without limits (see [Note: unknown ends])
+    default_time_limit: float = 7 * 86400.0
 
 
 # -- the decisions --------------------------------------------------------------------------------
@@ -600,11 +604,17 @@ class CycleState:
         return [self.pool.views[x] for x in self.pool.names()]
 
     def expected_end(self, job: JobView) -> float:
-        """When ``job`` would end if started now (or started at ``started_at``): its time limit left;
-        INF without a limit."""
-        if job.time_limit <= 0:
-            return INF
-        return (job.started_at if job.started_at is not None else self.snap.now) + job.time_limit - job.chain_run_s
+        """When ``job`` would end if started now (or started at ``started_at``): its time limit left,
+        or ``default_time_limit`` of run time without one (INF when that is 0)."""
+        limit = job.time_limit
+        if limit <= 0:
+            limit = self.cfg.default_time_limit
+            if limit <= 0:
+                return INF
+            run = 0.0      # the estimate is per attempt: a resumed attempt may run it again
+        else:
+            run = job.chain_run_s
+        return (job.started_at if job.started_at is not None else self.snap.now) + max(0.0, limit - run)
 
 
 class QueueSortPlugin(Protocol):
@@ -1012,9 +1022,13 @@ class BackfillReserve:
     free node only if it is expected to end by then, so it delays no reserved start. Reservations do
     not share nodes; an attempt with no reservation (no known end frees room for it) holds nothing.
 
-    [Note: unknown ends] Without time limits no end is known and nothing is reserved: the queue is then
-    served greedily (a smaller attempt takes free nodes a bigger one ahead waits for); time limits are
-    what make the reservations, as in Slurm."""
+    [Note: unknown ends] An attempt without a time limit is expected to run ``default_time_limit``
+    (7 days by default, as a partition's MaxTime in Slurm). Were its end unknown, nothing could be
+    reserved for a big attempt behind it, and a stream of smaller attempts without limits could take
+    every node that frees, forever. With the estimate, the big attempt's reservation holds the
+    nodes it needs, and only attempts whose time limits end before its reserved start may use them:
+    time limits are what let a job backfill, as in Slurm. ``default_time_limit = 0`` turns the
+    estimate off (greedy service of what has no limit)."""
 
     name: str = "backfill"
 

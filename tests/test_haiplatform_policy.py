@@ -298,12 +298,16 @@ def test_topology_best_fit_leaf_one_zone_and_one_cross_zone_job():
     # a leaf-sized job never spreads over leaves, even with enough free nodes in all
     spread = (run(1, "x", ("a0n0",)), run(5, "x", ("a1n0",)), run(6, "x", ("b0n0",)), run(7, "x", ("b1n0",)))
     ds = decide(Snapshot(NOW, (*spread, JobView(8, "a", 4)), topo()))
+    assert starts(ds) == {} and reasons(ds) == {8: "reserved: starts when job 1 ends"}
+    ds = decide(Snapshot(NOW, (*spread, JobView(8, "a", 4)), topo()), PolicyConfig(default_time_limit=0))
     assert starts(ds) == {} and reasons(ds) == {8: "waiting for 4 free nodes in one leaf"}
     # bigger than a zone: one cross-zone job at a time
     (d,) = [d for d in decide(Snapshot(NOW, (busy, JobView(9, "a", 10)), topo())) if isinstance(d, StartJob)]
     assert d.nodes[:8] == tuple(n.name for n in topo("b")) and d.nodes[8:] == ("a0n3", "a1n0")  # fragments first
     cross = run(11, "x", ("a1n3", "b1n3"))
     ds = decide(Snapshot(NOW, (cross, JobView(9, "a", 10)), topo()))
+    assert starts(ds) == {} and reasons(ds) == {9: "reserved: starts when job 11 ends"}
+    ds = decide(Snapshot(NOW, (cross, JobView(9, "a", 10)), topo()), PolicyConfig(default_time_limit=0))
     assert starts(ds) == {} and reasons(ds) == {9: "waiting for a cross-zone slot"}
     assert starts(decide(Snapshot(NOW, (cross, JobView(9, "a", 10)), topo()), PolicyConfig(cross_zone_jobs=2)))
 
@@ -351,7 +355,7 @@ def test_preemptor_waits_for_its_victims_and_keeps_the_nodes_it_needs():
     jobs = (victim, other, JobView(5, "e", 3, priority=20, reason="preempting job 1"), JobView(6, "f", 1))
     ds = decide(Snapshot(NOW, jobs, ns))
     assert stops(ds) == {} and starts(ds) == {}  # no more victims; a0n2 stays free for job 5
-    assert reasons(ds) == {6: "waiting for nodes: needs 1, 0 free"}
+    assert reasons(ds) == {6: "reserved: starts when job 2 ends"}   # a0n2 is not its to take
     # once the victim is gone the preemptor starts on its nodes
     ds = decide(Snapshot(NOW, (other, JobView(5, "e", 3, priority=20), JobView(6, "f", 1)), ns))
     assert starts(ds) == {5: ("a0n0", "a0n1", "a0n2")}
@@ -368,8 +372,13 @@ def test_backfill_starts_only_jobs_that_end_before_the_reserved_start():
     # a limit that ends after the reserved start does not backfill either
     ds = decide(Snapshot(NOW, (r, JobView(2, "b", 4), JobView(3, "c", 1, time_limit=150)), ns))
     assert starts(ds) == {}
-    # [Note: unknown ends] with no known end nothing is reserved: the small job starts
+    # [Note: unknown ends] without a limit a job is expected to run default_time_limit: the big job
+    # keeps its reservation and the small one without a limit waits; with the estimate off nothing is
+    # reserved and the small job starts
     ds = decide(Snapshot(NOW, (replace(r, time_limit=0), JobView(2, "b", 4), JobView(4, "d", 1)), ns))
+    assert starts(ds) == {} and reasons(ds)[2] == "reserved: starts when job 1 ends"
+    ds = decide(Snapshot(NOW, (replace(r, time_limit=0), JobView(2, "b", 4), JobView(4, "d", 1)), ns),
+                PolicyConfig(default_time_limit=0))
     assert set(starts(ds)) == {4}
 
 
@@ -428,3 +437,21 @@ def test_a_preemptor_holds_its_quota_share_while_its_victims_stop():
     ds = decide(Snapshot(NOW, jobs, ns, q))
     assert set(stops(ds)) == {1} and starts(ds) == {}   # a0n2 is not given to job 6: over e's quota
     assert reasons(ds)[6].startswith("out_of_quota: user:e at priority 30 uses 2 of 2")
+
+
+def test_jobs_without_time_limits_cannot_starve_a_big_job_ahead():
+    # four leaves of 4 nodes, one running one-node job without a time limit in each: a 4-node job
+    # waits for a whole leaf. Job 1 started first, so its leaf (a-leaf0) is expected to free first
+    # and is reserved. A later one-node job without a limit (expected to run default_time_limit)
+    # must not take a free node of that leaf; one whose limit ends before the reserved start may.
+    running = (run(1, "x", ("a0n0",)), run(2, "x", ("a1n0",), started_at=NOW - 10),
+               run(3, "x", ("b0n0",), started_at=NOW - 10), run(4, "x", ("b1n0",), started_at=NOW - 10))
+    big, small, short = JobView(10, "a", 4), JobView(11, "b", 1), JobView(12, "c", 1, time_limit=600)
+    ds = decide(Snapshot(NOW, (*running, big, small, short), topo()))
+    assert reasons(ds)[10] == "reserved: starts when job 1 ends"
+    started = starts(ds)
+    assert set(started) == {11, 12}
+    assert not started[11][0].startswith("a0")
+    # with the estimate off, nothing is reserved and the queue is served greedily
+    ds = decide(Snapshot(NOW, (*running, big, small), topo()), PolicyConfig(default_time_limit=0))
+    assert 11 in starts(ds) and reasons(ds)[10] == "waiting for 4 free nodes in one leaf"
