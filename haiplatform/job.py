@@ -367,7 +367,8 @@ def local_main(argv: list[str] | None = None) -> int:
     platform would after a preemption, at most K times; the last allowed run gets no simulated
     suspend, so it can finish. Returns the exit code of the last run.
     """
-    ap = argparse.ArgumentParser(prog="hai local", description=local_main.__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="hai local", description="Run CMD here as a one-rank job (the job "
+                                 "environment of the platform), again after each (simulated) suspend.")
     ap.add_argument("--suspend-after", type=float, default=None, metavar="SECONDS",
                     help="simulate a suspend this long after the job first asks (HAI_SIMULATE_SUSPEND)")
     ap.add_argument("--max-restarts", type=int, default=10, metavar="K",

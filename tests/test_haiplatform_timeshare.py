@@ -174,7 +174,7 @@ state = ck.resume() or {"step": 0}
 rank = int(os.environ["RANK"])
 print(f"attempt {os.environ['HAI_RESTART_COUNT']} on {os.environ['HAI_NODE_NAME']} from step {state['step']}",
       flush=True)
-for step in range(state["step"], 300):
+for step in range(state["step"], 150):
     if ck.maybe_save(step, lambda: {"step": step}) and rank == 0:
         print(f"saved step {step}", flush=True)
     time.sleep(0.02)
