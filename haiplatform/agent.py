@@ -72,7 +72,7 @@ import subprocess
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from network.topology import Cluster, Node
@@ -230,7 +230,6 @@ class Proc:
     done: bool = False
     term_at: float = 0.0       # monotonic time SIGTERM was sent (0: not yet)
     kill_at: float = 0.0       # monotonic deadline for SIGKILL after the SIGTERM (0: none)
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
