@@ -71,7 +71,7 @@ __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyCo
            "decide", "plan", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout",
            "Code", "Status", "CycleState", "QueueSortPlugin", "FilterPlugin", "ScorePlugin", "Profile",
            "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "RandomScore", "DEFAULT_PROFILE",
-           "REFERENCE_FIFO", "PreemptPlugin", "ReservePlugin", "LeastWorkLost", "PrefixPreempt", "PrefixFilter",
+           "REFERENCE_FIFO", "PLAIN_FIFO", "PreemptPlugin", "ReservePlugin", "LeastWorkLost", "PrefixPreempt", "PrefixFilter",
            "BackfillReserve", "Pool", "place_topology", "auto_level"]
 
 
@@ -282,7 +282,9 @@ def _limit(job: JobView, cfg: PolicyConfig, now: float) -> tuple[int, str, str] 
     """The wall-clock limit and the hang watchdog of a started attempt: (code, desired, reason) or None."""
     if job.started_at is None:
         return None
-    if job.time_limit > 0 and job.chain_run_s + now - job.started_at >= job.time_limit:
+    # [Note: a limit per attempt] as Slurm's --time: a resumed attempt (after a preemption or a lost
+    # node) gets the whole limit again, so the run time lost to preemption is never held against it
+    if job.time_limit > 0 and now - job.started_at >= job.time_limit:
         return StopCode.TIMEOUT, Desired.STOP, f"time limit {_hms(job.time_limit)} reached"
     if job.watchdog > 0 and now - max(job.last_output, job.started_at) > job.watchdog:
         return StopCode.HUNG, Desired.STOP, f"no output for {job.watchdog:g} s (watchdog)"
@@ -604,17 +606,12 @@ class CycleState:
         return [self.pool.views[x] for x in self.pool.names()]
 
     def expected_end(self, job: JobView) -> float:
-        """When ``job`` would end if started now (or started at ``started_at``): its time limit left,
-        or ``default_time_limit`` of run time without one (INF when that is 0)."""
-        limit = job.time_limit
+        """When ``job`` would end if started now (or started at ``started_at``): its time limit (per
+        attempt), or ``default_time_limit`` without one (INF when that is 0)."""
+        limit = job.time_limit if job.time_limit > 0 else self.cfg.default_time_limit
         if limit <= 0:
-            limit = self.cfg.default_time_limit
-            if limit <= 0:
-                return INF
-            run = 0.0      # the estimate is per attempt: a resumed attempt may run it again
-        else:
-            run = job.chain_run_s
-        return (job.started_at if job.started_at is not None else self.snap.now) + max(0.0, limit - run)
+            return INF
+        return (job.started_at if job.started_at is not None else self.snap.now) + limit
 
 
 class QueueSortPlugin(Protocol):
@@ -804,7 +801,9 @@ class LeastWorkLost:
                 if m:
                     pending[int(m.group(1))].append(j)
             elif j.id not in cs.stopping and j.started_at is not None and now - j.started_at >= cfg.min_run_time:
-                cands.append(((now - max(j.last_checkpoint, j.started_at), j.priority, -j.rank_key), j))
+                # the work it would lose: node-seconds since its last checkpoint (or its start)
+                lost = (now - max(j.last_checkpoint, j.started_at)) * max(1, len(j.assigned_nodes))
+                cands.append(((lost, j.priority, -j.rank_key), j))
         cands.sort(key=lambda c: c[0])
         # the ready nodes each victim would free, by leaf, zone and in all (computed once per cycle)
         per: dict[str, dict[int, tuple[tuple[str, int], ...]]] = {"leaf": {}, "zone": {}, "all": {}}
@@ -930,7 +929,8 @@ class LeastWorkLost:
             for g, k in fewest.items():
                 if k == least:
                     chosen_v = _fewest([(v, k) for _, v, k in cands[g] if v.id not in taken], n - have[g])
-                    lost = sum(now - max(v.last_checkpoint, v.started_at or now) for v in chosen_v)
+                    lost = sum((now - max(v.last_checkpoint, v.started_at or now)) * len(v.assigned_nodes)
+                               for v in chosen_v)
                     cand = (len(chosen_v), lost, g, chosen_v, scope)
                     if best is None or cand[:2] < best[:2]:
                         best = cand
@@ -1127,8 +1127,11 @@ DEFAULT_PROFILE = Profile("fireflyer", PrioritySort(), (QuotaFilter(),), Topolog
                           BackfillReserve(), demote=True)
 REFERENCE_FIFO = Profile("reference-fifo", PrioritySort(), (QuotaFilter(), PrefixFilter(), StrictOrder()),
                          RandomScore(), PrefixPreempt())
+#: a plain FIFO for comparison: priority then first submission, strict order, random nodes, no
+#: preemption, no backfill (what "FIFO" means in the scheduling literature)
+PLAIN_FIFO = Profile("fifo", PrioritySort(), (QuotaFilter(), StrictOrder()), RandomScore())
 #: the policies by name (``[haiplatform] policy`` in the cluster file, ``hai sim --policy``)
-PROFILES: dict[str, Profile] = {p.name: p for p in (DEFAULT_PROFILE, REFERENCE_FIFO)}
+PROFILES: dict[str, Profile] = {p.name: p for p in (DEFAULT_PROFILE, REFERENCE_FIFO, PLAIN_FIFO)}
 
 
 # -- effective priority ---------------------------------------------------------------------------

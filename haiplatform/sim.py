@@ -266,7 +266,7 @@ class Simulator:
         if ch.tj.checkpoint_interval:
             self.ckpt_running.add(d.job_id)
         if ch.tj.time_limit:   # the policy stops it at its limit: be there when that comes
-            limit_at = now + ch.tj.time_limit - ch.chain_run_s
+            limit_at = now + ch.tj.time_limit   # per attempt
             if limit_at < ch.end_at:
                 self._push(max(now, limit_at), _WAKE)
         r = self.report

@@ -214,11 +214,13 @@ def test_missed_heartbeats_lose_the_node_drain_it_and_requeue_its_job():
 
 
 def test_time_limit_and_watchdog_stop_the_job_and_it_fails_with_the_reason():
-    # 3000 s in earlier attempts + 600 s now reaches a 1 h limit
-    j = run(1, "a", ("n0",), started_at=NOW - 600, chain_run_s=3000, time_limit=3600, last_output=NOW)
+    # the limit is per attempt (as Slurm's after a requeue): earlier attempts' 3000 s do not count
+    j = run(1, "a", ("n0",), started_at=NOW - 3600, chain_run_s=3000, time_limit=3600, last_output=NOW)
     (s,) = [d for d in decide(Snapshot(NOW, (j,), nodes(1))) if isinstance(d, StopJob)]
     assert (s.code, s.desired, s.reason) == (StopCode.TIMEOUT, "stop", "time limit 1:00:00 reached")
     assert not [d for d in decide(Snapshot(NOW - 1, (j,), nodes(1))) if isinstance(d, StopJob)]
+    assert not [d for d in decide(Snapshot(NOW, (replace(j, started_at=NOW - 600),), nodes(1)))
+                if isinstance(d, StopJob)]
     # the watchdog: no output for longer than 60 s (counted from the start when there was none)
     j = run(1, "a", ("n0",), started_at=NOW - 100, watchdog=60, last_output=NOW - 61)
     (s,) = [d for d in decide(Snapshot(NOW, (j,), nodes(1))) if isinstance(d, StopJob)]
