@@ -855,8 +855,9 @@ class LeastWorkLost:
             usable = pool.usable(end)
             for x in extra:
                 usable.setdefault(pool.leaf_of.get(x, ""), []).append(x)
-            chosen, _ = place_topology(job.nodes, usable, pool.leaf_zone, pool.leaf_size,
-                                       cs.cross_used < cs.cfg.cross_zone_jobs)
+            cross_ok = cs.cross_used < cs.cfg.cross_zone_jobs or any(
+                _zones_of(v.assigned_nodes, pool.views) > 1 for v in victims)   # it takes a victim's slot
+            chosen, _ = place_topology(job.nodes, usable, pool.leaf_zone, pool.leaf_size, cross_ok)
             if chosen is not None:
                 pool.take(chosen)
             return Status(Code.WAIT, _preempting(v.id for v in victims))
@@ -936,6 +937,8 @@ class LeastWorkLost:
                         best = cand
             if best is not None:
                 break
+        if best is None and n > pool.zone_size and cs.cross_used >= cs.cfg.cross_zone_jobs:
+            best = self._through_cross_victim(job, cs, st, usable)
         if best is None:
             if n == 1:
                 st["floor"] = max(st["floor"], p)   # not one victim left below p: nothing below p can preempt
@@ -966,6 +969,27 @@ class LeastWorkLost:
             cs.stopping.add(v.id)
             cs.out.append(StopJob(v.id, StopCode.INTERRUPT, Desired.SUSPEND, reason))
         return Status(Code.WAIT, _preempting(v.id for v in victims))
+
+
+    @staticmethod
+    def _through_cross_victim(job: JobView, cs: CycleState, st: dict, usable: dict[str, list[str]]):
+        """[Note: the cross-zone slot] A job bigger than a zone needs a cross-zone slot; when every
+        slot is held, only suspending a victim that spans zones frees one. The first such victim in
+        rank order, then victims in rank order until the nodes are enough (a rare path: a simple one)."""
+        p, n, taken, views = job.priority, job.nodes, st["taken"], cs.pool.views
+        below = [v for v in st["victims"] if v.priority < p and v.id not in taken]
+        first = next((v for v in below if _zones_of(v.assigned_nodes, views) > 1), None)
+        if first is None:
+            return None
+        chosen = [first]
+        have = sum(len(xs) for xs in usable.values()) + sum(k for _, k in st["all"][first.id])
+        for v in below:
+            if have >= n:
+                break
+            if v is not first:
+                chosen.append(v)
+                have += sum(k for _, k in st["all"][v.id])
+        return (len(chosen), 0.0, "", chosen, "all") if have >= n else None
 
 
 @dataclass(frozen=True)

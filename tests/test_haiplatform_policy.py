@@ -457,3 +457,23 @@ def test_jobs_without_time_limits_cannot_starve_a_big_job_ahead():
     # with the estimate off, nothing is reserved and the queue is served greedily
     ds = decide(Snapshot(NOW, (*running, big, small), topo()), PolicyConfig(default_time_limit=0))
     assert 11 in starts(ds) and reasons(ds)[10] == "waiting for 4 free nodes in one leaf"
+
+
+def test_a_job_bigger_than_a_zone_preempts_the_job_holding_the_cross_zone_slot():
+    # the only cross-zone slot is held by the victim itself: suspending it frees the slot
+    v = run(1, "alice", ("n0", "n1", "n2", "n3"))
+    big = JobView(2, "bob", 4, priority=30)
+    ds = decide(Snapshot(NOW, (v, big), nodes(4)))
+    assert stops(ds) == {1: "preempted by job 2 (user bob, priority 30)"}
+    assert reasons(ds) == {2: "preempting job 1"}
+    # while it stops, nothing more is asked of it; once it is gone the preemptor spans both zones
+    stopping = replace(v, status=JobStatus.STOPPING, stop_code=StopCode.INTERRUPT,
+                       reason="preempted by job 2 (user bob, priority 30)")
+    assert not stops(decide(Snapshot(NOW, (stopping, replace(big, reason="preempting job 1")), nodes(4))))
+    assert starts(decide(Snapshot(NOW, (replace(big, reason="preempting job 1"),), nodes(4)))) == {
+        2: ("n0", "n1", "n2", "n3")}
+    # a victim within one zone does not free the slot another job holds
+    cross = run(3, "carol", ("n1", "n2"), priority=40)
+    ds = decide(Snapshot(NOW, (cross, run(4, "alice", ("n0",)), run(5, "alice", ("n3",)), JobView(6, "bob", 3, priority=30)),
+                         nodes(4)))
+    assert not stops(ds)
