@@ -25,13 +25,14 @@
     create_accounts = false     # an agent running as root creates a missing account (useradd --system)
     control_dir = ""            # "" -> STATE_DIR + "-control": the jobs' HAI_CONTROL directories
     job_credential_ttl = 604800.0  # lifetime of a job's fs3 credential (s)
-    policy = "fireflyer"        # the scheduling policy: "fireflyer" or "reference-fifo" (haiplatform.policy.PROFILES)
+    policy = "fireflyer"        # the scheduling policy: "fireflyer", "reference-fifo" or "fifo" (policy.PROFILES)
     min_run_time = 300.0        # a running job is not preempted before it has run this long (0: any time)
     suspend_ack_timeout = 5.0   # a suspended job has this long to acknowledge before it is stopped
     suspend_grace = 5.0         # ... and this long after its acknowledgement to save (a job's default grace)
     max_suspend_grace = 300.0   # the largest grace a job may ask for (JobSpec.grace)
     demote_after = 1800.0       # an above_normal chain runs at normal after this much run time
     max_node_requeues = 10      # a chain re-queued after this many lost nodes fails instead
+    default_time_limit = 604800.0  # backfill's run-time estimate for a job without --time (0: none)
 
 STATE_DIR is ``$FIREFLYER_RUN_DIR_CLUSTER/hai`` when the local launcher runs the service,
 else ``state_dir`` from the section, else ``~/.local/state/fireflyer/hai/<cluster name>``.
@@ -92,13 +93,15 @@ class HaiConfig:
     max_suspend_grace: float = 300.0
     demote_after: float = 1800.0
     max_node_requeues: int = 10
+    default_time_limit: float = 7 * 24 * 3600.0
 
     def policy_config(self):
         """The policy's :class:`~haiplatform.policy.PolicyConfig` from this section."""
         from .policy import PolicyConfig
 
         return PolicyConfig(heartbeat_timeout=self.heartbeat_timeout, min_run_time=self.min_run_time,
-                            demote_after=self.demote_after, max_node_requeues=self.max_node_requeues)
+                            demote_after=self.demote_after, max_node_requeues=self.max_node_requeues,
+                            default_time_limit=self.default_time_limit)
 
     def job_grace(self, asked: float) -> float:
         """A job's finish grace after a suspend: what it asked (0: suspend_grace), at most max_suspend_grace."""
@@ -160,8 +163,9 @@ def load_config(cluster: Cluster) -> HaiConfig:
     return cfg
 
 
-#: keys for which 0 is a meaningful setting (no minimum run time, no requeue after a lost node)
-_MAY_BE_ZERO = frozenset({"min_run_time", "max_node_requeues"})
+#: keys for which 0 is a meaningful setting (no minimum run time, no requeue after a lost node, no
+#: run-time estimate for jobs without a limit)
+_MAY_BE_ZERO = frozenset({"min_run_time", "max_node_requeues", "default_time_limit"})
 
 
 def _check_policy(cluster: Cluster, kw: dict) -> None:
