@@ -11,8 +11,11 @@ then runs the end-to-end path that exists so far, and stops everything:
 4. a researcher is added and submits a 2-node x 2-rank training job with ``hai python``; it trains
    with haiscale DDP on hfreduce, reads its data from the fs3 mount and checkpoints through
    fs3.checkpoint (in the background); ``fs3 ls -l`` lists the checkpoint;
-5. mid-run the job is suspended (``hai suspend``): the ranks agree on a step, checkpoint and exit;
-   the platform re-queues it and the next attempt resumes from the fs3 checkpoint and finishes;
+5. time-sharing: the same training, never interrupted, runs beside it as the reference; then bob
+   submits a 3-node job at priority ``high`` and the scheduler preempts alice's job (no ``hai
+   suspend``): its ranks agree on a step, checkpoint and exit; it waits in the queue (``hai list``
+   shows why), resumes from the fs3 checkpoint once bob's job is done, and ends with parameters
+   identical to the reference's;
 6. hardening: the job ran as alice's Unix account (not root), a stranger's forged chain forward to
    a storage server is refused at connect, another user's job can neither open alice's checkpoint
    for writing nor write its chunks straight to storage, and a storage server killed with SIGKILL
@@ -150,10 +153,15 @@ def training_steps(lc: LocalCluster, run_dir: Path, mnt: Fs3Mount) -> str:
     hai = Hai(run_dir, token=user["token"])
     hai("whoami")
     via_mount = ["--mount", str(mnt.path)] if mnt.mounted else []
-    job = hai.json("python", "examples/demo_train.py", "--steps", "60", "--ckpt-every", "10", "--step-sleep", "0.3",
-                   *via_mount, "--", "--nodes", "2", "--procs-per-node", "2", "--name", "demo-train")
+    train = ["examples/demo_train.py", "--steps", "60", "--ckpt-every", "10", *via_mount]
+    job = hai.json("python", *train, "--step-sleep", "0.3",
+                   "--", "--nodes", "2", "--procs-per-node", "2", "--name", "demo-train")
     jid = job["id"]
     con.print(f"submitted job {jid}: 2 nodes x 2 ranks, haiscale DDP on hfreduce, data and checkpoints on fs3")
+    # the same training, unpaced and never interrupted, on the other two nodes: the result to match
+    ref = hai.json("python", *train, "--step-sleep", "0",
+                   "--", "--nodes", "2", "--procs-per-node", "2", "--name", "demo-reference")["id"]
+    con.print(f"submitted job {ref}: the same training without pauses, never interrupted (the reference result)")
 
     def follow(tag: str, seen: list[str]) -> subprocess.Popen:
         """`hai logs -f JOB` (rank 0 of the chain's current attempt), echoed live."""
@@ -174,15 +182,31 @@ def training_steps(lc: LocalCluster, run_dir: Path, mnt: Fs3Mount) -> str:
     first: list[str] = []
     p1 = follow("[attempt 1]", first)
     try:
+        wait_for("the reference run", lambda: hai.json("status", str(ref))["chain_status"] == "finished", 120,
+                 poll=0.5)
+        want = re.search(r"params sha256 (\w+)", hai("logs", str(ref), show=False))
+        if hai.json("status", str(ref))["status"] != "succeeded" or not want:
+            raise DemoError(f"the reference job {ref} did not finish")
+        con.print(f"reference job {ref} finished: params sha256 {want.group(1)[:16]}...")
         wait_for("a checkpoint", lambda: any("checkpoint saved" in x for x in first), 120)
-        step("5. preemption: suspend the job mid-run; it resumes from its fs3 checkpoint")
-        hai("suspend", str(jid))
+        step("5. time-sharing: a higher-priority job of another user preempts the training job")
+        bob = admin.json("admin", "user", "add", "bob", "--group", "nlp")
+        bob_hai = Hai(run_dir, token=bob["token"])
+        urgent = bob_hai.json("exec", "sh", "-c", 'echo "urgent evaluation: rank $RANK on $HAI_NODE_NAME"; sleep 3',
+                              "--", "--nodes", "3", "--priority", "high", "--name", "urgent-eval")["id"]
+        con.print(f"bob submitted job {urgent}: 3 nodes at priority high; the cluster has 2 free, so the scheduler "
+                  f"suspends alice's job {jid} (normal) without anyone typing `hai suspend`")
         p1.wait(90)
     finally:
         p1.kill()
     if not any("suspend requested" in x for x in first):
-        raise DemoError("the first attempt did not checkpoint and exit on the suspend")
-    wait_for("the job to be resumed", lambda: len(hai.json("status", str(jid)).get("attempts", [])) >= 2, 120)
+        raise DemoError("the first attempt did not checkpoint and exit on the preemption")
+    wait_for("the job to be re-queued", lambda: len(hai.json("status", str(jid)).get("attempts", [])) >= 2, 60)
+    admin("list")
+    wait_for(f"bob's job {urgent} to finish", lambda: bob_hai.json("status", str(urgent))["chain_status"] == "finished",
+             120, poll=0.5)
+    if bob_hai.json("status", str(urgent))["status"] != "succeeded":
+        raise DemoError(f"bob's job {urgent} did not succeed")
     second: list[str] = []
     p2 = follow("[attempt 2]", second)
     try:
@@ -195,13 +219,21 @@ def training_steps(lc: LocalCluster, run_dir: Path, mnt: Fs3Mount) -> str:
     text = "".join(second)
     if final["status"] != "succeeded":
         raise DemoError(f"job {jid} ended {final['status']}")
+    preempted = [a for a in final.get("attempts", []) if "preempted by job" in (a.get("reason") or "")]
+    if not preempted:
+        raise DemoError(f"job {jid}'s history does not show the preemption: {final.get('attempts')}")
     m = re.search(r"resumed from the fs3 checkpoint at step (\d+)", text)
     if not m or int(m.group(1)) == 0:
-        raise DemoError("the job did not resume from its checkpoint after the suspend")
+        raise DemoError("the job did not resume from its checkpoint after the preemption")
     if "done: 60 steps" not in text:
         raise DemoError("the resumed attempt did not finish the training")
-    con.print(f"[green]suspended at step {m.group(1)}, resumed from fs3 in attempt "
-              f"{len(final.get('attempts', []))}, finished all 60 steps[/]")
+    got = re.search(r"params sha256 (\w+)", text)
+    if not got or got.group(1) != want.group(1):
+        raise DemoError(f"the preempted job's parameters differ from the uninterrupted run's "
+                        f"({got.group(1) if got else None} against {want.group(1)})")
+    con.print(f"[green]preempted by job {urgent} at step {m.group(1)}, resumed from fs3 in attempt "
+              f"{len(final.get('attempts', []))} once it finished, all 60 steps done: parameters identical to the "
+              f"uninterrupted run (sha256 {got.group(1)[:16]}...)[/]")
     mnt.fs3("ls", "-l", "/demo/ckpt")
     return "".join(first) + text
 

@@ -345,15 +345,16 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
             done = JobView(**{**job.__dict__, "stop_code": stop_code})
             status, exit_code = _final_status(done, views)
             lost_at = sorted({r.node for r in views if r.status == RankStatus.LOST})
+            # [Note: why an attempt ended] the restart history (``hai status``) shows each attempt's
+            # reason: keep the StopJob's own words (who preempted it, which limit, which rank failed)
+            said = job.reason if stopping and job.reason else ""
             if status == JobStatus.SUSPENDED:
                 reason = (f"node {','.join(lost_at)} lost; re-queued" if stop_code & StopCode.NODE_LOST
-                          else "suspended; the chain continues in a new attempt")
+                          else f"{said or 'suspended'}; the chain continues in a new attempt")
             elif status == JobStatus.SUCCEEDED:
                 reason = "every rank exited 0"
-            elif stop_code & (StopCode.TIMEOUT | StopCode.HUNG) and job.reason:
-                reason = job.reason   # the StopJob's reason: which limit, how long
             else:
-                reason = StopCode.describe(stop_code)
+                reason = said or StopCode.describe(stop_code)
             out.append(FinishJob(job.id, status, stop_code, exit_code, reason,
                                  requeue=status == JobStatus.SUSPENDED))
             continue

@@ -477,3 +477,17 @@ def test_a_job_bigger_than_a_zone_preempts_the_job_holding_the_cross_zone_slot()
     ds = decide(Snapshot(NOW, (cross, run(4, "alice", ("n0",)), run(5, "alice", ("n3",)), JobView(6, "bob", 3, priority=30)),
                          nodes(4)))
     assert not stops(ds)
+
+
+def test_an_ended_attempt_keeps_why_it_was_stopped_for_the_restart_history():
+    def ended(reason, code):
+        j = JobView(1, "a", 1, status=JobStatus.STOPPING, stop_code=code, reason=reason, assigned_nodes=("n0",),
+                    ranks=(RankView(0, "n0", RankStatus.KILLED, exit_code=-15),))
+        (f,) = [d for d in decide(Snapshot(NOW, (j,), nodes(1))) if isinstance(d, FinishJob)]
+        return f.status, f.reason
+
+    assert ended("preempted by job 7 (user bob, priority 30)", StopCode.INTERRUPT) == (
+        JobStatus.SUSPENDED, "preempted by job 7 (user bob, priority 30); the chain continues in a new attempt")
+    assert ended("suspend requested", StopCode.INTERRUPT) == (
+        JobStatus.SUSPENDED, "suspend requested; the chain continues in a new attempt")
+    assert ended("stop requested", StopCode.MANUAL_STOP) == (JobStatus.STOPPED, "stop requested")
