@@ -202,7 +202,7 @@ def training_steps(lc: LocalCluster, run_dir: Path, mnt: Fs3Mount) -> str:
     if not any("suspend requested" in x for x in first):
         raise DemoError("the first attempt did not checkpoint and exit on the preemption")
     wait_for("the job to be re-queued", lambda: len(hai.json("status", str(jid)).get("attempts", [])) >= 2, 60)
-    admin("list")
+    admin("list", "--all", "--limit", "4")   # alice's next attempt waits in the queue: POS and why
     wait_for(f"bob's job {urgent} to finish", lambda: bob_hai.json("status", str(urgent))["chain_status"] == "finished",
              120, poll=0.5)
     if bob_hai.json("status", str(urgent))["status"] != "succeeded":
