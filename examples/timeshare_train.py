@@ -24,21 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from examples.demo_train import params_digest  # noqa: E402
 from haiplatform import job  # noqa: E402
 
 FEATURES = 16
-
-
-def params_digest(module) -> str:
-    """SHA-256 (16 hex digits) of a module's state_dict: names, dtypes, shapes, bytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        a = t.detach().cpu().contiguous().numpy()
-        h.update(f"{name} {a.dtype} {a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> int:

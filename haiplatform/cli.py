@@ -384,53 +384,43 @@ def _split_raw(ctx: typer.Context) -> tuple[list[str], list[str]]:
 _RAW = {"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False}
 
 
+def _submit_cmd(ctx: typer.Context, name: str, command: list[str], script: str | None = None) -> None:
+    """The submit commands' common part: parse the options after '--', build the job, submit it."""
+    import os
+
+    args, ours = _split_raw(ctx)
+    o = _parse_submit_opts(ours)
+    if script is not None and not Path(script).exists():
+        _fail(FileNotFoundError(f"no such script {script!r} (relative to {os.getcwd()})"))
+    spec = {"name": o["name"] or name, "command": [*command, *args], "nodes": o["nodes"], "priority": o["priority"],
+            "procs_per_node": o["procs_per_node"], "env": o["env"], "workdir": os.getcwd(),
+            "shared_in_group": o["shared_in_group"], **_limits(o)}
+    _submit_and_show(spec, o["_follow"], o["_json"])
+
+
 @app.command("python", cls=_RawArgs, context_settings=_RAW)
 def python_cmd(ctx: typer.Context, script: str = typer.Argument(..., help="the training script")) -> None:
     """Submit `python SCRIPT ARGS` as a job: hai python train.py --lr 1 -- --nodes 2 --name x [--follow].
 
-    Options after '--': --nodes N, --priority P (a level name, 0..50 or auto), --time T (the chain's run
+    Options after '--': --nodes N, --priority P (a level name, 0..50 or auto), --time T (each attempt's run
     time limit, Slurm formats: MM, MM:SS, H:MM:SS, D-H, D-H:MM, D-H:MM:SS), --grace S (seconds to save after
     acknowledging a suspend), --watchdog S (stop as hung after S seconds without output), --name X,
     --procs-per-node K, --env K=V, --shared, --follow, --json."""
-    import os
     import sys
 
-    args, ours = _split_raw(ctx)
-    o = _parse_submit_opts(ours)
-    if not Path(script).exists():
-        _fail(FileNotFoundError(f"no such script {script!r} (relative to {os.getcwd()})"))
-    spec = {"name": o["name"] or Path(script).stem, "command": [sys.executable, "-u", script, *args],
-            "nodes": o["nodes"], "priority": o["priority"], "procs_per_node": o["procs_per_node"], "env": o["env"],
-            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"], **_limits(o)}
-    _submit_and_show(spec, o["_follow"], o["_json"])
+    _submit_cmd(ctx, Path(script).stem, [sys.executable, "-u", script], script)
 
 
 @app.command("exec", cls=_RawArgs, context_settings=_RAW)
 def exec_cmd(ctx: typer.Context, program: str = typer.Argument(..., help="a program on the nodes' PATH")) -> None:
     """Submit any program as a job: hai exec true -- --nodes 1 --time 30:00 -p auto (options: see 'hai python')."""
-    import os
-
-    args, ours = _split_raw(ctx)
-    o = _parse_submit_opts(ours)
-    spec = {"name": o["name"] or Path(program).name, "command": [program, *args], "nodes": o["nodes"],
-            "priority": o["priority"], "procs_per_node": o["procs_per_node"], "env": o["env"],
-            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"], **_limits(o)}
-    _submit_and_show(spec, o["_follow"], o["_json"])
+    _submit_cmd(ctx, Path(program).name, [program])
 
 
 @app.command("bash", cls=_RawArgs, context_settings=_RAW)
 def bash_cmd(ctx: typer.Context, script: str = typer.Argument(..., help="a shell script")) -> None:
     """Submit `bash SCRIPT ARGS` as a job: hai bash run.sh -- --nodes 2 --time 1:00:00 (options: see 'hai python')."""
-    import os
-
-    args, ours = _split_raw(ctx)
-    o = _parse_submit_opts(ours)
-    if not Path(script).exists():
-        _fail(FileNotFoundError(f"no such script {script!r} (relative to {os.getcwd()})"))
-    spec = {"name": o["name"] or Path(script).stem, "command": ["bash", script, *args], "nodes": o["nodes"],
-            "priority": o["priority"], "procs_per_node": o["procs_per_node"], "env": o["env"],
-            "workdir": os.getcwd(), "shared_in_group": o["shared_in_group"], **_limits(o)}
-    _submit_and_show(spec, o["_follow"], o["_json"])
+    _submit_cmd(ctx, Path(script).stem, ["bash", script], script)
 
 
 @app.command("run")

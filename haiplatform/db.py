@@ -145,7 +145,7 @@ class Job(Base):
     # level the policy sets), the chain's limits, and what the agents report of its activity
     submitted_priority: Mapped[int] = mapped_column(Integer, default=10)
     submitted_at: Mapped[float] = mapped_column(Float, default=0.0)     # the chain's first submission
-    time_limit: Mapped[float] = mapped_column(Float, default=0.0)       # the chain's run time limit; 0: none
+    time_limit: Mapped[float] = mapped_column(Float, default=0.0)       # each attempt's run time limit (--time); 0: none
     grace: Mapped[float] = mapped_column(Float, default=0.0)            # finish time after a suspend; 0: default
     watchdog: Mapped[float] = mapped_column(Float, default=0.0)         # no output this long -> hung; 0: off
     chain_run_s: Mapped[float] = mapped_column(Float, default=0.0)      # run time of the earlier attempts

@@ -12,7 +12,7 @@ phase                 what it does
 ====================  ===================================================================
 ``node_health``       nodes whose agent missed heartbeats for ``heartbeat_timeout`` -> lost
 ``reconcile``         attempts holding nodes: mark running; stop on a failed rank, a stop /
-                      suspend request, the chain's time limit (TIMEOUT) or the watchdog
+                      suspend request, the attempt's time limit (TIMEOUT) or the watchdog
                       (HUNG); a node lost under one is drained (``DrainNode``) and the
                       attempt re-queued (NODE_LOST|INTERRUPT) while ``restart_count <
                       max_node_requeues``, else failed; finish when every rank has ended (a
@@ -121,7 +121,7 @@ class JobView:
     submitted_at: float = 0.0         # the chain's first submission
     started_at: float | None = None   # this attempt started (scheduled_at); None while queued
     chain_run_s: float = 0.0          # run time of the chain's earlier attempts
-    time_limit: float = 0.0           # the chain's total run time limit, 0 = none
+    time_limit: float = 0.0           # each attempt's run time limit, 0 = none
     watchdog: float = 0.0             # no output for this long -> hung; 0 = off
     last_output: float = 0.0          # newest output of any rank (ts), 0 = none
     last_checkpoint: float = 0.0      # newest reported checkpoint (ts), 0 = never
@@ -296,7 +296,7 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
 
     A node lost under an attempt drains the node and ends the attempt ``suspended`` (stop code
     NODE_LOST|INTERRUPT, re-queued to resume from its checkpoint) while its chain has restarted fewer
-    than ``max_node_requeues`` times, else ``failed``. A started attempt past its chain's time limit or
+    than ``max_node_requeues`` times, else ``failed``. A started attempt past its time limit or
     silent for longer than its watchdog is stopped and ends ``failed`` (TIMEOUT / HUNG)."""
     out: list[Decision] = []
     for job in snap.jobs:

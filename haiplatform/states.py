@@ -80,7 +80,7 @@ class StopCode:
     NONE = 0
     STOP = 1
     INTERRUPT = 16        # suspended or preempted (or its node was lost): the chain is re-queued
-    TIMEOUT = 64          # the chain's wall-clock limit (``--time``) was reached
+    TIMEOUT = 64          # the attempt's wall-clock limit (``--time``) was reached
     FAILED = 128          # a rank exited non-zero
     INIT_FAILED = 256     # a rank could not be started
     NODE_LOST = 512       # a node of the job stopped heartbeating

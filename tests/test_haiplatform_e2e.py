@@ -8,18 +8,14 @@ import os
 import signal
 import sys
 import time
-import tomllib
-from pathlib import Path
 
 import psutil
 import pytest
-import tomli_w
+from _hai import cluster_file_factory
 from _waits import wait_until
 from typer.testing import CliRunner
 
 from haiplatform.cli import app
-
-LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "deploy" / "clusters" / "local.toml"
 
 
 @pytest.fixture
@@ -31,15 +27,8 @@ def tmp_path(job_tmp_path):
 
 @pytest.fixture
 def cluster_file(tmp_path):
-    """Factory: local.toml with [haiplatform] keys overridden (e.g. a short heartbeat timeout, a db_url)."""
-    def make(**hai) -> Path:
-        raw = tomllib.loads(LOCAL_CLUSTER.read_text())
-        raw["haiplatform"] = {**raw.get("haiplatform", {}), **hai}
-        raw["service"] = [s for s in raw["service"] if s["module"].startswith("haiplatform.")]
-        p = tmp_path / f"cluster-{len(list(tmp_path.glob('cluster-*.toml')))}.toml"
-        p.write_text(tomli_w.dumps(raw))
-        return p
-    return make
+    """Factory: local.toml with [haiplatform] keys overridden, the platform's services only."""
+    return cluster_file_factory(tmp_path)
 
 
 def hai_client(lc, wait_nodes: int = 4):

@@ -8,13 +8,12 @@ import json
 import re
 import signal
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-import tomli_w
+from _hai import cluster_file_factory
 from _waits import wait_until
-from test_haiplatform_e2e import LOCAL_CLUSTER, db_rows, hai_client
+from test_haiplatform_e2e import db_rows, hai_client
 
 from haiplatform.client import HaiClient
 
@@ -30,15 +29,8 @@ def tmp_path(job_tmp_path):
 
 @pytest.fixture
 def cluster_file(tmp_path):
-    """Factory: the local cluster (min_run_time 2 s) with [haiplatform] keys overridden, no fs3."""
-    def make(**hai) -> Path:
-        raw = tomllib.loads(LOCAL_CLUSTER.read_text())
-        raw["haiplatform"] = {**raw.get("haiplatform", {}), **hai}
-        raw["service"] = [s for s in raw["service"] if s["module"].startswith("haiplatform.")]
-        p = tmp_path / f"cluster-{len(list(tmp_path.glob('cluster-*.toml')))}.toml"
-        p.write_text(tomli_w.dumps(raw))
-        return p
-    return make
+    """Factory: local.toml with [haiplatform] keys overridden, the platform's services only."""
+    return cluster_file_factory(tmp_path)
 
 
 def user_client(admin: HaiClient, name: str) -> HaiClient:

@@ -38,20 +38,35 @@ JobId = Annotated[int, PathParam(ge=1, le=INT32, description="a job id (any atte
 
 # -- request bodies -------------------------------------------------------------------------------
 
-class JobSpec(BaseModel):
-    """What a user submits (``hai python ...`` and ``hai run job.yaml`` build one)."""
+class _Priority(BaseModel):
+    """A ``priority`` field: a level's name, its number (0..50) or "auto" (stored as AUTO, -1)."""
 
     model_config = ConfigDict(extra="forbid")
+    priority: Annotated[int, Field(ge=0, le=50)] | Text(32) = Field(
+        "normal", validate_default=True,
+        description="a level name, its number (0..50), or 'auto': the highest level the quotas have room for")
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _prio(cls, v: Any) -> Any:
+        return parse_priority(v)
+
+    @field_validator("priority", mode="after")
+    @classmethod
+    def _auto(cls, v: Any) -> int:
+        return AUTO if v == "auto" else v
+
+
+class JobSpec(_Priority):
+    """What a user submits (``hai python ...`` and ``hai run job.yaml`` build one)."""
+
     name: str = Field(pattern=JOB_NAME, description="a name for the job (letters, digits, _.@-)")
     command: list[Text(65536)] = Field(
         min_length=1, max_length=4096, description="argv of each rank's process")
     nodes: int = Field(1, ge=1, le=10000, description="whole nodes")
     procs_per_node: int = Field(0, ge=0, le=256, description="processes per node; 0: the node's GPUs (or 1)")
-    priority: Annotated[int, Field(ge=0, le=50)] | Text(32) = Field(
-        "normal", validate_default=True,
-        description="a level name, its number (0..50), or 'auto': the highest level the quotas have room for")
     time_limit: float = Field(0.0, ge=0, le=TIME_MAX, allow_inf_nan=False,
-                              description="the chain's total run time limit in seconds (0: none)")
+                              description="each attempt's run time limit in seconds (0: none), as Slurm's --time")
     grace: float = Field(0.0, ge=0, le=TIME_MAX, allow_inf_nan=False,
                          description="seconds to finish after acknowledging a suspend (0: the cluster's "
                                      "suspend_grace; at most its max_suspend_grace)")
@@ -68,16 +83,6 @@ class JobSpec(BaseModel):
         if not v[0].strip():
             raise ValueError("command[0] must name a program")
         return v
-
-    @field_validator("priority", mode="before")
-    @classmethod
-    def _prio(cls, v: Any) -> Any:
-        return parse_priority(v)
-
-    @field_validator("priority", mode="after")
-    @classmethod
-    def _auto(cls, v: Any) -> int:
-        return AUTO if v == "auto" else v
 
     @field_validator("env")
     @classmethod
@@ -104,22 +109,11 @@ def parse_priority(v: Any) -> Any:
     return v
 
 
-class PrioritySpec(BaseModel):
-    """``POST /v1/jobs/{id}/priority``: the chain's new level."""
+class PrioritySpec(_Priority):
+    """``POST /v1/jobs/{id}/priority``: the chain's new level (required here)."""
 
-    model_config = ConfigDict(extra="forbid")
     priority: Annotated[int, Field(ge=0, le=50)] | Text(32) = Field(
         description="a level name, its number (0..50), or 'auto'")
-
-    @field_validator("priority", mode="before")
-    @classmethod
-    def _prio(cls, v: Any) -> Any:
-        return parse_priority(v)
-
-    @field_validator("priority", mode="after")
-    @classmethod
-    def _auto(cls, v: Any) -> int:
-        return AUTO if v == "auto" else v
 
 
 class ActivitySpec(BaseModel):
