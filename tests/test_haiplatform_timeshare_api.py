@@ -163,7 +163,10 @@ def test_status_shows_the_restart_history(api, db):
     j = api.get(f"/v1/jobs/{jid}").json()
     first, second = j["attempts"]
     assert (first["id"], first["status"], first["stop"], first["nodes"]) == (jid, "suspended", "interrupt", ["n0"])
-    assert first["reason"] and first["started_at"] and first["finished_at"] and first["run_s"] >= 0
+    assert first["reason"] == "suspend requested; the chain continues in a new attempt"
+    assert first["started_at"] and first["finished_at"] and first["run_s"] >= 0
+    assert first["started_at"] <= first["suspend_sent_at"] <= first["finished_at"]   # when it was told
+    assert second["suspend_sent_at"] is None
     assert (second["restart_count"], second["status"]) == (1, j["status"])
     assert j["time_limit"] == 600 and j["chain_run_s"] >= first["run_s"]
 

@@ -70,7 +70,8 @@ def job_json(j: Job, ranks: list[Rank] | None = None, attempts: list[Job] | None
                             "stop": StopCode.describe(a.stop_code), "stop_code": a.stop_code, "reason": a.reason,
                             "exit_code": a.exit_code, "nodes": a.assigned_nodes, "priority": a.priority,
                             "created_at": a.created_at, "scheduled_at": a.scheduled_at,
-                            "started_at": a.started_at, "finished_at": a.finished_at, "run_s": _run_s(a)}
+                            "started_at": a.started_at, "finished_at": a.finished_at, "run_s": _run_s(a),
+                            "suspend_sent_at": a.suspend_sent_at, "suspend_acked_at": a.suspend_acked_at}
                            for a in attempts]
     return out
 
