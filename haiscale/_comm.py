@@ -123,8 +123,30 @@ class Comm:
     def allgather(self, out: Any, inp: Any, async_op: bool = False) -> Any:
         return self._call("allgather", out, inp, async_op=async_op)
 
+    def all_to_all(self, out: Any, inp: Any, out_splits: list[int] | None = None,
+                   in_splits: list[int] | None = None, async_op: bool = False) -> Any:
+        """``inp`` chunk j goes to rank j, ``out`` chunk i comes from rank i (as torch's
+        ``all_to_all_single``): splits count rows along the first dimension, ``None`` = equal.
+
+        Expert parallelism (haiscale.moe) sends each token to the rank of its expert with uneven
+        splits; both split lists are the caller's (it exchanged the counts before)."""
+        return self._call("all_to_all", out, inp, out_splits=out_splits, in_splits=in_splits, async_op=async_op)
+
     def reduce_scatter_avg(self, out: Any, inp: Any, async_op: bool = True) -> Any:
         return self._call("reduce_scatter", out, inp, op=self.hf.ReduceOp.AVG, async_op=async_op)
+
+    # point-to-point (haiscale.pipeline): messages between a pair with the same tag arrive in order
+    def send(self, t: Any, dst: int, tag: int = 0) -> None:
+        self._call("send", t, dst, tag=tag, async_op=False)
+
+    def recv(self, t: Any, src: int, tag: int = 0) -> None:
+        self._call("recv", t, src, tag=tag, async_op=False)
+
+    def isend(self, t: Any, dst: int, tag: int = 0) -> Any:
+        return self._call("send", t, dst, tag=tag, async_op=True)
+
+    def irecv(self, t: Any, src: int, tag: int = 0) -> Any:
+        return self._call("recv", t, src, tag=tag, async_op=True)
 
     def barrier(self) -> None:
         kw = {"group": self.group} if self.group is not None else {}
