@@ -135,18 +135,27 @@ class Comm:
     def reduce_scatter_avg(self, out: Any, inp: Any, async_op: bool = True) -> Any:
         return self._call("reduce_scatter", out, inp, op=self.hf.ReduceOp.AVG, async_op=async_op)
 
-    # point-to-point (haiscale.pipeline): messages between a pair with the same tag arrive in order
-    def send(self, t: Any, dst: int, tag: int = 0) -> None:
-        self._call("send", t, dst, tag=tag, async_op=False)
-
-    def recv(self, t: Any, src: int, tag: int = 0) -> None:
-        self._call("recv", t, src, tag=tag, async_op=False)
+    # point-to-point (haiscale.pipeline): messages between a pair with the same tag arrive in order.
+    # [Note: blocking send/recv are isend/irecv + wait] so they keep haiscale's timeout and error
+    # wrapping, and only hfreduce's isend/irecv (which always return a Work) are needed.
+    def _p2p(self, name: str, t: Any, peer: int, tag: int) -> Any:
+        kw = {"group": self.group} if self.group is not None else {}
+        try:
+            return getattr(self.hf, name)(t, peer, tag=tag, **kw)
+        except self.hf.HFReduceError as exc:
+            raise CommunicationError(f"hfreduce {name} with rank {peer} failed on rank {self.rank}: {exc}") from exc
 
     def isend(self, t: Any, dst: int, tag: int = 0) -> Any:
-        return self._call("send", t, dst, tag=tag, async_op=True)
+        return self._p2p("isend", t, dst, tag)
 
     def irecv(self, t: Any, src: int, tag: int = 0) -> Any:
-        return self._call("recv", t, src, tag=tag, async_op=True)
+        return self._p2p("irecv", t, src, tag)
+
+    def send(self, t: Any, dst: int, tag: int = 0) -> None:
+        self.wait(self.isend(t, dst, tag), f"send to rank {dst}")
+
+    def recv(self, t: Any, src: int, tag: int = 0) -> None:
+        self.wait(self.irecv(t, src, tag), f"recv from rank {src}")
 
     def barrier(self) -> None:
         kw = {"group": self.group} if self.group is not None else {}
