@@ -355,11 +355,15 @@ class Mesh:
         if self.error is not None:
             return
         if self.sync is not None:
-            diag = self.sync.await_error(min(1.0, self.timeout), stop=lambda: self.error is not None)
+            try:
+                diag = self.sync.await_error(min(1.0, self.timeout),
+                                             stop=lambda: self._closed or self.error is not None)
+            except (ValueError, TypeError):  # the group is being destroyed: its arena is gone
+                return
             if diag is not None and self.error is None:
                 self.fail(diag)
                 return
-        if self.error is not None:
+        if self.error is not None or self._closed:
             return
         err = PeerFailed(f"{self.who(src)} died, left the group or lost its connection ({exc})", rank=src,
                          node=self.node_names[self.node_of[src]], detected_by=self.rank)
@@ -470,6 +474,13 @@ class Mesh:
 
     # -- sending ------------------------------------------------------------------------------------
     def post_send(self, buf: np.ndarray, dst: int, chan: int, tag: int, work: P2PWork) -> None:
+        if self.cma and self.local(dst):
+            # [Note: descriptors go out inline] a single-copy message is a small frame: sending it
+            # from the caller's thread saves a hand-off to the sender thread (under the GIL, up
+            # to a switch interval when the caller runs Python meanwhile); every message to a
+            # local peer goes this way, so the order per pair holds.
+            self._send_one(dst, buf, chan, tag, work)
+            return
         q = self._queues.get(dst)
         if q is None:
             with self._lock:
@@ -485,34 +496,37 @@ class Mesh:
             if item is None:
                 return
             buf, chan, tag, work = item
-            if self.error is not None:
-                work._finish(self.error)
-                continue
-            h: dict[str, Any] = {"k": "d", "c": chan, "t": tag, "n": int(buf.nbytes)}
-            try:
-                c = self._conn(dst)
-                if self.cma and self.local(dst):
-                    with self._lock:
-                        mid = self._next_id
-                        self._next_id += 1
-                        self._acks[mid] = (work, dst)
-                    h.update(i=mid, p=os.getpid(), a=buf.__array_interface__["data"][0])
-                    with self._out_locks[dst]:
-                        c.send(msgpack.packb(h))
-                else:
-                    with self._out_locks[dst]:
-                        c.send(msgpack.packb(h), buf)
-                    work._finish()
-            except HFReduceError as exc:
-                work._finish(self.fail(exc))
-            except (NetworkError, OSError) as exc:
-                if self._closed:
-                    work._finish(HFReduceError("the process group was destroyed"))
-                    continue
-                diag = self.sync.await_error(min(1.0, self.timeout)) if self.sync is not None else None
-                work._finish(self.fail(diag or PeerFailed(
-                    f"{self.who(dst)} died or lost its connection while rank {self.rank} sent to it ({exc})",
-                    rank=dst, node=self.node_names[self.node_of[dst]], detected_by=self.rank)))
+            self._send_one(dst, buf, chan, tag, work)
+
+    def _send_one(self, dst: int, buf: np.ndarray, chan: int, tag: int, work: P2PWork) -> None:
+        if self.error is not None:
+            work._finish(self.error)
+            return
+        h: dict[str, Any] = {"k": "d", "c": chan, "t": tag, "n": int(buf.nbytes)}
+        try:
+            c = self._conn(dst)
+            if self.cma and self.local(dst):
+                with self._lock:
+                    mid = self._next_id
+                    self._next_id += 1
+                    self._acks[mid] = (work, dst)
+                h.update(i=mid, p=os.getpid(), a=buf.__array_interface__["data"][0])
+                with self._out_locks[dst]:
+                    c.send(msgpack.packb(h))
+            else:
+                with self._out_locks[dst]:
+                    c.send(msgpack.packb(h), buf)
+                work._finish()
+        except HFReduceError as exc:
+            work._finish(self.fail(exc))
+        except (NetworkError, OSError) as exc:
+            if self._closed:
+                work._finish(HFReduceError("the process group was destroyed"))
+                return
+            diag = self.sync.await_error(min(1.0, self.timeout)) if self.sync is not None else None
+            work._finish(self.fail(diag or PeerFailed(
+                f"{self.who(dst)} died or lost its connection while rank {self.rank} sent to it ({exc})",
+                rank=dst, node=self.node_names[self.node_of[dst]], detected_by=self.rank)))
 
     # -- waiting ------------------------------------------------------------------------------------
     def _timeout(self, r: int, what: str) -> HFReduceTimeout:
