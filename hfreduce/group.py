@@ -1,43 +1,36 @@
-"""The process group: who is who (environment, rendezvous), the node's arena, the collectives.
+"""The process group: start-up in order, then the collectives API.
 
-Start-up, for every rank (``init``):
+Start-up, for every rank (``init``), one module per step:
 
-1. **Environment.** Rank and world size come from the arguments, else the platform's /
-   torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK,
-   MASTER_ADDR, MASTER_PORT, HAI_NODE_NAME, HAI_CLUSTER_FILE), else MPI through mpi4py when the
-   process was started by mpirun, else a group of one.
-2. **Rendezvous** at rank 0 (MASTER_ADDR:MASTER_PORT, plain TCP through ``network.transport``):
-   every rank says who it is (node, host, pid); rank 0 groups ranks into nodes (ordered by the
-   cluster description when there is one), picks the leaders, builds the double tree and sends
-   everyone the plan.
-3. **Node arena.** The leader creates the arena, every rank its heap; all map all, then every
-   creator unlinks its segments (see :mod:`hfreduce.shm`).
-4. **Tree links.** Each leader listens on its node's address; children connect to parents, one
-   connection per tree edge plus one out-of-band connection per neighbour.
+1. **Environment** (:mod:`hfreduce.env`): rank, world size, node and the rendezvous address
+   from the arguments, else the launcher's variables, else MPI, else a group of one.
+2. **Rendezvous** (:mod:`hfreduce.rendezvous`) at rank 0: every rank says who it is; rank 0
+   groups ranks into nodes, picks the leaders, builds the double tree and sends everyone the
+   plan.
+3. **Node memory** (:mod:`hfreduce.bootstrap`): the leader creates the arena, every rank its
+   heap; all map all, then every creator unlinks its segments (see :mod:`hfreduce.shm`).
+4. **Wiring** (:mod:`hfreduce.wiring`): the leaders' tree links and the ranks' lanes.
 5. Everyone reports ready to rank 0 and waits for the go: ``init`` returns on all ranks only
    when the whole group is up, and raises :class:`InitError` on all of them otherwise.
+
+The frames between nodes are defined once in :mod:`hfreduce.wire`.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import os
-import secrets
-import select
-import socket
 import threading
 import time
 from typing import Any
 
-import msgpack
 import numpy as np
 
-from network.errors import NetworkError, TransportError
-from network.transport import Connection, TrafficClass, connect, listen
+from network.errors import NetworkError
 
 from . import kernels as K
+from .bootstrap import NodeMemory
 from .buffers import Buf, as_buf, np_dtype_code
 from .device import DeviceBuf, as_device_buf
 from .engine import (
@@ -53,13 +46,16 @@ from .engine import (
     Work,
     c_loops_enabled,
 )
+from .env import Config, host_id, resolve
 from .errors import HFReduceError, InitError, InvalidArgument
 from .internode import InterNode
 from .lanes import Lanes
 from .ops import ReduceOp
-from .shm import Layout, NodeArena, Segment, process_start_time, segment_name, sweep_stale
+from .rendezvous import Rendezvous, plan
+from .shm import NodeArena, process_start_time, sweep_stale
 from .sync import NodeSync
-from .tree import Tree, build_trees
+from .tree import Tree
+from .wiring import connect_lanes, connect_tree, lanes_usable, listen_here
 
 __all__ = ["ProcessGroup", "init", "destroy", "get_default", "is_initialized", "Config"]
 
@@ -69,301 +65,12 @@ _default: ProcessGroup | None = None
 _groups: list[ProcessGroup] = []
 _lock = threading.Lock()
 
-
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        raise InitError(f"environment variable {name}={v!r} is not an integer") from None
-
-
-def _env_bytes(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    if not v:
-        return default
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    try:
-        if v[-1].lower() in mult:
-            return int(float(v[:-1]) * mult[v[-1].lower()])
-        return int(v)
-    except ValueError:
-        raise InitError(f"environment variable {name}={v!r} is not a size (e.g. 4194304, 4M, 1G)") from None
-
-
-class Config:
-    """Engine settings (rank 0's values are used by the whole group)."""
-
-    def __init__(self) -> None:
-        self.chunk = _env_bytes("HFREDUCE_CHUNK_BYTES", 1 << 20)
-        self.chunk = max(4096, self.chunk // 4096 * 4096)
-        self.slots = max(2, _env_int("HFREDUCE_SLOTS") or 4)
-        try:
-            shm_size = os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize
-        except OSError:
-            shm_size = 1 << 30
-        self.heap = _env_bytes("HFREDUCE_HEAP_BYTES", min(64 << 30, shm_size))
-        self.heap = self.heap // 4096 * 4096
-
-    def to_dict(self) -> dict:
-        return {"chunk": self.chunk, "slots": self.slots, "heap": self.heap}
-
-
-# -- the environment ------------------------------------------------------------------------------
-def _from_mpi() -> dict | None:
-    """Rank, size, local rank and a rendezvous address from MPI, when started by mpirun."""
-    if not any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
-        return None
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise InitError("started by mpirun but mpi4py is not installed: pip install 'fireflyer[mpi]' "
-                        "(or set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT)") from None
-    comm = MPI.COMM_WORLD
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    out = {"rank": comm.Get_rank(), "world_size": comm.Get_size(), "local_rank": local.Get_rank(),
-           "local_world_size": local.Get_size()}
-    if comm.Get_rank() == 0:
-        s = socket.socket()
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-        s.close()
-        host = socket.gethostname()
-        try:
-            addr = socket.gethostbyname(host)
-        except OSError:
-            addr = "127.0.0.1"
-        ep = (addr, port)
-    else:
-        ep = None
-    out["master_addr"], out["master_port"] = comm.bcast(ep, root=0)
-    local.Free()
-    return out
-
-
-def _resolve(rank, world_size, local_rank, local_world_size, master_addr, master_port, node, cluster,
-             timeout) -> dict:
-    env = {"rank": _env_int("RANK"), "world_size": _env_int("WORLD_SIZE"), "local_rank": _env_int("LOCAL_RANK"),
-           "local_world_size": _env_int("LOCAL_WORLD_SIZE"), "master_addr": os.environ.get("MASTER_ADDR"),
-           "master_port": _env_int("HFREDUCE_MASTER_PORT")}
-    if env["master_port"] is None and _env_int("MASTER_PORT") is not None:
-        # torchrun's agent holds MASTER_PORT for its own store: take the next one under torchrun
-        env["master_port"] = _env_int("MASTER_PORT") + (1 if os.environ.get("TORCHELASTIC_RUN_ID") else 0)
-    if rank is None and world_size is None and env["rank"] is None and env["world_size"] is None:
-        mpi = _from_mpi()
-        if mpi:
-            env.update({k: v for k, v in mpi.items() if v is not None})
-    args = {"rank": rank, "world_size": world_size, "local_rank": local_rank, "local_world_size": local_world_size,
-            "master_addr": master_addr, "master_port": master_port}
-    r = {k: (args[k] if args[k] is not None else env[k]) for k in args}
-    if r["world_size"] is None:
-        r["world_size"] = 1
-    if r["rank"] is None:
-        if r["world_size"] != 1:
-            raise InitError("no rank: pass rank= or set RANK (WORLD_SIZE is set)")
-        r["rank"] = 0
-    if not 0 <= r["rank"] < r["world_size"]:
-        raise InitError(f"rank {r['rank']} is outside 0..{r['world_size'] - 1} (world size {r['world_size']})")
-    if r["master_addr"] is None:
-        r["master_addr"] = "127.0.0.1"
-    if r["master_port"] is None:
-        if r["world_size"] > 1:
-            raise InitError("no rendezvous port: pass master_port= or set MASTER_PORT (or HFREDUCE_MASTER_PORT)")
-        r["master_port"] = 0
-    if node is None:
-        node = os.environ.get("HAI_NODE_NAME")
-    if node is None:
-        nr = _env_int("NODE_RANK") if _env_int("NODE_RANK") is not None else _env_int("GROUP_RANK")
-        node = f"node{nr}" if nr is not None else socket.gethostname()
-    r["node"] = str(node)
-    if cluster is None:
-        cluster = os.environ.get("HAI_CLUSTER_FILE") or None
-    if cluster is not None and not hasattr(cluster, "nodes"):
-        from network.topology import load_cluster
-
-        try:
-            cluster = load_cluster(cluster)
-        except NetworkError as exc:
-            raise InitError(f"cannot read the cluster description: {exc}") from exc
-    r["cluster"] = cluster
-    if timeout is None:
-        t = os.environ.get("HFREDUCE_TIMEOUT")
-        timeout = float(t) if t else 60.0
-    if timeout <= 0:
-        raise InitError(f"timeout must be > 0 (got {timeout})")
-    r["timeout"] = float(timeout)
-    return r
-
-
-def _host_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
-
-
-# -- rendezvous -----------------------------------------------------------------------------------
-class _Rendezvous:
-    """Rank 0 gathers every rank's message and answers each; other ranks send and wait."""
-
-    def __init__(self, rank: int, world: int, addr: str, port: int, deadline: float) -> None:
-        self.rank, self.world, self.deadline = rank, world, deadline
-        self.conns: dict[int, Connection] = {}
-        self.master: Connection | None = None
-        self.listener = None
-        self.local_addr = "127.0.0.1"
-        if world == 1:
-            return
-        if rank == 0:
-            try:
-                self.listener = listen(addr, port, timeout=self._left())
-            except NetworkError:
-                try:
-                    self.listener = listen("0.0.0.0", port, timeout=self._left())
-                except NetworkError as exc:
-                    raise InitError(f"rank 0 cannot listen on {addr}:{port} for the rendezvous: {exc}") from exc
-        else:
-            try:
-                self.master = connect(addr, port, timeout=self._left(), io_timeout=self._left())
-            except NetworkError as exc:
-                raise InitError(f"rank {rank} cannot reach rank 0 at {addr}:{port} within the timeout: {exc}") from exc
-            self.local_addr = self.master.local_address[0]
-
-    def _left(self) -> float:
-        return max(0.01, self.deadline - time.monotonic())
-
-    def accept_all(self) -> dict[int, dict]:
-        """Rank 0: accept every other rank; returns their hello messages."""
-        hellos: dict[int, dict] = {}
-        while len(self.conns) < self.world - 1:
-            try:
-                conn = self.listener.accept(timeout=self._left())
-                conn.timeout = self._left()
-                m = msgpack.unpackb(conn.recv(timeout=self._left()).header)
-            except TransportError as exc:
-                missing = sorted(set(range(1, self.world)) - set(self.conns))
-                raise InitError(f"rendezvous: ranks {_ranges(missing)} did not join within the timeout ({exc})") from exc
-            r = m.get("rank")
-            if not isinstance(r, int) or not 0 < r < self.world or r in self.conns:
-                conn.send(msgpack.packb({"error": f"rank {r} is invalid or already taken"}))
-                conn.close()
-                raise InitError(f"rendezvous: two processes claim rank {r} (or it is outside 1..{self.world - 1})")
-            if m.get("world_size") != self.world:
-                conn.send(msgpack.packb({"error": f"world size {m.get('world_size')} != {self.world}"}))
-                raise InitError(f"rendezvous: rank {r} says world size {m.get('world_size')}, rank 0 says {self.world}")
-            self.conns[r] = conn
-            hellos[r] = m
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        return hellos
-
-    def exchange(self, msg: dict) -> dict:
-        """Non-zero rank: send ``msg`` to rank 0 and wait for its answer."""
-        try:
-            self.master.send(msgpack.packb(msg), timeout=self._left())
-            ans = msgpack.unpackb(self.master.recv(timeout=self._left()).header)
-        except TransportError as exc:
-            raise InitError(f"rendezvous with rank 0 failed: {exc}") from exc
-        if "error" in ans:
-            raise InitError(f"rendezvous: {ans['error']}")
-        return ans
-
-    def gather(self) -> dict[int, dict]:
-        """Rank 0: one message from every other rank."""
-        out = {}
-        for r, conn in self.conns.items():
-            try:
-                out[r] = msgpack.unpackb(conn.recv(timeout=self._left()).header)
-            except TransportError as exc:
-                raise InitError(f"rendezvous: rank {r} failed during start-up ({exc})") from exc
-            if "error" in out[r]:
-                raise InitError(out[r]["error"])
-        return out
-
-    def report(self, why: str) -> None:
-        """Non-zero rank: tell rank 0 why start-up failed here (it tells everyone)."""
-        if self.master is not None:
-            try:
-                self.master.send(msgpack.packb({"error": why}), timeout=1.0)
-            except TransportError:
-                pass
-
-    def check_relayed(self) -> None:
-        """Non-zero rank: raise the start-up failure rank 0 relayed, if one arrived."""
-        if self.master is None or not select.select([self.master.socket], [], [], 0)[0]:
-            return
-        try:
-            msg = msgpack.unpackb(self.master.recv(timeout=1.0).header)
-        except TransportError as exc:
-            raise InitError(f"rank 0 left the rendezvous during start-up ({exc})") from exc
-        raise InitError(msg.get("error", "start-up failed on another rank"))
-
-    def reply(self, answers: dict[int, dict]) -> None:
-        for r, conn in self.conns.items():
-            try:
-                conn.send(msgpack.packb(answers[r]), timeout=self._left())
-            except TransportError:
-                pass
-
-    def fail_all(self, why: str) -> None:
-        for conn in self.conns.values():
-            try:
-                conn.send(msgpack.packb({"error": why}), timeout=1.0)
-            except TransportError:
-                pass
-
-    def close(self) -> None:
-        for c in self.conns.values():
-            c.close()
-        if self.master is not None:
-            self.master.close()
-        if self.listener is not None:
-            self.listener.close()
-
-
-def _ranges(xs: list[int]) -> str:
-    return ", ".join(map(str, xs[:16])) + (" ..." if len(xs) > 16 else "")
-
-
-def _plan(hellos: dict[int, dict], cluster, cfg: Config) -> dict:
-    """Rank 0: nodes, local ranks, leaders, trees, session."""
-    world = len(hellos)
-    by_node: dict[str, list[int]] = {}
-    for r in range(world):
-        by_node.setdefault(hellos[r]["node"], []).append(r)
-    names = list(by_node)
-    zone_of = None
-    if cluster is not None and all(n in cluster.nodes for n in names):
-        names = cluster.ordered(names)
-        zone_of = {n: cluster.zone_of(n) for n in names}
-    else:
-        names.sort(key=lambda n: min(by_node[n]))
-    local: list[list[int]] = []
-    for n in names:
-        ranks = by_node[n]
-        hosts = {hellos[r]["host"] for r in ranks}
-        if len(hosts) > 1:
-            raise InitError(f"ranks {ranks} all claim node {n!r} but run on different hosts ({sorted(hosts)}): "
-                            "set a distinct HAI_NODE_NAME (or NODE_RANK) per host")
-        lr = [hellos[r].get("local_rank") for r in ranks]
-        if all(x is not None for x in lr):
-            if sorted(lr) != list(range(len(ranks))):
-                raise InitError(f"node {n!r}: local ranks {sorted(lr)} of ranks {ranks} are not 0..{len(ranks) - 1}")
-            ranks = [r for _, r in sorted(zip(lr, ranks, strict=True))]
-        for r in ranks:
-            lws = hellos[r].get("local_world_size")
-            if lws is not None and lws != len(ranks):
-                raise InitError(f"rank {r} says LOCAL_WORLD_SIZE={lws} but {len(ranks)} ranks joined node {n!r}")
-        local.append(ranks)
-    t0, t1 = build_trees(names, zone_of)
-    return {"session": secrets.token_hex(4), "nodes": names, "local": local, "cfg": cfg.to_dict(),
-            "pids": [hellos[r]["pid"] for r in range(world)], "starts": [hellos[r]["start"] for r in range(world)],
-            "trees": [list(t0.parent), list(t1.parent)]}
+# [Note: names kept importable] start-up's pieces moved to their own modules; these names stay
+# importable from hfreduce.group for code written against the single module.
+_resolve = resolve
+_host_id = host_id
+_Rendezvous = Rendezvous
+_plan = plan
 
 
 # -- the group --------------------------------------------------------------------------------------
@@ -382,13 +89,12 @@ class ProcessGroup:
         self._lanes: Lanes | None = None
         self.lanes = False  # allreduce across nodes runs in lanes (see hfreduce.lanes)
         self._engine: Engine | None = None
-        self.cma = False  # single-copy reads between this node's ranks (see _probe_cma)
-        self._created: list[Segment] = []
-        self._rdv: _Rendezvous | None = None
+        self.cma = False  # single-copy reads between this node's ranks (see hfreduce.bootstrap)
+        self._mem: NodeMemory | None = None  # the node's shared memory (hfreduce.bootstrap)
         self._devices: dict[Any, Any] = {}  # device key -> this group's backend for it (hfreduce.device)
         deadline = time.monotonic() + self.timeout
         sweep_stale()
-        rdv = _Rendezvous(self.rank, self.world_size, res["master_addr"], res["master_port"], deadline)
+        rdv = Rendezvous(self.rank, self.world_size, res["master_addr"], res["master_port"], deadline)
         try:
             self._start(res, rdv, deadline)
         except BaseException as exc:
@@ -405,22 +111,21 @@ class ProcessGroup:
             raise
         finally:
             rdv.close()
-            self._rdv = None
 
     # -- start-up ------------------------------------------------------------------------------
-    def _start(self, res: dict, rdv: _Rendezvous, deadline: float) -> None:
+    def _start(self, res: dict, rdv: Rendezvous, deadline: float) -> None:
         me = os.getpid()
-        hello = {"rank": self.rank, "world_size": self.world_size, "node": res["node"], "host": _host_id(),
+        hello = {"rank": self.rank, "world_size": self.world_size, "node": res["node"], "host": host_id(),
                  "local_rank": res["local_rank"], "local_world_size": res["local_world_size"], "pid": me,
                  "start": process_start_time(me) or 0}
         cfg = Config()
         if self.rank == 0:
             hellos = {0: hello, **rdv.accept_all()}
-            plan = _plan(hellos, self.cluster, cfg)
-            rdv.reply({r: plan for r in rdv.conns})
+            the_plan = plan(hellos, self.cluster, cfg)
+            rdv.reply({r: the_plan for r in rdv.conns})
         else:
-            plan = rdv.exchange(hello)
-        self._adopt(plan, res)
+            the_plan = rdv.exchange(hello)
+        self._adopt(the_plan, res)
 
         # leaders listen for their tree neighbours; with lanes possible, every rank for its lane's
         listener = lane_listener = None
@@ -428,9 +133,9 @@ class ProcessGroup:
         endpoint = lane_endpoint = None
         try:
             if self.is_leader and self.nnodes > 1:
-                listener, endpoint = self._listen(rdv)
+                listener, endpoint = listen_here(self, rdv)
             if lanes_possible:
-                lane_listener, lane_endpoint = self._listen(rdv)
+                lane_listener, lane_endpoint = listen_here(self, rdv)
             if self.rank == 0:
                 msgs = {0: {"ep": endpoint, "lane": lane_endpoint}, **rdv.gather()}
                 eps = {self.node_names[self.node_of[r]]: msgs[r]["ep"] for r in msgs if msgs[r]["ep"]}
@@ -442,19 +147,18 @@ class ProcessGroup:
             else:
                 eps, lane_eps = {}, []
 
-            self._rdv = rdv
-            self._setup_node(deadline)
+            self._setup_node(rdv, deadline)
             if self.is_leader and self.nnodes > 1:
-                self._connect_tree(listener, eps, deadline)
+                self._internode = connect_tree(self, listener, eps, deadline)
             if lanes_possible:
-                self._connect_lanes(lane_listener, lane_eps, deadline)
+                self._lanes = connect_lanes(self, lane_listener, lane_eps, deadline)
         finally:
             for lst in (listener, lane_listener):
                 if lst is not None:
                     lst.close()
 
         # everyone up: report (with whether lanes can run here), wait for the go
-        lanes_here = self._lanes is not None and self._lanes_usable()
+        lanes_here = self._lanes is not None and lanes_usable(self.cma, self.local_world_size)
         if self.rank == 0:
             ready = rdv.gather()
             lanes = lanes_here and all(m.get("lanes") for m in ready.values())
@@ -470,8 +174,6 @@ class ProcessGroup:
         self._engine = Engine(self._sync, self._arena, self._layout, self.nnodes, self._internode, HostBackend())
         self._engine.cma = self.cma
         self._engine.lanes = self._lanes
-        if self._internode is not None:
-            self._internode.engine = self._engine
 
     def _adopt(self, plan: dict, res: dict) -> None:
         self.session: str = plan["session"]
@@ -494,191 +196,13 @@ class ProcessGroup:
         self.chunk, self.slots, self.heap_bytes = cfg["chunk"], cfg["slots"], cfg["heap"]
         self.trees = (Tree.from_parents(plan["trees"][0]), Tree.from_parents(plan["trees"][1]))
 
-    def _listen(self, rdv: _Rendezvous):
-        """A listener on this node's address (any free port) and its endpoint for the others."""
-        addr = self._node_address(rdv)
-        try:
-            lst = listen(addr, 0, traffic_class=TrafficClass.HFREDUCE, timeout=self.timeout)
-        except NetworkError:
-            lst = listen("0.0.0.0", 0, traffic_class=TrafficClass.HFREDUCE, timeout=self.timeout)
-            addr = rdv.local_addr
-        return lst, [addr, lst.port]
-
-    def _lanes_usable(self) -> bool:
-        """Can this rank run allreduce in lanes: the C loop is built and enabled, single-copy reads
-        work on this node (or it has one rank), and HFREDUCE_LANES does not turn lanes off."""
-        off = os.environ.get("HFREDUCE_LANES", "1").strip().lower() in ("0", "no", "off", "false")
-        return (not off and c_loops_enabled() and hasattr(K._C, "pipeline_lanes")
-                and (self.cma or self.local_world_size == 1))
-
-    def _node_address(self, rdv: _Rendezvous) -> str:
-        if self.cluster is not None and self.node in self.cluster.nodes:
-            return self.cluster.node(self.node).address
-        return rdv.local_addr if self.world_size > 1 else "127.0.0.1"
-
-    def _setup_node(self, deadline: float) -> None:
-        lay = Layout(self.local_world_size, self.slots, self.chunk)
-        self._layout = lay
-        owner = self.local_ranks[0]
-        names = [segment_name(self._pids[r], self._starts[r], self.session, f"h{i}")
-                 for i, r in enumerate(self.local_ranks)]
-        arena_name = segment_name(self._pids[owner], self._starts[owner], self.session, "arena")
-        heap = Segment.create(names[self.local_rank], self.heap_bytes)
-        self._created.append(heap)
-        if self.is_leader:
-            arena = Segment.create(arena_name, lay.total, reserve=True)
-            self._created.append(arena)
-            words = np.frombuffer(arena.map, np.int64, count=2)
-            words[Layout.LOCAL] = lay.local
-            words[Layout.MAGIC] = Layout.MAGIC_VALUE
-            del words
-        else:
-            arena = Segment.open(arena_name, deadline, alive=lambda: self._alive(owner))
-        heaps = [heap if i == self.local_rank else Segment.open(n, deadline, alive=lambda r=r: self._alive(r))
-                 for i, (n, r) in enumerate(zip(names, self.local_ranks, strict=True))]
-        if arena.size != lay.total:
-            raise InitError(f"node {self.node}: the arena has {arena.size} bytes, expected {lay.total} "
-                            "(ranks of one node run different hfreduce versions?)")
-        self._arena = NodeArena(lay, arena, heaps, self.local_rank)
-        self._sync = NodeSync(self._arena, self.local_rank, self.local_ranks,
-                              [self._pids[r] for r in self.local_ranks], self.node_names, self.node_index,
-                              self.rank, self.timeout)
-        sync = self._sync
-        sync.set(lay.PID, os.getpid())
-        # a word of my private memory that the peers try to read (see _probe_cma)
-        self._cma_word = ctypes.c_int64(os.getpid())
-        sync.set(lay.CMA_ADDR, ctypes.addressof(self._cma_word))
-        sync.publish(lay.ATTACHED, 1)
-        sync.wait(lambda: self._rdv.check_relayed() or sync.min(lay.ATTACHED) >= 1,
-                  lambda: (sync.argmin(lay.ATTACHED), "it did not map the node's shared memory"),
-                  timeout=max(0.1, deadline - time.monotonic()))
-        for seg in self._created:  # every local rank maps everything: unlink (see shm's note)
-            seg.unlink()
-        self.cma = self._probe_cma(deadline)
-
-    def _probe_cma(self, deadline: float) -> bool:
-        """Can every local rank read every other's private memory (process_vm_readv)? All or none.
-
-        [Note: single-copy reads] On one node, an allreduce of the callers' own buffers need not
-        stage them through shared memory: a rank reads its peers' bytes straight out of their
-        address spaces and writes its results straight into them (cross-memory attach: the kernel
-        copies once; see engine._pipeline_cma). That needs ptrace access
-        between the ranks (same user, and Yama's ptrace_scope 0, or a container that allows it);
-        each rank tries to read a known word of every peer and publishes its verdict, and the
-        path is used only when all succeeded and none disabled it with HFREDUCE_CMA=0.
-        """
-        sync, lay = self._sync, self._layout
-        ok = self.local_world_size > 1 and K.KERNEL == "c-simd" and hasattr(K._C, "pipeline_cma") and \
-            os.environ.get("HFREDUCE_CMA", "1").strip().lower() not in ("0", "no", "off", "false")
-        if ok:
-            for r in range(self.local_world_size):
-                if r == self.local_rank:
-                    continue
-                pid = sync.get(r, lay.PID)
-                try:
-                    got = K._C.cma_probe(pid, sync.get(r, lay.CMA_ADDR), 8)
-                except OSError as exc:
-                    log.debug("hfreduce: no single-copy reads from local rank %d (pid %d): %s", r, pid, exc)
-                    ok = False
-                    break
-                if int.from_bytes(got, "little", signed=True) != pid:
-                    ok = False
-                    break
-        sync.publish(lay.CMA_OK, 1 if ok else 2)
-        sync.wait(lambda: self._rdv.check_relayed() or sync.min(lay.CMA_OK) >= 1,
-                  lambda: (sync.argmin(lay.CMA_OK), "it did not finish the shared-memory start-up"),
-                  timeout=max(0.1, deadline - time.monotonic()))
-        return all(sync.get(r, lay.CMA_OK) == 1 for r in range(self.local_world_size))
-
-    def _alive(self, rank: int) -> None:
-        self._rdv.check_relayed()
-        if process_start_time(self._pids[rank]) != self._starts[rank]:
-            end = time.monotonic() + 2.0  # a failing rank reports its cause through rank 0: wait for it
-            while time.monotonic() < end and self.rank != 0:
-                self._rdv.check_relayed()
-                time.sleep(0.02)
-            raise InitError(f"rank {rank} (node {self.node}) died during start-up")
-
-    def _connect_tree(self, listener, eps: dict, deadline: float) -> None:
-        me = self.node_index
-        up: dict[int, Connection] = {}
-        down: dict[tuple[int, int], Connection] = {}
-        oob: dict[int, Connection] = {}
-        neighbours = set()
-        for tree in self.trees:
-            if tree.parent[me] >= 0:
-                neighbours.add(tree.parent[me])
-            neighbours.update(tree.children[me])
-        expected = sum(len(t.children[me]) for t in self.trees) + sum(1 for n in neighbours if n > me)
-        tc = TrafficClass.HFREDUCE
-        left = lambda: max(0.01, deadline - time.monotonic())  # noqa: E731
-        src = eps[self.node][0]
-        try:
-            for t, tree in enumerate(self.trees):
-                p = tree.parent[me]
-                if p >= 0:
-                    host, port = eps[self.node_names[p]]
-                    c = connect(host, port, timeout=left(), traffic_class=tc, source=src, io_timeout=self.timeout)
-                    c.send(msgpack.packb({"s": self.session, "t": t, "from": me}))
-                    up[t] = c
-            for n in sorted(neighbours):
-                if n < me:
-                    host, port = eps[self.node_names[n]]
-                    c = connect(host, port, timeout=left(), traffic_class=tc, source=src, io_timeout=self.timeout)
-                    c.send(msgpack.packb({"s": self.session, "t": "oob", "from": me}))
-                    oob[n] = c
-            for _ in range(expected):
-                c = listener.accept(timeout=left())
-                h = msgpack.unpackb(c.recv(timeout=left()).header)
-                if h.get("s") != self.session:
-                    c.close()
-                    raise InitError(f"node {self.node}: a connection from another group arrived at the leader")
-                if h["t"] == "oob":
-                    oob[h["from"]] = c
-                else:
-                    down[(h["t"], h["from"])] = c
-        except BaseException as exc:
-            for c in [*up.values(), *down.values(), *oob.values()]:
-                c.close()
-            if isinstance(exc, TransportError):
-                raise InitError(f"node {self.node}: cannot connect the inter-node tree: {exc}") from exc
-            raise
-        self._internode = InterNode(self._sync, self.trees, me, self.node_names, self.leaders, up, down, oob,
-                                    self.timeout, self.chunk)
-
-    def _connect_lanes(self, listener, lane_eps: list, deadline: float) -> None:
-        """Connect this rank's lane: one connection per tree edge to the rank with my local rank on
-        the neighbour node (see hfreduce.lanes)."""
-        me, s = self.node_index, self.local_rank
-        links: list[tuple[Connection, int, int]] = []
-        tc = TrafficClass.HFREDUCE
-        left = lambda: max(0.01, deadline - time.monotonic())  # noqa: E731
-        expected = sum(len(t.children[me]) for t in self.trees)
-        try:
-            for t, tree in enumerate(self.trees):
-                p = tree.parent[me]
-                if p >= 0:
-                    host, port = lane_eps[self.local_groups[p][s]]
-                    c = connect(host, port, timeout=left(), traffic_class=tc, source=lane_eps[self.rank][0],
-                                io_timeout=self.timeout)
-                    c.send(msgpack.packb({"s": self.session, "t": t, "from": me, "lane": s}))
-                    links.append((c, t, p))
-            for _ in range(expected):
-                c = listener.accept(timeout=left())
-                h = msgpack.unpackb(c.recv(timeout=left()).header)
-                if h.get("s") != self.session or h.get("lane") != s:
-                    c.close()
-                    raise InitError(f"rank {self.rank} (node {self.node}): a lane connection from another group "
-                                    "or lane arrived")
-                links.append((c, h["t"], h["from"]))
-        except BaseException as exc:
-            for c, _, _ in links:
-                c.close()
-            if isinstance(exc, TransportError):
-                raise InitError(f"rank {self.rank} (node {self.node}): cannot connect its lane: {exc}") from exc
-            raise
-        self._lanes = Lanes(self._sync, self.trees, me, self.node_names, self.local_groups, links, self.timeout,
-                            self.chunk)
+    def _setup_node(self, rdv: Rendezvous, deadline: float) -> None:
+        """Map the node's shared memory (see :class:`hfreduce.bootstrap.NodeMemory`)."""
+        self._mem = mem = NodeMemory(
+            rank=self.rank, local_ranks=self.local_ranks, pids=self._pids, starts=self._starts, session=self.session,
+            node_names=self.node_names, node_index=self.node_index, slots=self.slots, chunk=self.chunk,
+            heap_bytes=self.heap_bytes, timeout=self.timeout, deadline=deadline, check_relayed=rdv.check_relayed)
+        self._layout, self._arena, self._sync, self.cma = mem.layout, mem.arena, mem.sync, mem.cma
 
     # -- collectives -------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -876,14 +400,10 @@ class ProcessGroup:
         if self._lanes is not None:
             self._lanes.close()
             self._lanes = None
-        if self._sync is not None:
-            self._sync.close()
-        if self._arena is not None:
-            self._arena.close()
-            self._arena = None
-        for seg in self._created:
-            seg.close()
-        self._created = []
+        if self._mem is not None:
+            self._mem.close()
+            self._mem = None
+        self._arena = None
 
     def __repr__(self) -> str:
         return (f"<ProcessGroup rank {self.rank}/{self.world_size} node {getattr(self, 'node', '?')} "

@@ -39,6 +39,7 @@ import logging
 import select
 import struct
 import threading
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
@@ -47,42 +48,63 @@ from network.errors import TransportError, TransportTimeout
 from network.transport import Connection
 
 from . import kernels as K
-from .errors import HFReduceError, HFReduceTimeout, MismatchError, PeerFailed, error_from_wire, error_to_wire
-from .shm import Layout
+from .errors import HFReduceError, HFReduceTimeout, PeerFailed, error_from_wire, error_to_wire
+from .shm import Layout, NodeArena
 from .sync import POLL, NodeSync
 from .tree import Tree
+from .wire import DATA_HEADER, T_DATA, mismatch_error
 
-__all__ = ["InterNode", "DATA_HEADER", "T_DATA", "mismatch_error"]
+# DATA_HEADER, T_DATA and mismatch_error live in hfreduce.wire; importable from here as before
+__all__ = ["InterNode", "Geometry", "DATA_HEADER", "T_DATA", "mismatch_error"]
 
 log = logging.getLogger(__name__)
 
-# type, tree, kind, dtype, op, root, seq, chunk, nbytes (of the collective), payload length
-DATA_HEADER = struct.Struct("!BBBBbiQQQQ")
-T_DATA = 1
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a node leader sits and how a collective is cut: what the tree threads need to know.
 
-def mismatch_error(fields: tuple, spec, g: int, peer_node: str, peer_rank: int, my_node: str, me: int,
-                   who: str = "rank") -> MismatchError:
-    """A DATA frame ``fields`` from another node does not match the collective ``spec`` runs here."""
-    from .engine import _describe
+    [Note: no back-reference to the engine] The tree threads used to ask the engine for chunk
+    ranges and chunk locations; they get the numbers (and the arena, where chunks lie) here
+    instead, so the inter-node half is built before the engine and depends on nothing of it.
+    """
 
-    theirs = _describe([fields[2], fields[8], fields[3], fields[4], fields[5], fields[7]])
-    mine = _describe([spec.kind, spec.nbytes, spec.dtype, spec.op, spec.root, g])
-    return MismatchError(f"node {peer_node} ({who} {peer_rank}) is running {theirs} (#{fields[6]}) while node "
-                         f"{my_node} runs {mine} (#{spec.seq})", rank=peer_rank, node=peer_node, detected_by=me)
+    rank: int  #: this leader's rank
+    node: int  #: this node's index in ``node_names``
+    node_names: list[str]
+    leader_ranks: list[int]  #: each node's leader's rank
+    trees: tuple[Tree, Tree]
+    local: int  #: ranks on this node: a chunk is cut into this many slices
+    chunk: int  #: bytes per chunk
+    slots: int  #: chunks in flight (staging slots per rank)
+
+    def chunk_range(self, spec, g: int) -> tuple[int, int]:
+        """Bytes [c0, c1) of the collective that chunk ``g`` covers."""
+        c0 = (g - spec.g0) * self.chunk
+        return c0, min(spec.nbytes, c0 + self.chunk)
+
+    def location(self, arena: NodeArena, spec, locs, r: int, g: int, a: int, b: int) -> np.ndarray:
+        """Local rank ``r``'s input location of chunk ``g``, chunk bytes [a, b) (as the engine's)."""
+        loc = locs[r]
+        if loc is None:
+            return arena.slots[r][g % self.slots][a:b]
+        base = loc[1] + (g - spec.g0) * self.chunk
+        return arena.heap_views[loc[0]][base + a: base + b]
 
 
 class InterNode:
     """The inter-node half of a node leader."""
 
-    def __init__(self, sync: NodeSync, trees: tuple[Tree, Tree], node: int, node_names: list[str],
-                 leader_ranks: list[int], up: dict[int, Connection], down: dict[tuple[int, int], Connection],
-                 oob: dict[int, Connection], timeout: float, chunk: int) -> None:
+    def __init__(self, geo: Geometry, sync: NodeSync, arena: NodeArena, up: dict[int, Connection],
+                 down: dict[tuple[int, int], Connection], oob: dict[int, Connection], timeout: float) -> None:
+        self.geo = geo
         self.sync = sync
-        self.trees = trees
-        self.node = node
-        self.node_names = node_names
-        self.leader_ranks = leader_ranks
+        self.arena = arena
+        self.trees = trees = geo.trees
+        self.node = node = geo.node
+        self.node_names = geo.node_names
+        self.leader_ranks = geo.leader_ranks
+        chunk = geo.chunk
         self.up = up  # tree -> connection to the parent
         self.down = down  # (tree, child node) -> connection
         self.oob = oob  # neighbour node -> out-of-band connection
@@ -90,7 +112,6 @@ class InterNode:
         self.net_timeout = timeout * 1.25 + 0.5
         for c in [*up.values(), *down.values()]:
             c.timeout = self.net_timeout
-        self.engine = None  # set by the group: chunk locations
         self._plans: dict[str, list] = {f"{p}{t}": [] for p in "rb" for t in (0, 1)}
         self._cv = threading.Condition()
         self._bcast_done = [0, 0]
@@ -191,24 +212,23 @@ class InterNode:
         """Chunk bytes [a, b) as (offset from a, view) pieces, one per slice owner's location."""
         from .engine import slices
 
-        eng = self.engine
-        c0, c1 = eng.chunk_range(spec, g)
+        geo = self.geo
+        c0, c1 = geo.chunk_range(spec, g)
         out = []
-        for s, (x, y) in enumerate(slices(c1 - c0, eng.L)):
+        for s, (x, y) in enumerate(slices(c1 - c0, geo.local)):
             x, y = max(x, a), min(y, b)
             if x < y:
-                out.append((x - a, eng.location(spec, locs, s, g, x, y)))
+                out.append((x - a, geo.location(self.arena, spec, locs, s, g, x, y)))
         return out
 
     def _reduce_op(self, spec, locs, t: int) -> None:
         from .engine import slices
 
         sync, lay = self.sync, self.sync.lay
-        eng = self.engine
         tree = self.trees[t]
         for g in range(spec.g0, spec.g0 + spec.nchunks):
             sync.wait(lambda g=g: sync.min(lay.REDUCED) > g, lambda g=g: self._local_laggard(spec, g))
-            c0, c1 = eng.chunk_range(spec, g)
+            c0, c1 = self.geo.chunk_range(spec, g)
             a, b = slices(c1 - c0, 2)[t]
             n = b - a
             kids = tree.children[self.node]
@@ -235,14 +255,13 @@ class InterNode:
     def _bcast_op(self, spec, locs, t: int) -> None:
         from .engine import slices
 
-        eng = self.engine
         tree = self.trees[t]
         parent = tree.parent[self.node]
         if parent < 0:
             return  # the root's reduce thread broadcasts
         conn = self.up[t]
         for g in range(spec.g0, spec.g0 + spec.nchunks):
-            c0, c1 = eng.chunk_range(spec, g)
+            c0, c1 = self.geo.chunk_range(spec, g)
             a, b = slices(c1 - c0, 2)[t]
             n = b - a
             segs = [v for _, v in self._segments(spec, locs, g, a, b)]

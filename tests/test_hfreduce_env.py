@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import hfreduce
-from hfreduce.group import _resolve
+from hfreduce.env import resolve as _resolve
 from hfreduce.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
