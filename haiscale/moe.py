@@ -94,10 +94,15 @@ class MoEStats:
 
 
 class _AllToAll(torch.autograd.Function):
-    """Rows ``in_splits[j]`` go to rank j, ``out_splits[i]`` come from rank i; backward reverses."""
+    """Rows ``in_splits[j]`` go to rank j, ``out_splits[i]`` come from rank i; backward reverses.
+
+    [Note: every rank runs every backward exchange] ``anchor`` (the gate weight) makes the output
+    require grad on every rank whenever training, even where this rank's chunk is empty or its
+    input needs no gradient: autograd would otherwise leave the node out of this rank's graph, and
+    the peers' backward all_to_all would wait for a rank that never calls it."""
 
     @staticmethod
-    def forward(ctx, x, comm, out_splits, in_splits):  # noqa: ANN001
+    def forward(ctx, x, anchor, comm, out_splits, in_splits):  # noqa: ANN001
         ctx.comm, ctx.out_splits, ctx.in_splits = comm, out_splits, in_splits
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
         comm.all_to_all(out, x.contiguous(), out_splits, in_splits)
@@ -107,7 +112,7 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, g):  # noqa: ANN001
         gi = g.new_empty((sum(ctx.in_splits),) + tuple(g.shape[1:]))
         ctx.comm.all_to_all(gi, g.contiguous(), ctx.in_splits, ctx.out_splits)
-        return gi, None, None, None
+        return gi, None, None, None, None
 
 
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -245,7 +250,7 @@ class DeepSeekMoE(nn.Module):
             in_splits = sent_tab[self.rank].sum(1).tolist()
             from_src = sent_tab[:, self.rank, :]  # [src, local expert]
             out_splits = from_src.sum(1).tolist()
-            recv = _AllToAll.apply(xs, self.comm, out_splits, in_splits)
+            recv = _AllToAll.apply(xs, self.gate, self.comm, out_splits, in_splits)
             # chunk i (from rank i) is ordered by expert: regroup as expert-major for the matmuls
             seg = from_src.reshape(-1)
             src_start = np.concatenate([[0], np.cumsum(seg)[:-1]]).reshape(W, self.n_local)
@@ -263,12 +268,12 @@ class DeepSeekMoE(nn.Module):
             if n:
                 outs.append(_swiglu(grouped[off:off + n], self.w1[e], self.w3[e], self.w2[e]))
             off += n
-        y = torch.cat(outs) if outs else grouped.new_zeros((0, self.d_model))
+        y = torch.cat(outs) if outs else grouped[:0]  # (0 rows, still in the graph: see _AllToAll)
         if W > 1:
             inv = torch.empty_like(perm_t)
             inv[perm_t] = torch.arange(perm_t.numel())
             y = y[inv]  # back to source-major order for the return trip
-            y = _AllToAll.apply(y, self.comm, in_splits, out_splits)
+            y = _AllToAll.apply(y, self.gate, self.comm, in_splits, out_splits)
         gw = w.reshape(-1)[order].to(y.dtype).unsqueeze(1)
         out = torch.zeros_like(x).index_add(0, token, (y * gw).to(x.dtype))
         if self.n_shared:

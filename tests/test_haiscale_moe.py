@@ -189,7 +189,7 @@ def moe_worker(local_rank: int, out_dir: str) -> None:
         y = m(x)
         y.sum().backward()
         res["skew"] = {"out": y.detach(), "xgrad": x.grad.clone(), "dropped": m.stats.dropped,
-                       "load": m.last_load.copy()}
+                       "load": torch.from_numpy(m.last_load.copy())}
     except Exception:
         res["worker_error"] = traceback.format_exc()
         raise
