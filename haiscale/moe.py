@@ -261,13 +261,13 @@ class DeepSeekMoE(nn.Module):
             grouped = recv[perm_t]
         else:
             grouped, per_expert = xs, sent_np
-        outs = []
-        off = 0
-        for e in range(self.n_local):
-            n = int(per_expert[e])
-            if n:
-                outs.append(_swiglu(grouped[off:off + n], self.w1[e], self.w3[e], self.w2[e]))
-            off += n
+        # [Note: split, unbind] one split of the rows and one unbind of each stacked weight: their
+        # backwards concatenate/stack once, where slicing per expert would make each expert's
+        # backward fill and add a zero tensor the size of all rows (all experts' weights)
+        sizes = [int(n) for n in per_expert]
+        parts = torch.split(grouped, sizes)
+        w1s, w3s, w2s = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        outs = [_swiglu(parts[e], w1s[e], w3s[e], w2s[e]) for e in range(self.n_local) if sizes[e]]
         y = torch.cat(outs) if outs else grouped[:0]  # (0 rows, still in the graph: see _AllToAll)
         if W > 1:
             inv = torch.empty_like(perm_t)
