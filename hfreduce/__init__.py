@@ -34,6 +34,7 @@ __all__ = [
     "ReduceOp", "allreduce", "reduce", "broadcast", "allgather", "reduce_scatter", "barrier", "empty", "info",
     "HFReduceError", "HFReduceTimeout", "InitError", "InvalidArgument", "MismatchError", "PeerFailed",
     "DeviceError",
+    "all_to_all", "send", "recv", "isend", "irecv",
 ]
 
 
@@ -94,3 +95,25 @@ def info(group: ProcessGroup | None = None) -> dict:
     if pg is None:
         return {"kernel": _kernels.KERNEL, "simd": _kernels.SIMD, "initialized": False}
     return {**pg.info(), "initialized": True}
+
+
+def all_to_all(out_buf: Any, in_buf: Any, out_splits: Any = None, in_splits: Any = None, async_op: bool = False,
+               group: ProcessGroup | None = None) -> Work:
+    """Chunk j of ``in_buf`` to rank j, chunk i of ``out_buf`` from rank i; splits in rows (None: equal)."""
+    return _pg(group).all_to_all(out_buf, in_buf, out_splits, in_splits, async_op)
+
+
+def send(buf: Any, dst: int, tag: int = 0, group: ProcessGroup | None = None) -> None:
+    _pg(group).send(buf, dst, tag)
+
+
+def recv(buf: Any, src: int, tag: int = 0, group: ProcessGroup | None = None) -> None:
+    _pg(group).recv(buf, src, tag)
+
+
+def isend(buf: Any, dst: int, tag: int = 0, group: ProcessGroup | None = None) -> Work:
+    return _pg(group).isend(buf, dst, tag)
+
+
+def irecv(buf: Any, src: int, tag: int = 0, group: ProcessGroup | None = None) -> Work:
+    return _pg(group).irecv(buf, src, tag)

@@ -30,6 +30,7 @@ import numpy as np
 from network.errors import NetworkError
 
 from . import kernels as K
+from . import p2p
 from .bootstrap import NodeMemory
 from .buffers import Buf, as_buf, np_dtype_code
 from .device import DeviceBuf, as_device_buf
@@ -92,6 +93,7 @@ class ProcessGroup:
         self.cma = False  # single-copy reads between this node's ranks (see hfreduce.bootstrap)
         self._mem: NodeMemory | None = None  # the node's shared memory (hfreduce.bootstrap)
         self._devices: dict[Any, Any] = {}  # device key -> this group's backend for it (hfreduce.device)
+        self._mesh: p2p.Mesh | None = None  # all_to_all and send/recv (hfreduce.p2p)
         deadline = time.monotonic() + self.timeout
         sweep_stale()
         rdv = Rendezvous(self.rank, self.world_size, res["master_addr"], res["master_port"], deadline)
@@ -128,31 +130,39 @@ class ProcessGroup:
         self._adopt(the_plan, res)
 
         # leaders listen for their tree neighbours; with lanes possible, every rank for its lane's
-        listener = lane_listener = None
+        # (and every rank for its point-to-point peers: hfreduce.p2p)
+        listener = lane_listener = p2p_listener = None
         lanes_possible = self.nnodes > 1 and len({len(g) for g in self.local_groups}) == 1
-        endpoint = lane_endpoint = None
+        endpoint = lane_endpoint = p2p_endpoint = None
         try:
             if self.is_leader and self.nnodes > 1:
                 listener, endpoint = listen_here(self, rdv)
             if lanes_possible:
                 lane_listener, lane_endpoint = listen_here(self, rdv)
+            if self.world_size > 1:
+                p2p_listener, p2p_endpoint = listen_here(self, rdv)
             if self.rank == 0:
-                msgs = {0: {"ep": endpoint, "lane": lane_endpoint}, **rdv.gather()}
+                msgs = {0: {"ep": endpoint, "lane": lane_endpoint, "p2p": p2p_endpoint}, **rdv.gather()}
                 eps = {self.node_names[self.node_of[r]]: msgs[r]["ep"] for r in msgs if msgs[r]["ep"]}
                 lane_eps = [msgs[r].get("lane") for r in range(self.world_size)]
-                rdv.reply({r: {"eps": eps, "lanes": lane_eps} for r in rdv.conns})
+                p2p_eps = [msgs[r].get("p2p") for r in range(self.world_size)]
+                rdv.reply({r: {"eps": eps, "lanes": lane_eps, "p2p": p2p_eps} for r in rdv.conns})
             elif self.world_size > 1:
-                ans = rdv.exchange({"ep": endpoint, "lane": lane_endpoint})
-                eps, lane_eps = ans["eps"], ans["lanes"]
+                ans = rdv.exchange({"ep": endpoint, "lane": lane_endpoint, "p2p": p2p_endpoint})
+                eps, lane_eps, p2p_eps = ans["eps"], ans["lanes"], ans["p2p"]
             else:
-                eps, lane_eps = {}, []
+                eps, lane_eps, p2p_eps = {}, [], []
 
             self._setup_node(rdv, deadline)
             if self.is_leader and self.nnodes > 1:
                 self._internode = connect_tree(self, listener, eps, deadline)
             if lanes_possible:
                 self._lanes = connect_lanes(self, lane_listener, lane_eps, deadline)
+            self._mesh = p2p.Mesh(self, p2p_listener, p2p_eps)  # its peers connect lazily
+            p2p_listener = None  # the mesh's now
         finally:
+            if p2p_listener is not None:
+                p2p_listener.close()
             for lst in (listener, lane_listener):
                 if lst is not None:
                     lst.close()
@@ -331,6 +341,26 @@ class ProcessGroup:
         work = self._submit(self._spec(BARRIER, 0, K.DT_U8, bitwise=True), async_op=True)
         self._wait(work, timeout)
 
+    # -- all_to_all and point-to-point (hfreduce.p2p) ------------------------------------------
+    def all_to_all(self, out_buf, in_buf, out_splits=None, in_splits=None, async_op: bool = False) -> Work:
+        """Chunk j of ``in_buf`` goes to rank j, chunk i of ``out_buf`` comes from rank i (as
+        torch's all_to_all_single); splits count rows of the first dimension (None: equal)."""
+        return p2p.all_to_all(self, out_buf, in_buf, out_splits, in_splits, async_op)
+
+    def isend(self, buf, dst: int, tag: int = 0) -> Work:
+        """Send ``buf`` to rank ``dst``; the work completes when ``buf`` may be reused."""
+        return p2p.isend(self, buf, dst, tag)
+
+    def irecv(self, buf, src: int, tag: int = 0) -> Work:
+        """Receive rank ``src``'s next message with ``tag`` into ``buf`` (exactly its size)."""
+        return p2p.irecv(self, buf, src, tag)
+
+    def send(self, buf, dst: int, tag: int = 0) -> None:
+        p2p.send(self, buf, dst, tag)
+
+    def recv(self, buf, src: int, tag: int = 0) -> None:
+        p2p.recv(self, buf, src, tag)
+
     # -- registered buffers ------------------------------------------------------------------
     def empty(self, shape, dtype=np.float32) -> np.ndarray:
         """A numpy array in this node's shared-memory arena (allreduce on it skips the copy-in)."""
@@ -388,6 +418,9 @@ class ProcessGroup:
         self._teardown()
 
     def _teardown(self) -> None:
+        if self._mesh is not None:
+            self._mesh.close()
+            self._mesh = None
         for backend in self._devices.values():  # stop device copies before the arena goes away
             try:
                 backend.close()

@@ -1,7 +1,7 @@
 """Point-to-point messages and all_to_all: a lazily connected mesh between the ranks.
 
 Every rank listens on its node's address (traffic class HFREDUCE) from start-up; the endpoints
-are exchanged with one allgather. A rank opens a connection to a peer the first time it has
+travel with the tree and lane endpoints in the rendezvous. A rank opens a connection to a peer the first time it has
 something to say to it (a message, an acknowledgement, an abort), and says who it is with the
 group's session, as the tree and lane connections do; each direction of a pair has its own
 connection, so there is no race over who connects. One reader thread per incoming connection
@@ -46,7 +46,7 @@ import msgpack
 import numpy as np
 
 from network.errors import NetworkError
-from network.transport import Connection, TrafficClass, connect, listen
+from network.transport import Connection, TrafficClass, connect
 
 from . import kernels as K
 from .buffers import Buf, as_buf
@@ -68,7 +68,6 @@ __all__ = ["Mesh", "P2PWork"]
 log = logging.getLogger(__name__)
 
 USER, A2A = 0, 1  # channels: user messages (send/recv) and all_to_all's own
-_ENDPOINT_BYTES = 128
 
 
 # -- cross-memory attach -----------------------------------------------------------------------------
@@ -179,7 +178,9 @@ class _Msg:
 class Mesh:
     """This rank's end of the point-to-point mesh (see the module docstring)."""
 
-    def __init__(self, pg: Any, addr: str) -> None:
+    def __init__(self, pg: Any, listener: Any, endpoints: list) -> None:
+        """``listener``: this rank's (made before the rendezvous's endpoint exchange; None in a
+        group of one); ``endpoints``: every rank's [address, port] from that exchange."""
         self.pg = pg
         self.rank, self.world = pg.rank, pg.world_size
         self.timeout = pg.timeout
@@ -190,7 +191,8 @@ class Mesh:
         self.pids, self.starts = pg._pids, pg._starts
         self.cma = bool(pg.cma) and _readv is not None and \
             os.environ.get("HFREDUCE_CMA", "1").strip().lower() not in ("0", "no", "off", "false")
-        self.addr = addr
+        endpoints = [e for e in endpoints if e] if listener is not None else []  # a group of one: none
+        self.addr = endpoints[self.rank][0] if endpoints else "127.0.0.1"
         self._lock = threading.Lock()
         self._posted: dict[tuple, deque[_Recv]] = {}
         self._unexpected: dict[tuple, deque[_Msg]] = {}
@@ -205,23 +207,10 @@ class Mesh:
         self._in: list[Connection] = []
         self._closed = False
         self.a2a_seq = 0
-        self.endpoints: list[tuple[str, int]] = []
-        self.listener = None
-        if self.world == 1:
-            return
-        try:
-            self.listener = listen(addr, 0, traffic_class=TrafficClass.HFREDUCE, timeout=self.timeout)
-        except NetworkError:
-            self.listener = listen("0.0.0.0", 0, traffic_class=TrafficClass.HFREDUCE, timeout=self.timeout)
-        mine = np.zeros(_ENDPOINT_BYTES // 8, np.int64)  # the collectives take no bytes: int64 words
-        ep = msgpack.packb([addr, self.listener.port])
-        mine.view(np.uint8)[: len(ep)] = np.frombuffer(ep, np.uint8)
-        every = np.zeros(_ENDPOINT_BYTES // 8 * self.world, np.int64)
-        pg.allgather(every, mine)
-        every = every.view(np.uint8)
-        for r in range(self.world):
-            self.endpoints.append(_unpack_endpoint(every, r))
-        self._spawn(self._accept_loop, "hfreduce-p2p-accept")
+        self.endpoints: list[tuple[str, int]] = [(str(h), int(p)) for h, p in endpoints]
+        self.listener = listener
+        if listener is not None:
+            self._spawn(self._accept_loop, "hfreduce-p2p-accept")
 
     # -- helpers ------------------------------------------------------------------------------------
     def _spawn(self, fn, name: str, *args) -> None:
@@ -623,8 +612,10 @@ class Mesh:
             self.listener.close()
         for c in [*self._out.values(), *self._in]:
             c.close()
+        # the readers wake at once (their connections are shut down), the senders at the None
+        # above; the acceptor polls every half second and is not waited for (a daemon thread)
         for t in self._threads:
-            if t is not threading.current_thread():
+            if t is not threading.current_thread() and not t.name.endswith("accept"):
                 t.join(timeout=1.0)
         err = HFReduceError("the process group was destroyed")
         with self._lock:
@@ -636,14 +627,6 @@ class Mesh:
             r.work._finish(err)
         for w in acks:
             w._finish(err)
-
-
-def _unpack_endpoint(every: np.ndarray, r: int) -> tuple[str, int]:
-    raw = every[r * _ENDPOINT_BYTES:(r + 1) * _ENDPOINT_BYTES].tobytes()
-    u = msgpack.Unpacker()
-    u.feed(raw)  # one packed [host, port], then zero padding
-    host, port = next(u)
-    return str(host), int(port)
 
 
 def _splits(splits, rows: int, world: int, which: str) -> list[int]:

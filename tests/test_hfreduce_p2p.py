@@ -11,17 +11,7 @@ import numpy as np
 import pytest
 
 import hfreduce
-from hfreduce import p2p
 from hfreduce.testing import run_group
-
-
-def mesh(pg):
-    """The group's p2p operations (a mesh made here when the group does not make one itself)."""
-    if getattr(pg, "_mesh", None) is None:
-        addr = pg.cluster.node(pg.node).address if pg.cluster is not None and pg.node in pg.cluster.nodes \
-            else "127.0.0.1"
-        pg._mesh = p2p.Mesh(pg, addr)
-    return p2p
 
 
 def chunk(src: int, dst: int, rows: int, dtype, width: int = 3) -> np.ndarray:
@@ -30,21 +20,21 @@ def chunk(src: int, dst: int, rows: int, dtype, width: int = 3) -> np.ndarray:
 
 
 def w_all_to_all(pg, dtypes):
-    m, W, r = mesh(pg), pg.world_size, pg.rank
+    W, r = pg.world_size, pg.rank
     for seq, dtype in enumerate(dtypes):
         # uneven splits with zero-size chunks: rank s sends (s + d + seq) % 3 rows to rank d
         n = lambda s, d, seq=seq: (s + d + seq) % 3  # noqa: E731
         in_splits, out_splits = [n(r, d) for d in range(W)], [n(s, r) for s in range(W)]
         inp = np.concatenate([chunk(r, d, n(r, d), dtype) for d in range(W)])
         out = np.full((sum(out_splits), 3), -1, dtype)
-        m.all_to_all(pg, out, inp, out_splits, in_splits)
+        pg.all_to_all(out, inp, out_splits, in_splits)
         want = np.concatenate([chunk(s, r, n(s, r), dtype) for s in range(W)])
         assert out.tobytes() == want.tobytes(), (dtype, r)
     # equal splits, 1-D, several MiB (several frames in flight), async
     k = (1 << 20) + 3
     inp = np.concatenate([np.arange(k, dtype=np.int64) * W + d + 1000 * r for d in range(W)])
     out = np.empty_like(inp)
-    work = m.all_to_all(pg, out, inp, async_op=True)
+    work = pg.all_to_all(out, inp, async_op=True)
     work.wait()
     for s in range(W):
         assert (out[s * k:(s + 1) * k] == np.arange(k, dtype=np.int64) * W + r + 1000 * s).all()
@@ -60,15 +50,15 @@ def test_all_to_all_uneven_splits_every_dtype(nodes, per_node):
 def w_torch(pg):
     import torch
 
-    m, W, r = mesh(pg), pg.world_size, pg.rank
+    W, r = pg.world_size, pg.rank
     inp = torch.arange(W * 4, dtype=torch.float32).reshape(W * 2, 2).to(torch.bfloat16) + r
     out = torch.empty_like(inp)
-    m.all_to_all(pg, out, inp)
+    hfreduce.all_to_all(out, inp)  # the module function, on the default group
     ref = [torch.arange(W * 4, dtype=torch.float32).reshape(W * 2, 2).to(torch.bfloat16) + s for s in range(W)]
     assert torch.equal(out, torch.cat([ref[s][r * 2:(r + 1) * 2] for s in range(W)]))
     splits = torch.tensor([1] * W)
     o1, i1 = torch.zeros(W, dtype=torch.int64), torch.full((W,), r, dtype=torch.int64)
-    m.all_to_all(pg, o1, i1, splits, splits)
+    hfreduce.all_to_all(o1, i1, splits, splits)
     assert o1.tolist() == list(range(W))
 
 
@@ -78,49 +68,49 @@ def test_all_to_all_torch_bfloat16():
 
 
 def w_send_recv(pg):
-    m, W, r = mesh(pg), pg.world_size, pg.rank
+    W, r = pg.world_size, pg.rank
     if r == 0:
         # out of order: tag 2's receive is posted first; tag 1's messages arrive in order
         b2, b1a, b1b = np.zeros(5, np.int32), np.zeros(3, np.float64), np.zeros(3, np.float64)
-        w2 = m.irecv(pg, b2, 1, tag=2)
-        m.recv(pg, b1a, 1, tag=1)
-        m.recv(pg, b1b, 1, tag=1)
+        w2 = pg.irecv(b2, 1, tag=2)
+        pg.recv(b1a, 1, tag=1)
+        pg.recv(b1b, 1, tag=1)
         w2.wait()
         assert b2.tolist() == [7] * 5 and b1a.tolist() == [1.0] * 3 and b1b.tolist() == [2.0] * 3
         # async overlap: every peer sends 4 MiB while this rank posts all receives first
         bufs = {s: np.zeros(1 << 19, np.float64) for s in range(1, W)}
-        works = [m.irecv(pg, bufs[s], s, tag=9) for s in range(1, W)]
+        works = [pg.irecv(bufs[s], s, tag=9) for s in range(1, W)]
         for wk in works:
             wk.wait()
         assert all((bufs[s] == s).all() for s in range(1, W))
     elif r == 1:
-        m.send(pg, np.full(3, 1.0), 0, tag=1)
-        m.send(pg, np.full(3, 2.0), 0, tag=1)
-        m.send(pg, np.full(5, 7, np.int32), 0, tag=2)
+        pg.send(np.full(3, 1.0), 0, tag=1)
+        pg.send(np.full(3, 2.0), 0, tag=1)
+        pg.send(np.full(5, 7, np.int32), 0, tag=2)
     if r:
-        m.isend(pg, np.full(1 << 19, float(r)), 0, tag=9).wait()
+        pg.isend(np.full(1 << 19, float(r)), 0, tag=9).wait()
     with pytest.raises(hfreduce.InvalidArgument, match="not a rank"):
-        m.send(pg, np.zeros(1), W)
+        pg.send(np.zeros(1), W)
     with pytest.raises(hfreduce.InvalidArgument, match="itself"):
-        m.recv(pg, np.zeros(1), r)
+        pg.recv(np.zeros(1), r)
 
 
-@pytest.mark.parametrize("nodes,per_node", [(1, 3), (2, 2)])
-def test_send_recv_tags_order_and_overlap(nodes, per_node):
-    run_group(w_send_recv, nodes=nodes, per_node=per_node, timeout=60).values()
+@pytest.mark.parametrize("nodes,per_node,cma", [(1, 3, "1"), (1, 3, "0"), (2, 2, "1")])
+def test_send_recv_tags_order_and_overlap(nodes, per_node, cma):
+    """Single copy on a node, and with HFREDUCE_CMA=0 the connections instead."""
+    run_group(w_send_recv, nodes=nodes, per_node=per_node, timeout=60, env={"HFREDUCE_CMA": cma}).values()
 
 
 def w_mismatch(pg):
-    m = mesh(pg)
     if pg.rank == 0:
         # on one node the send itself fails (the receiver's acknowledgement says why); between
         # nodes the send is done when the bytes are out, and the receiver's abort fails the next call
         with pytest.raises(hfreduce.MismatchError, match="16 bytes.*expected 32 bytes"):
-            m.send(pg, np.zeros(4, np.float32), 1)
+            pg.send(np.zeros(4, np.float32), 1)
             hfreduce.barrier(group=pg)
     else:
         with pytest.raises(hfreduce.MismatchError, match="rank 0 .*sent 16 bytes.*expected 32 bytes"):
-            m.recv(pg, np.zeros(8, np.float32), 0)
+            pg.recv(np.zeros(8, np.float32), 0)
 
 
 @pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 1)])
@@ -132,13 +122,12 @@ def w_killed_peer(pg, victim):
     import os
     import time
 
-    m = mesh(pg)
     x = np.zeros(pg.world_size * 1000, np.float32)
     if pg.rank == victim:
         os._exit(3)
     t0 = time.monotonic()
     try:
-        m.all_to_all(pg, np.empty_like(x), x)
+        pg.all_to_all(np.empty_like(x), x)
     except hfreduce.HFReduceError as exc:
         return type(exc).__name__, exc.rank, time.monotonic() - t0
     return None
@@ -159,14 +148,13 @@ def test_killed_peer_fails_every_rank(nodes, per_node, victim):
 def w_stuck_peer(pg):
     import time
 
-    m = mesh(pg)
     x = np.zeros(pg.world_size * 4, np.int64)
     if pg.rank == 1:  # stuck until the others gave up on it (bounded), then its call fails too
         deadline = time.monotonic() + 20
         while pg._mesh.error is None and time.monotonic() < deadline:
             time.sleep(0.05)
     try:
-        m.all_to_all(pg, np.empty_like(x), x)
+        pg.all_to_all(np.empty_like(x), x)
     except hfreduce.HFReduceError as exc:
         return type(exc).__name__, exc.rank
     return None
