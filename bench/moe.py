@@ -51,14 +51,7 @@ def _a_hf_worker(pg, sizes, reps):
 
     import hfreduce
 
-    if hasattr(hfreduce, "all_to_all"):
-        a2a = hfreduce.all_to_all
-    else:  # before the ProcessGroup wiring: the p2p module on a mesh made here
-        from hfreduce import p2p
-
-        if getattr(pg, "_mesh", None) is None:
-            pg._mesh = p2p.Mesh(pg, "127.0.0.1")
-        a2a = lambda o, i: p2p.all_to_all(pg, o, i)  # noqa: E731
+    a2a = hfreduce.all_to_all
     out = {}
     for mib in sizes:
         inp = np.empty(mib * (1 << 20) // 4, np.float32)
