@@ -147,9 +147,10 @@ class P2PWork(Work):
         return self.peers
 
     def wait(self, timeout: float | None = None) -> bool:
-        if timeout is not None:
-            return super().wait(timeout)
-        self.mesh.wait(self)
+        """Block until done; raise its error. With ``timeout``, an :class:`HFReduceTimeout` after
+        that long (the operation keeps running: wait again), unless the group's own timeout
+        passed first without progress, which fails the group as above. Both watch the peers."""
+        self.mesh.wait(self, timeout)
         return super().wait(0)
 
 
@@ -523,10 +524,13 @@ class Mesh:
                                "waited; a stuck, stopped or much slower peer, or mismatched calls)", rank=r,
                                node=self.node_names[self.node_of[r]], detected_by=self.rank)
 
-    def wait(self, work: P2PWork) -> None:
-        """Wait for ``work``, watching the failure state, local peers' liveness and the deadline."""
-        deadline = time.monotonic() + self.timeout
-        while not work._event.wait(POLL):
+    def wait(self, work: P2PWork, timeout: float | None = None) -> None:
+        """Wait for ``work``, watching the failure state, local peers' liveness and the group's
+        deadline; a caller's ``timeout`` ends the wait only (HFReduceTimeout, work still running)."""
+        now = time.monotonic()
+        deadline = now + self.timeout
+        until = None if timeout is None else now + timeout
+        while not work._event.wait(POLL if until is None else max(0.0, min(POLL, until - time.monotonic()))):
             if self.error is not None:
                 work._finish(self.error)
                 break
@@ -547,6 +551,8 @@ class Mesh:
                 err = self._timeout(pending[0], f"{work.spec.name} waited for it")
                 work._finish(self.fail(err, notify=work.peers))
                 break
+            if until is not None and time.monotonic() >= until:
+                raise HFReduceTimeout(f"{work.spec.name} did not complete within {timeout} s (still running)")
 
     # -- the operations -----------------------------------------------------------------------------
     def isend(self, b: Buf, dst: int, tag: int) -> P2PWork:

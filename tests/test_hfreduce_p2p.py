@@ -89,6 +89,18 @@ def w_send_recv(pg):
         pg.send(np.full(5, 7, np.int32), 0, tag=2)
     if r:
         pg.isend(np.full(1 << 19, float(r)), 0, tag=9).wait()
+    # a caller's timeout ends the wait only: the receive stays posted and completes later
+    if r == 0:
+        late = np.zeros(2, np.int64)
+        w = pg.irecv(late, 1, tag=11)
+        with pytest.raises(hfreduce.HFReduceTimeout, match="still running"):
+            w.wait(timeout=0.1)
+        pg.send(np.zeros(1), 1, tag=12)  # now send it
+        w.wait(timeout=30)
+        assert late.tolist() == [4, 4]
+    elif r == 1:
+        pg.recv(np.zeros(1), 0, tag=12)
+        pg.send(np.full(2, 4, np.int64), 0, tag=11)
     with pytest.raises(hfreduce.InvalidArgument, match="not a rank"):
         pg.send(np.zeros(1), W)
     with pytest.raises(hfreduce.InvalidArgument, match="itself"):
@@ -126,8 +138,8 @@ def w_killed_peer(pg, victim):
     if pg.rank == victim:
         os._exit(3)
     t0 = time.monotonic()
-    try:
-        pg.all_to_all(np.empty_like(x), x)
+    try:  # haiscale waits with a timeout of its own: the peers are watched all the same
+        pg.all_to_all(np.empty_like(x), x, async_op=True).wait(timeout=60)
     except hfreduce.HFReduceError as exc:
         return type(exc).__name__, exc.rank, time.monotonic() - t0
     return None
