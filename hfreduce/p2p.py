@@ -269,11 +269,27 @@ class Mesh:
             body = msgpack.packb({"k": "x", "e": error_to_wire(err)})
             for p in notify:
                 if p != self.rank and p not in self._dead:
-                    try:
-                        self._conn(p, timeout=min(1.0, self.timeout)).send(body, timeout=min(1.0, self.timeout))
-                    except (NetworkError, HFReduceError, OSError):
-                        pass
+                    self._send_abort(p, body)
         return err
+
+    def _send_abort(self, p: int, body: bytes) -> None:
+        """Best effort, without cutting into a frame another thread is sending: when the
+        connection stays busy for a second, close it instead (the peer then sees it closed)."""
+        quick = min(1.0, self.timeout)
+        try:
+            c = self._conn(p, timeout=quick)
+        except (NetworkError, HFReduceError, OSError):
+            return
+        lock = self._out_locks[p]
+        if not lock.acquire(timeout=quick):
+            c.close()
+            return
+        try:
+            c.send(body, timeout=quick)
+        except (NetworkError, OSError):
+            c.close()
+        finally:
+            lock.release()
 
     # -- connections --------------------------------------------------------------------------------
     def _conn(self, dst: int, timeout: float | None = None) -> Connection:
