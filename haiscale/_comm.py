@@ -7,6 +7,7 @@ CUDA tensors when that module exists.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 from typing import Any
@@ -29,7 +30,9 @@ _NP_DTYPES: dict[torch.dtype, Any] = {
     torch.int64: np.int64,
 }
 
-DEFAULT_TIMEOUT = 300.0
+#: ``timeout=DEFAULT_TIMEOUT`` (None): wait as long as the hfreduce group's own timeout
+#: (``hfreduce.init(timeout=...)`` / $HFREDUCE_TIMEOUT, 30 minutes by default)
+DEFAULT_TIMEOUT = None
 
 
 def _hfreduce():
@@ -41,7 +44,7 @@ def _hfreduce():
 class Comm:
     """The collectives haiscale issues, on one hfreduce process group (None: the default group)."""
 
-    def __init__(self, process_group: Any = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, process_group: Any = None, timeout: float | datetime.timedelta | None = DEFAULT_TIMEOUT) -> None:
         hf = _hfreduce()
         if process_group is None and not hf.is_initialized():
             raise NotInitializedError(
@@ -51,7 +54,13 @@ class Comm:
             )
         self.hf = hf
         self.group = process_group
-        self.timeout = timeout
+        # [Note: one timeout] haiscale's waits use the group's timeout unless given their own, so
+        # one setting (hfreduce.init's, as torch's init_process_group's) governs the whole job
+        if timeout is None:
+            timeout = (process_group if process_group is not None else hf.get_default()).timeout
+        elif isinstance(timeout, datetime.timedelta):
+            timeout = timeout.total_seconds()
+        self.timeout = float(timeout)
         if process_group is not None:
             self.rank = int(process_group.rank)
             self.world_size = int(process_group.world_size)

@@ -24,6 +24,7 @@ order in which backward produces the gradients, so the first buckets leave early
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -277,7 +278,8 @@ class DistributedDataParallel(nn.Module):
             contribute zeros; found by walking the autograd graph after forward).
         broadcast_buffers: broadcast rank 0's buffers (e.g. BatchNorm statistics) at each forward.
         first_bucket_cap_mb: a smaller first bucket, so communication starts early in backward.
-        timeout: seconds any wait on hfreduce may take before CommunicationError.
+        timeout: seconds (or a timedelta) any wait on hfreduce may take before CommunicationError;
+            None: the hfreduce group's timeout (``hfreduce.init(timeout=...)``, 30 min by default).
     """
 
     def __init__(
@@ -290,7 +292,7 @@ class DistributedDataParallel(nn.Module):
         find_unused_parameters: bool = False,
         broadcast_buffers: bool = True,
         first_bucket_cap_mb: float = 1,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | datetime.timedelta | None = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):

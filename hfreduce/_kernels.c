@@ -974,8 +974,16 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
 #include <poll.h>
 #include <sys/socket.h>
 
-#define LANE_PREFIX 16
-#define LANE_HDR (LANE_PREFIX + 41) /* network.transport prefix + hfreduce.internode.DATA_HEADER */
+/* The wire format (hfreduce/wire.py holds the one definition; wire.check_c compares these with it
+ * at import through _C.wire_header, so a change on one side that the other does not follow fails
+ * there instead of as a mismatch between nodes): network.transport's prefix (magic, header length,
+ * payload length) then wire.DATA_HEADER "!BBBBbiQQQQ" (type, tree, kind, dtype, op, root, seq,
+ * chunk, nbytes, payload length). */
+#define WIRE_MAGIC 0x46465431u /* network.transport MAGIC */
+#define WIRE_HEADER 41         /* wire.DATA_HEADER.size */
+#define WIRE_T_DATA 1          /* wire.T_DATA */
+#define LANE_PREFIX 16         /* network.transport PREFIX_SIZE */
+#define LANE_HDR (LANE_PREFIX + WIRE_HEADER)
 #define LANE_MAXLINK 64
 #define LANE_MAXKID 16
 
@@ -999,10 +1007,10 @@ static void put_be64(unsigned char *p, uint64_t v) {
 }
 
 static void lane_header(const lane_t *ln, unsigned char *h, int t, int64_t g, uint64_t n) {
-    put_be32(h, 0x46465431u); /* network.transport MAGIC */
-    put_be32(h + 4, 41);
+    put_be32(h, WIRE_MAGIC);
+    put_be32(h + 4, WIRE_HEADER);
     put_be64(h + 8, n);
-    h[16] = 1; /* T_DATA */
+    h[16] = WIRE_T_DATA;
     h[17] = (unsigned char)t;
     h[18] = (unsigned char)ln->kind;
     h[19] = (unsigned char)ln->wdtype;
@@ -1107,6 +1115,20 @@ static int seq_ints(PyObject *obj, int *out, int max, const char *what) {
     for (Py_ssize_t i = 0; i < n; i++) out[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(s, i));
     Py_DECREF(s);
     return PyErr_Occurred() ? -1 : (int)n;
+}
+
+/* wire_header(tree, kind, dtype, op, root, seq, chunk, nbytes, n) -> the frame prefix and header
+ * the lanes' loop writes (hfreduce.wire.check_c compares it with Python's packing). */
+static PyObject *py_wire_header(PyObject *self, PyObject *args) {
+    int t, kind, dtype, op, root;
+    unsigned long long seq, g, nbytes, n;
+    if (!PyArg_ParseTuple(args, "iiiiiKKKK", &t, &kind, &dtype, &op, &root, &seq, &g, &nbytes, &n)) return NULL;
+    lane_t ln;
+    memset(&ln, 0, sizeof ln);
+    ln.kind = kind; ln.wdtype = dtype; ln.wop = op; ln.root = root; ln.seq = seq; ln.wnbytes = nbytes;
+    unsigned char h[LANE_HDR];
+    lane_header(&ln, h, t, (int64_t)g, n);
+    return PyBytes_FromStringAndSize((const char *)h, LANE_HDR);
 }
 
 static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
@@ -1325,6 +1347,7 @@ static PyMethodDef methods[] = {
     {"pipeline_cma", py_pipeline_cma, METH_VARARGS, "single-copy allreduce of own buffers on one node (process_vm_readv)"},
     {"pipeline_lanes", py_pipeline_lanes, METH_VARARGS,
      "allreduce across nodes: one double binary tree per slice owner (lanes), single-copy inside the node"},
+    {"wire_header", py_wire_header, METH_VARARGS, "wire_header(tree, kind, dtype, op, root, seq, chunk, nbytes, n): a lane frame's prefix and header"},
     {"cma_probe", py_cma_probe, METH_VARARGS, "read bytes from another process (process_vm_readv)"},
     {"simd", py_simd, METH_NOARGS, "the instruction set the kernels run with on this CPU"},
     {NULL, NULL, 0, NULL},

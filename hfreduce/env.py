@@ -9,14 +9,20 @@ HFREDUCE_HEAP_BYTES) and this host's identity for the rendezvous.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import sys
 
 from network.errors import NetworkError
 
 from .errors import InitError
 
-__all__ = ["Config", "resolve", "host_id"]
+__all__ = ["Config", "DEFAULT_TIMEOUT", "group_timeout", "resolve", "host_id"]
+
+#: seconds: the group's timeout when neither ``timeout=`` nor $HFREDUCE_TIMEOUT sets one
+#: (torch.distributed's default for gloo, 30 minutes)
+DEFAULT_TIMEOUT = 1800.0
 
 
 def _env_int(name: str) -> int | None:
@@ -74,22 +80,28 @@ def _from_mpi() -> dict | None:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     out = {"rank": comm.Get_rank(), "world_size": comm.Get_size(), "local_rank": local.Get_rank(),
            "local_world_size": local.Get_size()}
-    if comm.Get_rank() == 0:
-        s = socket.socket()
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-        s.close()
-        host = socket.gethostname()
-        try:
-            addr = socket.gethostbyname(host)
-        except OSError:
-            addr = "127.0.0.1"
-        ep = (addr, port)
-    else:
-        ep = None
-    out["master_addr"], out["master_port"] = comm.bcast(ep, root=0)
+    # rank 0 binds an ephemeral port at the rendezvous and broadcasts it (rendezvous.MpiPublisher)
+    out["master_addr"], out["master_port"], out["publish"], out["mpi_comm"] = None, 0, "mpi", comm
     local.Free()
     return out
+
+
+def _store_owner() -> str | None:
+    """Who holds MASTER_PORT with a key-value store hfreduce can publish its address in.
+
+    "torchrun": torchrun's agent (TORCHELASTIC_RUN_ID is set); "torch": this process joined a
+    torch.distributed group (rank 0 hosts its TCPStore there); None: nobody, the launcher kept
+    the port for the job (hai, haiscale.spawn) and rank 0 binds it. See rendezvous.Publisher.
+    """
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return "torchrun"
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return "torch"
+    except Exception:  # noqa: BLE001 - a torch without the distributed package
+        pass
+    return None
 
 
 def resolve(rank, world_size, local_rank, local_world_size, master_addr, master_port, node, cluster,
@@ -98,9 +110,11 @@ def resolve(rank, world_size, local_rank, local_world_size, master_addr, master_
     env = {"rank": _env_int("RANK"), "world_size": _env_int("WORLD_SIZE"), "local_rank": _env_int("LOCAL_RANK"),
            "local_world_size": _env_int("LOCAL_WORLD_SIZE"), "master_addr": os.environ.get("MASTER_ADDR"),
            "master_port": _env_int("HFREDUCE_MASTER_PORT")}
+    env["publish"] = None
     if env["master_port"] is None and _env_int("MASTER_PORT") is not None:
-        # torchrun's agent holds MASTER_PORT for its own store: take the next one under torchrun
-        env["master_port"] = _env_int("MASTER_PORT") + (1 if os.environ.get("TORCHELASTIC_RUN_ID") else 0)
+        env["master_port"] = _env_int("MASTER_PORT")
+        if master_port is None:
+            env["publish"] = _store_owner()
     if rank is None and world_size is None and env["rank"] is None and env["world_size"] is None:
         mpi = _from_mpi()
         if mpi:
@@ -108,6 +122,8 @@ def resolve(rank, world_size, local_rank, local_world_size, master_addr, master_
     args = {"rank": rank, "world_size": world_size, "local_rank": local_rank, "local_world_size": local_world_size,
             "master_addr": master_addr, "master_port": master_port}
     r = {k: (args[k] if args[k] is not None else env[k]) for k in args}
+    r["publish"] = env["publish"] if master_port is None else None
+    r["mpi_comm"] = env.get("mpi_comm")
     if r["world_size"] is None:
         r["world_size"] = 1
     if r["rank"] is None:
@@ -118,6 +134,8 @@ def resolve(rank, world_size, local_rank, local_world_size, master_addr, master_
         raise InitError(f"rank {r['rank']} is outside 0..{r['world_size'] - 1} (world size {r['world_size']})")
     if r["master_addr"] is None:
         r["master_addr"] = "127.0.0.1"
+    if r["master_port"] is None and r["publish"] == "mpi":
+        r["master_port"] = 0
     if r["master_port"] is None:
         if r["world_size"] > 1:
             raise InitError("no rendezvous port: pass master_port= or set MASTER_PORT (or HFREDUCE_MASTER_PORT)")
@@ -138,13 +156,35 @@ def resolve(rank, world_size, local_rank, local_world_size, master_addr, master_
         except NetworkError as exc:
             raise InitError(f"cannot read the cluster description: {exc}") from exc
     r["cluster"] = cluster
-    if timeout is None:
-        t = os.environ.get("HFREDUCE_TIMEOUT")
-        timeout = float(t) if t else 60.0
-    if timeout <= 0:
-        raise InitError(f"timeout must be > 0 (got {timeout})")
-    r["timeout"] = float(timeout)
+    r["timeout"] = group_timeout(timeout)
     return r
+
+
+def group_timeout(timeout: float | datetime.timedelta | None) -> float:
+    """The group's timeout in seconds: ``timeout`` (seconds or a timedelta, as torch's
+    ``init_process_group``), else $HFREDUCE_TIMEOUT (seconds), else 30 minutes.
+
+    [Note: one timeout, torch's default] It bounds start-up and every wait for a peer, on every
+    rank, and haiscale's waits use it unless given their own. It used to be 60 s, which turned a
+    rank paused for a checkpoint or a slow data loader into a failed job; torch's default (30 min
+    for gloo) lets such a pause pass, and a dead peer is still found at once (a closed
+    connection, a vanished pid), not when the timeout expires: the timeout is for stuck peers.
+    """
+    if timeout is None:
+        t = os.environ.get("HFREDUCE_TIMEOUT", "").strip()
+        try:
+            timeout = float(t) if t else DEFAULT_TIMEOUT
+        except ValueError:
+            raise InitError(f"environment variable HFREDUCE_TIMEOUT={t!r} is not a number of seconds") from None
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    try:
+        timeout = float(timeout)
+    except (TypeError, ValueError):
+        raise InitError(f"timeout must be seconds or a datetime.timedelta (got {timeout!r})") from None
+    if not timeout > 0:
+        raise InitError(f"timeout must be > 0 (got {timeout})")
+    return timeout
 
 
 def host_id() -> str:

@@ -19,6 +19,7 @@ The frames between nodes are defined once in :mod:`hfreduce.wire`.
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
 import os
 import threading
@@ -52,7 +53,7 @@ from .errors import HFReduceError, InitError, InvalidArgument
 from .internode import InterNode
 from .lanes import Lanes
 from .ops import ReduceOp
-from .rendezvous import Rendezvous, plan
+from .rendezvous import Rendezvous, plan, publisher
 from .shm import NodeArena, process_start_time, sweep_stale
 from .sync import NodeSync
 from .tree import Tree
@@ -96,7 +97,8 @@ class ProcessGroup:
         self._mesh: p2p.Mesh | None = None  # all_to_all and send/recv (hfreduce.p2p)
         deadline = time.monotonic() + self.timeout
         sweep_stale()
-        rdv = Rendezvous(self.rank, self.world_size, res["master_addr"], res["master_port"], deadline)
+        pub = publisher(res, max(0.01, deadline - time.monotonic()))
+        rdv = Rendezvous(self.rank, self.world_size, res["master_addr"], res["master_port"], deadline, pub)
         try:
             self._start(res, rdv, deadline)
         except BaseException as exc:
@@ -232,14 +234,15 @@ class ProcessGroup:
 
         [Note: bounded synchronous waits] Every stage of a collective has its own deadline (the
         group timeout, which turns a dead or stuck peer into an error), so a long operation is
-        not cut short here. This loop is the backstop: each group-timeout slice it checks that
-        the engine thread is still there to finish the work; if it is gone (destroyed group,
-        crashed engine), the caller gets an error instead of a wait without end.
+        not cut short here. This loop is the backstop: every two seconds (not every group
+        timeout: that is 30 minutes by default) it checks that the engine thread is still there
+        to finish the work; if it is gone (destroyed group, crashed engine), the caller gets an
+        error instead of a long wait.
         """
         if timeout is not None:
             work.wait(timeout)
             return
-        while not work._event.wait(self.timeout):
+        while not work._event.wait(min(self.timeout, 2.0)):
             if self._destroyed or not self._engine._thread.is_alive():
                 raise HFReduceError(f"{work.spec.name}: the engine stopped before the operation finished")
         work.wait()  # completed: raises its error, if any
@@ -446,12 +449,15 @@ class ProcessGroup:
 # -- module-level state ---------------------------------------------------------------------------
 def init(rank: int | None = None, world_size: int | None = None, local_rank: int | None = None,
          local_world_size: int | None = None, master_addr: str | None = None, master_port: int | None = None,
-         node: str | None = None, cluster: Any = None, timeout: float | None = None) -> ProcessGroup:
+         node: str | None = None, cluster: Any = None,
+         timeout: float | datetime.timedelta | None = None) -> ProcessGroup:
     """Form a process group with every other rank and make it the default group.
 
     Explicit arguments override the environment (see the module docstring). ``timeout``
-    (default 60 s, or $HFREDUCE_TIMEOUT) bounds the start-up and every wait for a peer: a dead
-    or stuck peer becomes an :class:`HFReduceError` on every rank within about that time.
+    (seconds or a ``datetime.timedelta``, as torch's; default $HFREDUCE_TIMEOUT, else 30
+    minutes as torch's gloo) bounds the start-up and every wait for a stuck peer: it becomes
+    an :class:`HFReduceError` on every rank within about that time (a dead peer at once).
+    haiscale's DDP, FSDP and Comm wait on this group with the same timeout unless given theirs.
     """
     global _default
     res = _resolve(rank, world_size, local_rank, local_world_size, master_addr, master_port, node, cluster, timeout)

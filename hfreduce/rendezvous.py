@@ -9,8 +9,11 @@ the plan (:func:`plan`). The same connections then carry the rest of the start-u
 
 from __future__ import annotations
 
+import datetime
+import os
 import secrets
 import select
+import socket
 import time
 
 import msgpack
@@ -22,13 +25,147 @@ from .env import Config
 from .errors import InitError
 from .tree import build_trees
 
-__all__ = ["Rendezvous", "plan", "ranges"]
+__all__ = ["Rendezvous", "Publisher", "StorePublisher", "MpiPublisher", "publisher", "plan", "ranges"]
+
+
+def _in_use(port: int) -> bool:
+    s = socket.socket()
+    try:
+        s.bind(("", port))
+        return False
+    except OSError:
+        return True
+    finally:
+        s.close()
+
+
+def _route_address(host: str, port: int) -> str:
+    """This host's address on the route to ``host`` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port or 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+class Publisher:
+    """How rank 0's rendezvous address reaches the others when it is not MASTER_ADDR:MASTER_PORT.
+
+    [Note: no guessed port] Rank 0 used to listen on MASTER_PORT+1 under torchrun (whose agent
+    holds MASTER_PORT for its own store): a port nobody reserved, which another job or service
+    may hold. Now rank 0 binds an ephemeral port (the kernel picks a free one) and publishes it
+    where every rank can read it: the launcher's own key-value store (torchrun's agent store at
+    MASTER_ADDR:MASTER_PORT, or the store of a torch.distributed group this process already
+    joined, which holds MASTER_PORT on rank 0), or MPI's broadcast under mpirun. Elsewhere (hai,
+    haiscale.spawn, a hand-made environment) the launcher reserves MASTER_PORT for the job and
+    rank 0 binds it itself.
+    """
+
+    def my_address(self) -> str:
+        """The address rank 0 listens on (reachable from the other ranks)."""
+        raise NotImplementedError
+
+    def put(self, addr: str, port: int, timeout: float) -> None:
+        raise NotImplementedError
+
+    def get(self, timeout: float) -> tuple[str, int]:
+        raise NotImplementedError
+
+
+class StorePublisher(Publisher):
+    """Through a torch.distributed store (``set`` by rank 0, ``wait`` + ``get`` by the others)."""
+
+    def __init__(self, store, key: str, route_to: tuple[str, int]) -> None:
+        self.store, self.key, self.route_to = store, key, route_to
+
+    @classmethod
+    def torchrun(cls, host: str, port: int, key: str, timeout: float) -> StorePublisher:
+        """A client of torchrun's agent store at ``host:port`` (MASTER_ADDR:MASTER_PORT)."""
+        try:
+            from torch.distributed import TCPStore
+        except ImportError:
+            raise InitError("under torchrun hfreduce publishes its rendezvous through torchrun's store, which needs "
+                            "torch; or set HFREDUCE_MASTER_PORT to a free port kept for hfreduce") from None
+        try:
+            store = TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, DistNetworkError...
+            raise InitError(f"cannot reach torchrun's store at {host}:{port} within {timeout:.0f} s: {exc}") from exc
+        return cls(store, key, (host, port))
+
+    def my_address(self) -> str:
+        return _route_address(*self.route_to)
+
+    def put(self, addr: str, port: int, timeout: float) -> None:
+        try:
+            self.store.set(self.key, f"{addr} {port}")
+        except Exception as exc:  # noqa: BLE001
+            raise InitError(f"rank 0 cannot publish its rendezvous address in the launcher's store: {exc}") from exc
+
+    def get(self, timeout: float) -> tuple[str, int]:
+        try:
+            self.store.wait([self.key], datetime.timedelta(seconds=timeout))
+            addr, port = self.store.get(self.key).decode().split()
+        except Exception as exc:  # noqa: BLE001 - a timeout is a RuntimeError / DistStoreError
+            raise InitError(f"rank 0 did not publish its rendezvous address ({self.key}) in the launcher's store "
+                            f"within the timeout: {exc}") from exc
+        return addr, int(port)
+
+
+class MpiPublisher(Publisher):
+    """Through MPI's broadcast from rank 0 (mpirun; every rank calls it at the same point)."""
+
+    def __init__(self, comm) -> None:
+        self.comm = comm
+
+    def my_address(self) -> str:
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+
+    def put(self, addr: str, port: int, timeout: float) -> None:
+        self.comm.bcast((addr, port), root=0)
+
+    def get(self, timeout: float) -> tuple[str, int]:
+        return tuple(self.comm.bcast(None, root=0))
+
+
+_generation = 0  # groups this process started: a fresh store key for each (ranks init in step)
+
+
+def publisher(res: dict, timeout: float) -> Publisher | None:
+    """The publisher for this start-up (None: rank 0 binds MASTER_ADDR:MASTER_PORT)."""
+    global _generation
+    _generation += 1
+    how = res.get("publish")
+    if res["world_size"] == 1 or how is None:
+        return None
+    if how == "mpi":
+        return MpiPublisher(res["mpi_comm"])
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"hfreduce/rendezvous/{run}/{restart}/{_generation}"
+    if how == "torchrun":
+        return StorePublisher.torchrun(res["master_addr"], res["master_port"], key, timeout)
+    if how == "torch":
+        import torch.distributed as dist
+
+        return StorePublisher(dist.distributed_c10d._get_default_store(), key,
+                              (res["master_addr"], res["master_port"]))
+    raise InitError(f"unknown rendezvous publisher {how!r}")
 
 
 class Rendezvous:
-    """Rank 0 gathers every rank's message and answers each; other ranks send and wait."""
+    """Rank 0 gathers every rank's message and answers each; other ranks send and wait.
 
-    def __init__(self, rank: int, world: int, addr: str, port: int, deadline: float) -> None:
+    ``publish`` (a :class:`Publisher`, or None) says how the others learn rank 0's address:
+    None, rank 0 listens on ``addr:port`` (MASTER_ADDR:MASTER_PORT) and everyone connects
+    there; else rank 0 listens on an ephemeral port and publishes it (see the module's note).
+    """
+
+    def __init__(self, rank: int, world: int, addr: str, port: int, deadline: float,
+                 publish: Publisher | None = None) -> None:
         self.rank, self.world, self.deadline = rank, world, deadline
         self.conns: dict[int, Connection] = {}
         self.master: Connection | None = None
@@ -37,14 +174,22 @@ class Rendezvous:
         if world == 1:
             return
         if rank == 0:
+            if publish is not None:
+                addr, port = publish.my_address(), 0
             try:
                 self.listener = listen(addr, port, timeout=self._left())
             except NetworkError:
                 try:
                     self.listener = listen("0.0.0.0", port, timeout=self._left())
                 except NetworkError as exc:
-                    raise InitError(f"rank 0 cannot listen on {addr}:{port} for the rendezvous: {exc}") from exc
+                    taken = ("; another process holds it: run under torchrun, or set HFREDUCE_MASTER_PORT to a "
+                             "port kept for hfreduce" if port and _in_use(port) else "")
+                    raise InitError(f"rank 0 cannot listen on {addr}:{port} for the rendezvous: {exc}{taken}") from exc
+            if publish is not None:
+                publish.put(addr, self.listener.port, self._left())
         else:
+            if publish is not None:
+                addr, port = publish.get(self._left())
             try:
                 self.master = connect(addr, port, timeout=self._left(), io_timeout=self._left())
             except NetworkError as exc:

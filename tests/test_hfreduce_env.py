@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import subprocess
@@ -36,7 +37,21 @@ def resolve(**kw):
 
 def test_nothing_set_is_a_group_of_one(clean_env):
     r = resolve()
-    assert (r["rank"], r["world_size"], r["timeout"]) == (0, 1, 60.0)
+    assert (r["rank"], r["world_size"], r["timeout"]) == (0, 1, 1800.0)  # torch's default for gloo
+
+
+def test_timeout_as_torch_takes_it(clean_env):
+    assert resolve(timeout=datetime.timedelta(minutes=2))["timeout"] == 120.0
+    assert resolve(timeout=3)["timeout"] == 3.0
+    clean_env.setenv("HFREDUCE_TIMEOUT", "45")
+    assert resolve()["timeout"] == 45.0
+    assert resolve(timeout=datetime.timedelta(seconds=7))["timeout"] == 7.0  # the argument wins
+    for bad in (0, -1, datetime.timedelta(0), "soon"):
+        with pytest.raises(hfreduce.InitError, match="timeout"):
+            resolve(timeout=bad)
+    clean_env.setenv("HFREDUCE_TIMEOUT", "1h")
+    with pytest.raises(hfreduce.InitError, match="HFREDUCE_TIMEOUT"):
+        resolve()
 
 
 def test_platform_variables(clean_env):
@@ -61,9 +76,11 @@ def test_torchrun_keeps_master_port_for_its_own_store(clean_env):
                  "NODE_RANK": "1"}.items():
         clean_env.setenv(k, v)
     r = resolve()
-    assert r["master_port"] == 29501 and r["node"] == "node1"
+    # rank 0 publishes an ephemeral port in the agent's store at MASTER_PORT (no MASTER_PORT+1)
+    assert (r["master_port"], r["publish"], r["node"]) == (29500, "torchrun", "node1")
     clean_env.setenv("HFREDUCE_MASTER_PORT", "30000")
-    assert resolve()["master_port"] == 30000
+    assert (resolve()["master_port"], resolve()["publish"]) == (30000, None)  # a port kept for hfreduce
+    assert resolve(master_port=1234)["publish"] is None  # an explicit port is bound as given
 
 
 def test_cluster_file_from_the_environment(clean_env):

@@ -34,6 +34,7 @@ gathered once per backward, before its own step), so updating it early does not 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import enum
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -82,7 +83,8 @@ class FullyShardedDataParallel(nn.Module):
         sync_module_states: broadcast rank 0's parameters and buffers at wrap time.
         optimizer_in_backward: ``(optimizer_class, kwargs)``: each unit steps its own shard during
             backward; then do not call an optimizer yourself (``.optimizers`` lists them).
-        timeout: seconds any wait on hfreduce may take before CommunicationError.
+        timeout: seconds (or a timedelta) any wait on hfreduce may take before CommunicationError;
+            None: the hfreduce group's timeout (``hfreduce.init(timeout=...)``, 30 min by default).
     """
 
     def __init__(
@@ -95,7 +97,7 @@ class FullyShardedDataParallel(nn.Module):
         sync_module_states: bool = True,
         optimizer_in_backward: tuple[type, dict[str, Any]] | None = None,
         device_id: Any = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | datetime.timedelta | None = DEFAULT_TIMEOUT,
         _shared: _Shared | None = None,
         _fqns: dict[tuple[int, str], str] | None = None,
     ) -> None:
