@@ -208,6 +208,7 @@ class Mesh:
         self._in: list[Connection] = []
         self._closed = False
         self.a2a_seq = 0
+        self.single_copy_msgs = 0  # messages copied straight from a local peer's memory
         self.endpoints: list[tuple[str, int]] = [(str(h), int(p)) for h, p in endpoints]
         self.listener = listener
         if listener is not None:
@@ -416,6 +417,7 @@ class Mesh:
         try:
             if buf.nbytes:
                 cma_read(pid, addr, buf.__array_interface__["data"][0], buf.nbytes)
+            self.single_copy_msgs += 1
         except OSError as exc:
             err = PeerFailed(f"reading the message of {self.who(src)} from its memory failed: {exc.strerror} "
                              "(set HFREDUCE_CMA=0 to send through the connection instead)", rank=src,
