@@ -127,6 +127,7 @@ def section_b(args) -> dict:  # noqa: ANN001
     print(f"(b) MoE layer fwd+bwd, 2 ranks, d_model {lc['d_model']}, {lc['n_experts'] * lc['granularity']} experts "
           f"top-{lc['top_k'] * lc['granularity']}, {cfg['tokens']} tokens/rank ({rows * lc['d_model'] * 4 / 2**20:.0f} MiB "
           f"of routed rows per rank per all_to_all), median of {cfg['rounds']} rounds")
+    print("    rounds (ms): " + "; ".join(f"{k} " + " ".join(f"{t * 1e3:.0f}" for t in v) for k, v in seen.items()))
     print(f"    hfreduce {hf * 1e3:.1f} ms  gloo {gl * 1e3:.1f} ms  speedup {speedup:.2f}x (target >= 1.5x): "
           f"{'met' if speedup >= 1.5 else 'missed'}")
     return {"figures": {"b_hfreduce_step_ms": round(hf * 1e3, 2), "b_gloo_step_ms": round(gl * 1e3, 2)},

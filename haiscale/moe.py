@@ -250,29 +250,23 @@ class DeepSeekMoE(nn.Module):
             in_splits = sent_tab[self.rank].sum(1).tolist()
             from_src = sent_tab[:, self.rank, :]  # [src, local expert]
             out_splits = from_src.sum(1).tolist()
-            recv = _AllToAll.apply(xs, self.gate, self.comm, out_splits, in_splits)
-            # chunk i (from rank i) is ordered by expert: regroup as expert-major for the matmuls
-            seg = from_src.reshape(-1)
-            src_start = np.concatenate([[0], np.cumsum(seg)[:-1]]).reshape(W, self.n_local)
-            perm = np.concatenate([np.arange(src_start[i, e], src_start[i, e] + from_src[i, e])
-                                   for e in range(self.n_local) for i in range(W)]).astype(np.int64)
-            per_expert = from_src.sum(0)
-            perm_t = torch.from_numpy(perm)
-            grouped = recv[perm_t]
+            rows = _AllToAll.apply(xs, self.gate, self.comm, out_splits, in_splits)
+            sizes = [int(n) for n in from_src.reshape(-1)]  # (source, expert) segments, source-major
         else:
-            grouped, per_expert = xs, sent_np
-        # [Note: split, unbind] one split of the rows and one unbind of each stacked weight: their
-        # backwards concatenate/stack once, where slicing per expert would make each expert's
-        # backward fill and add a zero tensor the size of all rows (all experts' weights)
-        sizes = [int(n) for n in per_expert]
-        parts = torch.split(grouped, sizes)
+            rows, sizes = xs, [int(n) for n in sent_np]
+        # [Note: segments in arrival order] Each chunk that arrives is ordered by expert, so the
+        # received rows are W x E_local segments; every segment is multiplied by its expert where it
+        # lies, and the results, concatenated in the same order, are already in the order of the
+        # return trip: no regrouping copy either way (W x E_local matmuls instead of E_local,
+        # which costs nothing measurable at these sizes). One split of the rows and one unbind of
+        # each stacked weight: their backwards concatenate/stack once, where slicing per segment
+        # would make each backward fill and add a zero tensor the size of all rows / all experts.
+        parts = torch.split(rows, sizes)
         w1s, w3s, w2s = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
-        outs = [_swiglu(parts[e], w1s[e], w3s[e], w2s[e]) for e in range(self.n_local) if sizes[e]]
-        y = torch.cat(outs) if outs else grouped[:0]  # (0 rows, still in the graph: see _AllToAll)
+        outs = [_swiglu(parts[j], w1s[j % self.n_local], w3s[j % self.n_local], w2s[j % self.n_local])
+                for j in range(len(sizes)) if sizes[j]]
+        y = torch.cat(outs) if outs else rows[:0]  # (0 rows, still in the graph: see _AllToAll)
         if W > 1:
-            inv = torch.empty_like(perm_t)
-            inv[perm_t] = torch.arange(perm_t.numel())
-            y = y[inv]  # back to source-major order for the return trip
             y = _AllToAll.apply(y, self.gate, self.comm, in_splits, out_splits)
         gw = w.reshape(-1)[order].to(y.dtype).unsqueeze(1)
         out = torch.zeros_like(x).index_add(0, token, (y * gw).to(x.dtype))

@@ -245,3 +245,24 @@ def test_expert_parallel_equals_one_process(tmp_path, world):
         assert s["load"][0] == world * TOKENS and s["load"][2:].sum() == 0
         torch.testing.assert_close(s["out"], y.detach()[r * TOKENS:(r + 1) * TOKENS], atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(s["xgrad"], x.grad[r * TOKENS:(r + 1) * TOKENS], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(not _has_all_to_all(), reason="hfreduce.all_to_all not built yet (issue 17, p2p part)")
+def test_example_moe_lm_trains_on_two_ranks(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "examples", "moe_lm.py"), "--steps", "26",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 2 and losses[1] < losses[0] - 1.0  # it learns the chain
+    assert "validation loss" in proc.stdout
+    ck = [torch.load(tmp_path / f"moe_lm.rank{r}.pt") for r in range(2)]
+    a, b = ck[0]["model"], ck[1]["model"]
+    assert a["moe.0.w1"].shape[0] == 8  # 16 routed experts, 8 per rank
+    assert not torch.equal(a["moe.0.w1"], b["moe.0.w1"])  # each rank its own experts
+    torch.testing.assert_close(a["moe.0.gate"], b["moe.0.gate"], atol=0, rtol=0)  # replicated, in sync
+    torch.testing.assert_close(a["moe.1.expert_bias"], b["moe.1.expert_bias"], atol=0, rtol=0)
+    assert a["moe.1.expert_bias"].abs().sum() > 0
