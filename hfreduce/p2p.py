@@ -36,6 +36,7 @@ import ctypes
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections import deque
@@ -68,6 +69,7 @@ __all__ = ["Mesh", "P2PWork"]
 log = logging.getLogger(__name__)
 
 USER, A2A = 0, 1  # channels: user messages (send/recv) and all_to_all's own
+PROBE = 1.0  # seconds between liveness probes of the remote peers a wait waits for
 
 
 # -- cross-memory attach -----------------------------------------------------------------------------
@@ -300,17 +302,53 @@ class Mesh:
         with self._out_locks[dst]:
             c = self._out.get(dst)
             if c is None:
-                host, port = self.endpoints[dst]
-                try:
-                    c = connect(host, port, timeout=timeout or self.timeout, traffic_class=TrafficClass.HFREDUCE,
-                                source=self.addr if self.addr not in ("0.0.0.0", "") else None,
-                                io_timeout=self.timeout)
-                    c.send(msgpack.packb({"s": self.session, "from": self.rank}))
-                except NetworkError as exc:
-                    raise PeerFailed(f"{self.who(dst)} cannot be reached ({exc})", rank=dst,
-                                     node=self.node_names[self.node_of[dst]], detected_by=self.rank) from None
+                c = self._connect(dst, timeout)
                 self._out[dst] = c
         return c
+
+    def _connect(self, dst: int, timeout: float | None) -> Connection:
+        """Connect to ``dst``'s listener. [Note: a refused connection is a gone peer] The
+        listener was up before the endpoints were exchanged and lives as long as the group, so a
+        refusal means the peer died or left: three quick tries, not the group's timeout (which
+        may be 30 minutes), and never longer than 10 s for an unanswered handshake."""
+        host, port = self.endpoints[dst]
+        limit = min(timeout or self.timeout, 10.0)
+        last: Exception | None = None
+        for attempt in range(3):
+            if attempt:
+                time.sleep(0.05 * attempt)
+            try:
+                c = connect(host, port, timeout=limit, traffic_class=TrafficClass.HFREDUCE, retry=False,
+                            source=self.addr if self.addr not in ("0.0.0.0", "") else None,
+                            io_timeout=self.timeout)
+                c.send(msgpack.packb({"s": self.session, "from": self.rank}))
+                return c
+            except NetworkError as exc:
+                last = exc
+        raise PeerFailed(f"{self.who(dst)} cannot be reached: it died or left the group ({last})", rank=dst,
+                         node=self.node_names[self.node_of[dst]], detected_by=self.rank)
+
+    def _probe(self, r: int) -> HFReduceError | None:
+        """Is remote peer ``r`` still there? [Note: probing a remote peer] A local peer is
+        watched by pid; a remote one that this rank waits for may never have connected, so
+        this rank connects to it (refused: gone) and peeks at its own connection, on which the
+        peer never sends: readable end-of-file means the peer's process closed it (died or left)."""
+        try:
+            c = self._conn(r)
+        except PeerFailed as exc:
+            return exc
+        try:
+            data = c.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            data, why = b"", exc.strerror
+        else:
+            why = "connection closed"
+        if data:
+            return None
+        return PeerFailed(f"{self.who(r)} died or left the group ({why})", rank=r,
+                          node=self.node_names[self.node_of[r]], detected_by=self.rank)
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -548,6 +586,7 @@ class Mesh:
         now = time.monotonic()
         deadline = now + self.timeout
         until = None if timeout is None else now + timeout
+        next_probe = now + PROBE
         while not work._event.wait(POLL if until is None else max(0.0, min(POLL, until - time.monotonic()))):
             if self.error is not None:
                 work._finish(self.error)
@@ -565,6 +604,15 @@ class Mesh:
                     break
             if work.is_completed():
                 break
+            if time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + PROBE
+                for r in pending:
+                    err = None if self.local(r) else self._probe(r)
+                    if err is not None:
+                        work._finish(self.fail(err, notify=work.peers))
+                        break
+                if work.is_completed():
+                    break
             if time.monotonic() >= deadline and pending:
                 err = self._timeout(pending[0], f"{work.spec.name} waited for it")
                 work._finish(self.fail(err, notify=work.peers))
