@@ -253,7 +253,7 @@ def section_c(args) -> dict:  # noqa: ANN001
     for k, r in res.items():
         print(f"    {k:<4} MaxVio_batch over the run {r['maxvio_run']:.3f}  last 100 steps {r['maxvio_last100']:.3f}  "
               f"MaxVio_global(val) {r['maxvio_global_val']:.3f}  val loss {r['val_loss']:.4f}")
-    print(f"    LFB/aux MaxVio {ratio:.2f}x (target <= 0.5x), val loss LFB - aux {dloss:+.4f} (target <= 0): "
+    print(f"    LFB/aux MaxVio {ratio:.2f}x (target <= 0.5x), val loss LFB - aux {dloss:+.4f} (target <= 2 SE = {2 * se:.4f}): "
           f"{'met' if ok else 'missed'}")
     figures = {f"c_{k}_{m}": round(v, 4) for k, r in res.items() for m, v in r.items()}
     return {"figures": figures, "ratios": {"c_maxvio_lfb_over_aux": round(ratio, 3), "c_val_loss_lfb_minus_aux":

@@ -205,13 +205,6 @@ def expert_slice(name: str, t: torch.Tensor, rank: int, world: int) -> torch.Ten
     return t
 
 
-def _has_all_to_all() -> bool:
-    import hfreduce
-
-    return hasattr(hfreduce, "all_to_all")
-
-
-@pytest.mark.skipif(not _has_all_to_all(), reason="hfreduce.all_to_all not built yet (issue 17, p2p part)")
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_equals_one_process(tmp_path, world):
     haiscale.spawn(moe_worker, args=(str(tmp_path),), nprocs=world, timeout=180)
@@ -247,7 +240,6 @@ def test_expert_parallel_equals_one_process(tmp_path, world):
         torch.testing.assert_close(s["xgrad"], x.grad[r * TOKENS:(r + 1) * TOKENS], atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.skipif(not _has_all_to_all(), reason="hfreduce.all_to_all not built yet (issue 17, p2p part)")
 def test_example_moe_lm_trains_on_two_ranks(tmp_path):
     import subprocess
     import sys
