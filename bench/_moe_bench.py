@@ -82,80 +82,74 @@ def layer_cfg(quick: bool) -> dict:
     # 32 routed experts of hidden 16 (8 experts of 64 split 4 ways), top-8, d_model 2048: see
     # [Note: a communication-bound shape]
     cfg = {"d_model": 2048, "d_ff": 64, "n_experts": 8, "top_k": 2, "granularity": 4, "n_shared": 0}
-    return {"layer": cfg, "tokens": 1024 if quick else 2048, "warmup": 1, "steps": 3 if quick else 6,
-            "rounds": 1 if quick else 3}
+    return {"layer": cfg, "tokens": 1024 if quick else 2048, "warmup": 1, "steps": 4 if quick else 9}
 
 
-def layer_worker(local_rank: int, kind: str, cfg: dict, out_dir: str) -> None:
+def layer_worker(local_rank: int, cfg: dict, gloo_port: int, out_dir: str) -> None:
+    """Both peers in the same processes: two identical layers, one on hfreduce and one on gloo,
+    stepped alternately (h, g, h, g, ...), so machine load drifts hit both alike."""
+    import datetime
     import warnings
+
+    import torch.distributed as dist
+
+    import hfreduce
+    from haiscale._comm import Comm
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)  # 2 ranks on 2 cores
     rank = int(os.environ["RANK"])
-    if kind == "hfreduce":
-        import hfreduce
-        from haiscale._comm import Comm
-
-        hfreduce.init(timeout=300)
-        comm = Comm()
-    else:
-        import datetime
-
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
-        comm = GlooComm()
-    comm = TimedComm(comm)
-    torch.manual_seed(0)
-    layer = DeepSeekMoE(**cfg["layer"], comm=comm)
+    hfreduce.init(timeout=300)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300))
+    layers = {}
+    for kind, comm in (("hfreduce", Comm()), ("gloo", GlooComm())):
+        torch.manual_seed(0)
+        layers[kind] = DeepSeekMoE(**cfg["layer"], comm=TimedComm(comm))
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(cfg["tokens"], cfg["layer"]["d_model"], generator=g)
-    times, comm_times = [], []
-    for _ in range(cfg["warmup"] + cfg["steps"]):
-        t0, comm.seconds = time.perf_counter(), 0.0
-        layer.zero_grad(set_to_none=False)
-        layer(x).square().mean().backward()
-        times.append(time.perf_counter() - t0)
-        comm_times.append(comm.seconds)
-    res = {"step_s": statistics.median(times[cfg["warmup"]:]), "comm_s": statistics.median(comm_times[cfg["warmup"]:])}
-    Path(out_dir, f"{kind}.{rank}.json").write_text(json.dumps(res))
-    if kind == "hfreduce":
-        import hfreduce
-
-        hfreduce.destroy()
-    else:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    res: dict[str, dict[str, list[float]]] = {k: {"step_s": [], "comm_s": []} for k in layers}
+    for i in range(cfg["warmup"] + cfg["steps"]):
+        for kind, layer in layers.items():
+            comm = layer.comm
+            t0, comm.seconds = time.perf_counter(), 0.0
+            layer.zero_grad(set_to_none=False)
+            layer(x).square().mean().backward()
+            if i >= cfg["warmup"]:
+                res[kind]["step_s"].append(time.perf_counter() - t0)
+                res[kind]["comm_s"].append(comm.seconds)
+    Path(out_dir, f"layer.{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+    hfreduce.destroy()
 
 
 def section_b(args) -> dict:  # noqa: ANN001
     import tempfile
 
+    from haiscale.spawn import _free_port
+
     cfg = layer_cfg(args.quick)
-    seen: dict[str, list[float]] = {"hfreduce": [], "gloo": []}
-    comm_s: dict[str, list[float]] = {"hfreduce": [], "gloo": []}
     with tempfile.TemporaryDirectory(prefix="bench-moe-") as out:
-        for _ in range(cfg["rounds"]):
-            for kind in seen:  # alternating, so machine load hits both alike
-                haiscale.spawn(layer_worker, args=(kind, cfg, out), nprocs=WORLD, timeout=600)
-                ranks = [json.loads(Path(out, f"{kind}.{r}.json").read_text()) for r in range(WORLD)]
-                seen[kind].append(max(r["step_s"] for r in ranks))
-                comm_s[kind].append(max(r["comm_s"] for r in ranks))
-    hf, gl = statistics.median(seen["hfreduce"]), statistics.median(seen["gloo"])
-    chf, cgl = statistics.median(comm_s["hfreduce"]), statistics.median(comm_s["gloo"])
-    speedup = gl / hf
+        haiscale.spawn(layer_worker, args=(cfg, _free_port("127.0.0.1"), out), nprocs=WORLD, timeout=900)
+        ranks = [json.loads(Path(out, f"layer.{r}.json").read_text()) for r in range(WORLD)]
+    # per step, the slowest rank; the ratio of each adjacent (hfreduce, gloo) pair; medians
+    per = {k: {m: [max(vals) for vals in zip(*(r[k][m] for r in ranks), strict=True)] for m in ("step_s", "comm_s")}
+           for k in ("hfreduce", "gloo")}
+    pairs = [g / h for h, g in zip(per["hfreduce"]["step_s"], per["gloo"]["step_s"], strict=True)]
+    hf, gl = statistics.median(per["hfreduce"]["step_s"]), statistics.median(per["gloo"]["step_s"])
+    chf, cgl = statistics.median(per["hfreduce"]["comm_s"]), statistics.median(per["gloo"]["comm_s"])
+    speedup = statistics.median(pairs)
     lc = cfg["layer"]
     rows = cfg["tokens"] * lc["top_k"] * lc["granularity"]
     print(f"(b) MoE layer fwd+bwd, 2 ranks, d_model {lc['d_model']}, {lc['n_experts'] * lc['granularity']} experts "
           f"top-{lc['top_k'] * lc['granularity']}, {cfg['tokens']} tokens/rank ({rows * lc['d_model'] * 4 / 2**20:.0f} MiB "
-          f"of routed rows per rank per all_to_all), median of {cfg['rounds']} rounds")
-    print("    rounds (ms): " + "; ".join(f"{k} " + " ".join(f"{t * 1e3:.0f}" for t in v) for k, v in seen.items()))
-    print(f"    hfreduce {hf * 1e3:.1f} ms  gloo {gl * 1e3:.1f} ms  speedup {speedup:.2f}x (target >= 1.5x): "
+          f"of routed rows per rank per all_to_all), {cfg['steps']} alternating step pairs in one run")
+    print("    pair ratios gloo/hfreduce: " + " ".join(f"{r:.2f}" for r in pairs))
+    print(f"    hfreduce {hf * 1e3:.1f} ms  gloo {gl * 1e3:.1f} ms  speedup (median pair) {speedup:.2f}x (target >= 1.5x): "
           f"{'met' if speedup >= 1.5 else 'missed'}")
     print(f"    of which exchanges (all_to_all + counts): hfreduce {chf * 1e3:.1f} ms  gloo {cgl * 1e3:.1f} ms "
           f"({cgl / chf:.2f}x)")
-    return {"figures": {"b_hfreduce_step_ms": round(hf * 1e3, 2), "b_gloo_step_ms": round(gl * 1e3, 2),
+    return {"figures": {"b_pair_ratios": [round(r, 3) for r in pairs], "b_hfreduce_step_ms": round(hf * 1e3, 2), "b_gloo_step_ms": round(gl * 1e3, 2),
                         "b_hfreduce_comm_ms": round(chf * 1e3, 2), "b_gloo_comm_ms": round(cgl * 1e3, 2)},
             "ratios": {"b_moe_layer_speedup_over_gloo": round(speedup, 3),
                        "b_exchange_speedup_over_gloo": round(cgl / chf, 3)},
