@@ -66,12 +66,14 @@ def criterion(logits, y):
 
 def train(local_rank: int, args: argparse.Namespace) -> None:
     import hfreduce
-    from haiscale.pipeline import GPipe, PipeDream, make_subgroups, partition
+    from haiscale.pipeline import GPipe, PipeDream, make_subgroups, partition, rank_layout
 
     torch.set_num_threads(1)
     hfreduce.init()
     dp_group, pp_group = make_subgroups(args.pp, one_nic=True)
-    stage, replica = pp_group.rank(), 0 if dp_group is None else dp_group.rank
+    # the replica this rank serves (a dp group numbers its ranks in sorted order, not by replica)
+    world = hfreduce.get_default()
+    stage, replica = pp_group.rank(), rank_layout(world.world_size, args.pp, one_nic=True).where[world.rank][0]
     ndp = 1 if dp_group is None else dp_group.world_size
     module = partition(build(), stage, args.pp)
     cls = GPipe if args.schedule == "gpipe" else PipeDream

@@ -23,8 +23,8 @@ from .spawn import job_env, spawn
 
 
 def __getattr__(name: str):
-    """``haiscale.ddp`` / ``haiscale.fsdp`` on first use (they import torch)."""
-    if name in ("ddp", "fsdp"):
+    """``haiscale.ddp`` / ``fsdp`` / ``moe`` / ``pipeline`` on first use (they import torch)."""
+    if name in ("ddp", "fsdp", "moe", "pipeline"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

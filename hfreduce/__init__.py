@@ -26,11 +26,11 @@ from .errors import (
     MismatchError,
     PeerFailed,
 )
-from .group import ProcessGroup, destroy, get_default, init, is_initialized
+from .group import ProcessGroup, destroy, get_default, init, is_initialized, new_group
 from .ops import ReduceOp
 
 __all__ = [
-    "init", "destroy", "is_initialized", "get_rank", "get_world_size", "get_default", "ProcessGroup", "Work",
+    "init", "new_group", "destroy", "is_initialized", "get_rank", "get_world_size", "get_default", "ProcessGroup", "Work",
     "ReduceOp", "allreduce", "reduce", "broadcast", "allgather", "reduce_scatter", "barrier", "empty", "info",
     "HFReduceError", "HFReduceTimeout", "InitError", "InvalidArgument", "MismatchError", "PeerFailed",
     "DeviceError",

@@ -53,13 +53,13 @@ from .errors import HFReduceError, InitError, InvalidArgument
 from .internode import InterNode
 from .lanes import Lanes
 from .ops import ReduceOp
-from .rendezvous import Rendezvous, plan, publisher
+from .rendezvous import GroupPublisher, Rendezvous, plan, publisher
 from .shm import NodeArena, process_start_time, sweep_stale
 from .sync import NodeSync
 from .tree import Tree
 from .wiring import connect_lanes, connect_tree, lanes_usable, listen_here
 
-__all__ = ["ProcessGroup", "init", "destroy", "get_default", "is_initialized", "Config"]
+__all__ = ["ProcessGroup", "init", "new_group", "destroy", "get_default", "is_initialized", "Config"]
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +465,42 @@ def init(rank: int | None = None, world_size: int | None = None, local_rank: int
     with _lock:
         _groups.append(pg)
         _default = pg
+    return pg
+
+
+def new_group(ranks, timeout: float | datetime.timedelta | None = None,
+              group: ProcessGroup | None = None) -> ProcessGroup | None:
+    """A process group of ``ranks`` (ranks of ``group``, default the default group), as
+    ``torch.distributed.new_group``: every rank of ``group`` calls it, in the same order of calls
+    and with the same ranks; a member gets its group (numbered in the order of ``ranks``, sorted),
+    the others None. It does not become the default group.
+
+    [Note: a sub-group's start-up] Members keep their node and the cluster description of the
+    parent, their local ranks are renumbered among the members on each node, and the sub-group's
+    rank 0 binds an ephemeral port on its node's address and publishes it through an allgather on
+    the parent (rendezvous.GroupPublisher): no port is guessed, and no launcher variable is read.
+    """
+    parent = group if group is not None else get_default()
+    members = sorted({int(r) for r in ranks})
+    if not members or members[0] < 0 or members[-1] >= parent.world_size:
+        raise InvalidArgument(f"new_group: ranks {members} are not ranks of a group of {parent.world_size}")
+    root = members[0]
+    addr = "127.0.0.1"
+    if parent.cluster is not None and parent.node in parent.cluster.nodes:
+        addr = parent.cluster.node(parent.node).address
+    elif os.environ.get("MASTER_ADDR"):
+        addr = os.environ["MASTER_ADDR"]
+    pub = GroupPublisher(parent, root, addr)
+    if parent.rank not in members:
+        pub.exchange()   # the parent's allgather, which every rank of it joins
+        return None
+    same_node = [r for r in members if parent.node_of[r] == parent.node_of[parent.rank]]
+    res = resolve(members.index(parent.rank), len(members), same_node.index(parent.rank), len(same_node),
+                       addr, 0, parent.node, parent.cluster, timeout if timeout is not None else parent.timeout)
+    res["publish"] = pub if len(members) > 1 else None
+    pg = ProcessGroup(res)
+    with _lock:
+        _groups.append(pg)
     return pg
 
 

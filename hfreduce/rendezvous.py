@@ -25,7 +25,8 @@ from .env import Config
 from .errors import InitError
 from .tree import build_trees
 
-__all__ = ["Rendezvous", "Publisher", "StorePublisher", "MpiPublisher", "publisher", "plan", "ranges"]
+__all__ = ["Rendezvous", "Publisher", "StorePublisher", "MpiPublisher", "GroupPublisher", "publisher", "plan",
+           "ranges"]
 
 
 def _in_use(port: int) -> bool:
@@ -131,6 +132,34 @@ class MpiPublisher(Publisher):
         return tuple(self.comm.bcast(None, root=0))
 
 
+class GroupPublisher(Publisher):
+    """Through an allgather on a parent hfreduce group (``hfreduce.new_group``): every rank of the
+    parent takes part once, the sub-group's rank 0 with its address, the others with zeros."""
+
+    def __init__(self, parent, root: int, address: str) -> None:
+        self.parent, self.root, self.address = parent, root, address
+
+    def my_address(self) -> str:
+        return self.address
+
+    def exchange(self, addr: str | None = None, port: int = 0) -> tuple[str, int]:
+        import numpy as np
+
+        mine = np.zeros(2, np.int64)
+        if addr is not None:
+            mine[:] = (int.from_bytes(socket.inet_aton(socket.gethostbyname(addr)), "big"), port)
+        every = np.zeros(2 * self.parent.world_size, np.int64)
+        self.parent.allgather(every, mine)
+        ip, port = (int(x) for x in every[2 * self.root:2 * self.root + 2])
+        return socket.inet_ntoa(ip.to_bytes(4, "big")), port
+
+    def put(self, addr: str, port: int, timeout: float) -> None:
+        self.exchange(addr, port)
+
+    def get(self, timeout: float) -> tuple[str, int]:
+        return self.exchange()
+
+
 _generation = 0  # groups this process started: a fresh store key for each (ranks init in step)
 
 
@@ -139,6 +168,8 @@ def publisher(res: dict, timeout: float) -> Publisher | None:
     global _generation
     _generation += 1
     how = res.get("publish")
+    if isinstance(how, Publisher):
+        return how
     if res["world_size"] == 1 or how is None:
         return None
     if how == "mpi":

@@ -137,7 +137,7 @@ p2p = pytest.mark.skipif(not _has_p2p(), reason="hfreduce has no point-to-point 
 
 def pipe_worker(local_rank: int, out_dir: str, pp: int, one_nic: bool, fail_stage: int | None) -> None:
     import hfreduce
-    from haiscale.pipeline import GPipe, PipeDream, make_subgroups, partition
+    from haiscale.pipeline import GPipe, PipeDream, make_subgroups, partition, rank_layout
 
     torch.set_num_threads(1)
     hfreduce.init(timeout=20)
@@ -146,7 +146,9 @@ def pipe_worker(local_rank: int, out_dir: str, pp: int, one_nic: bool, fail_stag
     try:
         dp_group, pp_group = make_subgroups(pp, one_nic=one_nic)
         stage = pp_group.rank()
-        replica = 0 if dp_group is None else dp_group.rank
+        # the replica this rank serves (a dp group's ranks are numbered in sorted order, as torch's
+        # new_group, not by replica)
+        replica = rank_layout(hfreduce.get_world_size(), pp, one_nic=one_nic).where[rank][0]
         ndp = 1 if dp_group is None else dp_group.world_size
         res.update(stage=stage, replica=replica)
         x, y = data(n=12 * ndp)

@@ -190,3 +190,26 @@ def w_stuck_peer(pg):
 def test_stuck_peer_times_out_on_every_rank(nodes, per_node):
     res = run_group(w_stuck_peer, nodes=nodes, per_node=per_node, group_timeout=2.0, timeout=60)
     assert res.values() == [("HFReduceTimeout", 1)] * 3
+
+
+def w_new_group(pg):
+    # every rank takes part in making both groups (as torch.distributed.new_group); ranks are
+    # numbered in sorted order; each group reduces on its own, without the default group changing
+    evens = hfreduce.new_group([2, 0], group=pg)
+    odds = hfreduce.new_group([1, 3], group=pg)
+    mine = evens if pg.rank % 2 == 0 else odds
+    other = odds if pg.rank % 2 == 0 else evens
+    assert other is None and hfreduce.get_default() is pg
+    x = np.full(1000, pg.rank + 1, np.float32)
+    mine.allreduce(x)
+    out = np.zeros(2, np.int64)
+    mine.all_to_all(out, np.full(2, pg.rank, np.int64))
+    res = (mine.rank, mine.world_size, float(x[0]), out.tolist())
+    hfreduce.destroy(mine)
+    return res
+
+
+@pytest.mark.parametrize("nodes, per_node", [(1, 4), (2, 2)])
+def test_new_group_makes_sub_groups_every_rank_takes_part_in(nodes, per_node):
+    got = run_group(w_new_group, nodes=nodes, per_node=per_node, timeout=60).values()
+    assert got == [(0, 2, 4.0, [0, 2]), (0, 2, 6.0, [1, 3]), (1, 2, 4.0, [0, 2]), (1, 2, 6.0, [1, 3])]

@@ -37,6 +37,10 @@ class RankLayout:
         """The global ranks of ``rank``'s pipeline, stage 0 first."""
         return self.grid[self.where[rank][0]]
 
+    def dp_groups(self) -> tuple[tuple[int, ...], ...]:
+        """Each stage's data-parallel group (the ranks holding it), stage 0 first."""
+        return tuple(tuple(row[s] for row in self.grid) for s in range(self.pp))
+
     def dp_group_of(self, rank: int) -> tuple[int, ...]:
         """The global ranks holding the same stage as ``rank``, replica 0 first."""
         s = self.where[rank][1]

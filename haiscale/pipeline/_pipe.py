@@ -15,11 +15,9 @@ this stage (made by :func:`make_subgroups`).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -54,38 +52,17 @@ def make_subgroups(pp_size: int, one_nic: bool = False, timeout: float | None = 
     there is one replica); ``pp_group`` names the ranks of this rank's pipeline. ``one_nic`` picks
     the staggered placement of ``_layout`` (fireflyer paper §V-B2)."""
     import hfreduce
-    import hfreduce.group as hg
 
     world = hfreduce.get_default()
     layout = rank_layout(world.world_size, pp_size, one_nic=one_nic)
     pp = PipelineGroup(layout.pipeline_of(world.rank), world.rank)
-    dp_ranks = layout.dp_group_of(world.rank)
-    if len(dp_ranks) == 1:
-        return None, pp
-    # [Note: the data-parallel group's rendezvous port] rank 0 of each dp group picks a free port
-    # and the world allgathers them, so no port is guessed; hfreduce has no sub-group call yet, so
-    # the group is a second hfreduce.init with explicit rank/world/port, and the world group is
-    # made the default again afterwards.
-    port = 0
-    if dp_ranks[0] == world.rank:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((_master_addr(), 0))
-            port = s.getsockname()[1]
-    ports = np.zeros(world.world_size, dtype=np.int64)
-    world.allgather(ports, np.array([port], dtype=np.int64))
-    try:
-        dp = hfreduce.init(rank=dp_ranks.index(world.rank), world_size=len(dp_ranks), master_addr=_master_addr(),
-                           master_port=int(ports[dp_ranks[0]]), timeout=timeout or world.timeout)
-    finally:
-        with hg._lock:
-            hg._default = world
+    # every rank takes part in creating every data-parallel group (as torch.distributed.new_group)
+    dp = None
+    for stage_ranks in layout.dp_groups():
+        g = hfreduce.new_group(stage_ranks, timeout=timeout, group=world) if len(stage_ranks) > 1 else None
+        if g is not None:
+            dp = g
     return dp, pp
-
-
-def _master_addr() -> str:
-    import os
-
-    return os.environ.get("MASTER_ADDR", "127.0.0.1")
 
 
 class Pipeline(nn.Module):
