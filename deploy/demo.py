@@ -16,11 +16,13 @@ then runs the end-to-end path that exists so far, and stops everything:
    suspend``): its ranks agree on a step, checkpoint and exit; it waits in the queue (``hai list``
    shows why), resumes from the fs3 checkpoint once bob's job is done, and ends with parameters
    identical to the reference's;
-6. hardening: the job ran as alice's Unix account (not root), a stranger's forged chain forward to
+6. large models: a DeepSeekMoE language model submitted with ``hai python`` on 2 nodes, its routed
+   experts split over them (expert parallelism over hfreduce.all_to_all, Loss-Free Balancing);
+7. hardening: the job ran as alice's Unix account (not root), a stranger's forged chain forward to
    a storage server is refused at connect, another user's job can neither open alice's checkpoint
    for writing nor write its chunks straight to storage, and a storage server killed with SIGKILL
    is restarted by the launcher;
-7. everything stops, and nothing is left behind.
+8. everything stops, and nothing is left behind.
 
     python -m deploy.demo [--cluster FILE] [--keep-run-dir]
 """
@@ -143,7 +145,8 @@ def fs3_steps(lc: LocalCluster, mnt: Fs3Mount) -> None:
     mnt.fs3("ls", "-l", made["dataset"])
 
 
-def training_steps(lc: LocalCluster, run_dir: Path, mnt: Fs3Mount) -> str:
+def training_steps(lc: LocalCluster, run_dir: Path, mnt: Fs3Mount) -> tuple[str, str]:
+    """Steps 4 and 5; returns the training job's log and alice's token."""
     import threading
 
     admin = Hai(run_dir)
@@ -235,7 +238,28 @@ def training_steps(lc: LocalCluster, run_dir: Path, mnt: Fs3Mount) -> str:
               f"{len(final.get('attempts', []))} once it finished, all 60 steps done: parameters identical to the "
               f"uninterrupted run (sha256 {got.group(1)[:16]}...)[/]")
     mnt.fs3("ls", "-l", "/demo/ckpt")
-    return "".join(first) + text
+    return "".join(first) + text, user["token"]
+
+
+def large_model_step(run_dir: Path, token: str) -> None:
+    """A DeepSeekMoE language model whose routed experts are split over two nodes: tokens travel to
+    their experts' node and back through hfreduce.all_to_all (real TCP between the emulated nodes),
+    balanced by Loss-Free Balancing instead of an auxiliary loss."""
+    hai = Hai(run_dir, token=token)
+    job = hai.json("python", "examples/moe_lm.py", "--steps", "60",
+                   "--", "--nodes", "2", "--procs-per-node", "1", "--name", "moe-lm")
+    jid = job["id"]
+    con.print(f"submitted job {jid}: a DeepSeekMoE LM, 16 fine-grained experts split over 2 nodes (expert "
+              "parallelism over hfreduce.all_to_all), Loss-Free Balancing")
+    final = wait_for(f"job {jid} to finish", lambda: (lambda j: j if j["chain_status"] == "finished" else None)(
+        hai.json("status", str(jid))), 300, poll=0.5)
+    log = hai("logs", str(jid), show=False)
+    for line in log.splitlines():
+        if line.startswith(("step", "validation")):
+            con.print(f"[dim]{escape('[moe-lm]')}[/] {escape(line)}", highlight=False)
+    if final["status"] != "succeeded" or "validation loss" not in log:
+        raise DemoError(f"the MoE job {jid} ended {final['status']}:\n{log[-2000:]}")
+    con.print("[green]the experts lived on two nodes, every token reached its experts and came back[/]")
 
 
 def fs3_isolation(lc: LocalCluster) -> None:
@@ -337,16 +361,18 @@ def main(argv: list[str] | None = None) -> int:
         fs3_steps(lc, mnt)
 
         step("4. a researcher submits a training job with hai")
-        job_log = training_steps(lc, run_dir, mnt)
+        job_log, alice = training_steps(lc, run_dir, mnt)
 
-        step("6. hardening: jobs run as their users, strangers are refused, crashed services come back")
+        step("6. large models: DeepSeekMoE with its experts on two nodes")
+        large_model_step(run_dir, alice)
+        step("7. hardening: jobs run as their users, strangers are refused, crashed services come back")
         hardening_steps(lc, run_dir, job_log)
         ok = True
     except Exception as exc:  # noqa: BLE001 - the demo reports and exits non-zero
         con.print(f"[red]demo failed: {type(exc).__name__}: {exc}[/]")
         con.print(f"logs: {run_dir / 'logs'}")
     finally:
-        step("7. stop everything")
+        step("8. stop everything")
         mnt.umount()
         lc.down()
         left = [i.key for i in lc.info.values() if i.state != "stopped"]

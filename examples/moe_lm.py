@@ -9,8 +9,8 @@ Each MoE layer has 16 fine-grained routed experts (4 experts split 4 ways, top-8
 expert; the routed experts are split over the ranks (expert parallelism), everything else is
 replicated. Every rank trains on its slice of each batch; ``sync_grads`` averages the replicated
 gradients, ``update_balance`` moves the Loss-Free Balancing biases after each step. The data is a
-synthetic Markov-chain corpus, the same on every rank. Checkpoints are per rank (each holds its
-own experts): ``moe_lm.rank{R}.pt``.
+synthetic Markov-chain corpus, the same on every rank. With ``--out DIR``, checkpoints are saved
+per rank (each holds its own experts): ``DIR/moe_lm.rank{R}.pt``.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def train(local_rank: int, steps: int, batch: int, balance: str, out: str) -> No
     if rank == 0:
         print(f"validation loss {vloss:.4f} (rank 0's slice); MaxVio over the validation batch "
               f"{max(m.stats.maxvio_epoch for m in moe_layers(model)):.3f}")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "world": world},
-               os.path.join(out, f"moe_lm.rank{rank}.pt"))
+    if out:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "world": world},
+                   os.path.join(out, f"moe_lm.rank{rank}.pt"))
     hfreduce.destroy()
 
 
@@ -114,7 +115,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=32, help="global batch of sequences (split over the ranks)")
     ap.add_argument("--balance", choices=["lfb", "aux"], default="lfb")
-    ap.add_argument("--out", default=".")
+    ap.add_argument("--out", default="", help="a directory for the per-rank checkpoints (default: none saved)")
     args = ap.parse_args()
     a = (args.steps, args.batch, args.balance, args.out)
     if "LOCAL_RANK" in os.environ and "HAISCALE_SPAWNED" not in os.environ:  # hai python / torchrun
