@@ -21,7 +21,7 @@ on this node at the first of: no ``suspend_ack`` by ``ack_by``; ``suspend_ack`` 
 ``suspend_done`` seen; and SIGKILL one second after the SIGTERM. So from the decision to every
 rank stopped takes at most ack_timeout + grace + ~1 s (plus a sync's latency). ``grace`` and
 ``ack_timeout`` come with each rank in the sync answer (the job's own grace, capped by the
-cluster); until the API sends them the cluster's defaults stand.
+cluster); when the API sends none, the cluster's defaults stand.
 
 [Note: activity] The watch thread also reports, per job running here, when its ranks last wrote
 output (the newest mtime of their log files: the agent's own files), the time of the job's last
@@ -571,9 +571,8 @@ class Agent:
         with self.lock:
             if p.job_id in self.suspends:  # another rank of the job here: the file is written
                 return
-            ack_timeout = float(w.get("ack_timeout") or getattr(self.cfg, "suspend_ack_timeout", 5.0))
-            grace = float(w.get("grace") or getattr(self.cfg, "suspend_grace", 5.0))
-            grace = min(grace, float(getattr(self.cfg, "max_suspend_grace", 300.0)))
+            ack_timeout = float(w.get("ack_timeout") or self.cfg.suspend_ack_timeout)
+            grace = self.cfg.job_grace(float(w.get("grace") or 0.0))
             t0, mono = time.time(), time.monotonic()
             sp = Suspend(p.control, t0, mono + ack_timeout, grace)
             self.suspends[p.job_id] = sp
@@ -584,14 +583,19 @@ class Agent:
             log.warning("job %s: could not write its suspend file (%s); it is stopped at once", p.job_id, exc)
             sp.term_by, sp.why = mono, "no suspend file"
 
+    def _live_by_job(self) -> dict[int, list[Proc]]:
+        """Job id -> its ranks running here (call with ``self.lock`` held)."""
+        live: dict[int, list[Proc]] = {}
+        for p in self.procs.values():
+            if not p.done and p.popen is not None:
+                live.setdefault(p.job_id, []).append(p)
+        return live
+
     def _check_suspends(self, now: float, wall: float) -> list[Proc]:
         """Advance each suspend in progress; the ranks to SIGTERM now."""
         due: list[Proc] = []
         with self.lock:
-            live: dict[int, list[Proc]] = {}
-            for p in self.procs.values():
-                if not p.done and p.popen is not None:
-                    live.setdefault(p.job_id, []).append(p)
+            live = self._live_by_job()
             for jid in [j for j in self.suspends if j not in live]:
                 del self.suspends[jid]  # every rank of it here has ended
             items = list(self.suspends.items())
@@ -639,10 +643,7 @@ class Agent:
     def _scan_activity(self, wall: float) -> None:
         """Each running job's newest rank output and last reported checkpoint, sent when changed."""
         with self.lock:
-            jobs: dict[int, list[Proc]] = {}
-            for p in self.procs.values():
-                if not p.done and p.popen is not None:
-                    jobs.setdefault(p.job_id, []).append(p)
+            jobs = self._live_by_job()
             for jid in [j for j in self._activity_sent if j not in jobs]:
                 del self._activity_sent[jid]
         changed = False

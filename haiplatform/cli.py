@@ -264,7 +264,10 @@ def _job_detail(j: dict) -> None:
     con.print(f"  nodes: {j['nodes']} {j['assigned_nodes'] or ''}  priority {_prio(j)}  "
               f"stop: {j['stop']}  chain: {j['chain_status']}"
               + (f"  queue position {j['position']}" if j.get("position") else ""))
-    limits = [f"time limit {_hms(j['time_limit'])} (used {_hms(j['chain_run_s'])})" if j.get("time_limit") else "",
+    # the time limit is per attempt: this attempt's run time counts against it, not the chain's
+    used = (j.get("attempts") or [{}])[-1].get("run_s")
+    limits = [f"time limit {_hms(j['time_limit'])} per attempt (this one ran {_hms(used)})"
+              if j.get("time_limit") else "",
               f"grace {j['grace']:g} s" if j.get("grace") else "",
               f"watchdog {j['watchdog']:g} s" if j.get("watchdog") else "",
               f"last checkpoint {_ago(j['last_checkpoint'])}" if j.get("last_checkpoint") else ""]

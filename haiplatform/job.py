@@ -327,7 +327,8 @@ class Checkpointer:
         if code & 2:
             if self.agree is not None:
                 self.agree(0)  # a barrier: rank 0's save is complete before any rank says done
-            report_checkpoint()
+            if self.rank != 0 and self.rank0_only:
+                report_checkpoint()  # a rank that did not save reports it for its node (save() did here)
             self.suspended = True
             if self.exit:
                 go_suspend()

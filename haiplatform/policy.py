@@ -68,7 +68,7 @@ from .states import AUTO, PRIORITIES, Desired, JobStatus, NodeState, RankStatus,
 __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyConfig", "Decision", "MarkNode",
            "MarkRunning", "StartJob", "StopJob", "CancelJob", "FinishJob", "SetReason", "MarkRanksLost",
            "SetPriority", "DrainNode", "PROFILES", "queue_position", "never_fits",
-           "decide", "plan", "queue_sort", "quota_filter", "node_filter", "score_nodes", "rank_layout",
+           "decide", "plan", "queue_sort", "quota_filter", "rank_layout",
            "Code", "Status", "CycleState", "QueueSortPlugin", "FilterPlugin", "ScorePlugin", "Profile",
            "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "RandomScore", "DEFAULT_PROFILE",
            "REFERENCE_FIFO", "PLAIN_FIFO", "PreemptPlugin", "ReservePlugin", "LeastWorkLost", "PrefixPreempt", "PrefixFilter",
@@ -273,7 +273,8 @@ def _final_status(job: JobView, ranks: Iterable[RankView]) -> tuple[str, int | N
     return JobStatus.SUCCEEDED, exit_code
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
@@ -285,7 +286,7 @@ def _limit(job: JobView, cfg: PolicyConfig, now: float) -> tuple[int, str, str] 
     # [Note: a limit per attempt] as Slurm's --time: a resumed attempt (after a preemption or a lost
     # node) gets the whole limit again, so the run time lost to preemption is never held against it
     if job.time_limit > 0 and now - job.started_at >= job.time_limit:
-        return StopCode.TIMEOUT, Desired.STOP, f"time limit {_hms(job.time_limit)} reached"
+        return StopCode.TIMEOUT, Desired.STOP, f"time limit {hms(job.time_limit)} reached"
     if job.watchdog > 0 and now - max(job.last_output, job.started_at) > job.watchdog:
         return StopCode.HUNG, Desired.STOP, f"no output for {job.watchdog:g} s (watchdog)"
     return None
@@ -318,9 +319,9 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
                 if r.node == node and r.status not in RankStatus.DONE:
                     ranks[k] = RankView(r.rank, r.node, RankStatus.LOST, r.desired, r.exit_code)
         views = list(ranks.values())
+        lost_at = sorted({r.node for r in views if r.status == RankStatus.LOST})
         if not stopping:
             why = None
-            lost_at = sorted({r.node for r in views if r.status == RankStatus.LOST})
             if lost_at and job.restart_count < cfg.max_node_requeues:
                 why = (StopCode.NODE_LOST | StopCode.INTERRUPT, Desired.STOP,
                        f"node {','.join(lost_at)} lost; re-queued")
@@ -344,7 +345,6 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
         if views and all(r.status in RankStatus.DONE for r in views):
             done = JobView(**{**job.__dict__, "stop_code": stop_code})
             status, exit_code = _final_status(done, views)
-            lost_at = sorted({r.node for r in views if r.status == RankStatus.LOST})
             # [Note: why an attempt ended] the restart history (``hai status``) shows each attempt's
             # reason: keep the StopJob's own words (who preempted it, which limit, which rank failed)
             said = job.reason if stopping and job.reason else ""
@@ -370,8 +370,13 @@ def queue_sort(jobs: Iterable[JobView]) -> list[JobView]:
                   key=lambda j: (-j.priority, j.rank_key, j.id))
 
 
+def _subjects(user: str, group: str | None) -> set[str]:
+    """The quota subjects that apply to a job of ``user`` (and ``group``)."""
+    return {f"user:{user}"} | ({f"group:{group}"} if group else set())
+
+
 def _quotas_for(job: JobView, quotas: Iterable[QuotaView]) -> list[QuotaView]:
-    subjects = {f"user:{job.user}"} | ({f"group:{job.group}"} if job.group else set())
+    subjects = _subjects(job.user, job.group)
     return [q for q in quotas if q.subject in subjects and (q.priority is None or q.priority == job.priority)]
 
 
@@ -396,36 +401,6 @@ def _charge(job: JobView, quotas: Iterable[QuotaView], usage: dict) -> None:
     for q in _quotas_for(job, quotas):
         k = _quota_usage_key(q)
         usage[k] = usage.get(k, 0) + job.nodes
-
-
-def node_filter(nodes: Iterable[NodeView], held: set[str], lost: set[str]) -> list[NodeView]:
-    """Nodes a new attempt may take: up, not drained, not held by another attempt."""
-    return [n for n in nodes if n.state == NodeState.UP and n.name not in lost and not n.drained and n.name not in held]
-
-
-def score_nodes(free: list[NodeView], count: int) -> tuple[str, ...] | None:
-    """Pick ``count`` nodes, packing by topology: the tightest leaf that fits, else the tightest zone,
-    else whole zones largest first. None when fewer than ``count`` nodes are free."""
-    if len(free) < count:
-        return None
-    by_name = sorted(free, key=lambda n: n.name)
-    for attr in ("leaf", "zone"):
-        groups: dict[str, list[NodeView]] = defaultdict(list)
-        for n in by_name:
-            groups[getattr(n, attr)].append(n)
-        fits = [(len(v), k) for k, v in groups.items() if len(v) >= count]
-        if fits:
-            _, best = min(fits)
-            return tuple(n.name for n in groups[best][:count])
-    zones: dict[str, list[NodeView]] = defaultdict(list)
-    for n in by_name:
-        zones[n.zone].append(n)
-    picked: list[str] = []
-    for _, z in sorted(((-len(v), k) for k, v in zones.items())):
-        for n in zones[z]:
-            if len(picked) < count:
-                picked.append(n.name)
-    return tuple(picked)
 
 
 def rank_layout(job: JobView, nodes: tuple[str, ...], node_views: dict[str, NodeView]
@@ -600,11 +575,6 @@ class CycleState:
     out: list[Decision] = field(default_factory=list)  # decisions of the plugins (preemptions)
     claimed: set[str] = field(default_factory=set)   # held nodes promised to a preemptor or a reservation
     scratch: dict = field(default_factory=dict)      # per-plugin state for this cycle, by plugin name
-
-    @property
-    def free(self) -> list[NodeView]:
-        """The free nodes (by name)."""
-        return [self.pool.views[x] for x in self.pool.names()]
 
     def expected_end(self, job: JobView) -> float:
         """When ``job`` would end if started now (or started at ``started_at``): its time limit (per
@@ -1022,7 +992,7 @@ class PrefixPreempt:
                 cs.stopping.add(j.id)
                 cs.out.append(StopJob(j.id, StopCode.INTERRUPT, Desired.SUSPEND,
                                       _preempted_reason(first) if first else "suspended: no longer fits"))
-        cs.scratch[self.name] = prefix
+        cs.scratch[self.name] = {"prefix": prefix}
 
     def preempt(self, job: JobView, cs: CycleState) -> Status | None:
         return None
@@ -1035,7 +1005,7 @@ class PrefixFilter:
     name: str = "prefix_filter"
 
     def filter(self, job: JobView, cs: CycleState) -> Status:
-        return SUCCESS if job.id in cs.scratch.get("prefix", ()) else Status(Code.WAIT, _needs(job.nodes,
+        return SUCCESS if job.id in cs.scratch.get("prefix", {}).get("prefix", ()) else Status(Code.WAIT, _needs(job.nodes,
                                                                                              cs.pool.count))
 
 
@@ -1170,7 +1140,7 @@ def _run_s(job: JobView, now: float) -> float:
 def auto_level(job: JobView, quotas: Iterable[QuotaView], usage: dict) -> int:
     """AUTO: the highest level at which every per-priority quota of the job's user (and group) at that
     level has room for it; NORMAL when none has (or none exists)."""
-    subjects = {f"user:{job.user}"} | ({f"group:{job.group}"} if job.group else set())
+    subjects = _subjects(job.user, job.group)
     mine = [q for q in quotas if q.subject in subjects and q.priority is not None]
     for level in sorted({q.priority for q in mine}, reverse=True):
         if all(usage.get(_quota_usage_key(q), 0) + job.nodes <= q.max_nodes for q in mine if q.priority == level):
@@ -1194,7 +1164,7 @@ def _effective(snap: Snapshot, cfg: PolicyConfig, profile: Profile, skip: set[in
     for j in snap.jobs:
         if j.status in JobStatus.ACTIVE and j.id not in skip:
             if profile.demote and j.priority == ABOVE_NORMAL and _run_s(j, now) >= cfg.demote_after:
-                out.append(SetPriority(j.id, NORMAL, f"above_normal -> normal after {_hms(cfg.demote_after)} "
+                out.append(SetPriority(j.id, NORMAL, f"above_normal -> normal after {hms(cfg.demote_after)} "
                                                      "of run time"))
                 j = replace(j, priority=NORMAL)
             active.append(j)
@@ -1205,7 +1175,7 @@ def _effective(snap: Snapshot, cfg: PolicyConfig, profile: Profile, skip: set[in
         p = auto_level(j, snap.quotas, usage) if j.submitted_priority == AUTO else j.priority
         why = "auto"
         if profile.demote and p == ABOVE_NORMAL and j.chain_run_s >= cfg.demote_after:
-            p, why = NORMAL, f"above_normal -> normal after {_hms(cfg.demote_after)} of run time"
+            p, why = NORMAL, f"above_normal -> normal after {hms(cfg.demote_after)} of run time"
         if p != j.priority:
             out.append(SetPriority(j.id, p, why))
             j = replace(j, priority=p)
@@ -1230,7 +1200,7 @@ def never_fits(nodes: int, user: str, group: str | None, priority: int, node_vie
     total = sum(1 for _ in node_views)
     if nodes > total:
         return f"asks {nodes} nodes, the cluster has {total}"
-    subjects = {f"user:{user}"} | ({f"group:{group}"} if group else set())
+    subjects = _subjects(user, group)
     mine = [q for q in quotas if q.subject in subjects]
     levels = ({q.priority for q in mine if q.priority is not None} | {NORMAL}) if priority == AUTO else {priority}
     whys = []
@@ -1277,7 +1247,6 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
     if profile.preempt is not None:
         profile.preempt.prepare(cs, order)
     pre = cs.scratch.get(getattr(profile.preempt, "name", ""), {})
-    pre = pre if isinstance(pre, dict) else {}
     pending = pre.get("pending", {})
     # [Note: waiting preemptors first] the free nodes a waiting preemptor's placement needs are
     # claimed before the queue is walked, so no attempt (even one sorted ahead) takes them.

@@ -446,23 +446,17 @@ def simulate(cluster, jobs: list[TraceJob], policy_name: str, seed: int = 0,
 
 # -- output ---------------------------------------------------------------------------------------
 
-def _dur(s: float) -> str:
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
-
-
 def format_report(r: Report) -> str:
     qd, jc = r.queue_delay, r.jct
     return "\n".join([
         f"policy {r.policy}: {r.jobs} jobs ({r.completed} completed, {r.failed} failed, {r.refused} refused, "
         f"{r.unfinished} unfinished), {r.cycles} cycles in {r.wall_s:.1f} s",
-        f"  node utilisation  {100 * r.utilisation:5.1f}% over the submission window ({_dur(r.window)}), "
-        f"{100 * r.utilisation_makespan:5.1f}% over the makespan ({_dur(r.makespan)}), "
+        f"  node utilisation  {100 * r.utilisation:5.1f}% over the submission window ({policy.hms(r.window)}), "
+        f"{100 * r.utilisation_makespan:5.1f}% over the makespan ({policy.hms(r.makespan)}), "
         f"of which useful {100 * r.goodput:5.1f}%",
-        f"  queueing delay    mean {_dur(qd['mean'])}  p50 {_dur(qd['p50'])}  p90 {_dur(qd['p90'])}  "
-        f"p99 {_dur(qd['p99'])}",
-        f"  completion time   mean {_dur(jc['mean'])}  p50 {_dur(jc['p50'])}  p99 {_dur(jc['p99'])}",
+        f"  queueing delay    mean {policy.hms(qd['mean'])}  p50 {policy.hms(qd['p50'])}  p90 {policy.hms(qd['p90'])}  "
+        f"p99 {policy.hms(qd['p99'])}",
+        f"  completion time   mean {policy.hms(jc['mean'])}  p50 {policy.hms(jc['p50'])}  p99 {policy.hms(jc['p99'])}",
         f"  preemptions       {r.preemptions}, lost work {r.lost_node_hours:.1f} node-hours",
         f"  placements        {r.placements}: {r.cross_leaf} cross-leaf ({r.cross_leaf_fits} of jobs that fit "
         f"in one leaf), {r.cross_zone} cross-zone",
@@ -521,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     from network.errors import ClusterFileError
     from network.topology import load_cluster
 
-    names = list(args.policy) or (["fireflyer", "reference-fifo"] if args.compare else ["fireflyer"])
+    names = list(args.policy) or ["fireflyer"]
     if args.compare:
         names += [n for n in ("fireflyer", "reference-fifo") if n not in names]
     bad = [n for n in names if n not in policy.PROFILES]

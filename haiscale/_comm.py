@@ -145,8 +145,8 @@ class Comm:
         return self._call("reduce_scatter", out, inp, op=self.hf.ReduceOp.AVG, async_op=async_op)
 
     # point-to-point (haiscale.pipeline): messages between a pair with the same tag arrive in order.
-    # [Note: blocking send/recv are isend/irecv + wait] so they keep haiscale's timeout and error
-    # wrapping, and only hfreduce's isend/irecv (which always return a Work) are needed.
+    # [Note: a blocking recv is irecv + wait] so it keeps haiscale's timeout and error wrapping, and
+    # only hfreduce's isend/irecv (which always return a Work) are needed.
     def _p2p(self, name: str, t: Any, peer: int, tag: int) -> Any:
         kw = {"group": self.group} if self.group is not None else {}
         try:
@@ -159,9 +159,6 @@ class Comm:
 
     def irecv(self, t: Any, src: int, tag: int = 0) -> Any:
         return self._p2p("irecv", t, src, tag)
-
-    def send(self, t: Any, dst: int, tag: int = 0) -> None:
-        self.wait(self.isend(t, dst, tag), f"send to rank {dst}")
 
     def recv(self, t: Any, src: int, tag: int = 0) -> None:
         self.wait(self.irecv(t, src, tag), f"recv from rank {src}")

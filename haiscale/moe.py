@@ -309,8 +309,6 @@ def sync_grads(model: nn.Module, comm: Any = None) -> None:
     comm = comm or next((m.comm for m in layers if m.comm is not None), None)
     if comm is None or comm.world_size == 1:
         return
-    import hfreduce
-
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in model.parameters():
         if p.grad is None:
@@ -322,7 +320,7 @@ def sync_grads(model: nn.Module, comm: Any = None) -> None:
     for dtype in sorted(by_dtype, key=str):
         grads = by_dtype[dtype]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        comm.allreduce(flat, op=hfreduce.ReduceOp.AVG)
+        comm.wait(comm.allreduce_avg(flat), "gradient average")
         off = 0
         for g in grads:
             g.copy_(flat[off:off + g.numel()].view_as(g))

@@ -134,8 +134,6 @@ def resolve(rank, world_size, local_rank, local_world_size, master_addr, master_
         raise InitError(f"rank {r['rank']} is outside 0..{r['world_size'] - 1} (world size {r['world_size']})")
     if r["master_addr"] is None:
         r["master_addr"] = "127.0.0.1"
-    if r["master_port"] is None and r["publish"] == "mpi":
-        r["master_port"] = 0
     if r["master_port"] is None:
         if r["world_size"] > 1:
             raise InitError("no rendezvous port: pass master_port= or set MASTER_PORT (or HFREDUCE_MASTER_PORT)")

@@ -67,14 +67,6 @@ _default: ProcessGroup | None = None
 _groups: list[ProcessGroup] = []
 _lock = threading.Lock()
 
-# [Note: names kept importable] start-up's pieces moved to their own modules; these names stay
-# importable from hfreduce.group for code written against the single module.
-_resolve = resolve
-_host_id = host_id
-_Rendezvous = Rendezvous
-_plan = plan
-
-
 # -- the group --------------------------------------------------------------------------------------
 class ProcessGroup:
     """A set of processes that run collectives together (see :func:`hfreduce.init`)."""
@@ -460,7 +452,7 @@ def init(rank: int | None = None, world_size: int | None = None, local_rank: int
     haiscale's DDP, FSDP and Comm wait on this group with the same timeout unless given theirs.
     """
     global _default
-    res = _resolve(rank, world_size, local_rank, local_world_size, master_addr, master_port, node, cluster, timeout)
+    res = resolve(rank, world_size, local_rank, local_world_size, master_addr, master_port, node, cluster, timeout)
     pg = ProcessGroup(res)
     with _lock:
         _groups.append(pg)
@@ -485,11 +477,8 @@ def new_group(ranks, timeout: float | datetime.timedelta | None = None,
     if not members or members[0] < 0 or members[-1] >= parent.world_size:
         raise InvalidArgument(f"new_group: ranks {members} are not ranks of a group of {parent.world_size}")
     root = members[0]
-    addr = "127.0.0.1"
-    if parent.cluster is not None and parent.node in parent.cluster.nodes:
-        addr = parent.cluster.node(parent.node).address
-    elif os.environ.get("MASTER_ADDR"):
-        addr = os.environ["MASTER_ADDR"]
+    # this node's address, as the parent found it reachable at its start-up (its mesh listens there)
+    addr = parent._mesh.addr if parent._mesh is not None else "127.0.0.1"
     pub = GroupPublisher(parent, root, addr)
     if parent.rank not in members:
         pub.exchange()   # the parent's allgather, which every rank of it joins

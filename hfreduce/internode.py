@@ -54,8 +54,7 @@ from .sync import POLL, NodeSync
 from .tree import Tree
 from .wire import DATA_HEADER, T_DATA, mismatch_error
 
-# DATA_HEADER, T_DATA and mismatch_error live in hfreduce.wire; importable from here as before
-__all__ = ["InterNode", "Geometry", "DATA_HEADER", "T_DATA", "mismatch_error"]
+__all__ = ["InterNode", "Geometry"]
 
 log = logging.getLogger(__name__)
 

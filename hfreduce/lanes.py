@@ -40,9 +40,9 @@ from network.transport import MAGIC, PREFIX_SIZE, Connection
 from . import kernels as K
 from .engine import aligned_empty
 from .errors import HFReduceError, HFReduceTimeout, MismatchError, PeerFailed, error_from_wire, error_to_wire
-from .internode import DATA_HEADER, T_DATA, mismatch_error
 from .sync import POLL, NodeSync
 from .tree import Tree
+from .wire import DATA_HEADER, T_DATA, mismatch_error
 
 __all__ = ["Lanes", "T_ABORT"]
 

@@ -192,8 +192,7 @@ class Mesh:
         self.node_of = pg.node_of
         self.node_names = pg.node_names
         self.pids, self.starts = pg._pids, pg._starts
-        self.cma = bool(pg.cma) and _readv is not None and \
-            os.environ.get("HFREDUCE_CMA", "1").strip().lower() not in ("0", "no", "off", "false")
+        self.cma = bool(pg.cma) and _readv is not None  # pg.cma: the probe passed and HFREDUCE_CMA is on
         endpoints = [e for e in endpoints if e] if listener is not None else []  # a group of one: none
         self.addr = endpoints[self.rank][0] if endpoints else "127.0.0.1"
         self._lock = threading.Lock()

@@ -27,7 +27,6 @@ from haiplatform.policy import (
     never_fits,
     plan,
     queue_position,
-    score_nodes,
 )
 from haiplatform.states import AUTO
 
@@ -79,10 +78,12 @@ def test_whole_nodes_packed_by_leaf_and_ranks_laid_out():
 
 
 def test_score_prefers_tightest_leaf():
-    free = [NodeView("n0", "z", "l0"), NodeView("n2", "z", "l1"), NodeView("n3", "z", "l1")]
-    assert score_nodes(free, 1) == ("n0",)       # leaves l1 whole for a 2-node job
-    assert score_nodes(free, 2) == ("n2", "n3")
-    assert score_nodes(free, 4) is None
+    ns = tuple(NodeView(f"n{i}", "z", f"l{i // 2}", last_seen=NOW) for i in range(4))
+    busy = run(1, "x", ("n1",))                  # leaf l0 keeps one free node
+    assert starts(decide(Snapshot(NOW, (busy, JobView(2, "a", 1)), ns))) == {2: ("n0",)}  # l1 stays whole
+    assert starts(decide(Snapshot(NOW, (busy, JobView(2, "a", 2), JobView(3, "b", 1)), ns))) == {
+        2: ("n2", "n3"), 3: ("n0",)}
+    assert starts(decide(Snapshot(NOW, (busy, JobView(2, "a", 4)), ns))) == {}
 
 
 def test_held_drained_and_lost_nodes_are_not_used():

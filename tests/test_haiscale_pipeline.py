@@ -112,7 +112,7 @@ def test_rank_layouts():
             lay = rank_layout(world, pp, one_nic=one_nic)
             assert sorted(r for row in lay.grid for r in row) == list(range(world))
             for r in range(world):
-                assert r in lay.pipeline_of(r) and r in lay.dp_group_of(r)
+                assert r in lay.pipeline_of(r) and r in lay.dp_groups()[lay.where[r][1]]
     plain = node_placement(rank_layout(32, 4), 8)
     assert all(len({s for _, s in node}) == 1 for node in plain)  # a node = one stage of 8 replicas
     staggered = node_placement(rank_layout(32, 4, one_nic=True), 8)

@@ -113,12 +113,17 @@ def w_send_recv(pg):
         pg.send(np.zeros(1), W)
     with pytest.raises(hfreduce.InvalidArgument, match="itself"):
         pg.recv(np.zeros(1), r)
+    return pg.cma, pg._mesh.single_copy_msgs
 
 
 @pytest.mark.parametrize("nodes,per_node,cma", [(1, 3, "1"), (1, 3, "0"), (2, 2, "1")])
 def test_send_recv_tags_order_and_overlap(nodes, per_node, cma):
     """Single copy on a node, and with HFREDUCE_CMA=0 the connections instead."""
-    run_group(w_send_recv, nodes=nodes, per_node=per_node, timeout=60, env={"HFREDUCE_CMA": cma}).values()
+    got = run_group(w_send_recv, nodes=nodes, per_node=per_node, timeout=60, env={"HFREDUCE_CMA": cma}).values()
+    probe_ok, copied = got[0]   # rank 0 received from its node's peer(s)
+    assert (copied > 0) == (cma == "1" and probe_ok), got[0]
+    if cma == "0":
+        assert not probe_ok
 
 
 def w_mismatch(pg):

@@ -15,8 +15,8 @@ from sqlalchemy import bindparam, func, select
 from ..db import Event, Job, Quota, Rank, event_row
 from ..errors import ApiError, Conflict, Forbidden, NotFound
 from ..limits import GuardedStream
-from ..policy import WAITING, QuotaView, never_fits
-from ..states import AUTO, PRIORITIES, JobStatus, RankStatus, StopCode
+from ..policy import NORMAL, WAITING, QuotaView, never_fits
+from ..states import AUTO, JobStatus, RankStatus, StopCode
 from .deps import Principal, State_, User_, limit_key
 from .models import INT32, OFFSET_MAX, JobId, JobSpec, PrioritySpec
 from .state import ApiState
@@ -76,18 +76,30 @@ def job_json(j: Job, ranks: list[Rank] | None = None, attempts: list[Job] | None
     return out
 
 
+#: a queue position may be this stale (s) when no submission or job end happened since
+POSITIONS_TTL = 1.0
+
+
 def _positions(st: ApiState, jobs: list[Job]) -> dict[int, int]:
     """Queued attempts' places in the queue as the policy serves it (1 = next); {} when none is queued.
 
     [Note: a snapshot for positions] A place depends on every queued attempt (priorities, first
     submissions, the policy's order), so it takes the scheduler's own snapshot; only a listing that
-    shows a queued attempt pays for it."""
+    shows a queued attempt pays for it, and at most once a second while no event came: a client
+    waiting on a queued job (``HaiClient.wait`` polls ten times a second) must not cost ten
+    snapshots of the whole queue a second."""
     if not any(j.status == JobStatus.QUEUED for j in jobs):
         return {}
     from ..policy import queue_position
     from ..scheduler import take_snapshot
 
-    return queue_position(take_snapshot(st.db), st.cfg.policy_config(), st.profile)
+    seq, when, places = st.positions
+    now = time.monotonic()
+    if seq != st.sched_events.seq or now - when > POSITIONS_TTL:
+        seq = st.sched_events.seq
+        places = queue_position(take_snapshot(st.db), st.cfg.policy_config(), st.profile)
+        st.positions = (seq, now, places)
+    return places
 
 
 def _may_see(p: Principal, j: Job) -> bool:
@@ -106,7 +118,6 @@ def _chain_latest(s, job_id: int, p: Principal) -> Job:
     return latest or j
 
 
-PRIORITY_NORMAL = PRIORITIES["normal"]
 _QUOTAS = select(Quota.subject, Quota.max_nodes, Quota.priority).where(Quota.subject.in_(bindparam("subjects")))
 
 
@@ -140,6 +151,8 @@ async def submit(spec: JobSpec, p: User_, st: State_) -> JSONResponse:
                        "(haiplatform.max_suspend_grace)", 422)
     # [Note: a lean submission] Core statements and a small answer: submissions come in bursts
     # (the bench submits 200 back to back) and the ORM's unit of work costs twice as much here.
+    # AUTO starts at NORMAL until the policy resolves it (it does before the job can start)
+    effective = NORMAL if spec.priority == AUTO else spec.priority
     with st.db.engine.begin() as s:  # a Core connection: no ORM session to set up
         _check_fits(st, s, p.name, p.group, spec.nodes, spec.priority)
         live = s.scalar(_COUNT_LIVE, {"user": p.name})
@@ -150,8 +163,7 @@ async def submit(spec: JobSpec, p: User_, st: State_) -> JSONResponse:
             "name": spec.name, "user": p.name, "group": p.group, "shared_in_group": spec.shared_in_group,
             "command": list(spec.command), "env": dict(spec.env), "workdir": spec.workdir, "nodes": spec.nodes,
             "procs_per_node": spec.procs_per_node, "status": JobStatus.QUEUED,
-            # AUTO starts at NORMAL until the policy resolves it (it does before the job can start)
-            "priority": PRIORITY_NORMAL if spec.priority == AUTO else spec.priority,
+            "priority": effective,
             "submitted_priority": spec.priority, "submitted_at": now, "time_limit": spec.time_limit,
             "grace": spec.grace, "watchdog": spec.watchdog, "chain_run_s": 0.0, "last_output": 0.0,
             "last_checkpoint": 0.0, "created_at": now, "assigned_nodes": [], "chain_id": 0, "first_id": 0, "restart_count": 0,
@@ -163,7 +175,7 @@ async def submit(spec: JobSpec, p: User_, st: State_) -> JSONResponse:
     st.sched_events.bump(capacity=False, priority=spec.priority)
     return JSONResponse({"id": jid, "chain_id": jid, "first_id": jid, "restart_count": 0, "name": spec.name,
                          "user": p.name, "group": p.group, "nodes": spec.nodes,
-                         "priority": PRIORITY_NORMAL if spec.priority == AUTO else spec.priority,
+                         "priority": effective,
                          "submitted_priority": spec.priority,
                          "time_limit": spec.time_limit, "grace": spec.grace, "watchdog": spec.watchdog,
                          "status": JobStatus.QUEUED, "chain_status": "waiting_init", "reason": WAITING,

@@ -92,6 +92,7 @@ class ApiState:
     last_beat: dict[str, float] = field(default_factory=dict)  # node -> when its last_seen was written
     agent_rpc: dict[str, Any] = field(default_factory=dict)    # node -> RpcPool to its agent (logs)
     rpc_lock: threading.Lock = field(default_factory=threading.Lock)
+    positions: tuple[int, float, dict] = (-1, 0.0, {})  # (sched_events.seq, when, job -> place): routes/jobs
 
     @property
     def profile(self):

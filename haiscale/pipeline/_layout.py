@@ -41,11 +41,6 @@ class RankLayout:
         """Each stage's data-parallel group (the ranks holding it), stage 0 first."""
         return tuple(tuple(row[s] for row in self.grid) for s in range(self.pp))
 
-    def dp_group_of(self, rank: int) -> tuple[int, ...]:
-        """The global ranks holding the same stage as ``rank``, replica 0 first."""
-        s = self.where[rank][1]
-        return tuple(row[s] for row in self.grid)
-
 
 def rank_layout(world_size: int, pp_size: int, one_nic: bool = False) -> RankLayout:
     """Place ``world_size`` ranks in ``world_size // pp_size`` replicas of a ``pp_size``-stage pipeline.

@@ -170,8 +170,5 @@ class _NoPeers:
     def flush(self) -> None:
         pass
 
-    def ready(self, src: int, tag: int) -> bool:  # pragma: no cover - a one-stage pipeline never asks
-        return True
-
 
 __all__ = ["GPipe", "PipeDream", "Pipeline", "PipelineGroup", "RankLayout", "make_subgroups"]
