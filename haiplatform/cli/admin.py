@@ -1,0 +1,103 @@
+"""Who am I, saving a token (init), and the admin commands: nodes, quotas, users, the database."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from .app import JsonOpt, _call, _config_path, _fail, _out, app
+
+
+@app.command("whoami")
+def whoami_cmd(as_json: bool = JsonOpt) -> None:
+    """Who your token belongs to."""
+    _out(_call(lambda c: c.whoami()), as_json,
+         lambda u: typer.echo(f"{u['name']} ({u['role']}" + (f", group {u['group']})" if u["group"] else ")")))
+
+
+@app.command("init")
+def init_cmd(token: str, url: str = typer.Option(..., "--url", help="the API URL")) -> None:
+    """Save your token and the API URL to ~/.config/hai/config.json (mode 0600)."""
+    import os
+
+    p = _config_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": url, "token": token}, f)
+    typer.echo(f"saved to {p}")
+
+
+# -- admin ------------------------------------------------------------------------------------------
+
+admin_app = typer.Typer(help="Admin: nodes, quotas, users.", no_args_is_help=True)
+node_app = typer.Typer(help="Drain or return nodes.", no_args_is_help=True)
+quota_app = typer.Typer(help="Per user / group and priority node quotas.", no_args_is_help=True)
+user_app = typer.Typer(help="Users and their tokens.", no_args_is_help=True)
+db_app = typer.Typer(help="The scheduler database.", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+admin_app.add_typer(node_app, name="node")
+admin_app.add_typer(quota_app, name="quota")
+admin_app.add_typer(user_app, name="user")
+admin_app.add_typer(db_app, name="db")
+
+
+@node_app.command("drain")
+def node_drain(node: str, reason: str = typer.Option("", help="why"), as_json: bool = JsonOpt) -> None:
+    """No new job starts on NODE (running ones finish)."""
+    _out(_call(lambda c: c.drain(node, reason)), as_json, lambda n: typer.echo(f"{node} drained"))
+
+
+@node_app.command("undrain")
+def node_undrain(node: str, as_json: bool = JsonOpt) -> None:
+    """NODE takes jobs again."""
+    _out(_call(lambda c: c.undrain(node)), as_json, lambda n: typer.echo(f"{node} undrained"))
+
+
+@quota_app.command("set")
+def quota_set(subject: str = typer.Argument(..., help="user:NAME or group:NAME"),
+              max_nodes: int = typer.Argument(..., help="nodes at most"),
+              priority: int = typer.Option(None, help="only at this priority (default: any)"),
+              as_json: bool = JsonOpt) -> None:
+    """Set a quota: SUBJECT may hold at most MAX_NODES nodes (at PRIORITY, or at all)."""
+    _out(_call(lambda c: c.set_quota(subject, max_nodes, priority)), as_json,
+         lambda q: typer.echo(f"quota {subject} priority {priority if priority is not None else 'any'}: {max_nodes}"))
+
+
+@quota_app.command("list")
+def quota_list(as_json: bool = JsonOpt) -> None:
+    """Every quota."""
+    def render(qs):
+        for q in qs:
+            typer.echo(f"{q['subject']:30} priority {q['priority'] if q['priority'] is not None else 'any':>4}  "
+                       f"{q['max_nodes']} nodes")
+    _out(_call(lambda c: c.quotas()), as_json, render)
+
+
+@user_app.command("add")
+def user_add(name: str, role: str = typer.Option("user", help="user or admin"),
+             group: str = typer.Option(None, help="the user's group"), as_json: bool = JsonOpt) -> None:
+    """Add a user; prints their token (shown once)."""
+    _out(_call(lambda c: c.add_user(name, role, group)), as_json,
+         lambda u: typer.echo(f"user {u['name']} ({u['role']}) token: {u['token']}"))
+
+
+@user_app.command("list")
+def user_list(as_json: bool = JsonOpt) -> None:
+    """Every user."""
+    _out(_call(lambda c: c.users()), as_json,
+         lambda us: [typer.echo(f"{u['name']:20} {u['role']:6} {u['group'] or '-'}") for u in us])
+
+
+@db_app.command("upgrade")
+def db_upgrade(db_url: str = typer.Option(..., "--db-url", help="sqlite:///PATH or postgresql+psycopg://...")) -> None:
+    """Migrate a database to the current schema (the API server also does it at start)."""
+    from ..db import Database, migrate
+    from ..errors import HaiError
+
+    try:
+        migrate(db_url)
+        typer.echo(f"at revision {Database(db_url).revision()}")
+    except HaiError as exc:
+        _fail(exc)
