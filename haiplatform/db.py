@@ -58,7 +58,7 @@ __all__ = ["Base", "User", "Group", "Quota", "NodeRow", "Job", "Rank", "Event", 
            "migrate", "HEAD_REVISION", "JobStatus", "RankStatus", "NodeState", "Desired", "StopCode",
            "PRIORITIES"]
 
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0004"
 
 
 def hash_token(token: str) -> str:

@@ -3,7 +3,7 @@
 # root; otherwise prints the command to run. Extra packages can be named on the command line
 # (make bench adds slurm-wlm).
 set -u
-pkgs=(openmpi-bin libopenmpi-dev fuse3 libfuse3-dev pkg-config postgresql gcc python3-dev "$@")
+pkgs=(openmpi-bin libopenmpi-dev fuse3 libfuse3-dev pkg-config postgresql gcc python3-dev iproute2 chromium chromium-driver "$@")
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
