@@ -4,6 +4,9 @@ Format (see ``deploy/clusters/local.toml`` and ``docs/network.md``)::
 
     [cluster]
     name = "local"
+    nic_gbps = 2.0           # link rates in Gbit/s (all optional; absent = unshaped):
+    uplink_gbps = 2.0        #   a node's NIC, a leaf's uplink to its zone's spine,
+    interzone_gbps = 0.5     #   the link between two zones' spines
 
     [[zone]]                 # a fat-tree zone: its spine switches
     name = "zone-a"
@@ -20,6 +23,7 @@ Format (see ``deploy/clusters/local.toml`` and ``docs/network.md``)::
     gpus = 0
     cpus = 2
     memory_gib = 4
+    nic_gbps = 2.0           # optional: this node's NIC (default: [cluster] nic_gbps)
 
     [[service]]              # a service: `python -m MODULE --cluster FILE --node NODE` on each node
     module = "network.probe"
@@ -32,6 +36,12 @@ Format (see ``deploy/clusters/local.toml`` and ``docs/network.md``)::
 Distances count links on the shortest path: 0 on the same node, 2 under one leaf
 (node-leaf-node), 4 across leaves of a zone (node-leaf-spine-leaf-node), 6 across zones
 (the zones are joined spine to spine through an inter-zone switch, as in Fire-Flyer 2).
+
+Link rates describe the fabric, not this machine's: a node's NIC (``nic_gbps`` on the node,
+default ``[cluster] nic_gbps``), a leaf's uplink to its zone's spine layer (``uplink_gbps`` on
+the leaf, default ``[cluster] uplink_gbps``) and the link between zones (``[cluster]
+interzone_gbps``). ``None`` (absent) means unshaped. The namespace cluster (``deploy.netns``)
+shapes its links with them; placement and the trees use only the topology.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ PACKAGE_SECTIONS = ("network", "hfreduce", "haiscale", "fs3", "haiplatform", "de
 SECURITY_KEYS = ("key_file", "encrypt", "idle_timeout", "handshake_timeout", "max_connections",
                  "max_connections_per_host")
 
+_RATE_KEYS = ("nic_gbps", "uplink_gbps", "interzone_gbps")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -69,6 +80,7 @@ class Leaf:
     name: str
     zone: str
     index: int
+    uplink_gbps: float | None = None  # to the zone's spine layer; None: unshaped
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class Node:
     memory_gib: float
     index: int
     labels: tuple[str, ...] = ()
+    nic_gbps: float | None = None  # None: unshaped
 
 
 @dataclass(frozen=True)
@@ -152,10 +165,13 @@ class Cluster:
             if k not in top_allowed:
                 raise self._err(k, f"unknown top-level key (allowed: {', '.join(sorted(top_allowed))})")
         cl = self._table(data, "cluster")
-        self._unknown(cl, "cluster", {"name", "description"})
+        self._unknown(cl, "cluster", {"name", "description", *_RATE_KEYS})
         self.name: str = self._field(cl, "cluster", "name", str, check=_NAME.match, expect="a name of letters, "
                                      "digits, '.', '_' or '-'")
         self.description: str = self._field(cl, "cluster", "description", str, required=False, default="")
+        rates = {k: self._rate(cl, "cluster", k) for k in _RATE_KEYS}
+        #: the link between two zones' spine layers, Gbit/s (None: unshaped)
+        self.interzone_gbps: float | None = rates["interzone_gbps"]
 
         # zones
         self.zones: dict[str, Zone] = {}
@@ -190,12 +206,13 @@ class Cluster:
             if name in self.leaves:
                 raise self._err(f"{where}.name", f"duplicate leaf name {name!r}")
             where = f"leaf[{i}] ({name})"
-            self._unknown(lf, where, {"name", "zone"})
+            self._unknown(lf, where, {"name", "zone", "uplink_gbps"})
             zone = self._field(lf, where, "zone", str)
             if zone not in self.zones:
                 raise self._err(f"{where}.zone", f"unknown zone {zone!r} (expected one of: "
                                 f"{', '.join(self.zones)})")
-            self.leaves[name] = Leaf(name, zone, i)
+            uplink = self._rate(lf, where, "uplink_gbps", rates["uplink_gbps"])
+            self.leaves[name] = Leaf(name, zone, i, uplink)
 
         # nodes
         self.nodes: dict[str, Node] = {}
@@ -210,7 +227,7 @@ class Cluster:
             if name in self.nodes:
                 raise self._err(f"{where}.name", f"duplicate node name {name!r}")
             where = f"node[{i}] ({name})"
-            self._unknown(nd, where, {"name", "address", "leaf", "gpus", "cpus", "memory_gib", "labels"})
+            self._unknown(nd, where, {"name", "address", "leaf", "gpus", "cpus", "memory_gib", "labels", "nic_gbps"})
             addr = self._field(nd, where, "address", str, check=_valid_address,
                                expect="an IPv4/IPv6 address or a host name")
             if addr in addresses:
@@ -228,7 +245,9 @@ class Cluster:
                               check=lambda v: v > 0, expect="a number > 0")
             labels = self._field(nd, where, "labels", list, required=False, default=[],
                                  check=lambda v: all(isinstance(x, str) for x in v), expect="a list of strings")
-            self.nodes[name] = Node(name, addr, self.leaves[leaf].zone, leaf, gpus, cpus, mem, i, tuple(labels))
+            nic = self._rate(nd, where, "nic_gbps", rates["nic_gbps"])
+            self.nodes[name] = Node(name, addr, self.leaves[leaf].zone, leaf, gpus, cpus, mem, i, tuple(labels),
+                                    nic)
 
         # services
         self.services: list[Service] = []
@@ -275,6 +294,11 @@ class Cluster:
         self._order = sorted(self.nodes.values(),
                              key=lambda n: (self.zones[n.zone].index, self.leaves[n.leaf].index, n.index))
         self._by_address = {n.address: n for n in self.nodes.values()}
+
+    def _rate(self, item: dict, where: str, key: str, default: float | None = None) -> float | None:
+        """A link rate in Gbit/s: a number > 0 (at most 100 Tbit/s), or ``default`` when absent."""
+        return self._field(item, where, key, float, required=False, default=default,
+                           check=lambda v: 0 < v <= 1e5, expect="a link rate in Gbit/s > 0")
 
     def _security(self, sec: dict) -> None:
         """``[security]``: the cluster key file and the RPC servers' limits (docs/security.md)."""
