@@ -7,12 +7,36 @@ jobs), :mod:`.nodes` (``hai nodes``), :mod:`.admin` (``hai whoami``, ``hai init`
 from __future__ import annotations
 
 # isort: off
-from . import jobs, nodes, admin, cluster  # noqa: F401 - each registers its commands on app, in this order
+from . import jobs, queue, nodes, admin, cluster  # noqa: F401 - each registers its commands on app, in this order
 # isort: on
 from .app import app
-from .jobs import parse_time
+from .jobs import parse_job_ref, parse_time
+from .queue import parse_when
 
-__all__ = ["app", "main", "parse_time"]
+__all__ = ["app", "main", "parse_time", "parse_job_ref", "parse_when", "PANELS"]
+
+#: ``hai --help`` groups the commands in these panels, in this order (set here, where every module's
+#: commands are known, so a module need not know the others' panels)
+PANELS = {"Jobs": ("python", "exec", "bash", "run", "status", "list", "logs", "stop", "suspend", "priority",
+                   "hold", "release", "resubmit", "cancel"),
+          "Queue & history": ("queue", "history", "events"),
+          "Nodes": ("nodes",),
+          "Admin": ("whoami", "init", "admin"),
+          "Cluster": ("cluster",),
+          "Tools": ("sim", "local")}
+
+
+def _set_panels() -> None:
+    panel_of = {c: p for p, cmds in PANELS.items() for c in cmds}
+    for info in app.registered_commands:
+        info.rich_help_panel = panel_of.get(info.name or "", info.rich_help_panel)
+    for info in app.registered_groups:
+        info.rich_help_panel = panel_of.get(info.name or "", info.rich_help_panel)
+    order = list(PANELS)
+    app.registered_commands.sort(key=lambda i: order.index(i.rich_help_panel) if i.rich_help_panel in order else 99)
+
+
+_set_panels()
 
 
 def main() -> None:

@@ -17,30 +17,50 @@ def whoami_cmd(as_json: bool = JsonOpt) -> None:
 
 
 @app.command("init")
-def init_cmd(token: str, url: str = typer.Option(..., "--url", help="the API URL")) -> None:
-    """Save your token and the API URL to ~/.config/hai/config.json (mode 0600)."""
+def init_cmd(token: str, url: str = typer.Option(..., "--url", help="the API URL"),
+             check: bool = typer.Option(True, "--check/--no-check", help="ask the API who the token is first"),
+             as_json: bool = JsonOpt) -> None:
+    """Check the token against the API (whoami), then save it and the URL to ~/.config/hai/config.json
+    (mode 0600). A wrong URL or token is said and nothing is saved (--no-check saves without asking)."""
     import os
 
+    from ..client import HaiClient
+    from ..errors import AuthError, HaiError
+
+    who = None
+    if check:
+        try:
+            with HaiClient(url, token, timeout=10) as c:
+                who = c.whoami()
+        except AuthError as exc:
+            _fail(AuthError(f"the API at {url} refused the token ({exc}); nothing saved", exc.status))
+        except HaiError as exc:
+            _fail(type(exc)(f"cannot check the token at {url}: {exc}; nothing saved (--no-check saves anyway)"))
     p = _config_path()
     p.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump({"url": url, "token": token}, f)
-    typer.echo(f"saved to {p}")
+    if as_json:
+        typer.echo(json.dumps({"saved": str(p), "user": who}))
+    else:
+        typer.echo(f"saved to {p}" + (f" ({who['name']}, {who['role']})" if who else " (not checked)"))
 
 
 # -- admin ------------------------------------------------------------------------------------------
 
-admin_app = typer.Typer(help="Admin: nodes, quotas, users.", no_args_is_help=True)
+admin_app = typer.Typer(help="Admin: nodes, quotas, users, groups.", no_args_is_help=True)
 node_app = typer.Typer(help="Drain or return nodes.", no_args_is_help=True)
 quota_app = typer.Typer(help="Per user / group and priority node quotas.", no_args_is_help=True)
 user_app = typer.Typer(help="Users and their tokens.", no_args_is_help=True)
 db_app = typer.Typer(help="The scheduler database.", no_args_is_help=True)
+group_app = typer.Typer(help="Groups: who shares jobs and group quotas.", no_args_is_help=True)
 app.add_typer(admin_app, name="admin")
 admin_app.add_typer(node_app, name="node")
 admin_app.add_typer(quota_app, name="quota")
 admin_app.add_typer(user_app, name="user")
 admin_app.add_typer(db_app, name="db")
+admin_app.add_typer(group_app, name="group")
 
 
 @node_app.command("drain")
@@ -75,6 +95,15 @@ def quota_list(as_json: bool = JsonOpt) -> None:
     _out(_call(lambda c: c.quotas()), as_json, render)
 
 
+@quota_app.command("delete")
+def quota_delete(subject: str = typer.Argument(..., help="user:NAME or group:NAME"),
+                 priority: int = typer.Option(None, help="only the quota at this priority (default: the any-priority "
+                                              "one)"), as_json: bool = JsonOpt) -> None:
+    """Remove a quota."""
+    _out(_call(lambda c: c.delete_quota(subject, priority)), as_json,
+         lambda q: typer.echo(f"quota {subject} priority {priority if priority is not None else 'any'} deleted"))
+
+
 @user_app.command("add")
 def user_add(name: str, role: str = typer.Option("user", help="user or admin"),
              group: str = typer.Option(None, help="the user's group"), as_json: bool = JsonOpt) -> None:
@@ -87,7 +116,55 @@ def user_add(name: str, role: str = typer.Option("user", help="user or admin"),
 def user_list(as_json: bool = JsonOpt) -> None:
     """Every user."""
     _out(_call(lambda c: c.users()), as_json,
-         lambda us: [typer.echo(f"{u['name']:20} {u['role']:6} {u['group'] or '-'}") for u in us])
+         lambda us: [typer.echo(f"{u['name']:20} {u['role']:6} {u['group'] or '-':12}"
+                                + (" disabled" if u.get("disabled") else "")) for u in us])
+
+
+@user_app.command("remove")
+def user_remove(name: str, force: bool = typer.Option(False, "--force", help="stop the user's live jobs first"),
+                as_json: bool = JsonOpt) -> None:
+    """Remove a user (refused while they have live jobs, unless --force stops them)."""
+    _out(_call(lambda c: c.remove_user(name, force=force)), as_json, lambda _: typer.echo(f"user {name} removed"))
+
+
+@user_app.command("disable")
+def user_disable(name: str, as_json: bool = JsonOpt) -> None:
+    """Disable a user: their token is refused; their queued jobs stay queued but do not start."""
+    _out(_call(lambda c: c.disable_user(name)), as_json, lambda _: typer.echo(f"user {name} disabled"))
+
+
+@user_app.command("enable")
+def user_enable(name: str, as_json: bool = JsonOpt) -> None:
+    """Enable a disabled user again."""
+    _out(_call(lambda c: c.enable_user(name)), as_json, lambda _: typer.echo(f"user {name} enabled"))
+
+
+@user_app.command("token")
+def user_token(name: str, as_json: bool = JsonOpt) -> None:
+    """Give a user a new token (shown once); the old one stops working."""
+    _out(_call(lambda c: {"name": name, "token": c.reset_token(name)}), as_json,
+         lambda r: typer.echo(f"user {name} new token: {r['token']}"))
+
+
+@group_app.command("list")
+def group_list(as_json: bool = JsonOpt) -> None:
+    """Every group and its members."""
+    _out(_call(lambda c: c.groups()), as_json,
+         lambda gs: [typer.echo(f"{g['name']:20} {' '.join(g['members']) or '-'}") for g in gs])
+
+
+@group_app.command("set")
+def group_set(user: str, group: str = typer.Argument(None, help="the group (leave out: no group)"),
+              as_json: bool = JsonOpt) -> None:
+    """Put USER in GROUP (or in none)."""
+    _out(_call(lambda c: c.set_group(user, group)), as_json,
+         lambda _: typer.echo(f"user {user}: group {group or '-'}"))
+
+
+@group_app.command("delete")
+def group_delete(group: str, as_json: bool = JsonOpt) -> None:
+    """Delete an empty group (and its quotas)."""
+    _out(_call(lambda c: c.delete_group(group)), as_json, lambda _: typer.echo(f"group {group} deleted"))
 
 
 @db_app.command("upgrade")

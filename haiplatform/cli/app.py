@@ -5,19 +5,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import typer
 
 from ..states import AUTO, JobStatus
 
-app = typer.Typer(help="hai: submit and follow training jobs on a fireflyer cluster.", no_args_is_help=True,
+app = typer.Typer(help="hai: submit and follow training jobs on a fireflyer cluster.\n\n"
+                  "Exit codes: 0 done; 1 the request failed or the followed job did not succeed; 2 bad usage; "
+                  "130 interrupted (a followed job goes on).", no_args_is_help=True,
                   add_completion=False)
 
-JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+JsonOpt = typer.Option(False, "--json", help="machine-readable output (errors too: {\"error\", \"status\"})")
+
+#: hai's exit codes (docs/cli.md): a script tells a refused request from a job that failed only by the
+#: message, but a usage mistake (2) and an interrupted follow (130) apart from both.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg="red", err=True)
-    raise typer.Exit(1)
+def _json_mode() -> bool:
+    """Whether the running command was given --json (its ``as_json`` parameter, or ``ctx.meta["json"]``
+    set by the submit commands, whose options are parsed by hand)."""
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.meta.get("json") or ctx.params.get("as_json"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+def _fail(exc: Exception, code: int = EXIT_ERROR) -> None:
+    """One red line on stderr (or, under --json, ``{"error": ..., "status": ...}`` on stdout) and exit
+    ``code``. ``status`` is the API's HTTP status, 0 when the error is ours (no answer, bad input)."""
+    if _json_mode():
+        typer.echo(json.dumps({"error": str(exc), "status": getattr(exc, "status", 0) or 0}))
+    else:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+    raise typer.Exit(code)
 
 
 # -- connection -------------------------------------------------------------------------------------
@@ -51,6 +74,14 @@ def _client():
     if _conn.get("cluster") and (not url or not token):
         from network import load_cluster
 
+        cf = Path(_conn["cluster"])
+        if not cf.is_file():
+            import os
+
+            where = f" (relative to {os.getcwd()})" if not cf.is_absolute() else ""
+            raise ConfigError(f"--cluster / $HAI_CLUSTER: no cluster file {str(cf)!r}{where}; "
+                              "export an absolute path (export HAI_CLUSTER=$PWD/deploy/clusters/local.toml)")
+
         run_dir = _conn.get("run_dir")
         if run_dir is None:
             from network import default_run_dir  # the local launcher's convention
@@ -80,13 +111,15 @@ def _client():
 
 
 def _call(fn):
-    """Run fn(client) and turn our errors into one red line and exit code 1."""
+    """Run fn(client) and turn our errors (and a bad cluster file) into one line and exit code 1."""
+    from network.errors import NetworkError
+
     from ..errors import HaiError
 
     try:
         with _client() as c:
             return fn(c)
-    except HaiError as exc:
+    except (HaiError, NetworkError) as exc:
         _fail(exc)
 
 
