@@ -137,6 +137,82 @@ def derived_cluster(dest: str | os.PathLike, modules: Iterable[str], *, fs3: dic
     return dest
 
 
+NETNS_STATE = "netns.json"  # RUN_DIR/netns.json: the namespace cluster and the launcher that owns it
+NETNS_ENV = "FIREFLYER_NETNS"  # "1": LocalCluster(netns=None) runs on namespaces (pytest --netns)
+
+
+def netns_requested() -> bool:
+    """Whether ``$FIREFLYER_NETNS`` asks for the namespace cluster (the tests' ``--netns`` sets it)."""
+    return os.environ.get(NETNS_ENV) == "1"
+
+
+def node_state_dir(run_dir: str | os.PathLike, node: str | None) -> Path:
+    """Where the supervisor of one node's services keeps its state: ``RUN_DIR/nodes/NODE`` (its
+    state.json, supervisor.log and control/), or RUN_DIR itself for the whole cluster.
+
+    [Note: node trees share the run dir] On one machine, ``hai cluster up --node`` for each node
+    gives each its own supervisor (its own process tree) over one run dir: one resolved
+    description, one cluster key, the services' data and logs side by side (their names carry the
+    node), and a state directory per node. On real hosts each host has its own run dir."""
+    return Path(run_dir) / "nodes" / node if node else Path(run_dir)
+
+
+def _resolved_header(source: str) -> str:
+    return f"# resolved by deploy.local from {source}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # held by a resolution: milliseconds
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _live_node_states(run_dir: Path) -> list[dict]:
+    """The state files of the node trees of ``run_dir`` whose supervisor lives (any state)."""
+    out = []
+    for d in sorted((Path(run_dir) / "nodes").glob("*")):
+        st = _read_state(d)
+        if st and st.get("state") in ("starting", "up") and pid_alive(st.get("supervisor_pid", -1)):
+            out.append(st)
+    return out
+
+
+def clean_stale_netns(run_dir: str | os.PathLike) -> bool:
+    """Remove the namespace cluster recorded in RUN_DIR/netns.json when the launcher that made it is
+    gone (killed with SIGKILL: its services died with it, its namespaces did not). True when one
+    was removed; LauncherError when its launcher still runs."""
+    path = Path(run_dir) / NETNS_STATE
+    try:
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        raise LauncherError(f"{path} is unreadable ({exc}); remove the namespaces it named by hand "
+                            "(ip netns list) and the file") from None
+    owner = rec.get("owner_pid", -1)
+    if owner != os.getpid() and pid_alive(owner):
+        raise LauncherError(f"the namespace cluster of {run_dir} belongs to a running launcher (pid {owner}); "
+                            "stop it first (hai cluster down)")
+    from .netns import NetnsCluster
+
+    log.warning("removing the namespaces left by launcher pid %s (%s)", owner, path)
+    NetnsCluster.from_state(rec["netns"]).down()
+    path.unlink()
+    return True
+
+
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -269,10 +345,15 @@ class LocalCluster:
     def __init__(self, cluster_file: str | os.PathLike, run_dir: str | os.PathLike | None = None, *,
                  ports: str = "file", services: Iterable[str] | None = None, env: dict | None = None,
                  health_timeout: float = 30.0, stop_timeout: float = 10.0,
-                 restart: bool | RestartPolicy = True, monitor: bool = True) -> None:
+                 restart: bool | RestartPolicy = True, monitor: bool = True, node: str | None = None,
+                 netns: bool | None = None, key_file: str | os.PathLike | None = None) -> None:
         """``restart``: the policy for crashed services (True: the default :class:`RestartPolicy`,
         False: never restart), which a ``[[service]]`` entry may override (:mod:`deploy.restart`);
-        ``monitor``: run a thread that carries it out (``supervise()`` runs :meth:`tick` itself)."""
+        ``monitor``: run a thread that carries it out (``supervise()`` runs :meth:`tick` itself);
+        ``node``: run only that node's services (one host of a multi-host cluster, see
+        :func:`node_state_dir`); ``netns``: every node in its own network namespace
+        (:mod:`deploy.netns`; None: ``$FIREFLYER_NETNS`` = 1, the tests' ``--netns``);
+        ``key_file``: the cluster key to use (an admin's provisioned key) instead of the run dir's."""
         if ports not in ("file", "auto"):
             raise LauncherError(f"ports must be 'file' or 'auto', not {ports!r}")
         self.source = load_cluster(cluster_file)
@@ -283,6 +364,15 @@ class LocalCluster:
             unknown = self.only - {s.module for s in self.source.services}
             if unknown:
                 raise LauncherError(f"{cluster_file}: no such service(s): {', '.join(sorted(unknown))}")
+        if node is not None and node not in self.source.ordered():
+            raise LauncherError(f"{cluster_file}: no node {node!r}; its nodes: {', '.join(self.source.ordered())}")
+        self.node = node
+        self.state_dir = node_state_dir(self.run_dir, node)
+        self.netns = netns_requested() if netns is None else netns
+        if self.netns and node is not None:
+            raise LauncherError("--netns runs the whole cluster on this machine: it does not combine with --node")
+        self.key_file = Path(key_file).resolve() if key_file else None
+        self.nc = None  # the NetnsCluster while the namespaces exist
         self.env = dict(env or {})
         self.health_timeout = health_timeout
         self.stop_timeout = stop_timeout
@@ -318,22 +408,62 @@ class LocalCluster:
 
     # -- resolution ------------------------------------------------------------------------------
     def _resolve(self) -> Cluster:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "cluster.toml"
+        # [Note: one resolution per run dir] The node trees of one run dir (``up --node`` on one
+        # machine) must agree on every port and on the key: the first resolves the whole
+        # description, the others reuse it while one of them lives (a lock orders racing starts).
+        with _locked(self.run_dir / "resolve.lock"):
+            if self.node is not None and self._shared_resolution(path):
+                log.info("%s: reusing %s, resolved by a running node of this run dir", self.node, path)
+            else:
+                self._resolve_fresh(path)
+            self.cluster_file = path
+            if self.node is not None:
+                self._write_state("starting")  # from now on the other nodes reuse this resolution
+        self.cluster_file = path
+        cluster = load_cluster(path)
+        try:
+            self.credential = load_cluster_key(cluster)
+        except AuthError as exc:
+            raise LauncherError(str(exc)) from None
+        if self.env.get(INSECURE_ENV) == "1":  # a benchmark's cluster without authentication
+            self.credential = NO_AUTH
+        return cluster
+
+    def _shared_resolution(self, path: Path) -> bool:
+        """Whether ``path`` was resolved from this description by a node tree of this run dir that
+        still runs (its ports and key are then this node's too)."""
+        try:
+            head = path.read_text().split("\n", 1)[0]
+        except OSError:
+            return False
+        if head != _resolved_header(self.source.source):
+            return False
+        return any(st.get("node") != self.node for st in _live_node_states(self.run_dir))
+
+    def _resolve_fresh(self, path: Path) -> None:
         raw = json.loads(json.dumps(self.source.raw))  # deep copy of plain TOML data
+        if self.nc is not None:  # each node's address inside its namespace
+            for nd in raw.get("node", []):
+                nd["address"] = self._netns_addrs[nd["name"]]
         rng = random.Random(os.getpid() ^ time.monotonic_ns())
         taken: set[int] = set()
         for sv in raw.get("service", []):
             if self.ports == "auto" or sv.get("port", 0) == 0:
                 svc = self.source.service(sv["module"])
-                addrs = sorted({self.source.node(n).address for n in svc.nodes})
+                # fresh namespaces have every port free (and their addresses are not bindable here)
+                addrs = [] if self.nc is not None else sorted({self.source.node(n).address for n in svc.nodes})
                 sv["port"] = _pick_port(addrs, taken, rng)
                 taken.add(sv["port"])
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         _job_reachable(self.run_dir, jobs=self.source.service("haiplatform.agent") is not None)
         for private in ("logs", "data"):  # the services' logs and fs3's data: theirs only
             (self.run_dir / private).mkdir(mode=0o700, exist_ok=True)
             os.chmod(self.run_dir / private, 0o700)
         sec = raw.setdefault("security", {})
-        if sec.get("key_file"):  # the source names its key: keep it, as an absolute path
+        if self.key_file is not None:  # the admin's provisioned key (hai cluster keygen)
+            sec["key_file"] = str(self.key_file)
+        elif sec.get("key_file"):  # the source names its key: keep it, as an absolute path
             sec["key_file"] = str(cluster_key_path(self.source))
         else:
             # [Note: a key per run directory] made once, kept across restarts of the cluster (a
@@ -345,18 +475,10 @@ class LocalCluster:
                 new_cluster_key().save(secrets_dir / "cluster.key")
             # absolute: a test or tool that copies the resolved description elsewhere still finds it
             sec["key_file"] = str((secrets_dir / "cluster.key").resolve())
-        path = self.run_dir / "cluster.toml"
-        path.write_text(f"# resolved by deploy.local from {self.source.source}\n" + dump_cluster(raw))
-        os.chmod(path, 0o644)  # every job reads it (HAI_CLUSTER_FILE); it holds no secret
-        self.cluster_file = path
-        cluster = load_cluster(path)
-        try:
-            self.credential = load_cluster_key(cluster)
-        except AuthError as exc:
-            raise LauncherError(str(exc)) from None
-        if self.env.get(INSECURE_ENV) == "1":  # a benchmark's cluster without authentication
-            self.credential = NO_AUTH
-        return cluster
+        tmp = path.with_name("cluster.toml.tmp")
+        tmp.write_text(_resolved_header(self.source.source) + "\n" + dump_cluster(raw))
+        os.chmod(tmp, 0o644)  # every job reads it (HAI_CLUSTER_FILE); it holds no secret
+        os.replace(tmp, path)
 
     def instances(self) -> list[tuple[str, str]]:
         """(module, node) pairs to run, in start order."""
@@ -366,7 +488,8 @@ class LocalCluster:
             if self.only is not None and s.module not in self.only:
                 continue
             for n in c.ordered(s.nodes):
-                out.append((kind_of(s.module).order, pos, s.module, n))
+                if self.node is None or n == self.node:
+                    out.append((kind_of(s.module).order, pos, s.module, n))
         out.sort(key=lambda t: (t[0], t[1]))
         return [(m, n) for _, _, m, n in out]
 
@@ -375,7 +498,13 @@ class LocalCluster:
         """Start every service and wait until each is healthy (ServiceFailed otherwise; all stopped)."""
         if self.procs:
             raise LauncherError("cluster is already up")
-        self.cluster = self._resolve()
+        if self.netns:
+            self._netns_up()
+        try:
+            self.cluster = self._resolve()
+        except BaseException:
+            self._netns_down()
+            raise
         with self._lock:
             self._stopping = False
             for d in (self.info, self._held, self._busy, self._reaped, self._history, self._due, self._starting):
@@ -435,6 +564,8 @@ class LocalCluster:
         logpath = self.run_dir / "logs" / f"{key}.log"
         cmd = [sys.executable, "-m", module, *kind.argv, "--cluster", str(cluster_file or self.cluster_file),
                "--node", node]
+        if self.nc is not None:
+            cmd = self.nc.wrap(node, cmd)  # runs it inside the node's namespace (exec: the same pid)
         env = {**os.environ, **kind.env, **self.env, "FIREFLYER_RUN_DIR_CLUSTER": str(self.run_dir),
                "PYTHONUNBUFFERED": "1"}
         with open(logpath, "ab") as logf:
@@ -552,13 +683,47 @@ class LocalCluster:
                 log.warning("the monitor thread of %s did not stop within %s s", self.source.name,
                             self.health_timeout + 5)
         self._monitor_thread = None
-        if not self.procs:
+        if self.procs:
+            keys = list(self.procs)
+            self._stop_many(list(reversed(keys)))
+            self.procs.clear()
+            if self.run_dir.exists():
+                self._write_state("down")
+        self._netns_down()
+
+    # -- network namespaces ----------------------------------------------------------------------
+    def _netns_up(self) -> None:
+        """Create the namespace cluster (deploy.netns) and record it in RUN_DIR/netns.json before
+        anything runs in it, so a launcher that dies leaves something the next up/down removes."""
+        from . import netns as _netns
+
+        why = _netns.unavailable()
+        if why:
+            raise LauncherError(f"network namespaces are not available here: {why}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_netns(self.run_dir)
+        nc = _netns.NetnsCluster(self.source, uuid.uuid4().hex[:6])
+        _write_json(self.run_dir / NETNS_STATE, {"owner_pid": os.getpid(), "netns": nc.to_state()})
+        self.nc = nc
+        try:
+            self._netns_addrs = nc.up()
+        except BaseException as exc:
+            self._netns_down()
+            if isinstance(exc, _netns.NetnsError):
+                raise LauncherError(f"could not create the namespace cluster: {exc}") from None
+            raise
+        _write_json(self.run_dir / NETNS_STATE, {"owner_pid": os.getpid(), "netns": nc.to_state()})
+        log.info("namespace cluster up: %s (this host at %s)", self._netns_addrs, nc.host_address)
+
+    def _netns_down(self) -> None:
+        nc, self.nc = self.nc, None
+        if nc is None:
             return
-        keys = list(self.procs)
-        self._stop_many(list(reversed(keys)))
-        self.procs.clear()
-        if self.run_dir.exists():
-            self._write_state("down")
+        try:
+            nc.down()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / NETNS_STATE).unlink()
 
     def status(self) -> list[ProcInfo]:
         """Each instance with a fresh health check of the running ones; an exit is folded in first
@@ -722,11 +887,10 @@ class LocalCluster:
     def _write_state(self, state: str) -> None:
         with self._lock:
             data = {"state": state, "cluster": self.source.name, "source": self.source.source,
-                    "cluster_file": str(self.cluster_file), "supervisor_pid": os.getpid(),
-                    "services": [asdict(i) for i in self.info.values()]}
-            tmp = self.run_dir / "state.json.tmp"
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, self.run_dir / "state.json")
+                    "cluster_file": str(self.cluster_file), "supervisor_pid": os.getpid(), "node": self.node,
+                    "netns": self.nc is not None, "services": [asdict(i) for i in self.info.values()]}
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(self.state_dir / "state.json", data)
 
     def __enter__(self) -> LocalCluster:
         return self.up()
@@ -855,12 +1019,14 @@ def _answer(lc: LocalCluster, r: dict) -> dict:
 
 
 def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] | None,
-              restart: str = "on-failure") -> int:
-    """Run the cluster in the foreground until SIGTERM / SIGINT (the detached supervisor's body):
-    restart crashed services (:meth:`LocalCluster.tick`) and answer ``hai cluster restart``."""
+              restart: str = "on-failure", node: str | None = None, netns: bool = False,
+              key_file: str | None = None) -> int:
+    """Run the cluster (or ``node``'s part of it) in the foreground until SIGTERM / SIGINT (the
+    detached supervisor's body): restart crashed services (:meth:`LocalCluster.tick`) and answer
+    ``hai cluster restart``."""
     lc = LocalCluster(cluster_file, run_dir, ports=ports, services=services, monitor=False,
-                      restart=RestartPolicy(restart=restart))
-    control = _control_dir(run_dir)
+                      restart=RestartPolicy(restart=restart), node=node, netns=netns, key_file=key_file)
+    control = _control_dir(lc.state_dir)
     stopping = False
 
     def on_signal(signum, frame):
@@ -877,7 +1043,8 @@ def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] 
             with contextlib.suppress(OSError):
                 stale.unlink()
         lc.up()
-        print(f"cluster {lc.source.name} is up; run dir {run_dir}", flush=True)
+        what = f"node {node} of cluster {lc.source.name}" if node else f"cluster {lc.source.name}"
+        print(f"{what} is up; run dir {run_dir}", flush=True)
         while True:
             time.sleep(_TICK)
             lc.tick()
@@ -885,10 +1052,11 @@ def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] 
     except KeyboardInterrupt:
         print("stopping...", flush=True)
         return 0
-    except ServiceFailed as exc:
+    except (ServiceFailed, LauncherError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        data = {"state": "failed", "error": str(exc), "supervisor_pid": os.getpid()}
-        (run_dir / "state.json").write_text(json.dumps(data))
+        data = {"state": "failed", "error": str(exc), "supervisor_pid": os.getpid(), "node": node}
+        lc.state_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(lc.state_dir / "state.json", data)
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -896,48 +1064,78 @@ def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] 
         lc.down()
 
 
+def _run_dir_of(cluster_file: str | os.PathLike, run_dir: Path | None) -> tuple[Cluster, Path]:
+    c = load_cluster(cluster_file)
+    return c, Path(run_dir) if run_dir else default_run_dir(c.name)
+
+
+def _supervisor_alive(st: dict | None) -> bool:
+    return bool(st) and pid_alive(st.get("supervisor_pid", -1))
+
+
 def cluster_up(cluster_file: str, run_dir: Path | None = None, ports: str = "file",
-               services: list[str] | None = None, timeout: float = 120.0, restart: str = "on-failure") -> dict:
-    """Start a detached supervisor for the cluster and wait until it is up (or failed)."""
+               services: list[str] | None = None, timeout: float = 120.0, restart: str = "on-failure", *,
+               node: str | None = None, netns: bool = False, key_file: str | os.PathLike | None = None) -> dict:
+    """Start a detached supervisor for the cluster (or for ``node``'s services only) and wait until
+    it is up (or failed). ``cluster_file`` may be relative: the supervisor gets it absolute."""
     if restart not in ("on-failure", "no"):
         raise LauncherError(f"restart must be 'on-failure' or 'no', not {restart!r}")
-    c = LocalCluster(cluster_file, run_dir, ports=ports, services=services).source  # a bad service entry: an error here
-    run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
-    st = _read_state(run_dir)
-    if st and st.get("state") == "up" and pid_alive(st.get("supervisor_pid", -1)):
-        raise LauncherError(f"cluster {c.name} is already up (supervisor pid {st['supervisor_pid']}, run dir "
-                            f"{run_dir}); run 'hai cluster down --cluster {cluster_file}' first")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if key_file is not None and not Path(key_file).is_file():
+        raise LauncherError(f"--key-file {key_file}: no such file (make one with 'hai cluster keygen --out DIR')")
+    cluster_file = str(Path(cluster_file).resolve())
+    lc = LocalCluster(cluster_file, run_dir, ports=ports, services=services, node=node, netns=netns,
+                      key_file=key_file)  # a bad service entry or node: an error here
+    c, run_dir = lc.source, lc.run_dir
+    state_dir = lc.state_dir
+    st = _read_state(state_dir)
+    if st and st.get("state") in ("starting", "up") and _supervisor_alive(st):
+        what = f"node {node} of cluster {c.name}" if node else f"cluster {c.name}"
+        raise LauncherError(f"{what} is already up (supervisor pid {st['supervisor_pid']}, run dir {run_dir}); run "
+                            f"'hai cluster down --cluster {cluster_file}{f' --node {node}' if node else ''}' first")
+    whole = _read_state(run_dir)
+    if node is not None and whole and whole.get("state") == "up" and _supervisor_alive(whole):
+        raise LauncherError(f"cluster {c.name} runs whole in {run_dir} (supervisor pid {whole['supervisor_pid']}): "
+                            f"stop it before starting it node by node, or use another --run-dir")
+    trees = _live_node_states(run_dir)
+    if node is None and trees:
+        raise LauncherError(f"cluster {c.name} runs node by node in {run_dir} (nodes "
+                            f"{', '.join(str(t.get('node')) for t in trees)}): 'hai cluster down' stops them")
+    if netns:
+        clean_stale_netns(run_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        (run_dir / "state.json").unlink()
-    cmd = [sys.executable, "-m", "deploy.local", "supervise", "--cluster", str(cluster_file),
+        (state_dir / "state.json").unlink()
+    cmd = [sys.executable, "-m", "deploy.local", "supervise", "--cluster", cluster_file,
            "--run-dir", str(run_dir), "--ports", ports, "--restart", restart]
     for s in services or []:
         cmd += ["--service", s]
-    with open(run_dir / "supervisor.log", "ab") as out:
+    if node is not None:
+        cmd += ["--node", node]
+    if netns:
+        cmd += ["--netns"]
+    if key_file is not None:
+        cmd += ["--key-file", str(Path(key_file).resolve())]
+    with open(state_dir / "supervisor.log", "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=os.getcwd())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = _read_state(run_dir)
+        st = _read_state(state_dir)
         if st and st.get("supervisor_pid") == proc.pid and st.get("state") in ("up", "failed"):
             if st["state"] == "failed":
                 proc.wait(30)
                 raise ServiceFailed(st.get("error", "cluster failed to start"))
             return st
         if proc.poll() is not None:
-            raise LauncherError(f"supervisor exited with code {proc.returncode}; see {run_dir/'supervisor.log'}:\n"
-                                f"{_tail(run_dir / 'supervisor.log')}")
+            raise LauncherError(f"supervisor exited with code {proc.returncode}; see {state_dir / 'supervisor.log'}:\n"
+                                f"{_tail(state_dir / 'supervisor.log')}")
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)
-    raise LauncherError(f"cluster did not come up within {timeout} s; see {run_dir}")
+    raise LauncherError(f"cluster did not come up within {timeout} s; see {state_dir}")
 
 
-def cluster_down(cluster_file: str, run_dir: Path | None = None, timeout: float = 60.0) -> bool:
-    """Stop the detached supervisor (and so every service). Returns False when nothing was running."""
-    c = load_cluster(cluster_file)
-    run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
-    st = _read_state(run_dir)
+def _stop_tree(st: dict | None, timeout: float) -> bool:
+    """Stop one supervisor (SIGTERM, SIGKILL after ``timeout``) and make sure its services are gone."""
     pid = (st or {}).get("supervisor_pid")
     if not pid or not pid_alive(pid):
         return False
@@ -956,15 +1154,25 @@ def cluster_down(cluster_file: str, run_dir: Path | None = None, timeout: float 
     return True
 
 
-def cluster_status(cluster_file: str, run_dir: Path | None = None) -> dict:
-    """The state file plus a live health check of each running service, and the cluster's state:
-    ``up`` (every service healthy), ``degraded`` (the supervisor runs, some service does not:
-    restarting, failed, exited, starting or unhealthy) or ``down`` (no supervisor)."""
-    c = load_cluster(cluster_file)
-    run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
-    st = _read_state(run_dir)
-    if not st or not pid_alive(st.get("supervisor_pid", -1)):
-        return {"state": "down", "cluster": c.name, "run_dir": str(run_dir), "services": []}
+def cluster_down(cluster_file: str, run_dir: Path | None = None, timeout: float = 60.0, *,
+                 node: str | None = None) -> bool:
+    """Stop the detached supervisor (and so every service): ``node``'s tree, or the whole cluster
+    and every node tree of the run dir. Returns False when nothing was running. Namespaces left by a
+    launcher that died are removed either way."""
+    c, run_dir = _run_dir_of(cluster_file, run_dir)
+    if node is not None:
+        if node not in c.ordered():
+            raise LauncherError(f"{cluster_file}: no node {node!r}; its nodes: {', '.join(c.ordered())}")
+        return _stop_tree(_read_state(node_state_dir(run_dir, node)), timeout)
+    stopped = _stop_tree(_read_state(run_dir), timeout)
+    for d in sorted((run_dir / "nodes").glob("*")):
+        stopped = _stop_tree(_read_state(d), timeout) or stopped
+    if (run_dir / NETNS_STATE).exists():
+        clean_stale_netns(run_dir)
+    return stopped
+
+
+def _live_health(st: dict, c: Cluster) -> dict:
     resolved = Path(st.get("cluster_file") or "")
     live = load_cluster(resolved) if resolved.is_file() else c
     try:
@@ -984,6 +1192,33 @@ def cluster_status(cluster_file: str, run_dir: Path | None = None) -> dict:
         svc["state"] = "healthy" if ok else "starting" if known == "starting" else "unhealthy"
     if st.get("state") == "up" and any(s["state"] != "healthy" for s in st.get("services", [])):
         st["state"] = "degraded"
+    return st
+
+
+def cluster_status(cluster_file: str, run_dir: Path | None = None, *, node: str | None = None) -> dict:
+    """The state file plus a live health check of each running service, and the cluster's state:
+    ``up`` (every service healthy), ``degraded`` (the supervisor runs, some service does not:
+    restarting, failed, exited, starting or unhealthy) or ``down`` (no supervisor). With ``node``:
+    that node's tree; without, a cluster run node by node is shown as one (``nodes``: those up)."""
+    c, run_dir = _run_dir_of(cluster_file, run_dir)
+    down = {"state": "down", "cluster": c.name, "run_dir": str(run_dir), "services": []}
+    if node is not None:
+        st = _read_state(node_state_dir(run_dir, node))
+        if not _supervisor_alive(st) or st.get("state") not in ("starting", "up"):
+            return {**down, "node": node}
+        st = _live_health(st, c)
+    else:
+        st = _read_state(run_dir)
+        if not _supervisor_alive(st):
+            trees = [_live_health(t, c) for t in _live_node_states(run_dir)]
+            if not trees:
+                return down
+            st = {**trees[0], "node": None, "nodes": [t.get("node") for t in trees],
+                  "supervisor_pid": [t["supervisor_pid"] for t in trees],
+                  "services": [s for t in trees for s in t.get("services", [])],
+                  "state": "up" if all(t["state"] == "up" for t in trees) else "degraded"}
+        else:
+            st = _live_health(st, c)
     st["run_dir"] = str(run_dir)
     return st
 
@@ -998,18 +1233,39 @@ def cluster_restart(cluster_file: str, service: str, node: str | None = None, ru
     """Ask the running supervisor to restart ``service`` on ``node``, or on each of its nodes one at
     a time (each healthy before the next goes down), and wait for its answer (at most ``timeout``
     seconds; default: 40 s per instance, the supervisor's stop and health timeouts, plus 15).
+    A cluster run node by node: the supervisor of each node in turn.
     Returns ``{"restarted": [{..., "pid", "old_pid"}]}``; LauncherError names what went wrong."""
-    c = load_cluster(cluster_file)
-    run_dir = Path(run_dir) if run_dir else default_run_dir(c.name)
+    c, run_dir = _run_dir_of(cluster_file, run_dir)
     st = _read_state(run_dir)
+    if not (st and st.get("state") == "up" and _supervisor_alive(st)):
+        trees = [t for t in _live_node_states(run_dir) if node in (None, t.get("node"))
+                 and any(s.get("module") == service for s in t.get("services", []))]
+        if trees:  # node by node: each node's supervisor restarts its own instance
+            done: list[dict] = []
+            for t in trees:
+                try:
+                    ans = _ask_restart(node_state_dir(run_dir, t["node"]), t, c, cluster_file, service,
+                                       t["node"], timeout)
+                except LauncherError as exc:
+                    if not done:
+                        raise
+                    names = ", ".join(f"{s['module']}@{s['node']}" for s in done)
+                    raise LauncherError(f"restarted {names}; then: {exc}") from None
+                done += ans["restarted"]
+            return {"ok": True, "restarted": done}
+    return _ask_restart(run_dir, st, c, cluster_file, service, node, timeout)
+
+
+def _ask_restart(state_dir: Path, st: dict | None, c: Cluster, cluster_file: str, service: str, node: str | None,
+                 timeout: float | None) -> dict:
     pid = (st or {}).get("supervisor_pid")
     if not st or st.get("state") != "up" or not pid or not pid_alive(pid):
-        raise LauncherError(f"cluster {c.name} is not up (run dir {run_dir}); start it with "
+        raise LauncherError(f"cluster {c.name} is not up (state dir {state_dir}); start it with "
                             f"'hai cluster up --cluster {cluster_file}'")
     if timeout is None:  # the supervisor checks the service and the node (LocalCluster._instance_keys)
         timeout = 15.0 + 40.0 * max(1, sum(s.get("module") == service and node in (None, s.get("node"))
                                            for s in st.get("services", [])))
-    control = _control_dir(run_dir)
+    control = _control_dir(state_dir)
     if not control.is_dir():
         raise LauncherError(f"{control} does not exist: the supervisor (pid {pid}) takes no requests; "
                             f"restart the cluster (hai cluster down, then up)")
@@ -1023,7 +1279,7 @@ def cluster_restart(cluster_file: str, service: str, node: str | None = None, ru
         if not pid_alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 req.unlink()
-            raise LauncherError(f"the supervisor (pid {pid}) exited before answering; see {run_dir / 'supervisor.log'}")
+            raise LauncherError(f"the supervisor (pid {pid}) exited before answering; see {state_dir / 'supervisor.log'}")
         if time.monotonic() > deadline:
             try:
                 req.unlink()
@@ -1031,7 +1287,7 @@ def cluster_restart(cluster_file: str, service: str, node: str | None = None, ru
             except FileNotFoundError:
                 what = f"took the request but did not finish restarting {service}"
             raise LauncherError(f"the supervisor (pid {pid}) {what} within {timeout:g} s; see "
-                                f"{run_dir / 'supervisor.log'} and {run_dir / 'logs'}")
+                                f"{state_dir / 'supervisor.log'} and the services' logs")
         time.sleep(0.05)
     answer = json.loads(reply.read_text())
     with contextlib.suppress(FileNotFoundError):
@@ -1062,7 +1318,9 @@ def render_status(st: dict) -> None:
     con = Console()
     state = st.get("state")
     scolor = {"up": "green", "degraded": "yellow"}.get(state, "red")
-    con.print(f"cluster [bold]{st.get('cluster')}[/]: [{scolor}]{state}[/]  (run dir {st.get('run_dir')})")
+    where = f" node [bold]{st['node']}[/]" if st.get("node") else \
+        f" (nodes {', '.join(st['nodes'])}, one supervisor each)" if st.get("nodes") else ""
+    con.print(f"cluster [bold]{st.get('cluster')}[/]{where}: [{scolor}]{state}[/]  (run dir {st.get('run_dir')})")
     if not st.get("services"):
         return
     t = Table(*(Column(h, no_wrap=True) for h in ("service", "node", "address", "pid", "state", "restarts",
@@ -1099,6 +1357,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("service", help="the service's module, e.g. fs3.storage")
             p.add_argument("--node", default=None, help="only on this node (default: every node, one at a time)")
             p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the supervisor")
+        else:
+            p.add_argument("--node", default=None, help="only this node's services (its own supervisor)")
         p.add_argument("--cluster", required=True, help="cluster description (TOML)")
         p.add_argument("--run-dir", type=Path, default=None, help="logs and state (default: %(default)s -> "
                        "$FIREFLYER_RUN_DIR/<name> or ~/.local/state/fireflyer/clusters/<name>)")
@@ -1108,6 +1368,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--service", action="append", default=None, help="start only this service (repeat)")
             p.add_argument("--restart", choices=("on-failure", "no"), default="on-failure",
                            help="restart crashed services (default) or leave them down")
+            p.add_argument("--netns", action="store_true", help="every node in its own network namespace")
+            p.add_argument("--key-file", default=None, help="the cluster key to use (hai cluster keygen)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -1115,10 +1377,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "supervise":
             c = load_cluster(args.cluster)
             return supervise(args.cluster, args.run_dir or default_run_dir(c.name), args.ports, args.service,
-                             args.restart)
+                             args.restart, args.node, args.netns, args.key_file)
         if args.cmd == "up":
-            cluster_up(args.cluster, args.run_dir, args.ports, args.service, restart=args.restart)
-            st = cluster_status(args.cluster, args.run_dir)
+            cluster_up(args.cluster, args.run_dir, args.ports, args.service, restart=args.restart, node=args.node,
+                       netns=args.netns, key_file=args.key_file)
+            st = cluster_status(args.cluster, args.run_dir, node=args.node)
         elif args.cmd == "restart":
             st = cluster_restart(args.cluster, args.service, args.node, args.run_dir, args.timeout)
             if not args.json:
@@ -1126,13 +1389,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{s['module']}@{s['node']}: pid {s['old_pid']} -> {s['pid']}, {s['state']}")
                 return 0
         elif args.cmd == "down":
-            stopped = cluster_down(args.cluster, args.run_dir)
+            stopped = cluster_down(args.cluster, args.run_dir, node=args.node)
             st = {"state": "down", "was_running": stopped}
             if not args.json:
                 print("stopped" if stopped else "cluster was not running")
                 return 0
         else:
-            st = cluster_status(args.cluster, args.run_dir)
+            st = cluster_status(args.cluster, args.run_dir, node=args.node)
         if args.json:
             print(json.dumps(st, indent=1))
         else:
