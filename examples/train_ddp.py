@@ -1,7 +1,10 @@
 """Train a small MLP classifier with haiscale DDP on hfreduce.
 
     python examples/train_ddp.py                # 2 processes on this machine (haiscale.spawn)
-    torchrun --nproc-per-node 2 examples/train_ddp.py --no-spawn   # or any launcher that sets RANK...
+    hai python --nodes 2 examples/train_ddp.py  # on the platform: one rank per process it starts
+    torchrun --nproc-per-node 2 examples/train_ddp.py   # or any launcher that sets RANK, LOCAL_RANK...
+
+haiscale.spawn sees when the launcher already started this process as a rank and runs train() here.
 
 Each rank sees its own slice of every batch; gradients are averaged by hfreduce during backward.
 """
@@ -61,7 +64,8 @@ def main() -> None:
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default="/tmp")
-    ap.add_argument("--no-spawn", action="store_true", help="the launcher already started the processes")
+    ap.add_argument("--no-spawn", action="store_true", help="run train() here without spawn (spawn already does "
+                    "when a launcher started this process)")
     args = ap.parse_args()
     if args.no_spawn:
         train(0, args.steps, args.out)

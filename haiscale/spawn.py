@@ -10,8 +10,10 @@ NODE_RANK, MASTER_ADDR, MASTER_PORT), so ``hfreduce.init()`` with no arguments j
   processes, NODE_RANK = global rank // nprocs; with ``cluster`` (a cluster description file) each
   process also gets HAI_CLUSTER_FILE and HAI_NODE_NAME (the file's nodes in order), so hfreduce's
   node leaders talk over their own loopback addresses (real TCP between emulated nodes).
-* Under torchrun (LOCAL_RANK already set) the processes exist already: call your function directly
-  instead (spawn refuses, saying so).
+* Inside a rank that the platform (``hai python``) or torchrun already started (WORLD_SIZE, RANK and
+  LOCAL_RANK set, and not by spawn): the processes exist already, so spawn runs
+  ``fn(LOCAL_RANK, *args)`` here, in this process, as that rank, and ``nprocs`` gives way to the
+  launcher's count (a note says so when they differ). One script runs alone and under the platform.
 
 Failure handling: the parent watches every child; when one raises or exits non-zero, the others
 are terminated (SIGTERM, then SIGKILL after ``grace`` seconds) and :class:`ProcessFailed` carries the
@@ -36,7 +38,7 @@ from typing import Any
 
 from .errors import ProcessFailed, SpawnError, UsageError
 
-__all__ = ["spawn", "job_env", "emulated_env"]
+__all__ = ["spawn", "job_env", "emulated_env", "launched_rank"]
 
 
 def _free_port(host: str) -> int:
@@ -111,6 +113,30 @@ def emulated_env(nprocs: int, nnodes: int, cluster: str | os.PathLike | None = N
     return out
 
 
+def launched_rank(environ: dict[str, str] | None = None) -> bool:
+    """Whether this process is already one rank of a job a launcher started (the platform's agent,
+    torchrun): its torchrun variables are set, and not by haiscale.spawn itself."""
+    env = os.environ if environ is None else environ
+    return all(k in env for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")) and "HAISCALE_SPAWNED" not in env
+
+
+def _run_in_place(fn: Callable[..., Any], args: tuple, nprocs: int, nnodes: int) -> None:
+    """[Note: spawn inside a rank] A script written for ``python train.py`` calls spawn(nprocs=2);
+    under ``hai python`` or torchrun each process is already a rank with its environment, and spawning
+    nprocs more per rank would make a world the launcher never planned (and clash on MASTER_PORT).
+    So the launcher wins: run the function as this rank, with the launcher's layout."""
+    local = int(os.environ["LOCAL_RANK"])
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if nnodes > 1:
+        raise UsageError("haiscale.spawn(nnodes=...) emulates nodes on one machine; inside a launched rank "
+                         "the launcher's nodes are used: call it without nnodes")
+    if per_node is not None and int(per_node) != nprocs:
+        print(f"haiscale.spawn: this process is rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} started "
+              f"by the launcher ({per_node} per node); running the function here, nprocs={nprocs} is not used",
+              file=sys.stderr, flush=True)
+    fn(local, *tuple(args))
+
+
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -153,7 +179,11 @@ def spawn(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool 
     ``timeout`` bounds the whole run (None: no bound); on expiry every child is stopped and
     SpawnError raised. With ``join=False`` the started processes are returned (the caller joins).
     ``nnodes > 1`` emulates that many nodes on this machine (``nnodes * nprocs`` processes).
-    ``bind_numa`` is accepted for hfai compatibility and ignored (no NUMA binding here)."""
+    ``bind_numa`` is accepted for hfai compatibility and ignored (no NUMA binding here).
+    Inside a rank a launcher started, ``fn`` runs in this process (see the module's docstring)."""
+    if launched_rank():
+        _run_in_place(fn, args, nprocs, nnodes)
+        return None
     if nnodes > 1 or cluster is not None:
         envs = emulated_env(nprocs, nnodes, cluster, master_addr, master_port)
     else:

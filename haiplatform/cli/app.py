@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import typer
 
 from ..states import AUTO, JobStatus
@@ -15,7 +14,19 @@ app = typer.Typer(help="hai: submit and follow training jobs on a fireflyer clus
                   "130 interrupted (a followed job goes on).", no_args_is_help=True,
                   add_completion=False)
 
-JsonOpt = typer.Option(False, "--json", help="machine-readable output (errors too: {\"error\", \"status\"})")
+#: per invocation: whether --json was given (reset by the app's callback; set by --json's own callback,
+#: which runs while the arguments are parsed, before the command's body can fail)
+_state = {"json": False}
+
+
+def _set_json(value: bool) -> bool:
+    if value:
+        _state["json"] = True
+    return value
+
+
+JsonOpt = typer.Option(False, "--json", callback=_set_json,
+                       help="machine-readable output (errors too: {\"error\", \"status\"})")
 
 #: hai's exit codes (docs/cli.md): a script tells a refused request from a job that failed only by the
 #: message, but a usage mistake (2) and an interrupted follow (130) apart from both.
@@ -23,14 +34,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _json_mode() -> bool:
-    """Whether the running command was given --json (its ``as_json`` parameter, or ``ctx.meta["json"]``
-    set by the submit commands, whose options are parsed by hand)."""
-    ctx = click.get_current_context(silent=True)
-    while ctx is not None:
-        if ctx.meta.get("json") or ctx.params.get("as_json"):
-            return True
-        ctx = ctx.parent
-    return False
+    """Whether the running command was given --json (before the program, or after '--')."""
+    return _state["json"]
 
 
 def _fail(exc: Exception, code: int = EXIT_ERROR) -> None:
@@ -57,6 +62,7 @@ def _global(url: str = typer.Option(None, "--url", envvar="HAI_URL", help="API U
                                          help="that cluster's run dir (default: the launcher's)")) -> None:
     """Connection: --url/--token, $HAI_URL/$HAI_TOKEN, ~/.config/hai/config.json (hai init), or --cluster."""
     _conn.update(url=url, token=token, cluster=cluster, run_dir=run_dir)
+    _state["json"] = False
 
 
 def _config_path() -> Path:

@@ -7,7 +7,6 @@ import inspect
 import json
 from pathlib import Path
 
-import click
 import typer
 from typer.core import TyperCommand
 
@@ -24,6 +23,7 @@ from .app import (
     _hms,
     _out,
     _prio,
+    _set_json,
     _status_color,
     app,
 )
@@ -218,7 +218,8 @@ def _typer_params() -> list[inspect.Parameter]:
     out = []
     for name, flags, typ, default, metavar, help_ in _JOB_OPTS:
         opt = typer.Option(default, *flags, help=help_, metavar=metavar or None, rich_help_panel=_JOB_PANEL,
-                           show_default=default not in (None, False, 0.0))
+                           show_default=default not in (None, False, 0.0),
+                           callback=_set_json if name == "as_json" else None)
         out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                                      annotation=typ if default is not None or typ is bool else typ | None))
     return out
@@ -306,13 +307,12 @@ def _submit_cmd(ctx: typer.Context, name: str, command: list[str], o: dict, scri
     import os
 
     args = list(ctx.args)
-    explicit = {k for k in o if ctx.get_parameter_source(k) not in (None, click.core.ParameterSource.DEFAULT)}
-    ctx.meta["json"] = bool(o["as_json"])
+    explicit = {k for k in o if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
     try:
         if "--" in args:
             i = args.index("--")
             args, late = args[:i], _parse_after_dashes(args[i + 1:])
-            ctx.meta["json"] = ctx.meta["json"] or bool(late.get("as_json"))
+            _set_json(bool(late.get("as_json")))
             o = {**o, **late}
             explicit |= set(late)
         else:
