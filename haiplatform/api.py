@@ -79,6 +79,9 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
     app.add_middleware(Guard, limits=st.limits, who=who)
     for router in ROUTERS:
         app.include_router(router)
+    from .web import install as install_web  # the dashboard under /ui/ (docs/web.md)
+
+    install_web(app)
     return app
 
 
