@@ -46,9 +46,12 @@ def _table(*cols: str):
 
 
 def _print(t) -> None:
+    """To a terminal at its width; to a pipe or file wide (like sacct's), so no column is cut."""
+    import sys
+
     from rich.console import Console
 
-    Console().print(t)
+    (Console() if sys.stdout.isatty() else Console(width=220)).print(t)
 
 
 # -- the queue --------------------------------------------------------------------------------------
@@ -125,6 +128,8 @@ def cancel_cmd(ids: list[str] = typer.Argument(None, help="job ids (CHAIN), any 
     if not (chains or name or user or arr or state):
         _fail(ValueError("hai cancel: name the jobs: IDS, --name, --user, --array or --state"), EXIT_USAGE)
     res = _call(lambda c: c.cancel(ids=chains or None, name=name, user=user, array_id=arr, status=state or None))
+    if isinstance(res, list):  # HaiClient.cancel returns the chain ids
+        res = {"canceled": res}
     _out(res, as_json, lambda r: typer.echo(f"canceled {len(r['canceled'])} job(s)"
                                             + (f": {_span(sorted(r['canceled']))}" if r["canceled"] else "")))
 
