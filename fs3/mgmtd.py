@@ -24,19 +24,25 @@ import threading
 import time
 from pathlib import Path
 
+from prometheus_client.core import GaugeMetricFamily
+
 from network import RpcServer, TrafficClass
 from network.auth import ANY
+from network.metrics import add_collector
 from network.service import service_parser, wait_for_shutdown
 
 from .chaintable import generate_chain_table
 from .config import Fs3Config, node_data_dir, service_start
 from .errors import Fs3ConfigError, MgmtdError, StaleRouting
 from .mgmtd_store import MgmtdStore
-from .routing import OFFLINE, SERVING, TargetInput, next_chain
+from .routing import LASTSRV, OFFLINE, SERVING, SYNCING, WAITING, TargetInput, next_chain
 
 __all__ = ["Mgmtd", "main", "default_db_url"]
 
 log = logging.getLogger(__name__)
+
+
+_STATES = (SERVING, SYNCING, WAITING, LASTSRV, OFFLINE)
 
 
 def default_db_url(data_dir: Path) -> str:
@@ -248,6 +254,39 @@ class Mgmtd:
         server.register("mgmtd.report_fault", self.report_fault)
         server.register("mgmtd.faults", self.faults, roles=ANY)
         server.register("mgmtd.status", self.status, roles=ANY)
+        add_collector(server.metrics, self.collect_metrics)
+
+    def collect_metrics(self):
+        """Prometheus, at scrape time: storage nodes, chains and their targets by state (docs/metrics.md)."""
+        with self._lock:
+            now = time.monotonic()
+            alive = sum(now - self._seen.get(n, 0) <= self.cfg.failure_timeout for n in self.nodes)
+            dead = len(self.nodes) - alive
+            members = [list(c["members"]) for c in self.chains.values()]
+            version = self.version
+        nodes = GaugeMetricFamily("fireflyer_fs3_nodes", "Storage nodes by state (up: heartbeating within "
+                                  "failure_timeout)", labels=["state"])
+        nodes.add_metric(["up"], alive)
+        nodes.add_metric(["down"], dead)
+        targets = GaugeMetricFamily("fireflyer_fs3_chain_targets", "Chain members by state (serving, syncing, "
+                                    "waiting, lastsrv, offline)", labels=["state"])
+        by_state = {s: 0 for s in _STATES}
+        chains = {"healthy": 0, "degraded": 0, "unavailable": 0}
+        for m in members:
+            for _t, st in m:
+                by_state[st] = by_state.get(st, 0) + 1
+            serving = sum(st == SERVING for _t, st in m)
+            chains["healthy" if serving == self.cfg.replication else "degraded" if serving else "unavailable"] += 1
+        for st, n in by_state.items():
+            targets.add_metric([st], n)
+        ch = GaugeMetricFamily("fireflyer_fs3_chains", "Chains by health (healthy: every replica serving; "
+                               "degraded: some; unavailable: none)", labels=["health"])
+        for h, n in chains.items():
+            ch.add_metric([h], n)
+        ver = GaugeMetricFamily("fireflyer_fs3_routing_version", "The routing table's version (moves on every "
+                                "chain change)")
+        ver.add_metric([], version)
+        return [nodes, targets, ch, ver]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import counters as _counters
 from . import kernels as _kernels
 from .engine import Work
 from .errors import (
@@ -34,8 +35,15 @@ __all__ = [
     "ReduceOp", "allreduce", "reduce", "broadcast", "allgather", "reduce_scatter", "barrier", "empty", "info",
     "HFReduceError", "HFReduceTimeout", "InitError", "InvalidArgument", "MismatchError", "PeerFailed",
     "DeviceError",
-    "all_to_all", "send", "recv", "isend", "irecv",
+    "all_to_all", "send", "recv", "isend", "irecv", "metrics", "MetricsCollector",
 ]
+
+MetricsCollector = _counters.Collector
+
+
+def metrics() -> dict[str, dict[str, float]]:
+    """This process's collective counters by kind: count, bytes, seconds, errors (docs/metrics.md)."""
+    return _counters.metrics()
 
 
 def _pg(group: ProcessGroup | None) -> ProcessGroup:

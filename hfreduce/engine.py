@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from . import counters
 from . import kernels as K
 from .errors import HFReduceError, HFReduceTimeout, MismatchError
 from .shm import Layout
@@ -273,6 +274,7 @@ class Engine:
             if err is None:
                 self.completed += 1
             work._finish(err)
+            counters.record(work.spec.name, work.spec.nbytes, work.finished - work.started, err is None)
 
     def _fail(self, exc: HFReduceError) -> HFReduceError:
         err = self.sync.record(exc) if not self.sync.aborted() else (self.sync.first_error() or exc)

@@ -30,8 +30,8 @@ import numpy as np
 
 from network.errors import NetworkError
 
+from . import counters, p2p
 from . import kernels as K
-from . import p2p
 from .bootstrap import NodeMemory
 from .buffers import Buf, as_buf, np_dtype_code
 from .device import DeviceBuf, as_device_buf
@@ -404,6 +404,7 @@ class ProcessGroup:
         self._destroyed = True
         if self._engine is not None:
             self._engine.stop(timeout=self.timeout * 2 + 5)
+        counters.publish()  # the last counts, for the agent (no-op outside the platform)
         if self._sync is not None:
             try:
                 self._sync.set(self._layout.DEPARTED, 1)

@@ -17,7 +17,9 @@ connection; the next call reconnects. Whether to retry is the caller's decision 
 caller knows whether the request was idempotent).
 
 Every server answers ``rpc.ping`` (name, pid, uptime) and ``rpc.methods``, so a launcher can
-check health without knowing the service.
+check health without knowing the service, and ``rpc.metrics`` (services only): its registry
+``server.metrics`` in the Prometheus text format (:mod:`network.metrics`; calls and latency by
+method are counted here, the service adds its own series).
 
 Every connection is authenticated at connect (:mod:`network.auth`: a mutual HMAC handshake with
 the cluster key or a credential derived from it); a server refuses to start without a key. Each
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from prometheus_client import CollectorRegistry
 
 from .auth import (
     ANY,
@@ -54,6 +57,7 @@ from .auth import (
     server_handshake,
 )
 from .errors import AuthError, NoSuchMethod, PeerClosed, ProtocolError, RemoteError, RpcError, TransportError
+from .metrics import CONTENT_TYPE, RpcMetrics, render
 from .transport import Connection, Listener, TrafficClass, TransportTimeout, as_bytes, connect
 
 __all__ = ["RpcServer", "RpcClient", "RpcPool", "PendingCall", "Reply", "CallContext", "ping",
@@ -111,6 +115,10 @@ class _Method:
     roles: frozenset[str]
     max_payload: int
     service_if: tuple[str, ...]
+    ok: Any = None  # the method's metric children (network.metrics.RpcMetrics.for_method)
+    failed: Any = None
+    denied: Any = None
+    seconds: Any = None
 
 
 def _pack(obj: Any) -> bytes:
@@ -156,8 +164,13 @@ class RpcServer:
         self._lock = threading.Lock()
         self._accept_thread: threading.Thread | None = None
         self.started_at = time.time()
+        #: this server's Prometheus registry: the RPC layer's series, and the service's own
+        self.metrics = CollectorRegistry(auto_describe=True)
+        self._rpc_metrics = RpcMetrics(self)
         self.register("rpc.ping", self._ping, roles=ANY)
         self.register("rpc.methods", lambda a, p, c: sorted(self._methods), roles=ANY)
+        # services only: the exporter holds the cluster key (metrics name nodes, jobs and traffic)
+        self.register("rpc.metrics", lambda a, p, c: Reply({"content_type": CONTENT_TYPE}, render(self.metrics)))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -325,12 +338,15 @@ class RpcServer:
             conn.skip_payload(plen)
             self._send_error(conn, call_id, "NoSuchMethod", f"{self.name} has no method {method!r}")
             return
+        if entry.seconds is None:  # its series appear at its first call (a method never called costs no lines)
+            entry.ok, entry.failed, entry.denied, entry.seconds = self._rpc_metrics.for_method(method)
         need = entry.roles
         if entry.service_if and any(args.get(a) for a in entry.service_if):
             need = need & {SERVICE}
         if not (need & principal.roles):
             conn.skip_payload(plen)
             self.refused["calls"] += 1
+            entry.denied.inc()
             what = f"{method} with {'/'.join(a for a in entry.service_if if args.get(a))}" \
                 if need != entry.roles else method
             self._send_error(conn, call_id, "PermissionDenied",
@@ -344,14 +360,19 @@ class RpcServer:
             conn.recv_payload_into(buf, plen)
             payload = memoryview(buf).cast("B")[:plen] if not isinstance(buf, memoryview) else buf[:plen]
         ctx = CallContext(conn.peer, method, self, principal)
+        t0 = time.perf_counter()
         try:
             out = entry.fn(args, payload, ctx)
         except Exception as exc:
+            entry.seconds.observe(time.perf_counter() - t0)
+            entry.failed.inc()
             if not isinstance(exc, RpcError | KeyError | ValueError | FileNotFoundError | PermissionError):
                 log.exception("%s: %s failed", self.name, method)
             data = getattr(exc, "rpc_data", None)
             self._send_error(conn, call_id, type(exc).__name__, str(exc) or type(exc).__name__, data)
             return
+        entry.seconds.observe(time.perf_counter() - t0)
+        entry.ok.inc()
         if isinstance(out, Reply):
             result, bufs = out.result, out.payload
             if isinstance(bufs, memoryview | bytes | bytearray):

@@ -20,8 +20,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily
+
 from network import Authenticator, Credential, RpcServer, TrafficClass
 from network.auth import ANY, SERVICE, Principal
+from network.metrics import add_collector
 from network.service import service_parser, wait_for_shutdown
 
 from ..caps import CapMinter
@@ -117,6 +120,22 @@ class MetaServer:
         for op, fn in self._handlers().items():
             self.server.register(f"meta.{op}", self._wrap(op, fn), roles=ANY)
         self.server.register("meta.stats", lambda a, p, c: {**self.store.stats, **self.gc.stats}, roles=ANY)
+        # Prometheus: operations are the RPC layer's fireflyer_rpc_requests_total{method="meta.*"};
+        # the store's and the collector's counters are read at scrape time (docs/metrics.md)
+        add_collector(self.server.metrics, self._collect)
+
+    def _collect(self):
+        for name, doc, value in (
+                ("fireflyer_fs3_meta_txn_retries", "Metadata transactions retried (conflicts)",
+                 self.store.stats.get("retries", 0)),
+                ("fireflyer_fs3_meta_gc_collected", "Unlinked files whose chunks the collector removed",
+                 self.gc.stats.get("collected", 0)),
+                ("fireflyer_fs3_meta_gc_pruned_sessions", "Expired file sessions pruned",
+                 self.gc.stats.get("pruned_sessions", 0)),
+                ("fireflyer_fs3_meta_gc_errors", "Collector passes that failed", self.gc.stats.get("errors", 0))):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c
 
     @property
     def port(self) -> int:

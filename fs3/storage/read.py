@@ -51,9 +51,11 @@ class Reads:
                             out.append(FileRegion(fd, HEADER_SIZE, n))
                             results.append({"n": n, "v": ver, "t": tid, "c": crc, "u": 1})
                             self._count("reads")
+                            self._io(tid, "read", n)
                             continue
                     piece, ver, crc = self._read_verified(tid, store, chain, chunk, pend, relaxed, off, length)
                     self._count("reads")
+                    self._io(tid, "read", len(piece))
                     out.append(piece)
                     results.append({"n": len(piece), "v": ver, "t": tid, "c": crc})
                 except StorageError as exc:

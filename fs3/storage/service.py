@@ -12,6 +12,9 @@ import time
 import uuid
 from collections import OrderedDict
 
+from prometheus_client import Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from network import (
     Authenticator,
     Credential,
@@ -22,6 +25,7 @@ from network import (
     TransportError,
 )
 from network.auth import ANY, SERVICE
+from network.metrics import add_collector
 from network.service import service_parser, wait_for_shutdown
 
 from ..caps import CapChecker
@@ -137,6 +141,13 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         s.register("storage.last_chunk", self.h_last_chunk)  # fs3.meta: a file's exact length
         s.register("storage.stats", self.h_stats, roles=ANY)
         s.register("storage.disk", self.h_disk)
+        # Prometheus (docs/metrics.md): bytes and operations per target, counted where they happen;
+        # the rest is read from ``stats`` at scrape time
+        self._ops = Counter("fireflyer_fs3_storage_ops", "Chunk reads and writes (remove: a chunk removed) served "
+                            "by each target", ["target", "op"], registry=s.metrics)
+        self._bytes = Counter("fireflyer_fs3_storage_bytes", "Bytes read from and written to each target",
+                              ["target", "op"], registry=s.metrics)
+        add_collector(s.metrics, self._collect)
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -221,6 +232,42 @@ class StorageServer(ReliableUpdate, Reads, CheckWorker, ResyncWorker, Lease):
         """Add ``n`` to the counter ``name`` of :meth:`h_stats` (handler threads count concurrently)."""
         with self._stats_lock:
             self.stats[name] += n
+
+    def _io(self, tid: int, op: str, nbytes: int) -> None:
+        """Count one chunk operation of ``nbytes`` on target ``tid`` (Prometheus)."""
+        t = str(tid)
+        self._ops.labels(t, op).inc()
+        if nbytes:
+            self._bytes.labels(t, op).inc(nbytes)
+
+    _COUNTERS = (("repaired", "fireflyer_fs3_repairs", "Damaged chunk copies repaired from a peer"),
+                 ("corrupt", "fireflyer_fs3_corrupt_chunks", "Damaged chunk copies found (reads, checks, scrub)"),
+                 ("resyncs", "fireflyer_fs3_resyncs", "Chain resyncs this server completed as predecessor"),
+                 ("resynced_chunks", "fireflyer_fs3_resynced_chunks", "Chunks copied by resyncs"),
+                 ("scrubbed_chunks", "fireflyer_fs3_scrubbed_chunks", "Chunks the scrub verified"),
+                 ("lease_expired", "fireflyer_fs3_lease_expired", "Times this server stopped serving: no "
+                  "routing from mgmtd within its lease"))
+
+    def _collect(self):
+        """Scrape-time series from ``stats``, the failed targets and the data disk."""
+        with self._stats_lock:
+            stats = dict(self.stats)
+        for key, name, doc in self._COUNTERS:
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], stats.get(key, 0))
+            yield c
+        with self._failed_lock:
+            failed = len(self.failed)
+        g = GaugeMetricFamily("fireflyer_fs3_failed_targets", "Targets of this server taken out of service "
+                              "(disk errors)")
+        g.add_metric([], failed)
+        yield g
+        disk = self.h_disk({}, None, None)["disk"]
+        if disk is not None:
+            d = GaugeMetricFamily("fireflyer_fs3_disk_bytes", "The data directory's disk", labels=["kind"])
+            d.add_metric(["total"], disk["total"])
+            d.add_metric(["free"], disk["free"])
+            yield d
 
     def _stores_snapshot(self) -> list[tuple[int, ChunkStore]]:
         """This server's stores by target id, taken under their lock (a routing change may add one)."""

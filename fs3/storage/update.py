@@ -72,6 +72,7 @@ class ReliableUpdate:
                 return cached
             self._still_current(chain, cver)
             self._count("writes")
+            self._io(tid, op, len(payload) if op == "write" else 0)
             if op == "remove":
                 result = self._remove_chain(r, ws, pos, args, chain, chunk, store)
             else:
@@ -229,6 +230,7 @@ class ReliableUpdate:
                         results[i] = cached
                         continue
                     self._count("writes")
+                    self._io(tid, "write", len(views[i]))
                     fver, fcrc = (int(it[4]), it[5]) if pos else (0, None)  # forwarded items carry them
                     ver, done = self._hop_version(store.get(chain, chunk), pos, state, chain, chunk, fver, fcrc)
                     if done is not None:
