@@ -83,6 +83,7 @@ from .config import HaiConfig, private_dir, shared_dir
 from .errors import AccountError, ApiError, Conflict, NotFound
 from .jobtoken import job_token
 from .states import Desired, RankStatus
+from .validate import NodeValidation
 
 __all__ = ["Agent", "node_facts", "job_env", "base_env", "PASS_ENV", "main"]
 
@@ -293,6 +294,8 @@ class Agent:
         self._activity_at = 0.0
         self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         self._watcher = threading.Thread(target=self._watch_loop, name="watcher", daemon=True)
+        self.validation = NodeValidation(self)  # the node validator (haiplatform.validate)
+        self._validating_at_start = cfg.validate_at_start  # said at the first registration only
 
     # -- lifecycle ------------------------------------------------------------------------------
     def kill_leftovers(self) -> int:
@@ -336,7 +339,8 @@ class Agent:
                     "node": self.node.name, "epoch": self.epoch, "address": self.node.address,
                     "cpus": facts["cpus_online"] if self.node.cpus == 0 else self.node.cpus,
                     "memory_gib": self.node.memory_gib or facts["memory_total_gib"], "gpus": facts["gpus"],
-                    "facts": facts}, timeout=10)
+                    "facts": facts, "validating": self._validating_at_start}, timeout=10)
+                self._validating_at_start = False
                 log.info("registered %s (epoch %s, %s GPUs from %s)", self.node.name, self.epoch, facts["gpus"],
                          facts["gpu_source"])
                 return
@@ -358,6 +362,7 @@ class Agent:
         self._reporter.start()
         self._watcher.start()
         self.register(stop)
+        self.validation.start(stop, self.cfg.validate_at_start)
         seq = -1
         # each sync is a heartbeat: poll often enough that a live node is never taken for lost
         longpoll = min(self.cfg.longpoll, self.cfg.heartbeat_timeout / 4)
@@ -375,6 +380,7 @@ class Agent:
                 stop.wait(0.5)
                 continue
             seq = resp["seq"]
+            self.validation.requested(resp.get("validate"))
             try:
                 self.reconcile(resp["ranks"])
             except Exception:  # a bug here must not take the node down: log it, keep syncing
@@ -406,6 +412,8 @@ class Agent:
             listed.add(key)
             p = self.procs.get(key)
             if w["desired"] == Desired.RUN:
+                if self.validation.busy:  # the validator is measuring: the rank starts after it
+                    continue
                 if p is None and key not in self.finished and w["status"] == RankStatus.CREATED:
                     if not w["master_port"] and w["job_id"] in port_reports:  # another local rank's pick
                         w["master_port"] = port_reports[w["job_id"]]

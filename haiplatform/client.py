@@ -199,6 +199,14 @@ class HaiClient:
     def undrain(self, node: str) -> dict:
         return self.request("POST", f"/v1/nodes/{node}/undrain")
 
+    def validate(self, node: str) -> dict:
+        """Ask ``node``'s agent to run the node validator (it runs once no job runs there)."""
+        return self.request("POST", f"/v1/nodes/{node}/validate")
+
+    def validations(self, node: str | None = None, after: int = 0, limit: int = 50) -> list[dict]:
+        """Validator runs, newest first (of ``node``; with an id above ``after``)."""
+        return self.request("GET", "/v1/validations", params={"node": node, "after": after or None, "limit": limit})
+
     def add_user(self, name: str, role: str = "user", group: str | None = None) -> dict:
         return self.request("POST", "/v1/users", json={"name": name, "role": role, "group": group})
 

@@ -33,6 +33,9 @@
     demote_after = 1800.0       # an above_normal chain runs at normal after this much run time
     max_node_requeues = 10      # a chain re-queued after this many lost nodes fails instead
     default_time_limit = 604800.0  # backfill's run-time estimate for a job without --time (0: none)
+    validate_interval = 604800.0  # the agents run the node validator this often (s; 0: only at start and on request)
+    validate_at_start = true    # ... and at start: a node takes no job before it passes (docs/validator.md)
+    validate_sizes = {}         # the validator's sizes and thresholds, e.g. {gemm_n = 384, fraction = 0.5}
 
 STATE_DIR is ``$FIREFLYER_RUN_DIR_CLUSTER/hai`` when the local launcher runs the service,
 else ``state_dir`` from the section, else ``~/.local/state/fireflyer/hai/<cluster name>``.
@@ -94,6 +97,9 @@ class HaiConfig:
     demote_after: float = 1800.0
     max_node_requeues: int = 10
     default_time_limit: float = 7 * 24 * 3600.0
+    validate_interval: float = 7 * 24 * 3600.0
+    validate_at_start: bool = True
+    validate_sizes: dict = field(default_factory=dict)
 
     def policy_config(self):
         """The policy's :class:`~haiplatform.policy.PolicyConfig` from this section."""
@@ -158,6 +164,7 @@ def load_config(cluster: Cluster) -> HaiConfig:
     _check_policy(cluster, kw)
     _check_accounts(cluster, kw)
     _check_no_secrets(cluster, kw)
+    _check_validate_sizes(cluster, kw)
     cfg = HaiConfig(state_dir=state_dir_for(cluster, sec), **kw)
     private_dir(cfg.state_dir)
     return cfg
@@ -165,7 +172,7 @@ def load_config(cluster: Cluster) -> HaiConfig:
 
 #: keys for which 0 is a meaningful setting (no minimum run time, no requeue after a lost node, no
 #: run-time estimate for jobs without a limit)
-_MAY_BE_ZERO = frozenset({"min_run_time", "max_node_requeues", "default_time_limit"})
+_MAY_BE_ZERO = frozenset({"min_run_time", "max_node_requeues", "default_time_limit", "validate_interval"})
 
 
 def _check_policy(cluster: Cluster, kw: dict) -> None:
@@ -178,6 +185,15 @@ def _check_policy(cluster: Cluster, kw: dict) -> None:
     if grace > most:
         raise ConfigError(f"{cluster.source}: haiplatform.suspend_grace: {grace:g} s is above "
                           f"max_suspend_grace ({most:g} s)")
+
+
+def _check_validate_sizes(cluster: Cluster, kw: dict) -> None:
+    from .validate import Sizes
+
+    try:
+        Sizes.from_dict(kw.get("validate_sizes"), "haiplatform.validate_sizes")
+    except ValueError as exc:
+        raise ConfigError(f"{cluster.source}: {exc}") from None
 
 
 def _check_accounts(cluster: Cluster, kw: dict) -> None:

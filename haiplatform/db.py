@@ -14,6 +14,8 @@ Tables (one concept each, see docs/haiplatform.md):
   new attempt; ``priority`` is the effective level the policy sets (AUTO resolved, demotion).
 - ``ranks``: one row per process of an attempt (rank, node, status, exit code).
 - ``events``: an append-only log of what happened (submitted, started, node lost...).
+- ``validations``: one row per node validator run (migration 0003): its checks as JSON, whether it
+  passed and its one-line summary (docs/validator.md).
 
 SQLite (WAL) is the default; PostgreSQL by URL. [Note: SQLite writers] SQLite upgrades a
 read transaction to a write lazily, and a stale reader that tries to write gets SQLITE_BUSY at
@@ -54,7 +56,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from .errors import DatabaseError
 from .states import PRIORITIES, Desired, JobStatus, NodeState, RankStatus, StopCode
 
-__all__ = ["Base", "User", "Group", "Quota", "NodeRow", "Job", "Rank", "Event", "Database", "hash_token",
+__all__ = ["Base", "User", "Group", "Quota", "NodeRow", "Validation", "Job", "Rank", "Event", "Database", "hash_token",
            "migrate", "HEAD_REVISION", "JobStatus", "RankStatus", "NodeState", "Desired", "StopCode",
            "PRIORITIES"]
 
@@ -111,6 +113,26 @@ class NodeRow(Base):
     agent_epoch: Mapped[str] = mapped_column(String(40), default="")  # changes when the agent restarts
     facts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     registered_at: Mapped[float] = mapped_column(Float, default=time.time)
+    # the node validator (migration 0003): who drained the node ("admin", "validator"; "" for the
+    # scheduler's drain of a lost node) and when an admin last asked its agent to validate (0: never)
+    drained_by: Mapped[str] = mapped_column(String(16), default="")
+    validate_requested: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Validation(Base):
+    """One run of the node validator on one node (haiplatform.validate), as its agent reported it."""
+
+    __tablename__ = "validations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    node: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[float] = mapped_column(Float)                    # when the run began (the node's clock)
+    received_at: Mapped[float] = mapped_column(Float, default=time.time)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    trigger: Mapped[str] = mapped_column(String(16), default="")  # start | schedule | request
+    duration: Mapped[float] = mapped_column(Float, default=0.0)
+    failed: Mapped[list[Any]] = mapped_column(JSON, default=list)  # names of the failed checks
+    summary: Mapped[str] = mapped_column(String(500), default="")
+    checks: Mapped[list[Any]] = mapped_column(JSON, default=list)  # CheckResult dicts
 
 
 class Job(Base):

@@ -2,12 +2,12 @@
 
 One module per group of commands, all on one typer app (:mod:`.app`, which also holds the connection
 options and output helpers): :mod:`.cluster` (``hai cluster``), :mod:`.jobs` (submitting and following
-jobs), :mod:`.nodes` (``hai nodes``), :mod:`.admin` (``hai whoami``, ``hai init``, ``hai admin``)."""
+jobs), :mod:`.nodes` (``hai nodes``), :mod:`.validate` (``hai validate``), :mod:`.admin` (``hai whoami``, ``hai init``, ``hai admin``)."""
 
 from __future__ import annotations
 
 # isort: off
-from . import jobs, queue, nodes, admin, cluster  # noqa: F401 - each registers its commands on app, in this order
+from . import jobs, queue, nodes, validate, admin, cluster  # noqa: F401 - each registers its commands on app, in this order
 # isort: on
 from .app import app
 from .jobs import parse_job_ref, parse_time

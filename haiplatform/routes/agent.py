@@ -15,6 +15,7 @@ from ..errors import ApiError, Conflict, NotFound
 from ..states import NodeState, RankStatus
 from .deps import Service_, State_
 from .models import NO_NUL, SEQ_MAX, RegisterSpec, ReportSpec
+from .nodes import mark_validating
 from .state import ApiState
 
 __all__ = ["router"]
@@ -47,6 +48,8 @@ def register(spec: RegisterSpec, p: Service_, st: State_) -> dict:
         n.facts, n.agent_epoch, n.last_seen = spec.facts, spec.epoch, now
         was = n.state
         n.state = NodeState.UP
+        if spec.validating:  # the node validator runs first: no job before it passes
+            mark_validating(s, n)
         if restarted:  # its old processes are gone: whatever ran there is lost
             s.execute(update(Rank).where(Rank.node == spec.node, Rank.status.in_(RankStatus.LIVE)).values(
                 status=RankStatus.LOST, finished_at=now, message="the node's agent restarted"))
@@ -111,8 +114,16 @@ async def sync(p: Service_, st: State_, node: Annotated[str, Query(max_length=64
     if _beat_due(st, node, epoch):  # a thread hop only when a heartbeat must be written
         await run_in_threadpool(_beat, st, node, epoch)
     cur = await st.agent_events[node].wait(seq, timeout)
-    work = await run_in_threadpool(_work, st, node, epoch)
-    return {"seq": cur, "ranks": work}
+    work, validate = await run_in_threadpool(_work_and_requests, st, node, epoch)
+    return {"seq": cur, "ranks": work, "validate": validate}
+
+
+def _work_and_requests(st: ApiState, node: str, epoch: str) -> tuple[list[dict], float]:
+    """The node's work items, and an admin's pending request to validate it (a timestamp; 0: none)."""
+    work = _work(st, node, epoch)
+    with st.db.ro_engine.begin() as s:
+        req = s.execute(select(NodeRow.validate_requested).where(NodeRow.name == node)).scalar()
+    return work, req or 0.0
 
 
 def _activity(s, job_id: int, act) -> None:

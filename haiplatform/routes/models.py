@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..states import AUTO, PRIORITIES
 
 __all__ = ["JobSpec", "PrioritySpec", "ActivitySpec", "TIME_MAX", "UserSpec", "QuotaSpec", "NotifySpec", "DrainSpec", "RegisterSpec", "RankReport", "ReportSpec",
+           "CheckSpec", "ValidationSpec",
            "Text", "JobId", "INT32", "OFFSET_MAX", "SEQ_MAX", "NO_NUL"]
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
@@ -156,6 +157,8 @@ class RegisterSpec(BaseModel):
     memory_gib: float = Field(0.0, ge=0, le=1e12, allow_inf_nan=False)
     gpus: int = Field(0, ge=0, le=INT32)
     facts: dict[str, Any] = Field(default_factory=dict)
+    validating: bool = Field(False, description="the agent validates the node before it takes jobs: the "
+                                                "validator drains it until the run passes")
 
 
 class RankReport(BaseModel):
@@ -177,3 +180,30 @@ class ReportSpec(BaseModel):
     activity: dict[Annotated[int, Field(ge=1, le=INT32)], ActivitySpec] = Field(
         default_factory=dict, max_length=100000, description="job id -> its ranks' newest output, "
                                                              "checkpoint and suspend acknowledgement")
+
+
+class CheckSpec(BaseModel):
+    """One check of a validator run (haiplatform.validate.CheckResult)."""
+
+    name: Text(32)
+    ok: bool
+    value: float | None = Field(None, allow_inf_nan=False)
+    unit: Text(16) = ""
+    baseline: float | None = Field(None, allow_inf_nan=False)
+    message: Text(1000) = ""
+    skipped: bool = False
+
+
+class ValidationSpec(BaseModel):
+    """``POST /v1/agent/validation``: a validator run of the agent's node."""
+
+    node: NODE_NAME
+    epoch: Text(40)
+    at: float = Field(ge=0, le=TS_MAX, allow_inf_nan=False)
+    ok: bool
+    duration: float = Field(0.0, ge=0, le=TIME_MAX, allow_inf_nan=False)
+    trigger: str = Field("request", pattern="^(start|schedule|request)$")
+    request: float = Field(0.0, ge=0, le=TS_MAX, allow_inf_nan=False, description="the request it answers (0: none)")
+    failed: list[Text(32)] = Field(default_factory=list, max_length=64)
+    summary: Text(500) = ""
+    checks: list[CheckSpec] = Field(default_factory=list, max_length=64)
