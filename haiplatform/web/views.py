@@ -120,12 +120,21 @@ def _render(request: Request, name: str, viewer: Viewer | None, status: int = 20
     done = request.query_params.get("done")
     html = _TEMPLATES.get_template(name).render(
         viewer=viewer, me=viewer.p if viewer else None, csrf=viewer.session.csrf if viewer else "",
-        notice=_DONE.get(done or ""), path=request.url.path, when=_when, ago=_ago, **ctx)
+        notice=_DONE.get(done or ""), path=request.url.path, when=_when, ago=_ago, ran=_ran, **ctx)
     return _secure(HTMLResponse(html, status_code=status))
 
 
 def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _ran(j: dict) -> float:
+    """A chain's run time: its earlier attempts' and this attempt's (job JSON counts this attempt's
+    own time only while it runs)."""
+    this = 0.0
+    if j["status"] not in JobStatus.ACTIVE and j.get("started_at") and j.get("finished_at"):
+        this = max(0.0, j["finished_at"] - j["started_at"])
+    return j["chain_run_s"] + this
 
 
 def _ago(seconds: float | None) -> str:
