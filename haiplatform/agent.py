@@ -283,6 +283,7 @@ class Agent:
         self._fs3_key_error: str | None = None
         self.state_file = cfg.state_dir / f"agent-{node.name}.json"
         self.procs: dict[tuple[int, int], Proc] = {}
+        self.counts: dict[str, int] = {}  # ranks started, and ended by status (Prometheus: collect_metrics)
         self.finished: set[tuple[int, int]] = set()
         self.reports: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
@@ -494,6 +495,7 @@ class Agent:
         self._save_state()
         report = {"job_id": key[0], "rank": key[1], "status": RankStatus.RUNNING, "pid": popen.pid}
         self.reports.put(report)
+        self._tally("started")
         threading.Thread(target=self._wait, args=(key, proc), name=f"wait-{key[0]}.{key[1]}", daemon=True).start()
 
     def _spawn(self, argv: list[str], acct: Account | None, env: dict, cwd: str | None, out) -> subprocess.Popen:
@@ -699,6 +701,7 @@ class Agent:
             status, msg = RankStatus.SUCCEEDED, ""
         else:
             status, msg = RankStatus.FAILED, (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}")
+        self._tally(str(status))
         with self.lock:
             p.done = True
             self.finished.add(key)
@@ -750,6 +753,39 @@ class Agent:
                     return
                 time.sleep(0.3)
 
+    def _tally(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] = self.counts.get(what, 0) + 1
+
+    def collect_metrics(self) -> list:
+        """Prometheus, at scrape time (docs/metrics.md): ranks running here, ranks started and ended,
+        and the hfreduce counters the running ranks publish in their control directories (read as
+        hostile: ``hfreduce.counters.load``), labelled with their job and rank."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from hfreduce import counters as hfc
+
+        with self.lock:
+            procs = list(self.procs.values())  # the ranks the API still lists here: bounded
+            counts = dict(self.counts)
+        live = [p for p in procs if not p.done and p.popen is not None]
+        running = GaugeMetricFamily("fireflyer_agent_ranks_running", "Ranks running on this node")
+        running.add_metric([], len(live))
+        jobs = GaugeMetricFamily("fireflyer_agent_jobs_running", "Jobs with a rank running on this node")
+        jobs.add_metric([], len({p.job_id for p in live}))
+        started = CounterMetricFamily("fireflyer_agent_ranks_started", "Ranks this agent started")
+        started.add_metric([], counts.pop("started", 0))
+        ended = CounterMetricFamily("fireflyer_agent_ranks_ended", "Ranks that ended here, by status",
+                                    labels=["status"])
+        for st in (RankStatus.SUCCEEDED, RankStatus.FAILED, RankStatus.KILLED):
+            ended.add_metric([str(st)], counts.get(str(st), 0))
+        rows = []
+        for p in sorted(procs, key=lambda p: (p.job_id, p.rank)):
+            c = hfc.load(p.control / f"hfreduce-rank{p.rank}.json")
+            if c:
+                rows.append(({"job": str(p.job_id), "rank": str(p.rank)}, c))
+        return [running, jobs, started, ended, *(hfc.families(rows) if rows else [])]
+
     # -- logs -----------------------------------------------------------------------------------
     def read_log(self, job_id: int, rank: int, offset: int, size: int) -> tuple[bytes, bool]:
         path = self.log_dir / f"job-{job_id}" / f"rank-{rank}.log"
@@ -769,6 +805,7 @@ class Agent:
 
 def main(argv: list[str] | None = None) -> None:
     from network import AuthError, server_settings
+    from network.metrics import add_collector
     from network.rpc import Reply, RpcServer
     from network.service import parse_service_args, service_parser, shutdown_event
 
@@ -801,6 +838,7 @@ def main(argv: list[str] | None = None) -> None:
         return Reply({"eof": eof, "n": len(data)}, [data] if data else [])
 
     rpc.register("logs.read", logs_read)
+    add_collector(rpc.metrics, agent.collect_metrics)
     rpc.start()
     log.info("agent of %s on %s:%s, API %s:%s", node.name, node.address, rpc.port, addr, port)
     try:

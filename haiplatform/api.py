@@ -19,6 +19,7 @@ A job authenticates with its own token ($HAI_JOB_TOKEN, :mod:`haiplatform.jobtok
 the routes in ``JOB_ROUTES`` only, for its own job only, and only until that job has finished.
 
 Errors are ``{"error": KIND, "message": TEXT}`` with 401, 403, 404, 409 or 422.
+``GET /metrics``: Prometheus text behind the metrics token (docs/metrics.md), not a user's token.
 
 The routes live in :mod:`haiplatform.routes` (one router per area: jobs, nodes, admin, agent,
 internal) over one state object, ``app.state.api`` (:class:`~haiplatform.routes.state.ApiState`:
@@ -35,8 +36,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 
+from network.auth import insecure, load_cluster_key
+from network.metrics import AsgiMetrics
 from network.topology import Cluster
 
 from .config import HaiConfig
@@ -77,6 +81,10 @@ def create_app(cluster: Cluster, cfg: HaiConfig, db: Database) -> FastAPI:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_middleware(Guard, limits=st.limits, who=who)
+    # GET /metrics (the metrics token, docs/metrics.md) and requests by route; added last: outermost
+    app.state.metrics = CollectorRegistry()
+    app.add_middleware(AsgiMetrics, registry=app.state.metrics,
+                       key=lambda: None if insecure() else load_cluster_key(cluster))
     for router in ROUTERS:
         app.include_router(router)
     from .web import install as install_web  # the dashboard under /ui/ (docs/web.md)

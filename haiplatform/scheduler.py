@@ -24,6 +24,7 @@ import threading
 import time
 from collections import defaultdict
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import insert, select, update
 
 from .config import HaiConfig
@@ -52,7 +53,7 @@ from .policy import (
 )
 from .states import AUTO, PRIORITIES, Desired, JobStatus, RankStatus, StopCode
 
-__all__ = ["Scheduler", "take_snapshot", "apply_decisions", "main"]
+__all__ = ["Scheduler", "SchedulerMetrics", "take_snapshot", "apply_decisions", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +218,101 @@ def _requeue(s, job_id: int, now: float) -> None:
     event_row(s, "requeued", f"attempt {new_id} continues chain {old['chain_id']}", job_id=new_id)
 
 
+_LEVEL_NAMES = {v: k for k, v in PRIORITIES.items()} | {AUTO: "auto"}
+_CYCLE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_WAIT_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 3 * 3600, 12 * 3600, 86400, 3 * 86400)
+
+
+def _level(p: int) -> str:
+    """A priority's label: its name (``normal``), a bounded set (an unnamed level is ``other``)."""
+    return _LEVEL_NAMES.get(p, "other")
+
+
+class SchedulerMetrics:
+    """The scheduler's Prometheus series (docs/metrics.md), in ``registry`` (its RPC server's).
+
+    Gauges of the queue, the jobs and the nodes are set from each cycle's snapshot (the state the
+    cycle decided on); counters move with the decisions it applied. Labels are priority levels,
+    statuses and node states: bounded sets, never a job or a user.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = self.registry = registry if registry is not None else CollectorRegistry()
+        self.cycle = Histogram("fireflyer_hai_cycle_seconds", "Scheduling cycle time (snapshot, policy, write)",
+                               registry=reg, buckets=_CYCLE_BUCKETS)
+        self.queued = Gauge("fireflyer_hai_queue_jobs", "Jobs waiting in the queue, by priority level",
+                            ["priority"], registry=reg)
+        self.oldest = Gauge("fireflyer_hai_queue_oldest_wait_seconds", "How long the oldest queued job of each "
+                            "priority level has waited since its submission", ["priority"], registry=reg)
+        self.wait = Histogram("fireflyer_hai_queue_wait_seconds", "Time from submission to start of the "
+                              "attempts started, by priority level", ["priority"], registry=reg,
+                              buckets=_WAIT_BUCKETS)
+        self.jobs = Gauge("fireflyer_hai_jobs", "Live jobs by status", ["status"], registry=reg)
+        self.nodes = Gauge("fireflyer_hai_nodes", "Nodes by state (ready, lost...) and whether drained",
+                           ["state", "drained"], registry=reg)
+        self.starts = Counter("fireflyer_hai_job_starts", "Attempts started (nodes assigned), by priority level",
+                              ["priority"], registry=reg)
+        self.ends = Counter("fireflyer_hai_job_ends", "Attempts ended, by final status", ["status"], registry=reg)
+        self.preemptions = Counter("fireflyer_hai_preemptions", "Running jobs suspended by the policy to make "
+                                   "room for others", registry=reg)
+        self.decisions = Counter("fireflyer_hai_decisions", "Decisions written, by kind", ["kind"], registry=reg)
+        self._node_keys: set[tuple[str, str]] = set()
+        for st in JobStatus.LIVE:
+            self.jobs.labels(st.value)
+        for st in JobStatus.DONE:
+            self.ends.labels(st.value)
+
+    def observe(self, snap: Snapshot, decisions: list[Decision], seconds: float) -> None:
+        """Account one cycle: ``snap`` it decided on, the ``decisions`` it wrote, its time."""
+        self.cycle.observe(seconds)
+        started = {d.job_id for d in decisions if isinstance(d, StartJob)}
+        by_id = {j.id: j for j in snap.jobs}
+        queued: dict[str, int] = {_level(p): 0 for p in PRIORITIES.values()}
+        oldest: dict[str, float] = {}
+        status: dict[str, int] = {st.value: 0 for st in JobStatus.LIVE}
+        for j in snap.jobs:
+            status[j.status] = status.get(j.status, 0) + 1
+            if j.status == JobStatus.QUEUED and j.id not in started:
+                lv = _level(j.priority)
+                queued[lv] = queued.get(lv, 0) + 1
+                oldest[lv] = max(oldest.get(lv, 0.0), snap.now - j.submitted_at)
+        for lv, n in queued.items():
+            self.queued.labels(lv).set(n)
+            self.oldest.labels(lv).set(oldest.get(lv, 0.0))
+        for st, n in status.items():
+            self.jobs.labels(st).set(n)
+        nodes: dict[tuple[str, str], int] = {}
+        for n in snap.nodes:
+            k = (str(n.state), "true" if n.drained else "false")
+            nodes[k] = nodes.get(k, 0) + 1
+        for k in self._node_keys - nodes.keys():  # a state no node is in any more reads 0, not its last count
+            self.nodes.labels(*k).set(0)
+        self._node_keys |= nodes.keys()
+        for k, n in nodes.items():
+            self.nodes.labels(*k).set(n)
+        for d in decisions:
+            if isinstance(d, SetReason):
+                continue
+            self.decisions.labels(type(d).__name__).inc()
+            if isinstance(d, StartJob):
+                j = by_id.get(d.job_id)
+                lv = _level(d.priority if d.priority is not None else (j.priority if j else -2))
+                self.starts.labels(lv).inc()
+                if j is not None:
+                    self.wait.labels(lv).observe(max(0.0, snap.now - j.submitted_at))
+            elif isinstance(d, FinishJob):
+                self.ends.labels(str(d.status)).inc()
+            elif isinstance(d, CancelJob):
+                self.ends.labels(JobStatus.CANCELED.value).inc()
+            elif (isinstance(d, StopJob) and d.code == StopCode.INTERRUPT and d.desired == Desired.SUSPEND
+                  and d.reason != "suspend requested"):
+                self.preemptions.inc()
+
+
 class Scheduler:
     """The live loop around the pure policy."""
 
-    def __init__(self, db: Database, cfg: HaiConfig, api=None) -> None:
+    def __init__(self, db: Database, cfg: HaiConfig, api=None, registry: CollectorRegistry | None = None) -> None:
         self.db = db
         self.cfg = cfg
         self.api = api  # a HaiClient with the cluster secret, or None (tick only)
@@ -234,6 +326,7 @@ class Scheduler:
         self.skipped = 0
         self.last_cycle_end = 0.0
         self.woken = set()
+        self.metrics = SchedulerMetrics(registry)
 
     def cycle(self) -> list[Decision]:
         t0 = time.perf_counter()
@@ -251,6 +344,7 @@ class Scheduler:
         self.cycles += 1
         self.decisions += sum(not isinstance(d, SetReason) for d in decisions)
         self.last_cycle_s = time.perf_counter() - t0
+        self.metrics.observe(snap, decisions, self.last_cycle_s)
         for d in decisions:
             if not isinstance(d, SetReason):
                 log.info("%s", d)
@@ -361,13 +455,13 @@ def main(argv: list[str] | None = None) -> None:
         api = HaiClient(f"http://{addr}:{port}", cfg.secret(), timeout=30)
     except (HaiError, KeyError) as exc:
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    sched = Scheduler(db, cfg, api)
     svc = cluster.service("haiplatform.scheduler")
     try:
         security = server_settings(cluster)
     except AuthError as exc:
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
     rpc = RpcServer(node.address, svc.port if svc else 0, name="haiplatform.scheduler", **security)
+    sched = Scheduler(db, cfg, api, registry=rpc.metrics)
     rpc.register("scheduler.stats", lambda a, p, c: {"cycles": sched.cycles, "decisions": sched.decisions,
                                                      "last_cycle_s": sched.last_cycle_s,
                                                      "skipped": sched.skipped})
