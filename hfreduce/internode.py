@@ -202,7 +202,7 @@ class InterNode:
                               rank=rank, node=name, detected_by=self.sync.rank)
         if isinstance(exc, TransportTimeout):
             return HFReduceTimeout(f"node {name} (leader rank {rank}) sent nothing for {self.net_timeout:.1f} s "
-                                   "(stuck, stopped or far behind)", rank=rank, node=name, detected_by=self.sync.rank)
+                                   "(stuck, stopped, far behind, or the network to it is cut)", rank=rank, node=name, detected_by=self.sync.rank)
         return PeerFailed(f"node {name} (leader rank {rank}) died or lost its connection ({exc})", rank=rank,
                           node=name, detected_by=self.sync.rank)
 

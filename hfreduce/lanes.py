@@ -126,6 +126,7 @@ class Lanes:
             except HFReduceError as exc:
                 return exc
         rank, node = self.peer(where)
+        at = _peer_at(self.links[where][0]) if 0 <= where < len(self.links) else ""
         if status == 5:
             return self._unexpected(spec, done, where, got, rank, node)
         # a closed or silent connection: prefer a precise diagnosis arriving meanwhile
@@ -134,11 +135,11 @@ class Lanes:
             return diagnosis
         if status == 6:
             exc: HFReduceError = HFReduceTimeout(
-                f"rank {rank} (node {node}) sent nothing for {self.net_timeout:.1f} s in {what} (stuck, stopped or "
-                "far behind)", rank=rank, node=node, detected_by=sync.rank)
+                f"rank {rank} (node {node}{at}) sent nothing for {self.net_timeout:.1f} s in {what} (stuck, stopped, "
+                "far behind, or the network to it is cut)", rank=rank, node=node, detected_by=sync.rank)
         else:
             why = os.strerror(err) if err else "connection closed"
-            exc = PeerFailed(f"rank {rank} (node {node}) died or lost its connection in {what} ({why})", rank=rank,
+            exc = PeerFailed(f"rank {rank} (node {node}{at}) died or lost its connection in {what} ({why})", rank=rank,
                              node=node, detected_by=sync.rank)
         return sync.record(exc)
 
@@ -240,3 +241,11 @@ class Lanes:
     def close(self) -> None:
         for conn, _, _ in self.links:
             conn.close()
+
+
+def _peer_at(conn: Connection) -> str:
+    """", ADDRESS" of the peer of ``conn`` for an error message ("" once the socket cannot tell)."""
+    try:
+        return f", {conn.socket.getpeername()[0]}"
+    except OSError:
+        return ""

@@ -218,6 +218,9 @@ class Rendezvous:
                     raise InitError(f"rank 0 cannot listen on {addr}:{port} for the rendezvous: {exc}{taken}") from exc
             if publish is not None:
                 publish.put(addr, self.listener.port, self._left())
+            if self.listener.host not in ("0.0.0.0", "::"):
+                # the address the others reach rank 0 at is its node's (not loopback, across hosts)
+                self.local_addr = self.listener.host
         else:
             if publish is not None:
                 addr, port = publish.get(self._left())
