@@ -98,7 +98,8 @@ class Sizes:
     probe_mib: int = 4           # links: message size
     allreduce_kib: int = 1024    # allreduce: buffer size
     gpu_gemm_n: int = 4096       # gpu_gemm: n x n bf16
-    reps: int = 3                # timed repetitions (the best counts)
+    reps: int = 3                # timed repetitions (the best counts), at least
+    min_time: float = 0.15       # ... and at least this many seconds of them
     fraction: float = 0.5        # a measured check fails below this fraction of its baseline
     clock_max: float = 1.0       # clock: largest offset from the API server (s)
     timeout: float = 60.0        # allreduce and link probes give up after this (s)
@@ -204,26 +205,26 @@ def _best(fn: Callable[[], None], reps: int, least: float = 0.15, most: int = 50
     return min(times)
 
 
-def check_cpu_gemm(n: int = 384, reps: int = 3) -> CheckResult:
+def check_cpu_gemm(n: int = 384, reps: int = 3, min_time: float = 0.15) -> CheckResult:
     """numpy float32 matmul of n x n matrices: GFLOP/s (2 n^3 flops each)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
     out = np.empty((n, n), dtype=np.float32)
-    t = _best(lambda: np.matmul(a, b, out=out), reps)
+    t = _best(lambda: np.matmul(a, b, out=out), reps, min_time)
     if not np.isfinite(out).all():
         return CheckResult("cpu_gemm", False, message="cpu_gemm: the product holds NaN or infinity")
     return CheckResult("cpu_gemm", True, round(2 * n**3 / t / 1e9, 2), "GFLOP/s")
 
 
-def check_mem_bw(mib: int = 64, reps: int = 3) -> CheckResult:
+def check_mem_bw(mib: int = 64, reps: int = 3, min_time: float = 0.15) -> CheckResult:
     """A copy of ``mib`` MiB between two arrays: GB/s of bytes read plus written."""
     import numpy as np
 
     src = np.ones(mib << 18, dtype=np.float32)
     dst = np.empty_like(src)
-    t = _best(lambda: np.copyto(dst, src), reps)
+    t = _best(lambda: np.copyto(dst, src), reps, min_time)
     if dst[-1] != 1.0 or dst[0] != 1.0:
         return CheckResult("mem_bw", False, message="mem_bw: the copy differs from its source")
     return CheckResult("mem_bw", True, round(2 * src.nbytes / t / 1e9, 2), "GB/s")
@@ -556,8 +557,8 @@ def _measure(ctx: Context) -> list[CheckResult]:
         return ctx.only is None or name in ctx.only
     out: list[CheckResult] = []
     steps: list[tuple[tuple[str, ...], Callable[[], list[CheckResult] | CheckResult]]] = [
-        (("cpu_gemm",), lambda: check_cpu_gemm(s.gemm_n, s.reps)),
-        (("mem_bw",), lambda: check_mem_bw(s.mem_mib, s.reps)),
+        (("cpu_gemm",), lambda: check_cpu_gemm(s.gemm_n, s.reps, s.min_time)),
+        (("mem_bw",), lambda: check_mem_bw(s.mem_mib, s.reps, s.min_time)),
         (("disk_write", "disk_read"), lambda: check_disk(ctx.state_dir or Path.cwd(), s.disk_mib)),
         (("clock",), lambda: check_clock(ctx.server_now, s.clock_max)),
         (("links",), lambda: check_links(ctx.cluster, ctx.node, s.probe_mib)),
