@@ -759,8 +759,9 @@ class Agent:
 
     def collect_metrics(self) -> list:
         """Prometheus, at scrape time (docs/metrics.md): ranks running here, ranks started and ended,
-        and the hfreduce counters the running ranks publish in their control directories (read as
-        hostile: ``hfreduce.counters.load``), labelled with their job and rank."""
+        and the hfreduce counters the ranks publish in their control directories (read as hostile:
+        ``hfreduce.counters.load``) labelled with their attempt (``hai_job``: Prometheus keeps
+        ``job`` for its own) and rank."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from hfreduce import counters as hfc
@@ -783,7 +784,7 @@ class Agent:
         for p in sorted(procs, key=lambda p: (p.job_id, p.rank)):
             c = hfc.load(p.control / f"hfreduce-rank{p.rank}.json")
             if c:
-                rows.append(({"job": str(p.job_id), "rank": str(p.rank)}, c))
+                rows.append(({"hai_job": str(p.job_id), "rank": str(p.rank)}, c))
         return [running, jobs, started, ended, *(hfc.families(rows) if rows else [])]
 
     # -- logs -----------------------------------------------------------------------------------
