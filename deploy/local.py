@@ -213,6 +213,48 @@ def clean_stale_netns(run_dir: str | os.PathLike) -> bool:
     return True
 
 
+def keygen(out: str | os.PathLike) -> dict[str, Path]:
+    """Provision the secrets of a cluster into ``out``, laid out as a run dir (``hai cluster keygen``):
+    ``secrets/cluster.key`` (the services' cluster key) and ``hai/cluster.secret`` (the token of
+    the platform's agents and scheduler), mode 0600 in 0700 directories. Copy the tree into each
+    host's run dir (or state directory) so every node holds the same ones; an existing file is
+    never overwritten (rotating a key is described in docs/admin.md)."""
+    out = Path(out)
+    key, secret = out / "secrets" / "cluster.key", out / "hai" / "cluster.secret"
+    there = [str(p) for p in (key, secret) if p.exists()]
+    if there:
+        raise LauncherError(f"{', '.join(there)} already exist(s): not overwritten (to rotate the cluster key, "
+                            "add a new one to the key file first: docs/admin.md, 'Rotating the keys')")
+    for d in (out, key.parent, secret.parent):
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for d in (key.parent, secret.parent):
+        os.chmod(d, 0o700)
+    new_cluster_key().save(key)
+    import secrets as _secrets
+
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(_secrets.token_urlsafe(24) + "\n")
+    return {"cluster_key": key, "hai_secret": secret}
+
+
+def admin_token_hint(st: dict, cluster_file: str | os.PathLike, run_dir: Path | None) -> str | None:
+    """Where the API node's admin token is and how to use it, for ``hai cluster up`` to print; None
+    when this launcher does not run the API."""
+    api = [s for s in st.get("services", []) if s.get("module") == "haiplatform.api"]
+    if not api:
+        return None
+    rd = Path(st.get("run_dir") or run_dir or "")
+    tok = rd / "hai" / "admin.token"
+    url = f"http://{api[0]['address']}:{api[0]['port']}"
+    env = f"export HAI_CLUSTER={Path(cluster_file).resolve()}"
+    if run_dir is not None:
+        env += f" HAI_RUN_DIR={Path(run_dir).resolve()}"
+    return (f"admin token: {tok} (readable by this account only)\n"
+            f"use it:  {env}\n"
+            f"    or:  hai init \"$(cat {tok})\" --url {url}")
+
+
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -1221,6 +1263,31 @@ def cluster_status(cluster_file: str, run_dir: Path | None = None, *, node: str 
             st = _live_health(st, c)
     st["run_dir"] = str(run_dir)
     return st
+
+
+def cluster_link(cluster_file: str, a: str, b: str, up: bool, run_dir: Path | None = None) -> list[dict]:
+    """Cut (``up=False``) or restore the link between ``a`` and ``b`` (nodes, leaves, spines) of the
+    namespace cluster running in the run dir (``hai cluster link``); returns every link's state."""
+    c, run_dir = _run_dir_of(cluster_file, run_dir)
+    path = run_dir / NETNS_STATE
+    try:
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LauncherError(f"cluster {c.name} does not run on network namespaces (no {path}); start it with "
+                            f"'hai cluster up --netns --cluster {cluster_file}'") from None
+    except (OSError, ValueError) as exc:
+        raise LauncherError(f"{path}: unreadable ({exc})") from None
+    if not pid_alive(rec.get("owner_pid", -1)):
+        raise LauncherError(f"the launcher of the namespace cluster in {run_dir} is gone (pid {rec.get('owner_pid')});"
+                            f" 'hai cluster down --cluster {cluster_file}' removes what it left")
+    from .netns import NetnsCluster, NetnsError
+
+    nc = NetnsCluster.from_state(rec["netns"])
+    try:
+        nc.link(a, b, up)
+        return nc.links()
+    except (NetnsError, ValueError, KeyError) as exc:
+        raise LauncherError(f"link {a} - {b}: {exc}") from None
 
 
 def status_exit_code(st: dict) -> int:
