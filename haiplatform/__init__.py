@@ -22,7 +22,7 @@ from .errors import (
 
 #: the variables every rank gets (the job environment: docs/haiplatform.md)
 JOB_ENV = ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "NNODES", "NODE_RANK", "GROUP_RANK",
-           "MASTER_ADDR", "MASTER_PORT", "HAI_JOB_ID", "HAI_CHAIN_ID", "HAI_RESTART_COUNT", "HAI_NODE_NAME",
+           "MASTER_ADDR", "MASTER_PORT", "HAI_JOB_ID", "HAI_CHAIN_ID", "HAI_ATTEMPT_ID", "HAI_RESTART_COUNT", "HAI_NODE_NAME",
            "HAI_CLUSTER_FILE", "HAI_WHOLE_LIFE_STATE", "HAI_CONTROL")
 
 __all__ = ["HaiClient", "JOB_ENV", "HaiError", "ConfigError", "DatabaseError", "JobSpecError", "ApiError",

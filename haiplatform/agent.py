@@ -36,8 +36,9 @@ Exits are reported at once by a reporter thread. Each process leader gets ``PR_S
 restarted agent kills what its predecessor left (the API marks those ranks lost).
 
 Job environment (docs/haiplatform.md): WORLD_SIZE, RANK, LOCAL_WORLD_SIZE,
-LOCAL_RANK, NNODES, NODE_RANK, GROUP_RANK, MASTER_ADDR, MASTER_PORT, HAI_JOB_ID, HAI_CHAIN_ID,
-HAI_RESTART_COUNT, HAI_NODE_NAME, HAI_CLUSTER_FILE, HAI_WHOLE_LIFE_STATE, HAI_CONTROL; and
+LOCAL_RANK, NNODES, NODE_RANK, GROUP_RANK, MASTER_ADDR, MASTER_PORT, HAI_JOB_ID (the chain),
+HAI_CHAIN_ID (its alias), HAI_ATTEMPT_ID, HAI_RESTART_COUNT, HAI_ARRAY_ID and HAI_ARRAY_TASK_ID (a job
+array's task, also as SLURM_ARRAY_JOB_ID / SLURM_ARRAY_TASK_ID), HAI_NODE_NAME, HAI_CLUSTER_FILE, HAI_WHOLE_LIFE_STATE, HAI_CONTROL; and
 nothing of the agent's own environment but the variables in :data:`PASS_ENV` (see
 :func:`base_env`): no service variable, no secret. The job's credentials: $HAI_JOB_TOKEN (its own
 API token, :mod:`haiplatform.jobtoken`) and $FIREFLYER_CREDENTIAL (its fs3 credential
@@ -122,11 +123,15 @@ def job_env(w: dict, node: str, cluster_file: str, control: str) -> dict[str, st
         "LOCAL_WORLD_SIZE": str(ppn), "LOCAL_RANK": str(w["local_rank"]),
         "NNODES": str(len(nodes)), "NODE_RANK": str(node_rank), "GROUP_RANK": str(node_rank),
         "MASTER_ADDR": w["master_addr"], "MASTER_PORT": str(w["master_port"]),
-        "HAI_JOB_ID": str(w["job_id"]), "HAI_CHAIN_ID": str(w["chain_id"]),
+        # [Note: the job id is the chain's] what users see and type; the attempt has its own variable
+        "HAI_JOB_ID": str(w["chain_id"]), "HAI_CHAIN_ID": str(w["chain_id"]), "HAI_ATTEMPT_ID": str(w["job_id"]),
         "HAI_RESTART_COUNT": str(w["restart_count"]), "HAI_NODE_NAME": node,
         "HAI_CLUSTER_FILE": cluster_file, "HAI_WHOLE_LIFE_STATE": str(w["whole_life_state"]),
         "HAI_CONTROL": control, "HAI_JOB_NAME": w["name"], "HAI_USER": w["user"],
     }
+    if w.get("array_id") is not None:  # a task of a job array (Slurm's names too, for Slurm scripts)
+        env.update(HAI_ARRAY_ID=str(w["array_id"]), HAI_ARRAY_TASK_ID=str(w["array_index"]),
+                   SLURM_ARRAY_JOB_ID=str(w["array_id"]), SLURM_ARRAY_TASK_ID=str(w["array_index"]))
     return env
 
 
@@ -311,7 +316,7 @@ class Agent:
                 env = Path(f"/proc/{pgid}/environ").read_bytes()
             except OSError:
                 continue
-            if f"HAI_JOB_ID={key.split(':')[0]}".encode() in env.split(b"\0"):
+            if f"HAI_ATTEMPT_ID={key.split(':')[0]}".encode() in env.split(b"\0"):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, signal.SIGKILL)
                     n += 1
@@ -788,7 +793,9 @@ class Agent:
         return [running, jobs, started, ended, *(hfc.families(rows) if rows else [])]
 
     # -- logs -----------------------------------------------------------------------------------
-    def read_log(self, job_id: int, rank: int, offset: int, size: int) -> tuple[bytes, bool]:
+    def read_log(self, job_id: int, rank: int, offset: int, size: int) -> tuple[bytes, bool, int]:
+        """``size`` bytes of the rank's log from ``offset``, whether the log is complete and read to its
+        end, and the file's size now (the API pages and tails with it)."""
         path = self.log_dir / f"job-{job_id}" / f"rank-{rank}.log"
         key = (job_id, rank)
         with self.lock:
@@ -798,10 +805,11 @@ class Agent:
             with open(path, "rb") as f:
                 f.seek(offset)
                 data = f.read(size)
-                at_end = f.tell() >= os.fstat(f.fileno()).st_size
+                total = os.fstat(f.fileno()).st_size
+                at_end = f.tell() >= total
         except FileNotFoundError:
-            return b"", False
-        return data, ended and at_end and not data
+            return b"", False, 0
+        return data, ended and at_end and not data, total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -834,9 +842,9 @@ def main(argv: list[str] | None = None) -> None:
     def logs_read(a: dict, payload, ctx) -> Reply:
         # service-only (the API reads logs for users after its own permission check): the
         # connection's cluster key is the check, no secret travels in the arguments
-        data, eof = agent.read_log(int(a["job_id"]), int(a["rank"]), int(a.get("offset", 0)),
-                                   min(int(a.get("max", 65536)), 1 << 20))
-        return Reply({"eof": eof, "n": len(data)}, [data] if data else [])
+        data, eof, size = agent.read_log(int(a["job_id"]), int(a["rank"]), int(a.get("offset", 0)),
+                                         min(int(a.get("max", 65536)), 1 << 20))
+        return Reply({"eof": eof, "n": len(data), "size": size}, [data] if data else [])
 
     rpc.register("logs.read", logs_read)
     add_collector(rpc.metrics, agent.collect_metrics)

@@ -153,9 +153,36 @@ class HaiClient:
     def suspend(self, job_id: int) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/suspend")
 
-    def logs(self, job_id: int, rank: int = 0, offset: int = 0, attempt: int | None = None) -> str:
-        return self.request("GET", f"/v1/jobs/{job_id}/logs", params={"rank": rank, "offset": offset,
-                                                                       "attempt": attempt})
+    def _log_page(self, job_id: int, params: dict) -> tuple[bytes, int, int]:
+        """One plain read of a log: (bytes, X-Log-Size, X-Log-Offset-Next)."""
+        try:
+            r = self._http.get(f"/v1/jobs/{job_id}/logs", params={k: v for k, v in params.items() if v is not None})
+        except httpx.TransportError as exc:
+            raise Unavailable(f"reading the log of job {job_id}: {exc}") from exc
+        if r.status_code >= 400:
+            try:
+                msg = r.json().get("message")
+            except ValueError:
+                msg = r.text[:500]
+            raise error_for_status(r.status_code, f"{msg} (GET logs: {r.status_code})")
+        size = int(r.headers.get("x-log-size", len(r.content)))
+        return r.content, size, int(r.headers.get("x-log-offset-next", len(r.content)))
+
+    def logs(self, job_id: int, rank: int = 0, attempt: int | None = None, tail: int | None = None, *,
+             offset: int = 0) -> str:
+        """The rank's WHOLE log from ``offset`` (or its last ``tail`` lines), paging as long as the API
+        says there is more: never a silently cut one."""
+        data, size, nxt = self._log_page(job_id, {"rank": rank, "offset": offset, "attempt": attempt,
+                                                  "tail": tail})
+        parts = [data]
+        while data and nxt < size:
+            data, size, nxt = self._log_page(job_id, {"rank": rank, "offset": nxt, "attempt": attempt})
+            parts.append(data)
+        return b"".join(parts).decode(errors="replace")
+
+    def log_size(self, job_id: int, rank: int = 0, attempt: int | None = None) -> int:
+        """The rank's log size in bytes now."""
+        return self._log_page(job_id, {"rank": rank, "attempt": attempt, "tail": 0})[1]
 
     def follow_logs(self, job_id: int, rank: int = 0, *, timeout: float = 3600.0) -> Iterator[str]:
         """Yield the rank's output as it is written, until the rank has ended and all is read."""
@@ -172,6 +199,33 @@ class HaiClient:
                 yield from r.iter_text()
         except httpx.TransportError as exc:
             raise Unavailable(f"following logs of job {job_id}: {exc}") from exc
+
+    def hold(self, job_id: int) -> dict:
+        """Keep a queued job from starting until :meth:`release`."""
+        return self.request("POST", f"/v1/jobs/{job_id}/hold")
+
+    def release(self, job_id: int) -> dict:
+        return self.request("POST", f"/v1/jobs/{job_id}/release")
+
+    def resubmit(self, job_id: int) -> dict:
+        """A new job (chain) with an ended job's spec."""
+        return self.request("POST", f"/v1/jobs/{job_id}/resubmit")
+
+    def cancel(self, ids: list[int] | None = None, name: str | None = None, user: str | None = None,
+               array_id: int | None = None, status: list[str] | None = None) -> list[int]:
+        """Stop every live job matching all the filters given; returns the chain ids."""
+        body = {k: v for k, v in {"ids": ids, "name": name, "user": user, "array_id": array_id,
+                                  "status": status}.items() if v is not None}
+        return self.request("POST", "/v1/jobs/cancel", json=body)["canceled"]
+
+    def history(self, **filters: Any) -> dict:
+        """``{"jobs": [...], "total": N}``: ended chains (filters: user, status, since, until, name, limit,
+        offset)."""
+        return self.request("GET", "/v1/history", params=filters)
+
+    def queue(self) -> list[dict]:
+        """Every queued and running job of every user, with positions and waiting reasons."""
+        return self.request("GET", "/v1/queue")
 
     def wait(self, job_id: int, timeout: float = 600.0, poll: float = 0.1) -> dict:
         """Poll until the job's chain has finished (bounded by ``timeout``)."""
@@ -219,3 +273,33 @@ class HaiClient:
 
     def quotas(self) -> list[dict]:
         return self.request("GET", "/v1/quotas")
+
+    def delete_quota(self, subject: str, priority: int | None = None) -> dict:
+        return self.request("DELETE", "/v1/quotas", params={"subject": subject, "priority": priority})
+
+    def remove_user(self, name: str, force: bool = False) -> dict:
+        """Remove a user (409 while they have live jobs, unless ``force``, which stops them)."""
+        return self.request("DELETE", f"/v1/users/{name}", params={"force": "true"} if force else None)
+
+    def disable_user(self, name: str) -> dict:
+        return self.request("POST", f"/v1/users/{name}/disable")
+
+    def enable_user(self, name: str) -> dict:
+        return self.request("POST", f"/v1/users/{name}/enable")
+
+    def reset_token(self, name: str) -> str:
+        """A new token for ``name`` (the old one stops working)."""
+        return self.request("POST", f"/v1/users/{name}/token")["token"]
+
+    def set_group(self, name: str, group: str | None) -> dict:
+        return self.request("PUT", f"/v1/users/{name}/group", json={"group": group})
+
+    def groups(self) -> list[dict]:
+        return self.request("GET", "/v1/groups")
+
+    def delete_group(self, name: str) -> dict:
+        return self.request("DELETE", f"/v1/groups/{name}")
+
+    def events(self, **filters: Any) -> list[dict]:
+        """The event log, newest first (filters: job_id, job, user, kind, node, since, limit)."""
+        return self.request("GET", "/v1/events", params=filters)

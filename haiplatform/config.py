@@ -36,6 +36,8 @@
     validate_interval = 604800.0  # the agents run the node validator this often (s; 0: only at start and on request)
     validate_at_start = true    # ... and at start: a node takes no job before it passes (docs/validator.md)
     validate_sizes = {}         # the validator's sizes and thresholds, e.g. {gemm_n = 384, fraction = 0.5}
+    queue_visibility = "all"    # hai queue: "all" or "hide-others" (others' jobs without user and name)
+    max_array_size = 10000      # the most tasks of one job array (--array)
 
 STATE_DIR is ``$FIREFLYER_RUN_DIR_CLUSTER/hai`` when the local launcher runs the service,
 else ``state_dir`` from the section, else ``~/.local/state/fireflyer/hai/<cluster name>``.
@@ -100,6 +102,8 @@ class HaiConfig:
     validate_interval: float = 7 * 24 * 3600.0
     validate_at_start: bool = True
     validate_sizes: dict = field(default_factory=dict)
+    queue_visibility: str = "all"   # GET /v1/queue: "all", or "hide-others" (others' user and name shown as "-")
+    max_array_size: int = 10000     # the most tasks one job array may have
 
     def policy_config(self):
         """The policy's :class:`~haiplatform.policy.PolicyConfig` from this section."""
@@ -162,6 +166,9 @@ def load_config(cluster: Cluster) -> HaiConfig:
             raise ConfigError(f"{cluster.source}: haiplatform.{key}: expected a positive number, got {val!r}")
         kw[key] = float(val) if typ == "float" else val
     _check_policy(cluster, kw)
+    if kw.get("queue_visibility", "all") not in ("all", "hide-others"):
+        raise ConfigError(f"{cluster.source}: haiplatform.queue_visibility: expected \"all\" or \"hide-others\", "
+                          f"got {kw['queue_visibility']!r}")
     _check_accounts(cluster, kw)
     _check_no_secrets(cluster, kw)
     _check_validate_sizes(cluster, kw)

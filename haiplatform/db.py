@@ -86,6 +86,7 @@ class User(Base):
     group: Mapped[str | None] = mapped_column(ForeignKey("groups.name"), nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)  # token refused, queued jobs do not start
 
 
 class Quota(Base):
@@ -162,7 +163,7 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     scheduled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)  # history (0004)
     # time-sharing (migration 0002): what the user asked (AUTO: -1; ``priority`` is the effective
     # level the policy sets), the chain's limits, and what the agents report of its activity
     submitted_priority: Mapped[int] = mapped_column(Integer, default=10)
@@ -175,6 +176,15 @@ class Job(Base):
     last_checkpoint: Mapped[float] = mapped_column(Float, default=0.0)  # newest reported checkpoint (ts)
     suspend_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     suspend_acked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the researcher's day (migration 0004): job arrays (``array_id``: the chain id of the array's first
+    # task), dependencies on other chains, holds and an output path; copied to each new attempt
+    array_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    array_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    array_throttle: Mapped[int] = mapped_column(Integer, default=0)   # 0: no limit on running tasks
+    after: Mapped[list[Any]] = mapped_column(JSON, default=list)       # chain ids: start once each ended
+    after_ok: Mapped[list[Any]] = mapped_column(JSON, default=list)    # ... once each succeeded
+    held: Mapped[bool] = mapped_column(Boolean, default=False)
+    output: Mapped[str | None] = mapped_column(String(1000), nullable=True)
 
 
 class Rank(Base):

@@ -353,7 +353,7 @@ def local_env(control: str, restart: int, state: int, suspend_after: float | Non
     env.update({
         "WORLD_SIZE": "1", "RANK": "0", "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0", "NNODES": "1", "NODE_RANK": "0",
         "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "HAI_JOB_ID": "0",
-        "HAI_CHAIN_ID": "0", "HAI_RESTART_COUNT": str(restart), "HAI_NODE_NAME": socket.gethostname(),
+        "HAI_CHAIN_ID": "0", "HAI_ATTEMPT_ID": "0", "HAI_RESTART_COUNT": str(restart), "HAI_NODE_NAME": socket.gethostname(),
         "HAI_WHOLE_LIFE_STATE": str(state), "HAI_CONTROL": control, "HAI_JOB_NAME": "local", "HAI_LOCAL": "1"})
     if suspend_after is not None:
         env["HAI_SIMULATE_SUSPEND"] = repr(suspend_after)

@@ -72,7 +72,8 @@ __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyCo
            "Code", "Status", "CycleState", "QueueSortPlugin", "FilterPlugin", "ScorePlugin", "Profile",
            "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "RandomScore", "DEFAULT_PROFILE",
            "REFERENCE_FIFO", "PLAIN_FIFO", "PreemptPlugin", "ReservePlugin", "LeastWorkLost", "PrefixPreempt", "PrefixFilter",
-           "BackfillReserve", "Pool", "place_topology", "auto_level"]
+           "BackfillReserve", "Pool", "place_topology", "auto_level", "ArrayThrottle", "gate", "dependency",
+           "held_reason"]
 
 
 #: the reason of an attempt waiting for free nodes (also the reason a new submission starts with)
@@ -126,6 +127,11 @@ class JobView:
     last_output: float = 0.0          # newest output of any rank (ts), 0 = none
     last_checkpoint: float = 0.0      # newest reported checkpoint (ts), 0 = never
     restart_count: int = 0
+    held: bool = False                # queued but not scheduled until released
+    after: tuple[int, ...] = ()       # chain ids that must have ended (any way) first
+    after_ok: tuple[int, ...] = ()    # chain ids that must have succeeded first
+    array_id: int | None = None       # a job array's task: the array (its first task's chain id)
+    array_throttle: int = 0           # at most this many of the array's tasks hold nodes (0: no limit)
 
     @property
     def rank_key(self) -> int:
@@ -145,6 +151,9 @@ class Snapshot:
     jobs: tuple[JobView, ...] = ()      # live attempts (queued, scheduled, running, stopping)
     nodes: tuple[NodeView, ...] = ()
     quotas: tuple[QuotaView, ...] = ()
+    #: the latest attempt's status of every chain a queued attempt depends on (absent: no such chain)
+    chains: dict[int, str] = field(default_factory=dict)
+    disabled: frozenset[str] = frozenset()   # users whose queued jobs do not start
 
 
 @dataclass(frozen=True)
@@ -364,6 +373,54 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
     return out
 
 
+def held_reason(chain: int) -> str:
+    """The waiting reason of a held chain (it says how to release it)."""
+    return f"held (hai release {chain})"
+
+
+def dependency(job: JobView, chains: dict[int, str]) -> tuple[bool, str | None]:
+    """(cancel, reason): whether ``job``'s dependencies can never be met (an ``after_ok`` chain ended
+    otherwise than succeeded: cancel with the reason), else the one it still waits for (None: met).
+
+    ``after`` is Slurm's afterany: any end will do, and a chain that does not exist (any more) counts
+    as ended; ``after_ok`` needs SUCCEEDED."""
+    for c in job.after_ok:
+        st = chains.get(c)
+        if st is None:
+            return True, f"dependency failed: job {c} does not exist"
+        if st in JobStatus.ENDED and st != JobStatus.SUCCEEDED:
+            return True, f"dependency failed: job {c} ended {str(st).upper()}"
+    for c in (*job.after, *job.after_ok):
+        st = chains.get(c)
+        if st is not None and st not in JobStatus.ENDED:
+            return False, f"dependency: waits for job {c}"
+    return False, None
+
+
+def gate(snap: Snapshot, ended: dict[int, str] | None = None) -> tuple[dict[int, str], list[Decision]]:
+    """The queued attempts that may not start this cycle whatever the nodes (attempt id -> why it
+    waits: held, its user disabled, a dependency not met yet), and a :class:`CancelJob` for each whose
+    ``after_ok`` dependency can never be met. Gated attempts leave the queue for this cycle: they
+    take no queue position and block nothing behind them (strict order included). ``ended``: chains
+    that end in this very cycle (chain id -> status), so their dependents move on at once."""
+    chains = {**snap.chains, **ended} if ended else snap.chains
+    waits: dict[int, str] = {}
+    out: list[Decision] = []
+    for j in snap.jobs:
+        if j.status != JobStatus.QUEUED or j.stop_requested:
+            continue
+        cancel, why = dependency(j, chains) if (j.after or j.after_ok) else (False, None)
+        if cancel:
+            out.append(CancelJob(j.id, why or "dependency failed"))
+        elif j.held:
+            waits[j.id] = held_reason(j.rank_key)
+        elif j.user in snap.disabled:
+            waits[j.id] = f"user {j.user} is disabled"
+        elif why:
+            waits[j.id] = why
+    return waits, out
+
+
 def queue_sort(jobs: Iterable[JobView]) -> list[JobView]:
     """Queued attempts, highest priority first, then by the chain's first submission."""
     return sorted((j for j in jobs if j.status == JobStatus.QUEUED and not j.stop_requested),
@@ -575,6 +632,7 @@ class CycleState:
     out: list[Decision] = field(default_factory=list)  # decisions of the plugins (preemptions)
     claimed: set[str] = field(default_factory=set)   # held nodes promised to a preemptor or a reservation
     scratch: dict = field(default_factory=dict)      # per-plugin state for this cycle, by plugin name
+    array_running: dict[int, int] = field(default_factory=dict)  # array id -> its tasks holding nodes
 
     def expected_end(self, job: JobView) -> float:
         """When ``job`` would end if started now (or started at ``started_at``): its time limit (per
@@ -627,6 +685,23 @@ class PrioritySort:
 
     def sort(self, jobs: Iterable[JobView]) -> list[JobView]:
         return queue_sort(jobs)
+
+
+@dataclass(frozen=True)
+class ArrayThrottle:
+    """A job array's ``%N``: at most N of its tasks hold nodes at once; a task over it waits without
+    blocking others (``CycleState.array_running`` counts the tasks holding nodes, started ones included)."""
+
+    name: str = "array_throttle"
+
+    def filter(self, job: JobView, cs: CycleState) -> Status:
+        if job.array_id is None or job.array_throttle <= 0:
+            return SUCCESS
+        n = cs.array_running.get(job.array_id, 0)
+        if n < job.array_throttle:
+            return SUCCESS
+        return Status(Code.UNSCHEDULABLE, f"array throttle: {n} of array {job.array_id} running "
+                                          f"(at most {job.array_throttle})")
 
 
 @dataclass(frozen=True)
@@ -1118,13 +1193,13 @@ class Profile:
     demote: bool = False
 
 
-DEFAULT_PROFILE = Profile("fireflyer", PrioritySort(), (QuotaFilter(),), TopologyScore(), LeastWorkLost(),
-                          BackfillReserve(), demote=True)
-REFERENCE_FIFO = Profile("reference-fifo", PrioritySort(), (QuotaFilter(), PrefixFilter(), StrictOrder()),
-                         RandomScore(), PrefixPreempt())
+DEFAULT_PROFILE = Profile("fireflyer", PrioritySort(), (ArrayThrottle(), QuotaFilter()), TopologyScore(),
+                          LeastWorkLost(), BackfillReserve(), demote=True)
+REFERENCE_FIFO = Profile("reference-fifo", PrioritySort(),
+                         (ArrayThrottle(), QuotaFilter(), PrefixFilter(), StrictOrder()), RandomScore(), PrefixPreempt())
 #: a plain FIFO for comparison: priority then first submission, strict order, random nodes, no
 #: preemption, no backfill (what "FIFO" means in the scheduling literature)
-PLAIN_FIFO = Profile("fifo", PrioritySort(), (QuotaFilter(), StrictOrder()), RandomScore())
+PLAIN_FIFO = Profile("fifo", PrioritySort(), (ArrayThrottle(), QuotaFilter(), StrictOrder()), RandomScore())
 #: the policies by name (``[haiplatform] policy`` in the cluster file, ``hai sim --policy``)
 PROFILES: dict[str, Profile] = {p.name: p for p in (DEFAULT_PROFILE, REFERENCE_FIFO, PLAIN_FIFO)}
 
@@ -1187,7 +1262,9 @@ def queue_position(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Pro
                    ) -> dict[int, int]:
     """The 1-based place of each queued attempt in the order ``profile`` serves the queue (``hai list``)."""
     _, queued, _, _ = _effective(snap, cfg or PolicyConfig(), profile, set())
-    return {j.id: i for i, j in enumerate(profile.queue_sort.sort(queued), 1)}
+    waits, cancels = gate(snap)
+    gone = waits.keys() | {d.job_id for d in cancels}
+    return {j.id: i for i, j in enumerate(profile.queue_sort.sort(j for j in queued if j.id not in gone), 1)}
 
 
 def never_fits(nodes: int, user: str, group: str | None, priority: int, node_views: Iterable[NodeView],
@@ -1234,6 +1311,15 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
     drained = {d.node for d in out if isinstance(d, DrainNode)}
     active, queued, prio, usage = _effective(snap, cfg, profile, finished)
     out += prio
+    # gate: held, disabled users' and dependent attempts wait outside the queue; a failed after_ok cancels
+    chain_of = {j.id: j.rank_key for j in snap.jobs}
+    waits, cancels = gate(snap, {chain_of[d.job_id]: d.status for d in out if isinstance(d, FinishJob) and not d.requeue})
+    out += cancels
+    gone = waits.keys() | {d.job_id for d in cancels}
+    for j in queued:
+        if j.id in waits and waits[j.id] != j.reason:
+            out.append(SetReason(j.id, waits[j.id]))
+    queued = [j for j in queued if j.id not in gone]
     held: set[str] = set()
     for j in active:
         held.update(j.assigned_nodes)
@@ -1243,6 +1329,9 @@ def plan(snap: Snapshot, cfg: PolicyConfig | None = None, profile: Profile = DEF
     cs = CycleState(snap, pool, usage, cfg=cfg, rng=random.Random(cfg.seed), ready=ready, active=active,
                     stopping={d.job_id for d in out if isinstance(d, StopJob)})
     cs.cross_used = sum(1 for j in active if len(j.assigned_nodes) > 1 and _zones_of(j.assigned_nodes, pool.views) > 1)
+    for j in active:
+        if j.array_id is not None:
+            cs.array_running[j.array_id] = cs.array_running.get(j.array_id, 0) + 1
     order = profile.queue_sort.sort(queued)
     if profile.preempt is not None:
         profile.preempt.prepare(cs, order)
@@ -1308,5 +1397,7 @@ def _start(job: JobView, chosen: tuple[str, ...], cs: CycleState, out: list[Deci
     out.append(StartJob(job.id, chosen, rank_layout(job, chosen, cs.pool.views), job.priority))
     cs.pool.take(chosen)
     _charge(job, cs.snap.quotas, cs.usage)
+    if job.array_id is not None:
+        cs.array_running[job.array_id] = cs.array_running.get(job.array_id, 0) + 1
     if len(chosen) > 1 and _zones_of(chosen, cs.pool.views) > 1:
         cs.cross_used += 1

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import insert, select, update
 
 from .config import HaiConfig
-from .db import Database, Job, NodeRow, Quota, Rank, event_row
+from .db import Database, Job, NodeRow, Quota, Rank, User, event_row
 from .errors import ApiError
 from .policy import (
     PROFILES,
@@ -66,7 +66,8 @@ _NORMAL = PRIORITIES["normal"]
 _LIVE_JOBS = select(Job.id, Job.user, Job.group, Job.nodes, Job.priority, Job.status, Job.first_id, Job.procs_per_node,
                    Job.stop_requested, Job.stop_code, Job.assigned_nodes, Job.reason, Job.submitted_priority,
                    Job.created_at, Job.submitted_at, Job.scheduled_at, Job.chain_run_s, Job.time_limit, Job.watchdog,
-                   Job.last_output, Job.last_checkpoint, Job.restart_count).where(Job.status.in_(JobStatus.LIVE))
+                   Job.last_output, Job.last_checkpoint, Job.restart_count, Job.held, Job.after, Job.after_ok,
+                   Job.array_id, Job.array_throttle).where(Job.status.in_(JobStatus.LIVE))
 _NODES = select(NodeRow.name, NodeRow.zone, NodeRow.leaf, NodeRow.gpus, NodeRow.state, NodeRow.drained,
                 NodeRow.last_seen).order_by(NodeRow.name)
 _QUOTAS = select(Quota.subject, Quota.max_nodes, Quota.priority)
@@ -85,7 +86,9 @@ def _job_view(j, ranks: tuple[RankView, ...]) -> JobView:
         submitted_priority=j.submitted_priority, created_at=j.created_at,
         submitted_at=j.submitted_at or j.created_at, started_at=j.scheduled_at, chain_run_s=j.chain_run_s,
         time_limit=j.time_limit, watchdog=j.watchdog, last_output=j.last_output,
-        last_checkpoint=j.last_checkpoint, restart_count=j.restart_count)
+        last_checkpoint=j.last_checkpoint, restart_count=j.restart_count, held=bool(j.held),
+        after=tuple(j.after or ()), after_ok=tuple(j.after_ok or ()), array_id=j.array_id,
+        array_throttle=j.array_throttle or 0)
     return v
 
 
@@ -101,10 +104,20 @@ def take_snapshot(db: Database, now: float | None = None) -> Snapshot:
                 ranks[r.job_id].append(RankView(r.rank, r.node, r.status, r.desired, r.exit_code))
         nodes = tuple(NodeView(*n) for n in s.execute(_NODES))
         quotas = tuple(QuotaView(*q) for q in s.execute(_QUOTAS))
+        # the chains queued attempts depend on: each one's latest attempt's status
+        refs = sorted({c for j in jobs if j.status == JobStatus.QUEUED for c in (*(j.after or ()), *(j.after_ok or ()))})
+        chains: dict[int, str] = {}
+        for i in range(0, len(refs), 500):  # SQLite bounds a statement's parameters
+            latest: dict[int, int] = {}
+            for c, jid, st in s.execute(select(Job.chain_id, Job.id, Job.status).where(Job.chain_id.in_(refs[i:i + 500]))):
+                if jid > latest.get(c, 0):
+                    latest[c], chains[c] = jid, st
+        disabled = frozenset(s.scalars(select(User.name).where(User.disabled.is_(True))))
     none: tuple[RankView, ...] = ()
     views = tuple(_job_view(j, tuple(sorted(ranks[j.id], key=lambda r: r.rank)) if j.id in ranks else none)
                   for j in jobs)
-    return Snapshot(now=time.time() if now is None else now, jobs=views, nodes=nodes, quotas=quotas)
+    return Snapshot(now=time.time() if now is None else now, jobs=views, nodes=nodes, quotas=quotas,
+                    chains=chains, disabled=disabled)
 
 
 def apply_decisions(db: Database, decisions: list[Decision]) -> int:
@@ -214,7 +227,9 @@ def _requeue(s, job_id: int, now: float) -> None:
         chain_run_s=old["chain_run_s"] + ran, last_output=0.0, last_checkpoint=old["last_checkpoint"],
         status=JobStatus.QUEUED, whole_life_state=old["whole_life_state"], created_at=now, assigned_nodes=[],
         reason="re-queued after a lost node" if lost else "resumed after suspend", stop_code=0, stop_requested=0,
-        master_port=0).returning(Job.id)).scalar_one()
+        master_port=0, array_id=old["array_id"], array_index=old["array_index"],
+        array_throttle=old["array_throttle"], after=old["after"], after_ok=old["after_ok"], held=False,
+        output=old["output"]).returning(Job.id)).scalar_one()
     event_row(s, "requeued", f"attempt {new_id} continues chain {old['chain_id']}", job_id=new_id)
 
 
@@ -403,7 +418,8 @@ class Scheduler:
                 stop.wait(poll)
                 continue
             self.last_cycle_end = time.monotonic()
-            again = any(isinstance(d, FinishJob) and d.requeue for d in decisions)
+            # a cancel may fail the dependency of another queued job: decide on it now too
+            again = any(isinstance(d, FinishJob) and d.requeue or isinstance(d, CancelJob) for d in decisions)
             if self.api is not None and any(isinstance(d, _AGENT_VISIBLE) for d in decisions):
                 try:
                     self.api.request("POST", "/v1/internal/notify", json={"nodes": sorted(self.woken)}, timeout=10)

@@ -248,5 +248,6 @@ def test_agent_job_env_covers_the_contract():
     assert set(JOB_ENV) <= set(env)
     assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_WORLD_SIZE"], env["LOCAL_RANK"], env["NNODES"],
             env["NODE_RANK"], env["GROUP_RANK"]) == ("4", "3", "2", "1", "2", "1", "1")
-    assert (env["HAI_JOB_ID"], env["HAI_CHAIN_ID"], env["HAI_RESTART_COUNT"], env["HAI_WHOLE_LIFE_STATE"]) == (
-        "7", "5", "2", "9")
+    # the job id users see is the chain's; the attempt has its own variable
+    assert (env["HAI_JOB_ID"], env["HAI_CHAIN_ID"], env["HAI_ATTEMPT_ID"], env["HAI_RESTART_COUNT"],
+            env["HAI_WHOLE_LIFE_STATE"]) == ("5", "5", "7", "2", "9")

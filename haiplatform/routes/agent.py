@@ -25,7 +25,8 @@ router = APIRouter()
 # an agent's work items: its node's live ranks with their jobs (built once: the agents' hot path)
 _WORK = select(Rank.rank, Rank.local_rank, Rank.status, Rank.desired, Job.id.label("job_id"), Job.command, Job.env,
                Job.workdir, Job.name, Job.user, Job.chain_id, Job.restart_count, Job.whole_life_state,
-               Job.assigned_nodes, Job.master_port, Job.procs_per_node, Job.grace).join(Job, Job.id == Rank.job_id).where(
+               Job.assigned_nodes, Job.master_port, Job.procs_per_node, Job.grace, Job.array_id, Job.array_index,
+               Job.output).join(Job, Job.id == Rank.job_id).where(
     Rank.node == bindparam("node"), Rank.status.in_(RankStatus.LIVE))
 
 
@@ -100,7 +101,8 @@ def _work(st: ApiState, node: str, epoch: str) -> list[dict]:
                         "restart_count": r.restart_count, "whole_life_state": r.whole_life_state,
                         "nodes": r.assigned_nodes, "master_addr": st.cluster.node(r.assigned_nodes[0]).address,
                         "master_port": r.master_port, "ppn": r.procs_per_node,
-                        "grace": cfg.job_grace(r.grace), "ack_timeout": cfg.suspend_ack_timeout})
+                        "grace": cfg.job_grace(r.grace), "ack_timeout": cfg.suspend_ack_timeout,
+                        "array_id": r.array_id, "array_index": r.array_index, "output": r.output})
         return out
 
 

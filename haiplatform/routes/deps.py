@@ -63,10 +63,14 @@ def authenticate(st: ApiState, request: Request) -> Principal:
                 u = s.scalars(select(User).where(User.token_hash == hash_token(tok),
                                                  User.active.is_(True))).first()
                 p = Principal(name=u.name, role=u.role, group=u.group) if u else None
+                if u is not None and u.disabled:
+                    p = f"user {u.name} is disabled; ask an admin to enable it"  # refused, with the reason
             hit = (now, p)
         if len(st.token_cache) > 10000:  # bounded: random tokens must not grow it forever
             st.token_cache.clear()
         st.token_cache[tok] = hit
+    if isinstance(hit[1], str):
+        raise AuthError(hit[1])
     if hit[1] is None:
         if tok.startswith(JOB_TOKEN_PREFIX):
             raise AuthError("invalid job token: not made by this cluster, or its job has finished")

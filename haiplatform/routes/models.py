@@ -11,7 +11,8 @@ from ..states import AUTO, PRIORITIES
 
 __all__ = ["JobSpec", "PrioritySpec", "ActivitySpec", "TIME_MAX", "UserSpec", "QuotaSpec", "NotifySpec", "DrainSpec", "RegisterSpec", "RankReport", "ReportSpec",
            "CheckSpec", "ValidationSpec",
-           "Text", "JobId", "INT32", "OFFSET_MAX", "SEQ_MAX", "NO_NUL"]
+           "Text", "JobId", "INT32", "OFFSET_MAX", "SEQ_MAX", "NO_NUL", "CancelSpec", "GroupSpec", "parse_array",
+           "check_command_size", "check_output_pattern", "COMMAND_ARGS", "COMMAND_BYTES", "USER_NAME"]
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
 USER_NAME = r"^[a-z_][a-z0-9_.-]{0,63}$"
@@ -31,6 +32,11 @@ TS_MAX = 1e11               # a timestamp (s since the epoch): year 5138
 def Text(max_length: int, **kw: Any) -> Any:  # noqa: N802 - reads as a type in the models
     """A string of at most ``max_length`` characters, without NUL."""
     return Annotated[str, Field(max_length=max_length, pattern=NO_NUL, **kw)]
+
+
+#: a job's command: at most this many arguments, and this many bytes (UTF-8) in all
+COMMAND_ARGS = 4096
+COMMAND_BYTES = 64 * 1024
 
 
 NODE_NAME = Text(64, min_length=1)
@@ -62,8 +68,9 @@ class JobSpec(_Priority):
     """What a user submits (``hai python ...`` and ``hai run job.yaml`` build one)."""
 
     name: str = Field(pattern=JOB_NAME, description="a name for the job (letters, digits, _.@-)")
-    command: list[Text(65536)] = Field(
-        min_length=1, max_length=4096, description="argv of each rank's process")
+    command: list[Text(COMMAND_BYTES)] = Field(
+        min_length=1, description=f"argv of each rank's process (at most {COMMAND_ARGS} arguments of "
+                                  f"{COMMAND_BYTES} bytes in all)")
     nodes: int = Field(1, ge=1, le=10000, description="whole nodes")
     procs_per_node: int = Field(0, ge=0, le=256, description="processes per node; 0: the node's GPUs (or 1)")
     time_limit: float = Field(0.0, ge=0, le=TIME_MAX, allow_inf_nan=False,
@@ -77,12 +84,31 @@ class JobSpec(_Priority):
         default_factory=dict, max_length=4096)
     workdir: Text(1000) = ""
     shared_in_group: bool = False
+    # the researcher's day (#19): arrays, dependencies, holds, output files
+    array: Text(1000) | None = Field(None, description="a job array, Slurm's syntax: 0-99, 0-99%8, 1,3,5-7, 0-15:4")
+    after: list[Annotated[int, Field(ge=1, le=INT32)]] = Field(
+        default_factory=list, max_length=1000, description="start after each of these jobs has ended (any way)")
+    after_ok: list[Annotated[int, Field(ge=1, le=INT32)]] = Field(
+        default_factory=list, max_length=1000, description="start after each of these jobs succeeded "
+                                                           "(canceled if one ends otherwise)")
+    hold: bool = Field(False, description="queued but not scheduled until released")
+    output: Text(1000, min_length=1) | None = Field(
+        None, description="also write each rank's output to this path on its node (%j job, %a array index, "
+                          "%r rank, %n node, %x name, %% percent)")
 
     @field_validator("command")
     @classmethod
     def _cmd(cls, v: list[str]) -> list[str]:
         if not v[0].strip():
             raise ValueError("command[0] must name a program")
+        check_command_size(v)
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_output_pattern(v)
         return v
 
     @field_validator("env")
@@ -92,6 +118,34 @@ class JobSpec(_Priority):
             if not k or "=" in k or not (k[0].isalpha() or k[0] == "_"):
                 raise ValueError(f"bad environment variable name {k!r}")
         return v
+
+
+def check_command_size(argv: list[str]) -> None:
+    """ValueError naming the sizes when ``argv`` is over :data:`COMMAND_ARGS` arguments or
+    :data:`COMMAND_BYTES` bytes (a 10,000-argument command used to be stored and printed whole)."""
+    if len(argv) > COMMAND_ARGS:
+        raise ValueError(f"the command has {len(argv)} arguments; at most {COMMAND_ARGS} are allowed "
+                         "(pass long lists in a file)")
+    total = sum(len(a.encode()) for a in argv)
+    if total > COMMAND_BYTES:
+        raise ValueError(f"the command is {total} bytes long; at most {COMMAND_BYTES} bytes are allowed "
+                         "(pass long lists in a file)")
+
+
+_OUTPUT_KEYS = set("jarnx%")
+
+
+def check_output_pattern(v: str) -> None:
+    """ValueError when an output path uses a placeholder other than %j %a %r %n %x %%."""
+    i = 0
+    while i < len(v):
+        if v[i] == "%":
+            if i + 1 >= len(v) or v[i + 1] not in _OUTPUT_KEYS:
+                raise ValueError(f"output {v!r}: unknown placeholder {v[i:i + 2]!r} "
+                                 "(use %j job, %a array index, %r rank, %n node, %x name, %% percent)")
+            i += 2
+        else:
+            i += 1
 
 
 def parse_priority(v: Any) -> Any:
@@ -180,6 +234,59 @@ class ReportSpec(BaseModel):
     activity: dict[Annotated[int, Field(ge=1, le=INT32)], ActivitySpec] = Field(
         default_factory=dict, max_length=100000, description="job id -> its ranks' newest output, "
                                                              "checkpoint and suspend acknowledgement")
+
+
+def parse_array(spec: str, max_size: int) -> tuple[list[int], int]:
+    """Slurm's ``--array`` syntax -> (the task indices, sorted and unique; the throttle, 0 = none).
+
+    ``0-99``, ``0-99%8`` (at most 8 running at once), ``1,3,5-7``, ``0-15:4`` (a step). A ValueError
+    names what is wrong; at most ``max_size`` tasks (``[haiplatform] max_array_size``)."""
+    s = spec.strip()
+    throttle = 0
+    if "%" in s:
+        s, _, t = s.partition("%")
+        if not t.isdigit() or int(t) < 1:
+            raise ValueError(f"array {spec!r}: the throttle after % must be a positive number")
+        throttle = int(t)
+    if not s:
+        raise ValueError(f"array {spec!r}: no index given (e.g. 0-99, 0-99%8, 1,3,5-7, 0-15:4)")
+    out: set[int] = set()
+    for part in s.split(","):
+        rng, _, step_s = part.strip().partition(":")
+        lo_s, dash, hi_s = rng.partition("-")
+        if not lo_s.isdigit() or (dash and not hi_s.isdigit()) or (step_s and not step_s.isdigit()):
+            raise ValueError(f"array {spec!r}: bad part {part!r} (expected N, N-M or N-M:STEP, "
+                             "indices >= 0)")
+        lo = int(lo_s)
+        hi = int(hi_s) if dash else lo
+        step = int(step_s) if step_s else 1
+        if hi < lo or step < 1:
+            raise ValueError(f"array {spec!r}: bad range {part!r} (the end is below the start, or step 0)")
+        if hi > INT32:
+            raise ValueError(f"array {spec!r}: index {hi} is too large")
+        if (hi - lo) // step + 1 + len(out) > max_size:
+            raise ValueError(f"array {spec!r} has more than {max_size} tasks "
+                             "(haiplatform.max_array_size)")
+        out.update(range(lo, hi + 1, step))
+    return sorted(out), throttle
+
+
+class CancelSpec(BaseModel):
+    """``POST /v1/jobs/cancel``: which chains to cancel (every filter given must match; at least one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[Annotated[int, Field(ge=1, le=INT32)]] | None = Field(None, max_length=100000)
+    name: Annotated[str, Field(max_length=128, pattern=NO_NUL)] | None = None
+    user: Annotated[str, Field(max_length=64, pattern=NO_NUL)] | None = None
+    array_id: int | None = Field(None, ge=1, le=INT32)
+    status: list[Annotated[str, Field(max_length=16)]] | None = Field(None, max_length=10)
+
+
+class GroupSpec(BaseModel):
+    """``PUT /v1/users/{name}/group``: the user's new group (None: none)."""
+
+    model_config = ConfigDict(extra="forbid")
+    group: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class CheckSpec(BaseModel):

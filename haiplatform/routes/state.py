@@ -87,7 +87,7 @@ class ApiState:
     limits: Limits
     sched_events: Notifier = field(default_factory=Notifier)
     agent_events: dict[str, Notifier] = field(default_factory=dict)  # one per node of the cluster
-    token_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)  # token -> (when, Principal | None)
+    token_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)  # token -> (when, Principal | None | why refused)
     epochs: dict[str, str] = field(default_factory=dict)       # node -> the epoch of its live agent
     last_beat: dict[str, float] = field(default_factory=dict)  # node -> when its last_seen was written
     agent_rpc: dict[str, Any] = field(default_factory=dict)    # node -> RpcPool to its agent (logs)
