@@ -126,8 +126,8 @@ def test_a_user_cannot_see_or_stop_anothers_job_unless_shared(app, api, users):
     shared = submit(api, users["alice"], name="alice-shared", shared_in_group=True)
     bob = browser(app)
     login(bob, users["bob"])
-    listing = bob.get("/ui/").text
-    assert "alice-shared" in listing and "alice-private" not in listing
+    listing = bob.get("/ui/").text  # the queue is everyone's to read (queue_visibility "all"), the jobs are not
+    assert 'id="queue"' in listing and "alice-shared" in listing and "alice-private" in listing
     r = bob.get(f"/ui/jobs/{private}")
     assert r.status_code == 403 and "belongs to alice" in r.text
     csrf = csrf_of(bob.get(f"/ui/jobs/{shared}").text)
@@ -241,3 +241,33 @@ def test_sessions_expire_are_bounded_and_drop():
     assert s.get("x" * 500) is None and s.get(None) is None
     with pytest.raises(ValueError, match="ttl"):
         Sessions(ttl=0)
+
+
+def test_hold_release_only_for_the_owner_and_history_filters(app, api, users):
+    jid = submit(api, users["alice"], name="holdme", shared_in_group=True)
+    alice, bob = browser(app), browser(app)
+    login(alice, users["alice"])
+    login(bob, users["bob"])
+    page = alice.get(f"/ui/jobs/{jid}").text
+    assert 'id="action-hold"' in page and 'id="action-release"' not in page
+    bob_page = bob.get(f"/ui/jobs/{jid}").text  # shared: bob may stop it, not hold it
+    assert 'id="action-stop"' in bob_page and 'id="action-hold"' not in bob_page
+    r = bob.post(f"/ui/jobs/{jid}/hold", data={"csrf": csrf_of(bob_page)}, follow_redirects=False)
+    assert r.status_code == 403 and "only its owner or an admin" in r.text
+    r = alice.post(f"/ui/jobs/{jid}/hold", data={"csrf": csrf_of(page)}, follow_redirects=False)
+    assert r.status_code == 303
+    page = alice.get(r.headers["location"]).text
+    assert "Job held." in page and 'id="action-release"' in page and "hai release" in page
+    alice.post(f"/ui/jobs/{jid}/release", data={"csrf": csrf_of(page)})
+    assert api.get(f"/v1/jobs/{jid}").json()["held"] is False
+    # the history: an ended chain, filtered by status and by the day it ended
+    with app.state.api.db.write() as s:
+        j = s.get(Job, jid)
+        now = time.time()
+        j.status, j.exit_code, j.started_at, j.finished_at = "failed", 3, now - 60.5, now
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    hist = alice.get("/ui/", params={"status": "failed", "since": today}).text.split('id="history"', 1)[1]
+    assert f'data-job="{jid}"' in hist and "holdme" in hist and "1m00s" in hist
+    assert "holdme" not in alice.get("/ui/", params={"status": "succeeded"}).text.split("History", 1)[1]
+    r = alice.get("/ui/", params={"since": "yesterday"})
+    assert r.status_code == 422 and "not a date" in r.text

@@ -12,6 +12,7 @@ page with the API's message and status.
 from __future__ import annotations
 
 import functools
+import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -55,14 +56,18 @@ _STATIC = {name: (resources.files("haiplatform.web").joinpath("static", name).re
            for name, media in (("style.css", "text/css; charset=utf-8"),
                                ("follow.js", "text/javascript; charset=utf-8"))}
 
-#: actions a job page offers: form name -> (route function, which statuses it applies to)
-ACTIONS: dict[str, tuple[Callable[..., dict], frozenset[str]]] = {
-    "stop": (job_routes.stop_job, frozenset(JobStatus.LIVE)),
-    "suspend": (job_routes.suspend_job, frozenset({JobStatus.RUNNING})),
+#: actions a job page offers: form name -> (the name of its route function in routes/jobs.py, when the job's page shows the button, only
+#: to its owner and admins); the route decides whether the viewer may
+ACTIONS: dict[str, tuple[str, Callable[[dict], bool], bool]] = {
+    "stop": ("stop_job", lambda j: j["status"] in JobStatus.LIVE, False),
+    "suspend": ("suspend_job", lambda j: j["status"] == JobStatus.RUNNING, False),
+    "hold": ("hold_job", lambda j: j["status"] == JobStatus.QUEUED and not j.get("held"), True),
+    "release": ("release_job", lambda j: j["status"] == JobStatus.QUEUED and bool(j.get("held")), True),
+    "resubmit": ("resubmit_job", lambda j: j["status"] in JobStatus.ENDED, True),
 }
 #: what the page says after an action (fixed texts: nothing from the URL is shown as a message)
 _DONE = {"stop": "Stop requested.", "suspend": "Suspend requested.", "hold": "Job held.",
-         "release": "Job released.", "login": "Logged in.", "logout": "Logged out."}
+         "release": "Job released.", "resubmit": "Resubmitted as a new job.", "logout": "Logged out."}
 Rank_ = Annotated[int, Path(ge=0, le=INT32)]
 Filter_ = Annotated[str, Query(max_length=64)]
 Attempt_ = Annotated[int | None, Query(ge=1, le=INT32)]
@@ -280,35 +285,46 @@ async def logout(request: Request, viewer: Viewer) -> Response:
 @router.get("/")
 @_page
 async def jobs_page(request: Request, viewer: Viewer, status: Filter_ = "", name: Filter_ = "", user: Filter_ = "",
+                    since: Filter_ = "", until: Filter_ = "",
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
-    """The queue (with positions and why each waits), what runs, and the history with filters."""
+    """The queue (with positions and why each waits), what runs, and the history with filters: the
+    API's ``/v1/queue`` and ``/v1/history``."""
     st, p = _st(request), viewer.p
-    live = await run_in_threadpool(job_routes.list_jobs, p, st, all=p.admin, status=None, limit=1000)
-    queued = sorted((j for j in live if j["status"] == JobStatus.QUEUED),
-                    key=lambda j: (j["position"] is None, j["position"] or 0, j["chain_id"]))
-    running = [j for j in live if j["status"] in JobStatus.ACTIVE]
-    done_status = status if status in JobStatus.ENDED else None
-    if status and done_status is None:
-        raise ApiError(f"unknown status {status!r}; one of {', '.join(JobStatus.ENDED)}", 422)
-    past = await run_in_threadpool(job_routes.list_jobs, p, st, all=p.admin, status=done_status,
-                                   limit=1000 if done_status else 10000)
-    history = [j for j in past if j["status"] in JobStatus.ENDED and (not name or name in j["name"])
-               and (not user or j["user"] == user)][:limit]
-    return _render(request, "jobs.html", viewer, queued=queued, running=running, history=history,
-                   filters={"status": status, "name": name, "user": user, "limit": limit},
-                   statuses=JobStatus.ENDED)
+    rows = await run_in_threadpool(job_routes.queue, p, st)
+    queued = [r for r in rows if r["status"] == JobStatus.QUEUED]
+    running = [r for r in rows if r["status"] != JobStatus.QUEUED]
+    hist = await run_in_threadpool(job_routes.history, p, st, user=user or None, status=status or None,
+                                   since=_day(since, "since"), until=_day(until, "until", end=True),
+                                   name=name or None, limit=limit, offset=0)
+    found = json.loads(hist.body)
+    return _render(request, "jobs.html", viewer, queued=queued, running=running, history=found["jobs"],
+                   total=found["total"], statuses=JobStatus.ENDED,
+                   filters={"status": status, "name": name, "user": user, "since": since, "until": until,
+                            "limit": limit})
 
 
-def _actions(job: dict) -> list[str]:
-    """The buttons a job's page shows (the route decides whether the viewer may)."""
-    return [a for a, (_, statuses) in ACTIONS.items() if job["status"] in statuses]
+def _day(text: str, what: str, end: bool = False) -> float | None:
+    """A YYYY-MM-DD date of the history's filter as unix seconds (UTC; ``end``: the day's end)."""
+    if not text:
+        return None
+    try:
+        day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise ApiError(f"{what} {text!r} is not a date (YYYY-MM-DD)", 422) from None
+    return day.timestamp() + (86400 if end else 0)
+
+
+def _actions(job: dict, p: Principal) -> list[str]:
+    """The buttons a job's page shows the viewer (the route still decides whether they may)."""
+    mine = p.admin or job["user"] == p.name
+    return [a for a, (_, shown, owners) in ACTIONS.items() if shown(job) and (mine or not owners)]
 
 
 @router.get("/jobs/{job_id}")
 @_page
 async def job_page(request: Request, viewer: Viewer, job_id: JobId) -> Response:
     job = await run_in_threadpool(job_routes.get_job, job_id, viewer.p, _st(request))
-    return _render(request, "job.html", viewer, job=job, actions=_actions(job),
+    return _render(request, "job.html", viewer, job=job, actions=_actions(job, viewer.p),
                    ended=job["status"] in JobStatus.ENDED)
 
 
@@ -318,7 +334,10 @@ async def job_action(request: Request, viewer: Viewer, job_id: JobId, action: st
     await _checked_form(request, viewer)
     if action not in ACTIONS:
         raise ApiError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}", 404)
-    fn, _ = ACTIONS[action]
+    fn = getattr(job_routes, ACTIONS[action][0])  # the route's function (by name: routes/jobs.py)
+    if action == "resubmit":  # async (it submits); answers the new chain
+        new = json.loads((await fn(job_id, viewer.p, _st(request))).body)["chain_id"]
+        return _redirect(f"/ui/jobs/{new}?done=resubmit")
     await run_in_threadpool(fn, job_id, viewer.p, _st(request))
     return _redirect(f"/ui/jobs/{job_id}?done={action}")
 
@@ -375,7 +394,8 @@ async def admin_page(request: Request, viewer: Viewer) -> Response:
     st = _st(request)
     users = await run_in_threadpool(admin_routes.users, p, st)
     quotas = await run_in_threadpool(admin_routes.quotas, p, st)
-    return _render(request, "admin.html", viewer, users=users, quotas=quotas)
+    groups = await run_in_threadpool(admin_routes.groups, p, st)
+    return _render(request, "admin.html", viewer, users=users, quotas=quotas, groups=groups)
 
 
 @router.get("/fs3")
