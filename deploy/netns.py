@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from network.topology import Cluster
 
-__all__ = ["NetnsCluster", "NetnsError", "unavailable", "Link"]
+__all__ = ["NetnsCluster", "NetnsError", "unavailable", "Link", "path_gbit", "subnet_of"]
 
 _TAG = re.compile(r"^[a-z0-9]{1,6}$")
 _CMD_TIMEOUT = 30.0
@@ -320,6 +320,19 @@ class NetnsCluster:
 
     def __repr__(self) -> str:
         return f"<NetnsCluster {self.tag} of {self.cluster.name}: {len(self.namespaces)} nodes on {self.subnet}>"
+
+
+def path_gbit(cluster: Cluster, a: str, b: str) -> float | None:
+    """The shaped rate between nodes ``a`` and ``b``: the slowest link on their path (None when
+    every link on it is unshaped)."""
+    na, nb = cluster.node(a), cluster.node(b)
+    rates = [na.nic_gbps, nb.nic_gbps]
+    if na.leaf != nb.leaf:
+        rates += [cluster.leaves[na.leaf].uplink_gbps, cluster.leaves[nb.leaf].uplink_gbps]
+    if na.zone != nb.zone:
+        rates.append(cluster.interzone_gbps)
+    known = [r for r in rates if r is not None]
+    return min(known) if known else None
 
 
 def _tbf(gbit: float) -> list[str]:
