@@ -15,6 +15,25 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CLUSTER = ROOT / "deploy" / "clusters" / "local.toml"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--netns", action="store_true", default=False,
+                     help="run the tests' local clusters on network namespaces (every node its own network "
+                          "stack, shaped links: deploy.netns; needs root and iproute2)")
+
+
+def pytest_configure(config):
+    # --netns: every LocalCluster this process starts (the fixtures' multi-node clusters) runs on
+    # namespaces; a machine that cannot is a usage error naming why, not a silent loopback run
+    if config.getoption("--netns", default=False):
+        from deploy.local import use_netns_by_default
+        from deploy.netns import unavailable
+
+        why = unavailable()
+        if why:
+            raise pytest.UsageError(f"--netns: network namespaces are not available here: {why}")
+        use_netns_by_default(True)
+
+
 @pytest.fixture
 def launch_cluster(tmp_path):
     """Factory: ``launch_cluster(services=[...], cluster_file=...)`` starts a local cluster on free
