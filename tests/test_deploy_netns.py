@@ -18,13 +18,57 @@ import pytest
 import tomli_w
 from _waits import wait_until
 
-from deploy.netns import NetnsCluster, NetnsError, subnet_of, unavailable
+from deploy.netns import NetnsCluster, NetnsError, path_gbit, subnet_of, unavailable
 from network.topology import load_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "deploy" / "clusters" / "local.toml"
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"namespaces: {unavailable()}")
+needs_netns = pytest.mark.skipif(unavailable() is not None, reason=f"namespaces: {unavailable()}")
+
+
+def _raw(**cluster) -> dict:
+    import tomllib
+
+    raw = tomllib.loads(LOCAL.read_text())
+    raw["cluster"] = {"name": "x", **cluster}
+    return raw
+
+
+def test_link_rates_parse_default_and_validate():
+    from network.errors import ClusterFileError
+    from network.topology import Cluster
+
+    raw = _raw(nic_gbps=2, uplink_gbps=4.0, interzone_gbps=0.5)
+    raw["node"][3]["nic_gbps"] = 1.0
+    raw["leaf"][1]["uplink_gbps"] = 3.0
+    c = Cluster(raw)
+    assert c.node("n0").nic_gbps == 2.0 and c.node("n3").nic_gbps == 1.0
+    assert c.leaves["a-leaf0"].uplink_gbps == 4.0 and c.leaves["b-leaf0"].uplink_gbps == 3.0
+    assert c.interzone_gbps == 0.5
+    assert path_gbit(c, "n0", "n1") == 2.0 and path_gbit(c, "n2", "n3") == 1.0 and path_gbit(c, "n0", "n2") == 0.5
+    plain = Cluster(_raw())  # absent: unshaped
+    assert plain.node("n0").nic_gbps is None and plain.interzone_gbps is None
+    assert path_gbit(plain, "n0", "n2") is None
+    for bad in ({"nic_gbps": 0}, {"interzone_gbps": "fast"}, {"uplink_gbps": -1}):
+        with pytest.raises(ClusterFileError, match=f"cluster.{next(iter(bad))}: expected a link rate"):
+            Cluster(_raw(**bad))
+
+
+def test_plan_names_fit_and_three_zones_meet_at_a_core():
+    raw = _raw(interzone_gbps=1.0)
+    raw["zone"].append({"name": "zone-c", "spines": ["c-spine"]})
+    raw["leaf"].append({"name": "c-leaf0", "zone": "zone-c"})
+    raw["node"].append({"name": "n4", "address": "127.0.0.6", "leaf": "c-leaf0"})
+    from network.topology import Cluster
+
+    nc = NetnsCluster(Cluster(raw), "abcdef")
+    devs = [d for x in nc.links_ for ns, d in x.devs if not ns] + nc.bridges  # root namespace: unique
+    assert all(len(d) <= 15 for d in devs) and len(set(devs)) == len(devs)
+    core = [x for x in nc.links_ if x.b == "core"]
+    assert [x.a for x in core] == ["zone-a-spine0", "zone-b-spine0", "c-spine"]
+    assert nc.wrap("n4", ["true"]) == ["ip", "netns", "exec", "ffabcdef-n4", "true"]
+    assert subnet_of("abcdef") == nc.subnet and subnet_of("abcdef") != subnet_of("abcdeg")
 
 
 def _leftovers(tag: str) -> list[str]:
@@ -45,6 +89,7 @@ def nc():
     assert not _leftovers(c.tag)
 
 
+@needs_netns
 def test_up_down_leaves_nothing_and_names_carry_the_tag():
     tag = f"u{os.getpid() % 100000}"
     c = NetnsCluster(load_cluster(LOCAL), tag)
@@ -68,6 +113,7 @@ def test_up_down_leaves_nothing_and_names_carry_the_tag():
     assert _leftovers(tag) == []
 
 
+@needs_netns
 def test_bad_tag_and_unknown_link_are_named(nc):
     with pytest.raises(NetnsError, match="tag"):
         NetnsCluster(load_cluster(LOCAL), "Bad-Tag!")
@@ -94,6 +140,7 @@ def _write_cluster(nc, tmp_path: Path) -> Path:
     return path
 
 
+@needs_netns
 def test_probe_sees_the_shaped_rates(nc, tmp_path):
     from network.auth import load_cluster_key
     from network.probe import probe_matrix
@@ -147,6 +194,7 @@ RANK = textwrap.dedent("""
 """)
 
 
+@needs_netns
 def test_a_cut_link_fails_a_running_allreduce_naming_the_peer(nc):
     ranks = {0: "n0", 1: "n2"}  # across the zones
     procs = {}
