@@ -157,6 +157,54 @@ _ENTER = ('cd -- "$1" 2>/dev/null || { echo "[hai agent] the Unix account $2 can
           '$1" >&2; exit 126; }; shift 2; exec "$@"')
 
 
+def output_path(pattern: str, w: dict, node: str, base: str) -> str:
+    """A job's ``output`` pattern for one rank: %j chain id, %a array index (0 outside an array),
+    %r rank, %n node, %x job name, %% percent; a relative path is relative to ``base`` (the workdir)."""
+    keys = {"j": str(w["chain_id"]), "a": str(w.get("array_index") or 0), "r": str(w["rank"]), "n": node,
+            "x": w["name"], "%": "%"}
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern[i] == "%" and i + 1 < len(pattern) and pattern[i + 1] in keys:
+            out.append(keys[pattern[i + 1]])
+            i += 2
+        else:
+            out.append(pattern[i])
+            i += 1
+    return os.path.join(base, "".join(out))
+
+
+# [Note: --output as the job's account] A rank's output goes to its log (the agent's file, read by
+# the API) and, with ``output``, also to a path of the user's choosing. That path is written by a
+# small copier process that runs as the job's account (never as root: the account's permissions
+# decide where it may write) and opens the file with O_NOFOLLOW (a link planted there is refused,
+# not followed). The rank writes into a pipe; the copier appends what it reads to the log and the
+# file, and exits at end of file, when every process of the rank has closed the pipe.
+_COPIER = r"""
+import os, sys
+path = sys.argv[1]
+try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    os.set_blocking(fd, True)
+except OSError as exc:
+    fd = None
+    os.write(1, f"[hai agent] cannot write the output file {path}: {exc.strerror}\n".encode())
+def put(f, b):
+    while b:
+        b = b[os.write(f, b):]
+while True:
+    b = os.read(0, 1 << 16)
+    if not b:
+        break
+    put(1, b)
+    if fd is not None:
+        try:
+            put(fd, b)
+        except OSError as exc:
+            os.write(1, f"[hai agent] output file {path}: {exc.strerror}; writing the log only\n".encode())
+            fd = None
+"""
+
+
 def _write_file(path: Path, text: str, owner: Account | None) -> None:
     """Write a small file into a job's control directory without following a link the job put there."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
@@ -486,7 +534,12 @@ class Agent:
                 else:
                     workdir = w["workdir"] or home
                     argv, cwd = ["/bin/sh", "-c", _ENTER, "hai-rank", workdir, acct.name, *w["command"]], "/"
-                popen = self._spawn(argv, acct, env, cwd, out)
+                if w.get("output"):
+                    target = output_path(w["output"], w, self.node.name,
+                                         (w["workdir"] or home) if acct else (w["workdir"] or os.getcwd()))
+                    popen = self._spawn_with_output(argv, acct, env, cwd, out, target)
+                else:
+                    popen = self._spawn(argv, acct, env, cwd, out)
         except (OSError, ValueError, AccountError) as exc:
             msg = f"cannot start {w['command'][0]!r} on {self.node.name}: {exc}"
             with open(logpath, "ab") as out:
@@ -513,6 +566,34 @@ class Agent:
         if acct:  # subprocess switches ids before the preexec_fn: the death signal survives
             kw.update(user=acct.uid, group=acct.gid, extra_groups=os.getgrouplist(acct.name, acct.gid))
         return subprocess.Popen(argv, preexec_fn=_pdeathsig_kill, **kw)
+
+    def _spawn_with_output(self, argv: list[str], acct: Account | None, env: dict, cwd: str | None, out,
+                           target: str) -> subprocess.Popen:
+        """A rank whose output also goes to ``target``, through a copier run as ``acct`` (see the note
+        at _COPIER)."""
+        import sys
+
+        r, wr = os.pipe()
+        try:
+            ids = [f"--reuid={acct.uid}", f"--regid={acct.gid}", "--init-groups"] if acct else []
+            cmd = [sys.executable, "-I", "-S", "-c", _COPIER, target]
+            kw = dict(stdin=r, stdout=out, stderr=out, env={"PATH": env.get("PATH", "/usr/bin:/bin")}, cwd="/",
+                      start_new_session=True)
+            if _SETPRIV:
+                subprocess.Popen([_SETPRIV, *ids, "--", *cmd], **kw)
+            else:
+                if acct:
+                    kw.update(user=acct.uid, group=acct.gid, extra_groups=os.getgrouplist(acct.name, acct.gid))
+                subprocess.Popen(cmd, **kw)
+            os.close(r)
+            r = -1
+            with os.fdopen(wr, "wb", closefd=True) as pipe:
+                wr = -1
+                return self._spawn(argv, acct, env, cwd, pipe)
+        finally:
+            for fd in (r, wr):
+                if fd >= 0:
+                    os.close(fd)
 
     def _prepare_control(self, w: dict, control: Path, acct: Account | None) -> None:
         """The job's control directory on this node, made once per attempt: fresh, mode 0700, owned by

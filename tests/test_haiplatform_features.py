@@ -350,3 +350,37 @@ def test_logs_answer_sizes_and_tail_and_the_client_pages_the_whole_log(api, db, 
     assert c.logs(jid).encode() == blob
     assert c.logs(jid, tail=1) == "Traceback: the error at the end\n"
     assert c.log_size(jid) == len(blob)
+
+
+def test_output_path_placeholders():
+    from haiplatform.agent import output_path
+
+    w = {"chain_id": 12, "array_index": 3, "rank": 1, "name": "sweep"}
+    assert output_path("out/%x-%j.%a.%r@%n-100%%.log", w, "n2", "/work") == "/work/out/sweep-12.3.1@n2-100%.log"
+    assert output_path("/abs/%j.log", {**w, "array_index": None}, "n2", "/work") == "/abs/12.log"
+
+
+def test_output_copier_writes_log_and_file_and_refuses_links(tmp_path):
+    """The copier (run by the agent as the job's account) appends to the rank's log and the output
+    file; a link planted at the output path is not followed (the log says so)."""
+    import subprocess
+    import sys
+
+    from haiplatform.agent import _COPIER
+
+    def run(target):
+        log = tmp_path / f"log-{target.name}"
+        with open(log, "wb") as out:
+            subprocess.run([sys.executable, "-I", "-S", "-c", _COPIER, str(target)], input=b"hello\nworld\n",
+                           stdout=out, stderr=out, timeout=30, check=True)
+        return log.read_bytes()
+
+    target = tmp_path / "out.txt"
+    assert run(target) == b"hello\nworld\n" and target.read_bytes() == b"hello\nworld\n"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"keep")
+    link = tmp_path / "link.txt"
+    link.symlink_to(secret)
+    log = run(link)
+    assert log.startswith(b"[hai agent] cannot write the output file") and log.endswith(b"hello\nworld\n")
+    assert secret.read_bytes() == b"keep"
