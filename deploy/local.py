@@ -138,12 +138,21 @@ def derived_cluster(dest: str | os.PathLike, modules: Iterable[str], *, fs3: dic
 
 
 NETNS_STATE = "netns.json"  # RUN_DIR/netns.json: the namespace cluster and the launcher that owns it
-NETNS_ENV = "FIREFLYER_NETNS"  # "1": LocalCluster(netns=None) runs on namespaces (pytest --netns)
+NETNS_ENV = "FIREFLYER_NETNS"  # "1": LocalCluster(netns=None) runs on namespaces
+_netns_default = False
+
+
+def use_netns_by_default(on: bool = True) -> None:
+    """Make ``LocalCluster(netns=None)`` in this process run on namespaces (pytest's ``--netns``:
+    every cluster fixture then does; launchers in child processes keep their own choice)."""
+    global _netns_default
+    _netns_default = on
 
 
 def netns_requested() -> bool:
-    """Whether ``$FIREFLYER_NETNS`` asks for the namespace cluster (the tests' ``--netns`` sets it)."""
-    return os.environ.get(NETNS_ENV) == "1"
+    """Whether this process runs clusters on namespaces unless told otherwise: :func:`use_netns_by_default`
+    or ``$FIREFLYER_NETNS=1``."""
+    return _netns_default or os.environ.get(NETNS_ENV) == "1"
 
 
 def node_state_dir(run_dir: str | os.PathLike, node: str | None) -> Path:
