@@ -20,10 +20,14 @@ phase                 what it does
 ``priority``          the effective level: AUTO -> the highest level with per-priority quota
                       room (NORMAL without one), ABOVE_NORMAL -> NORMAL after
                       ``demote_after`` of chain run time (``SetPriority`` when it changes)
+``gate``              held attempts, disabled users' and those whose dependencies have not
+                      ended wait outside the queue (``SetReason``); a failed ``after_ok``
+                      dependency cancels (``CancelJob``)
 ``queue_sort``        queued attempts by effective priority (high first), then ``first_id``
                       (the chain's first submission: a resumed job keeps its place)
-``filters``           quota per user / group at the effective level (``QuotaFilter``: skipped,
-                      not blocking); reference-fifo: the fitting prefix and strict order
+``filters``           a job array's throttle (``ArrayThrottle``) and quota per user / group at the
+                      effective level (``QuotaFilter``), both skipped, not blocking;
+                      reference-fifo: the fitting prefix and strict order
 ``score``             fireflyer: one leaf if it fits a leaf (best fit), else one zone filling
                       leaves, else across zones if a cross-zone slot is free; backfill
                       reservations honoured (``TopologyScore``); reference-fifo: random
