@@ -603,6 +603,11 @@ def cancel_jobs(body: CancelSpec, p: User_, st: State_) -> dict:
 
 # -- history and the queue -------------------------------------------------------------------------
 
+#: a history row's keys, in the order of the query's columns
+_HISTORY_KEYS = ("chain_id", "name", "user", "nodes", "priority", "submitted_at", "started_at", "finished_at",
+                 "elapsed_s", "wall_s", "status", "exit_code", "restarts", "array_id", "array_index", "reason")
+
+
 @router.get("/v1/history")
 def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=64)] = None,
             status: Annotated[str | None, Query(max_length=64)] = None,
@@ -627,10 +632,15 @@ def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=6
             raise ApiError(f"unknown status {', '.join(unknown)}; one of any, "
                            f"{', '.join((*JobStatus.ENDED, *JobStatus.LIVE))}", 422)
     f = aliased(Job, name="first")
-    cols = (Job.chain_id, Job.name, Job.user, Job.nodes, Job.priority, Job.submitted_at, Job.created_at,
-            f.started_at.label("first_started"), f.scheduled_at.label("first_scheduled"), Job.started_at,
-            Job.scheduled_at, Job.finished_at, Job.chain_run_s, Job.status, Job.exit_code, Job.restart_count,
-            Job.array_id, Job.array_index, Job.reason)
+    now = time.time()
+    began = func.coalesce(f.started_at, f.scheduled_at)
+    this = func.coalesce(Job.started_at, Job.scheduled_at)
+    # the figures are computed by the database: building 10,000 rows in Python is most of the answer's time
+    cols = (Job.chain_id, Job.name, Job.user, Job.nodes, Job.priority,
+            func.coalesce(func.nullif(Job.submitted_at, 0.0), Job.created_at), began, Job.finished_at,
+            Job.chain_run_s + func.coalesce(func.coalesce(Job.finished_at, now) - this, 0.0),
+            func.coalesce(func.coalesce(Job.finished_at, now) - began, 0.0), Job.status, Job.exit_code,
+            Job.restart_count, Job.array_id, Job.array_index, Job.reason)
     q = select(*cols).join(f, f.id == Job.first_id)
     if status == "any":
         # every chain: its latest attempt (the one no later attempt of the chain follows)
@@ -653,22 +663,12 @@ def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=6
         q = q.where(func.coalesce(Job.finished_at, Job.submitted_at) >= since)
     if until is not None:
         q = q.where(func.coalesce(Job.finished_at, Job.submitted_at) < until)
-    now = time.time()
     with st.db.ro_engine.begin() as c:
-        total = c.scalar(select(func.count()).select_from(q.subquery()))
         rows = c.execute(q.order_by(Job.finished_at.desc().nullsfirst(), Job.id.desc()).limit(limit).offset(offset)).all()
-    out = []
-    for r in rows:
-        began = r.first_started or r.first_scheduled
-        this = r.started_at or r.scheduled_at
-        run = r.chain_run_s + (max(0.0, (r.finished_at or now) - this) if this else 0.0)
-        end = r.finished_at
-        out.append({"chain_id": r.chain_id, "name": r.name, "user": r.user, "nodes": r.nodes,
-                    "priority": r.priority, "submitted_at": r.submitted_at or r.created_at, "started_at": began,
-                    "finished_at": end, "elapsed_s": run,
-                    "wall_s": ((end or now) - began) if began else 0.0, "status": r.status,
-                    "exit_code": r.exit_code, "restarts": r.restart_count, "array_id": r.array_id,
-                    "array_index": r.array_index, "reason": r.reason})
+        total = (offset + len(rows) if len(rows) < limit and (rows or offset == 0)
+                 else c.scalar(select(func.count()).select_from(q.subquery())))
+    keys = _HISTORY_KEYS
+    out = [dict(zip(keys, r, strict=True)) for r in rows]
     return JSONResponse({"jobs": out, "total": total})
 
 
