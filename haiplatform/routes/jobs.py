@@ -659,10 +659,10 @@ def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=6
         q = q.where(cond)
     if name:
         q = q.where(Job.name == name)
-    if since is not None:
-        q = q.where(func.coalesce(Job.finished_at, Job.submitted_at) >= since)
+    if since is not None:  # by submission, as the CLI's --since / --until say
+        q = q.where(Job.submitted_at >= since)
     if until is not None:
-        q = q.where(func.coalesce(Job.finished_at, Job.submitted_at) < until)
+        q = q.where(Job.submitted_at < until)
     with st.db.ro_engine.begin() as c:
         rows = c.execute(q.order_by(Job.finished_at.desc().nullsfirst(), Job.id.desc()).limit(limit).offset(offset)).all()
         total = (offset + len(rows) if len(rows) < limit and (rows or offset == 0)
