@@ -27,10 +27,10 @@ sysdeps:
 	@bash scripts/sysdeps.sh
 
 demo: $(STAMP)
-	$(VPY) -m deploy.demo
+	$(VPY) -m deploy.demo $(if $(filter 1 yes true,$(NETNS)),--netns)
 
 test: $(STAMP)
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest $(PYTEST_ARGS) $(if $(filter 1 yes true,$(NETNS)),--netns)
 
 bench: $(STAMP)
 	@bash scripts/sysdeps.sh slurm-wlm

@@ -332,17 +332,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deploy.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cluster", default=str(ROOT / "deploy" / "clusters" / "local.toml"))
     ap.add_argument("--keep-run-dir", action="store_true", help="keep logs and state after the demo")
+    ap.add_argument("--netns", action="store_true", help="run the cluster on network namespaces (make demo NETNS=1)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
 
+    if args.netns:  # said plainly, before anything starts, where this machine cannot
+        from deploy.netns import unavailable
+
+        why = unavailable()
+        if why:
+            con.print(f"[red]the demo cannot run on network namespaces here: {why}[/] (run 'make demo' without "
+                      "NETNS=1 for the loopback cluster)")
+            return 2
+        con.print("[bold]on network namespaces:[/] every node has its own network stack and address, joined by "
+                  "bridges for the leaves and the zones' spines, links shaped to the description's rates")
     run_dir = Path(tempfile.mkdtemp(prefix="fireflyer-demo-"))
     t_start = time.monotonic()
     # the job runs as the researcher's account (hai-NAME): it must reach this Python and the demo's code
     for d in pass_for_jobs(sys.executable, ROOT / "examples" / "demo_train.py"):
         con.print(f"[dim]jobs run as their users' accounts: gave them passage (o+x, not listing) through {d}, "
                   "on the way to this Python and the demo's code[/]")
-    lc = LocalCluster(args.cluster, run_dir, ports="auto", health_timeout=60)
+    lc = LocalCluster(args.cluster, run_dir, ports="auto", health_timeout=60, netns=args.netns)
     mnt = Fs3Mount(lc, run_dir)
+    if args.netns and not mnt.why_not:  # ip netns exec gives each service a mount namespace of its own
+        mnt.why_not = ("the services and their jobs run in their nodes' namespaces, which do not see a mount "
+                       "made here once they run")
     ok = False
     try:
         step("1. bring up the local cluster")
