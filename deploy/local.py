@@ -524,6 +524,10 @@ class LocalCluster:
             os.chmod(secrets_dir, 0o700)
             if not (secrets_dir / "cluster.key").exists():
                 new_cluster_key().save(secrets_dir / "cluster.key")
+                if self.node is not None:  # fine on one machine; on N hosts each would make its own
+                    log.warning("%s: made a new cluster key in %s; every host of the cluster must hold the same "
+                                "one (hai cluster keygen, then copy it into each run dir, or --key-file)",
+                                self.node, secrets_dir / "cluster.key")
             # absolute: a test or tool that copies the resolved description elsewhere still finds it
             sec["key_file"] = str((secrets_dir / "cluster.key").resolve())
         tmp = path.with_name("cluster.toml.tmp")
