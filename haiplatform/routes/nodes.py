@@ -22,7 +22,7 @@ from ..db import Job, NodeRow, Validation, event_row
 from ..errors import NotFound
 from ..states import JobStatus
 from .deps import Admin_, Principal, Service_, State_, User_
-from .models import DrainSpec, ValidationSpec
+from .models import NO_NUL, DrainSpec, ValidationSpec
 from .state import ApiState
 
 __all__ = ["router", "VALIDATOR", "mark_validating"]
@@ -31,7 +31,7 @@ router = APIRouter()
 
 #: ``nodes.drained_by`` of a node the validator drained
 VALIDATOR = "validator"
-NodeName = Annotated[str, PathParam(max_length=64)]
+NodeName = Annotated[str, PathParam(max_length=64, pattern=NO_NUL)]
 
 
 def _validation_json(v: Validation | None) -> dict | None:
@@ -125,7 +125,7 @@ def _run_json(v: Validation) -> dict:
 
 
 @router.get("/v1/validations")
-def validations(p: Admin_, st: State_, node: Annotated[str | None, Query(max_length=64)] = None,
+def validations(p: Admin_, st: State_, node: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
                 after: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict]:
     """Validator runs, newest first (of ``node``; with an id above ``after``)."""
