@@ -997,7 +997,12 @@ typedef struct {
     /* wire fields: kind, dtype, op, root, seq, nbytes */
     int kind, wdtype, wop, root;
     uint64_t seq, wnbytes;
+    /* the lane's two threads (see "up and down overlap"): set when the other one failed */
+    int *stop;
+    int wakefd;
 } lane_t;
+
+#define LANE_STOPPED 8 /* internal: the other thread of the lane failed first */
 
 static void put_be32(unsigned char *p, uint32_t v) {
     for (int i = 3; i >= 0; i--) { p[i] = (unsigned char)v; v >>= 8; }
@@ -1025,15 +1030,18 @@ static void lane_header(const lane_t *ln, unsigned char *h, int t, int64_t g, ui
 /* Wait until `fd` is ready for `ev`; meanwhile watch the abort word, the local peers' pidfds and
  * the connection's deadline. 0: ready (or an error the next call reports), else a status. */
 static int lane_poll(lane_t *ln, int fd, short ev, int link) {
-    struct pollfd p[1 + MAXSRC];
+    struct pollfd p[2 + MAXSRC];
     for (;;) {
         if (__atomic_load_n(ln->c.w + ln->c.abort_word, __ATOMIC_SEQ_CST)) return 2;
+        if (ln->stop && __atomic_load_n(ln->stop, __ATOMIC_SEQ_CST)) return LANE_STOPPED;
         double left = ln->net_timeout - (now_s() - ln->last);
         if (left <= 0) { ln->where = link; return 6; }
         if (left > ln->poll) left = ln->poll;
         p[0].fd = fd; p[0].events = ev; p[0].revents = 0;
         for (int i = 0; i < ln->npid; i++) { p[1 + i].fd = ln->pidfd[i]; p[1 + i].events = POLLIN; p[1 + i].revents = 0; }
-        int k = poll(p, (nfds_t)(1 + ln->npid), (int)(left * 1000.0) + 1);
+        int np = 1 + ln->npid;
+        if (ln->stop && ln->wakefd >= 0) { p[np].fd = ln->wakefd; p[np].events = POLLIN; p[np].revents = 0; np++; }
+        int k = poll(p, (nfds_t)np, (int)(left * 1000.0) + 1);
         if (k < 0) {
             if (errno == EINTR) continue;
             ln->err = errno; ln->where = link;
@@ -1101,6 +1109,191 @@ static int lane_send(lane_t *ln, int fd, int link, const unsigned char *hdr, con
         return st;
     }
     return 0;
+}
+
+/* [Note: up and down overlap]
+ * A lane runs each collective on two threads: the up thread (this slice over the node, then up
+ * both trees: receive the children's partial halves, add, send to the parent) and the calling
+ * thread, which goes down (receive the final halves from the parent, send them to the children,
+ * write the final slice into the local peers' buffers). On every connection one thread sends
+ * and the other receives, so a link carries chunk g+1's partial one way while chunk g's final
+ * comes back the other: a link that every byte must cross both ways (two zones joined by one
+ * slow link) is busy in both directions at once, and an allreduce takes S/B over it instead of
+ * 2 S/B (a single loop that went up then down per chunk left each direction idle half the time).
+ * The up thread never waits for the down one; the down thread takes chunk g only once the up
+ * thread is done with it (at the root the final value is there, elsewhere the partial has left
+ * the buffer the final lands in). Each pass alone is a tree protocol, so blocking sends cannot
+ * deadlock. A thread that fails sets `stop` and wakes the other (eventfd) out of its poll; the
+ * first failure is the one reported. */
+#include <pthread.h>
+#include <sys/eventfd.h>
+
+typedef struct {
+    int L, me, dtype, op, esz;
+    long long avg, chunk, nbytes;
+    int64_t g0, gend;
+    const pid_t *pid;
+    const uintptr_t *addr, *direct;
+    char *mine, *tmp, *rbuf;
+    size_t blk, rcap;
+    const int *links, *parent, *nkid;
+    int (*kids)[LANE_MAXKID];
+    int stop, wakefd, first, up_status, spin;
+    int64_t up_done, down_done;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    lane_t up, down; /* each thread's own deadline, diagnosis and partial-send mask */
+} lane_run_t;
+
+/* The thread `who` (1 up, 2 down) failed: stop and wake the other. */
+static void lane_stop(lane_run_t *R, int who) {
+    pthread_mutex_lock(&R->mu);
+    if (!R->first) R->first = who;
+    __atomic_store_n(&R->stop, 1, __ATOMIC_SEQ_CST);
+    pthread_cond_broadcast(&R->cv);
+    pthread_mutex_unlock(&R->mu);
+    if (R->wakefd >= 0) {
+        uint64_t one = 1;
+        ssize_t k = write(R->wakefd, &one, sizeof one);
+        (void)k;
+    }
+}
+
+static int lane_up(lane_run_t *R) {
+    lane_t *ln = &R->up;
+    unsigned char hdr[LANE_HDR];
+    ln->last = now_s();
+    for (int64_t g = R->g0; g < R->gend; g++) {
+        if (__atomic_load_n(ln->c.w + ln->c.abort_word, __ATOMIC_SEQ_CST)) return 2;
+        if (__atomic_load_n(&R->stop, __ATOMIC_SEQ_CST)) return LANE_STOPPED;
+        size_t c0, a, b;
+        my_slice(g - R->g0, R->chunk, R->nbytes, R->L, R->me, &c0, &a, &b);
+        /* 1. my slice over the node, into my own buffer */
+        if (R->L > 1)
+            ln->err = cma_reduce(R->pid, R->addr, R->direct, R->L, R->me, R->tmp, R->blk, c0 + a, c0 + b, R->dtype,
+                                 R->op, 0, 0);
+        if (ln->err) return 3;
+        /* 2. up both trees */
+        for (int t = 0; t < 2; t++) {
+            size_t ha, hb;
+            slice_of(b - a, 2, t, &ha, &hb);
+            char *part = R->mine + c0 + a + ha;
+            size_t n = hb - ha;
+            lane_header(ln, hdr, t, g, n);
+            const void *srcs[LANE_MAXKID];
+            for (int k = 0; k < R->nkid[t]; k++) {
+                int lk = R->kids[t][k];
+                int st = lane_expect(ln, R->links[lk], lk, hdr);
+                if (!st) st = lane_recv(ln, R->links[lk], lk, (unsigned char *)R->rbuf + (size_t)k * R->rcap, n);
+                if (st) return st;
+                srcs[k] = R->rbuf + (size_t)k * R->rcap;
+            }
+            if (R->nkid[t] && n)
+                run_reduce(part, NULL, srcs, R->nkid[t], n / (size_t)R->esz, R->dtype, R->op,
+                           R->parent[t] < 0 ? R->avg : 0, NULL);
+            if (R->parent[t] >= 0) {
+                int st = lane_send(ln, R->links[R->parent[t]], R->parent[t], hdr, part, n);
+                if (st) return st;
+            }
+        }
+        pthread_mutex_lock(&R->mu);
+        R->up_done = g + 1;
+        pthread_cond_broadcast(&R->cv);
+        pthread_mutex_unlock(&R->mu);
+        ln->last = now_s();
+    }
+    return 0;
+}
+
+static void *lane_up_main(void *arg) {
+    lane_run_t *R = (lane_run_t *)arg;
+    R->up_status = lane_up(R);
+    if (R->up_status) lane_stop(R, 1);
+    return NULL;
+}
+
+static int lane_down(lane_run_t *R) {
+    lane_t *ln = &R->down;
+    unsigned char hdr[LANE_HDR];
+    for (int64_t g = R->g0; g < R->gend; g++, R->down_done = g) {
+        /* chunk g is the down thread's once the up thread is done with it */
+        int st = 0;
+        pthread_mutex_lock(&R->mu);
+        while (R->up_done <= g && !R->stop) {
+            if (__atomic_load_n(ln->c.w + ln->c.abort_word, __ATOMIC_SEQ_CST)) { st = 2; break; }
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            long long ns = ts.tv_nsec + (long long)(ln->poll * 1e9);
+            ts.tv_sec += (time_t)(ns / 1000000000LL);
+            ts.tv_nsec = (long)(ns % 1000000000LL);
+            pthread_cond_timedwait(&R->cv, &R->mu, &ts);
+        }
+        if (!st && R->stop) st = LANE_STOPPED;
+        pthread_mutex_unlock(&R->mu);
+        if (st) return st;
+        ln->last = now_s();
+        size_t c0, a, b;
+        my_slice(g - R->g0, R->chunk, R->nbytes, R->L, R->me, &c0, &a, &b);
+        /* 3. down both trees */
+        for (int t = 0; t < 2; t++) {
+            size_t ha, hb;
+            slice_of(b - a, 2, t, &ha, &hb);
+            char *part = R->mine + c0 + a + ha;
+            size_t n = hb - ha;
+            lane_header(ln, hdr, t, g, n);
+            if (R->parent[t] >= 0) {
+                st = lane_expect(ln, R->links[R->parent[t]], R->parent[t], hdr);
+                if (!st) st = lane_recv(ln, R->links[R->parent[t]], R->parent[t], (unsigned char *)part, n);
+            }
+            for (int k = 0; k < R->nkid[t] && !st; k++)
+                st = lane_send(ln, R->links[R->kids[t][k]], R->kids[t][k], hdr, part, n);
+            if (st) return st;
+        }
+        /* 4. the final slice into every local peer's buffer */
+        for (int r = 0; r < R->L && !ln->err; r++)
+            if (r != R->me && b > a) {
+                if (R->direct[r])
+                    memcpy((char *)R->direct[r] + c0 + a, R->mine + c0 + a, b - a);
+                else
+                    ln->err = cma_write(R->pid[r], R->addr[r] + c0 + a, R->mine + c0 + a, b - a);
+            }
+        if (ln->err) return 3;
+        ctl_publish(&ln->c, ctl_mine(&ln->c, ln->c.w_reduced), g + 1);
+        ctl_publish(&ln->c, ctl_mine(&ln->c, ln->c.w_consumed), g + 1);
+    }
+    return 0;
+}
+
+/* Run chunks [g0, gend) on the two threads (the up thread inline before the down pass if no
+ * thread can be made: correct, without the overlap). The first failure's lane_t goes to `out`. */
+static int lane_run(lane_run_t *R, lane_t *out) {
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&R->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&R->mu, NULL);
+    R->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    R->up = *out;
+    R->down = *out;
+    R->up.stop = R->down.stop = &R->stop;
+    R->up.wakefd = R->down.wakefd = R->wakefd;
+    pthread_t th;
+    int threaded = pthread_create(&th, NULL, lane_up_main, R) == 0;
+    if (!threaded) lane_up_main(R);
+    int st = lane_down(R);
+    if (st) lane_stop(R, 2);
+    if (threaded) pthread_join(th, NULL);
+    if (R->wakefd >= 0) close(R->wakefd);
+    pthread_mutex_destroy(&R->mu);
+    pthread_cond_destroy(&R->cv);
+    int from_up = R->up_status && R->up_status != LANE_STOPPED && (R->first == 1 || !st || st == LANE_STOPPED);
+    *out = from_up ? R->up : R->down;
+    out->partial = R->up.partial | R->down.partial;
+    out->stop = NULL;
+    out->wakefd = -1;
+    if (from_up) return R->up_status;
+    return st == LANE_STOPPED ? 2 : st; /* (stopped with no failure of the other thread: cannot happen) */
 }
 
 static int seq_ints(PyObject *obj, int *out, int max, const char *what) {
@@ -1216,7 +1409,6 @@ static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
     const Py_ssize_t stride = ln.c.stride;
     int64_t g = g0;
     int status = 0;
-    unsigned char hdr[LANE_HDR];
     Py_BEGIN_ALLOW_THREADS
     ln.last = now_s();
     /* every local rank's input is in place once it posted (own buffers: at the start) */
@@ -1241,55 +1433,15 @@ static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
         }
         idle_wait(&ln.c, e, spin, left < poll_s ? left : poll_s);
     }
-    for (; !status && g < gend; g++) {
-        if (__atomic_load_n(ln.c.w + ln.c.abort_word, __ATOMIC_SEQ_CST)) { status = 2; break; }
-        size_t c0, a, b;
-        my_slice(g - g0, chunk, nbytes, L, me, &c0, &a, &b);
-        /* 1. my slice over the node, into my own buffer */
-        if (L > 1) ln.err = cma_reduce(pid, addr, direct, L, me, tmp, blk, c0 + a, c0 + b, dtype, op, 0, 0);
-        if (ln.err) { status = 3; break; }
-        /* 2. up both trees, 3. down both trees */
-        for (int phase = 0; phase < 4 && !status; phase++) {
-            int t = phase & 1, up = phase < 2;
-            size_t ha, hb;
-            slice_of(b - a, 2, t, &ha, &hb);
-            char *part = mine + c0 + a + ha;
-            size_t n = hb - ha;
-            lane_header(&ln, hdr, t, g, n);
-            if (up) {
-                const void *srcs[LANE_MAXKID];
-                for (int k = 0; k < nkid[t] && !status; k++) {
-                    int lk = kids[t][k];
-                    status = lane_expect(&ln, links[lk], lk, hdr);
-                    if (!status) status = lane_recv(&ln, links[lk], lk, (unsigned char *)rbuf + (size_t)k * rcap, n);
-                    srcs[k] = rbuf + (size_t)k * rcap;
-                }
-                if (status) break;
-                if (nkid[t] && n)
-                    run_reduce(part, NULL, srcs, nkid[t], n / (size_t)esz, dtype, op, parent[t] < 0 ? avg : 0, NULL);
-                if (parent[t] >= 0) status = lane_send(&ln, links[parent[t]], parent[t], hdr, part, n);
-            } else {
-                if (parent[t] >= 0) {
-                    status = lane_expect(&ln, links[parent[t]], parent[t], hdr);
-                    if (!status) status = lane_recv(&ln, links[parent[t]], parent[t], (unsigned char *)part, n);
-                }
-                for (int k = 0; k < nkid[t] && !status; k++)
-                    status = lane_send(&ln, links[kids[t][k]], kids[t][k], hdr, part, n);
-            }
-        }
-        if (status) break;
-        /* 4. the final slice into every local peer's buffer */
-        for (int r = 0; r < L && !ln.err; r++)
-            if (r != me && b > a) {
-                if (direct[r])
-                    memcpy((char *)direct[r] + c0 + a, mine + c0 + a, b - a);
-                else
-                    ln.err = cma_write(pid[r], addr[r] + c0 + a, mine + c0 + a, b - a);
-            }
-        if (ln.err) { status = 3; break; }
-        ctl_publish(&ln.c, ctl_mine(&ln.c, ln.c.w_reduced), g + 1);
-        ctl_publish(&ln.c, ctl_mine(&ln.c, ln.c.w_consumed), g + 1);
-        ln.last = now_s();
+    if (!status) {
+        lane_run_t R;
+        memset(&R, 0, sizeof R);
+        R.L = L; R.me = me; R.dtype = dtype; R.op = op; R.esz = esz; R.avg = avg; R.chunk = chunk; R.nbytes = nbytes;
+        R.g0 = g0; R.gend = gend; R.pid = pid; R.addr = addr; R.direct = direct; R.mine = mine; R.tmp = tmp;
+        R.rbuf = rbuf; R.blk = blk; R.rcap = rcap; R.links = links; R.parent = parent; R.kids = kids; R.nkid = nkid;
+        R.up_done = R.down_done = g0;
+        status = lane_run(&R, &ln);
+        g = R.down_done;
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&v);
