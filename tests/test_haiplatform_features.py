@@ -183,7 +183,7 @@ def test_an_array_runs_its_throttle_at_most_and_sets_its_env(api, db):
     assert len(tasks) == 6 and tasks[0] == a["id"] == a["array_id"] and a["array_throttle"] == 2
     js = [status(api, t) for t in tasks]
     assert [j["array_index"] for j in js] == list(range(6)) and {j["array_id"] for j in js} == {a["id"]}
-    assert all(j["chain_id"] == t for j, t in zip(js, tasks))
+    assert all(j["chain_id"] == t for j, t in zip(js, tasks, strict=True))
     seen_max, done = 0, set()
     for _ in range(10):
         cycle(db)
