@@ -77,7 +77,7 @@ __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyCo
            "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "RandomScore", "DEFAULT_PROFILE",
            "REFERENCE_FIFO", "PLAIN_FIFO", "PreemptPlugin", "ReservePlugin", "LeastWorkLost", "PrefixPreempt", "PrefixFilter",
            "BackfillReserve", "Pool", "place_topology", "auto_level", "ArrayThrottle", "gate", "dependency",
-           "held_reason"]
+           "held_reason", "reason_kind"]
 
 
 #: the reason of an attempt waiting for free nodes (also the reason a new submission starts with)
@@ -380,6 +380,29 @@ def reconcile(snap: Snapshot, cfg: PolicyConfig, lost_nodes: set[str]) -> list[D
 def held_reason(chain: int) -> str:
     """The waiting reason of a held chain (it says how to release it)."""
     return f"held (hai release {chain})"
+
+
+#: (prefix of a reason, the kind shown in its place) for :func:`reason_kind`, first match wins
+_REASON_KINDS = (("held", "held"), ("user ", "waiting: user disabled"), ("out_of_quota", "waiting: quota"),
+                 ("quota_exceeded", "waiting: quota"), ("dependency failed", "dependency failed"),
+                 ("dependency", "waiting: dependency"), ("array throttle", "waiting: array throttle"),
+                 ("preempted", "preempted"), ("preempting", "preempting"), ("reserved", "waiting: reserved"),
+                 ("waiting", "waiting for nodes"), ("re-queued", "re-queued"), ("resumed", "resumed"))
+
+
+def reason_kind(reason: str | None) -> str:
+    """A reason without its particulars (who is disabled, whose quota, who preempted): what
+    ``GET /v1/queue`` shows for other users' jobs under ``queue_visibility = "hide-others"``.
+
+    [Note: a whitelist of kinds] Reasons are free text built in many places and several name a
+    user; mapping known prefixes to fixed words (and anything else to "waiting") cannot leak a
+    name a future reason adds."""
+    if not reason:
+        return ""
+    for prefix, kind in _REASON_KINDS:
+        if reason.startswith(prefix):
+            return kind
+    return "waiting"
 
 
 def dependency(job: JobView, chains: dict[int, str]) -> tuple[bool, str | None]:

@@ -25,6 +25,7 @@ from haiplatform.policy import (
     dependency,
     gate,
     queue_position,
+    reason_kind,
 )
 from haiplatform.routes.models import check_command_size, check_output_pattern, parse_array
 from haiplatform.scheduler import apply_decisions, take_snapshot
@@ -314,6 +315,26 @@ def test_queue_shows_everyone_with_reasons_and_hides_others_when_told(api, db):
     q = api.get("/v1/queue", headers=as_(tok)).json()
     assert [(r["user"], r["name"]) for r in q] == [("-", "-"), ("fay", "mine"), ("-", "-")]
     assert api.get("/v1/queue").json()[0]["user"] == "admin"   # admins see all
+
+
+def test_hidden_queue_rows_give_only_the_reasons_kind(api, db):
+    """Under hide-others another user's reason says what it waits for, never whose quota or who."""
+    register(api, 2)
+    alice, fay = user(api, "alice"), user(api, "fay")
+    assert api.put("/v1/quotas", json={"subject": "user:alice", "max_nodes": 1}).status_code == 200
+    api.post("/v1/jobs", json=JOB, headers=as_(alice))
+    late = api.post("/v1/jobs", json=JOB, headers=as_(alice)).json()["id"]
+    cycle(db)
+    assert status(api, late)["reason"].startswith("out_of_quota: user:alice")
+    api.app.state.api.cfg.queue_visibility = "hide-others"
+    q = api.get("/v1/queue", headers=as_(fay))
+    assert "alice" not in q.text
+    assert {r["chain_id"]: r["reason"] for r in q.json()}[late] == "waiting: quota"
+    mine = api.get("/v1/queue", headers=as_(alice)).json()   # the owner sees the whole reason
+    assert {r["chain_id"]: r["reason"] for r in mine}[late].startswith("out_of_quota: user:alice")
+    assert reason_kind("preempted by job 3 (user bob, priority 2)") == "preempted"
+    assert reason_kind("user bob is disabled") == "waiting: user disabled"
+    assert reason_kind("something new naming bob") == "waiting"
 
 
 def test_logs_answer_sizes_and_tail_and_the_client_pages_the_whole_log(api, db, monkeypatch):

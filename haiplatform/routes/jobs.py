@@ -16,7 +16,7 @@ from sqlalchemy.orm import aliased
 from ..db import Event, Job, Quota, Rank, User, event_row
 from ..errors import ApiError, Conflict, Forbidden, NotFound
 from ..limits import GuardedStream
-from ..policy import NORMAL, WAITING, QuotaView, held_reason, never_fits
+from ..policy import NORMAL, WAITING, QuotaView, held_reason, never_fits, reason_kind
 from ..states import AUTO, JobStatus, RankStatus, StopCode
 from .deps import Principal, State_, User_, limit_key
 from .models import INT32, OFFSET_MAX, TS_MAX, CancelSpec, JobId, JobSpec, PrioritySpec, parse_array
@@ -676,7 +676,8 @@ def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=6
 def queue(p: User_, st: State_) -> list[dict]:
     """Every queued and running chain of every user, in the order the queue is served (running first),
     with why each waits: readable by any user. With ``queue_visibility = "hide-others"`` other users'
-    jobs show user and name "-" to non-admins."""
+    jobs show user and name "-" to non-admins, and their reasons only the kind (:func:`reason_kind`:
+    a reason may name a user, e.g. whose quota is full or who preempted it)."""
     if p.role == "job":
         raise Forbidden("a job's token cannot read the queue")
     with st.db.read() as s:
@@ -688,7 +689,8 @@ def queue(p: User_, st: State_) -> list[dict]:
         mine = j.user == p.name
         out.append({"chain_id": j.chain_id, "name": j.name if mine or not hide else "-",
                     "user": j.user if mine or not hide else "-", "nodes": j.nodes, "priority": j.priority,
-                    "status": j.status, "position": pos.get(j.id), "reason": j.reason,
+                    "status": j.status, "position": pos.get(j.id),
+                    "reason": j.reason if mine or not hide else reason_kind(j.reason),
                     "submitted_at": j.submitted_at or j.created_at, "started_at": j.started_at or j.scheduled_at,
                     "assigned_nodes": j.assigned_nodes, "held": bool(j.held), "array_id": j.array_id,
                     "array_index": j.array_index})
