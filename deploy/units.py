@@ -27,9 +27,11 @@ that hardening on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +40,8 @@ from network.topology import Cluster
 from .restart import RestartPolicy, policy_from_options
 from .services import kind_of
 
-__all__ = ["UnitOptions", "UnitsError", "unit_name", "units_for", "write_units", "TARGET", "ENV_FILE_NAME"]
+__all__ = ["UnitOptions", "UnitsError", "unit_name", "units_for", "write_units", "TARGET", "ENV_FILE_NAME",
+           "open_private_dir", "write_new"]
 
 TARGET = "fireflyer.target"
 ENV_FILE_NAME = "fireflyer.env"
@@ -182,15 +185,70 @@ def units_for(cluster: Cluster, node: str, opts: UnitOptions | None = None) -> d
     return out
 
 
+def open_private_dir(path: str | os.PathLike, error: type[Exception] = UnitsError) -> int:
+    """Open ``path`` as a directory only this account can write, and return its descriptor
+    (O_DIRECTORY|O_NOFOLLOW): created mode 0700 when absent (its parents as needed); an existing one
+    must be a real directory (not a symbolic link), owned by this account and writable by no one else.
+
+    [Note: write through a private directory] ``hai cluster units`` and ``keygen`` run as root and
+    their output directory is often under /tmp: another account could create it first and plant
+    links in it (root would then write, or chmod, whatever they point at) or swap the files
+    before they are installed (the agent's unit runs as root). Files are then made through the
+    descriptor with :func:`write_new` (O_EXCL|O_NOFOLLOW), so renaming the path afterwards
+    redirects nothing."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    made = False
+    try:
+        os.mkdir(p, 0o700)
+        made = True
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:  # ELOOP: a symbolic link; ENOTDIR: a file
+        raise error(f"{p} is not a directory of its own ({exc.strerror}): give a new path, or a private "
+                    f"directory of this account") from None
+    st = os.fstat(fd)
+    why = None
+    if st.st_uid != os.geteuid():
+        why = f"owned by uid {st.st_uid}, not by this account (uid {os.geteuid()})"
+    elif st.st_mode & 0o022:
+        why = f"writable by other accounts (mode {stat.S_IMODE(st.st_mode):o})"
+    if why:
+        os.close(fd)
+        raise error(f"{p} is {why}: another account could plant links or swap files there; give a new "
+                    f"path (it is created mode 0700), or a private directory of this account")
+    if made:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def write_new(dir_fd: int, name: str, text: str, mode: int, *, replace: bool = False) -> None:
+    """Create ``name`` in the directory ``dir_fd`` (O_CREAT|O_EXCL|O_NOFOLLOW: never through a link,
+    never into an existing file) with ``mode``; ``replace`` removes an existing entry of that name
+    first (the directory is private: :func:`open_private_dir`)."""
+    if replace:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(text)
+
+
 def write_units(cluster: Cluster, node: str, out: str | os.PathLike, opts: UnitOptions | None = None) -> list[Path]:
-    """Write :func:`units_for` into ``out`` (created); returns the files written."""
+    """Write :func:`units_for` into ``out``, a private directory (:func:`open_private_dir`: created
+    0700, or an existing one of this account that no one else can write); returns the files written.
+    Files of an earlier run there are replaced."""
     files = units_for(cluster, node, opts)
     d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in files.items():
-        p = d / name
-        p.write_text(text)
-        p.chmod(0o644)
-        written.append(p)
+    fd = open_private_dir(d)
+    try:
+        written = []
+        for name, text in files.items():
+            write_new(fd, name, text, 0o644, replace=True)
+            written.append(d / name)
+    finally:
+        os.close(fd)
     return written

@@ -114,3 +114,35 @@ def test_cli_writes_the_units(tmp_path):
                         str(ROOT / "deploy" / "clusters" / "local.toml"), "--node", "zz", "--out", str(tmp_path / "v")],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 1 and "no node 'zz'" in r.stderr
+
+
+def test_units_are_written_only_into_a_private_directory(tmp_path):
+    # a directory another account could write (or made by one, or a link to one): refused, nothing written
+    victim = tmp_path / "victim"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / TARGET).symlink_to(victim)
+    with pytest.raises(UnitsError, match="writable by other accounts"):
+        write_units(LOCAL, "n1", shared)
+    (tmp_path / "link").symlink_to(shared)
+    with pytest.raises(UnitsError, match="not a directory of its own"):
+        write_units(LOCAL, "n1", tmp_path / "link")
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(UnitsError, match="owned by uid 65534"):
+            write_units(LOCAL, "n1", theirs)
+    assert victim.read_text() == "secret\n" and victim.stat().st_mode & 0o777 == 0o600
+    # a new path is made 0700; a link left in one's own directory is replaced, its target untouched
+    out = tmp_path / "new" / "units"
+    write_units(LOCAL, "n1", out)
+    assert out.stat().st_mode & 0o777 == 0o700
+    (out / TARGET).unlink()
+    (out / TARGET).symlink_to(victim)
+    files = write_units(LOCAL, "n1", out)
+    assert not (out / TARGET).is_symlink() and victim.read_text() == "secret\n"
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in files)
