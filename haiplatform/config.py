@@ -38,6 +38,8 @@
     validate_sizes = {}         # the validator's sizes and thresholds, e.g. {gemm_n = 384, fraction = 0.5}
     queue_visibility = "all"    # hai queue: "all" or "hide-others" (others' jobs without user and name)
     max_array_size = 10000      # the most tasks of one job array (--array)
+    web_secure_cookies = "auto" # dashboard cookies Secure: "auto" (when the request is https), "always" (behind
+                                # a TLS proxy), or "proxy" (when a trusted proxy's X-Forwarded-Proto says https)
 
 STATE_DIR is ``$FIREFLYER_RUN_DIR_CLUSTER/hai`` when the local launcher runs the service,
 else ``state_dir`` from the section, else ``~/.local/state/fireflyer/hai/<cluster name>``.
@@ -104,6 +106,7 @@ class HaiConfig:
     validate_sizes: dict = field(default_factory=dict)
     queue_visibility: str = "all"   # GET /v1/queue: "all", or "hide-others" (others' user and name shown as "-")
     max_array_size: int = 10000     # the most tasks one job array may have
+    web_secure_cookies: str = "auto"  # the dashboard's cookies: "auto", "always" or "proxy" (docs/web.md)
 
     def policy_config(self):
         """The policy's :class:`~haiplatform.policy.PolicyConfig` from this section."""
@@ -169,6 +172,9 @@ def load_config(cluster: Cluster) -> HaiConfig:
     if kw.get("queue_visibility", "all") not in ("all", "hide-others"):
         raise ConfigError(f"{cluster.source}: haiplatform.queue_visibility: expected \"all\" or \"hide-others\", "
                           f"got {kw['queue_visibility']!r}")
+    if kw.get("web_secure_cookies", "auto") not in ("auto", "always", "proxy"):
+        raise ConfigError(f"{cluster.source}: haiplatform.web_secure_cookies: expected \"auto\", \"always\" or "
+                          f"\"proxy\", got {kw['web_secure_cookies']!r}")
     _check_accounts(cluster, kw)
     _check_no_secrets(cluster, kw)
     _check_validate_sizes(cluster, kw)

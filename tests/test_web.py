@@ -271,3 +271,68 @@ def test_hold_release_only_for_the_owner_and_history_filters(app, api, users):
     assert "holdme" not in alice.get("/ui/", params={"status": "succeeded"}).text.split("History", 1)[1]
     r = alice.get("/ui/", params={"since": "yesterday"})
     assert r.status_code == 422 and "not a date" in r.text
+
+
+def test_crafted_forms_and_filters_are_refused_not_500(app, api, users):
+    c = browser(app)
+    c.get("/ui/login")  # a nonce cookie; the form's field is not ASCII: parse_qs makes it a str with é
+    r = c.post("/ui/login", content=b"token=x&nonce=%C3%A9&next=/ui/",
+               headers={"content-type": "application/x-www-form-urlencoded"}, follow_redirects=False)
+    assert r.status_code == 403 and "expired" in r.text
+    login(c, users["alice"])
+    r = c.post("/ui/logout", content=b"csrf=%C3%A9", headers={"content-type": "application/x-www-form-urlencoded"},
+               follow_redirects=False)
+    assert r.status_code == 403 and "CSRF" in r.text
+    for q in ("name=%00", "user=a%00b"):  # PostgreSQL cannot hold a NUL: refused before the database
+        r = c.get(f"/ui/?{q}")
+        assert r.status_code == 422, (q, r.status_code)
+    # the follow script's poll of another user's private job is refused as the page is
+    private = submit(api, users["alice"], name="alice-more")
+    bob = browser(app)
+    login(bob, users["bob"])
+    r = bob.get(f"/ui/jobs/{private}/logs/0/more", params={"offset": 0})
+    assert r.status_code == 403 and "belongs to alice" in r.text
+
+
+def test_cookies_secure_behind_a_tls_proxy_only_when_configured(app, users):
+    cfg = app.state.api.cfg
+    c = browser(app)
+    assert "Secure" not in c.get("/ui/login").headers["set-cookie"]
+    forwarded = {"X-Forwarded-Proto": "https"}
+    assert "Secure" not in c.get("/ui/login", headers=forwarded).headers["set-cookie"]  # "auto": not believed
+    try:
+        cfg.web_secure_cookies = "proxy"
+        assert "Secure" in c.get("/ui/login", headers=forwarded).headers["set-cookie"]
+        assert "Secure" not in c.get("/ui/login").headers["set-cookie"]
+        cfg.web_secure_cookies = "always"
+        assert "Secure" in c.get("/ui/login").headers["set-cookie"]
+        s = TestClient(app, base_url="https://testserver")  # a Secure cookie goes back over https only
+        r = login(s, users["alice"])
+        assert "Secure" in next(h for h in r.headers.get_list("set-cookie") if h.startswith(COOKIE + "="))
+    finally:
+        cfg.web_secure_cookies = "auto"
+
+
+def test_fs3_health_reads_a_malformed_status_as_an_error(monkeypatch):
+    from haiplatform.web import fs3health
+
+    cluster = load_cluster(LOCAL_CLUSTER)
+    answers = [{"nodes": {"s1": {"address": "1.2.3.4"}}, "chains": {}}]  # no port, no alive
+
+    class FakeRpc:  # mgmtd's answer only: the RPC itself is tested by the fs3 tests
+        def __init__(self, *a, **kw): pass
+        def __enter__(self): return self
+        def __exit__(self, *a): pass
+        def call(self, method, params):
+            answers.append(answers[0])
+            return type("R", (), {"result": answers[0]})()
+
+    import network
+
+    monkeypatch.setattr(network, "RpcClient", FakeRpc)
+    monkeypatch.setattr("network.auth.load_cluster_key", lambda c: b"k")
+    monkeypatch.setattr(fs3health, "_cache", {})
+    h = fs3health.fs3_health(cluster)
+    assert h.present and "cannot read" in h.error and "KeyError" in h.error
+    assert fs3health.fs3_health(cluster) is h and len(answers) == 2  # cached: one RPC for both
+    assert fs3health.fs3_health(cluster, max_age=0) is not h and len(answers) == 3

@@ -33,7 +33,7 @@ from ..routes import admin as admin_routes
 from ..routes import jobs as job_routes
 from ..routes import nodes as node_routes
 from ..routes.deps import Principal, admin, authenticate
-from ..routes.models import INT32, OFFSET_MAX, JobId
+from ..routes.models import INT32, NO_NUL, OFFSET_MAX, JobId
 from ..routes.state import ApiState
 from ..states import JobStatus
 from .fs3health import fs3_health
@@ -69,7 +69,9 @@ ACTIONS: dict[str, tuple[str, Callable[[dict], bool], bool]] = {
 _DONE = {"stop": "Stop requested.", "suspend": "Suspend requested.", "hold": "Job held.",
          "release": "Job released.", "resubmit": "Resubmitted as a new job.", "logout": "Logged out."}
 Rank_ = Annotated[int, Path(ge=0, le=INT32)]
-Filter_ = Annotated[str, Query(max_length=64)]
+#: a filter goes to the database: a NUL (PostgreSQL's text cannot hold one) is a 422 here, as in the API
+#: (the page calls the route functions directly, so the routes' own Query checks never run)
+Filter_ = Annotated[str, Query(max_length=64, pattern=NO_NUL)]
 Attempt_ = Annotated[int | None, Query(ge=1, le=INT32)]
 #: a log read for the page and for each follow poll
 LOG_PAGE_LINES = 2000
@@ -115,6 +117,21 @@ def _st(request: Request) -> ApiState:
 def _secure(resp: Response) -> Response:
     resp.headers.update(_HEADERS)
     return resp
+
+
+def _https(request: Request) -> bool:
+    """Whether the dashboard's cookies carry Secure (``[haiplatform] web_secure_cookies``).
+
+    [Note: behind a TLS proxy] The API serves plain HTTP; a proxy in front of it may end TLS, and then
+    every request here looks like http. "always" marks the cookies Secure whatever the request says;
+    "proxy" believes the proxy's X-Forwarded-Proto (only safe when nothing but the proxy reaches the
+    API: anyone else could send the header); "auto" (the default) goes by the request's own scheme."""
+    mode = getattr(_st(request).cfg, "web_secure_cookies", "auto")
+    if mode == "always" or request.url.scheme == "https":
+        return True
+    if mode == "proxy":
+        return request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower() == "https"
+    return False
 
 
 def _redirect(url: str) -> Response:
@@ -215,9 +232,18 @@ async def _checked_form(request: Request, viewer: Viewer) -> dict[str, str]:
     """A POST action's form, after the same-origin and CSRF checks (403 without the session's token)."""
     _same_origin(request)
     form = await _form(request)
-    if not secrets.compare_digest(form.get("csrf", ""), viewer.session.csrf):
+    if not same_secret(form.get("csrf", ""), viewer.session.csrf):
         raise Forbidden("the form's CSRF token is missing or stale; reload the page and try again")
     return form
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """A constant-time comparison of a form's secret with the expected one.
+
+    [Note: bytes, not str] ``secrets.compare_digest`` raises TypeError on a str that is not ASCII,
+    and parse_qs turns ``%C3%A9`` into one: a crafted form was a 500 before any login. Bytes compare
+    whatever they hold."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 def safe_next(url: str | None) -> str:
@@ -238,7 +264,7 @@ def _login_page(request: Request, next_url: str, error: str | None = None, statu
     nonce = secrets.token_urlsafe(24)  # [Note: login CSRF] the form's field must match this cookie
     resp = _render(request, "login.html", None, status=status, next_url=next_url, nonce=nonce, error=error)
     resp.set_cookie(LOGIN_COOKIE, nonce, max_age=600, path="/ui/login", httponly=True, samesite="strict",
-                    secure=request.url.scheme == "https")
+                    secure=_https(request))
     return resp
 
 
@@ -252,7 +278,7 @@ async def login(request: Request) -> Response:
         return _login_page(request, "/ui/", str(exc), exc.status or 400)
     next_url = safe_next(form.get("next"))
     nonce = request.cookies.get(LOGIN_COOKIE, "")
-    if not nonce or not secrets.compare_digest(form.get("nonce", ""), nonce):
+    if not nonce or not same_secret(form.get("nonce", ""), nonce):
         return _login_page(request, next_url, "the login form expired; please try again", 403)
     token = form.get("token", "").strip()
     try:
@@ -265,7 +291,7 @@ async def login(request: Request) -> Response:
     sid, _ = _sessions(request).create(token, p.name)
     resp = _redirect(next_url)
     resp.set_cookie(COOKIE, sid, path="/ui", httponly=True, samesite="strict",
-                    secure=request.url.scheme == "https")
+                    secure=_https(request))
     resp.delete_cookie(LOGIN_COOKIE, path="/ui/login")
     return resp
 
