@@ -941,7 +941,7 @@ static PyObject *py_pipeline_cma(PyObject *self, PyObject *args) {
 /* ---------------------------------------------------------------- lanes: allreduce across nodes, one tree per slice
  *
  * pipeline_lanes(ctrl, geometry, (L, me), (g0, nchunks, nbytes, chunk), pids, (addrs, direct), (dtype, op, avg),
- *                tmp, rbuf, links, trees, wire, pidfds, (timeout, net_timeout, poll), spin)
+ *                tmp, rbuf, links, trees, wire, pidfds, (timeout, net_timeout, poll), spin[, window])
  *     -> (status, chunks done, errno, where, header bytes, partial-send link mask)
  *
  *   [Note: lanes] Across nodes, for an allreduce of host buffers, local rank s of every node
@@ -1120,8 +1120,11 @@ static int lane_send(lane_t *ln, int fd, int link, const unsigned char *hdr, con
  * comes back the other: a link that every byte must cross both ways (two zones joined by one
  * slow link) is busy in both directions at once, and an allreduce takes S/B over it instead of
  * 2 S/B (a single loop that went up then down per chunk left each direction idle half the time).
- * The up thread never waits for the down one; the down thread takes chunk g only once the up
- * thread is done with it (at the root the final value is there, elsewhere the partial has left
+ * Python turns it on (`window` >= 0) where the group spans zones: on a host whose "links" are
+ * its own CPUs (loopback, a few cores) the second thread only competes with the first, and
+ * one chunk after the other measured faster there. The up thread runs at most `window` chunks
+ * ahead of the down one (their bytes still in the caches); the down thread takes chunk g only
+ * once the up thread is done with it (at the root the final value is there, elsewhere the partial has left
  * the buffer the final lands in). Each pass alone is a tree protocol, so blocking sends cannot
  * deadlock. A thread that fails sets `stop` and wakes the other (eventfd) out of its poll; the
  * first failure is the one reported. */
@@ -1138,12 +1141,22 @@ typedef struct {
     size_t blk, rcap;
     const int *links, *parent, *nkid;
     int (*kids)[LANE_MAXKID];
-    int stop, wakefd, first, up_status, spin;
+    int stop, wakefd, first, up_status, window;
     int64_t up_done, down_done;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     lane_t up, down; /* each thread's own deadline, diagnosis and partial-send mask */
 } lane_run_t;
+
+/* Wait on the lane's condition (mutex held) for at most `secs`. */
+static void lane_cond_wait(lane_run_t *R, double secs) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    long long ns = ts.tv_nsec + (long long)(secs * 1e9);
+    ts.tv_sec += (time_t)(ns / 1000000000LL);
+    ts.tv_nsec = (long)(ns % 1000000000LL);
+    pthread_cond_timedwait(&R->cv, &R->mu, &ts);
+}
 
 /* The thread `who` (1 up, 2 down) failed: stop and wake the other. */
 static void lane_stop(lane_run_t *R, int who) {
@@ -1159,47 +1172,112 @@ static void lane_stop(lane_run_t *R, int who) {
     }
 }
 
+/* The up pass of chunk g: my slice over the node, then up both trees. */
+static int lane_up_one(lane_run_t *R, lane_t *ln, int64_t g) {
+    unsigned char hdr[LANE_HDR];
+    size_t c0, a, b;
+    my_slice(g - R->g0, R->chunk, R->nbytes, R->L, R->me, &c0, &a, &b);
+    /* 1. my slice over the node, into my own buffer */
+    if (R->L > 1)
+        ln->err = cma_reduce(R->pid, R->addr, R->direct, R->L, R->me, R->tmp, R->blk, c0 + a, c0 + b, R->dtype,
+                             R->op, 0, 0);
+    if (ln->err) return 3;
+    /* 2. up both trees */
+    for (int t = 0; t < 2; t++) {
+        size_t ha, hb;
+        slice_of(b - a, 2, t, &ha, &hb);
+        char *part = R->mine + c0 + a + ha;
+        size_t n = hb - ha;
+        lane_header(ln, hdr, t, g, n);
+        const void *srcs[LANE_MAXKID];
+        for (int k = 0; k < R->nkid[t]; k++) {
+            int lk = R->kids[t][k];
+            int st = lane_expect(ln, R->links[lk], lk, hdr);
+            if (!st) st = lane_recv(ln, R->links[lk], lk, (unsigned char *)R->rbuf + (size_t)k * R->rcap, n);
+            if (st) return st;
+            srcs[k] = R->rbuf + (size_t)k * R->rcap;
+        }
+        if (R->nkid[t] && n)
+            run_reduce(part, NULL, srcs, R->nkid[t], n / (size_t)R->esz, R->dtype, R->op,
+                       R->parent[t] < 0 ? R->avg : 0, NULL);
+        if (R->parent[t] >= 0) {
+            int st = lane_send(ln, R->links[R->parent[t]], R->parent[t], hdr, part, n);
+            if (st) return st;
+        }
+    }
+    return 0;
+}
+
+/* The down pass of chunk g: down both trees, then the final slice into the local peers' buffers. */
+static int lane_down_one(lane_run_t *R, lane_t *ln, int64_t g) {
+    unsigned char hdr[LANE_HDR];
+    size_t c0, a, b;
+    my_slice(g - R->g0, R->chunk, R->nbytes, R->L, R->me, &c0, &a, &b);
+    /* 3. down both trees */
+    for (int t = 0; t < 2; t++) {
+        size_t ha, hb;
+        int st = 0;
+        slice_of(b - a, 2, t, &ha, &hb);
+        char *part = R->mine + c0 + a + ha;
+        size_t n = hb - ha;
+        lane_header(ln, hdr, t, g, n);
+        if (R->parent[t] >= 0) {
+            st = lane_expect(ln, R->links[R->parent[t]], R->parent[t], hdr);
+            if (!st) st = lane_recv(ln, R->links[R->parent[t]], R->parent[t], (unsigned char *)part, n);
+        }
+        for (int k = 0; k < R->nkid[t] && !st; k++)
+            st = lane_send(ln, R->links[R->kids[t][k]], R->kids[t][k], hdr, part, n);
+        if (st) return st;
+    }
+    /* 4. the final slice into every local peer's buffer */
+    for (int r = 0; r < R->L && !ln->err; r++)
+        if (r != R->me && b > a) {
+            if (R->direct[r])
+                memcpy((char *)R->direct[r] + c0 + a, R->mine + c0 + a, b - a);
+            else
+                ln->err = cma_write(R->pid[r], R->addr[r] + c0 + a, R->mine + c0 + a, b - a);
+        }
+    if (ln->err) return 3;
+    ctl_publish(&ln->c, ctl_mine(&ln->c, ln->c.w_reduced), g + 1);
+    ctl_publish(&ln->c, ctl_mine(&ln->c, ln->c.w_consumed), g + 1);
+    return 0;
+}
+
+/* Wait (mutex held) until `*word` >= want, the other thread stopped, or the abort word is set. */
+static int lane_wait_for(lane_run_t *R, lane_t *ln, int64_t *word, int64_t want) {
+    int st = 0;
+    pthread_mutex_lock(&R->mu);
+    while (__atomic_load_n(word, __ATOMIC_SEQ_CST) < want && !R->stop) {
+        if (__atomic_load_n(ln->c.w + ln->c.abort_word, __ATOMIC_SEQ_CST)) { st = 2; break; }
+        lane_cond_wait(R, ln->poll);
+    }
+    if (!st && R->stop) st = LANE_STOPPED;
+    pthread_mutex_unlock(&R->mu);
+    return st;
+}
+
+static void lane_advance(lane_run_t *R, int64_t *word, int64_t v) {
+    pthread_mutex_lock(&R->mu);
+    __atomic_store_n(word, v, __ATOMIC_SEQ_CST);
+    pthread_cond_broadcast(&R->cv);
+    pthread_mutex_unlock(&R->mu);
+}
+
 static int lane_up(lane_run_t *R) {
     lane_t *ln = &R->up;
-    unsigned char hdr[LANE_HDR];
     ln->last = now_s();
     for (int64_t g = R->g0; g < R->gend; g++) {
         if (__atomic_load_n(ln->c.w + ln->c.abort_word, __ATOMIC_SEQ_CST)) return 2;
         if (__atomic_load_n(&R->stop, __ATOMIC_SEQ_CST)) return LANE_STOPPED;
-        size_t c0, a, b;
-        my_slice(g - R->g0, R->chunk, R->nbytes, R->L, R->me, &c0, &a, &b);
-        /* 1. my slice over the node, into my own buffer */
-        if (R->L > 1)
-            ln->err = cma_reduce(R->pid, R->addr, R->direct, R->L, R->me, R->tmp, R->blk, c0 + a, c0 + b, R->dtype,
-                                 R->op, 0, 0);
-        if (ln->err) return 3;
-        /* 2. up both trees */
-        for (int t = 0; t < 2; t++) {
-            size_t ha, hb;
-            slice_of(b - a, 2, t, &ha, &hb);
-            char *part = R->mine + c0 + a + ha;
-            size_t n = hb - ha;
-            lane_header(ln, hdr, t, g, n);
-            const void *srcs[LANE_MAXKID];
-            for (int k = 0; k < R->nkid[t]; k++) {
-                int lk = R->kids[t][k];
-                int st = lane_expect(ln, R->links[lk], lk, hdr);
-                if (!st) st = lane_recv(ln, R->links[lk], lk, (unsigned char *)R->rbuf + (size_t)k * R->rcap, n);
-                if (st) return st;
-                srcs[k] = R->rbuf + (size_t)k * R->rcap;
-            }
-            if (R->nkid[t] && n)
-                run_reduce(part, NULL, srcs, R->nkid[t], n / (size_t)R->esz, R->dtype, R->op,
-                           R->parent[t] < 0 ? R->avg : 0, NULL);
-            if (R->parent[t] >= 0) {
-                int st = lane_send(ln, R->links[R->parent[t]], R->parent[t], hdr, part, n);
-                if (st) return st;
-            }
+        /* at most `window` chunks ahead of the down pass (their bytes still in the caches) */
+        if (__atomic_load_n(&R->down_done, __ATOMIC_SEQ_CST) < g - R->window) {
+            int st = lane_wait_for(R, ln, &R->down_done, g - R->window);
+            if (st) return st;
+            ln->last = now_s();
         }
-        pthread_mutex_lock(&R->mu);
-        R->up_done = g + 1;
-        pthread_cond_broadcast(&R->cv);
-        pthread_mutex_unlock(&R->mu);
+        int st = lane_up_one(R, ln, g);
+        if (st) return st;
+        lane_advance(R, &R->up_done, g + 1);
         ln->last = now_s();
     }
     return 0;
@@ -1214,59 +1292,34 @@ static void *lane_up_main(void *arg) {
 
 static int lane_down(lane_run_t *R) {
     lane_t *ln = &R->down;
-    unsigned char hdr[LANE_HDR];
-    for (int64_t g = R->g0; g < R->gend; g++, R->down_done = g) {
+    for (int64_t g = R->g0; g < R->gend; g++) {
         /* chunk g is the down thread's once the up thread is done with it */
-        int st = 0;
-        pthread_mutex_lock(&R->mu);
-        while (R->up_done <= g && !R->stop) {
-            if (__atomic_load_n(ln->c.w + ln->c.abort_word, __ATOMIC_SEQ_CST)) { st = 2; break; }
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            long long ns = ts.tv_nsec + (long long)(ln->poll * 1e9);
-            ts.tv_sec += (time_t)(ns / 1000000000LL);
-            ts.tv_nsec = (long)(ns % 1000000000LL);
-            pthread_cond_timedwait(&R->cv, &R->mu, &ts);
-        }
-        if (!st && R->stop) st = LANE_STOPPED;
-        pthread_mutex_unlock(&R->mu);
+        int st = lane_wait_for(R, ln, &R->up_done, g + 1);
         if (st) return st;
         ln->last = now_s();
-        size_t c0, a, b;
-        my_slice(g - R->g0, R->chunk, R->nbytes, R->L, R->me, &c0, &a, &b);
-        /* 3. down both trees */
-        for (int t = 0; t < 2; t++) {
-            size_t ha, hb;
-            slice_of(b - a, 2, t, &ha, &hb);
-            char *part = R->mine + c0 + a + ha;
-            size_t n = hb - ha;
-            lane_header(ln, hdr, t, g, n);
-            if (R->parent[t] >= 0) {
-                st = lane_expect(ln, R->links[R->parent[t]], R->parent[t], hdr);
-                if (!st) st = lane_recv(ln, R->links[R->parent[t]], R->parent[t], (unsigned char *)part, n);
-            }
-            for (int k = 0; k < R->nkid[t] && !st; k++)
-                st = lane_send(ln, R->links[R->kids[t][k]], R->kids[t][k], hdr, part, n);
-            if (st) return st;
-        }
-        /* 4. the final slice into every local peer's buffer */
-        for (int r = 0; r < R->L && !ln->err; r++)
-            if (r != R->me && b > a) {
-                if (R->direct[r])
-                    memcpy((char *)R->direct[r] + c0 + a, R->mine + c0 + a, b - a);
-                else
-                    ln->err = cma_write(R->pid[r], R->addr[r] + c0 + a, R->mine + c0 + a, b - a);
-            }
-        if (ln->err) return 3;
-        ctl_publish(&ln->c, ctl_mine(&ln->c, ln->c.w_reduced), g + 1);
-        ctl_publish(&ln->c, ctl_mine(&ln->c, ln->c.w_consumed), g + 1);
+        st = lane_down_one(R, ln, g);
+        if (st) return st;
+        lane_advance(R, &R->down_done, g + 1);
     }
     return 0;
 }
 
-/* Run chunks [g0, gend) on the two threads (the up thread inline before the down pass if no
- * thread can be made: correct, without the overlap). The first failure's lane_t goes to `out`. */
+/* Run chunks [g0, gend): with a window (>= 0) and more than one chunk on the two threads, else
+ * (or if no thread can be made) one chunk after the other, up then down, on this thread. The
+ * first failure's lane_t goes to `out`. */
 static int lane_run(lane_run_t *R, lane_t *out) {
+    if (R->window < 0 || R->gend - R->g0 <= 1) {
+        out->last = now_s();
+        for (int64_t g = R->g0; g < R->gend; g++) {
+            if (__atomic_load_n(out->c.w + out->c.abort_word, __ATOMIC_SEQ_CST)) return 2;
+            int st = lane_up_one(R, out, g);
+            if (!st) st = lane_down_one(R, out, g);
+            if (st) return st;
+            R->down_done = g + 1;
+            out->last = now_s();
+        }
+        return 0;
+    }
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -1280,10 +1333,16 @@ static int lane_run(lane_run_t *R, lane_t *out) {
     R->up.wakefd = R->down.wakefd = R->wakefd;
     pthread_t th;
     int threaded = pthread_create(&th, NULL, lane_up_main, R) == 0;
-    if (!threaded) lane_up_main(R);
-    int st = lane_down(R);
-    if (st) lane_stop(R, 2);
-    if (threaded) pthread_join(th, NULL);
+    int st;
+    if (threaded) {
+        st = lane_down(R);
+        if (st) lane_stop(R, 2);
+        pthread_join(th, NULL);
+    } else {
+        R->window = INT_MAX / 2; /* the whole up pass, then the whole down pass */
+        lane_up_main(R);
+        st = R->up_status ? LANE_STOPPED : lane_down(R);
+    }
     if (R->wakefd >= 0) close(R->wakefd);
     pthread_mutex_destroy(&R->mu);
     pthread_cond_destroy(&R->cv);
@@ -1330,10 +1389,11 @@ static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
     int L, me, dtype, op, spin, kind, wdtype, wop, root;
     long long g0, nchunks, nbytes, chunk, avg, seq, wnbytes;
     double timeout, net_timeout, poll_s;
-    if (!PyArg_ParseTuple(args, "OO!(ii)(LLLL)O(OO)(iiL)OOOO(iiiiLL)(OO)(ddd)i", &ctrl_obj, &PyTuple_Type, &geo_obj,
+    int window = -1;
+    if (!PyArg_ParseTuple(args, "OO!(ii)(LLLL)O(OO)(iiL)OOOO(iiiiLL)(OO)(ddd)i|i", &ctrl_obj, &PyTuple_Type, &geo_obj,
                           &L, &me, &g0, &nchunks, &nbytes, &chunk, &pid_obj, &addr_obj, &direct_obj, &dtype, &op, &avg, &tmp_obj,
                           &rbuf_obj, &link_obj, &tree_obj, &kind, &wdtype, &wop, &root, &seq, &wnbytes, &pfd_obj,
-                          &pr_obj, &timeout, &net_timeout, &poll_s, &spin))
+                          &pr_obj, &timeout, &net_timeout, &poll_s, &spin, &window))
         return NULL;
     if (L < 1 || L > MAXSRC || me < 0 || me >= L || chunk <= 0 || dtype < 0 || dtype > DT_U8)
         return PyErr_Format(PyExc_ValueError, "pipeline_lanes: bad geometry");
@@ -1440,6 +1500,7 @@ static PyObject *py_pipeline_lanes(PyObject *self, PyObject *args) {
         R.g0 = g0; R.gend = gend; R.pid = pid; R.addr = addr; R.direct = direct; R.mine = mine; R.tmp = tmp;
         R.rbuf = rbuf; R.blk = blk; R.rcap = rcap; R.links = links; R.parent = parent; R.kids = kids; R.nkid = nkid;
         R.up_done = R.down_done = g0;
+        R.window = window;
         status = lane_run(&R, &ln);
         g = R.down_done;
     }

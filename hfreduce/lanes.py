@@ -9,6 +9,10 @@ the order and why it cannot deadlock. Nothing is staged in the arena and no thre
 happens per chunk; the node leader's tree threads (:mod:`hfreduce.internode`) carry the other
 collectives.
 
+Up and down run on two threads of the rank where the group spans zones (or
+``HFREDUCE_LANE_OVERLAP=1``), so a link carries one chunk's partial one way while the previous
+chunk's final comes back the other; elsewhere one chunk after the other on one thread.
+
 Used for allreduce of host buffers when every node has the same number of ranks, single-copy
 reads work on every node (or there is one rank per node), the C loops are built, and
 ``HFREDUCE_LANES`` is not ``0``; all ranks agree at start-up (``info()["lanes"]``).
@@ -49,14 +53,32 @@ __all__ = ["Lanes", "T_ABORT"]
 T_ABORT = 2
 _PREFIX = struct.Struct("!IIQ")
 
+#: With up and down on two threads, how many chunks the up pass may run ahead of the down one.
+OVERLAP_WINDOW = 2
+
+
+def overlap_enabled(zones: int) -> bool:
+    """Whether a lane runs up and down on two threads (the C code's note "up and down overlap"):
+    ``HFREDUCE_LANE_OVERLAP`` = 1 / 0 forces it; by default on where the group spans more than one
+    zone of the cluster description (a slow inter-zone link carries every byte both ways)."""
+    v = os.environ.get("HFREDUCE_LANE_OVERLAP", "auto").strip().lower()
+    if v in ("1", "on", "yes", "true"):
+        return True
+    if v in ("0", "off", "no", "false"):
+        return False
+    if v not in ("", "auto"):
+        raise HFReduceError(f"environment variable HFREDUCE_LANE_OVERLAP={v!r}: expected 1, 0 or auto")
+    return zones > 1
+
 
 class Lanes:
     """This rank's lane: its connections to the lane peers of its tree neighbours."""
 
     def __init__(self, sync: NodeSync, trees: tuple[Tree, Tree], node: int, node_names: list[str],
                  local_groups: list[list[int]], links: list[tuple[Connection, int, int]], timeout: float,
-                 chunk: int) -> None:
+                 chunk: int, zones: int = 1) -> None:
         self.sync = sync
+        self.overlap = overlap_enabled(zones)
         self.node_names = node_names
         self.local_groups = local_groups
         self.lane = sync.me
@@ -98,7 +120,8 @@ class Lanes:
             sync.buf, geo, (sync.L, sync.me), (spec.g0, spec.nchunks, spec.nbytes, chunk), pids, addrs,
             (spec.kdtype, spec.kop, spec.avg), tmp, self.rbuf, self.fds, self.trees,
             (spec.kind, spec.dtype, spec.op, spec.root, spec.seq, spec.nbytes),
-            ([fd for fd, _ in pidfds], [r for _, r in pidfds]), (self.timeout, self.net_timeout, POLL), spin)
+            ([fd for fd, _ in pidfds], [r for _, r in pidfds]), (self.timeout, self.net_timeout, POLL), spin,
+            OVERLAP_WINDOW if self.overlap else -1)
         if status == 0:
             return
         self._dead_links.update(i for i in range(len(self.links)) if partial >> i & 1)

@@ -142,4 +142,7 @@ def connect_lanes(pg: ProcessGroup, listener, lane_eps: list, deadline: float) -
         if isinstance(exc, TransportError):
             raise InitError(f"rank {pg.rank} (node {pg.node}): cannot connect its lane: {exc}") from exc
         raise
-    return Lanes(pg._sync, pg.trees, me, pg.node_names, pg.local_groups, links, pg.timeout, pg.chunk)
+    cl = getattr(pg, "cluster", None)
+    zones = len({cl.zone_of(n) for n in pg.node_names}) if cl is not None and all(
+        n in cl.nodes for n in pg.node_names) else 1
+    return Lanes(pg._sync, pg.trees, me, pg.node_names, pg.local_groups, links, pg.timeout, pg.chunk, zones)
