@@ -227,24 +227,47 @@ def keygen(out: str | os.PathLike) -> dict[str, Path]:
     ``secrets/cluster.key`` (the services' cluster key) and ``hai/cluster.secret`` (the token of
     the platform's agents and scheduler), mode 0600 in 0700 directories. Copy the tree into each
     host's run dir (or state directory) so every node holds the same ones; an existing file is
-    never overwritten (rotating a key is described in docs/admin.md)."""
-    out = Path(out)
-    key, secret = out / "secrets" / "cluster.key", out / "hai" / "cluster.secret"
-    there = [str(p) for p in (key, secret) if p.exists()]
-    if there:
-        raise LauncherError(f"{', '.join(there)} already exist(s): not overwritten (to rotate the cluster key, "
-                            "add a new one to the key file first: docs/admin.md, 'Rotating the keys')")
-    for d in (out, key.parent, secret.parent):
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for d in (key.parent, secret.parent):
-        os.chmod(d, 0o700)
-    new_cluster_key().save(key)
+    never overwritten (rotating a key is described in docs/admin.md).
+
+    ``out`` must be new, or an empty private directory of this account (not a link, writable by
+    no one else: :func:`deploy.units.open_private_dir`); everything is created through its
+    descriptor with O_EXCL|O_NOFOLLOW, so no other account can read or replace the key before it
+    is copied."""
     import secrets as _secrets
 
-    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(_secrets.token_urlsafe(24) + "\n")
+    from .units import open_private_dir, write_new
+
+    out = Path(out)
+    key, secret = out / "secrets" / "cluster.key", out / "hai" / "cluster.secret"
+    fd = open_private_dir(out, LauncherError)
+    try:
+        there = [str(p) for p in (key, secret) if _lexists_in(fd, p.relative_to(out))]
+        if there:
+            raise LauncherError(f"{', '.join(there)} already exist(s): not overwritten (to rotate the cluster key, "
+                                "add a new one to the key file first: docs/admin.md, 'Rotating the keys')")
+        if os.listdir(fd):
+            raise LauncherError(f"{out} is not empty: keygen writes into a new or empty directory")
+        for p, text in ((key, new_cluster_key().to_json()), (secret, _secrets.token_urlsafe(24) + "\n")):
+            os.mkdir(p.parent.name, 0o700, dir_fd=fd)
+            sub = os.open(p.parent.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                os.fchmod(sub, 0o700)
+                write_new(sub, p.name, text, 0o600)
+            finally:
+                os.close(sub)
+    finally:
+        os.close(fd)
     return {"cluster_key": key, "hai_secret": secret}
+
+
+def _lexists_in(dir_fd: int, rel: Path) -> bool:
+    try:
+        os.stat(str(rel), dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return True
 
 
 def admin_token_hint(st: dict, cluster_file: str | os.PathLike, run_dir: Path | None) -> str | None:
@@ -261,7 +284,7 @@ def admin_token_hint(st: dict, cluster_file: str | os.PathLike, run_dir: Path | 
         env += f" HAI_RUN_DIR={Path(run_dir).resolve()}"
     return (f"admin token: {tok} (readable by this account only)\n"
             f"use it:  {env}\n"
-            f"    or:  hai init \"$(cat {tok})\" --url {url}")
+            f"    or:  hai init --token-file {tok} --url {url}")
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec

@@ -16,7 +16,7 @@ import pytest
 from _hai import cluster_file_factory
 from _waits import procs_mentioning, wait_until
 
-from deploy.local import LauncherError, cluster_up, keygen, pid_alive
+from deploy.local import LauncherError, admin_token_hint, cluster_up, keygen, pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = ["n0", "n1", "n2", "n3"]
@@ -55,7 +55,8 @@ def test_node_by_node_cluster_runs_the_demo_job(tmp_path):
             sup[n] = st["supervisor_pid"]
             if n == "n0":  # the API's node says where the admin token is and how to use it
                 assert f"admin token: {run / 'hai' / 'admin.token'}" in r.stdout
-                assert f"export HAI_CLUSTER={f}" in r.stdout and "hai init" in r.stdout
+                assert f"export HAI_CLUSTER={f}" in r.stdout
+                assert f"hai init --token-file {run / 'hai' / 'admin.token'} --url http://" in r.stdout
             else:
                 assert "admin token" not in r.stdout
         assert len(set(sup.values())) == 4  # four supervisors...
@@ -117,3 +118,31 @@ def test_node_must_exist_and_keygen_provisions_a_run_dir(tmp_path):
         keygen(tmp_path / "prov")
     r = _hai("cluster", "up", "--cluster", str(f), "--key-file", str(tmp_path / "nope"))
     assert r.returncode != 0 and "nope" in r.stderr
+
+
+def test_keygen_writes_only_into_a_new_private_directory(tmp_path):
+    shared = tmp_path / "shared"  # as an attacker's /tmp/fireflyer-secrets: others may write there
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(LauncherError, match="writable by other accounts"):
+        keygen(shared)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    with pytest.raises(LauncherError, match="not a directory of its own"):
+        keygen(tmp_path / "link")
+    (tmp_path / "elsewhere" / "secrets").symlink_to(shared)  # a planted link in a private directory
+    with pytest.raises(LauncherError, match="not empty"):
+        keygen(tmp_path / "elsewhere")
+    assert list(shared.iterdir()) == [] and list((tmp_path / "elsewhere").iterdir()) == [tmp_path / "elsewhere" / "secrets"]
+    made = keygen(tmp_path / "new" / "prov")
+    assert (tmp_path / "new" / "prov").stat().st_mode & 0o777 == 0o700
+    assert made["cluster_key"].read_text().startswith('{"key_id"')
+
+
+def test_admin_token_hint_never_puts_the_token_on_a_command_line(tmp_path):
+    st = {"services": [{"module": "haiplatform.api", "address": "127.0.0.1", "port": 17400}],
+          "run_dir": str(tmp_path)}
+    hint = admin_token_hint(st, tmp_path / "c.toml", tmp_path)
+    assert f"hai init --token-file {tmp_path / 'hai' / 'admin.token'} --url http://127.0.0.1:17400" in hint
+    assert "$(cat" not in hint
+    assert admin_token_hint({"services": []}, tmp_path / "c.toml", None) is None

@@ -119,7 +119,8 @@ def cluster_restart(service: str = typer.Argument(..., help="the service's modul
 
 
 @cluster_app.command("keygen")
-def cluster_keygen(out: Path = typer.Option(..., "--out", help="directory to write into (laid out as a run dir)"),
+def cluster_keygen(out: Path = typer.Option(..., "--out", help="a new directory (made 0700), or an empty private one "
+                                            "of yours, to write into (laid out as a run dir)"),
                    as_json: bool = JsonOpt) -> None:
     """Make a cluster's secrets for real hosts: OUT/secrets/cluster.key and OUT/hai/cluster.secret (0600).
 
@@ -135,13 +136,15 @@ def cluster_keygen(out: Path = typer.Option(..., "--out", help="directory to wri
         typer.echo(json.dumps({k: str(v) for k, v in made.items()}, indent=1))
         return
     typer.echo(f"cluster key: {made['cluster_key']}\nplatform secret: {made['hai_secret']}\n"
-               f"copy {out}/ to every host's run dir (mode 0700, owned by the services' account)")
+               f"copy {out}/ (both files) to every host's run dir (mode 0700, owned by the services' account), "
+               f"then delete it here")
 
 
 @cluster_app.command("units")
 def cluster_units(cluster: Path = ClusterOpt,
                   node: str = typer.Option(..., "--node", "-n", help="the node (host) the units are for"),
-                  out: Path = typer.Option(..., "--out", help="directory to write the units into"),
+                  out: Path = typer.Option(..., "--out", help="directory to write the units into: a new one (made "
+                                           "0700) or a private one of yours, not a link"),
                   user: str = typer.Option("fireflyer", help="the services' account (the agent runs as root)"),
                   group: str = typer.Option(None, help="the services' group (default: the user's name)"),
                   prefix: str = typer.Option("/opt/fireflyer/.venv", help="the venv on the host (PREFIX/bin/python)"),
