@@ -180,10 +180,16 @@ def spawn(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1, join: bool 
     SpawnError raised. With ``join=False`` the started processes are returned (the caller joins).
     ``nnodes > 1`` emulates that many nodes on this machine (``nnodes * nprocs`` processes).
     ``bind_numa`` is accepted for hfai compatibility and ignored (no NUMA binding here).
-    Inside a rank a launcher started, ``fn`` runs in this process (see the module's docstring)."""
+    Inside a rank a launcher started, ``fn`` runs in this process (see the module's docstring) and
+    returns when ``fn`` does: ``join=False`` then gives an empty list (no process to join: the work is
+    done), and ``cluster``, ``timeout`` and ``start_method`` do not apply (the launcher's layout wins;
+    a ``cluster`` given is warned about)."""
     if launched_rank():
+        if cluster is not None:
+            print(f"haiscale.spawn: cluster={cluster!s} is not used inside a rank the launcher started "
+                  "(the launcher's nodes are used)", file=sys.stderr, flush=True)
         _run_in_place(fn, args, nprocs, nnodes)
-        return None
+        return None if join else []
     if nnodes > 1 or cluster is not None:
         envs = emulated_env(nprocs, nnodes, cluster, master_addr, master_port)
     else:

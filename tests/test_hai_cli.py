@@ -136,6 +136,20 @@ def test_spawn_inside_a_launched_rank_runs_the_function_in_place():
     assert r.returncode == 0 and "nprocs=2 is not used" in r.stderr, r.stderr
 
 
+def test_spawn_in_a_rank_with_join_false_returns_no_processes(monkeypatch, capsys):
+    from haiscale import spawn
+
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("HAISCALE_SPAWNED", raising=False)
+    seen = []
+    procs = spawn(seen.append, nprocs=1, join=False, cluster="c.toml")
+    assert procs == [] and seen == [0]
+    for p in procs:  # what a caller written for spawned processes does: nothing to join, no crash
+        p.join()
+    assert "cluster=c.toml is not used" in capsys.readouterr().err
+
+
 # -- one local cluster ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
