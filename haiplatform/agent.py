@@ -178,7 +178,10 @@ def output_path(pattern: str, w: dict, node: str, base: str) -> str:
 # small copier process that runs as the job's account (never as root: the account's permissions
 # decide where it may write) and opens the file with O_NOFOLLOW (a link planted there is refused,
 # not followed). The rank writes into a pipe; the copier appends what it reads to the log and the
-# file, and exits at end of file, when every process of the rank has closed the pipe.
+# file, and exits at end of file, when every process of the rank has closed the pipe. It says it
+# is ready on a second pipe (argv[2]) before the rank starts: a copier that never came up would
+# leave the rank writing into a pipe nobody reads (SIGPIPE, no reason given). The agent reports a
+# rank ended only once its copier has exited, so the log and the file are complete by then.
 _COPIER = r"""
 import os, sys
 path = sys.argv[1]
@@ -188,6 +191,9 @@ try:
 except OSError as exc:
     fd = None
     os.write(1, f"[hai agent] cannot write the output file {path}: {exc.strerror}\n".encode())
+if len(sys.argv) > 2:
+    os.write(int(sys.argv[2]), b"1")
+    os.close(int(sys.argv[2]))
 def put(f, b):
     while b:
         b = b[os.write(f, b):]
@@ -269,6 +275,9 @@ ACTIVITY_EVERY = 2.0
 WATCH_EVERY = 0.1
 #: SIGTERM -> SIGKILL at the end of a suspend
 SUSPEND_KILL_AFTER = 1.0
+#: how long an --output copier may take to come up, and to drain the pipe after its rank exited
+COPIER_START_S = 10.0
+COPIER_END_S = 10.0
 
 
 @dataclass
@@ -284,6 +293,7 @@ class Proc:
     done: bool = False
     term_at: float = 0.0       # monotonic time SIGTERM was sent (0: not yet)
     kill_at: float = 0.0       # monotonic deadline for SIGKILL after the SIGTERM (0: none)
+    copier: subprocess.Popen | None = None  # the --output copier (see _COPIER), waited for with the rank
 
 
 @dataclass
@@ -537,7 +547,7 @@ class Agent:
                 if w.get("output"):
                     target = output_path(w["output"], w, self.node.name,
                                          (w["workdir"] or home) if acct else (w["workdir"] or os.getcwd()))
-                    popen = self._spawn_with_output(argv, acct, env, cwd, out, target)
+                    popen, proc.copier = self._spawn_with_output(argv, acct, env, cwd, out, target)
                 else:
                     popen = self._spawn(argv, acct, env, cwd, out)
         except (OSError, ValueError, AccountError) as exc:
@@ -568,30 +578,60 @@ class Agent:
         return subprocess.Popen(argv, preexec_fn=_pdeathsig_kill, **kw)
 
     def _spawn_with_output(self, argv: list[str], acct: Account | None, env: dict, cwd: str | None, out,
-                           target: str) -> subprocess.Popen:
-        """A rank whose output also goes to ``target``, through a copier run as ``acct`` (see the note
-        at _COPIER)."""
+                           target: str) -> tuple[subprocess.Popen, subprocess.Popen | None]:
+        """(rank, copier): a rank whose output also goes to ``target``, through a copier run as
+        ``acct`` (see the note at _COPIER); a copier that does not come up within
+        ``COPIER_START_S`` leaves the rank writing to its log only, and the log says why."""
+        import select
         import sys
 
         r, wr = os.pipe()
+        ready_r, ready_w = os.pipe()
+        copier = None
         try:
             ids = [f"--reuid={acct.uid}", f"--regid={acct.gid}", "--init-groups"] if acct else []
-            cmd = [sys.executable, "-I", "-S", "-c", _COPIER, target]
+            cmd = [sys.executable, "-I", "-S", "-c", _COPIER, target, str(ready_w)]
             kw = dict(stdin=r, stdout=out, stderr=out, env={"PATH": env.get("PATH", "/usr/bin:/bin")}, cwd="/",
-                      start_new_session=True)
-            if _SETPRIV:
-                subprocess.Popen([_SETPRIV, *ids, "--", *cmd], **kw)
-            else:
-                if acct:
-                    kw.update(user=acct.uid, group=acct.gid, extra_groups=os.getgrouplist(acct.name, acct.gid))
-                subprocess.Popen(cmd, **kw)
+                      start_new_session=True, pass_fds=(ready_w,))
+            why = ""
+            try:
+                if _SETPRIV:
+                    copier = subprocess.Popen([_SETPRIV, *ids, "--", *cmd], **kw)
+                else:
+                    if acct:
+                        kw.update(user=acct.uid, group=acct.gid, extra_groups=os.getgrouplist(acct.name, acct.gid))
+                    copier = subprocess.Popen(cmd, **kw)
+            except OSError as exc:
+                why = f"the copier could not start: {exc}"
+            os.close(ready_w)
+            ready_w = -1
+            if copier is not None:
+                ok = select.select([ready_r], [], [], COPIER_START_S)[0] and os.read(ready_r, 1) == b"1"
+                if not ok:
+                    rc = copier.poll()
+                    if rc is None:
+                        copier.kill()
+                        copier.wait()
+                    why = (f"the copier was not ready within {COPIER_START_S:g} s" if rc is None
+                           else f"the copier exited with code {rc} before it was ready")
+                    copier = None
+            if copier is None:
+                out.write(f"[hai agent] the output file {target} is unavailable ({why}); this rank's output "
+                          "goes to its log only\n".encode())
+                out.flush()
+                return self._spawn(argv, acct, env, cwd, out), None
             os.close(r)
             r = -1
             with os.fdopen(wr, "wb", closefd=True) as pipe:
                 wr = -1
-                return self._spawn(argv, acct, env, cwd, pipe)
+                return self._spawn(argv, acct, env, cwd, pipe), copier
+        except BaseException:
+            if copier is not None:
+                copier.kill()
+                copier.wait()
+            raise
         finally:
-            for fd in (r, wr):
+            for fd in (r, wr, ready_r, ready_w):
                 if fd >= 0:
                     os.close(fd)
 
@@ -778,6 +818,12 @@ class Agent:
     def _wait(self, key: tuple[int, int], p: Proc) -> None:
         rc = p.popen.wait()
         self._signal(p, signal.SIGKILL)  # whatever the rank left in its group (the whole tree goes)
+        if p.copier is not None:  # the rank's last output is still in the pipe until the copier is done
+            try:
+                p.copier.wait(timeout=COPIER_END_S)
+            except subprocess.TimeoutExpired:  # a process outside the group keeps the pipe open
+                p.copier.kill()
+                p.copier.wait()
         state = None
         with contextlib.suppress(OSError, ValueError):
             state = int(_read_small(p.control / "whole_life_state").strip())

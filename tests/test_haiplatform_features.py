@@ -4,6 +4,7 @@ routes in-process (FastAPI TestClient) over a real database, the scheduler's wri
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -405,3 +406,54 @@ def test_output_copier_writes_log_and_file_and_refuses_links(tmp_path):
     log = run(link)
     assert log.startswith(b"[hai agent] cannot write the output file") and log.endswith(b"hello\nworld\n")
     assert secret.read_bytes() == b"keep"
+
+
+def _agent(tmp_path):
+    """A real Agent object (no threads started) that runs ranks as this account."""
+    from types import SimpleNamespace
+
+    from haiplatform.agent import Agent
+
+    cluster = load_cluster(LOCAL_CLUSTER)
+    cfg = HaiConfig(state_dir=tmp_path / "state", cluster_secret="cluster-secret")
+    cfg.state_dir.mkdir()
+    a = Agent(cluster, next(iter(cluster.nodes.values())), cfg, SimpleNamespace(url="http://127.0.0.1:1"), str(LOCAL_CLUSTER))
+    a.switch_user = False
+    a.control_dir.mkdir(parents=True)
+    return a
+
+
+def _work(tmp_path, a, output, script):
+    return {"job_id": 41, "chain_id": 40, "rank": 0, "local_rank": 0, "user": "u", "name": "out", "env": {},
+            "command": [sys.executable, "-c", script], "workdir": str(tmp_path), "output": output,
+            "nodes": [a.node.name], "ppn": 1, "master_addr": "127.0.0.1", "master_port": 1, "restart_count": 0,
+            "whole_life_state": 0, "array_id": None, "array_index": None}
+
+
+def _ended(a):
+    while True:
+        rep = a.reports.get(timeout=30)
+        if rep["status"] != RankStatus.RUNNING:
+            return rep
+
+
+def test_agent_reports_a_rank_ended_only_once_its_output_is_complete(tmp_path, monkeypatch):
+    """The copier drains the pipe before the agent reports the end: the last lines (a traceback after
+    a large burst) are in the log and in the --output file (%j: the chain, relative to the workdir)
+    by then. A copier that cannot start leaves the rank running with its log only, saying why."""
+    a = _agent(tmp_path)
+    (tmp_path / "out").mkdir()
+    script = "import sys; sys.stdout.write('x' * 60000 + '\\n'); sys.stdout.flush(); raise SystemExit('the end')"
+    a.start(_work(tmp_path, a, "out/%j-%r.log", script))
+    assert _ended(a)["exit_code"] == 1
+    p = a.procs[(41, 0)]
+    assert p.copier is not None and p.copier.returncode is not None   # waited for: no zombie
+    want = b"x" * 60000 + b"\nthe end\n"
+    assert p.log.read_bytes().endswith(want) and (tmp_path / "out" / "40-0.log").read_bytes() == want
+
+    w = {**_work(tmp_path, a, "out/%j-b.log", "print('still runs')"), "job_id": 42}
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    a.start(w)
+    assert _ended(a)["exit_code"] == 0
+    log = a.procs[(42, 0)].log.read_text()
+    assert f"the output file {tmp_path}/out/40-b.log is unavailable" in log and log.endswith("still runs\n")
