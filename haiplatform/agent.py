@@ -374,7 +374,10 @@ class Agent:
                 env = Path(f"/proc/{pgid}/environ").read_bytes()
             except OSError:
                 continue
-            if f"HAI_ATTEMPT_ID={key.split(':')[0]}".encode() in env.split(b"\0"):
+            # the attempt's variable; an agent before HAI_ATTEMPT_ID put the attempt in HAI_JOB_ID
+            # (a rolling upgrade finds its ranks still running)
+            attempt = key.split(":")[0]
+            if {f"HAI_ATTEMPT_ID={attempt}".encode(), f"HAI_JOB_ID={attempt}".encode()} & set(env.split(b"\0")):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, signal.SIGKILL)
                     n += 1

@@ -457,3 +457,19 @@ def test_agent_reports_a_rank_ended_only_once_its_output_is_complete(tmp_path, m
     assert _ended(a)["exit_code"] == 0
     log = a.procs[(42, 0)].log.read_text()
     assert f"the output file {tmp_path}/out/40-b.log is unavailable" in log and log.endswith("still runs\n")
+
+
+def test_kill_leftovers_finds_ranks_of_the_previous_agent_version(tmp_path):
+    """A rank started by an agent before HAI_ATTEMPT_ID carries the attempt in HAI_JOB_ID only."""
+    import json
+    import subprocess
+
+    a = _agent(tmp_path)
+    old = subprocess.Popen(["sleep", "60"], env={"HAI_JOB_ID": "77"}, start_new_session=True)
+    try:
+        a.state_file.write_text(json.dumps({"pgids": {"77:0": old.pid}}))
+        assert a.kill_leftovers() == 1
+        assert old.wait(timeout=10) == -9
+    finally:
+        old.kill()
+        old.wait()
