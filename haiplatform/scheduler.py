@@ -147,8 +147,12 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
             elif isinstance(d, StartJob):
                 ppn = len(d.ranks) // len(d.nodes)
                 vals = {} if d.priority is None else {"priority": d.priority}
+                # a hold or a user's disable that landed after the snapshot wins (the API writes them
+                # without the scheduler's lock): the start is dropped, the next cycle sees them
                 n = s.execute(update(Job).where(Job.id == d.job_id, Job.status == JobStatus.QUEUED,
-                                                Job.stop_requested == 0)
+                                                Job.stop_requested == 0, Job.held.isnot(True),
+                                                ~select(User.name).where(User.name == Job.user,
+                                                                         User.disabled.is_(True)).exists())
                               .values(status=JobStatus.SCHEDULED, assigned_nodes=list(d.nodes), scheduled_at=now,
                                       reason="", procs_per_node=ppn, master_port=0, **vals)).rowcount
                 if n:

@@ -299,6 +299,22 @@ def test_history_rows_per_chain_and_filters(api, db):
     assert api.get("/v1/history", params={"status": "bogus"}).status_code == 422
 
 
+def test_a_hold_or_disable_after_the_snapshot_wins_over_the_start(api, db):
+    """The scheduler decides on a snapshot; a hold (or the user's disable) written before its
+    StartJob lands keeps the job queued."""
+    register(api, 2)
+    tok = user(api, "gil")
+    a = api.post("/v1/jobs", json=JOB).json()["id"]
+    b = api.post("/v1/jobs", json=JOB, headers=as_(tok)).json()["id"]
+    decisions = decide(take_snapshot(db))
+    assert {d.job_id for d in decisions if isinstance(d, StartJob)} == {a, b}
+    assert api.post(f"/v1/jobs/{a}/hold").status_code == 200
+    assert api.post("/v1/users/gil/disable").status_code == 200
+    apply_decisions(db, decisions)
+    assert (status(api, a)["status"], status(api, a)["held"]) == ("queued", True)
+    assert status(api, b)["status"] == "queued"
+
+
 def test_queue_shows_everyone_with_reasons_and_hides_others_when_told(api, db):
     register(api, 1)
     tok = user(api, "fay")
