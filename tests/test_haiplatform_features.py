@@ -315,6 +315,30 @@ def test_a_hold_or_disable_after_the_snapshot_wins_over_the_start(api, db):
     assert status(api, b)["status"] == "queued"
 
 
+def test_history_filters_as_it_shows_and_resubmit_of_an_oversized_legacy_job(api, db):
+    """since/until filter on the submission time the rows show (pre-0004 rows: created_at); a group
+    member reads a mate's shared chains by user=; NUL is refused; a job whose command is over
+    today's limit cannot be resubmitted: 422 naming why, not a 500."""
+    register(api, 1)
+    hal, ida = user(api, "hal", "g"), user(api, "ida", "g")
+    jid = api.post("/v1/jobs", json={**JOB, "shared_in_group": True}, headers=as_(hal)).json()["id"]
+    cycle(db)
+    finish(api, db, jid)
+    t0 = time.time() - 1
+    with db.write() as s:
+        j = s.get(Job, jid)
+        j.submitted_at, j.command = 0.0, ["python", "x" * 70000]
+    h = api.get("/v1/history", params={"since": t0}, headers=as_(hal)).json()
+    assert [r["chain_id"] for r in h["jobs"]] == [jid] and h["jobs"][0]["submitted_at"] >= t0
+    assert api.get("/v1/history", params={"until": t0}, headers=as_(hal)).json()["total"] == 0
+    assert api.get("/v1/history", params={"user": "hal"}, headers=as_(ida)).json()["total"] == 1
+    assert api.get("/v1/history", params={"user": "admin"}, headers=as_(ida)).json()["total"] == 0
+    for bad in ({"user": "a\x00b"}, {"name": "\x00"}, {"status": "failed\x00"}):
+        assert api.get("/v1/history", params=bad).status_code == 422
+    r = api.post(f"/v1/jobs/{jid}/resubmit", headers=as_(hal))
+    assert r.status_code == 422 and "cannot be resubmitted as it was" in r.text and "65536" in r.text
+
+
 def test_queue_shows_everyone_with_reasons_and_hides_others_when_told(api, db):
     register(api, 1)
     tok = user(api, "fay")

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import aliased
 
@@ -19,7 +20,7 @@ from ..limits import GuardedStream
 from ..policy import NORMAL, WAITING, QuotaView, held_reason, never_fits, reason_kind
 from ..states import AUTO, JobStatus, RankStatus, StopCode
 from .deps import Principal, State_, User_, limit_key
-from .models import INT32, OFFSET_MAX, TS_MAX, CancelSpec, JobId, JobSpec, PrioritySpec, parse_array
+from .models import INT32, NO_NUL, OFFSET_MAX, TS_MAX, CancelSpec, JobId, JobSpec, PrioritySpec, parse_array
 from .state import ApiState
 
 __all__ = ["router", "job_json"]
@@ -549,10 +550,14 @@ async def resubmit_job(job_id: JobId, p: User_, st: State_) -> JSONResponse:
             raise Conflict(f"job {job_id} is {j.status}; only an ended job can be resubmitted")
         if p.role == "service" or (j.user != p.name and not p.admin):
             raise Forbidden(f"job {job_id} belongs to {j.user}; only its owner may resubmit it")
-        spec = JobSpec(name=j.name, command=j.command, nodes=j.nodes, procs_per_node=j.procs_per_node,
-                       priority=j.submitted_priority if j.submitted_priority != AUTO else "auto",
-                       time_limit=j.time_limit, grace=j.grace, watchdog=j.watchdog, env=j.env, workdir=j.workdir,
-                       shared_in_group=j.shared_in_group, output=j.output)
+        try:  # a job older than today's limits (a 64 KiB command) cannot come back as it was
+            spec = JobSpec(name=j.name, command=j.command, nodes=j.nodes, procs_per_node=j.procs_per_node,
+                           priority=j.submitted_priority if j.submitted_priority != AUTO else "auto",
+                           time_limit=j.time_limit, grace=j.grace, watchdog=j.watchdog, env=j.env,
+                           workdir=j.workdir, shared_in_group=j.shared_in_group, output=j.output)
+        except ValidationError as exc:
+            why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+            raise ApiError(f"job {job_id} cannot be resubmitted as it was: {why}", 422) from exc
     if j.user != p.name:  # an admin resubmits as the owner
         with st.db.read() as s:
             u = s.scalars(select(User).where(User.name == j.user)).first()
@@ -609,11 +614,11 @@ _HISTORY_KEYS = ("chain_id", "name", "user", "nodes", "priority", "submitted_at"
 
 
 @router.get("/v1/history")
-def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=64)] = None,
-            status: Annotated[str | None, Query(max_length=64)] = None,
+def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+            status: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
             since: Annotated[float | None, Query(ge=0, le=TS_MAX)] = None,
             until: Annotated[float | None, Query(ge=0, le=TS_MAX)] = None,
-            name: Annotated[str | None, Query(max_length=128)] = None,
+            name: Annotated[str | None, Query(max_length=128, pattern=NO_NUL)] = None,
             limit: Annotated[int, Query(ge=1, le=100000)] = 1000,
             offset: Annotated[int, Query(ge=0, le=INT32)] = 0) -> JSONResponse:
     """One row per chain that has ended (``status=any``: every chain), newest first: accounting.
@@ -636,8 +641,8 @@ def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=6
     began = func.coalesce(f.started_at, f.scheduled_at)
     this = func.coalesce(Job.started_at, Job.scheduled_at)
     # the figures are computed by the database: building 10,000 rows in Python is most of the answer's time
-    cols = (Job.chain_id, Job.name, Job.user, Job.nodes, Job.priority,
-            func.coalesce(func.nullif(Job.submitted_at, 0.0), Job.created_at), began, Job.finished_at,
+    submitted = func.coalesce(func.nullif(Job.submitted_at, 0.0), Job.created_at)  # rows before 0004: 0
+    cols = (Job.chain_id, Job.name, Job.user, Job.nodes, Job.priority, submitted, began, Job.finished_at,
             Job.chain_run_s + func.coalesce(func.coalesce(Job.finished_at, now) - this, 0.0),
             func.coalesce(func.coalesce(Job.finished_at, now) - began, 0.0), Job.status, Job.exit_code,
             Job.restart_count, Job.array_id, Job.array_index, Job.reason)
@@ -649,20 +654,20 @@ def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=6
     else:
         q = q.where(Job.status.in_(wanted))
     if user:
-        if user != p.name and not p.admin:
+        if user != p.name and not p.admin and not p.group:
             raise Forbidden(f"only admins may read another user's history (user {user})")
         q = q.where(Job.user == user)
-    elif not p.admin:
+    if not p.admin:  # a non-admin's own chains and those shared in their group (user=X: X's of those)
         cond = Job.user == p.name
         if p.group:
             cond = cond | ((Job.group == p.group) & Job.shared_in_group.is_(True))
         q = q.where(cond)
     if name:
         q = q.where(Job.name == name)
-    if since is not None:  # by submission, as the CLI's --since / --until say
-        q = q.where(Job.submitted_at >= since)
+    if since is not None:  # by submission (the time the rows show), as the CLI's --since / --until say
+        q = q.where(submitted >= since)
     if until is not None:
-        q = q.where(Job.submitted_at < until)
+        q = q.where(submitted < until)
     with st.db.ro_engine.begin() as c:
         rows = c.execute(q.order_by(Job.finished_at.desc().nullsfirst(), Job.id.desc()).limit(limit).offset(offset)).all()
         total = (offset + len(rows) if len(rows) < limit and (rows or offset == 0)
