@@ -170,24 +170,44 @@ class HaiClient:
 
     def logs(self, job_id: int, rank: int = 0, attempt: int | None = None, tail: int | None = None, *,
              offset: int = 0) -> str:
-        """The rank's WHOLE log from ``offset`` (or its last ``tail`` lines), paging as long as the API
-        says there is more: never a silently cut one."""
+        """The rank's WHOLE log from ``offset`` (or its last ``tail`` lines) as it was at the first
+        page, paging as long as the API says there is more: never a silently cut one. It stops at
+        the size the first page reported (a fast writer would otherwise keep it paging forever)."""
         data, size, nxt = self._log_page(job_id, {"rank": rank, "offset": offset, "attempt": attempt,
                                                   "tail": tail})
+        end = size
         parts = [data]
-        while data and nxt < size:
-            data, size, nxt = self._log_page(job_id, {"rank": rank, "offset": nxt, "attempt": attempt})
-            parts.append(data)
+        while data and nxt < end:
+            data, _, after = self._log_page(job_id, {"rank": rank, "offset": nxt, "attempt": attempt})
+            parts.append(data[:end - nxt])
+            nxt = after
         return b"".join(parts).decode(errors="replace")
 
     def log_size(self, job_id: int, rank: int = 0, attempt: int | None = None) -> int:
         """The rank's log size in bytes now."""
         return self._log_page(job_id, {"rank": rank, "attempt": attempt, "tail": 0})[1]
 
-    def follow_logs(self, job_id: int, rank: int = 0, *, timeout: float = 3600.0) -> Iterator[str]:
-        """Yield the rank's output as it is written, until the rank has ended and all is read."""
+    def follow_logs(self, job_id: int, rank: int = 0, *, timeout: float = 3600.0, attempt: int | None = None,
+                    offset: int = 0) -> Iterator[str]:
+        """Yield the rank's output as it is written, until the rank has ended and all is read (of the
+        latest attempt, or of ``attempt``'s row id; from byte ``offset``)."""
+        import codecs
+
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for data in self.follow_log_bytes(job_id, rank, timeout=timeout, attempt=attempt, offset=offset):
+            if text := dec.decode(data):
+                yield text
+        if text := dec.decode(b"", final=True):
+            yield text
+
+    def follow_log_bytes(self, job_id: int, rank: int = 0, *, timeout: float = 3600.0, attempt: int | None = None,
+                         offset: int = 0) -> Iterator[bytes]:
+        """:meth:`follow_logs` as bytes: a follower that counts them can follow again from where it was."""
+        params = {"rank": rank, "follow": "true", "offset": offset}
+        if attempt is not None:
+            params["attempt"] = attempt
         try:
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"rank": rank, "follow": "true"},
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/logs", params=params,
                                    timeout=httpx.Timeout(30.0, read=timeout)) as r:
                 if r.status_code >= 400:
                     r.read()
@@ -196,7 +216,7 @@ class HaiClient:
                     except ValueError:
                         msg = r.text[:500]
                     raise error_for_status(r.status_code, f"{msg} (GET logs: {r.status_code})")
-                yield from r.iter_text()
+                yield from r.iter_bytes()
         except httpx.TransportError as exc:
             raise Unavailable(f"following logs of job {job_id}: {exc}") from exc
 
@@ -257,9 +277,11 @@ class HaiClient:
         """Ask ``node``'s agent to run the node validator (it runs once no job runs there)."""
         return self.request("POST", f"/v1/nodes/{node}/validate")
 
-    def validations(self, node: str | None = None, after: int = 0, limit: int = 50) -> list[dict]:
-        """Validator runs, newest first (of ``node``; with an id above ``after``)."""
-        return self.request("GET", "/v1/validations", params={"node": node, "after": after or None, "limit": limit})
+    def validations(self, node: str | None = None, after: int = 0, limit: int = 50,
+                    before: int | None = None) -> list[dict]:
+        """Validator runs, newest first (of ``node``; with an id above ``after`` and below ``before``)."""
+        return self.request("GET", "/v1/validations", params={"node": node, "after": after or None, "limit": limit,
+                                                              "before": before})
 
     def add_user(self, name: str, role: str = "user", group: str | None = None) -> dict:
         return self.request("POST", "/v1/users", json={"name": name, "role": role, "group": group})

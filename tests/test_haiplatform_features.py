@@ -513,3 +513,20 @@ def test_kill_leftovers_finds_ranks_of_the_previous_agent_version(tmp_path):
     finally:
         old.kill()
         old.wait()
+
+
+def test_client_logs_stops_at_the_size_of_its_first_page():
+    """A log that grows by a page per read: HaiClient.logs returns what there was, not forever."""
+    from haiplatform.client import HaiClient
+
+    log = bytearray(b"a" * 100)
+
+    def page(job_id, params):
+        off = params.get("offset") or 0
+        data = bytes(log[off:off + 40])
+        log.extend(b"b" * 40)   # a fast writer
+        return data, len(log) - 40, off + len(data)
+
+    c = HaiClient("http://127.0.0.1:1", "tok")
+    c._log_page = page
+    assert c.logs(1) == "a" * 100
