@@ -360,6 +360,7 @@ class Agent:
         self._watcher = threading.Thread(target=self._watch_loop, name="watcher", daemon=True)
         self.validation = NodeValidation(self)  # the node validator (haiplatform.validate)
         self._validating_at_start = cfg.validate_at_start  # said at the first registration only
+        self._sync_began = 0.0  # monotonic: when the sync being reconciled was asked for (NodeValidation.may_start)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def kill_leftovers(self) -> int:
@@ -435,6 +436,7 @@ class Agent:
         longpoll = min(self.cfg.longpoll, self.cfg.heartbeat_timeout / 4)
         while not stop.is_set():
             try:
+                self._sync_began = time.monotonic()
                 resp = self.api.request("GET", "/v1/agent/sync", params={
                     "node": self.node.name, "epoch": self.epoch, "seq": seq, "timeout": longpoll},
                     timeout=longpoll + 10)
@@ -479,7 +481,7 @@ class Agent:
             listed.add(key)
             p = self.procs.get(key)
             if w["desired"] == Desired.RUN:
-                if self.validation.busy:  # the validator is measuring: the rank starts after it
+                if not self.validation.may_start(self._sync_began):  # the validator first: see its note
                     continue
                 if p is None and key not in self.finished and w["status"] == RankStatus.CREATED:
                     if not w["master_port"] and w["job_id"] in port_reports:  # another local rank's pick
@@ -519,6 +521,8 @@ class Agent:
         control = self.control_dir / f"job-{w['job_id']}"
         proc = Proc(w["job_id"], w["rank"], None, logpath, control)
         with self.lock:
+            if self.validation.busy:  # a validator run claimed the idle node meanwhile: the next sync starts it
+                return
             self.procs[key] = proc
         try:
             acct = resolve_account(self.cfg, w["user"], self.node.name) if self.switch_user else None

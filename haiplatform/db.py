@@ -114,8 +114,8 @@ class NodeRow(Base):
     agent_epoch: Mapped[str] = mapped_column(String(40), default="")  # changes when the agent restarts
     facts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     registered_at: Mapped[float] = mapped_column(Float, default=time.time)
-    # the node validator (migration 0003): who drained the node ("admin", "validator"; "" for the
-    # scheduler's drain of a lost node) and when an admin last asked its agent to validate (0: never)
+    # the node validator (migration 0003): who drained the node ("admin", "validator", "scheduler"
+    # after losing it) and when an admin last asked its agent to validate (0: never)
     drained_by: Mapped[str] = mapped_column(String(16), default="")
     validate_requested: Mapped[float] = mapped_column(Float, default=0.0)
 
@@ -130,6 +130,7 @@ class Validation(Base):
     received_at: Mapped[float] = mapped_column(Float, default=time.time)
     ok: Mapped[bool] = mapped_column(Boolean)
     trigger: Mapped[str] = mapped_column(String(16), default="")  # start | schedule | request
+    request: Mapped[float] = mapped_column(Float, default=0.0)    # the newest admin request the run knew of (0: none)
     duration: Mapped[float] = mapped_column(Float, default=0.0)
     failed: Mapped[list[Any]] = mapped_column(JSON, default=list)  # names of the failed checks
     summary: Mapped[str] = mapped_column(String(500), default="")

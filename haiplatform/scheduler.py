@@ -192,7 +192,7 @@ def apply_decisions(db: Database, decisions: list[Decision]) -> int:
                     event_row(s, "priority", f"priority {d.priority}: {d.reason}", job_id=d.job_id)
             elif isinstance(d, DrainNode):
                 n = s.execute(update(NodeRow).where(NodeRow.name == d.node, NodeRow.drained.is_(False))
-                              .values(drained=True, drain_reason=d.reason[:200])).rowcount
+                              .values(drained=True, drain_reason=d.reason[:200], drained_by="scheduler")).rowcount
                 if n:
                     event_row(s, "node_drained", d.reason, node=d.node)
             elif isinstance(d, SetReason):

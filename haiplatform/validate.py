@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CheckResult", "Sizes", "Context", "CHECKS", "BASELINED", "KEEP", "baseline_of", "judge",
-           "update_history", "summarize", "injected", "run_checks", "NodeValidation", "main"]
+           "update_history", "summarize", "injected", "run_checks", "record_run", "NodeValidation", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -579,9 +579,11 @@ def _measure(ctx: Context) -> list[CheckResult]:
     return out
 
 
-def run_checks(ctx: Context, inject: set[str] | None = None) -> dict:
+def run_checks(ctx: Context, inject: set[str] | None = None, *, keep_last: bool = True) -> dict:
     """Run the checks, judge them against the node's baselines, keep the new baselines; the run as a
-    dict: ``at``, ``ok``, ``duration``, ``failed``, ``summary``, ``checks`` (each a CheckResult dict)."""
+    dict: ``at``, ``ok``, ``duration``, ``failed``, ``summary``, ``checks`` (each a CheckResult dict).
+    ``keep_last=False`` leaves the time of the last run as it was (the agent records it with
+    :func:`record_run` once the API has the report: a lost report leaves the run due)."""
     if ctx.only is not None and (unknown := set(ctx.only) - set(CHECKS)):
         raise ValueError(f"unknown check(s) {', '.join(sorted(unknown))} (known: {', '.join(CHECKS)})")
     inject = injected(ctx.state_dir, ctx.node) if inject is None else inject
@@ -595,7 +597,8 @@ def run_checks(ctx: Context, inject: set[str] | None = None) -> dict:
         if r.name in inject:
             shown = f" {_num(r.value)} {r.unit}" if r.value is not None else ""
             r.ok, r.message = False, f"{r.name}{shown}: injected failure (test hook)"
-    _save_state(ctx.baseline_file, {"history": update_history(hist, results), "last_at": at})
+    last = at if keep_last else state.get("last_at", 0.0)
+    _save_state(ctx.baseline_file, {"history": update_history(hist, results), "last_at": last})
     failed = [r.name for r in results if not r.ok]
     return {"at": at, "ok": not failed, "duration": round(time.monotonic() - t0, 3), "failed": failed,
             "summary": summarize(results)[:500], "checks": [r.to_dict() for r in results]}
@@ -607,6 +610,12 @@ def last_run_at(ctx: Context) -> float:
     return float(v) if isinstance(v, int | float) else 0.0
 
 
+def record_run(ctx: Context, at: float) -> None:
+    """Keep ``at`` as the time of this node's last run (the schedule counts from it)."""
+    if ctx.baseline_file is not None:
+        _save_state(ctx.baseline_file, {**_load_state(ctx.baseline_file), "last_at": at})
+
+
 # -- the agent's side ---------------------------------------------------------------------------------
 
 class NodeValidation:
@@ -614,8 +623,22 @@ class NodeValidation:
     seconds and when an admin asks (the API's sync carries the request), each time once no job
     runs on the node, and reports each run to the API (``POST /v1/agent/validation``).
 
-    ``busy`` is true while a run is in progress: the agent starts no rank then (a rank placed
-    meanwhile starts at the next sync after the run)."""
+    [Note: no rank on a node under test] A run takes the node out of the pool first: at start the
+    agent registers ``validating``; a scheduled or requested run asks the API to drain the node
+    (``POST /v1/agent/validating``, drained_by validator) before it measures, and a passing report
+    returns it. ``busy`` is set in the same ``agent.lock`` section that finds the node idle, and the
+    agent adds a rank under that lock only while ``busy`` is false, so no rank starts between the
+    idle check and the measurement. Work the scheduler placed before the drain waits (the agent
+    starts nothing while busy); a failing report makes the API re-queue it elsewhere, and the agent
+    starts nothing listed by a sync asked for before that report arrived (:meth:`may_start`), so a
+    stale list cannot start it either.
+
+    [Note: the report is kept until delivered] The API may be down when a run ends. The report is
+    retried (backing off to 5 s) until the API takes it or the agent stops; the schedule's clock
+    (``last_at``) moves only then, so a run whose report never arrived is due again."""
+
+    #: the longest pause between two tries to deliver a report or to begin a run
+    RETRY_MAX = 5.0
 
     def __init__(self, agent: Any) -> None:
         self.agent = agent
@@ -624,8 +647,10 @@ class NodeValidation:
         self.ctx = Context(node=agent.node.name, cluster=agent.cluster, state_dir=cfg.state_dir,
                            server_now=self._server_now, sizes=Sizes.from_dict(cfg.validate_sizes))
         self.busy = False
+        self._held_until = 0.0  # monotonic: after a failing run, only syncs asked for later may start ranks
         self._requested = 0.0   # the newest request the API listed (a timestamp)
         self._answered = 0.0    # the newest request a reported run answered
+        self._retry_at = 0.0    # monotonic: a run that could not begin (API down) waits until then
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -633,6 +658,8 @@ class NodeValidation:
         return float(self.agent.api.request("GET", "/v1/agent/time", timeout=5)["now"])
 
     def start(self, stop: threading.Event, at_start: bool) -> None:
+        if at_start:
+            self.busy = True  # before the agent's first sync: the start-up run comes first
         self._thread = threading.Thread(target=self._loop, args=(stop, at_start), name="validator", daemon=True)
         self._thread.start()
 
@@ -642,12 +669,35 @@ class NodeValidation:
             self._requested = ts
             self._wake.set()
 
+    def may_start(self, sync_began: float | None = None) -> bool:
+        """Whether the agent may start a rank listed by a sync asked for at ``sync_began`` (monotonic):
+        not while a run measures or a failing report is undelivered, nor from a list older than it."""
+        return not self.busy and (sync_began is None or sync_began > self._held_until)
+
     def _due(self) -> str | None:
         if self._requested > self._answered:
             return "request"
         if self.interval > 0 and time.time() - last_run_at(self.ctx) >= self.interval:
             return "schedule"
         return None
+
+    def _claim(self) -> bool:
+        """Set ``busy`` if no rank runs or is starting here (under the agent's lock: see the note)."""
+        with self.agent.lock:
+            if any(not p.done for p in self.agent.procs.values()):
+                return False
+            self.busy = True
+            return True
+
+    def _begin(self, trigger: str) -> bool:
+        """Ask the API to drain the node for the run (False: it could not be asked)."""
+        try:
+            self.agent.api.request("POST", "/v1/agent/validating", json={
+                "node": self.agent.node.name, "epoch": self.agent.epoch, "trigger": trigger}, timeout=10)
+            return True
+        except Exception as exc:  # noqa: BLE001 - ApiError and friends: the run waits
+            log.warning("could not drain the node for a validator run (%s); trying again later", exc)
+            return False
 
     def _loop(self, stop: threading.Event, at_start: bool) -> None:
         if at_start:
@@ -656,39 +706,56 @@ class NodeValidation:
             self._wake.wait(1.0)
             self._wake.clear()
             trigger = self._due()
-            if trigger is None or stop.is_set():
+            if trigger is None or stop.is_set() or time.monotonic() < self._retry_at:
                 continue
-            with self.agent.lock:
-                idle = not self.agent._live_by_job()
-            if idle:  # a run waits for a node without jobs
-                self.run_once(trigger, stop)
+            if not self._claim():  # a run waits for a node without jobs
+                continue
+            if not self._begin(trigger):
+                self.busy = False
+                self._retry_at = time.monotonic() + self.RETRY_MAX
+                continue
+            self.run_once(trigger, stop)
 
     def run_once(self, trigger: str, stop: threading.Event) -> dict | None:
+        """One run (``busy`` set by the caller, or here): measure, report, release the node."""
         request = self._requested
         self.busy = True
         try:
             try:
-                report = run_checks(self.ctx)
+                report = run_checks(self.ctx, keep_last=False)
             except Exception as exc:  # noqa: BLE001 - a broken validator must not take the agent down
                 log.exception("the validator failed")
                 report = {"at": time.time(), "ok": False, "duration": 0.0, "failed": ["validator"],
                           "summary": f"validator: crashed: {exc}"[:500], "checks": []}
+            report.update(node=self.agent.node.name, epoch=self.agent.epoch, trigger=trigger, request=request)
+            log.info("validation (%s): %s", trigger, report["summary"])
+            if report["ok"]:
+                self.busy = False  # the node passed: work placed on it may start now
+            if self._deliver(report, stop):
+                self._answered = max(self._answered, request)
+                record_run(self.ctx, report["at"])
+                if not report["ok"]:
+                    self._held_until = time.monotonic()
+            return report
         finally:
             self.busy = False
-        report.update(node=self.agent.node.name, epoch=self.agent.epoch, trigger=trigger, request=request)
-        log.info("validation (%s): %s", trigger, report["summary"])
+
+    def _deliver(self, report: dict, stop: threading.Event) -> bool:
+        """POST the report until the API takes it (False: the agent stops, or the API refuses it)."""
         delay = 0.2
-        for _ in range(30):  # bounded: about a minute
+        while True:
             try:
                 self.agent.api.request("POST", "/v1/agent/validation", json=report, timeout=10)
-                self._answered = max(self._answered, request)
-                return report
-            except Exception as exc:  # noqa: BLE001 - ApiError and friends: retried
+                return True
+            except Exception as exc:  # noqa: BLE001 - ApiError and friends
+                status = getattr(exc, "status", 0)
+                if 400 <= status < 500 and status not in (404, 429):  # refused (stale epoch...): never taken
+                    log.error("the API refused the validation report: %s", exc)
+                    return False
                 log.warning("could not report the validation (%s); retrying", exc)
-                if stop.wait(delay):
-                    break
-                delay = min(delay * 2, 2.0)
-        return report
+            if stop.wait(delay):
+                return False
+            delay = min(delay * 2, self.RETRY_MAX)
 
 
 # -- by hand ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from haiplatform.validate import (
     clock_result,
     injected,
     judge,
+    last_run_at,
     run_checks,
     summarize,
     update_history,
@@ -245,3 +246,161 @@ def test_history_is_kept_across_an_api_restart(vcluster):
         with pytest.raises(Forbidden):
             u.validations("n1")
         assert u.nodes()[0]["validation"]["ok"] in (True, False)  # the summary is for everyone
+
+
+# -- the agent's side with a stand-in API: the node is out of the pool while it is measured -------------------
+
+class _Api:
+    """Answers the agent's validator calls; the report fails ``fail_reports`` times first (API down)."""
+
+    def __init__(self, v_ref: list, fail_reports: int = 0, refuse: int = 0) -> None:
+        self.calls: list[tuple[str, bool, float]] = []
+        self.v_ref, self.fail_reports, self.refuse = v_ref, fail_reports, refuse
+
+    def request(self, method, path, json=None, timeout=None, params=None):
+        from haiplatform.errors import ApiError, Unavailable
+
+        v = self.v_ref[0]
+        self.calls.append((path, v.may_start(), last_run_at(v.ctx)))
+        if path == "/v1/agent/validation":
+            if self.refuse:
+                raise ApiError("stale epoch", status=409)
+            if self.fail_reports:
+                self.fail_reports -= 1
+                raise Unavailable("the API is down")
+        return {"ok": True}
+
+
+def _validation(tmp_path, **api_kw):
+    import threading
+
+    ref: list = []
+    api = _Api(ref, **api_kw)
+    cfg = SimpleNamespace(validate_interval=3600.0, validate_sizes={"gemm_n": 32, "reps": 1, "min_time": 0.001},
+                          state_dir=tmp_path)
+    agent = SimpleNamespace(cfg=cfg, node=SimpleNamespace(name="n0"), cluster=None, api=api, epoch="e1",
+                            lock=threading.Lock(), procs={})
+    v = NodeValidation(agent)
+    v.ctx.only = frozenset({"cpu_gemm"})
+    ref.append(v)
+    return v, agent, api
+
+
+def test_a_run_claims_the_idle_node_drains_it_first_and_holds_ranks_until_a_failing_report_arrived(tmp_path):
+    import threading
+
+    hook = tmp_path / "validate-fail-n0"
+    hook.write_text("cpu_gemm")
+    hook.chmod(0o600)
+    v, agent, api = _validation(tmp_path, fail_reports=2)
+    # a rank being started (no process yet) keeps the node busy: no run
+    agent.procs[(1, 0)] = SimpleNamespace(done=False, popen=None)
+    assert not v._claim() and not v.busy
+    agent.procs[(1, 0)].done = True
+    assert v._claim() and v.busy and not v.may_start()  # claimed under the agent's lock: no rank starts now
+    v.requested(time.time())
+    listed_before = time.monotonic()  # a sync asked for before the failing report arrived
+    assert v._begin("request")
+    report = v.run_once("request", threading.Event())
+    assert not report["ok"] and report["request"] == v._requested and report["epoch"] == "e1"
+    paths = [c[0] for c in api.calls]
+    assert paths == ["/v1/agent/validating"] + ["/v1/agent/validation"] * 3  # kept and retried until taken
+    # no rank may start while measuring or while the failing report is undelivered, and the schedule's
+    # clock moves only once the API has the report (a lost report leaves the run due)
+    assert all(not ok and last == 0.0 for _, ok, last in api.calls)
+    assert last_run_at(v.ctx) == report["at"] and v._due() is None
+    assert not v.busy and not v.may_start(listed_before) and v.may_start(time.monotonic())
+
+
+def test_a_passing_run_frees_the_node_at_once_and_a_refused_report_is_not_retried(tmp_path):
+    import threading
+
+    v, agent, api = _validation(tmp_path, refuse=1)
+    assert v._claim()
+    report = v.run_once("schedule", threading.Event())
+    assert report["ok"] and [c[0] for c in api.calls] == ["/v1/agent/validation"]
+    assert api.calls[0][1]  # passed: ranks may start while it is reported
+    assert v._due() == "schedule"  # never taken: still due
+
+
+# -- the API: only the node's agent drains it; a failing run re-queues what was placed there ---------------
+
+@pytest.fixture
+def api(db, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from haiplatform.api import bootstrap, create_app
+    from haiplatform.config import HaiConfig
+    from network import load_cluster
+
+    cfg = HaiConfig(state_dir=tmp_path / "state", admin_token="admin-tok", cluster_secret="cluster-secret")
+    cfg.state_dir.mkdir()
+    bootstrap(cfg, db)
+    local = os.path.join(os.path.dirname(__file__), "..", "deploy", "clusters", "local.toml")
+    with TestClient(create_app(load_cluster(local), cfg, db)) as c:
+        c.headers["Authorization"] = "Bearer admin-tok"
+        yield c
+
+
+SVC = {"Authorization": "Bearer cluster-secret"}
+
+
+def _report(node, ok, epoch="e1", request=0.0):
+    return {"node": node, "epoch": epoch, "at": time.time(), "ok": ok, "trigger": "request", "request": request,
+            "failed": [] if ok else ["cpu_gemm"], "summary": "ok: 1 passed" if ok else "validator: cpu_gemm bad"}
+
+
+def test_api_failing_run_requeues_work_placed_on_the_node_and_only_its_agent_may_report(api, db):
+    from haiplatform.policy import DrainNode, decide
+    from haiplatform.scheduler import apply_decisions, take_snapshot
+
+    for i in range(4):
+        assert api.post("/v1/agent/register", json={"node": f"n{i}", "epoch": "e1"}, headers=SVC).status_code == 200
+    jid = api.post("/v1/jobs", json={"name": "j", "command": ["true"], "nodes": 1}).json()["id"]
+    apply_decisions(db, decide(take_snapshot(db)))
+    node = api.get(f"/v1/jobs/{jid}").json()["assigned_nodes"][0]
+    # a stale agent (or any other service) cannot drain or return the node
+    r = api.post("/v1/agent/validating", json={"node": node, "epoch": "old"}, headers=SVC)
+    assert r.status_code == 409 and "not the registered agent" in r.json()["message"]
+    assert api.post("/v1/agent/validation", json=_report(node, False, "old"), headers=SVC).status_code == 409
+    # the run drains the node before measuring; it fails: the unstarted rank is lost, the job re-queued
+    r = api.post("/v1/agent/validating", json={"node": node, "epoch": "e1"}, headers=SVC)
+    assert r.status_code == 200 and r.json()["drained_by"] == "validator"
+    req = api.post(f"/v1/nodes/{node}/validate").json()["requested"]
+    assert api.post("/v1/agent/validation", json=_report(node, False, request=req), headers=SVC).status_code == 200
+    for _ in range(4):
+        apply_decisions(db, decide(take_snapshot(db)))
+    j = api.get(f"/v1/jobs/{jid}").json()
+    assert [a["status"] for a in j["attempts"]][0] == "suspended" and j["id"] != jid
+    assert node not in j["assigned_nodes"]  # the next attempt runs elsewhere
+    (run,) = api.get("/v1/validations", params={"node": node}).json()
+    assert run["request"] == req and not run["ok"]
+    assert api.get("/v1/validations", params={"before": run["id"]}).json() == []
+    # a passing run returns it
+    assert api.post("/v1/agent/validation", json=_report(node, True), headers=SVC).status_code == 200
+    assert not {n["name"]: n for n in api.get("/v1/nodes").json()}[node]["drained"]
+    # the scheduler's drain of a lost node says so
+    apply_decisions(db, [DrainNode("n3", "node n3 lost under job 9")])
+    assert {n["name"]: n for n in api.get("/v1/nodes").json()}["n3"]["drained_by"] == "scheduler"
+
+
+def test_cli_waits_for_the_run_that_knew_of_the_request_with_one_listing_per_pass():
+    from haiplatform.cli.validate import _request_and_wait
+
+    class C:
+        listings = 0
+
+        def validate(self, n):
+            return {"node": n, "requested": 100.0, "last_id": 5 if n == "a" else 7}
+
+        def validations(self, node=None, after=0, limit=50, before=None):
+            self.listings += 1
+            runs = [{"id": 6, "node": "a", "request": 50.0}, {"id": 8, "node": "b", "request": 100.0}]
+            if self.listings > 1:
+                runs.append({"id": 9, "node": "a", "request": 100.0})
+            return [r for r in sorted(runs, key=lambda r: -r["id"]) if r["id"] > after][:limit]
+
+    c = C()
+    out = _request_and_wait(c, ["a", "b"], 10.0, poll=0.01)
+    assert out["a"]["id"] == 9 and out["b"]["id"] == 8  # run 6 answered an earlier request
+    assert c.listings == 2

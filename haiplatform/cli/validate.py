@@ -34,8 +34,12 @@ def validate_cmd(
         raise typer.Exit(1)
 
 
-def _request_and_wait(c, nodes: list[str] | None, wait: float) -> dict[str, dict | None]:
-    """Ask each node's agent, then poll for the run that answers (None: none within ``wait``)."""
+def _request_and_wait(c, nodes: list[str] | None, wait: float, poll: float = 1.0) -> dict[str, dict | None]:
+    """Ask each node's agent, then poll for the run that answers (None: none within ``wait``).
+
+    A run answers a request when it knew of it (its ``request`` is the request's time or later): a run
+    that began before the admin asked, or answered an earlier request, does not. One listing per pass
+    covers every node still pending (not one per node: a whole cluster asks with one call a second)."""
     from ..errors import ApiError
 
     names = nodes or [n["name"] for n in c.nodes() if n["state"] == "up"]
@@ -46,13 +50,30 @@ def _request_and_wait(c, nodes: list[str] | None, wait: float) -> dict[str, dict
     if wait <= 0:
         return {n: {"node": n, "requested": a["requested"], "pending": True} for n, a in asked.items()}
     deadline = time.monotonic() + wait
-    while any(v is None for v in out.values()) and time.monotonic() < deadline:
-        for n in [n for n, v in out.items() if v is None]:
-            got = [r for r in c.validations(n, after=asked[n]["last_id"], limit=10) if r["trigger"] == "request"]
-            if got:
-                out[n] = got[-1]  # the oldest run after the request: the one that answers it
-        time.sleep(0.2)
-    return out
+    after = min(a["last_id"] for a in asked.values())
+    while True:
+        runs = _runs_after(c, after, names[0] if len(names) == 1 else None)
+        for r in sorted(runs, key=lambda r: r["id"]):  # the oldest answering run per node
+            a = asked.get(r["node"])
+            if a is not None and out[r["node"]] is None and r["id"] > a["last_id"] \
+                    and r.get("request", 0.0) >= a["requested"]:
+                out[r["node"]] = r
+        after = max([after, *(r["id"] for r in runs)])
+        if all(v is not None for v in out.values()) or time.monotonic() >= deadline:
+            return out
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+def _runs_after(c, after: int, node: str | None, page: int = 1000) -> list[dict]:
+    """Every run with an id above ``after`` (pages of ``page``, newest first)."""
+    runs: list[dict] = []
+    before = None
+    while True:
+        got = c.validations(node, after=after, limit=page, before=before)
+        runs += got
+        if len(got) < page:
+            return runs
+        before = got[-1]["id"]
 
 
 def _render_runs(runs: dict) -> None:
