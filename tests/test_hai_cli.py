@@ -150,6 +150,33 @@ def test_spawn_in_a_rank_with_join_false_returns_no_processes(monkeypatch, capsy
     assert "cluster=c.toml is not used" in capsys.readouterr().err
 
 
+def test_follow_goes_on_after_the_apis_stream_limit_from_the_byte_it_reached(capsys):
+    from haiplatform.cli.jobs import follow_chain
+
+    log = "é-line-1\nline-2\nline-3\n".encode()
+    note = b"\n[hai: the stream ends after 1 s (haiplatform.stream_max_seconds); follow the log again to go on]\n"
+
+    class Api:  # the API's answers as the follower sees them: a stream cut by its age, then the rest
+        offsets: list[int] = []
+
+        def job(self, jid):
+            done = len(self.offsets) >= 2
+            return {"id": 7, "chain_id": jid, "chain_status": "finished" if done else "active",
+                    "status": "succeeded" if done else "running", "ranks": []}
+
+        def follow_log_bytes(self, jid, rank, attempt, offset):
+            self.offsets.append(offset)
+            if offset == 0:
+                yield log[:1]  # half of 'é': the text is decoded whole
+                yield log[1:12] + note
+            else:
+                yield log[offset:]
+
+    final = follow_chain(Api(), 3, poll=0.01)
+    assert final["status"] == "succeeded" and Api.offsets == [0, 12]
+    assert capsys.readouterr().out == log[:12].decode() + note.decode() + log[12:].decode()  # nothing twice
+
+
 # -- one local cluster ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -248,6 +275,50 @@ def test_ctrl_c_while_following_says_the_job_goes_on(hc, jobdir):
     assert j["status"] == "running"
     assert f"job {j['chain_id']} goes on" in err and f"hai stop {j['chain_id']}" in err and "Traceback" not in err
     c.stop(j["chain_id"])
+
+
+SUSPENDABLE = """
+import os, sys, time
+from haiplatform import job
+if os.environ["HAI_RESTART_COUNT"] != "0":
+    print("resumed attempt", os.environ["HAI_RESTART_COUNT"])
+    sys.exit(0)
+print("started", flush=True)
+while not job.receive_suspend_command():
+    time.sleep(0.05)
+print("suspending", flush=True)
+job.go_suspend()
+"""
+
+
+def test_follow_goes_on_across_a_suspend_and_logs_f_keeps_the_attempt_asked(hc, jobdir):
+    c, run = hc
+    p = subprocess.Popen([sys.executable, "-m", "haiplatform.cli", "--url", c.url, "--token", c.token, "exec",
+                          "--name", "susfollow", "--follow", sys.executable, "-c", SUSPENDABLE],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=jobdir)
+    try:
+        wait_until(lambda: any(j["name"] == "susfollow" for j in c.jobs()), timeout=30, what="the job")
+        (chain,) = [j["chain_id"] for j in c.jobs() if j["name"] == "susfollow"]
+        wait_until(lambda: "started" in c.logs(chain), timeout=30, what="the first attempt to start")
+        c.suspend(chain)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, (out, err)
+    assert out.index("started") < out.index("suspending") < out.index("resumed attempt 1"), out
+    assert f"job {chain}.1 succeeded" in err and "did not finish" not in err
+    first = run("logs", "-f", f"{chain}.0")  # the attempt asked for, not the latest
+    assert first.exit_code == 0 and "suspending" in first.output and "resumed" not in first.output, first.output
+    assert run("logs", "-f", "--tail", "1", f"{chain}.0").output == "suspending\n"
+    assert run("logs", "-f", "-n", "1", str(chain)).output == "resumed attempt 1\n"
+
+
+def test_follow_with_an_array_is_refused(hc):
+    _, run = hc
+    r = run("exec", "--array", "0-1", "--follow", "true")
+    assert r.exit_code == 2 and "--follow with --array" in r.output, r.output
 
 
 def test_slurm_features_array_dependency_hold_cancel_history_queue(hc, jobdir, monkeypatch):

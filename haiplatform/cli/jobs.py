@@ -401,18 +401,94 @@ def _failure_summary(c, j: dict, lines: int = 20) -> str:
     return out
 
 
+#: what the API writes into a stream it ends after stream_max_seconds (not a byte of the log)
+_STREAM_END = b"\n[hai: the stream ends after "
+
+
+def _gone_on(jid: int) -> str:
+    return f"\ninterrupted: job {jid} goes on (hai logs -f {jid} follows it again, hai stop {jid} stops it)"
+
+
+def _stream(c, jid: int, rank: int, attempt: int, offset: int, err: bool) -> tuple[int, bool]:
+    """Echo one stream of attempt ``attempt``'s log from ``offset``: (the offset after it, whether the
+    API ended it for its age, stream_max_seconds)."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    last = b""
+    for data in c.follow_log_bytes(jid, rank, attempt=attempt, offset=offset):
+        offset += len(data)
+        last = (last + data)[-512:]
+        typer.echo(dec.decode(data), nl=False, err=err)
+    typer.echo(dec.decode(b"", final=True), nl=False, err=err)
+    i = last.rfind(_STREAM_END)
+    if i >= 0 and last.endswith(b"]\n") and b"stream_max_seconds" in last[i:]:
+        return offset - (len(last) - i), True
+    return offset, False
+
+
+def follow_chain(c, jid: int, rank: int = 0, *, err: bool = False, attempt: int | None = None,
+                 offset: int = 0, pinned: bool = False, poll: float = 0.5) -> dict:
+    """Echo a rank's log until the chain has finished (``pinned``: until that attempt's rank ends);
+    the job's JSON at the end.
+
+    [Note: following a chain] One stream is not the whole story: it ends when rank 0 ends while other
+    ranks run on, when the attempt is suspended or preempted and the chain requeued (a new attempt
+    writes a new log), or after the API's stream_max_seconds. So the follower loops: the same
+    attempt's log again from the byte it reached (the API's end-of-stream note is not counted), the
+    next attempt's from its start, or a quiet poll while only other ranks run. No fixed cap: the
+    chain's end (or Ctrl-C) ends it."""
+    import time
+
+    j = c.job(jid)
+    if attempt is None:
+        attempt = j["id"]
+    streaming = True
+    while True:
+        if streaming:
+            offset, aged = _stream(c, jid, rank, attempt, offset, err)
+            if aged:  # the same attempt's log goes on: follow again from where this stream ended
+                continue
+        else:
+            time.sleep(poll)
+        j = c.job(jid)
+        finished = j["chain_status"] == "finished"
+        if pinned:
+            if j["id"] != attempt or finished or _rank_done(j, rank):
+                return j
+            time.sleep(poll)  # the rank has not started yet: do not spin on empty streams
+            continue
+        if j["id"] != attempt:  # suspended or preempted and requeued: the next attempt's log
+            if not finished:
+                typer.echo(f"[hai: job {jid} goes on as attempt {_job_label(j)} ({j['status']}): following it]",
+                           err=True)
+            attempt, offset, streaming = j["id"], 0, True
+            continue
+        if finished:
+            return j
+        # this rank ended while others run (wait for them, or for a requeue), or it has not started yet
+        streaming = not _rank_done(j, rank)
+        if streaming:
+            time.sleep(poll)
+
+
+def _rank_done(j: dict, rank: int) -> bool:
+    from ..states import RankStatus
+
+    r = next((r for r in j.get("ranks") or () if r["rank"] == rank), None)
+    return r is not None and r["status"] in RankStatus.DONE
+
+
 def _follow(c, j: dict, as_json: bool) -> None:
-    """Stream rank 0's log (to stderr under --json) until the job ends; then the summary and the exit code.
+    """Stream rank 0's log (to stderr under --json) until the chain has finished, across suspends and
+    requeues (:func:`follow_chain`); then the summary and the exit code.
 
     Ctrl-C ends only the following: the job goes on, and we say how to follow or stop it (exit 130)."""
     jid = j["chain_id"]
     try:
-        for chunk in c.follow_logs(jid, 0):
-            typer.echo(chunk, nl=False, err=as_json)
-        final = c.wait(jid, timeout=60)
+        final = follow_chain(c, jid, 0, err=as_json)
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: job {jid} goes on (hai logs -f {jid} follows it again, hai stop {jid} stops it)",
-                   err=True)
+        typer.echo(_gone_on(jid), err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     ok = final["status"] == JobStatus.SUCCEEDED
     if as_json:
@@ -426,6 +502,10 @@ def _follow(c, j: dict, as_json: bool) -> None:
 
 
 def _submit_and_show(spec: dict, follow: bool, as_json: bool) -> None:
+    if follow and spec.get("array"):
+        _fail(ValueError("--follow with --array: each task is a job of its own; submit without --follow, then "
+                         "'hai list' or 'hai logs -f ID' of one task"), EXIT_USAGE)
+
     def go(c):
         j = c.submit(spec)
         if as_json and not follow:
@@ -528,20 +608,34 @@ def logs_cmd(job: str = typer.Argument(..., help="CHAIN or CHAIN.RESTART"),
 
     def go(c):
         nonlocal attempt
+        pinned = attempt is not None or restart is not None  # CHAIN.RESTART, --attempt: that attempt only
         if restart is not None:
-            a = _attempt(c.job(chain), restart)
-            attempt = a["id"] if a is not None else None
+            j = c.job(chain)
+            a = _attempt(j, restart)
+            attempt = a["id"] if a is not None else j["id"] if follow else None
         if follow:
-            try:
-                for chunk in c.follow_logs(chain, rank):
-                    typer.echo(chunk, nl=False)
-            except KeyboardInterrupt:
-                raise typer.Exit(EXIT_INTERRUPTED) from None
+            _follow_logs(c, chain, rank, attempt, tail, pinned)
         elif tail:
             typer.echo(_log_tail(c, chain, rank, tail, attempt=attempt), nl=False)
         else:
             typer.echo(c.logs(chain, rank, attempt=attempt), nl=False)
     _call(go)
+
+
+def _follow_logs(c, chain: int, rank: int, attempt: int | None, tail: int | None, pinned: bool) -> None:
+    """hai logs -f: from the start (or the last ``tail`` lines) of the latest attempt's log, following
+    the chain's next attempts; of a given attempt (CHAIN.RESTART, --attempt), that attempt only."""
+    try:
+        offset = 0
+        if tail:  # the tail, then on from where it ends (of the same attempt)
+            if attempt is None:
+                attempt = c.job(chain)["id"]
+            data, _size, offset = c._log_page(chain, {"rank": rank, "attempt": attempt, "tail": tail})
+            typer.echo(data.decode(errors="replace"), nl=False)
+        follow_chain(c, chain, rank, attempt=attempt, offset=offset, pinned=pinned)
+    except KeyboardInterrupt:
+        typer.echo(_gone_on(chain), err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command("stop")
