@@ -84,6 +84,10 @@ class LauncherError(Exception):
     """The local launcher could not do what was asked."""
 
 
+class AlreadyRunning(LauncherError):
+    """Another supervisor runs this cluster (or this node) in the run dir: nothing was started."""
+
+
 class ServiceFailed(LauncherError):
     """A service exited or did not become healthy in time; the message holds its log's tail."""
 
@@ -198,10 +202,47 @@ def _live_node_states(run_dir: Path) -> list[dict]:
     return out
 
 
+def _proc_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks after boot, /proc/PID/stat field 22), or None
+    when it is gone (or there is no /proc): with the pid it names one process, never a later one
+    that was given the same pid."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+def _owner_alive(rec: dict) -> bool:
+    """Whether the launcher recorded in a netns.json still runs: its pid lives and, when its start
+    time was recorded, is the same process."""
+    owner = rec.get("owner_pid", -1)
+    if not isinstance(owner, int) or owner <= 0 or not pid_alive(owner):
+        return False
+    started = rec.get("owner_start")
+    return started is None or _proc_start(owner) in (None, started)
+
+
+def _netns_record(owner_pid: int, nc) -> dict:
+    return {"owner_pid": owner_pid, "owner_start": _proc_start(owner_pid), "netns": nc.to_state()}
+
+
+def _netns_of(rec: dict, path: Path):
+    """The NetnsCluster a netns.json names; LauncherError naming the file when it is not one."""
+    from .netns import NetnsCluster, NetnsError
+
+    try:
+        return NetnsCluster.from_state(rec["netns"])
+    except (NetnsError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise LauncherError(f"{path} does not describe a namespace cluster ({type(exc).__name__}: {exc}); remove "
+                            "the namespaces it named by hand (see 'ip netns list', 'ip link') and the file") from None
+
+
 def clean_stale_netns(run_dir: str | os.PathLike) -> bool:
     """Remove the namespace cluster recorded in RUN_DIR/netns.json when the launcher that made it is
     gone (killed with SIGKILL: its services died with it, its namespaces did not). True when one
-    was removed; LauncherError when its launcher still runs."""
+    was removed; LauncherError when its launcher still runs, or when the file or the removal fails
+    (the file is then kept: it is the only record of what is left)."""
     path = Path(run_dir) / NETNS_STATE
     try:
         rec = json.loads(path.read_text())
@@ -210,16 +251,29 @@ def clean_stale_netns(run_dir: str | os.PathLike) -> bool:
     except (OSError, ValueError) as exc:
         raise LauncherError(f"{path} is unreadable ({exc}); remove the namespaces it named by hand "
                             "(ip netns list) and the file") from None
+    if not isinstance(rec, dict):
+        raise LauncherError(f"{path} is not a namespace cluster's record (a JSON object); remove the namespaces "
+                            "it named by hand (ip netns list) and the file")
     owner = rec.get("owner_pid", -1)
-    if owner != os.getpid() and pid_alive(owner):
+    if owner != os.getpid() and _owner_alive(rec):
         raise LauncherError(f"the namespace cluster of {run_dir} belongs to a running launcher (pid {owner}); "
                             "stop it first (hai cluster down)")
-    from .netns import NetnsCluster
-
+    nc = _netns_of(rec, path)
     log.warning("removing the namespaces left by launcher pid %s (%s)", owner, path)
-    NetnsCluster.from_state(rec["netns"]).down()
+    _netns_remove(nc, path)
     path.unlink()
     return True
+
+
+def _netns_remove(nc, path: Path) -> None:
+    from .netns import NetnsError
+
+    try:
+        nc.down()
+    except (NetnsError, OSError) as exc:
+        raise LauncherError(f"could not remove the namespace cluster {nc.tag} recorded in {path}: {exc}; it is "
+                            f"kept in that file. See 'ip netns list' (its namespaces start with {nc.prefix}), remove "
+                            "what is left by hand, then the file") from None
 
 
 def keygen(out: str | os.PathLike) -> dict[str, Path]:
@@ -444,7 +498,8 @@ class LocalCluster:
         self.state_dir = node_state_dir(self.run_dir, node)
         self.netns = netns_requested() if netns is None else netns
         if self.netns and node is not None:
-            raise LauncherError("--netns runs the whole cluster on this machine: it does not combine with --node")
+            raise LauncherError("--netns and --node do not combine: --netns runs every node of the description "
+                                "on this machine, each in its own namespace; leave out --node (or --netns)")
         self.key_file = Path(key_file).resolve() if key_file else None
         self.nc = None  # the NetnsCluster while the namespaces exist
         self.env = dict(env or {})
@@ -466,6 +521,7 @@ class LocalCluster:
             except ValueError as exc:
                 raise LauncherError(str(exc)) from None
         self.monitor = monitor
+        self.exclusive = False  # supervise(): claim the state dir in up() (_claim)
         # Supervision state, guarded by _lock (the monitor thread and the caller's thread share it).
         self._lock = threading.RLock()
         self._held: set[str] = set()  # stopped on purpose (kill, stop, down): not restarted until start()
@@ -505,6 +561,35 @@ class LocalCluster:
             self.credential = NO_AUTH
         return cluster
 
+    def _claim(self) -> None:
+        """Under the run dir's lock: AlreadyRunning when another supervisor runs this state dir (or
+        the whole cluster over node trees, or the other way round); else write ``starting``.
+
+        [Note: the check is the supervisor's] ``cluster_up`` checks before it spawns, but two
+        racing ``up`` both pass that check; the supervisors then decide here, one at a time, and
+        the loser exits without touching the state file (the winner's)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(self.run_dir / "resolve.lock"):
+            def rival(st: dict | None) -> int | None:
+                pid = (st or {}).get("supervisor_pid")
+                if (st or {}).get("state") in ("starting", "up") and isinstance(pid, int) and pid != os.getpid() \
+                        and pid_alive(pid) and _is_supervisor_of(pid, self.run_dir):
+                    return pid
+                return None
+
+            what = f"node {self.node} of cluster {self.source.name}" if self.node else f"cluster {self.source.name}"
+            pid = rival(_read_state(self.state_dir))
+            if pid:
+                raise AlreadyRunning(f"{what} is already up (supervisor pid {pid}, run dir {self.run_dir})")
+            if self.node is not None and (pid := rival(_read_state(self.run_dir))):
+                raise AlreadyRunning(f"cluster {self.source.name} runs whole in {self.run_dir} (supervisor pid {pid})")
+            if self.node is None:
+                trees = [t for t in _live_node_states(self.run_dir) if rival(t)]
+                if trees:
+                    raise AlreadyRunning(f"cluster {self.source.name} runs node by node in {self.run_dir} (nodes "
+                                         f"{', '.join(str(t.get('node')) for t in trees)})")
+            self._write_state("starting")
+
     def _shared_resolution(self, path: Path) -> bool:
         """Whether ``path`` was resolved from this description by a node tree of this run dir that
         still runs (its ports and key are then this node's too)."""
@@ -512,9 +597,29 @@ class LocalCluster:
             head = path.read_text().split("\n", 1)[0]
         except OSError:
             return False
-        if head != _resolved_header(self.source.source):
+        live = [st for st in _live_node_states(self.run_dir)
+                if st.get("node") != self.node and st.get("cluster_file") == str(path)]
+        if not live:
             return False
-        return any(st.get("node") != self.node for st in _live_node_states(self.run_dir))
+        nodes = ", ".join(str(st.get("node")) for st in live)
+        if head != _resolved_header(self.source.source):
+            # [Note: never re-resolve under running nodes] a new resolution would give them new
+            # ports (and perhaps another key) in the file they and their jobs read
+            raise LauncherError(f"{path} was {head.removeprefix('# ')[:200]}, and nodes {nodes} of this run dir "
+                                f"run on it; node {self.node} must use the same description "
+                                f"({self.source.source} differs), or another --run-dir")
+        resolved = load_cluster(path)
+        have = resolved.raw.get("security", {}).get("key_file")
+        if self.key_file is not None and have and Path(have).resolve() != self.key_file:
+            raise LauncherError(f"--key-file {self.key_file}: nodes {nodes} of this run dir run with the key {have} "
+                                f"({path}); give that one, or none")
+        if self.ports == "file":
+            differ = [s.module for s in self.source.services if s.port and resolved.service(s.module)
+                      and resolved.service(s.module).port != s.port]
+            if differ:
+                log.warning("%s: ports of the description ignored for %s: nodes %s of this run dir resolved "
+                            "them (--ports auto) in %s", self.node, ", ".join(differ), nodes, path)
+        return True
 
     def _resolve_fresh(self, path: Path) -> None:
         raw = json.loads(json.dumps(self.source.raw))  # deep copy of plain TOML data
@@ -576,6 +681,8 @@ class LocalCluster:
         """Start every service and wait until each is healthy (ServiceFailed otherwise; all stopped)."""
         if self.procs:
             raise LauncherError("cluster is already up")
+        if self.exclusive:
+            self._claim()
         if self.netns:
             self._netns_up()
         try:
@@ -781,7 +888,7 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_netns(self.run_dir)
         nc = _netns.NetnsCluster(self.source, uuid.uuid4().hex[:6])
-        _write_json(self.run_dir / NETNS_STATE, {"owner_pid": os.getpid(), "netns": nc.to_state()})
+        _write_json(self.run_dir / NETNS_STATE, _netns_record(os.getpid(), nc))
         self.nc = nc
         try:
             self._netns_addrs = nc.up()
@@ -790,18 +897,17 @@ class LocalCluster:
             if isinstance(exc, _netns.NetnsError):
                 raise LauncherError(f"could not create the namespace cluster: {exc}") from None
             raise
-        _write_json(self.run_dir / NETNS_STATE, {"owner_pid": os.getpid(), "netns": nc.to_state()})
+        _write_json(self.run_dir / NETNS_STATE, _netns_record(os.getpid(), nc))
         log.info("namespace cluster up: %s (this host at %s)", self._netns_addrs, nc.host_address)
 
     def _netns_down(self) -> None:
         nc, self.nc = self.nc, None
         if nc is None:
             return
-        try:
-            nc.down()
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                (self.run_dir / NETNS_STATE).unlink()
+        # the record goes only once the namespaces are gone: it is what a later up/down cleans from
+        _netns_remove(nc, self.run_dir / NETNS_STATE)
+        with contextlib.suppress(FileNotFoundError):
+            (self.run_dir / NETNS_STATE).unlink()
 
     def status(self) -> list[ProcInfo]:
         """Each instance with a fresh health check of the running ones; an exit is folded in first
@@ -1104,6 +1210,7 @@ def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] 
     ``hai cluster restart``."""
     lc = LocalCluster(cluster_file, run_dir, ports=ports, services=services, monitor=False,
                       restart=RestartPolicy(restart=restart), node=node, netns=netns, key_file=key_file)
+    lc.exclusive = True
     control = _control_dir(lc.state_dir)
     stopping = False
 
@@ -1130,6 +1237,9 @@ def supervise(cluster_file: str, run_dir: Path, ports: str, services: list[str] 
     except KeyboardInterrupt:
         print("stopping...", flush=True)
         return 0
+    except AlreadyRunning as exc:  # lost a race to another supervisor: its state file is left alone
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     except (ServiceFailed, LauncherError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         data = {"state": "failed", "error": str(exc), "supervisor_pid": os.getpid(), "node": node}
@@ -1180,9 +1290,15 @@ def cluster_up(cluster_file: str, run_dir: Path | None = None, ports: str = "fil
                             f"{', '.join(str(t.get('node')) for t in trees)}): 'hai cluster down' stops them")
     if netns:
         clean_stale_netns(run_dir)
+    if node is not None and ports == "auto" and not trees:
+        log.warning("--ports auto with --node: node %s picks free ports on this machine; the other nodes reuse "
+                    "them only from this run dir. On several hosts each would pick its own: give the services "
+                    "fixed ports in the description", node)
+    if node is not None:
+        _warn_missing_secret(lc.source, run_dir, node)
     state_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        (state_dir / "state.json").unlink()
+    # the state file is not removed here: a racing up's supervisor may have just written it (the
+    # wait below reads only this supervisor's own state)
     cmd = [sys.executable, "-m", "deploy.local", "supervise", "--cluster", cluster_file,
            "--run-dir", str(run_dir), "--ports", ports, "--restart", restart]
     for s in services or []:
@@ -1212,10 +1328,58 @@ def cluster_up(cluster_file: str, run_dir: Path | None = None, ports: str = "fil
     raise LauncherError(f"cluster did not come up within {timeout} s; see {state_dir}")
 
 
-def _stop_tree(st: dict | None, timeout: float) -> bool:
-    """Stop one supervisor (SIGTERM, SIGKILL after ``timeout``) and make sure its services are gone."""
-    pid = (st or {}).get("supervisor_pid")
-    if not pid or not pid_alive(pid):
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def _is_supervisor_of(pid: int, run_dir: Path) -> bool:
+    """Whether process ``pid`` is ``python -m deploy.local supervise ... --run-dir RUN_DIR`` (a state
+    file's pid may by now be a process that has nothing to do with this cluster)."""
+    argv = _cmdline(pid)
+    if "deploy.local" not in argv or "supervise" not in argv or "--run-dir" not in argv:
+        return False
+    i = argv.index("--run-dir")
+    if i + 1 >= len(argv):
+        return False
+    try:  # a relative --run-dir is relative to the supervisor's working directory
+        given = Path(os.readlink(f"/proc/{pid}/cwd")) / argv[i + 1]
+        return os.path.realpath(given) == os.path.realpath(run_dir)
+    except OSError:
+        return False
+
+
+def _warn_missing_secret(c: Cluster, run_dir: Path, node: str) -> None:
+    """On real hosts an agent's or the scheduler's host needs the platform's secret of the API's host
+    (RUN_DIR/hai/cluster.secret, from ``hai cluster keygen``): one that lacks it makes its own, and
+    the API refuses that host with a plain authentication error. Say so before it happens."""
+    mods = {s.module for s in c.services if s.runs_on(node)}
+    if not mods & {"haiplatform.agent", "haiplatform.scheduler"} or "haiplatform.api" in mods:
+        return
+    if c.section("haiplatform").get("cluster_secret") or (run_dir / "hai" / "cluster.secret").exists():
+        return
+    log.warning("node %s: %s does not exist; its agent/scheduler will make a new platform secret, which the API "
+                "refuses unless it runs from this same run dir: copy hai/cluster.secret of 'hai cluster keygen' "
+                "(or of the API's host) there first", node, run_dir / "hai" / "cluster.secret")
+
+
+def _stop_tree(st: dict | None, timeout: float, run_dir: Path) -> bool:
+    """Stop one supervisor (SIGTERM, SIGKILL after ``timeout``) and make sure its services are gone.
+
+    [Note: only a live tree of this run dir] A state file outlives its supervisor (a crash, a
+    reboot) and the pids it names may since have been given to other processes; ``down`` runs as
+    root. So only a tree that says starting or up is stopped, and only when its pid is still
+    ``deploy.local supervise --run-dir RUN_DIR`` (and a service's pid still runs its module)."""
+    st = st or {}
+    pid = st.get("supervisor_pid")
+    if st.get("state") not in ("starting", "up") or not pid or not pid_alive(pid):
+        return False
+    if not _is_supervisor_of(pid, run_dir):
+        log.warning("pid %s of %s is not the supervisor of %s (any more): not signalled", pid,
+                    st.get("node") or "the cluster", run_dir)
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -1224,9 +1388,9 @@ def _stop_tree(st: dict | None, timeout: float) -> bool:
     if pid_alive(pid):
         os.killpg(pid, signal.SIGKILL)
     # services die with their supervisor (PDEATHSIG); make sure of it
-    for svc in (st or {}).get("services", []):
+    for svc in st.get("services", []):
         spid = svc.get("pid")
-        if spid and pid_alive(spid):
+        if spid and pid_alive(spid) and svc.get("module") in _cmdline(spid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(spid, signal.SIGKILL)
     return True
@@ -1236,18 +1400,39 @@ def cluster_down(cluster_file: str, run_dir: Path | None = None, timeout: float 
                  node: str | None = None) -> bool:
     """Stop the detached supervisor (and so every service): ``node``'s tree, or the whole cluster
     and every node tree of the run dir. Returns False when nothing was running. Namespaces left by a
-    launcher that died are removed either way."""
+    launcher that died are removed either way (:func:`cluster_down_report` says so)."""
+    return cluster_down_report(cluster_file, run_dir, timeout, node=node)["stopped"]
+
+
+def cluster_down_report(cluster_file: str, run_dir: Path | None = None, timeout: float = 60.0, *,
+                        node: str | None = None) -> dict:
+    """:func:`cluster_down`, saying what it did: ``stopped`` (a supervisor was stopped) and
+    ``netns_removed`` (the tag of a dead launcher's namespace cluster it removed, or None)."""
     c, run_dir = _run_dir_of(cluster_file, run_dir)
     if node is not None:
         if node not in c.ordered():
             raise LauncherError(f"{cluster_file}: no node {node!r}; its nodes: {', '.join(c.ordered())}")
-        return _stop_tree(_read_state(node_state_dir(run_dir, node)), timeout)
-    stopped = _stop_tree(_read_state(run_dir), timeout)
+        return {"stopped": _stop_tree(_read_state(node_state_dir(run_dir, node)), timeout, run_dir),
+                "netns_removed": None}
+    stopped = _stop_tree(_read_state(run_dir), timeout, run_dir)
     for d in sorted((run_dir / "nodes").glob("*")):
-        stopped = _stop_tree(_read_state(d), timeout) or stopped
-    if (run_dir / NETNS_STATE).exists():
-        clean_stale_netns(run_dir)
-    return stopped
+        stopped = _stop_tree(_read_state(d), timeout, run_dir) or stopped
+    removed = None
+    path = run_dir / NETNS_STATE
+    if path.exists():
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
+            removed = json.loads(path.read_text())["netns"]["tag"]
+        if not clean_stale_netns(run_dir):
+            removed = None
+    return {"stopped": stopped, "netns_removed": removed}
+
+
+def down_message(rep: dict) -> str:
+    """What ``hai cluster down`` prints for :func:`cluster_down_report`'s answer."""
+    msg = "stopped" if rep["stopped"] else "cluster was not running"
+    if rep.get("netns_removed"):
+        msg += f"; removed the namespace cluster ff{rep['netns_removed']}-* left by a launcher that died"
+    return msg
 
 
 def _live_health(st: dict, c: Cluster) -> dict:
@@ -1277,7 +1462,8 @@ def cluster_status(cluster_file: str, run_dir: Path | None = None, *, node: str 
     """The state file plus a live health check of each running service, and the cluster's state:
     ``up`` (every service healthy), ``degraded`` (the supervisor runs, some service does not:
     restarting, failed, exited, starting or unhealthy) or ``down`` (no supervisor). With ``node``:
-    that node's tree; without, a cluster run node by node is shown as one (``nodes``: those up)."""
+    that node's tree; without, a cluster run node by node is shown as one (``nodes``: those up;
+    ``missing``: the description's nodes without a live tree, which make it degraded)."""
     c, run_dir = _run_dir_of(cluster_file, run_dir)
     down = {"state": "down", "cluster": c.name, "run_dir": str(run_dir), "services": []}
     if node is not None:
@@ -1291,10 +1477,13 @@ def cluster_status(cluster_file: str, run_dir: Path | None = None, *, node: str 
             trees = [_live_health(t, c) for t in _live_node_states(run_dir)]
             if not trees:
                 return down
-            st = {**trees[0], "node": None, "nodes": [t.get("node") for t in trees],
+            running = {t.get("node") for t in trees}
+            # every node of the description that runs a service and has no live tree
+            missing = [n for n in c.ordered() if n not in running and any(sv.runs_on(n) for sv in c.services)]
+            st = {**trees[0], "node": None, "nodes": [t.get("node") for t in trees], "missing": missing,
                   "supervisor_pid": [t["supervisor_pid"] for t in trees],
                   "services": [s for t in trees for s in t.get("services", [])],
-                  "state": "up" if all(t["state"] == "up" for t in trees) else "degraded"}
+                  "state": "up" if all(t["state"] == "up" for t in trees) and not missing else "degraded"}
         else:
             st = _live_health(st, c)
     st["run_dir"] = str(run_dir)
@@ -1313,12 +1502,15 @@ def cluster_link(cluster_file: str, a: str, b: str, up: bool, run_dir: Path | No
                             f"'hai cluster up --netns --cluster {cluster_file}'") from None
     except (OSError, ValueError) as exc:
         raise LauncherError(f"{path}: unreadable ({exc})") from None
-    if not pid_alive(rec.get("owner_pid", -1)):
+    if not isinstance(rec, dict):
+        raise LauncherError(f"{path} is not a namespace cluster's record (a JSON object); remove the namespaces "
+                            "it named by hand (ip netns list) and the file")
+    if not _owner_alive(rec):
         raise LauncherError(f"the launcher of the namespace cluster in {run_dir} is gone (pid {rec.get('owner_pid')});"
                             f" 'hai cluster down --cluster {cluster_file}' removes what it left")
-    from .netns import NetnsCluster, NetnsError
+    from .netns import NetnsError
 
-    nc = NetnsCluster.from_state(rec["netns"])
+    nc = _netns_of(rec, path)
     try:
         nc.link(a, b, up)
         return nc.links()
@@ -1424,6 +1616,9 @@ def render_status(st: dict) -> None:
     where = f" node [bold]{st['node']}[/]" if st.get("node") else \
         f" (nodes {', '.join(st['nodes'])}, one supervisor each)" if st.get("nodes") else ""
     con.print(f"cluster [bold]{st.get('cluster')}[/]{where}: [{scolor}]{state}[/]  (run dir {st.get('run_dir')})")
+    if st.get("missing"):
+        con.print(f"[yellow]not running: node(s) {', '.join(st['missing'])}[/] ('hai cluster up --node NAME' "
+                  "starts one)", soft_wrap=True)
     if not st.get("services"):
         return
     t = Table(*(Column(h, no_wrap=True) for h in ("service", "node", "address", "pid", "state", "restarts",
@@ -1492,10 +1687,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{s['module']}@{s['node']}: pid {s['old_pid']} -> {s['pid']}, {s['state']}")
                 return 0
         elif args.cmd == "down":
-            stopped = cluster_down(args.cluster, args.run_dir, node=args.node)
-            st = {"state": "down", "was_running": stopped}
+            rep = cluster_down_report(args.cluster, args.run_dir, node=args.node)
+            st = {"state": "down", "was_running": rep["stopped"], "netns_removed": rep["netns_removed"]}
             if not args.json:
-                print("stopped" if stopped else "cluster was not running")
+                print(down_message(rep))
                 return 0
         else:
             st = cluster_status(args.cluster, args.run_dir, node=args.node)

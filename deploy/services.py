@@ -51,3 +51,5 @@ register(ServiceKind("fs3.meta", health="rpc", order=35))
 register(ServiceKind("haiplatform.api", health="http:/healthz", order=40))
 register(ServiceKind("haiplatform.scheduler", health="rpc", order=41))
 register(ServiceKind("haiplatform.agent", health="rpc", order=42))
+# the metrics exporter scrapes the node's other services: it starts after them and stops first
+register(ServiceKind("network.metrics", health="http:/healthz", order=60))

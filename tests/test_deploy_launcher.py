@@ -199,3 +199,106 @@ def test_health_override_from_the_service_entry(tmp_path):
         assert lc.info["sleepy@n2"].state == "healthy"
         assert {i.key: i.state for i in lc.status()}["sleepy@n2"] == "healthy"
     assert procs_mentioning(str(tmp_path / "run")) == []
+
+
+def _state(d: Path, **st) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "state.json").write_text(json.dumps({"services": [], **st}))
+
+
+def test_down_signals_only_a_live_supervisor_of_this_run_dir(tmp_path, LOCAL):
+    from deploy.local import cluster_down
+
+    run = tmp_path / "run"
+    # stale state files whose pids now belong to another process (this test): never signalled
+    _state(run, state="up", supervisor_pid=os.getpid())
+    _state(run / "nodes" / "n1", state="down", supervisor_pid=os.getpid(), node="n1")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "deploy.local", "supervise",
+                                "--run-dir", str(tmp_path / "other")])
+    try:
+        _state(run / "nodes" / "n2", state="up", supervisor_pid=sleeper.pid, node="n2")  # another run dir's
+        assert cluster_down(str(LOCAL), run, timeout=5) is False
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_racing_supervisor_leaves_the_winners_state_alone(tmp_path, LOCAL):
+    run = tmp_path / "run"
+    winner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "deploy.local", "supervise",
+                               "--run-dir", str(run)])
+    try:
+        _state(run / "nodes" / "n1", state="starting", supervisor_pid=winner.pid, node="n1")
+        before = (run / "nodes" / "n1" / "state.json").read_text()
+        r = subprocess.run([sys.executable, "-m", "deploy.local", "supervise", "--cluster", str(LOCAL), "--run-dir",
+                            str(run), "--node", "n1"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert r.returncode == 1 and "node n1 of cluster local is already up" in r.stderr
+        assert (run / "nodes" / "n1" / "state.json").read_text() == before
+        # the whole cluster does not start over a live node tree either
+        r = subprocess.run([sys.executable, "-m", "deploy.local", "supervise", "--cluster", str(LOCAL), "--run-dir",
+                            str(run)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert r.returncode == 1 and "runs node by node" in r.stderr and not (run / "state.json").exists()
+    finally:
+        winner.kill()
+        winner.wait()
+    assert procs_mentioning(str(run)) == []
+
+
+def test_node_trees_keep_one_resolution_and_status_names_missing_nodes(tmp_path, LOCAL):
+    from deploy.local import LauncherError, cluster_status
+
+    run = tmp_path / "run"
+    lc = LocalCluster(LOCAL, run, ports="auto", node="n0")
+    lc._resolve()
+    first = (run / "cluster.toml").read_text()
+    _state(run / "nodes" / "n0", state="up", supervisor_pid=os.getpid(), node="n0",
+           cluster_file=str(run / "cluster.toml"))  # n0 runs on it
+    other = tmp_path / "other.toml"
+    other.write_text(LOCAL.read_text())
+    with pytest.raises(LauncherError, match="must use the same description"):
+        LocalCluster(other, run, node="n1")._resolve()
+    key = tmp_path / "k"
+    key.write_text("x")
+    with pytest.raises(LauncherError, match="--key-file .* run with the key"):
+        LocalCluster(LOCAL, run, node="n1", key_file=key)._resolve()
+    LocalCluster(LOCAL, run, node="n1")._resolve()  # the same description: reused as it is
+    assert (run / "cluster.toml").read_text() == first
+    st = cluster_status(str(LOCAL), run)
+    assert st["state"] == "degraded" and st["nodes"] == ["n0", "n1"] and st["missing"] == ["n2", "n3"]
+
+
+def test_a_bad_or_failing_namespace_record_is_a_clear_error_and_kept(tmp_path, LOCAL):
+    from deploy.local import NETNS_STATE, LauncherError, _netns_record, clean_stale_netns, cluster_link
+    from deploy.netns import NetnsError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rec = run / NETNS_STATE
+    for bad, msg in (([], "not a namespace cluster's record"),
+                     ({"owner_pid": 2 ** 22 + 1, "netns": {"version": 7}}, "does not describe a namespace cluster"),
+                     ({"owner_pid": 2 ** 22 + 1}, "does not describe a namespace cluster")):
+        rec.write_text(json.dumps(bad))
+        with pytest.raises(LauncherError, match=msg):
+            clean_stale_netns(run)
+    r = subprocess.run([sys.executable, "-m", "haiplatform.cli", "cluster", "down", "--cluster", str(LOCAL),
+                        "--run-dir", str(run)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1 and "does not describe a namespace cluster" in r.stderr and "Traceback" not in r.stderr
+
+    class Failing:  # a namespace cluster whose removal fails (ip netns del refused)
+        prefix, tag = "ffdead-", "dead"
+
+        def to_state(self):
+            return {"version": 1}
+
+        def down(self):
+            raise NetnsError("ip netns del ffdead-n0 failed: Device or resource busy")
+
+    rec.write_text(json.dumps(_netns_record(os.getpid(), Failing())))
+    with pytest.raises(LauncherError, match="does not describe"):  # a live owner, a bad record
+        cluster_link(str(LOCAL), "n0", "n1", False, run)
+    lc = LocalCluster(LOCAL, run)
+    lc.nc = Failing()
+    with pytest.raises(LauncherError, match=r"could not remove .* ip netns del ffdead-n0 failed.*ip netns list"):
+        lc._netns_down()
+    assert rec.exists()  # the only record of what is left

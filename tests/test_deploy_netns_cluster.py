@@ -122,17 +122,19 @@ def test_cli_link_down_partitions_and_a_killed_launcher_leaves_nothing_after_dow
         os.kill(st["supervisor_pid"], signal.SIGKILL)
         wait_until(lambda: not any(pid_alive(s["pid"]) for s in st["services"]), 15, "services gone")
         assert len(_namespaces(tag)) == 4
-        with pytest.raises(LauncherError, match="belongs to a running launcher"):
-            from deploy.local import clean_stale_netns
+        from deploy.local import _proc_start, clean_stale_netns
 
-            (run / "netns.json").write_text(json.dumps({**json.loads((run / NETNS_STATE).read_text()),
-                                                        "owner_pid": os.getppid()}))
-            clean_stale_netns(run)  # never someone else's live cluster
         rec = json.loads((run / NETNS_STATE).read_text())
-        (run / NETNS_STATE).write_text(json.dumps({**rec, "owner_pid": st["supervisor_pid"]}))
+        with pytest.raises(LauncherError, match="belongs to a running launcher"):
+            (run / "netns.json").write_text(json.dumps({**rec, "owner_pid": os.getppid(),
+                                                        "owner_start": _proc_start(os.getppid())}))
+            clean_stale_netns(run)  # never someone else's live cluster
+        # the dead launcher's pid now names another live process (reused): its start time tells them apart
+        (run / NETNS_STATE).write_text(json.dumps({**rec, "owner_pid": os.getppid()}))
     finally:
         r = _hai("cluster", "down", *base)  # ...until the next down (or up) removes them
     assert r.returncode == 0
+    assert f"removed the namespace cluster ff{tag}-*" in r.stdout
     assert _namespaces(tag) == [] and _links(tag) == [] and not (run / NETNS_STATE).exists()
     assert procs_mentioning(str(run)) == []
 

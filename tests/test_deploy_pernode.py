@@ -17,6 +17,7 @@ from _hai import cluster_file_factory
 from _waits import procs_mentioning, wait_until
 
 from deploy.local import LauncherError, admin_token_hint, cluster_up, keygen, pid_alive
+from network import load_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = ["n0", "n1", "n2", "n3"]
@@ -53,6 +54,8 @@ def test_node_by_node_cluster_runs_the_demo_job(tmp_path):
             assert st["state"] == "up" and st["node"] == n
             assert {s["node"] for s in st["services"]} == {n}
             sup[n] = st["supervisor_pid"]
+            if n == "n0":
+                resolution = (run / "cluster.toml").read_text()
             if n == "n0":  # the API's node says where the admin token is and how to use it
                 assert f"admin token: {run / 'hai' / 'admin.token'}" in r.stdout
                 assert f"export HAI_CLUSTER={f}" in r.stdout
@@ -63,8 +66,12 @@ def test_node_by_node_cluster_runs_the_demo_job(tmp_path):
         for n, pid in sup.items():  # ...each the parent of its own node's services only
             st = json.loads((run / "nodes" / n / "state.json").read_text())
             assert {s["pid"] for s in st["services"]} <= _tree_of(pid)
-        # one resolution: every tree uses the same ports and key
-        assert len({json.loads((run / "nodes" / n / "state.json").read_text())["cluster_file"] for n in NODES}) == 1
+        # one resolution: the first node's, never rewritten; every tree runs on its ports
+        assert (run / "cluster.toml").read_text() == resolution
+        resolved = load_cluster(run / "cluster.toml")
+        for n in NODES:
+            for s in json.loads((run / "nodes" / n / "state.json").read_text())["services"]:
+                assert s["port"] == resolved.service(s["module"]).port, (n, s["module"])
         # a second up of a node is refused; the whole cluster cannot start over its nodes
         r = _hai("cluster", "up", *base, "--node", "n1", cwd=elsewhere)
         assert r.returncode == 1 and "node n1 of cluster local is already up" in r.stderr

@@ -64,10 +64,10 @@ def cluster_down(cluster: Path = ClusterOpt, run_dir: Path = RunDirOpt, node: st
     from network.errors import NetworkError
 
     try:
-        stopped = local.cluster_down(str(cluster), run_dir, node=node)
+        rep = local.cluster_down_report(str(cluster), run_dir, node=node)
     except (local.LauncherError, NetworkError, OSError) as exc:
         _fail(exc)
-    typer.echo("stopped" if stopped else "cluster was not running")
+    typer.echo(local.down_message(rep))
 
 
 @cluster_app.command("status")
