@@ -372,4 +372,7 @@ def test_admin_users_groups_quotas_events(hc):
     assert run("admin", "user", "remove", "bob").exit_code == 0
     assert "bob" not in run("admin", "user", "list").output
     r = run("events", "--limit", "5", "--json")
-    assert r.exit_code == 0 and len(json.loads(r.stdout)) <= 5
+    evs = json.loads(r.stdout)
+    assert r.exit_code == 0 and 1 < len(evs) <= 5
+    text = run("events", "--limit", "5").output.splitlines()  # as a log reads: the newest last
+    assert evs[0]["message"] in text[-1] and evs[-1]["message"] in text[0], (evs, text)

@@ -155,14 +155,16 @@ def events_cmd(job: str = typer.Option(None, "--job", "-j", help="only this job'
                user: str = typer.Option(None, "--user", "-u", help="only this user's"),
                kind: str = typer.Option(None, "--kind", "-k", help="only this kind of event"),
                since: str = typer.Option(None, "--since", "-S", help="YYYY-MM-DD, YYYY-MM-DDTHH:MM or 30m, 2h, 3d"),
-               limit: int = typer.Option(100, "--limit", help="at most this many, newest last"),
+               limit: int = typer.Option(100, "--limit", help="the newest this many (printed oldest first)"),
                as_json: bool = JsonOpt) -> None:
-    """The scheduler's event log: submissions, starts, ends, suspends, drains (admins: everyone's)."""
+    """The scheduler's event log (admins only): submissions, starts, ends, suspends, drains.
+
+    Printed as a log reads, oldest first and the newest last; --json gives the API's order, newest first."""
     filters = {"job": _ref(job)[0] if job else None, "user": user, "kind": kind, "since": _when(since, "--since"),
                "limit": limit}
 
     def render(evs):
-        for e in evs:
+        for e in reversed(evs):  # the API answers newest first
             typer.echo(f"{_clock(e.get('ts'))}  {e.get('kind', ''):14} "
                        f"{'job ' + str(e['job_id']) if e.get('job_id') else '':10} {e.get('node') or '':6} "
                        f"{e.get('message', '')}".rstrip())
