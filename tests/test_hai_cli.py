@@ -104,6 +104,17 @@ def test_init_checks_url_and_token_before_saving(tmp_path):
     assert not (tmp_path / "hai" / "config.json").exists()
     r = cli("init", "garbage", "--url", "http://127.0.0.2:1", "--no-check", env=env)
     assert r.exit_code == 0 and json.loads((tmp_path / "hai" / "config.json").read_text())["token"] == "garbage"
+    saved = lambda: json.loads((tmp_path / "hai" / "config.json").read_text())["token"]  # noqa: E731
+    (tmp_path / "tok").write_text("from-a-file\n")
+    r = cli("init", "--url", "http://127.0.0.2:1", "--no-check", "--token-file", str(tmp_path / "tok"), env=env)
+    assert r.exit_code == 0 and saved() == "from-a-file", r.output
+    r = CliRunner().invoke(app, ["init", "--url", "http://127.0.0.2:1", "--no-check", "--token-file", "-"],
+                           input="from-stdin\n", env=env)
+    assert r.exit_code == 0 and saved() == "from-stdin", r.output
+    r = cli("init", "x", "--url", "http://127.0.0.2:1", "--token-file", str(tmp_path / "tok"), env=env)
+    assert r.exit_code == 2 and "not both or neither" in r.output
+    r = cli("init", "--url", "http://127.0.0.2:1", "--token-file", str(tmp_path / "none"), env=env)
+    assert r.exit_code == 2 and "cannot read it" in r.output
 
 
 def test_long_command_is_shortened():

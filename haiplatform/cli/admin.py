@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from .app import JsonOpt, _call, _config_path, _fail, _out, app
+from .app import EXIT_USAGE, JsonOpt, _call, _config_path, _fail, _out, app
 
 
 @app.command("whoami")
@@ -17,16 +17,23 @@ def whoami_cmd(as_json: bool = JsonOpt) -> None:
 
 
 @app.command("init")
-def init_cmd(token: str, url: str = typer.Option(..., "--url", help="the API URL"),
+def init_cmd(token: str = typer.Argument(None, help="the token; --token-file is safer (a command line is "
+                                                    "readable by every local user in /proc)"),
+             url: str = typer.Option(..., "--url", help="the API URL"),
+             token_file: str = typer.Option(None, "--token-file", metavar="FILE",
+                                            help="read the token from FILE ('-': standard input)"),
              check: bool = typer.Option(True, "--check/--no-check", help="ask the API who the token is first"),
              as_json: bool = JsonOpt) -> None:
     """Check the token against the API (whoami), then save it and the URL to ~/.config/hai/config.json
-    (mode 0600). A wrong URL or token is said and nothing is saved (--no-check saves without asking)."""
+    (mode 0600). A wrong URL or token is said and nothing is saved (--no-check saves without asking).
+    Give the token with --token-file FILE or --token-file - (standard input) rather than on the command
+    line: hai init --url URL --token-file ~/admin.token."""
     import os
 
     from ..client import HaiClient
     from ..errors import AuthError, HaiError
 
+    token = _token_of(token, token_file)
     who = None
     if check:
         try:
@@ -45,6 +52,27 @@ def init_cmd(token: str, url: str = typer.Option(..., "--url", help="the API URL
         typer.echo(json.dumps({"saved": str(p), "user": who}))
     else:
         typer.echo(f"saved to {p}" + (f" ({who['name']}, {who['role']})" if who else " (not checked)"))
+
+
+def _token_of(token: str | None, token_file: str | None) -> str:
+    """The token from the argument or from --token-file (a file, or '-' for standard input): exactly one."""
+    import sys
+    from pathlib import Path
+
+    if (token is None) == (token_file is None):
+        _fail(ValueError("give the token either as TOKEN or with --token-file FILE ('-': standard input), "
+                         "not both or neither"), EXIT_USAGE)
+    if token_file is None:
+        return token.strip()
+    try:
+        text = sys.stdin.read() if token_file == "-" else Path(token_file).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(ValueError(f"--token-file {token_file}: cannot read it: {exc}"), EXIT_USAGE)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) != 1:
+        _fail(ValueError(f"--token-file {token_file}: expected one line holding the token, found {len(lines)}"),
+              EXIT_USAGE)
+    return lines[0]
 
 
 # -- admin ------------------------------------------------------------------------------------------
