@@ -97,6 +97,19 @@ def test_errors_under_json_are_json_objects():
     assert r.exit_code == 2 and "at least 1 node" in json.loads(r.stdout)["error"]
 
 
+def test_clicks_own_usage_errors_are_json_under_json(capsys):
+    from haiplatform.cli import main
+
+    for args in (["list", "--bogus", "--json"], ["list", "--json", "--limit", "x"], ["status", "--json"]):
+        with pytest.raises(SystemExit) as e:
+            main([*DEAD, *args])
+        out = json.loads(capsys.readouterr().out)
+        assert e.value.code == 2 and set(out) == {"error", "status"} and "--help" in out["error"], (args, out)
+    with pytest.raises(SystemExit) as e:  # without --json: click's own text, on stderr
+        main([*DEAD, "list", "--bogus"])
+    assert e.value.code == 2 and "--bogus" in capsys.readouterr().err
+
+
 def test_init_checks_url_and_token_before_saving(tmp_path):
     env = {"XDG_CONFIG_HOME": str(tmp_path)}
     r = cli("init", "garbage", "--url", "http://127.0.0.2:1", env=env)

@@ -9,7 +9,7 @@ from __future__ import annotations
 # isort: off
 from . import jobs, queue, nodes, validate, admin, cluster  # noqa: F401 - each registers its commands on app, in this order
 # isort: on
-from .app import app
+from .app import EXIT_INTERRUPTED, app
 from .jobs import parse_job_ref, parse_time
 from .queue import parse_when
 
@@ -39,5 +39,32 @@ def _set_panels() -> None:
 _set_panels()
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The ``hai`` command. Under --json, the usage errors click finds itself (an unknown option, a
+    missing argument) are a JSON object on stdout too, as every other error is (exit code 2).
+
+    [Note: --json before click has parsed it] An unknown option stops the parse before --json's own
+    callback runs, so --json is looked for in the arguments (before a '--': what follows is a job's)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--json" not in (args[:args.index("--")] if "--" in args else args):
+        app(args=args, prog_name="hai")
+        return
+    import json
+
+    import typer
+
+    try:
+        code = app(args=args, prog_name="hai", standalone_mode=False)
+    except typer.TyperException as exc:  # typer's own click: UsageError, BadParameter, NoSuchOption ...
+        msg = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            msg += f" (see '{ctx.command_path} --help')"
+        print(json.dumps({"error": msg, "status": 0}), flush=True)
+        sys.exit(getattr(exc, "exit_code", 1))
+    except typer.Abort:
+        print(json.dumps({"error": "interrupted", "status": 0}), flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)
