@@ -208,7 +208,7 @@ _JOB_OPTS: list[tuple[str, tuple[str, ...], type, object, str, str]] = [
     ("hold", ("--hold",), bool, False, "", "queue it held: it starts after 'hai release ID'"),
     ("output", ("--output", "-o"), str, None, "PATH", "also write each rank's output there (%j job, %a array "
                                                       "index, %r rank, %n node, %x name, %% percent)"),
-    ("follow", ("--follow", "-f"), bool, False, "", "follow the job: rank 0's log, then a summary"),
+    ("follow", ("--follow", "-f"), bool, False, "", "follow the job until it ends: rank 0's log (each restart's too), then a summary; not with --array"),
     ("as_json", ("--json",), bool, False, "", "machine-readable output"),
 ]
 _FLAGS = {f: name for name, flags, *_ in _JOB_OPTS for f in flags}
@@ -545,7 +545,7 @@ class _RawArgs(TyperCommand):
 
 @app.command("run")
 def run_cmd(job_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="job.yaml"),
-            follow: bool = typer.Option(False, "--follow", "-f", help="follow rank 0's log until the end"),
+            follow: bool = typer.Option(False, "--follow", "-f", help="follow rank 0's log until the job ends (each restart's too)"),
             as_json: bool = JsonOpt) -> None:
     """Submit a job described in YAML (keys: name, command, nodes, procs_per_node, priority, env, workdir,
     time_limit (seconds), grace, watchdog)."""
@@ -595,7 +595,7 @@ def list_cmd(all_users: bool = typer.Option(False, "--all", help="every user's j
 
 @app.command("logs")
 def logs_cmd(job: str = typer.Argument(..., help="CHAIN or CHAIN.RESTART"),
-             follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until it ends"),
+             follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends (each restart's log in turn; of CHAIN.RESTART: that attempt only)"),
              rank: int = typer.Option(0, "--rank", "-r", help="which rank"),
              tail: int = typer.Option(None, "--tail", "-n", help="only the last N lines"),
              attempt: int = typer.Option(None, "--attempt", hidden=True,
