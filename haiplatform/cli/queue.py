@@ -4,6 +4,7 @@ resubmit (scontrol hold|release|requeue), and the event log."""
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 import typer
@@ -107,7 +108,12 @@ def history_cmd(user: str = typer.Option(None, "--user", "-u", help="this user's
         _print(t)
         if res.get("total", 0) > len(res["jobs"]):
             typer.echo(f"({len(res['jobs'])} of {res['total']}; --limit N for more)", err=True)
-    _out(_call(lambda c: c.history(**{k: v for k, v in filters.items() if v is not None})), as_json, render)
+    given = {k: v for k, v in filters.items() if v is not None}
+    if as_json:  # the API's JSON as it came (one line): no decode and re-encode of up to 100,000 rows
+        sys.stdout.buffer.write(_call(lambda c: c.history_json(**given)) + b"\n")
+        sys.stdout.flush()
+        return
+    _out(_call(lambda c: c.history(**given)), as_json, render)
 
 
 # -- control ----------------------------------------------------------------------------------------
