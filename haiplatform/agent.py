@@ -294,6 +294,7 @@ class Proc:
     term_at: float = 0.0       # monotonic time SIGTERM was sent (0: not yet)
     kill_at: float = 0.0       # monotonic deadline for SIGKILL after the SIGTERM (0: none)
     copier: subprocess.Popen | None = None  # the --output copier (see _COPIER), waited for with the rank
+    chain_id: int = 0          # the job id users see (HAI_JOB_ID); job_id is this attempt's
 
 
 @dataclass
@@ -519,7 +520,7 @@ class Agent:
         jobdir.mkdir(parents=True, exist_ok=True)
         logpath = jobdir / f"rank-{w['rank']}.log"
         control = self.control_dir / f"job-{w['job_id']}"
-        proc = Proc(w["job_id"], w["rank"], None, logpath, control)
+        proc = Proc(w["job_id"], w["rank"], None, logpath, control, chain_id=w["chain_id"])
         with self.lock:
             if self.validation.busy:  # a validator run claimed the idle node meanwhile: the next sync starts it
                 return
@@ -899,8 +900,9 @@ class Agent:
     def collect_metrics(self) -> list:
         """Prometheus, at scrape time (docs/metrics.md): ranks running here, ranks started and ended,
         and the hfreduce counters the ranks publish in their control directories (read as hostile:
-        ``hfreduce.counters.load``) labelled with their attempt (``hai_job``: Prometheus keeps
-        ``job`` for its own) and rank."""
+        ``hfreduce.counters.load``) labelled with their job (``hai_job``, the chain id users see as
+        HAI_JOB_ID: Prometheus keeps ``job`` for its own) and rank; of two attempts of one chain still
+        listed here, the newer one's (one series per label set)."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from hfreduce import counters as hfc
@@ -919,11 +921,12 @@ class Agent:
                                     labels=["status"])
         for st in (RankStatus.SUCCEEDED, RankStatus.FAILED, RankStatus.KILLED):
             ended.add_metric([str(st)], counts.get(str(st), 0))
-        rows = []
-        for p in sorted(procs, key=lambda p: (p.job_id, p.rank)):
+        by_rank = {}
+        for p in sorted(procs, key=lambda p: (p.job_id, p.rank)):  # a later attempt replaces an earlier one
             c = hfc.load(p.control / f"hfreduce-rank{p.rank}.json")
             if c:
-                rows.append(({"hai_job": str(p.job_id), "rank": str(p.rank)}, c))
+                by_rank[(p.chain_id or p.job_id, p.rank)] = c
+        rows = [({"hai_job": str(chain), "rank": str(rank)}, c) for (chain, rank), c in sorted(by_rank.items())]
         return [running, jobs, started, ended, *(hfc.families(rows) if rows else [])]
 
     # -- logs -----------------------------------------------------------------------------------

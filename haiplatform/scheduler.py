@@ -276,6 +276,7 @@ class SchedulerMetrics:
                                    "room for others", registry=reg)
         self.decisions = Counter("fireflyer_hai_decisions", "Decisions written, by kind", ["kind"], registry=reg)
         self._node_keys: set[tuple[str, str]] = set()
+        self._levels: set[str] = {_level(p) for p in PRIORITIES.values()}  # every level a gauge was set for
         for st in JobStatus.LIVE:
             self.jobs.labels(st.value)
         for st in JobStatus.DONE:
@@ -286,7 +287,7 @@ class SchedulerMetrics:
         self.cycle.observe(seconds)
         started = {d.job_id for d in decisions if isinstance(d, StartJob)}
         by_id = {j.id: j for j in snap.jobs}
-        queued: dict[str, int] = {_level(p): 0 for p in PRIORITIES.values()}
+        queued: dict[str, int] = dict.fromkeys(self._levels, 0)  # a level with no job left reads 0, not its last
         oldest: dict[str, float] = {}
         status: dict[str, int] = {st.value: 0 for st in JobStatus.LIVE}
         for j in snap.jobs:
@@ -295,6 +296,7 @@ class SchedulerMetrics:
                 lv = _level(j.priority)
                 queued[lv] = queued.get(lv, 0) + 1
                 oldest[lv] = max(oldest.get(lv, 0.0), snap.now - j.submitted_at)
+        self._levels |= queued.keys()
         for lv, n in queued.items():
             self.queued.labels(lv).set(n)
             self.oldest.labels(lv).set(oldest.get(lv, 0.0))

@@ -10,7 +10,9 @@ How they reach Prometheus:
 - On the platform (``$HAI_CONTROL`` set, a job's control directory), the engine writes them at
   most every :data:`PUBLISH_EVERY` seconds, and when the group is destroyed, to
   ``$HAI_CONTROL/hfreduce-rank<RANK>.json``; the node's agent reads those files of its running
-  jobs at each scrape and exports them with ``job`` and ``rank`` labels (docs/metrics.md).
+  jobs at each scrape and exports them with ``hai_job`` (the job id users see, ``$HAI_JOB_ID``: the
+  chain, the same across restarts; Prometheus keeps ``job`` for its own) and ``rank`` labels
+  (docs/metrics.md).
 - Elsewhere, ``registry.register(hfreduce.MetricsCollector())`` and serve the registry with
   ``prometheus_client.start_http_server`` (or any exposition of it).
 

@@ -200,14 +200,20 @@ class AsgiMetrics:
 
     Requests and latency are labelled by route template (``scope["route"].path``, as FastAPI and
     Starlette set it: ``/v1/jobs/{id}``, a bounded set; ``other`` when no route matched or an inner
-    middleware answered first), method and status class. ``key`` is called once, at the first
-    scrape (the cluster key; None: no check, benchmarks only).
+    middleware answered first), method and status class. ``key`` is called at the first scrape
+    (the cluster key; None: no check, benchmarks only) and kept once it loaded; a key that could
+    not be loaded (503) is asked for again at the next scrape, at most every
+    :attr:`KEY_RETRY` s, so a key file put in place later is picked up without a restart.
     """
+
+    KEY_RETRY = 5.0
+
 
     def __init__(self, app: Any, registry: CollectorRegistry, key: Callable[[], Credential | None],
                  prefix: str = "fireflyer_api") -> None:
         self.app, self.registry, self._key_fn = app, registry, key
-        self._key: list = []
+        self._key: list = []        # [the loaded key] once it loaded
+        self._key_error: tuple[float, Exception] | None = None  # (monotonic time, why) of the last failure
         self.requests = Counter(f"{prefix}_requests", "Requests by route template, method and status class (2xx, "
                                 "4xx...)", ["route", "method", "code"], registry=registry)
         self.seconds = Histogram(f"{prefix}_request_seconds", "Request latency by route template (a long poll "
@@ -235,17 +241,25 @@ class AsgiMetrics:
             self.requests.labels(route, method, f"{code[0] // 100}xx").inc()
             self.seconds.labels(route).observe(time.perf_counter() - t0)
 
+    def _load_key(self) -> Credential | None | Exception:
+        if self._key:
+            return self._key[0]
+        now = time.monotonic()
+        if self._key_error is not None and now - self._key_error[0] < self.KEY_RETRY:
+            return self._key_error[1]
+        try:
+            self._key.append(self._key_fn())
+        except AuthError as exc:
+            self._key_error = (now, exc)
+            return exc
+        return self._key[0]
+
     async def _serve(self, scope: dict, send: Any) -> None:
         headers: dict = {}
         if scope["method"] not in ("GET", "HEAD"):
             code, body, ctype, headers = 405, b"only GET\n", "text/plain; charset=utf-8", {b"allow": b"GET, HEAD"}
         else:
-            if not self._key:
-                try:
-                    self._key.append(self._key_fn())
-                except AuthError as exc:
-                    self._key.append(exc)
-            key = self._key[0]
+            key = self._load_key()
             auth = next((v.decode("latin-1") for k, v in scope.get("headers") or () if k == b"authorization"), None)
             why = f"no cluster key to check the metrics token with: {key}" if isinstance(key, Exception) \
                 else check_bearer(auth, key)
@@ -350,20 +364,40 @@ class Exporter:
 class MetricsHTTPServer(ThreadingHTTPServer):
     """``GET /metrics`` (bearer token) and ``GET /healthz`` (no token, says only "ok").
 
-    Bounded: at most ``max_inflight`` requests at once (more get 429), a connection's reads time
-    out after ``io_timeout`` s, and the handler reads nothing of a request but its headers.
+    Bounded: at most ``max_connections`` connections open at once (each has a thread; one more is
+    closed at once, before a thread or a read, so strangers holding idle connections cannot pile up
+    threads), at most ``max_inflight`` authenticated scrapes at once (more get 429), a connection's
+    reads time out after ``io_timeout`` s, and the handler reads nothing of a request but its headers.
     """
 
     daemon_threads = True
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, key: Credential | None, *,
-                 max_inflight: int = 8, io_timeout: float = 10.0) -> None:
+                 max_inflight: int = 8, io_timeout: float = 10.0, max_connections: int = 32) -> None:
         self.registry = registry
         self.key = key
         self.io_timeout = io_timeout
         self.slots = threading.BoundedSemaphore(max_inflight)
+        self.connections = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.acquire(blocking=False):  # full: close it now, no thread
+            log.debug("refused a connection from %s: every connection slot is taken", client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -290,3 +290,105 @@ def test_the_dashboard_queries_only_exported_metrics(work):
     for want in ("fireflyer_hai_queue_jobs", "fireflyer_hai_cycle_seconds_bucket", "fireflyer_hai_preemptions_total",
                  "fireflyer_fs3_storage_bytes_total", "fireflyer_fs3_chains", "fireflyer_hfreduce_bytes_total"):
         assert want in names, want
+
+
+def test_agent_labels_hfreduce_counters_with_the_chain_id_newest_attempt_only(tmp_path, monkeypatch):
+    """hai_job is the id users type (the chain, $HAI_JOB_ID), and two attempts of one chain give one series."""
+    import threading
+    from types import SimpleNamespace
+
+    from hfreduce import counters
+    from haiplatform.agent import Agent, Proc
+
+    procs = {}
+    for attempt, n in ((7, 1), (9, 2)):  # chain 7: attempt 7 ended, attempt 9 (its resumption) runs
+        d = tmp_path / f"job-{attempt}"
+        d.mkdir()
+        monkeypatch.setattr(counters, "_stats", {})
+        for _ in range(n):
+            counters.record("allreduce", 16, 0.1, True)
+        counters.publish(d / "hfreduce-rank0.json")
+        procs[(attempt, 0)] = Proc(attempt, 0, None, d / "log", d, chain_id=7, done=attempt == 7)
+    fams = Agent.collect_metrics(SimpleNamespace(lock=threading.Lock(), procs=procs, counts={}))
+    (ops,) = [f for f in fams if f.name == "fireflyer_hfreduce_ops"]
+    assert [(s.labels["hai_job"], s.labels["rank"], s.value) for s in ops.samples] == [("7", "0", 2.0)]
+
+
+def test_scheduler_queue_gauges_of_a_level_go_back_to_0_when_its_jobs_leave():
+    from haiplatform.policy import JobView, Snapshot
+    from haiplatform.scheduler import SchedulerMetrics
+    from haiplatform.states import AUTO
+
+    m = SchedulerMetrics()
+    m.observe(Snapshot(100.0, (JobView(1, "a", 1, priority=AUTO, submitted_at=40.0),
+                               JobView(2, "a", 1, priority=7, submitted_at=90.0))), [], 0.01)
+    got = lambda name, lv: m.registry.get_sample_value(name, {"priority": lv})  # noqa: E731
+    assert (got("fireflyer_hai_queue_jobs", "auto"), got("fireflyer_hai_queue_jobs", "other")) == (1.0, 1.0)
+    assert got("fireflyer_hai_queue_oldest_wait_seconds", "auto") == 60.0
+    m.observe(Snapshot(101.0), [], 0.01)  # both started or left: every level seen reads 0, not its last value
+    for lv in ("auto", "other", "normal"):
+        assert got("fireflyer_hai_queue_jobs", lv) == 0.0 and got("fireflyer_hai_queue_oldest_wait_seconds", lv) == 0.0
+
+
+def test_api_metrics_retry_a_key_that_did_not_load():
+    """A key missing at the first scrape is 503, not forever: it is asked for again and then used."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from network.errors import AuthError
+    from network.metrics import AsgiMetrics
+
+    key = new_cluster_key()
+    calls = []
+
+    def key_fn():
+        calls.append(1)
+        if len(calls) == 1:
+            raise AuthError("no cluster key file yet")
+        return key
+
+    m = AsgiMetrics(None, CollectorRegistry(), key_fn)
+    m.KEY_RETRY = 0.0
+
+    def scrape(token):
+        sent = []
+
+        async def send(msg):
+            sent.append(msg)
+        scope = {"type": "http", "path": "/metrics", "method": "GET",
+                 "headers": [(b"authorization", f"Bearer {token}".encode())]}
+        asyncio.run(m._serve(scope, send))
+        return sent[0]["status"]
+
+    assert scrape(metrics_token(key)) == 503
+    assert scrape(metrics_token(key)) == 200 and scrape("0" * 64) == 401 and len(calls) == 2  # kept once loaded
+
+
+def test_exporter_bounds_open_connections_before_any_read():
+    """Idle connections of a stranger hold at most max_connections threads; one more is closed at once."""
+    import socket
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from network.metrics import MetricsHTTPServer
+
+    srv = MetricsHTTPServer(("127.0.0.1", 0), CollectorRegistry(), new_cluster_key(), max_connections=2)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    addr = srv.server_address
+    try:
+        idle = [socket.create_connection(addr, timeout=5) for _ in range(2)]
+        wait_until(lambda: srv.connections._value == 0, 5, "both idle connections held")
+        extra = socket.create_connection(addr, timeout=5)
+        assert extra.recv(100) == b""  # closed without a thread or an answer
+        extra.close()
+        idle[0].close()  # a slot comes back when its connection ends
+        wait_until(lambda: srv.connections._value == 1, 5, "the slot given back")
+        with socket.create_connection(addr, timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+        idle[1].close()
+    finally:
+        srv.shutdown()
+        srv.server_close()

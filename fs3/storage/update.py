@@ -72,11 +72,11 @@ class ReliableUpdate:
                 return cached
             self._still_current(chain, cver)
             self._count("writes")
-            self._io(tid, op, len(payload) if op == "write" else 0)
             if op == "remove":
                 result = self._remove_chain(r, ws, pos, args, chain, chunk, store)
             else:
                 result = self._write_chain(r, ws, pos, args, chain, cver, chunk, off, payload, store, state)
+            self._io(tid, op, len(payload) if op == "write" else 0)  # done: a failed write raised, uncounted
             if key[1]:
                 self._remember(key, seq, result)
             return result
@@ -221,6 +221,7 @@ class ReliableUpdate:
                 held.enter_context(self.locks.hold((tid, chain, chunk), min(self.lock_timeout, budget)))
             self._still_current(chain, cver)
             todo = []  # (index, chunk, version, data, dedup key, seq)
+            tried: list[int] = []  # items this request writes (not answered from the dedup cache)
             for i, it in enumerate(items):
                 chunk, seq = int(it[0]), int(it[2])
                 key = (tid, client, int(it[1]))
@@ -230,7 +231,7 @@ class ReliableUpdate:
                         results[i] = cached
                         continue
                     self._count("writes")
-                    self._io(tid, "write", len(views[i]))
+                    tried.append(i)
                     fver, fcrc = (int(it[4]), it[5]) if pos else (0, None)  # forwarded items carry them
                     ver, done = self._hop_version(store.get(chain, chunk), pos, state, chain, chunk, fver, fcrc)
                     if done is not None:
@@ -248,6 +249,9 @@ class ReliableUpdate:
                     self._remember(key, seq, results[i])
             elif todo:
                 self._forward_batch(r, ws, pos, client, chain, cver, store, state, todo, results, budget)
+        for i in tried:  # counted once written (or found already there), not when they failed
+            if results[i] is not None and "err" not in results[i]:
+                self._io(tid, "write", len(views[i]))
         return {"items": results}
 
     def _forward_batch(self, r, ws, pos, client, chain, cver, store, state, todo, results, budget) -> None:
