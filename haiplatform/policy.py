@@ -77,7 +77,7 @@ __all__ = ["NodeView", "RankView", "JobView", "QuotaView", "Snapshot", "PolicyCo
            "PrioritySort", "QuotaFilter", "StrictOrder", "TopologyScore", "RandomScore", "DEFAULT_PROFILE",
            "REFERENCE_FIFO", "PLAIN_FIFO", "PreemptPlugin", "ReservePlugin", "LeastWorkLost", "PrefixPreempt", "PrefixFilter",
            "BackfillReserve", "Pool", "place_topology", "auto_level", "ArrayThrottle", "gate", "dependency",
-           "held_reason", "reason_kind"]
+           "held_reason", "reason_kind", "array_status"]
 
 
 #: the reason of an attempt waiting for free nodes (also the reason a new submission starts with)
@@ -158,6 +158,9 @@ class Snapshot:
     #: the latest attempt's status of every chain a queued attempt depends on (absent: no such chain)
     chains: dict[int, str] = field(default_factory=dict)
     disabled: frozenset[str] = frozenset()   # users whose queued jobs do not start
+    #: of each job array a queued attempt depends on (by its array id): every task's chain -> the
+    #: status of its latest attempt (see :func:`array_status`)
+    arrays: dict[int, dict[int, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -424,6 +427,16 @@ def dependency(job: JobView, chains: dict[int, str]) -> tuple[bool, str | None]:
     return False, None
 
 
+def array_status(tasks: Iterable[str]) -> str:
+    """A job array's status as a dependency (Slurm's): live while any task is (its status), else
+    the first task status that is not SUCCEEDED (an after_ok dependent fails), else SUCCEEDED."""
+    tasks = list(tasks)
+    live = [t for t in tasks if t not in JobStatus.ENDED]
+    if live:
+        return live[0]
+    return next((t for t in tasks if t != JobStatus.SUCCEEDED), JobStatus.SUCCEEDED)
+
+
 def gate(snap: Snapshot, ended: dict[int, str] | None = None) -> tuple[dict[int, str], list[Decision]]:
     """The queued attempts that may not start this cycle whatever the nodes (attempt id -> why it
     waits: held, its user disabled, a dependency not met yet), and a :class:`CancelJob` for each whose
@@ -431,6 +444,10 @@ def gate(snap: Snapshot, ended: dict[int, str] | None = None) -> tuple[dict[int,
     take no queue position and block nothing behind them (strict order included). ``ended``: chains
     that end in this very cycle (chain id -> status), so their dependents move on at once."""
     chains = {**snap.chains, **ended} if ended else snap.chains
+    if snap.arrays:  # [Note: a dependency on an array] its id waits for (or fails on) every task
+        chains = dict(chains)
+        for a, tasks in snap.arrays.items():
+            chains[a] = array_status((ended or {}).get(c, st) for c, st in tasks.items())
     waits: dict[int, str] = {}
     out: list[Decision] = []
     for j in snap.jobs:

@@ -112,12 +112,21 @@ def take_snapshot(db: Database, now: float | None = None) -> Snapshot:
             for c, jid, st in s.execute(select(Job.chain_id, Job.id, Job.status).where(Job.chain_id.in_(refs[i:i + 500]))):
                 if jid > latest.get(c, 0):
                     latest[c], chains[c] = jid, st
+        # a dependency on a job array's id is on every task of it (policy.gate)
+        arrays: dict[int, dict[int, str]] = {}
+        for i in range(0, len(refs), 500):
+            latest = {}
+            for a, c, jid, st in s.execute(select(Job.array_id, Job.chain_id, Job.id, Job.status)
+                                           .where(Job.array_id.in_(refs[i:i + 500]))):
+                if jid > latest.get(c, 0):
+                    latest[c] = jid
+                    arrays.setdefault(a, {})[c] = st
         disabled = frozenset(s.scalars(select(User.name).where(User.disabled.is_(True))))
     none: tuple[RankView, ...] = ()
     views = tuple(_job_view(j, tuple(sorted(ranks[j.id], key=lambda r: r.rank)) if j.id in ranks else none)
                   for j in jobs)
     return Snapshot(now=time.time() if now is None else now, jobs=views, nodes=nodes, quotas=quotas,
-                    chains=chains, disabled=disabled)
+                    chains=chains, disabled=disabled, arrays=arrays)
 
 
 def apply_decisions(db: Database, decisions: list[Decision]) -> int:

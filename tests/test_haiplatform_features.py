@@ -22,6 +22,7 @@ from haiplatform.policy import (
     SetReason,
     Snapshot,
     StartJob,
+    array_status,
     decide,
     dependency,
     gate,
@@ -242,6 +243,26 @@ def test_dependencies_after_and_after_ok(api, db):
     tok = user(api, "carol")
     r = api.post("/v1/jobs", json={**JOB, "after": [first]}, headers=as_(tok))
     assert r.status_code == 422 and f"no job {first}" in r.json()["message"]
+
+
+def test_after_ok_on_an_array_waits_for_every_task(api, db):
+    """A dependency on an array's id is on every task (Slurm's): its first task's end is not enough,
+    and any task that fails cancels an after_ok dependent."""
+    register(api, 2)
+    arr = api.post("/v1/jobs", json={**JOB, "array": "0-2"}).json()
+    a, t1, t2 = arr["array_tasks"]
+    ok = api.post("/v1/jobs", json={**JOB, "name": "ok", "after_ok": [a]}).json()["id"]
+    cycle(db)
+    finish(api, db, a)
+    assert status(api, ok)["status"] == "queued"
+    finish(api, db, t1)
+    assert status(api, ok)["status"] == "queued"   # t2 has not run yet
+    cycle(db)
+    finish(api, db, t2, exit_code=1)
+    j = status(api, ok)
+    assert j["status"] == "canceled" and j["reason"] == f"dependency failed: job {a} ended FAILED"
+    assert array_status(["succeeded", "running", "failed"]) == "running"
+    assert array_status(["succeeded", "succeeded"]) == "succeeded"
 
 
 def test_hold_release_resubmit_and_cancel_filters(api, db):
