@@ -404,3 +404,13 @@ def test_cli_waits_for_the_run_that_knew_of_the_request_with_one_listing_per_pas
     out = _request_and_wait(c, ["a", "b"], 10.0, poll=0.01)
     assert out["a"]["id"] == 9 and out["b"]["id"] == 8  # run 6 answered an earlier request
     assert c.listings == 2
+
+
+def test_the_start_up_run_skips_the_allreduce_with_the_reason(tmp_path):
+    import threading
+
+    v, agent, api = _validation(tmp_path)
+    v.ctx.only = frozenset({"allreduce"})
+    (check,) = v.run_once("start", threading.Event())["checks"]
+    assert check["skipped"] and check["ok"] and "at agent start" in check["message"]
+    assert v.ctx.skip == {}  # the agent's own context is left as it was: later runs check it
