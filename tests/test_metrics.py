@@ -297,8 +297,8 @@ def test_agent_labels_hfreduce_counters_with_the_chain_id_newest_attempt_only(tm
     import threading
     from types import SimpleNamespace
 
-    from hfreduce import counters
     from haiplatform.agent import Agent, Proc
+    from hfreduce import counters
 
     procs = {}
     for attempt, n in ((7, 1), (9, 2)):  # chain 7: attempt 7 ended, attempt 9 (its resumption) runs
