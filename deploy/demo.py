@@ -18,11 +18,16 @@ then runs the end-to-end path that exists so far, and stops everything:
    identical to the reference's;
 6. large models: a DeepSeekMoE language model submitted with ``hai python`` on 2 nodes, its routed
    experts split over them (expert parallelism over hfreduce.all_to_all, Loss-Free Balancing);
-7. hardening: the job ran as alice's Unix account (not root), a stranger's forged chain forward to
+7. the researcher's day: a sweep submitted as a job array (at most 2 tasks at once), a job that
+   waits for all of it to succeed (``--after-ok``), ``hai queue`` and ``hai history``, and the web
+   dashboard's address;
+8. operations: every node validated itself before taking jobs (``hai nodes``), one validation on
+   request (``hai validate``), and Prometheus metrics from a node's exporter;
+9. hardening: the job ran as alice's Unix account (not root), a stranger's forged chain forward to
    a storage server is refused at connect, another user's job can neither open alice's checkpoint
    for writing nor write its chunks straight to storage, and a storage server killed with SIGKILL
    is restarted by the launcher;
-8. everything stops, and nothing is left behind.
+10. everything stops, and nothing is left behind.
 
     python -m deploy.demo [--cluster FILE] [--keep-run-dir]
 """
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from rich.console import Console
@@ -73,7 +79,7 @@ class Hai:
             con.print(f"[dim]$ hai {' '.join(args)}[/]")
         r = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=ROOT)
         if show and r.stdout.strip() and "--json" not in args:
-            con.print(r.stdout.rstrip(), markup=False, highlight=False)
+            con.print(r.stdout.rstrip(), markup=False, highlight=False, soft_wrap=True)
         if check and r.returncode != 0:
             raise DemoError(f"hai {' '.join(args)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
         return r.stdout
@@ -104,7 +110,7 @@ class Fs3Mount:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
                            env={**os.environ, "FIREFLYER_CLUSTER": str(self.lc.cluster_file), "COLUMNS": "120"})
         if show and r.stdout.strip():
-            con.print(r.stdout.rstrip(), markup=False, highlight=False)
+            con.print(r.stdout.rstrip(), markup=False, highlight=False, soft_wrap=True)
         if check and r.returncode != 0:
             raise DemoError(f"fs3 {' '.join(args)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
         return r.stdout
@@ -262,6 +268,60 @@ def large_model_step(run_dir: Path, token: str) -> None:
     con.print("[green]the experts lived on two nodes, every token reached its experts and came back[/]")
 
 
+def researchers_day_step(lc: LocalCluster, run_dir: Path, token: str) -> None:
+    """A sweep as a job array (at most 2 tasks at once), a job that waits for the whole sweep to
+    succeed, ``hai queue`` showing why each waits, ``hai history`` once they ended, and the web
+    dashboard's address."""
+    hai = Hai(run_dir, token=token)
+    sweep = hai.json("exec", "--json", "--array", "0-3%2", "--name", "sweep", "--procs-per-node", "1",
+                     "sh", "-c", "sleep 2; echo lr=0.00$((HAI_ARRAY_TASK_ID + 1)) loss=$((9 - HAI_ARRAY_TASK_ID))")
+    tasks = [str(t) for t in sweep["array_tasks"]]
+    con.print(f"submitted the sweep as job array {sweep['array_id']}: tasks {', '.join(tasks)} "
+              "(Slurm's --array 0-3%2: at most 2 run at once, each sees HAI_ARRAY_TASK_ID)")
+    best = hai.json("exec", "--json", "--after-ok", str(sweep["array_id"]), "--name", "pick-best", "--procs-per-node", "1",
+                    "echo", "all 4 sweep tasks succeeded: pick the best")
+    con.print(f"submitted job {best['id']}: starts only once every task of array {sweep['array_id']} succeeded "
+              "(--after-ok on the array's id)")
+    hai("queue")
+    wait_for(f"job {best['id']} to finish", lambda: (lambda j: j if j["chain_status"] == "finished" else None)(
+        hai.json("status", str(best["id"]))), 120, poll=0.5)
+    hai("history", "--since", "10m", "--name", "sweep")
+    hai("logs", tasks[-1])
+    hai("history", "--since", "10m", "--name", "pick-best")
+    addr, port = lc.cluster.endpoint("haiplatform.api")
+    url = f"http://{addr}:{port}/ui/"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        page = r.read().decode(errors="replace")
+    if r.status != 200 or "<form" not in page:
+        raise DemoError(f"the dashboard at {url} did not serve its login page ({r.status})")
+    con.print(f"[green]the web dashboard serves {url}[/]: log in with your token (queue, history, logs, nodes)")
+
+
+def operations_step(lc: LocalCluster, run_dir: Path) -> None:
+    """The admin's view: every node validated itself at start (hai nodes), one more validation on
+    request, and the Prometheus metrics of the scheduler through n0's exporter."""
+    hai = Hai(run_dir)
+    hai("validate", "--node", "n1", "--wait", "60")
+    hai("nodes")
+    from network import load_cluster_key
+    from network.metrics import metrics_token
+
+    addr, port = lc.cluster.endpoint("network.metrics", "n0")
+    req = urllib.request.Request(f"http://{addr}:{port}/metrics",
+                                 headers={"Authorization": f"Bearer {metrics_token(load_cluster_key(lc.cluster))}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read().decode()
+    con.print(f"[dim]$ curl -H 'Authorization: Bearer ...' http://{addr}:{port}/metrics | grep ...[/]")
+    wanted = ("fireflyer_hai_job_starts_total", "fireflyer_hai_preemptions_total", "fireflyer_hai_nodes",
+              "fireflyer_fs3_chains")
+    shown = [ln for ln in text.splitlines() if ln.startswith(wanted)][:12]
+    for ln in shown:
+        con.print(ln, markup=False, highlight=False, soft_wrap=True)
+    if not shown:
+        raise DemoError("the exporter on n0 served no scheduler metrics")
+    con.print("[green]every service exports Prometheus metrics (docs/metrics.md; Grafana: deploy/grafana/)[/]")
+
+
 def fs3_isolation(lc: LocalCluster) -> None:
     """Another user's job (bob's credential, as the agent would derive it) may read alice's
     checkpoint (mode 0644) but not overwrite it, and storage refuses its direct chunk writes."""
@@ -379,14 +439,18 @@ def main(argv: list[str] | None = None) -> int:
 
         step("6. large models: DeepSeekMoE with its experts on two nodes")
         large_model_step(run_dir, alice)
-        step("7. hardening: jobs run as their users, strangers are refused, crashed services come back")
+        step("7. the researcher's day: a sweep as a job array, a dependent job, the queue, history, the dashboard")
+        researchers_day_step(lc, run_dir, alice)
+        step("8. operations: the node validator and Prometheus metrics")
+        operations_step(lc, run_dir)
+        step("9. hardening: jobs run as their users, strangers are refused, crashed services come back")
         hardening_steps(lc, run_dir, job_log)
         ok = True
     except Exception as exc:  # noqa: BLE001 - the demo reports and exits non-zero
         con.print(f"[red]demo failed: {type(exc).__name__}: {exc}[/]")
         con.print(f"logs: {run_dir / 'logs'}")
     finally:
-        step("8. stop everything")
+        step("10. stop everything")
         mnt.umount()
         lc.down()
         left = [i.key for i in lc.info.values() if i.state != "stopped"]
