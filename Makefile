@@ -7,6 +7,9 @@ EXTRAS ?= dev,torch,mpi,postgres,fuse,sim
 # Reinstall when the packaging or a C source changes.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py $(wildcard */*.c */*/*.c) 2>/dev/null | md5sum | cut -c1-10)
 PYTEST_ARGS ?=
+# Two workers, one test file each at a time (module-scoped clusters stay in one process): most tests wait
+# on processes and sockets, so two workers halve the suite's time on 2 cores. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 
 .PHONY: all install demo test bench bench-quick lint format clean sysdeps
 
@@ -30,7 +33,8 @@ demo: $(STAMP)
 	$(VPY) -m deploy.demo $(if $(filter 1 yes true,$(NETNS)),--netns)
 
 test: $(STAMP)
-	$(VPY) -m pytest $(PYTEST_ARGS) $(if $(filter 1 yes true,$(NETNS)),--netns)
+	$(VPY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS) \
+	  $(if $(filter 1 yes true,$(NETNS)),--netns)
 
 bench: $(STAMP)
 	@bash scripts/sysdeps.sh slurm-wlm
