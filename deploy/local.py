@@ -153,6 +153,11 @@ def use_netns_by_default(on: bool = True) -> None:
     _netns_default = on
 
 
+def netns_by_default() -> bool:
+    """Whether ``LocalCluster(netns=None)`` runs on namespaces in this process (:func:`use_netns_by_default`)."""
+    return _netns_default
+
+
 def netns_requested() -> bool:
     """Whether this process runs clusters on namespaces unless told otherwise: :func:`use_netns_by_default`
     or ``$FIREFLYER_NETNS=1``."""
