@@ -28,14 +28,12 @@ token --cluster FILE`` prints it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import hmac
 import logging
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +50,7 @@ from prometheus_client.samples import Sample
 
 from .auth import Credential, cluster_key_path, insecure, load_cluster_key
 from .errors import AuthError, RpcError, TransportError
+from .rundir import write_private
 
 if TYPE_CHECKING:  # pragma: no cover
     from .rpc import RpcServer
@@ -105,19 +104,7 @@ def metrics_token_path(cluster: Cluster) -> Path:
 
 def write_token(key: Credential, path: str | os.PathLike) -> Path:
     """Write the token to ``path`` atomically, mode 0600 (for Prometheus's credentials_file)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(metrics_token(key) + "\n")
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return p
+    return write_private(path, metrics_token(key) + "\n")
 
 
 # -- registries and collectors -------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import ClusterFileError
@@ -110,4 +111,26 @@ def find_cluster(arg: str | os.PathLike | None = None) -> Path:
     run_dir = default_run_dir(load_cluster(p).name)
     if _is_up(run_dir):
         return run_dir / "cluster.toml"
+    return p
+
+
+def write_private(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically, mode 0600: a temporary file in the same directory, synced,
+    then renamed over it (a reader sees the old file or the whole new one, never a part)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return p

@@ -236,6 +236,14 @@ def _check_dependencies(s, p: Principal, ids: list[int]) -> None:
         raise ApiError(f"unknown dependencies: no job {', '.join(map(str, bad))} that you may see", 422)
 
 
+def _visible_to(p: Principal):
+    """What a non-admin may list: their own jobs and those shared in their group."""
+    cond = Job.user == p.name
+    if p.group:
+        cond = cond | ((Job.group == p.group) & Job.shared_in_group.is_(True))
+    return cond
+
+
 @router.get("/v1/jobs")
 def list_jobs(p: User_, st: State_, all: bool = False, status: Annotated[str | None, Query(max_length=16)] = None,
               limit: Annotated[int, Query(ge=1, le=10000)] = 100) -> list[dict]:
@@ -246,10 +254,7 @@ def list_jobs(p: User_, st: State_, all: bool = False, status: Annotated[str | N
     with st.db.read() as s:
         q = select(Job).order_by(Job.id.desc()).limit(limit)
         if not all:
-            cond = Job.user == p.name
-            if p.group:
-                cond = cond | ((Job.group == p.group) & Job.shared_in_group.is_(True))
-            q = q.where(cond)
+            q = q.where(_visible_to(p))
         if status:
             q = q.where(Job.status == status)
         jobs = list(s.scalars(q))
@@ -666,10 +671,7 @@ def history(p: User_, st: State_, user: Annotated[str | None, Query(max_length=6
             raise Forbidden(f"only admins may read another user's history (user {user})")
         q = q.where(Job.user == user)
     if not p.admin:  # a non-admin's own chains and those shared in their group (user=X: X's of those)
-        cond = Job.user == p.name
-        if p.group:
-            cond = cond | ((Job.group == p.group) & Job.shared_in_group.is_(True))
-        q = q.where(cond)
+        q = q.where(_visible_to(p))
     if name:
         q = q.where(Job.name == name)
     if since is not None:  # by submission (the time the rows show), as the CLI's --since / --until say

@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,23 +130,9 @@ class Credential:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically, mode 0600 (a temporary file in the same directory, then a rename)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return p
+        from ..rundir import write_private
+
+        return write_private(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Credential:
