@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,21 @@ def cluster_file_factory(tmp_path: Path) -> Callable[..., Path]:
         p.write_text(tomli_w.dumps(raw))
         return p
     return make
+
+
+@contextlib.contextmanager
+def api_client(db, tmp_path: Path, **cfg) -> Iterator:
+    """The API in-process over ``db`` (bootstrapped: admin token "admin-tok", cluster secret
+    "cluster-secret", ``cfg`` overriding HaiConfig's fields): a TestClient that speaks as the admin."""
+    from fastapi.testclient import TestClient
+
+    from haiplatform.api import bootstrap, create_app
+    from haiplatform.config import HaiConfig
+    from network import load_cluster
+
+    conf = HaiConfig(state_dir=tmp_path / "state", admin_token="admin-tok", cluster_secret="cluster-secret", **cfg)
+    conf.state_dir.mkdir()
+    bootstrap(conf, db)
+    with TestClient(create_app(load_cluster(LOCAL_CLUSTER), conf, db)) as c:
+        c.headers["Authorization"] = "Bearer admin-tok"
+        yield c

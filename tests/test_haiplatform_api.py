@@ -6,26 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
+from _hai import api_client
 
-from haiplatform.api import bootstrap, create_app
-from haiplatform.config import HaiConfig
 from haiplatform.db import Job, JobStatus, NodeRow, Rank, RankStatus
 from haiplatform.policy import decide
 from haiplatform.scheduler import apply_decisions, take_snapshot
-from network import load_cluster
 
 LOCAL_CLUSTER = Path(__file__).resolve().parent.parent / "deploy" / "clusters" / "local.toml"
 
 
 @pytest.fixture
 def api(db, tmp_path):
-    cfg = HaiConfig(state_dir=tmp_path / "state", admin_token="admin-tok", cluster_secret="cluster-secret")
-    cfg.state_dir.mkdir()
-    bootstrap(cfg, db)
-    app = create_app(load_cluster(LOCAL_CLUSTER), cfg, db)
-    with TestClient(app) as c:
-        c.headers["Authorization"] = "Bearer admin-tok"
+    with api_client(db, tmp_path) as c:
         yield c
 
 

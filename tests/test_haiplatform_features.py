@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
+from _hai import api_client
 
-from haiplatform.api import bootstrap, create_app
 from haiplatform.config import HaiConfig
 from haiplatform.db import Job, Rank
 from haiplatform.policy import (
@@ -113,13 +112,7 @@ def test_array_throttle_never_runs_more_than_n_tasks():
 
 @pytest.fixture
 def api(db, tmp_path):
-    cfg = HaiConfig(state_dir=tmp_path / "state", admin_token="admin-tok", cluster_secret="cluster-secret",
-                    max_array_size=200)
-    cfg.state_dir.mkdir()
-    bootstrap(cfg, db)
-    app = create_app(load_cluster(LOCAL_CLUSTER), cfg, db)
-    with TestClient(app) as c:
-        c.headers["Authorization"] = "Bearer admin-tok"
+    with api_client(db, tmp_path, max_array_size=200) as c:
         yield c
 
 
