@@ -60,11 +60,19 @@ def driver():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1280,900", "--no-first-run", "--disable-extensions"):
         opts.add_argument(arg)
+    # Chromium's profile and scratch files go to a directory removed afterwards (it leaves
+    # org.chromium.Chromium.* in $TMPDIR otherwise)
+    scratch = tempfile.mkdtemp(prefix="fireflyer-chromium-")
+    opts.add_argument(f"--user-data-dir={scratch}/profile")
     # an explicit driver path: selenium must never download a browser or a driver
-    d = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    d.set_page_load_timeout(20)
-    yield d
-    d.quit()
+    service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TMPDIR": scratch})
+    try:
+        d = webdriver.Chrome(service=service, options=opts)
+        d.set_page_load_timeout(20)
+        yield d
+        d.quit()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def shot(driver, name: str) -> None:
