@@ -157,7 +157,8 @@ def test_torchrun_launch_trains_with_haiscale_ddp(tmp_path):
         pytest.skip("torchrun is not installed")
     proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", os.path.join(ROOT, "examples", "train_ddp.py"),
                            "--no-spawn", "--steps", "25", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})  # torchrun's log dir: not left in /tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 2 and losses[-1] < losses[0]

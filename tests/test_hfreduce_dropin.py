@@ -105,6 +105,7 @@ def test_starts_under_torchrun_when_master_port_plus_one_is_taken(tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HFREDUCE_", "TORCHELASTIC_"))
                and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
         env["PYTHONPATH"] = str(ROOT)
+        env["TMPDIR"] = str(tmp_path)  # torchrun's log dir: not left in /tmp
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                             "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],
                            env=env, capture_output=True, text=True, timeout=120)
