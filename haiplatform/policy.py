@@ -408,21 +408,30 @@ def reason_kind(reason: str | None) -> str:
     return "waiting"
 
 
-def dependency(job: JobView, chains: dict[int, str]) -> tuple[bool, str | None]:
+def dependency(job: JobView, chains: dict[int, str],
+               arrays: dict[int, dict[int, str]] | None = None) -> tuple[bool, str | None]:
     """(cancel, reason): whether ``job``'s dependencies can never be met (an ``after_ok`` chain ended
     otherwise than succeeded: cancel with the reason), else the one it still waits for (None: met).
 
     ``after`` is Slurm's afterany: any end will do, and a chain that does not exist (any more) counts
-    as ended; ``after_ok`` needs SUCCEEDED."""
+    as ended; ``after_ok`` needs SUCCEEDED. ``arrays``: the tasks (chain -> status) of each array a
+    dependency names by its id (``chains`` holds the array's :func:`array_status`), for the reasons."""
+    arrays = arrays or {}
     for c in job.after_ok:
         st = chains.get(c)
         if st is None:
             return True, f"dependency failed: job {c} does not exist"
         if st in JobStatus.ENDED and st != JobStatus.SUCCEEDED:
-            return True, f"dependency failed: job {c} ended {str(st).upper()}"
+            bad = next((t for t, ts in arrays.get(c, {}).items() if ts == st), None)
+            return True, (f"dependency failed: job {c} ended {str(st).upper()}" if bad is None else
+                          f"dependency failed: array {c}: task {bad} ended {str(st).upper()}")
     for c in (*job.after, *job.after_ok):
         st = chains.get(c)
         if st is not None and st not in JobStatus.ENDED:
+            tasks = arrays.get(c)
+            if tasks:
+                left = sum(ts not in JobStatus.ENDED for ts in tasks.values())
+                return False, f"dependency: waits for array {c} ({left} of {len(tasks)} tasks not ended)"
             return False, f"dependency: waits for job {c}"
     return False, None
 
@@ -444,16 +453,18 @@ def gate(snap: Snapshot, ended: dict[int, str] | None = None) -> tuple[dict[int,
     take no queue position and block nothing behind them (strict order included). ``ended``: chains
     that end in this very cycle (chain id -> status), so their dependents move on at once."""
     chains = {**snap.chains, **ended} if ended else snap.chains
+    arrays: dict[int, dict[int, str]] = {}
     if snap.arrays:  # [Note: a dependency on an array] its id waits for (or fails on) every task
         chains = dict(chains)
         for a, tasks in snap.arrays.items():
-            chains[a] = array_status((ended or {}).get(c, st) for c, st in tasks.items())
+            arrays[a] = {c: (ended or {}).get(c, st) for c, st in tasks.items()}
+            chains[a] = array_status(arrays[a].values())
     waits: dict[int, str] = {}
     out: list[Decision] = []
     for j in snap.jobs:
         if j.status != JobStatus.QUEUED or j.stop_requested:
             continue
-        cancel, why = dependency(j, chains) if (j.after or j.after_ok) else (False, None)
+        cancel, why = dependency(j, chains, arrays) if (j.after or j.after_ok) else (False, None)
         if cancel:
             out.append(CancelJob(j.id, why or "dependency failed"))
         elif j.held:

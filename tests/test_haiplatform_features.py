@@ -251,9 +251,10 @@ def test_after_ok_on_an_array_waits_for_every_task(api, db):
     finish(api, db, t1)
     assert status(api, ok)["status"] == "queued"   # t2 has not run yet
     cycle(db)
+    assert status(api, ok)["reason"] == f"dependency: waits for array {a} (1 of 3 tasks not ended)"
     finish(api, db, t2, exit_code=1)
     j = status(api, ok)
-    assert j["status"] == "canceled" and j["reason"] == f"dependency failed: job {a} ended FAILED"
+    assert j["status"] == "canceled" and j["reason"] == f"dependency failed: array {a}: task {t2} ended FAILED"
     assert array_status(["succeeded", "running", "failed"]) == "running"
     assert array_status(["succeeded", "succeeded"]) == "succeeded"
 
