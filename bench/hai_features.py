@@ -147,7 +147,7 @@ def main() -> int:
                                                            "history_cli_s": round(cli_s, 4),
                                                            "tasks": n_tasks, "history_rows": n_hist},
                       "ratios": {"array_over_separate": round(ratio, 3)}, "targets": targets, "ok": ok}))
-    return 0 if ok else 1
+    return 0  # a missed target is a figure ("ok": false), as in the other benches: `make bench` goes on
 
 
 if __name__ == "__main__":
