@@ -42,22 +42,6 @@ WARMUP = 2
 RANK_SCRIPT = ROOT / "bench" / "_topology_rank.py"
 
 
-def _cluster_file(nc, d: Path) -> Path:
-    import tomli_w
-
-    from network import new_cluster_key
-
-    new_cluster_key().save(d / "cluster.key")
-    raw = nc.cluster_data()
-    raw["service"] = [s for s in raw["service"] if s["module"] == "network.probe"]
-    for sec in ("haiplatform", "fs3"):
-        raw.pop(sec, None)
-    raw["security"] = {"key_file": "cluster.key"}
-    path = d / "netns.toml"
-    path.write_text(tomli_w.dumps(raw))
-    return path
-
-
 def probe(nc, path: Path, quick: bool) -> list[dict]:
     """Every ordered pair's bandwidth, with the shaped rate of its path."""
     from deploy.netns import path_gbit
@@ -127,7 +111,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one round, fewer repetitions (within 60 s)")
     ap.add_argument("--json-only", action="store_true")
     args = ap.parse_args()
-    from deploy.netns import NetnsCluster, unavailable
+    from deploy.netns import NetnsCluster, probe_description, unavailable
     from network.topology import load_cluster
 
     targets = {"hfreduce/gloo@64MiB": 2.0, "cross_zone_edges_per_tree": 1, "probe_within": 0.15}
@@ -144,7 +128,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ff-topology-") as d:
         try:
             nc.up()
-            path = _cluster_file(nc, Path(d))
+            path = probe_description(nc, Path(d))
             links = probe(nc, path, args.quick)
             port = 29700
             for _ in range(QUICK_ROUNDS if args.quick else ROUNDS):

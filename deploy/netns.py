@@ -43,10 +43,11 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from network.topology import Cluster
 
-__all__ = ["NetnsCluster", "NetnsError", "unavailable", "Link", "path_gbit", "subnet_of"]
+__all__ = ["NetnsCluster", "NetnsError", "unavailable", "Link", "path_gbit", "subnet_of", "probe_description"]
 
 _TAG = re.compile(r"^[a-z0-9]{1,6}$")
 _CMD_TIMEOUT = 30.0
@@ -333,6 +334,26 @@ def path_gbit(cluster: Cluster, a: str, b: str) -> float | None:
         rates.append(cluster.interzone_gbps)
     known = [r for r in rates if r is not None]
     return min(known) if known else None
+
+
+def probe_description(nc: NetnsCluster, d: str | os.PathLike) -> Path:
+    """A description of ``nc``'s nodes at their namespace addresses with only the link-probe
+    responders and a cluster key of their own, written into ``d`` (``netns.toml``, ``cluster.key``):
+    what the namespace tests and bench/topology.py probe the shaped links with."""
+    import tomli_w
+
+    from network import new_cluster_key
+
+    d = Path(d)
+    new_cluster_key().save(d / "cluster.key")
+    raw = nc.cluster_data()
+    raw["service"] = [s for s in raw["service"] if s["module"] == "network.probe"]
+    for sec in ("haiplatform", "fs3"):
+        raw.pop(sec, None)
+    raw["security"] = {"key_file": "cluster.key"}
+    path = d / "netns.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
 
 
 def _tbf(gbit: float) -> list[str]:

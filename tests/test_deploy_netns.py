@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-import tomli_w
 from _waits import wait_until
 
-from deploy.netns import NetnsCluster, NetnsError, path_gbit, subnet_of, unavailable
+from deploy.netns import NetnsCluster, NetnsError, path_gbit, probe_description, subnet_of, unavailable
 from network.topology import load_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,27 +125,13 @@ def test_bad_tag_and_unknown_link_are_named(nc):
     assert links[("zone-a-spine0", "zone-b-spine0")]["rate_gbit"] == 0.5
 
 
-def _write_cluster(nc, tmp_path: Path) -> Path:
-    from network import new_cluster_key
-
-    new_cluster_key().save(tmp_path / "cluster.key")
-    raw = nc.cluster_data()
-    raw["service"] = [s for s in raw["service"] if s["module"] == "network.probe"]
-    for sec in ("haiplatform", "fs3"):
-        raw.pop(sec, None)
-    raw["security"] = {"key_file": "cluster.key"}
-    path = tmp_path / "netns.toml"
-    path.write_text(tomli_w.dumps(raw))
-    return path
-
-
 @needs_netns
 def test_probe_sees_the_shaped_rates(nc, tmp_path):
     from network.auth import load_cluster_key
     from network.probe import probe_matrix
     from network.rpc import RpcClient
 
-    path = _write_cluster(nc, tmp_path)
+    path = probe_description(nc, tmp_path)
     cluster = load_cluster(path)
     key = load_cluster_key(cluster)
     procs = [subprocess.Popen(nc.wrap(n, [sys.executable, "-m", "network.probe", "serve", "--cluster", str(path),
