@@ -90,7 +90,15 @@ def test_login_see_job_follow_its_log_and_stop_it(cluster, driver):
     url, admin = cluster
     token = admin.add_user("webuser")["token"]
     user = HaiClient(url, token, timeout=30)
-    text = lambda css: driver.find_element(By.CSS_SELECTOR, css).text  # noqa: E731
+
+    def text(css: str) -> str:  # "" while the element is not there (a page still loading after a click)
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        try:
+            found = driver.find_elements(By.CSS_SELECTOR, css)
+            return found[0].text if found else ""
+        except StaleElementReferenceException:  # the page went away between finding and reading
+            return ""
 
     # 1. log in: the dashboard sends a stranger to the form, and back after it
     driver.get(f"{url}/ui/")
@@ -125,7 +133,8 @@ def test_login_see_job_follow_its_log_and_stop_it(cluster, driver):
     # 4. stop it from its page: the status becomes stopped
     driver.get(f"{url}/ui/jobs/{jid}")
     driver.find_element(By.ID, "action-stop").click()
-    assert "Stop requested." in text("#notice")
+    # the click's POST and its redirect load after click() returns
+    wait_until(lambda: "Stop requested." in text("#notice"), 10, "the stop's notice on the job's page")
 
     def stopped():
         driver.refresh()
