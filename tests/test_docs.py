@@ -13,10 +13,21 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+MD_NAME = re.compile(r"\b[\w.-]+\.md\b")
+UP_PATH = re.compile(r"(?:\.\./)+[\w.-]+")
+
+
 def test_no_doc_cites_files_outside_the_repository():
+    """Every Markdown file a doc names is one the repository has, and every path that climbs up a
+    directory names something inside the repository."""
+    have = {p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
+    bad = []
     for doc in DOCS:
         text = doc.read_text()
-        assert "DESIGN.md" not in text and "../shared" not in text, doc.name
+        bad += [f"{doc.name}: {m}" for m in MD_NAME.findall(text) if m not in have]
+        bad += [f"{doc.name}: {m}" for m in UP_PATH.findall(text)
+                if not ((doc.parent / m).resolve().is_relative_to(ROOT) and (doc.parent / m).exists())]
+    assert not bad, bad
 
 
 def test_every_relative_link_resolves():
