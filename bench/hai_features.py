@@ -23,15 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
-
-import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-LOCAL = ROOT / "deploy" / "clusters" / "local.toml"
+from _platform import platform_cluster  # noqa: E402
 
 
 def _wait_empty(c, timeout: float = 600.0) -> None:
@@ -67,29 +64,14 @@ def main() -> int:
 
     from sqlalchemy import insert, update
 
-    from deploy.local import LocalCluster
     from haiplatform.client import HaiClient
     from haiplatform.db import Database, Job
 
-    raw = tomllib.loads(LOCAL.read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"].startswith("haiplatform.")]
     with tempfile.TemporaryDirectory(prefix="hai-features-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)  # jobs run as the user's account: they must reach the run dir
-        cfile = work / "cluster.toml"
-        cfile.write_text(tomli_w.dumps(raw))
-        lc = LocalCluster(cfile, work / "run", ports="auto")
-        lc.up()
-        try:
-            addr, port = lc.cluster.endpoint("haiplatform.api")
-            url = f"http://{addr}:{port}"
-            tok = (lc.run_dir / "hai" / "admin.token").read_text().strip()
+        with platform_cluster(work) as (lc, url, tok):
             with HaiClient(url, tok, timeout=30) as c:
-                deadline = time.monotonic() + 30
-                while len([x for x in c.nodes() if x["state"] == "up"]) < 4:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("agents did not register within 30 s")
-                    time.sleep(0.05)
                 spec = {"name": "task", "command": ["sleep", "1"], "nodes": 1, "procs_per_node": 1}
                 for i in range(4):  # warm-up: steady state, not cold start
                     c.wait(c.submit({**spec, "name": f"warm{i}"})["id"], timeout=60)
@@ -129,8 +111,6 @@ def main() -> int:
                     cli_t.append(time.perf_counter() - t0)
                     if out.returncode != 0:
                         raise RuntimeError(f"hai history failed: {out.stderr.decode()[-500:]}")
-        finally:
-            lc.down()
 
     ratio = t_array / t_sep
     api_s, cli_s = statistics.median(api_t), statistics.median(cli_t)

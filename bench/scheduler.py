@@ -28,40 +28,23 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
-
-import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _platform import platform_cluster  # noqa: E402
+
 from deploy.local import pid_alive  # noqa: E402
 
-LOCAL = ROOT / "deploy" / "clusters" / "local.toml"
 WARMUP = 4  # jobs run (and finished) on each system before the timed ones
 
 
 def run_ours(n_jobs: int, work: Path) -> dict:
-    from deploy.local import LocalCluster
     from haiplatform.client import HaiClient
 
-    raw = tomllib.loads(LOCAL.read_text())
-    raw["service"] = [s for s in raw["service"] if s["module"].startswith("haiplatform.")]
-    work.mkdir(parents=True, exist_ok=True)
-    cfile = work / "cluster.toml"
-    cfile.write_text(tomli_w.dumps(raw))
-    lc = LocalCluster(cfile, work / "run", ports="auto")
-    lc.up()
-    try:
-        addr, port = lc.cluster.endpoint("haiplatform.api")
-        tok = (lc.run_dir / "hai" / "admin.token").read_text().strip()
-        with HaiClient(f"http://{addr}:{port}", tok, timeout=30) as c:
-            deadline = time.monotonic() + 30
-            while len([x for x in c.nodes() if x["state"] == "up"]) < 4:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("agents did not register within 30 s")
-                time.sleep(0.05)
+    with platform_cluster(work) as (_, url, tok):
+        with HaiClient(url, tok, timeout=30) as c:
             for i in range(WARMUP):  # both systems run a few jobs first: steady state, not cold start
                 c.wait(c.submit({"name": f"warm{i}", "command": ["true"], "nodes": 1})["id"], timeout=60)
             t0 = time.perf_counter()
@@ -83,8 +66,6 @@ def run_ours(n_jobs: int, work: Path) -> dict:
                 if j["status"] != "succeeded":
                     print(f"job {j['id']} {j['status']}: {j['reason']} {c.job(j['id'])['ranks']}", file=sys.stderr)
             nodes_used = {n for j in jobs for n in j["assigned_nodes"]}
-    finally:
-        lc.down()
     return {"submit_s": t_sub, "submit_rate": n_jobs / t_sub, "finish_s": t_all, "succeeded": ok,
             "jobs": len(ids), "nodes_used": len(nodes_used)}
 
