@@ -902,7 +902,6 @@ class LocalCluster:
             if isinstance(exc, _netns.NetnsError):
                 raise LauncherError(f"could not create the namespace cluster: {exc}") from None
             raise
-        _write_json(self.run_dir / NETNS_STATE, _netns_record(os.getpid(), nc))
         log.info("namespace cluster up: %s (this host at %s)", self._netns_addrs, nc.host_address)
 
     def _netns_down(self) -> None:

@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from network.rundir import pid_alive
 from network.topology import Cluster
 
 __all__ = ["NetnsCluster", "NetnsError", "unavailable", "Link", "path_gbit", "subnet_of", "probe_description"]
@@ -377,20 +378,9 @@ def _kill_inside(ns: str) -> None:
                 pass
         end = time.monotonic() + wait
         while alive and time.monotonic() < end:
-            alive = [p for p in alive if _exists(p)]
+            alive = [p for p in alive if pid_alive(p)]  # a zombie holds no namespace
             time.sleep(0.02)
         pids = alive
         if not pids:
             return
 
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (its parent has not reaped it) holds no namespace
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

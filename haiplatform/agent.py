@@ -916,7 +916,7 @@ class Agent:
         jobs = GaugeMetricFamily("fireflyer_agent_jobs_running", "Jobs with a rank running on this node")
         jobs.add_metric([], len({p.job_id for p in live}))
         started = CounterMetricFamily("fireflyer_agent_ranks_started", "Ranks this agent started")
-        started.add_metric([], counts.pop("started", 0))
+        started.add_metric([], counts.get("started", 0))
         ended = CounterMetricFamily("fireflyer_agent_ranks_ended", "Ranks that ended here, by status",
                                     labels=["status"])
         for st in (RankStatus.SUCCEEDED, RankStatus.FAILED, RankStatus.KILLED):

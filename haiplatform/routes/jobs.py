@@ -383,8 +383,9 @@ def _read_range(st: ApiState, node: str, jid: int, rank: int, offset: int, limit
                 tail: int | None) -> tuple[bytes, int, int]:
     """(data, the file's size, the offset after data) of a plain log read: ``limit`` bytes from
     ``offset``, or from where the last ``tail`` lines start."""
-    _, _, size = _read_sized(st, node, jid, rank, 0, 0)
-    if tail is not None:
+    size = 0
+    if tail is not None:  # the size only matters to find the tail; each read below reports it too
+        _, _, size = _read_sized(st, node, jid, rank, 0, 0)
         offset = _tail_start(st, node, jid, rank, tail, size, limit)
     parts: list[bytes] = []
     pos, left = offset, limit
